@@ -1,0 +1,82 @@
+//! Which hosts to act on, and how to reach them.
+//!
+//! - [`inventory`]: Ansible's YAML inventory (groups, children, vars, ranges).
+//! - [`pattern`]: `--limit` host patterns.
+//! - [`ssh_config`]: the parts of `~/.ssh/config` that pick address, user, port and keys.
+//! - [`target`]: all of the above resolved into [`Target`]s.
+//! - [`yaml`]: a YAML tree that keeps line and column of every node, for errors.
+
+use std::path::PathBuf;
+
+pub mod inventory;
+pub mod pattern;
+pub mod ssh_config;
+pub mod target;
+pub mod yaml;
+
+pub use inventory::Inventory;
+pub use ssh_config::SshConfig;
+pub use target::{Connection, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot read inventory `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid YAML: {message}", path.display())]
+    Yaml { path: PathBuf, message: String },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("{}: groups form a cycle: {cycle}", path.display())]
+    Cycle { path: PathBuf, cycle: String },
+    #[error("{}: --limit `{pattern}`: {message}", path.display())]
+    Limit { path: PathBuf, pattern: String, message: String },
+    #[error("--host `{spec}`: {message}")]
+    HostSpec { spec: String, message: String },
+}
+
+impl InventoryError {
+    /// A suggestion for the user, printed as `hint:`.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            InventoryError::Read { .. } => Some("pass the path of an Ansible YAML inventory with -i/--inventory".into()),
+            InventoryError::Yaml { .. } => Some("check the indentation around that line: YAML nests by spaces (tabs are not allowed)".into()),
+            InventoryError::Invalid { hint, .. } => hint.clone(),
+            InventoryError::Cycle { .. } => Some("a group cannot be its own descendant; remove one of the `children:` entries".into()),
+            InventoryError::Limit { .. } => Some("--limit takes host or group names, `*` globs, `!name` to exclude and `&name` to intersect".into()),
+            InventoryError::HostSpec { .. } => Some("write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22".into()),
+        }
+    }
+}
+
+/// Loads an inventory and selects hosts with an optional `--limit` pattern.
+pub fn load_targets(path: &std::path::Path, limit: Option<&str>, ssh: &SshConfig) -> Result<Vec<Target>, InventoryError> {
+    let inv = Inventory::load(path)?;
+    let names = match limit {
+        Some(pattern) => pattern::select(&inv, pattern).map_err(|message| InventoryError::Limit {
+            path: path.to_path_buf(),
+            pattern: pattern.to_string(),
+            message,
+        })?,
+        None => inv.host_names().to_vec(),
+    };
+    if names.is_empty() {
+        return Err(InventoryError::Invalid {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: "the inventory has no hosts".into(),
+            hint: Some("add hosts under `all: hosts:` or a group's `hosts:`".into()),
+        });
+    }
+    target::targets_from_inventory(&inv, &names, ssh)
+}
