@@ -1,0 +1,27 @@
+//! `mlops-agent`: the process the controller drives on each host.
+//!
+//! Layout of this crate:
+//! - [`config`]: what the agent reads at start (`/etc/mlops-agent/agent.json`, TLS files).
+//! - [`tls`]: the rustls server configuration that admits only clients
+//!   whose certificate chains to the controller's CA.
+//! - [`server`]: the listener, TLS handshakes and the tonic server, with an
+//!   explicit shutdown signal passed in by the caller.
+//! - [`service`]: the RPC handlers; thin, they call [`facts`] and map errors
+//!   to `tonic::Status` in one place.
+//! - [`facts`]: host facts and metrics read from `/proc`, `statvfs` and the
+//!   Docker socket.
+//! - [`install`]: `mlops-agent install|uninstall`, run by the controller over
+//!   SSH: writes configuration and the service definition, (re)starts.
+//! - [`daemon`]: running as a plain daemon where PID 1 is not systemd, and
+//!   `sd_notify` readiness where it is.
+
+pub mod config;
+pub mod daemon;
+pub mod facts;
+pub mod install;
+pub mod server;
+pub mod service;
+pub mod tls;
+
+/// The agent's version, reported to the controller.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -22,3 +22,26 @@ pub const AGENT_TLS_NAME: &str = "mlops-agent";
 
 /// Default loopback port the agent listens on.
 pub const DEFAULT_AGENT_PORT: u16 = 7443;
+
+/// Where the agent lives on a host. Shared because the controller's probe
+/// (a shell script run over SSH before the agent may exist) reads the same
+/// paths the agent writes.
+pub mod layout {
+    /// The agent binary.
+    pub const BINARY: &str = "/usr/local/lib/mlops-agent/mlops-agent";
+    pub const BINARY_DIR: &str = "/usr/local/lib/mlops-agent";
+    /// Configuration: `agent.json`, `tls/`, `install.sha256`.
+    pub const CONFIG_DIR: &str = "/etc/mlops-agent";
+    /// sha256 (hex) of the last install bundle; world-readable, holds no secret.
+    pub const INSTALL_HASH: &str = "/etc/mlops-agent/install.sha256";
+    /// State the agent keeps (synced files, stacks, in later versions).
+    pub const STATE_DIR: &str = "/var/lib/mlops-agent";
+    /// The pidfile of the plain daemon (hosts without systemd).
+    pub const RUN_DIR: &str = "/run/mlops-agent";
+    pub const PIDFILE: &str = "/run/mlops-agent/agent.pid";
+    /// Log of the plain daemon; under systemd the journal has it.
+    pub const LOG_DIR: &str = "/var/log/mlops-agent";
+    pub const LOG_FILE: &str = "/var/log/mlops-agent/agent.log";
+    pub const SYSTEMD_UNIT: &str = "/etc/systemd/system/mlops-agent.service";
+    pub const SERVICE_NAME: &str = "mlops-agent.service";
+}

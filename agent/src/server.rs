@@ -1,0 +1,132 @@
+//! The listener: TCP accept, TLS handshake (client certificate required),
+//! then the tonic server with the Agent and standard health services.
+//!
+//! The caller passes the shutdown signal in (a future). When it fires, the
+//! accept loop stops, heartbeat streams end, and `serve` returns after the
+//! open connections close.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mlops_proto::v1::agent_server::AgentServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::service::AgentService;
+
+/// A handshake that has not finished by then is dropped, so a silent peer
+/// cannot hold a slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS connection handed to tonic.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: Option<SocketAddr>,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = Option<SocketAddr>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves until `shutdown` completes.
+///
+/// `make_service` receives the watch channel that tells long-lived streams
+/// to end, so the caller builds the service with it.
+pub async fn serve<F>(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    make_service: impl FnOnce(watch::Receiver<bool>) -> AgentService,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()>,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (conn_tx, conn_rx) = mpsc::channel::<io::Result<TlsConn>>(32);
+    let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(Arc::new(tls)), conn_tx, stop_rx.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+    let service = make_service(stop_rx);
+
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+            health.set_not_serving::<AgentServer<AgentService>>().await;
+        })
+        .await;
+    // The accept loop watches the same signal; wait for it so no task
+    // outlives `serve`.
+    let _ = acceptor.await;
+    result
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, conns: mpsc::Sender<io::Result<TlsConn>>, mut stop: watch::Receiver<bool>) {
+    let mut handshakes = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let conns = conns.clone();
+                handshakes.spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = conns.send(Ok(TlsConn { inner: tls, peer: Some(peer) })).await;
+                        }
+                        // Refused clients (no certificate, another CA) land here.
+                        Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+        }
+    }
+    handshakes.shutdown().await;
+}

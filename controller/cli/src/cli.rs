@@ -1,0 +1,88 @@
+//! The command line, as clap sees it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "mlopsctl",
+    version,
+    about = "Deploy the MLOps platform to one or many Linux hosts and keep it healthy",
+    after_help = "With neither --host nor --inventory, mlopsctl acts on this machine (no SSH).\n\nExit codes: 0 success; 1 at least one host failed; 2 bad flags, inventory or configuration."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args)]
+pub struct Global {
+    /// A host to act on, as [USER@]HOST[:PORT] (repeatable). `local` means this machine.
+    #[arg(long = "host", value_name = "USER@HOST[:PORT]", global = true)]
+    pub hosts: Vec<String>,
+    /// An Ansible YAML inventory.
+    #[arg(short = 'i', long, value_name = "FILE", global = true)]
+    pub inventory: Option<PathBuf>,
+    /// Only inventory hosts matching this pattern (names, groups, `*` globs, `!x`, `&x`).
+    #[arg(long, value_name = "PATTERN", global = true)]
+    pub limit: Option<String>,
+    /// A private key to try first (repeatable).
+    #[arg(long = "identity", value_name = "FILE", global = true)]
+    pub identities: Vec<PathBuf>,
+    /// known_hosts file [default: ~/.ssh/known_hosts]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub known_hosts: Option<PathBuf>,
+    /// Record the keys of hosts not yet in known_hosts (a changed key is still refused).
+    #[arg(long, global = true)]
+    pub accept_new_host_keys: bool,
+    /// OpenSSH client configuration to honour [default: ~/.ssh/config]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ssh_config: Option<PathBuf>,
+    /// Seconds allowed for connecting and authenticating to a host.
+    #[arg(long, value_name = "SECS", default_value_t = 15, global = true)]
+    pub connect_timeout: u64,
+    /// Hosts handled at once.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000), global = true)]
+    pub forks: u16,
+    /// The controller's state (CA, credentials) [default: $MLOPS_STATE_DIR, else ~/.local/state/mlopsctl]
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// The agent binary to push [default: mlops-agent next to mlopsctl]
+    #[arg(long, value_name = "FILE", env = "MLOPS_AGENT_BINARY", global = true)]
+    pub agent_binary: Option<PathBuf>,
+    /// Output format of the result (progress always goes to stderr).
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Install or upgrade the agent on each host and report host facts.
+    Deploy,
+    /// Ask each host's agent how it is.
+    Status,
+    /// Manage the agent itself.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Stop the agent and remove it from each host.
+    Uninstall {
+        /// Keep the agent's state directory (/var/lib/mlops-agent).
+        #[arg(long)]
+        keep_state: bool,
+    },
+}

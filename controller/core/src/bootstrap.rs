@@ -1,0 +1,549 @@
+//! One host, from nothing to an agent answering over mTLS.
+//!
+//! Round trips are what cost time over SSH, so the host is probed with one
+//! shell command that reports everything the decisions need (user, OS, CPU,
+//! sudo, installed binary hash, installed bundle hash, service manager).
+//! Then only what differs is done:
+//! - the binary is uploaded when its sha256 differs (to a temporary file,
+//!   checked, renamed: a host never runs a half-written agent);
+//! - `mlops-agent install` runs when the binary or the install bundle
+//!   (certificates, port) changed, or when the agent does not answer or runs
+//!   a stale binary; it (re)starts the service.
+//!
+//! A no-op re-deploy is: connect, probe, TLS through the tunnel, `Hello`,
+//! `GetFacts`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mlops_inventory::{Connection, Target};
+use mlops_proto::layout;
+use mlops_proto::v1::{HelloResponse, HostFacts, InstallBundle};
+use mlops_ssh::{Session, SshOptions};
+use prost::Message as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::ControllerError;
+use crate::agent_binary::{AgentBinary, normalize_arch};
+use crate::client::{AgentConn, ClientTls, error_chain};
+use crate::progress::{Progress, Step};
+use crate::state::{StateDir, cert_name};
+use crate::transport::{SharedTransport, Transport};
+
+/// What every host task shares.
+pub struct Context {
+    /// The agent to push; only `deploy` needs it.
+    pub binary: Option<AgentBinary>,
+    pub tls: ClientTls,
+    pub ssh: SshOptions,
+    /// `--identity` files, tried before each host's own.
+    pub identities: Vec<PathBuf>,
+}
+
+/// The install bundle for one host, encoded, with its hash.
+#[derive(Clone)]
+pub struct Bundle {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+impl Bundle {
+    /// Issues (or reuses) the host's certificate and encodes the bundle.
+    /// Deterministic for an unchanged certificate, so the hash tells whether
+    /// the host is up to date.
+    pub fn for_target(state: &StateDir, target: &Target) -> Result<Self, ControllerError> {
+        let identity = state.ca.server_identity(&cert_name(&target.name))?;
+        let bundle = InstallBundle {
+            ca_pem: state.ca.cert_pem().to_string(),
+            cert_pem: identity.cert_pem,
+            key_pem: identity.key_pem,
+            port: u32::from(target.agent_port),
+            // Not the controller's version: a controller upgrade alone must
+            // not force every agent to restart.
+            controller_version: String::new(),
+        };
+        let bytes = bundle.encode_to_vec();
+        Ok(Bundle {
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            bytes,
+        })
+    }
+}
+
+/// What the probe found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub uid: u32,
+    pub os: String,
+    pub arch: String,
+    /// `ok`, `password`, `missing`; empty for root.
+    pub sudo: String,
+    pub binary_sha256: Option<String>,
+    pub bundle_sha256: Option<String>,
+    pub service_manager: String,
+}
+
+fn probe_script() -> String {
+    format!(
+        r#"echo "uid=$(id -u)"
+echo "os=$(uname -s)"
+echo "arch=$(uname -m)"
+if [ "$(id -u)" != 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1; then echo sudo=missing
+  elif sudo -n true 2>/dev/null; then echo sudo=ok
+  else echo sudo=password; fi
+fi
+if [ -f {bin} ]; then echo "binary=$(sha256sum {bin} 2>/dev/null | cut -d' ' -f1)"; fi
+if [ -f {bundle} ]; then echo "bundle=$(cat {bundle})"; fi
+if [ -d /run/systemd/system ]; then echo manager=systemd; else echo manager=daemon; fi
+"#,
+        bin = layout::BINARY,
+        bundle = layout::INSTALL_HASH,
+    )
+}
+
+impl Probe {
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut p = Probe::default();
+        let mut saw_uid = false;
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            let v = v.trim().to_string();
+            match k {
+                "uid" => {
+                    p.uid = v.parse().ok()?;
+                    saw_uid = true;
+                }
+                "os" => p.os = v,
+                "arch" => p.arch = normalize_arch(&v).to_string(),
+                "sudo" => p.sudo = v,
+                "binary" if !v.is_empty() => p.binary_sha256 = Some(v),
+                "bundle" if !v.is_empty() => p.bundle_sha256 = Some(v),
+                "manager" => p.service_manager = v,
+                _ => {}
+            }
+        }
+        saw_uid.then_some(p)
+    }
+
+    fn needs_sudo(&self) -> bool {
+        self.uid != 0
+    }
+}
+
+/// Opens the transport for a target (SSH session or this machine).
+pub async fn open_transport(target: &Target, ctx: &Context) -> Result<Transport, ControllerError> {
+    match &target.connection {
+        Connection::Local => Ok(Transport::Local),
+        Connection::Ssh { address, port, user, identity_files } => {
+            let mut options = ctx.ssh.clone();
+            options.identity_files = ctx.identities.iter().chain(identity_files).cloned().collect();
+            let session = Session::connect(address, *port, user, Arc::new(options)).await?;
+            Ok(Transport::Ssh {
+                session,
+                host: target.name.clone(),
+            })
+        }
+    }
+}
+
+/// What a deploy did on one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployOutcome {
+    pub host: String,
+    pub address: String,
+    /// The agent binary was uploaded (its hash differed).
+    pub uploaded: bool,
+    /// Why `install` ran, when it did (it restarts the agent).
+    pub installed: Option<String>,
+    pub agent: AgentInfo,
+    pub facts: FactsSummary,
+    pub connect_ms: u64,
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub api_level: u32,
+    pub binary_sha256: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub service_manager: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FactsSummary {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub arch: String,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_available_bytes: u64,
+    pub docker: bool,
+    pub docker_version: String,
+    pub docker_error: String,
+    pub host_uptime_seconds: u64,
+}
+
+impl FactsSummary {
+    fn from_facts(f: &HostFacts) -> Self {
+        let docker = f.docker.clone().unwrap_or_default();
+        FactsSummary {
+            hostname: f.hostname.clone(),
+            os: f.os.clone(),
+            kernel: f.kernel.clone(),
+            arch: f.arch.clone(),
+            cpus: f.cpus,
+            memory_total_bytes: f.memory_total_bytes,
+            memory_available_bytes: f.memory_available_bytes,
+            disk_total_bytes: f.disk_total_bytes,
+            disk_available_bytes: f.disk_available_bytes,
+            docker: docker.available,
+            docker_version: docker.version,
+            docker_error: docker.error,
+            host_uptime_seconds: f.host_uptime_seconds,
+        }
+    }
+}
+
+fn agent_info(hello: &HelloResponse, facts: &HostFacts) -> AgentInfo {
+    AgentInfo {
+        version: hello.agent_version.clone(),
+        api_level: hello.api_level,
+        binary_sha256: hello.binary_sha256.clone(),
+        pid: hello.pid,
+        uptime_seconds: facts.agent_uptime_seconds,
+        service_manager: facts.service_manager.clone(),
+    }
+}
+
+/// Brings the agent on `target` up to date and returns what it did.
+pub async fn deploy_host(target: &Target, ctx: &Context, bundle: &Bundle, progress: &Progress) -> Result<DeployOutcome, ControllerError> {
+    let started = Instant::now();
+    progress.step(Step::Connecting { address: target.display_address() });
+    let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
+    let connect_ms = started.elapsed().as_millis() as u64;
+    progress.step(Step::Connected);
+    let result = ensure_agent(target, ctx, bundle, progress, transport.clone()).await;
+    transport.close().await;
+    let (uploaded, installed, hello, facts) = result?;
+    progress.step(Step::Ready {
+        agent_version: hello.agent_version.clone(),
+    });
+    Ok(DeployOutcome {
+        host: target.name.clone(),
+        address: target.display_address(),
+        uploaded,
+        installed,
+        agent: agent_info(&hello, &facts),
+        facts: FactsSummary::from_facts(&facts),
+        connect_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+async fn ensure_agent(
+    target: &Target,
+    ctx: &Context,
+    bundle: &Bundle,
+    progress: &Progress,
+    transport: SharedTransport,
+) -> Result<(bool, Option<String>, HelloResponse, HostFacts), ControllerError> {
+    let host = target.name.clone();
+    let probe = run_probe(&transport, &host).await?;
+    progress.step(Step::Probed {
+        os: probe.os.clone(),
+        arch: probe.arch.clone(),
+        service_manager: probe.service_manager.clone(),
+    });
+    let binary = ctx.binary.as_ref().expect("deploy has an agent binary");
+    check_probe(&probe, target, Some(binary))?;
+    let sudo = probe.needs_sudo();
+
+    let mut uploaded = false;
+    if probe.binary_sha256.as_deref() != Some(binary.sha256.as_str()) {
+        progress.step(Step::Uploading {
+            bytes: binary.bytes.len() as u64,
+        });
+        upload(&transport, &host, binary, sudo).await?;
+        uploaded = true;
+        progress.step(Step::Uploaded);
+    }
+
+    let mut installed = None;
+    let reason = if probe.binary_sha256.is_none() {
+        Some("first install")
+    } else if uploaded {
+        Some("agent binary changed")
+    } else if probe.bundle_sha256.as_deref() != Some(bundle.sha256.as_str()) {
+        Some("configuration changed")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        install(&transport, &host, bundle, sudo, reason, progress).await?;
+        installed = Some(reason.to_string());
+    } else {
+        progress.step(Step::UpToDate);
+    }
+
+    progress.step(Step::Handshake);
+    let mut conn = match AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await {
+        Ok(c) => c,
+        Err(e) if installed.is_none() => {
+            // Installed and configured, but not answering (stopped, crashed,
+            // host rebooted without systemd): start it again.
+            tracing::debug!(%host, "agent not answering: {e}");
+            let reason = "agent was not running";
+            install(&transport, &host, bundle, sudo, reason, progress).await?;
+            installed = Some(reason.to_string());
+            AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut hello = conn.hello().await?;
+    if hello.binary_sha256 != binary.sha256 || hello.api_level != mlops_proto::API_LEVEL {
+        if installed.is_some() {
+            return Err(ControllerError::StaleAgent {
+                host,
+                running: short(&hello.binary_sha256),
+                expected: short(&binary.sha256),
+            });
+        }
+        // The file is current but the process predates it (or speaks
+        // another API level): restart it on the current binary.
+        let reason = if hello.api_level != mlops_proto::API_LEVEL {
+            format!("agent speaks API level {} (controller {})", hello.api_level, mlops_proto::API_LEVEL)
+        } else {
+            "running agent is an older binary".to_string()
+        };
+        install(&transport, &host, bundle, sudo, &reason, progress).await?;
+        installed = Some(reason);
+        conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
+        hello = conn.hello().await?;
+        if hello.binary_sha256 != binary.sha256 {
+            return Err(ControllerError::StaleAgent {
+                host,
+                running: short(&hello.binary_sha256),
+                expected: short(&binary.sha256),
+            });
+        }
+    }
+    let facts = conn.facts().await?;
+    Ok((uploaded, installed, hello, facts))
+}
+
+fn short(sha: &str) -> String {
+    sha.chars().take(12).collect()
+}
+
+pub async fn run_probe(transport: &Transport, host: &str) -> Result<Probe, ControllerError> {
+    let out = transport.exec(&probe_script(), None, false).await?;
+    Probe::parse(&out.stdout_str()).ok_or_else(|| ControllerError::Probe {
+        host: host.to_string(),
+        message: format!(
+            "unexpected output (exit {}): {}{}",
+            out.status.map_or("none".into(), |s| s.to_string()),
+            out.stdout_str().trim(),
+            out.stderr_str().trim()
+        ),
+    })
+}
+
+fn check_probe(probe: &Probe, target: &Target, binary: Option<&AgentBinary>) -> Result<(), ControllerError> {
+    let host = target.name.clone();
+    if probe.os != "Linux" {
+        return Err(ControllerError::UnsupportedOs { host, os: probe.os.clone() });
+    }
+    if let Some(binary) = binary
+        && probe.arch != binary.arch
+    {
+        return Err(ControllerError::ArchMismatch {
+            host,
+            host_arch: probe.arch.clone(),
+            binary_arch: binary.arch.to_string(),
+        });
+    }
+    let user = target.user().map_or_else(|| std::env::var("USER").unwrap_or_default(), str::to_string);
+    match probe.sudo.as_str() {
+        "password" => Err(ControllerError::SudoNeedsPassword { host, user }),
+        "missing" => Err(ControllerError::NoSudo { host, user }),
+        _ => Ok(()),
+    }
+}
+
+async fn upload(transport: &Transport, host: &str, binary: &AgentBinary, sudo: bool) -> Result<(), ControllerError> {
+    // Streamed to a temporary file beside the target, checked, then renamed:
+    // the installed binary is either the old one or the complete new one.
+    let script = format!(
+        r#"set -e
+umask 022
+mkdir -p {dir}
+tmp={dir}/.mlops-agent.upload.$$
+trap 'rm -f "$tmp"' EXIT
+cat > "$tmp"
+got=$(sha256sum "$tmp" | cut -d' ' -f1)
+if [ "$got" != "{sha}" ]; then echo "checksum mismatch after upload: got $got, expected {sha}" >&2; exit 3; fi
+chmod 0755 "$tmp"
+mv -f "$tmp" {bin}
+trap - EXIT
+"#,
+        dir = layout::BINARY_DIR,
+        bin = layout::BINARY,
+        sha = binary.sha256,
+    );
+    let out = transport.exec(&script, Some(&binary.bytes), sudo).await?;
+    if !out.success() {
+        return Err(ControllerError::Upload {
+            host: host.to_string(),
+            message: failure_text(&out),
+        });
+    }
+    Ok(())
+}
+
+async fn install(transport: &Transport, host: &str, bundle: &Bundle, sudo: bool, reason: &str, progress: &Progress) -> Result<(), ControllerError> {
+    progress.step(Step::Installing { reason: reason.to_string() });
+    let out = transport.exec(&format!("exec {} install", layout::BINARY), Some(&bundle.bytes), sudo).await?;
+    if !out.success() {
+        return Err(ControllerError::Install {
+            host: host.to_string(),
+            message: failure_text(&out),
+        });
+    }
+    let pid = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["pid"].as_i64());
+    progress.step(Step::Installed { pid });
+    Ok(())
+}
+
+fn failure_text(out: &mlops_ssh::ExecOutput) -> String {
+    let text = format!("{}{}", out.stderr_str().trim(), out.stdout_str().trim());
+    let text = text.trim().trim_start_matches("error: ");
+    match out.status {
+        Some(code) if text.is_empty() => format!("exit status {code}"),
+        Some(_) => text.to_string(),
+        None => format!("killed: {text}"),
+    }
+}
+
+/// What `status` learns about one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusOutcome {
+    pub host: String,
+    pub address: String,
+    /// The host answered (SSH, or this machine).
+    pub reachable: bool,
+    /// The agent answered over mTLS.
+    pub agent: Option<AgentInfo>,
+    pub facts: Option<FactsSummary>,
+    /// Why the agent or host did not answer.
+    pub error: Option<String>,
+}
+
+/// Connects and asks the agent; never installs anything.
+pub async fn status_host(target: &Target, ctx: &Context) -> StatusOutcome {
+    let mut out = StatusOutcome {
+        host: target.name.clone(),
+        address: target.display_address(),
+        reachable: false,
+        agent: None,
+        facts: None,
+        error: None,
+    };
+    let transport: SharedTransport = match open_transport(target, ctx).await {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            out.error = Some(error_chain(&e));
+            return out;
+        }
+    };
+    out.reachable = true;
+    let answer = async {
+        let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
+        let hello = conn.hello().await?;
+        let facts = conn.facts().await?;
+        Ok::<_, ControllerError>((hello, facts))
+    }
+    .await;
+    match answer {
+        Ok((hello, facts)) => {
+            out.agent = Some(agent_info(&hello, &facts));
+            out.facts = Some(FactsSummary::from_facts(&facts));
+        }
+        Err(e) => out.error = Some(error_chain(&e)),
+    }
+    transport.close().await;
+    out
+}
+
+/// What `agent uninstall` did on one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct UninstallOutcome {
+    pub host: String,
+    pub was_installed: bool,
+    pub removed: Vec<String>,
+}
+
+pub async fn uninstall_host(target: &Target, ctx: &Context, keep_state: bool) -> Result<UninstallOutcome, ControllerError> {
+    let transport = open_transport(target, ctx).await?;
+    let result = async {
+        let probe = run_probe(&transport, &target.name).await?;
+        check_probe(&probe, target, None)?;
+        if probe.binary_sha256.is_none() {
+            return Ok(UninstallOutcome {
+                host: target.name.clone(),
+                was_installed: false,
+                removed: Vec::new(),
+            });
+        }
+        let flag = if keep_state { " --keep-state" } else { "" };
+        let out = transport.exec(&format!("exec {} uninstall{flag}", layout::BINARY), None, probe.needs_sudo()).await?;
+        if !out.success() {
+            return Err(ControllerError::Install {
+                host: target.name.clone(),
+                message: failure_text(&out),
+            });
+        }
+        let removed = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["removed"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()))
+            .unwrap_or_default();
+        Ok(UninstallOutcome {
+            host: target.name.clone(),
+            was_installed: true,
+            removed,
+        })
+    }
+    .await;
+    transport.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_parsing() {
+        let p = Probe::parse("uid=1000\nos=Linux\narch=amd64\nsudo=ok\nbinary=abc\nmanager=daemon\n").unwrap();
+        assert_eq!(p.arch, "x86_64");
+        assert!(p.needs_sudo());
+        assert_eq!(p.binary_sha256.as_deref(), Some("abc"));
+        assert_eq!(p.bundle_sha256, None);
+        assert!(Probe::parse("Welcome to the machine\n").is_none());
+    }
+
+    #[test]
+    fn probe_script_runs_here() {
+        let out = std::process::Command::new("sh").arg("-c").arg(probe_script()).output().unwrap();
+        let p = Probe::parse(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(p.os, "Linux");
+        assert_eq!(p.arch, std::env::consts::ARCH);
+    }
+}

@@ -1,0 +1,129 @@
+//! gRPC to an agent: TLS with the controller's client certificate, over a
+//! stream the [`Transport`] opens (an SSH channel or loopback TCP).
+//!
+//! The agent's certificate must chain to the controller's CA and carry the
+//! name `mlops-agent`; nothing else is trusted.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use mlops_pki::Identity;
+use mlops_proto::v1::agent_client::AgentClient;
+use mlops_proto::v1::{GetFactsRequest, HelloRequest, HelloResponse, HostFacts};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::ControllerError;
+use crate::transport::SharedTransport;
+
+/// The client side of mTLS, built once per run and shared by all hosts.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    pub fn new(ca_pem: &str, identity: &Identity) -> Result<Self, ControllerError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let bad = |what: &str| ControllerError::Local(format!("invalid {what} in the controller's PKI"));
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_pemfile_certs(ca_pem) {
+            roots.add(cert).map_err(|_| bad("CA certificate"))?;
+        }
+        let chain = rustls_pemfile_certs(&identity.cert_pem);
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|_| bad("client key"))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|_| bad("TLS configuration"))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|_| bad("client certificate"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ClientTls { config: Arc::new(config) })
+    }
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
+}
+
+/// A connection to one agent.
+pub struct AgentConn {
+    host: String,
+    client: AgentClient<Channel>,
+}
+
+impl AgentConn {
+    /// Connects through `transport` to the agent on `port`.
+    pub async fn connect(transport: SharedTransport, port: u16, tls: &ClientTls) -> Result<Self, ControllerError> {
+        let host = transport.host().to_string();
+        let connector = TlsConnector::from(tls.config.clone());
+        let make_conn = tower::service_fn(move |_: Uri| {
+            let transport = transport.clone();
+            let connector = connector.clone();
+            async move {
+                let io = transport.tunnel(port).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+                let name = ServerName::try_from(mlops_proto::AGENT_TLS_NAME).expect("valid DNS name");
+                let tls = connector.connect(name, io).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        });
+        // The URI only names the HTTP/2 authority; the connector decides where bytes go.
+        let channel = Endpoint::from_static("http://mlops-agent")
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect_with_connector(make_conn)
+            .await
+            .map_err(|e| ControllerError::AgentUnreachable {
+                host: host.clone(),
+                port,
+                message: error_chain(&e),
+            })?;
+        Ok(AgentConn {
+            host,
+            client: AgentClient::new(channel),
+        })
+    }
+
+    pub async fn hello(&mut self) -> Result<HelloResponse, ControllerError> {
+        let req = HelloRequest {
+            api_level: mlops_proto::API_LEVEL,
+            controller_version: crate::VERSION.to_string(),
+        };
+        self.client.hello(req).await.map(tonic::Response::into_inner).map_err(|s| self.rpc("Hello", &s))
+    }
+
+    pub async fn facts(&mut self) -> Result<HostFacts, ControllerError> {
+        self.client.get_facts(GetFactsRequest {}).await.map(tonic::Response::into_inner).map_err(|s| self.rpc("GetFacts", &s))
+    }
+
+    /// The raw client, for streaming calls.
+    pub fn raw(&mut self) -> &mut AgentClient<Channel> {
+        &mut self.client
+    }
+
+    fn rpc(&self, call: &'static str, status: &tonic::Status) -> ControllerError {
+        ControllerError::Rpc {
+            host: self.host.clone(),
+            call,
+            status: format!("{}: {}", status.code(), status.message()),
+        }
+    }
+}
+
+/// `e: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}

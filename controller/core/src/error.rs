@@ -1,0 +1,68 @@
+//! The controller's errors, each with the hint the CLI prints under it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("no agent binary found (looked in: {})", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    AgentBinaryNotFound { searched: Vec<PathBuf> },
+    #[error("cannot read agent binary `{}`", path.display())]
+    AgentBinaryRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent binary `{}` is not a Linux executable for a supported CPU", path.display())]
+    AgentBinaryFormat { path: PathBuf },
+    #[error("{host} runs {host_arch}, but the agent binary is built for {binary_arch}")]
+    ArchMismatch { host: String, host_arch: String, binary_arch: String },
+    #[error("{host} runs `{os}`; the agent supports Linux only")]
+    UnsupportedOs { host: String, os: String },
+    #[error("sudo on {host} asks {user} for a password; mlopsctl needs passwordless sudo to install the agent")]
+    SudoNeedsPassword { host: String, user: String },
+    #[error("{user} on {host} is not root and sudo is not installed")]
+    NoSudo { host: String, user: String },
+    #[error("probing {host} failed: {message}")]
+    Probe { host: String, message: String },
+    #[error("uploading the agent to {host} failed: {message}")]
+    Upload { host: String, message: String },
+    #[error("installing the agent on {host} failed: {message}")]
+    Install { host: String, message: String },
+    #[error("the agent on {host} does not answer on 127.0.0.1:{port}: {message}")]
+    AgentUnreachable { host: String, port: u16, message: String },
+    #[error("the agent on {host} still runs binary {running} after a restart (expected {expected})")]
+    StaleAgent { host: String, running: String, expected: String },
+    #[error("{host}: {call} failed: {status}")]
+    Rpc { host: String, call: &'static str, status: String },
+    #[error("local command failed: {0}")]
+    Local(String),
+    #[error(transparent)]
+    Ssh(#[from] mlops_ssh::SshError),
+    #[error(transparent)]
+    Pki(#[from] mlops_pki::PkiError),
+    #[error("cannot use state directory `{}`", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ControllerError {
+    /// A suggestion for the user, printed as `hint:`.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            ControllerError::AgentBinaryNotFound { .. } => "build it with `cargo build --release -p mlops-agent`, or pass --agent-binary PATH (or set MLOPS_AGENT_BINARY)".into(),
+            ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
+            ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
+            ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
+            ControllerError::Install { .. } | ControllerError::AgentUnreachable { .. } | ControllerError::StaleAgent { .. } => {
+                "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
+            }
+            ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
+            ControllerError::Ssh(e) => return e.hint(),
+            ControllerError::Pki(_) => "the controller's CA lives in <state-dir>/pki; check its files and permissions".into(),
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,48 @@
+//! The controller's state directory: `--state-dir`, else `$MLOPS_STATE_DIR`,
+//! else `$XDG_STATE_HOME/mlopsctl`, else `~/.local/state/mlopsctl`. It is
+//! created mode 0700 and holds the CA (`pki/`).
+
+use std::path::{Path, PathBuf};
+
+use mlops_pki::{Ca, Identity};
+
+use crate::ControllerError;
+
+pub struct StateDir {
+    pub path: PathBuf,
+    pub ca: Ca,
+}
+
+impl StateDir {
+    /// The default location (without `--state-dir`).
+    pub fn default_path() -> PathBuf {
+        if let Some(p) = std::env::var_os("MLOPS_STATE_DIR").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        if let Some(p) = std::env::var_os("XDG_STATE_HOME").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p).join("mlopsctl");
+        }
+        dirs::home_dir().unwrap_or_else(|| PathBuf::from("/root")).join(".local/state/mlopsctl")
+    }
+
+    /// Opens (creating when needed) the state directory and its CA.
+    pub fn open(path: &Path) -> Result<Self, ControllerError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let err = |source| ControllerError::StateDir { path: path.to_path_buf(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        let ca = Ca::open_or_create(&path.join("pki"))?;
+        Ok(StateDir { path: path.to_path_buf(), ca })
+    }
+
+    pub fn client_identity(&self) -> Result<Identity, ControllerError> {
+        Ok(self.ca.client_identity()?)
+    }
+}
+
+/// A host's name as a file name for its certificate: anything outside
+/// `[A-Za-z0-9._@:-]` becomes `_`.
+pub fn cert_name(host: &str) -> String {
+    let s: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':') { c } else { '_' }).collect();
+    if s.starts_with('.') || s.is_empty() { format!("_{s}") } else { s }
+}
