@@ -70,6 +70,8 @@ pub enum SshError {
     #[error("host key of {host} is not known ({fingerprint}); refusing to connect")]
     UnknownHostKey {
         host: String,
+        address: String,
+        port: u16,
         fingerprint: String,
         known_hosts: PathBuf,
     },
@@ -79,6 +81,8 @@ pub enum SshError {
     )]
     HostKeyChanged {
         host: String,
+        address: String,
+        port: u16,
         fingerprint: String,
         known_hosts: PathBuf,
         line: usize,
@@ -125,12 +129,15 @@ impl SshError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             SshError::Connect { .. } | SshError::Timeout { .. } => "check that the host is up, that sshd listens on that address and port, and that no firewall is in the way".into(),
-            SshError::UnknownHostKey { host, known_hosts, .. } => format!(
-                "if this is the host you expect, pass --accept-new-host-keys to record its key in {} (or add it with `ssh-keyscan {host}`)",
+            SshError::UnknownHostKey { address, port, known_hosts, .. } => format!(
+                "if this is the host you expect, pass --accept-new-host-keys to record its key in {} (or add it with `ssh-keyscan {}{address} >> {}`)",
+                known_hosts.display(),
+                if *port == 22 { String::new() } else { format!("-p {port} ") },
                 known_hosts.display()
             ),
-            SshError::HostKeyChanged { host, known_hosts, .. } => format!(
-                "someone may be intercepting the connection, or the host was reinstalled; if you know it was, remove the old key with `ssh-keygen -R '{host}' -f {}`",
+            SshError::HostKeyChanged { address, port, known_hosts, .. } => format!(
+                "someone may be intercepting the connection, or the host was reinstalled; if you know it was, remove the old key with `ssh-keygen -R {} -f {}`",
+                if *port == 22 { address.clone() } else { format!("'[{address}]:{port}'") },
                 known_hosts.display()
             ),
             SshError::AuthFailed { user, skipped, .. } => {
@@ -295,11 +302,15 @@ impl Session {
                 return Err(match verdict.lock().expect("not poisoned").take() {
                     Some(Verdict::Unknown { fingerprint }) => SshError::UnknownHostKey {
                         host,
+                        address: address.to_string(),
+                        port,
                         fingerprint,
                         known_hosts: options.known_hosts.clone(),
                     },
                     Some(Verdict::Changed { fingerprint, path, line }) => SshError::HostKeyChanged {
                         host,
+                        address: address.to_string(),
+                        port,
                         fingerprint,
                         known_hosts: path,
                         line,

@@ -1,0 +1,266 @@
+//! `mlopsctl deploy`, `status` and `agent uninstall` against real sshd
+//! hosts (network namespaces) with the real agent.
+
+use std::fs;
+
+use mlops_e2e::{SUDO_PASSWORD_USER, SUDO_USER, TestEnv, TestHost, bins, sha256_file};
+use serde_json::Value;
+
+/// A process that exists and is not a zombie (the test machine's PID 1
+/// may not reap the daemons it inherits).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+}
+
+fn host_result<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["hosts"].as_array().unwrap().iter().find(|h| h["host"] == name).unwrap_or_else(|| panic!("{name} not in {json:#}"))
+}
+
+#[test]
+fn deploy_one_host_then_redeploy_uploads_nothing() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("h1").unwrap();
+    let spec = host.spec("root");
+
+    let first = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let r = &host_result(&first, &spec)["result"];
+    assert_eq!(r["uploaded"], true);
+    assert_eq!(r["installed"], "first install");
+    assert_eq!(r["agent"]["binary_sha256"], sha256_file(&bins().agent).unwrap());
+    assert_eq!(r["agent"]["service_manager"], "daemon", "PID 1 is not systemd here");
+    assert_eq!(r["facts"]["arch"], std::env::consts::ARCH);
+    let pid = host.agent_pid().expect("the agent runs, with a pidfile");
+    assert_eq!(r["agent"]["pid"], pid);
+
+    // The key stays private and the agent listens on loopback only.
+    let mode = fs::metadata(host.path("/etc/mlops-agent/tls/server.key")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+    let listening = host.exec("cat /proc/net/tcp").unwrap();
+    let text = String::from_utf8_lossy(&listening.stdout);
+    // 7443 = 0x1D13, bound to 0100007F (127.0.0.1), state 0A (LISTEN).
+    assert!(text.lines().any(|l| l.contains("0100007F:1D13") && l.contains(" 0A ")), "{text}");
+    assert!(!text.lines().any(|l| l.contains("00000000:1D13")), "not on every address: {text}");
+
+    let second = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let r = &host_result(&second, &spec)["result"];
+    assert_eq!(r["uploaded"], false, "same hash: nothing uploaded");
+    assert_eq!(r["installed"], Value::Null, "nothing changed: no restart");
+    assert_eq!(host.agent_pid(), Some(pid), "same process");
+
+    let status = env.ctl_key(&["status", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let s = host_result(&status, &spec);
+    assert_eq!(s["reachable"], true);
+    assert_eq!(s["agent"]["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn five_hosts_in_parallel_from_an_inventory_with_a_sudo_user() {
+    let env = TestEnv::new().unwrap();
+    let hosts: Vec<TestHost> = (1..=5).map(|i| env.host(&format!("m{i}")).unwrap()).collect();
+    let mut inv = String::from("all:\n  vars:\n    ansible_user: root\n  children:\n    workers:\n      hosts:\n");
+    for h in &hosts[..4] {
+        inv.push_str(&format!("        {}:\n          ansible_host: {}\n", h.name, h.addr));
+    }
+    inv.push_str(&format!(
+        "    sudoers:\n      vars:\n        ansible_user: {SUDO_USER}\n        ansible_become: true\n      hosts:\n        {}:\n          ansible_host: {}\n",
+        hosts[4].name, hosts[4].addr
+    ));
+    let path = env.write("inventory.yml", &inv).unwrap();
+    let key = env.key.display().to_string();
+    let out = env.ctl(&["deploy", "-i", path.to_str().unwrap(), "--identity", &key, "--output", "json"]).expect_code(0);
+    let json = out.json();
+    assert_eq!(json["ok"], 5, "{}", out.stderr);
+    for h in &hosts {
+        assert!(h.agent_pid().is_some(), "{} runs an agent", h.name);
+        assert_eq!(host_result(&json, &h.name)["result"]["uploaded"], true);
+    }
+    // Each host printed its own progress.
+    for h in &hosts {
+        assert!(out.stderr.contains(&format!("  {}", h.name)), "{}", out.stderr);
+    }
+}
+
+#[test]
+fn a_new_agent_binary_is_uploaded_and_restarted() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("up").unwrap();
+    let spec = host.spec("root");
+    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    let old_pid = host.agent_pid().unwrap();
+
+    // Another build of the agent: the same program with different bytes.
+    let newer = env.dir.path().join("mlops-agent-newer");
+    let mut bytes = fs::read(&bins().agent).unwrap();
+    bytes.extend_from_slice(b"\0mlops-upgrade-test");
+    fs::write(&newer, &bytes).unwrap();
+    fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let json = env.ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"]).expect_code(0).json();
+    let r = &host_result(&json, &spec)["result"];
+    assert_eq!(r["uploaded"], true);
+    assert_eq!(r["installed"], "agent binary changed");
+    let new_sha = sha256_file(&newer).unwrap();
+    assert_eq!(r["agent"]["binary_sha256"], new_sha, "the running process is the new binary");
+    assert_eq!(sha256_file(&host.path("/usr/local/lib/mlops-agent/mlops-agent")).unwrap(), new_sha);
+    let new_pid = host.agent_pid().unwrap();
+    assert_ne!(new_pid, old_pid, "restarted");
+    assert!(!alive(old_pid), "the old agent is gone");
+}
+
+#[test]
+fn an_agent_that_died_is_restarted_on_deploy() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("dead").unwrap();
+    let spec = host.spec("root");
+    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    let pid = host.agent_pid().unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on the agent process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let json = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let r = &host_result(&json, &spec)["result"];
+    assert_eq!(r["installed"], "agent was not running");
+    assert_eq!(r["uploaded"], false);
+    assert!(host.agent_pid().is_some_and(|p| p != pid));
+}
+
+#[test]
+fn unknown_host_key_is_refused_unless_accepted() {
+    let env = TestEnv::new().unwrap();
+    let host = TestHost::start_on_port("unk", 2222).unwrap();
+    host.authorize("root", &env.public_key).unwrap();
+    let spec = host.spec("root");
+
+    let out = env.ctl_key(&["deploy", "--host", &spec]).expect_code(1);
+    assert!(out.stderr.contains(&format!("host key of {}:2222 is not known (SHA256:", host.addr)), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("ssh-keyscan -p 2222 {}", host.addr)), "{}", out.stderr);
+    assert!(out.stderr.contains("hint: if this is the host you expect, pass --accept-new-host-keys"), "{}", out.stderr);
+    assert!(host.agent_pid().is_none(), "nothing was installed");
+
+    env.ctl_key(&["deploy", "--host", &spec, "--accept-new-host-keys"]).expect_code(0);
+    let known = fs::read_to_string(&env.known_hosts).unwrap();
+    assert!(known.contains(&host.known_hosts_line()), "recorded as `[addr]:2222 key`: {known}");
+    // Recorded: accepted from now on without the flag.
+    env.ctl_key(&["status", "--host", &spec]).expect_code(0);
+}
+
+#[test]
+fn a_changed_host_key_is_refused_even_with_accept_new() {
+    let env = TestEnv::new().unwrap();
+    let host = TestHost::start("chg").unwrap();
+    host.authorize("root", &env.public_key).unwrap();
+    let other = TestHost::start("other").unwrap();
+    // known_hosts holds another machine's key for this address.
+    env.add_known_host(&format!("{} {}", host.known_hosts_name(), other.host_key)).unwrap();
+
+    let out = env.ctl_key(&["deploy", "--host", &host.spec("root"), "--accept-new-host-keys"]).expect_code(1);
+    assert!(out.stderr.contains("HAS CHANGED"), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("known_hosts:1")), "names the line: {}", out.stderr);
+    assert!(out.stderr.contains("ssh-keygen -R"), "{}", out.stderr);
+    assert!(host.agent_pid().is_none());
+    let known = fs::read_to_string(&env.known_hosts).unwrap();
+    assert_eq!(known.lines().count(), 1, "nothing was added: {known}");
+}
+
+#[test]
+fn hashed_known_hosts_entries_are_accepted() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("hash").unwrap();
+    let out = std::process::Command::new("ssh-keygen").arg("-H").arg("-f").arg(&env.known_hosts).output().unwrap();
+    assert!(out.status.success());
+    let known = fs::read_to_string(&env.known_hosts).unwrap();
+    assert!(known.starts_with("|1|") && !known.contains(&host.addr), "hashed: {known}");
+    env.ctl_key(&["deploy", "--host", &host.spec("root")]).expect_code(0);
+}
+
+#[test]
+fn a_wrong_private_key_is_a_clear_error() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("key").unwrap();
+    let wrong = env.dir.path().join("wrong_ed25519");
+    std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&wrong).status().unwrap();
+    let out = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", wrong.to_str().unwrap()]).expect_code(1);
+    assert!(out.stderr.contains(&format!("permission denied for root@{}:22", host.addr)), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("tried {}", wrong.display())), "{}", out.stderr);
+    assert!(out.stderr.contains("hint: check that one of these public keys is in ~root/.ssh/authorized_keys"), "{}", out.stderr);
+
+    let missing = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", "/nonexistent/key"]).expect_code(2);
+    assert!(missing.stderr.contains("cannot load private key /nonexistent/key: no such file"), "{}", missing.stderr);
+}
+
+#[test]
+fn sudo_that_needs_a_password_is_named() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("pw").unwrap();
+    let out = env.ctl_key(&["deploy", "--host", &host.spec(SUDO_PASSWORD_USER)]).expect_code(1);
+    assert!(out.stderr.contains(&format!("sudo on {} asks {SUDO_PASSWORD_USER} for a password", host.spec(SUDO_PASSWORD_USER))), "{}", out.stderr);
+    assert!(out.stderr.contains("NOPASSWD"), "{}", out.stderr);
+}
+
+#[test]
+fn a_down_host_fails_alone() {
+    let env = TestEnv::new().unwrap();
+    let a = env.host("ok-a").unwrap();
+    let b = env.host("ok-b").unwrap();
+    let mut down = env.host("down").unwrap();
+    down.stop_sshd();
+    let inv = format!(
+        "all:\n  vars:\n    ansible_user: root\n  hosts:\n    ok-a:\n      ansible_host: {}\n    down:\n      ansible_host: {}\n    ok-b:\n      ansible_host: {}\n",
+        a.addr, down.addr, b.addr
+    );
+    let path = env.write("inv.yml", &inv).unwrap();
+    let out = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--connect-timeout", "5"]).expect_code(1);
+    assert!(a.agent_pid().is_some() && b.agent_pid().is_some(), "the others succeeded");
+    assert!(out.stderr.contains("error: deploy failed on 1 of 3 host(s): down"), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("cannot connect to {}:22", down.addr)), "{}", out.stderr);
+    assert!(out.stderr.contains("Caused by: Connection refused"), "{}", out.stderr);
+    // The table still lists the hosts that worked.
+    assert!(out.stdout.contains("ok-a") && out.stdout.contains("ok-b") && !out.stdout.contains("down"), "{}", out.stdout);
+
+    let status = env.ctl_key(&["status", "-i", path.to_str().unwrap(), "--output", "json"]).expect_code(1).json();
+    assert_eq!(host_result(&status, "down")["reachable"], false);
+    assert_eq!(host_result(&status, "ok-a")["reachable"], true);
+}
+
+#[test]
+fn limit_selects_inventory_hosts() {
+    let env = TestEnv::new().unwrap();
+    let w1 = env.host("w1").unwrap();
+    let w2 = env.host("w2").unwrap();
+    let d1 = env.host("d1").unwrap();
+    let inv = format!(
+        "all:\n  vars:\n    ansible_user: root\n  children:\n    web:\n      hosts:\n        w1: {{ansible_host: {}}}\n        w2: {{ansible_host: {}}}\n    db:\n      hosts:\n        d1: {{ansible_host: {}}}\n",
+        w1.addr, w2.addr, d1.addr
+    );
+    let path = env.write("inv.yml", &inv).unwrap();
+    let json = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "web:!w2", "--output", "json"]).expect_code(0).json();
+    let names: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w1"]);
+    assert!(w1.agent_pid().is_some() && w2.agent_pid().is_none() && d1.agent_pid().is_none());
+
+    let out = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "nosuch"]).expect_code(2);
+    assert!(out.stderr.contains("--limit `nosuch`: `nosuch` matches no group and no host"), "{}", out.stderr);
+}
+
+#[test]
+fn uninstall_removes_the_agent() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("rm").unwrap();
+    let spec = host.spec(SUDO_USER);
+    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    let pid = host.agent_pid().unwrap();
+    let out = env.ctl_key(&["agent", "uninstall", "--host", &spec]).expect_code(0);
+    assert!(out.stdout.contains("agent removed"), "{}", out.stdout);
+    assert!(!alive(pid), "the agent stopped");
+    assert!(!host.path("/usr/local/lib/mlops-agent/mlops-agent").exists());
+    assert!(!host.path("/etc/mlops-agent/tls/server.key").exists());
+    let status = env.ctl_key(&["status", "--host", &spec, "--output", "json"]).expect_code(1).json();
+    assert_eq!(host_result(&status, &spec)["reachable"], true);
+    assert_eq!(host_result(&status, &spec)["agent"], Value::Null);
+    // Again: nothing to do, not an error.
+    let again = env.ctl_key(&["agent", "uninstall", "--host", &spec]).expect_code(0);
+    assert!(again.stdout.contains("no agent installed"), "{}", again.stdout);
+}
