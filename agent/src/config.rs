@@ -52,14 +52,10 @@ impl AgentConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&text)
+            .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string() })
     }
 
     /// The listen address: always loopback.

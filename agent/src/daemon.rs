@@ -77,9 +77,7 @@ pub fn daemonize(log_file: &Path) -> std::io::Result<Readiness> {
                 libc::dup2(log.as_raw_fd(), 2);
             }
             std::env::set_current_dir("/")?;
-            Ok(Readiness {
-                pipe: Some(File::from(write_end)),
-            })
+            Ok(Readiness { pipe: Some(File::from(write_end)) })
         }
         _child => {
             drop(write_end);
@@ -91,7 +89,11 @@ pub fn daemonize(log_file: &Path) -> std::io::Result<Readiness> {
             let message = verdict.trim();
             eprintln!(
                 "{}",
-                if message.is_empty() { format!("error: the agent exited before it was ready; see {}", log_file.display()) } else { message.to_string() }
+                if message.is_empty() {
+                    format!("error: the agent exited before it was ready; see {}", log_file.display())
+                } else {
+                    message.to_string()
+                }
             );
             std::process::exit(1);
         }
@@ -147,7 +149,8 @@ pub fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name).and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };

@@ -15,8 +15,7 @@ pub fn os_name() -> String {
     std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+            text.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
         })
         .unwrap_or_else(|| std::env::consts::OS.to_string())
 }
@@ -62,11 +61,7 @@ pub fn disk(path: &Path) -> (u64, u64) {
 
 /// Seconds since boot.
 pub fn host_uptime() -> u64 {
-    read_trimmed("/proc/uptime")
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse::<f64>().ok())
-        .map_or(0, |s| s as u64)
+    read_trimmed("/proc/uptime").split_whitespace().next().and_then(|s| s.parse::<f64>().ok()).map_or(0, |s| s as u64)
 }
 
 pub fn load1() -> f64 {
@@ -102,10 +97,7 @@ impl CpuTimes {
         let total: u64 = v.iter().take(8).sum();
         // idle + iowait are not busy.
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        CpuTimes {
-            busy: total.saturating_sub(idle),
-            total,
-        }
+        CpuTimes { busy: total.saturating_sub(idle), total }
     }
 
     /// Busy fraction between two readings.
@@ -155,7 +147,7 @@ pub async fn docker_status(socket: &Path) -> DockerStatus {
 fn parse_version_reply(reply: &[u8]) -> DockerStatus {
     let text = String::from_utf8_lossy(reply);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
         return DockerStatus {
             available: false,
             error: format!("unexpected answer: {}", head.lines().next().unwrap_or_default()),

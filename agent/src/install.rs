@@ -98,12 +98,11 @@ WantedBy=multi-user.target
 /// Runs `install` with `bundle_bytes` (stdin). `exe` is the installed agent binary.
 pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Result<InstallReport, InstallError> {
     let bundle = InstallBundle::decode(bundle_bytes)?;
-    let port = u16::try_from(bundle.port).ok().filter(|p| *p != 0).ok_or_else(|| InstallError::Invalid(format!("port {} is out of range", bundle.port)))?;
-    let material = TlsMaterial {
-        ca_pem: bundle.ca_pem,
-        cert_pem: bundle.cert_pem,
-        key_pem: bundle.key_pem,
-    };
+    let port = u16::try_from(bundle.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| InstallError::Invalid(format!("port {} is out of range", bundle.port)))?;
+    let material = TlsMaterial { ca_pem: bundle.ca_pem, cert_pem: bundle.cert_pem, key_pem: bundle.key_pem };
     // Refuse bad material before touching the working configuration.
     tls::server_config(&material).map_err(|e| InstallError::Invalid(e.to_string()))?;
 
@@ -115,11 +114,7 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
     write(&tls_dir.join("ca.pem"), material.ca_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.pem"), material.cert_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.key"), material.key_pem.as_bytes(), 0o600)?;
-    let config = AgentConfig {
-        port,
-        tls_dir,
-        state_dir: PathBuf::from(layout::STATE_DIR),
-    };
+    let config = AgentConfig { port, tls_dir, state_dir: PathBuf::from(layout::STATE_DIR) };
     let config_path = AgentConfig::default_path();
     write(&config_path, serde_json::to_string_pretty(&config).expect("serializable").as_bytes(), 0o644)?;
 
@@ -128,7 +123,11 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
         ServiceManager::Daemon => restart_daemon(exe, &config_path)?,
     };
     // Last: a matching hash tells the controller the install completed.
-    write(Path::new(layout::INSTALL_HASH), format!("{}\n", hex::encode(Sha256::digest(bundle_bytes))).as_bytes(), 0o644)?;
+    write(
+        Path::new(layout::INSTALL_HASH),
+        format!("{}\n", hex::encode(Sha256::digest(bundle_bytes))).as_bytes(),
+        0o644,
+    )?;
     Ok(report)
 }
 
@@ -141,16 +140,13 @@ fn restart_systemd(exe: &Path, config_path: &Path) -> Result<InstallReport, Inst
         run("systemctl", &["daemon-reload"])?;
     }
     run("systemctl", &["enable", "--quiet", layout::SERVICE_NAME])?;
-    run("systemctl", &["restart", layout::SERVICE_NAME]).map_err(|e| InstallError::Start(format!("{e}; see `journalctl -u {}`", layout::SERVICE_NAME)))?;
+    run("systemctl", &["restart", layout::SERVICE_NAME])
+        .map_err(|e| InstallError::Start(format!("{e}; see `journalctl -u {}`", layout::SERVICE_NAME)))?;
     let pid = run("systemctl", &["show", "--property=MainPID", "--value", layout::SERVICE_NAME])
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .filter(|p| *p > 0);
-    Ok(InstallReport {
-        service_manager: ServiceManager::Systemd,
-        pid,
-        unit_changed,
-    })
+    Ok(InstallReport { service_manager: ServiceManager::Systemd, pid, unit_changed })
 }
 
 fn restart_daemon(exe: &Path, config_path: &Path) -> Result<InstallReport, InstallError> {
@@ -165,7 +161,11 @@ fn restart_daemon(exe: &Path, config_path: &Path) -> Result<InstallReport, Insta
         .output()
         .map_err(|e| InstallError::Start(format!("cannot run {}: {e}", exe.display())))?;
     if !out.status.success() {
-        return Err(InstallError::Start(format!("{}; see {}", String::from_utf8_lossy(&out.stderr).trim(), layout::LOG_FILE)));
+        return Err(InstallError::Start(format!(
+            "{}; see {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            layout::LOG_FILE
+        )));
     }
     Ok(InstallReport {
         service_manager: ServiceManager::Daemon,
@@ -221,7 +221,11 @@ fn remove_tree(dir: &Path) -> Result<bool, InstallError> {
     };
     for entry in entries {
         let path = entry.map_err(err)?.path();
-        let result = if path.is_dir() && !path.is_symlink() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        let result = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
         result.map_err(|source| InstallError::Write { path: path.clone(), source })?;
     }
     match std::fs::remove_dir(dir) {
@@ -245,7 +249,8 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| InstallError::Write { path: path.into(), source };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
     file.write_all(bytes).map_err(err)?;
     file.sync_all().map_err(err)?;
     drop(file);
@@ -257,15 +262,12 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
 
 fn run(program: &str, args: &[&str]) -> Result<String, InstallError> {
     let command = format!("{program} {}", args.join(" "));
-    let out = Command::new(program).args(args).output().map_err(|e| InstallError::Command {
-        command: command.clone(),
-        output: e.to_string(),
-    })?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| InstallError::Command { command: command.clone(), output: e.to_string() })?;
     if !out.status.success() {
-        return Err(InstallError::Command {
-            command,
-            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(InstallError::Command { command, output: String::from_utf8_lossy(&out.stderr).trim().to_string() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -309,7 +311,12 @@ mod tests {
         let err = install(&bundle.encode_to_vec(), Path::new("/bin/false"), ServiceManager::Daemon).unwrap_err();
         assert!(matches!(err, InstallError::Invalid(_)), "{err}");
         let bundle = InstallBundle { port: 70000, ..bundle };
-        assert!(install(&bundle.encode_to_vec(), Path::new("/bin/false"), ServiceManager::Daemon).unwrap_err().to_string().contains("70000"));
+        assert!(
+            install(&bundle.encode_to_vec(), Path::new("/bin/false"), ServiceManager::Daemon)
+                .unwrap_err()
+                .to_string()
+                .contains("70000")
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ use mlops_agent::tls::{self, TlsMaterial};
 use mlops_proto::layout;
 
 #[derive(Parser)]
-#[command(name = "mlops-agent", version, about = "The mlopsctl agent: serves the controller over gRPC with mutual TLS on loopback")]
+#[command(
+    name = "mlops-agent",
+    version,
+    about = "The mlopsctl agent: serves the controller over gRPC with mutual TLS on loopback"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,11 +74,11 @@ fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(&args),
         Command::Install { service_manager } => run_install(&service_manager),
-        Command::Uninstall { keep_state } => {
-            install::uninstall(ServiceManager::detect(), keep_state).map_err(Into::into).map(|r| println!("{}", serde_json::to_string(&r).expect("serializable")))
-        }
+        Command::Uninstall { keep_state } => install::uninstall(ServiceManager::detect(), keep_state)
+            .map_err(Into::into)
+            .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
         Command::Version => {
             println!(
                 "{}",
@@ -110,20 +114,23 @@ fn run_install(service_manager: &str) -> Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(args: &ServeArgs) -> Result<()> {
     // Fork first: nothing may have started a thread yet.
     let readiness = if args.daemonize {
-        daemon::daemonize(&args.log_file).with_context(|| format!("cannot daemonize (log file {})", args.log_file.display()))?
+        daemon::daemonize(&args.log_file)
+            .with_context(|| format!("cannot daemonize (log file {})", args.log_file.display()))?
     } else {
         Readiness::none()
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MLOPS_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MLOPS_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
 
-    let prepared = prepare(&args);
+    let prepared = prepare(args);
     let (listener, tls_config, cfg) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -148,12 +155,19 @@ fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(version = mlops_agent::VERSION, addr = %cfg.listen_addr(), manager, "listening");
 
     // The agent's work is I/O-bound and small: one thread keeps it lean.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         readiness.ready();
         let state_dir = cfg.state_dir.clone();
-        mlops_agent::server::serve(listener, tls_config, |stop| AgentService::new(sha, manager, state_dir, stop), shutdown_signal()).await?;
+        mlops_agent::server::serve(
+            listener,
+            tls_config,
+            |stop| AgentService::new(sha, manager, state_dir, stop),
+            shutdown_signal(),
+        )
+        .await?;
         Ok::<_, anyhow::Error>(())
     });
     if args.daemonize && daemon::read_live_pid(&args.pidfile) == Some(std::process::id() as i32) {

@@ -96,7 +96,12 @@ where
     result
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, conns: mpsc::Sender<io::Result<TlsConn>>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    conns: mpsc::Sender<io::Result<TlsConn>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut handshakes = tokio::task::JoinSet::new();
     loop {
         tokio::select! {

@@ -50,7 +50,12 @@ pub struct AgentService {
 impl AgentService {
     /// `binary_sha256` identifies the running executable; `shutdown` ends
     /// long-lived streams when the server stops.
-    pub fn new(binary_sha256: String, service_manager: &str, state_dir: PathBuf, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        binary_sha256: String,
+        service_manager: &str,
+        state_dir: PathBuf,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         AgentService {
             started: Instant::now(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),

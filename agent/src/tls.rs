@@ -40,11 +40,7 @@ impl TlsMaterial {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
         };
-        Ok(TlsMaterial {
-            ca_pem: read("ca.pem")?,
-            cert_pem: read("server.pem")?,
-            key_pem: read("server.key")?,
-        })
+        Ok(TlsMaterial { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
     }
 }
 
@@ -55,19 +51,16 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes()).filter_map(Result::ok).collect();
     if certs.is_empty() {
-        return Err(TlsError::Empty {
-            what: what.to_string(),
-            kind: "certificate",
-        });
+        return Err(TlsError::Empty { what: what.to_string(), kind: "certificate" });
     }
     Ok(certs)
 }
 
 pub fn parse_key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut pem.as_bytes()).ok().flatten().ok_or(TlsError::Empty {
-        what: what.to_string(),
-        kind: "private key",
-    })
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .ok()
+        .flatten()
+        .ok_or(TlsError::Empty { what: what.to_string(), kind: "private key" })
 }
 
 /// The server configuration: our identity, and mandatory client
@@ -84,7 +77,10 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(parse_certs(&material.cert_pem, "the server certificate")?, parse_key(&material.key_pem, "the server key")?)?;
+        .with_single_cert(
+            parse_certs(&material.cert_pem, "the server certificate")?,
+            parse_key(&material.key_pem, "the server key")?,
+        )?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

@@ -35,7 +35,13 @@ pub const SUDO_USER: &str = "mlops-sudo";
 pub const SUDO_PASSWORD_USER: &str = "mlops-pwsudo";
 
 /// The agent directories a test host gets privately (see the module docs).
-const PRIVATE_DIRS: [&str; 5] = ["/etc/mlops-agent", "/usr/local/lib/mlops-agent", "/var/lib/mlops-agent", "/var/log/mlops-agent", "/run/mlops-agent"];
+const PRIVATE_DIRS: [&str; 5] = [
+    "/etc/mlops-agent",
+    "/usr/local/lib/mlops-agent",
+    "/var/lib/mlops-agent",
+    "/var/log/mlops-agent",
+    "/run/mlops-agent",
+];
 
 /// The built binaries under test.
 pub struct Bins {
@@ -51,7 +57,8 @@ pub struct Bins {
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf();
+        let workspace =
+            Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "-p", "mlopsctl", "-p", "mlops-agent"])
@@ -60,17 +67,18 @@ pub fn bins() -> &'static Bins {
             .expect("cargo runs");
         assert!(status.success(), "building mlopsctl and mlops-agent failed");
         let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-        Bins {
-            mlopsctl: target.join("debug/mlopsctl"),
-            agent: target.join("debug/mlops-agent"),
-            workspace,
-        }
+        Bins { mlopsctl: target.join("debug/mlopsctl"), agent: target.join("debug/mlops-agent"), workspace }
     })
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(out)
 }
 
@@ -183,8 +191,11 @@ ip netns exec {netns} sh -c 'ip addr add {addr}/24 dev eth0 && ip link set eth0 
         ))?;
         let dir = tempfile::Builder::new().prefix(&format!("mlops-host-{name}-")).tempdir()?;
         let d = dir.path();
-        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(d.join("host_ed25519")))?;
-        let host_key = fs::read_to_string(d.join("host_ed25519.pub"))?.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(d.join("host_ed25519")))?;
+        let host_key =
+            fs::read_to_string(d.join("host_ed25519.pub"))?.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
         fs::create_dir_all(d.join("authorized_keys"))?;
         for sub in PRIVATE_DIRS {
             fs::create_dir_all(d.join("root").join(sub.trim_start_matches('/')))?;
@@ -225,16 +236,7 @@ LogLevel VERBOSE
             .stderr(fs::File::create(d.join("sshd.log"))?)
             .spawn()
             .context("cannot start sshd")?;
-        let mut host = TestHost {
-            name: name.to_string(),
-            addr,
-            port,
-            netns,
-            host_key,
-            dir,
-            sshd: Some(sshd),
-            slot,
-        };
+        let mut host = TestHost { name: name.to_string(), addr, port, netns, host_key, dir, sshd: Some(sshd), slot };
         host.wait_listening()?;
         Ok(host)
     }
@@ -242,13 +244,18 @@ LogLevel VERBOSE
     fn wait_listening(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&format!("{}:{}", self.addr, self.port).parse()?, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&format!("{}:{}", self.addr, self.port).parse()?, Duration::from_millis(200))
+                .is_ok()
+            {
                 return Ok(());
             }
             if let Some(child) = &mut self.sshd
                 && let Some(status) = child.try_wait()?
             {
-                bail!("sshd exited ({status}): {}", fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default());
+                bail!(
+                    "sshd exited ({status}): {}",
+                    fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -349,6 +356,9 @@ pub struct TestEnv {
     /// The client key, authorized on hosts by [`TestEnv::host`].
     pub key: PathBuf,
     pub public_key: String,
+    /// The binaries `ctl` runs.
+    pub mlopsctl: PathBuf,
+    pub agent: PathBuf,
 }
 
 /// What a run of `mlopsctl` produced.
@@ -361,7 +371,8 @@ pub struct CtlRun {
 
 impl CtlRun {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
 
     /// Panics with both streams unless the exit code is `code`.
@@ -372,13 +383,22 @@ impl CtlRun {
 }
 
 impl TestEnv {
+    /// An environment running the debug binaries this test process built.
     pub fn new() -> Result<TestEnv> {
+        let bins = bins();
+        Self::with_binaries(&bins.mlopsctl, &bins.agent)
+    }
+
+    /// An environment running the given binaries (the benchmark passes release builds).
+    pub fn with_binaries(mlopsctl: &Path, agent: &Path) -> Result<TestEnv> {
         let dir = tempfile::Builder::new().prefix("mlops-ctl-").tempdir()?;
         let home = dir.path().join("home");
         fs::create_dir_all(home.join(".ssh"))?;
         // The key lives outside ~/.ssh: tests choose when it is offered.
         let key = dir.path().join("client_ed25519");
-        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "mlops-test-client", "-f"]).arg(&key))?;
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "mlops-test-client", "-f"])
+            .arg(&key))?;
         let public_key = fs::read_to_string(key.with_extension("pub"))?;
         Ok(TestEnv {
             state: dir.path().join("state"),
@@ -387,6 +407,8 @@ impl TestEnv {
             key,
             public_key,
             dir,
+            mlopsctl: mlopsctl.to_path_buf(),
+            agent: agent.to_path_buf(),
         })
     }
 
@@ -417,15 +439,14 @@ impl TestEnv {
     }
 
     pub fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> CtlRun {
-        let bins = bins();
-        let mut cmd = Command::new(&bins.mlopsctl);
+        let mut cmd = Command::new(&self.mlopsctl);
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
             .env("USER", "root")
             .env("MLOPS_STATE_DIR", &self.state)
-            .env("MLOPS_AGENT_BINARY", &bins.agent)
+            .env("MLOPS_AGENT_BINARY", &self.agent)
             .stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

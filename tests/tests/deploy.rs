@@ -9,11 +9,17 @@ use serde_json::Value;
 /// A process that exists and is not a zombie (the test machine's PID 1
 /// may not reap the daemons it inherits).
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
 }
 
 fn host_result<'a>(json: &'a Value, name: &str) -> &'a Value {
-    json["hosts"].as_array().unwrap().iter().find(|h| h["host"] == name).unwrap_or_else(|| panic!("{name} not in {json:#}"))
+    json["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {json:#}"))
 }
 
 #[test]
@@ -95,7 +101,10 @@ fn a_new_agent_binary_is_uploaded_and_restarted() {
     fs::write(&newer, &bytes).unwrap();
     fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let json = env.ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"]).expect_code(0).json();
+    let json = env
+        .ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"])
+        .expect_code(0)
+        .json();
     let r = &host_result(&json, &spec)["result"];
     assert_eq!(r["uploaded"], true);
     assert_eq!(r["installed"], "agent binary changed");
@@ -158,7 +167,7 @@ fn a_changed_host_key_is_refused_even_with_accept_new() {
 
     let out = env.ctl_key(&["deploy", "--host", &host.spec("root"), "--accept-new-host-keys"]).expect_code(1);
     assert!(out.stderr.contains("HAS CHANGED"), "{}", out.stderr);
-    assert!(out.stderr.contains(&format!("known_hosts:1")), "names the line: {}", out.stderr);
+    assert!(out.stderr.contains(&"known_hosts:1".to_string()), "names the line: {}", out.stderr);
     assert!(out.stderr.contains("ssh-keygen -R"), "{}", out.stderr);
     assert!(host.agent_pid().is_none());
     let known = fs::read_to_string(&env.known_hosts).unwrap();
@@ -181,11 +190,19 @@ fn a_wrong_private_key_is_a_clear_error() {
     let env = TestEnv::new().unwrap();
     let host = env.host("key").unwrap();
     let wrong = env.dir.path().join("wrong_ed25519");
-    std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&wrong).status().unwrap();
+    std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&wrong)
+        .status()
+        .unwrap();
     let out = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", wrong.to_str().unwrap()]).expect_code(1);
     assert!(out.stderr.contains(&format!("permission denied for root@{}:22", host.addr)), "{}", out.stderr);
     assert!(out.stderr.contains(&format!("tried {}", wrong.display())), "{}", out.stderr);
-    assert!(out.stderr.contains("hint: check that one of these public keys is in ~root/.ssh/authorized_keys"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hint: check that one of these public keys is in ~root/.ssh/authorized_keys"),
+        "{}",
+        out.stderr
+    );
 
     let missing = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", "/nonexistent/key"]).expect_code(2);
     assert!(missing.stderr.contains("cannot load private key /nonexistent/key: no such file"), "{}", missing.stderr);
@@ -196,7 +213,12 @@ fn sudo_that_needs_a_password_is_named() {
     let env = TestEnv::new().unwrap();
     let host = env.host("pw").unwrap();
     let out = env.ctl_key(&["deploy", "--host", &host.spec(SUDO_PASSWORD_USER)]).expect_code(1);
-    assert!(out.stderr.contains(&format!("sudo on {} asks {SUDO_PASSWORD_USER} for a password", host.spec(SUDO_PASSWORD_USER))), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("sudo on {} asks {SUDO_PASSWORD_USER} for a password", host.spec(SUDO_PASSWORD_USER))),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("NOPASSWD"), "{}", out.stderr);
 }
 
@@ -218,7 +240,11 @@ fn a_down_host_fails_alone() {
     assert!(out.stderr.contains(&format!("cannot connect to {}:22", down.addr)), "{}", out.stderr);
     assert!(out.stderr.contains("Caused by: Connection refused"), "{}", out.stderr);
     // The table still lists the hosts that worked.
-    assert!(out.stdout.contains("ok-a") && out.stdout.contains("ok-b") && !out.stdout.contains("down"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("ok-a") && out.stdout.contains("ok-b") && !out.stdout.contains("down"),
+        "{}",
+        out.stdout
+    );
 
     let status = env.ctl_key(&["status", "-i", path.to_str().unwrap(), "--output", "json"]).expect_code(1).json();
     assert_eq!(host_result(&status, "down")["reachable"], false);
@@ -236,7 +262,10 @@ fn limit_selects_inventory_hosts() {
         w1.addr, w2.addr, d1.addr
     );
     let path = env.write("inv.yml", &inv).unwrap();
-    let json = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "web:!w2", "--output", "json"]).expect_code(0).json();
+    let json = env
+        .ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "web:!w2", "--output", "json"])
+        .expect_code(0)
+        .json();
     let names: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap()).collect();
     assert_eq!(names, ["w1"]);
     assert!(w1.agent_pid().is_some() && w2.agent_pid().is_none() && d1.agent_pid().is_none());

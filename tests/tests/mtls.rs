@@ -50,7 +50,11 @@ fn start_agent(ca: &Ca) -> Agent {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "agent did not listen: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "agent did not listen: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Agent { child, port, log, _dir: dir }
@@ -66,7 +70,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 async fn try_tls(port: u16, config: rustls::ClientConfig) -> Result<(), String> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut tls = connector.connect(ServerName::try_from("mlops-agent").unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    let mut tls =
+        connector.connect(ServerName::try_from("mlops-agent").unwrap(), tcp).await.map_err(|e| e.to_string())?;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
@@ -86,11 +91,15 @@ fn roots(ca: &Ca) -> rustls::RootCertStore {
 }
 
 fn client_config(trust: &Ca, identity: Option<&mlops_pki::Identity>) -> rustls::ClientConfig {
-    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13]).unwrap().with_root_certificates(roots(trust));
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(trust));
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some(id) => {
-            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes()).map(Result::unwrap).collect();
+            let chain =
+                rustls::pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes()).map(Result::unwrap).collect();
             let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
@@ -149,7 +158,8 @@ async fn heartbeat_streams_metrics() {
     let agent = start_agent(&ca);
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
     let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
-    let mut stream = conn.raw().heartbeat(mlops_proto::v1::HeartbeatRequest { interval_ms: 200 }).await.unwrap().into_inner();
+    let mut stream =
+        conn.raw().heartbeat(mlops_proto::v1::HeartbeatRequest { interval_ms: 200 }).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let second = stream.message().await.unwrap().unwrap();
     assert_eq!((first.seq, second.seq), (0, 1));

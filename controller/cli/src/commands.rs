@@ -31,9 +31,9 @@ pub async fn run(cli: Cli, printer: &Printer) -> i32 {
     match cli.command {
         Command::Deploy => deploy(setup, printer).await,
         Command::Status => status(setup, printer).await,
-        Command::Agent {
-            command: AgentCommand::Uninstall { keep_state },
-        } => uninstall(setup, keep_state, printer).await,
+        Command::Agent { command: AgentCommand::Uninstall { keep_state } } => {
+            uninstall(setup, keep_state, printer).await
+        }
     }
 }
 
@@ -65,24 +65,11 @@ impl Setup {
         ssh.connect_timeout = Duration::from_secs(g.connect_timeout.max(1));
         for id in &g.identities {
             if !id.is_file() {
-                bail!(mlops_ssh::SshError::KeyLoad {
-                    path: id.clone(),
-                    message: "no such file".into()
-                });
+                bail!(mlops_ssh::SshError::KeyLoad { path: id.clone(), message: "no such file".into() });
             }
         }
-        let ctx = Context {
-            binary,
-            tls,
-            ssh,
-            identities: g.identities.clone(),
-        };
-        Ok(Setup {
-            targets,
-            state,
-            ctx: Arc::new(ctx),
-            forks: usize::from(g.forks),
-        })
+        let ctx = Context { binary, tls, ssh, identities: g.identities.clone() };
+        Ok(Setup { targets, state, ctx: Arc::new(ctx), forks: usize::from(g.forks) })
     }
 }
 
@@ -117,7 +104,10 @@ fn resolve_targets(g: &Global, ssh_config: &SshConfig) -> Result<Vec<Target>> {
 }
 
 /// Prints progress events as they come; ends when every sender is dropped.
-fn progress_printer(output: Output, targets: &[Target]) -> (tokio::sync::mpsc::UnboundedSender<mlops_controller::progress::Event>, tokio::task::JoinHandle<()>) {
+fn progress_printer(
+    output: Output,
+    targets: &[Target],
+) -> (tokio::sync::mpsc::UnboundedSender<mlops_controller::progress::Event>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let width = targets.iter().map(|t| t.name.len()).max().unwrap_or(4);
     let handle = tokio::spawn(async move {
@@ -144,7 +134,13 @@ async fn deploy(setup: Setup, printer: &Printer) -> i32 {
         }
     }
     let binary = ctx.binary.as_ref().expect("deploy loads the agent binary");
-    printer.info(&format!("deploying agent {} ({}, sha256 {}) to {} host(s)", mlops_controller::VERSION, bytes_human(binary.bytes.len() as u64), &binary.sha256[..12], targets.len()));
+    printer.info(&format!(
+        "deploying agent {} ({}, sha256 {}) to {} host(s)",
+        mlops_controller::VERSION,
+        bytes_human(binary.bytes.len() as u64),
+        &binary.sha256[..12],
+        targets.len()
+    ));
     let (tx, printing) = progress_printer(printer.output, &targets);
     let items: Vec<(Target, Bundle)> = targets.iter().cloned().zip(bundles).collect();
     let task_tx = tx.clone();
@@ -174,7 +170,8 @@ async fn deploy(setup: Setup, printer: &Printer) -> i32 {
     }
     match printer.output {
         Output::Json => {
-            let mut hosts: Vec<serde_json::Value> = ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
+            let mut hosts: Vec<serde_json::Value> =
+                ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
             hosts.extend(failed.iter().map(|(h, e)| failure_json(h, e)));
             printer.json(&json!({"command": "deploy", "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
         }
@@ -191,13 +188,20 @@ async fn deploy(setup: Setup, printer: &Printer) -> i32 {
                             o.facts.os.clone(),
                             o.facts.arch.clone(),
                             o.facts.cpus.to_string(),
-                            format!("{} free of {}", bytes_human(o.facts.memory_available_bytes), bytes_human(o.facts.memory_total_bytes)),
+                            format!(
+                                "{} free of {}",
+                                bytes_human(o.facts.memory_available_bytes),
+                                bytes_human(o.facts.memory_total_bytes)
+                            ),
                             format!("{} free", bytes_human(o.facts.disk_available_bytes)),
                             docker_cell(o.facts.docker, &o.facts.docker_version),
                         ]
                     })
                     .collect();
-                printer.stdout(&table(&["HOST", "AGENT", "BINARY", "RESTARTED", "OS", "ARCH", "CPUS", "MEMORY", "DISK", "DOCKER"], &rows));
+                printer.stdout(&table(
+                    &["HOST", "AGENT", "BINARY", "RESTARTED", "OS", "ARCH", "CPUS", "MEMORY", "DISK", "DOCKER"],
+                    &rows,
+                ));
             }
             summarize(printer, "deploy", ok.len(), &failed);
         }
@@ -224,7 +228,8 @@ fn summarize(printer: &Printer, what: &str, ok: usize, failed: &[(String, anyhow
         return;
     }
     let names: Vec<&str> = failed.iter().map(|(h, _)| h.as_str()).collect();
-    let mut text = format!("error: {what} failed on {} of {} host(s): {}", failed.len(), ok + failed.len(), names.join(", "));
+    let mut text =
+        format!("error: {what} failed on {} of {} host(s): {}", failed.len(), ok + failed.len(), names.join(", "));
     for (host, e) in failed {
         text.push_str(&format!("\n  {host}:\n{}", render_error(e, "    ")));
     }
@@ -254,7 +259,8 @@ async fn status(setup: Setup, printer: &Printer) -> i32 {
         .collect();
     let failed = outcomes.iter().filter(|o| o.agent.is_none()).count();
     match printer.output {
-        Output::Json => printer.json(&json!({"command": "status", "ok": outcomes.len() - failed, "failed": failed, "hosts": outcomes})),
+        Output::Json => printer
+            .json(&json!({"command": "status", "ok": outcomes.len() - failed, "failed": failed, "hosts": outcomes})),
         Output::Text => {
             let rows: Vec<Vec<String>> = outcomes
                 .iter()
@@ -298,9 +304,11 @@ async fn uninstall(setup: Setup, keep_state: bool, printer: &Printer) -> i32 {
     }
     match printer.output {
         Output::Json => {
-            let mut hosts: Vec<serde_json::Value> = ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
+            let mut hosts: Vec<serde_json::Value> =
+                ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
             hosts.extend(failed.iter().map(|(h, e)| failure_json(h, e)));
-            printer.json(&json!({"command": "agent uninstall", "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
+            printer
+                .json(&json!({"command": "agent uninstall", "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
         }
         Output::Text => {
             for o in &ok {
@@ -315,4 +323,3 @@ async fn uninstall(setup: Setup, keep_state: bool, printer: &Printer) -> i32 {
     }
     if failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
 }
-

@@ -50,10 +50,8 @@ impl AgentBinary {
     }
 
     pub fn load(path: &Path) -> Result<Self, ControllerError> {
-        let bytes = std::fs::read(path).map_err(|source| ControllerError::AgentBinaryRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|source| ControllerError::AgentBinaryRead { path: path.to_path_buf(), source })?;
         let arch = elf_arch(&bytes).ok_or_else(|| ControllerError::AgentBinaryFormat { path: path.to_path_buf() })?;
         Ok(AgentBinary {
             path: path.to_path_buf(),

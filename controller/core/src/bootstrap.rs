@@ -65,10 +65,7 @@ impl Bundle {
             controller_version: String::new(),
         };
         let bytes = bundle.encode_to_vec();
-        Ok(Bundle {
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            bytes,
-        })
+        Ok(Bundle { sha256: hex::encode(Sha256::digest(&bytes)), bytes })
     }
 }
 
@@ -141,10 +138,7 @@ pub async fn open_transport(target: &Target, ctx: &Context) -> Result<Transport,
             let mut options = ctx.ssh.clone();
             options.identity_files = ctx.identities.iter().chain(identity_files).cloned().collect();
             let session = Session::connect(address, *port, user, Arc::new(options)).await?;
-            Ok(Transport::Ssh {
-                session,
-                host: target.name.clone(),
-            })
+            Ok(Transport::Ssh { session, host: target.name.clone() })
         }
     }
 }
@@ -224,7 +218,12 @@ fn agent_info(hello: &HelloResponse, facts: &HostFacts) -> AgentInfo {
 }
 
 /// Brings the agent on `target` up to date and returns what it did.
-pub async fn deploy_host(target: &Target, ctx: &Context, bundle: &Bundle, progress: &Progress) -> Result<DeployOutcome, ControllerError> {
+pub async fn deploy_host(
+    target: &Target,
+    ctx: &Context,
+    bundle: &Bundle,
+    progress: &Progress,
+) -> Result<DeployOutcome, ControllerError> {
     let started = Instant::now();
     progress.step(Step::Connecting { address: target.display_address() });
     let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
@@ -233,9 +232,7 @@ pub async fn deploy_host(target: &Target, ctx: &Context, bundle: &Bundle, progre
     let result = ensure_agent(target, ctx, bundle, progress, transport.clone()).await;
     transport.close().await;
     let (uploaded, installed, hello, facts) = result?;
-    progress.step(Step::Ready {
-        agent_version: hello.agent_version.clone(),
-    });
+    progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
     Ok(DeployOutcome {
         host: target.name.clone(),
         address: target.display_address(),
@@ -268,9 +265,7 @@ async fn ensure_agent(
 
     let mut uploaded = false;
     if probe.binary_sha256.as_deref() != Some(binary.sha256.as_str()) {
-        progress.step(Step::Uploading {
-            bytes: binary.bytes.len() as u64,
-        });
+        progress.step(Step::Uploading { bytes: binary.bytes.len() as u64 });
         upload(&transport, &host, binary, sudo).await?;
         uploaded = true;
         progress.step(Step::Uploaded);
@@ -400,22 +395,23 @@ trap - EXIT
     );
     let out = transport.exec(&script, Some(&binary.bytes), sudo).await?;
     if !out.success() {
-        return Err(ControllerError::Upload {
-            host: host.to_string(),
-            message: failure_text(&out),
-        });
+        return Err(ControllerError::Upload { host: host.to_string(), message: failure_text(&out) });
     }
     Ok(())
 }
 
-async fn install(transport: &Transport, host: &str, bundle: &Bundle, sudo: bool, reason: &str, progress: &Progress) -> Result<(), ControllerError> {
+async fn install(
+    transport: &Transport,
+    host: &str,
+    bundle: &Bundle,
+    sudo: bool,
+    reason: &str,
+    progress: &Progress,
+) -> Result<(), ControllerError> {
     progress.step(Step::Installing { reason: reason.to_string() });
     let out = transport.exec(&format!("exec {} install", layout::BINARY), Some(&bundle.bytes), sudo).await?;
     if !out.success() {
-        return Err(ControllerError::Install {
-            host: host.to_string(),
-            message: failure_text(&out),
-        });
+        return Err(ControllerError::Install { host: host.to_string(), message: failure_text(&out) });
     }
     let pid = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["pid"].as_i64());
     progress.step(Step::Installed { pid });
@@ -490,35 +486,30 @@ pub struct UninstallOutcome {
     pub removed: Vec<String>,
 }
 
-pub async fn uninstall_host(target: &Target, ctx: &Context, keep_state: bool) -> Result<UninstallOutcome, ControllerError> {
+pub async fn uninstall_host(
+    target: &Target,
+    ctx: &Context,
+    keep_state: bool,
+) -> Result<UninstallOutcome, ControllerError> {
     let transport = open_transport(target, ctx).await?;
     let result = async {
         let probe = run_probe(&transport, &target.name).await?;
         check_probe(&probe, target, None)?;
         if probe.binary_sha256.is_none() {
-            return Ok(UninstallOutcome {
-                host: target.name.clone(),
-                was_installed: false,
-                removed: Vec::new(),
-            });
+            return Ok(UninstallOutcome { host: target.name.clone(), was_installed: false, removed: Vec::new() });
         }
         let flag = if keep_state { " --keep-state" } else { "" };
         let out = transport.exec(&format!("exec {} uninstall{flag}", layout::BINARY), None, probe.needs_sudo()).await?;
         if !out.success() {
-            return Err(ControllerError::Install {
-                host: target.name.clone(),
-                message: failure_text(&out),
-            });
+            return Err(ControllerError::Install { host: target.name.clone(), message: failure_text(&out) });
         }
         let removed = serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .ok()
-            .and_then(|v| v["removed"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()))
+            .and_then(|v| {
+                v["removed"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            })
             .unwrap_or_default();
-        Ok(UninstallOutcome {
-            host: target.name.clone(),
-            was_installed: true,
-            removed,
-        })
+        Ok(UninstallOutcome { host: target.name.clone(), was_installed: true, removed })
     }
     .await;
     transport.close().await;

@@ -11,8 +11,8 @@ use mlops_pki::Identity;
 use mlops_proto::v1::agent_client::AgentClient;
 use mlops_proto::v1::{GetFactsRequest, HelloRequest, HelloResponse, HostFacts};
 use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -34,7 +34,8 @@ impl ClientTls {
             roots.add(cert).map_err(|_| bad("CA certificate"))?;
         }
         let chain = rustls_pemfile_certs(&identity.cert_pem);
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|_| bad("client key"))?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+            .map_err(|_| bad("client key"))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|_| bad("TLS configuration"))?
@@ -76,27 +77,21 @@ impl AgentConn {
             .connect_timeout(std::time::Duration::from_secs(10))
             .connect_with_connector(make_conn)
             .await
-            .map_err(|e| ControllerError::AgentUnreachable {
-                host: host.clone(),
-                port,
-                message: error_chain(&e),
-            })?;
-        Ok(AgentConn {
-            host,
-            client: AgentClient::new(channel),
-        })
+            .map_err(|e| ControllerError::AgentUnreachable { host: host.clone(), port, message: error_chain(&e) })?;
+        Ok(AgentConn { host, client: AgentClient::new(channel) })
     }
 
     pub async fn hello(&mut self) -> Result<HelloResponse, ControllerError> {
-        let req = HelloRequest {
-            api_level: mlops_proto::API_LEVEL,
-            controller_version: crate::VERSION.to_string(),
-        };
+        let req = HelloRequest { api_level: mlops_proto::API_LEVEL, controller_version: crate::VERSION.to_string() };
         self.client.hello(req).await.map(tonic::Response::into_inner).map_err(|s| self.rpc("Hello", &s))
     }
 
     pub async fn facts(&mut self) -> Result<HostFacts, ControllerError> {
-        self.client.get_facts(GetFactsRequest {}).await.map(tonic::Response::into_inner).map_err(|s| self.rpc("GetFacts", &s))
+        self.client
+            .get_facts(GetFactsRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.rpc("GetFacts", &s))
     }
 
     /// The raw client, for streaming calls.

@@ -29,7 +29,9 @@ where
         .collect();
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
-        out.push(h.await.map_err(|e| if e.is_panic() { "the host task panicked (a bug in mlopsctl)".to_string() } else { e.to_string() }));
+        out.push(h.await.map_err(|e| {
+            if e.is_panic() { "the host task panicked (a bug in mlopsctl)".to_string() } else { e.to_string() }
+        }));
     }
     out
 }

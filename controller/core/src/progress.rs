@@ -36,11 +36,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(tx: Option<tokio::sync::mpsc::UnboundedSender<Event>>, host: &str) -> Self {
-        Progress {
-            tx,
-            host: host.to_string(),
-            start: std::time::Instant::now(),
-        }
+        Progress { tx, host: host.to_string(), start: std::time::Instant::now() }
     }
 
     pub fn silent(host: &str) -> Self {
@@ -49,11 +45,7 @@ impl Progress {
 
     pub fn step(&self, step: Step) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Event {
-                host: self.host.clone(),
-                step,
-                elapsed: self.start.elapsed(),
-            });
+            let _ = tx.send(Event { host: self.host.clone(), step, elapsed: self.start.elapsed() });
         }
     }
 

@@ -43,6 +43,9 @@ impl StateDir {
 /// A host's name as a file name for its certificate: anything outside
 /// `[A-Za-z0-9._@:-]` becomes `_`.
 pub fn cert_name(host: &str) -> String {
-    let s: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':') { c } else { '_' }).collect();
+    let s: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':') { c } else { '_' })
+        .collect();
     if s.starts_with('.') || s.is_empty() { format!("_{s}") } else { s }
 }

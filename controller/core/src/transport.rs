@@ -32,7 +32,11 @@ impl Transport {
     /// Runs `script` with `sh`. With `sudo`, it goes through `sudo -n` (for
     /// a non-root user; the probe tells whether that is needed).
     pub async fn exec(&self, script: &str, stdin: Option<&[u8]>, sudo: bool) -> Result<ExecOutput, ControllerError> {
-        let command = if sudo { format!("sudo -n -- sh -c {}", shell_quote(script)) } else { format!("sh -c {}", shell_quote(script)) };
+        let command = if sudo {
+            format!("sudo -n -- sh -c {}", shell_quote(script))
+        } else {
+            format!("sh -c {}", shell_quote(script))
+        };
         match self {
             Transport::Ssh { session, .. } => Ok(session.exec(&command, stdin).await?),
             Transport::Local => {
@@ -54,11 +58,7 @@ impl Transport {
                     });
                 }
                 let out = child.wait_with_output().await.map_err(|e| ControllerError::Local(e.to_string()))?;
-                Ok(ExecOutput {
-                    status: out.status.code().map(|c| c as u32),
-                    stdout: out.stdout,
-                    stderr: out.stderr,
-                })
+                Ok(ExecOutput { status: out.status.code().map(|c| c as u32), stdout: out.stdout, stderr: out.stderr })
             }
         }
     }
@@ -68,10 +68,8 @@ impl Transport {
         match self {
             Transport::Ssh { session, .. } => Ok(Box::pin(session.open_tunnel("127.0.0.1", port).await?)),
             Transport::Local => {
-                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| ControllerError::AgentUnreachable {
-                    host: "localhost".into(),
-                    port,
-                    message: e.to_string(),
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| {
+                    ControllerError::AgentUnreachable { host: "localhost".into(), port, message: e.to_string() }
                 })?;
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::pin(tcp))

@@ -58,36 +58,33 @@ const GROUP_KEYS: [&str; 3] = ["hosts", "vars", "children"];
 impl Inventory {
     /// Reads and parses an inventory file.
     pub fn load(path: &Path) -> Result<Self, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| InventoryError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses inventory text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, InventoryError> {
         let root: Node = if text.trim().is_empty() {
-            Node {
-                value: Value::Null,
-                line: 1,
-                column: 1,
-            }
+            Node { value: Value::Null, line: 1, column: 1 }
         } else {
             serde_saphyr::from_str(text).map_err(|e| InventoryError::Yaml {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                // The parser's text starts with its own `error: ` and calls
+                // the source `<input>`; name the file instead.
+                message: e.to_string().trim_start_matches("error: ").replace("<input>", &path.display().to_string()),
             })?
         };
-        let mut inv = Inventory {
-            path: path.to_path_buf(),
-            ..Default::default()
-        };
+        let mut inv = Inventory { path: path.to_path_buf(), ..Default::default() };
         inv.groups.insert("all".into(), Group::default());
         let entries = match &root.value {
             Value::Map(entries) => entries,
             Value::Null => {
-                return Err(inv.invalid(&root, "the inventory is empty", "an inventory starts with `all:` (or another group name) at the top level"));
+                return Err(inv.invalid(
+                    &root,
+                    "the inventory is empty",
+                    "an inventory starts with `all:` (or another group name) at the top level",
+                ));
             }
             _ => {
                 return Err(inv.invalid(
@@ -120,8 +117,14 @@ impl Inventory {
 
     fn group_name(&self, key: &Node) -> Result<String, InventoryError> {
         let name = key.as_key().ok_or_else(|| self.invalid(key, "a group name must be a string", ""))?;
-        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || matches!(c, ':' | ',' | '!' | '&' | '*' | '?' | '[' | ']')) {
-            return Err(self.invalid(key, &format!("`{name}` is not a valid group name"), "group names are letters, digits, `_`, `-` and `.`"));
+        if name.is_empty()
+            || name.chars().any(|c| c.is_whitespace() || matches!(c, ':' | ',' | '!' | '&' | '*' | '?' | '[' | ']'))
+        {
+            return Err(self.invalid(
+                key,
+                &format!("`{name}` is not a valid group name"),
+                "group names are letters, digits, `_`, `-` and `.`",
+            ));
         }
         Ok(name)
     }
@@ -156,7 +159,11 @@ impl Inventory {
                         for (ckey, cvalue) in children {
                             let child = self.group_name(ckey)?;
                             if child == "all" {
-                                return Err(self.invalid(ckey, "`all` cannot be a child group", "every group is already a child of `all`"));
+                                return Err(self.invalid(
+                                    ckey,
+                                    "`all` cannot be a child group",
+                                    "every group is already a child of `all`",
+                                ));
                             }
                             self.groups.get_mut(name).expect("inserted above").children.insert(child.clone());
                             self.read_group(&child, cvalue, depth + 1)?;
@@ -165,7 +172,10 @@ impl Inventory {
                     _ => {
                         return Err(self.invalid(
                             value,
-                            &format!("`children` of group `{name}` must be a mapping of group names, found {}", value.kind()),
+                            &format!(
+                                "`children` of group `{name}` must be a mapping of group names, found {}",
+                                value.kind()
+                            ),
                             "write `children:` followed by indented `groupname:` lines",
                         ));
                     }
@@ -197,24 +207,26 @@ impl Inventory {
                 ));
             }
             _ => {
-                return Err(self.invalid(node, &format!("`hosts` of group `{group}` must be a mapping, found {}", node.kind()), ""));
+                return Err(self.invalid(
+                    node,
+                    &format!("`hosts` of group `{group}` must be a mapping, found {}", node.kind()),
+                    "",
+                ));
             }
         };
         for (key, value) in entries {
             let raw = key.as_key().ok_or_else(|| self.invalid(key, "a host name must be a string", ""))?;
-            let (pattern, port) = split_host_port(&raw).map_err(|m| self.invalid(key, &m, "write `name:PORT` or set `ansible_port`"))?;
-            let names = expand_ranges(&pattern).map_err(|m| self.invalid(key, &m, "a range looks like `web[01:10]` or `db[a:c]`"))?;
+            let (pattern, port) =
+                split_host_port(&raw).map_err(|m| self.invalid(key, &m, "write `name:PORT` or set `ansible_port`"))?;
+            let names = expand_ranges(&pattern)
+                .map_err(|m| self.invalid(key, &m, "a range looks like `web[01:10]` or `db[a:c]`"))?;
             let mut vars = self.read_vars(value, &format!("host `{raw}`"))?;
             if let Some(port) = port {
                 vars.insert(
                     0,
                     (
                         "ansible_port".into(),
-                        Node {
-                            value: Value::Int(port.into()),
-                            line: key.line,
-                            column: key.column,
-                        },
+                        Node { value: Value::Int(port.into()), line: key.line, column: key.column },
                     ),
                 );
             }
@@ -222,10 +234,8 @@ impl Inventory {
                 if name.is_empty() {
                     return Err(self.invalid(key, "empty host name", ""));
                 }
-                let host = self.hosts.entry(name.clone()).or_insert_with(|| HostDef {
-                    vars: Vec::new(),
-                    line: key.line,
-                });
+                let host =
+                    self.hosts.entry(name.clone()).or_insert_with(|| HostDef { vars: Vec::new(), line: key.line });
                 host.vars.extend(vars.iter().cloned());
                 if !self.host_order.contains(&name) {
                     self.host_order.push(name.clone());
@@ -246,7 +256,11 @@ impl Inventory {
                     Ok((key, v.clone()))
                 })
                 .collect(),
-            _ => Err(self.invalid(node, &format!("{whose} must be a mapping of variables, found {}", node.kind()), "write `name: value` pairs, indented under it")),
+            _ => Err(self.invalid(
+                node,
+                &format!("{whose} must be a mapping of variables, found {}", node.kind()),
+                "write `name: value` pairs, indented under it",
+            )),
         }
     }
 
@@ -264,10 +278,7 @@ impl Inventory {
             stack.pop();
             Ok(())
         }
-        visit(self, "all", &mut Vec::new()).map_err(|cycle| InventoryError::Cycle {
-            path: self.path.clone(),
-            cycle,
-        })
+        visit(self, "all", &mut Vec::new()).map_err(|cycle| InventoryError::Cycle { path: self.path.clone(), cycle })
     }
 
     /// Group names, sorted.
@@ -388,7 +399,9 @@ pub fn expand_ranges(pattern: &str) -> Result<Vec<String>, String> {
     let parts: Vec<&str> = inner.split(':').collect();
     let (start, end, step) = match parts.as_slice() {
         [a, b] => (*a, *b, 1usize),
-        [a, b, s] => (*a, *b, s.parse().ok().filter(|s| *s > 0).ok_or_else(|| format!("`{pattern}`: bad stride `{s}`"))?),
+        [a, b, s] => {
+            (*a, *b, s.parse().ok().filter(|s| *s > 0).ok_or_else(|| format!("`{pattern}`: bad stride `{s}`"))?)
+        }
         _ => return Err(format!("`{pattern}`: a range is `[start:end]` or `[start:end:stride]`")),
     };
     let mut items = Vec::new();
@@ -497,7 +510,9 @@ mod tests {
 
     #[test]
     fn cycles_are_refused() {
-        let err = parse("all:\n  children:\n    a:\n      children:\n        b:\n          children:\n            a:\n").unwrap_err();
+        let err =
+            parse("all:\n  children:\n    a:\n      children:\n        b:\n          children:\n            a:\n")
+                .unwrap_err();
         assert!(err.to_string().contains("a -> b -> a"), "{err}");
     }
 }

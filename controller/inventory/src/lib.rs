@@ -29,13 +29,7 @@ pub enum InventoryError {
     #[error("{}: invalid YAML: {message}", path.display())]
     Yaml { path: PathBuf, message: String },
     #[error("{}:{line}:{column}: {message}", path.display())]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-        hint: Option<String>,
-    },
+    Invalid { path: PathBuf, line: usize, column: usize, message: String, hint: Option<String> },
     #[error("{}: groups form a cycle: {cycle}", path.display())]
     Cycle { path: PathBuf, cycle: String },
     #[error("{}: --limit `{pattern}`: {message}", path.display())]
@@ -48,18 +42,32 @@ impl InventoryError {
     /// A suggestion for the user, printed as `hint:`.
     pub fn hint(&self) -> Option<String> {
         match self {
-            InventoryError::Read { .. } => Some("pass the path of an Ansible YAML inventory with -i/--inventory".into()),
-            InventoryError::Yaml { .. } => Some("check the indentation around that line: YAML nests by spaces (tabs are not allowed)".into()),
+            InventoryError::Read { .. } => {
+                Some("pass the path of an Ansible YAML inventory with -i/--inventory".into())
+            }
+            InventoryError::Yaml { .. } => {
+                Some("check the indentation around that line: YAML nests by spaces (tabs are not allowed)".into())
+            }
             InventoryError::Invalid { hint, .. } => hint.clone(),
-            InventoryError::Cycle { .. } => Some("a group cannot be its own descendant; remove one of the `children:` entries".into()),
-            InventoryError::Limit { .. } => Some("--limit takes host or group names, `*` globs, `!name` to exclude and `&name` to intersect".into()),
-            InventoryError::HostSpec { .. } => Some("write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22".into()),
+            InventoryError::Cycle { .. } => {
+                Some("a group cannot be its own descendant; remove one of the `children:` entries".into())
+            }
+            InventoryError::Limit { .. } => {
+                Some("--limit takes host or group names, `*` globs, `!name` to exclude and `&name` to intersect".into())
+            }
+            InventoryError::HostSpec { .. } => {
+                Some("write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22".into())
+            }
         }
     }
 }
 
 /// Loads an inventory and selects hosts with an optional `--limit` pattern.
-pub fn load_targets(path: &std::path::Path, limit: Option<&str>, ssh: &SshConfig) -> Result<Vec<Target>, InventoryError> {
+pub fn load_targets(
+    path: &std::path::Path,
+    limit: Option<&str>,
+    ssh: &SshConfig,
+) -> Result<Vec<Target>, InventoryError> {
     let inv = Inventory::load(path)?;
     let names = match limit {
         Some(pattern) => pattern::select(&inv, pattern).map_err(|message| InventoryError::Limit {

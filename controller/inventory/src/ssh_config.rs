@@ -59,17 +59,17 @@ impl SshConfig {
     /// `context` is the block the text starts in: every host at the top of
     /// the main file, the including block for an `Include`d file.
     fn read_text(&mut self, text: &str, dir: &Path, depth: usize, context: Option<Vec<String>>) {
-        self.blocks.push(Block {
-            patterns: context,
-            options: Vec::new(),
-        });
+        self.blocks.push(Block { patterns: context, options: Vec::new() });
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let (key, value) = match line.split_once(|c: char| c.is_whitespace() || c == '=') {
-                Some((k, v)) => (k.to_ascii_lowercase(), unquote(v.trim_start_matches(|c: char| c.is_whitespace() || c == '=').trim())),
+                Some((k, v)) => (
+                    k.to_ascii_lowercase(),
+                    unquote(v.trim_start_matches(|c: char| c.is_whitespace() || c == '=').trim()),
+                ),
                 None => (line.to_ascii_lowercase(), String::new()),
             };
             match key.as_str() {
@@ -79,10 +79,7 @@ impl SshConfig {
                 }),
                 "match" => {
                     self.warnings.push(format!("`Match {value}` blocks are not evaluated; their options are ignored"));
-                    self.blocks.push(Block {
-                        patterns: None,
-                        options: Vec::new(),
-                    });
+                    self.blocks.push(Block { patterns: None, options: Vec::new() });
                 }
                 "include" if depth < 8 => {
                     let current = self.blocks.last().and_then(|b| b.patterns.clone());
@@ -94,10 +91,7 @@ impl SshConfig {
                         }
                     }
                     // Options after an Include continue the including block.
-                    self.blocks.push(Block {
-                        patterns: current,
-                        options: Vec::new(),
-                    });
+                    self.blocks.push(Block { patterns: current, options: Vec::new() });
                 }
                 _ => {
                     if let Some(block) = self.blocks.last_mut() {
@@ -119,7 +113,9 @@ impl SshConfig {
             }
             for (key, value) in &block.options {
                 match key.as_str() {
-                    "hostname" if out.hostname.is_none() => out.hostname = Some(value.replace("%h", alias).replace("%%", "%")),
+                    "hostname" if out.hostname.is_none() => {
+                        out.hostname = Some(value.replace("%h", alias).replace("%%", "%"));
+                    }
                     "user" if out.user.is_none() => out.user = Some(value.clone()),
                     "port" if out.port.is_none() => out.port = value.parse().ok(),
                     "identityfile" => out.identity_files.push(PathBuf::from(value)),

@@ -84,10 +84,7 @@ impl Target {
 
 /// Parses `[USER@]HOST[:PORT]` (IPv6 as `[addr]` or `[addr]:port`).
 pub fn parse_host_spec(spec: &str) -> Result<(Option<String>, String, Option<u16>), InventoryError> {
-    let bad = |why: &str| InventoryError::HostSpec {
-        spec: spec.to_string(),
-        message: why.to_string(),
-    };
+    let bad = |why: &str| InventoryError::HostSpec { spec: spec.to_string(), message: why.to_string() };
     let (user, rest) = match spec.rsplit_once('@') {
         Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
         Some(_) => return Err(bad("the user before `@` is empty")),
@@ -113,7 +110,12 @@ pub fn parse_host_spec(spec: &str) -> Result<(Option<String>, String, Option<u16
         return Err(bad("the host contains a space or `/`"));
     }
     let port = port
-        .map(|p| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad(&format!("`{p}` is not a port number (1-65535)"))))
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(&format!("`{p}` is not a port number (1-65535)")))
+        })
         .transpose()?;
     Ok((user, host.to_string(), port))
 }
@@ -151,7 +153,11 @@ pub fn targets_from_specs(specs: &[String], ssh: &SshConfig) -> Result<Vec<Targe
 }
 
 /// Resolves inventory hosts (already selected by `--limit`).
-pub fn targets_from_inventory(inv: &Inventory, names: &[String], ssh: &SshConfig) -> Result<Vec<Target>, InventoryError> {
+pub fn targets_from_inventory(
+    inv: &Inventory,
+    names: &[String],
+    ssh: &SshConfig,
+) -> Result<Vec<Target>, InventoryError> {
     names
         .iter()
         .map(|name| {
@@ -174,7 +180,11 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
         match var(key) {
             None => Ok(None),
             Some(node) => match &node.value {
-                Value::Str(s) if s.contains("{{") => Err(err(node, format!("`{key}` uses a Jinja template, which mlopsctl does not evaluate"), "write the value itself")),
+                Value::Str(s) if s.contains("{{") => Err(err(
+                    node,
+                    format!("`{key}` uses a Jinja template, which mlopsctl does not evaluate"),
+                    "write the value itself",
+                )),
                 Value::Str(s) => Ok(Some(s.clone())),
                 Value::Int(i) => Ok(Some(i.to_string())),
                 Value::Null => Ok(None),
@@ -219,14 +229,22 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
         && method != "sudo"
     {
         let node = var("ansible_become_method").expect("present");
-        return Err(err(node, format!("become method `{method}` is not supported"), "mlopsctl uses passwordless sudo for non-root users"));
+        return Err(err(
+            node,
+            format!("become method `{method}` is not supported"),
+            "mlopsctl uses passwordless sudo for non-root users",
+        ));
     }
     if boolean("ansible_become")? == Some(true)
         && let Some(u) = string("ansible_become_user")?
         && u != "root"
     {
         let node = var("ansible_become_user").expect("present");
-        return Err(err(node, format!("`ansible_become_user: {u}`: the agent must be installed as root"), "remove ansible_become_user or set it to root"));
+        return Err(err(
+            node,
+            format!("`ansible_become_user: {u}`: the agent must be installed as root"),
+            "remove ansible_become_user or set it to root",
+        ));
     }
     let connection = match connection_kind.as_deref() {
         Some("local") => Connection::Local,
@@ -252,7 +270,11 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
         }
         Some(other) => {
             let node = var("ansible_connection").expect("present");
-            return Err(err(node, format!("connection type `{other}` is not supported"), "use `ssh` (the default) or `local`"));
+            return Err(err(
+                node,
+                format!("connection type `{other}` is not supported"),
+                "use `ssh` (the default) or `local`",
+            ));
         }
     };
     Ok(Target {

@@ -25,8 +25,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -102,11 +102,7 @@ impl Meta {
                 _ => {}
             }
         }
-        Some(Self {
-            common_name: cn?,
-            not_after_unix: not_after?,
-            issuer_fingerprint: issuer?,
-        })
+        Some(Self { common_name: cn?, not_after_unix: not_after?, issuer_fingerprint: issuer? })
     }
 }
 
@@ -122,10 +118,7 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca")
-            .field("dir", &self.dir)
-            .field("fingerprint", &self.fingerprint)
-            .finish_non_exhaustive()
+        f.debug_struct("Ca").field("dir", &self.dir).field("fingerprint", &self.fingerprint).finish_non_exhaustive()
     }
 }
 
@@ -144,11 +137,8 @@ impl Ca {
         let common_name = format!("mlopsctl CA {}", &hex::encode(Sha256::digest(key.public_key_pem()))[..12]);
         let params = ca_params(&common_name, now);
         let cert = params.self_signed(&key)?;
-        let meta = Meta {
-            common_name,
-            not_after_unix: params.not_after.unix_timestamp(),
-            issuer_fingerprint: String::new(),
-        };
+        let meta =
+            Meta { common_name, not_after_unix: params.not_after.unix_timestamp(), issuer_fingerprint: String::new() };
         write_private(&dir.join("ca.key"), key.serialize_pem().as_bytes())?;
         write_public(&dir.join("ca.json"), meta.to_text().as_bytes())?;
         // The certificate goes last: its presence is what marks the CA as complete.
@@ -160,26 +150,14 @@ impl Ca {
     pub fn open(dir: &Path) -> Result<Self> {
         let cert_pem = read(&dir.join("ca.pem"))?;
         let key_path = dir.join("ca.key");
-        let key = KeyPair::from_pem(&read(&key_path)?).map_err(|_| PkiError::Corrupt {
-            path: key_path,
-            what: "private key",
-        })?;
+        let key = KeyPair::from_pem(&read(&key_path)?)
+            .map_err(|_| PkiError::Corrupt { path: key_path, what: "private key" })?;
         let meta_path = dir.join("ca.json");
-        let meta = Meta::parse(&read(&meta_path)?).ok_or(PkiError::Corrupt {
-            path: meta_path,
-            what: "CA description",
-        })?;
-        let der = pem_to_der(&cert_pem).ok_or_else(|| PkiError::Corrupt {
-            path: dir.join("ca.pem"),
-            what: "PEM certificate",
-        })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            cert_pem,
-            key,
-            meta,
-            fingerprint: hex::encode(Sha256::digest(der)),
-        })
+        let meta =
+            Meta::parse(&read(&meta_path)?).ok_or(PkiError::Corrupt { path: meta_path, what: "CA description" })?;
+        let der = pem_to_der(&cert_pem)
+            .ok_or_else(|| PkiError::Corrupt { path: dir.join("ca.pem"), what: "PEM certificate" })?;
+        Ok(Self { dir: dir.to_path_buf(), cert_pem, key, meta, fingerprint: hex::encode(Sha256::digest(der)) })
     }
 
     /// The CA certificate, PEM: what both sides trust.
@@ -208,9 +186,7 @@ impl Ca {
     pub fn server_identity(&self, name: &str) -> Result<Identity> {
         if name.is_empty()
             || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':'))
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':'))
         {
             return Err(PkiError::BadHostName(name.to_string()));
         }
@@ -256,10 +232,7 @@ impl Ca {
         }
         let issuer = Issuer::new(ca_params(&self.meta.common_name, now), &self.key);
         let cert = params.signed_by(&key, &issuer)?;
-        let identity = Identity {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        };
+        let identity = Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
         let meta = Meta {
             common_name: common_name.to_string(),
             not_after_unix: params.not_after.unix_timestamp(),
@@ -272,6 +245,7 @@ impl Ca {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Role {
     Server,
     Client,
@@ -303,20 +277,12 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
 }
 
 fn read(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| PkiError::Io { action: "read", path: path.to_path_buf(), source })
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let io = |source| PkiError::Io {
-        action: "create directory",
-        path: dir.to_path_buf(),
-        source,
-    };
+    let io = |source| PkiError::Io { action: "create directory", path: dir.to_path_buf(), source };
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)
 }
@@ -334,11 +300,7 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
 /// even for an instant), fsynced, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |action, source| PkiError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |action, source| PkiError::Io { action, path: path.to_path_buf(), source };
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -68,39 +68,20 @@ pub enum SshError {
     #[error("timed out after {secs} s connecting to {addr}")]
     Timeout { addr: String, secs: u64 },
     #[error("host key of {host} is not known ({fingerprint}); refusing to connect")]
-    UnknownHostKey {
-        host: String,
-        address: String,
-        port: u16,
-        fingerprint: String,
-        known_hosts: PathBuf,
-    },
+    UnknownHostKey { host: String, address: String, port: u16, fingerprint: String, known_hosts: PathBuf },
     #[error(
         "HOST KEY OF {host} HAS CHANGED ({fingerprint}, known_hosts has another key at {}:{line}); refusing to connect",
         known_hosts.display()
     )]
-    HostKeyChanged {
-        host: String,
-        address: String,
-        port: u16,
-        fingerprint: String,
-        known_hosts: PathBuf,
-        line: usize,
-    },
-    #[error("cannot record the host key of {host} in {}", known_hosts.display())]
-    LearnHostKey {
-        host: String,
-        known_hosts: PathBuf,
-        #[source]
-        source: russh::keys::Error,
-    },
-    #[error("cannot read known_hosts {}", path.display())]
-    KnownHosts {
-        path: PathBuf,
-        #[source]
-        source: russh::keys::Error,
-    },
-    #[error("permission denied for {user}@{host}: the server accepted none of the offered keys ({})", describe_tried(tried))]
+    HostKeyChanged { host: String, address: String, port: u16, fingerprint: String, known_hosts: PathBuf, line: usize },
+    #[error("cannot record the host key of {host} in {}: {message}", known_hosts.display())]
+    LearnHostKey { host: String, known_hosts: PathBuf, message: String },
+    #[error("cannot read known_hosts {}: {message}", path.display())]
+    KnownHosts { path: PathBuf, message: String },
+    #[error(
+        "permission denied for {user}@{host}: the server accepted none of the offered keys ({})",
+        describe_tried(tried)
+    )]
     AuthFailed {
         user: String,
         host: String,
@@ -114,7 +95,7 @@ pub enum SshError {
     Protocol {
         host: String,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("{host} refused a tunnel to {target}: {reason}")]
     Tunnel { host: String, target: String, reason: String },
@@ -202,17 +183,10 @@ impl Client {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
                 Err(russh::keys::Error::KeyChanged { line }) => {
-                    return Err(Verdict::Changed {
-                        fingerprint,
-                        path: path.clone(),
-                        line,
-                    });
+                    return Err(Verdict::Changed { fingerprint, path: path.clone(), line });
                 }
                 Err(e) => {
-                    return Err(Verdict::KnownHostsError {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    });
+                    return Err(Verdict::KnownHostsError { path: path.clone(), message: e.to_string() });
                 }
             }
         }
@@ -269,14 +243,17 @@ impl Session {
         let timeout = options.connect_timeout;
         match tokio::time::timeout(timeout, Self::connect_inner(address, port, user, options, &label)).await {
             Ok(r) => r,
-            Err(_) => Err(SshError::Timeout {
-                addr: label,
-                secs: timeout.as_secs(),
-            }),
+            Err(_) => Err(SshError::Timeout { addr: label, secs: timeout.as_secs() }),
         }
     }
 
-    async fn connect_inner(address: &str, port: u16, user: &str, options: Arc<SshOptions>, label: &str) -> Result<Session, SshError> {
+    async fn connect_inner(
+        address: &str,
+        port: u16,
+        user: &str,
+        options: Arc<SshOptions>,
+        label: &str,
+    ) -> Result<Session, SshError> {
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
@@ -284,16 +261,10 @@ impl Session {
             ..Default::default()
         });
         let verdict = Arc::new(Mutex::new(None));
-        let handler = Client {
-            host: address.to_string(),
-            port,
-            options: options.clone(),
-            verdict: verdict.clone(),
-        };
-        let socket = tokio::net::TcpStream::connect((address, port)).await.map_err(|source| SshError::Connect {
-            addr: label.to_string(),
-            source,
-        })?;
+        let handler = Client { host: address.to_string(), port, options: options.clone(), verdict: verdict.clone() };
+        let socket = tokio::net::TcpStream::connect((address, port))
+            .await
+            .map_err(|source| SshError::Connect { addr: label.to_string(), source })?;
         let _ = socket.set_nodelay(true);
         let handle = match client::connect_stream(config, socket, handler).await {
             Ok(h) => h,
@@ -315,24 +286,15 @@ impl Session {
                         known_hosts: path,
                         line,
                     },
-                    Some(Verdict::KnownHostsError { path, message }) => SshError::KnownHosts {
-                        path,
-                        source: russh::keys::Error::IO(std::io::Error::other(message)),
-                    },
-                    Some(Verdict::LearnFailed { message }) => SshError::LearnHostKey {
-                        host,
-                        known_hosts: options.known_hosts.clone(),
-                        source: russh::keys::Error::IO(std::io::Error::other(message)),
-                    },
-                    None => SshError::Protocol { host, source: e },
+                    Some(Verdict::KnownHostsError { path, message }) => SshError::KnownHosts { path, message },
+                    Some(Verdict::LearnFailed { message }) => {
+                        SshError::LearnHostKey { host, known_hosts: options.known_hosts.clone(), message }
+                    }
+                    None => SshError::Protocol { host, source: Box::new(e) },
                 });
             }
         };
-        let mut session = Session {
-            handle,
-            label: format!("{user}@{label}"),
-            host: label.to_string(),
-        };
+        let mut session = Session { handle, label: format!("{user}@{label}"), host: label.to_string() };
         session.authenticate(user, &options).await?;
         Ok(session)
     }
@@ -377,8 +339,15 @@ impl Session {
                     let identities = agent.request_identities().await.unwrap_or_default();
                     for identity in identities {
                         let AgentIdentity::PublicKey { key, comment } = identity else { continue };
-                        tried.push(format!("agent key {}", if comment.is_empty() { key.fingerprint(HashAlg::Sha256).to_string() } else { comment }));
-                        let hash = if key.algorithm().is_rsa() { self.handle.best_supported_rsa_hash().await.map_err(|e| self.protocol(e))?.flatten() } else { None };
+                        tried.push(format!(
+                            "agent key {}",
+                            if comment.is_empty() { key.fingerprint(HashAlg::Sha256).to_string() } else { comment }
+                        ));
+                        let hash = if key.algorithm().is_rsa() {
+                            self.handle.best_supported_rsa_hash().await.map_err(|e| self.protocol(e))?.flatten()
+                        } else {
+                            None
+                        };
                         match self.handle.authenticate_publickey_with(user, key, hash, &mut agent).await {
                             Ok(AuthResult::Success) => return Ok(()),
                             Ok(_) => {}
@@ -389,12 +358,7 @@ impl Session {
                 Err(e) => skipped.push(format!("ssh-agent at $SSH_AUTH_SOCK ({e})")),
             }
         }
-        Err(SshError::AuthFailed {
-            user: user.to_string(),
-            host: self.host.clone(),
-            tried,
-            skipped,
-        })
+        Err(SshError::AuthFailed { user: user.to_string(), host: self.host.clone(), tried, skipped })
     }
 
     async fn rsa_hash(&self, key: &PrivateKey) -> Result<Option<HashAlg>, SshError> {
@@ -407,10 +371,7 @@ impl Session {
     }
 
     fn protocol(&self, source: russh::Error) -> SshError {
-        SshError::Protocol {
-            host: self.host.clone(),
-            source,
-        }
+        SshError::Protocol { host: self.host.clone(), source: Box::new(source) }
     }
 
     /// `user@host:port`.
@@ -461,17 +422,16 @@ impl Session {
     /// Opens a `direct-tcpip` channel to `host:port` as seen from the server
     /// (the agent's loopback listener), as a byte stream.
     pub async fn open_tunnel(&self, host: &str, port: u16) -> Result<ChannelStream<client::Msg>, SshError> {
-        let channel = self
-            .handle
-            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
-            .await
-            .map_err(|e| SshError::Tunnel {
-                host: self.host.clone(),
-                target: format!("{host}:{port}"),
-                reason: match e {
-                    russh::Error::ChannelOpenFailure(reason) => format!("{reason:?}"),
-                    other => other.to_string(),
-                },
+        let channel =
+            self.handle.channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0).await.map_err(|e| {
+                SshError::Tunnel {
+                    host: self.host.clone(),
+                    target: format!("{host}:{port}"),
+                    reason: match e {
+                        russh::Error::ChannelOpenFailure(reason) => format!("{reason:?}"),
+                        other => other.to_string(),
+                    },
+                }
             })?;
         Ok(channel.into_stream())
     }

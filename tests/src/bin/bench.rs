@@ -1,1 +1,151 @@
-fn main(){}
+//! `mlops-bench`: how fast the controller brings up and re-checks agents.
+//!
+//! Runs the release `mlopsctl` against test hosts (sshd in network
+//! namespaces, as the end-to-end tests use) and prints figures; it asserts
+//! nothing about time. Build first:
+//!
+//! ```text
+//! cargo build --release -p mlopsctl && cargo agent-static
+//! sudo target/release/mlops-bench        # or: cargo run --release -p mlops-e2e --bin mlops-bench
+//! ```
+//!
+//! Measured (targets from the issue in brackets):
+//! - fresh host to agent answering over mTLS [1.5 s]
+//! - no-op re-deploy of 1 host [150 ms] and of 20 hosts in parallel [1 s]
+//! - agent binary size and whether it is static [8 MB]
+//! - agent idle RSS [10 MB]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mlops_e2e::{TestEnv, TestHost, rss_bytes};
+
+struct Args {
+    mlopsctl: PathBuf,
+    agent: PathBuf,
+    hosts: usize,
+    runs: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    let static_agent = target.join("x86_64-unknown-linux-gnu/release/mlops-agent");
+    let mut args = Args {
+        mlopsctl: target.join("release/mlopsctl"),
+        agent: if static_agent.exists() { static_agent } else { target.join("release/mlops-agent") },
+        hosts: 20,
+        runs: 10,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--mlopsctl" => args.mlopsctl = value()?.into(),
+            "--agent" => args.agent = value()?.into(),
+            "--hosts" => args.hosts = value()?.parse()?,
+            "--runs" => args.runs = value()?.parse()?,
+            "-h" | "--help" => {
+                println!("usage: mlops-bench [--mlopsctl PATH] [--agent PATH] [--hosts N (20)] [--runs N (10)]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    for p in [&args.mlopsctl, &args.agent] {
+        if !p.exists() {
+            bail!("{} does not exist\n  hint: cargo build --release -p mlopsctl && cargo agent-static", p.display());
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    println!("mlopsctl: {}\nagent:    {}", args.mlopsctl.display(), args.agent.display());
+
+    let bytes = std::fs::read(&args.agent)?;
+    let size_mb = bytes.len() as f64 / 1e6;
+    println!(
+        "agent binary: {:.2} MB ({} bytes), {}",
+        size_mb,
+        bytes.len(),
+        if is_static(&bytes) { "static" } else { "dynamically linked" }
+    );
+
+    let env = TestEnv::with_binaries(&args.mlopsctl, &args.agent)?;
+    let key = env.key.display().to_string();
+    let deploy = |hosts: &[String]| -> Result<Duration> {
+        let mut argv: Vec<&str> = vec!["deploy", "--identity", &key, "--forks", "50"];
+        for h in hosts {
+            argv.extend(["--host", h.as_str()]);
+        }
+        let start = Instant::now();
+        let run = env.ctl(&argv);
+        let took = start.elapsed();
+        if run.code != 0 {
+            bail!("deploy failed ({}):\n{}", run.code, run.stderr);
+        }
+        Ok(took)
+    };
+
+    // Fresh hosts: nothing installed, agent answering at the end.
+    let mut fresh = Vec::new();
+    for i in 0..3 {
+        let host = env.host(&format!("fresh{i}"))?;
+        fresh.push(deploy(&[host.spec("root")])?);
+    }
+    report("fresh host -> agent answering over mTLS", &fresh, "1.5 s");
+
+    // No-op re-deploy of one host.
+    let one = env.host("noop")?;
+    deploy(&[one.spec("root")])?;
+    let noop: Vec<Duration> = (0..args.runs).map(|_| deploy(&[one.spec("root")])).collect::<Result<_>>()?;
+    report("no-op re-deploy, 1 host", &noop, "150 ms");
+
+    // N hosts in parallel.
+    let hosts: Vec<TestHost> = (0..args.hosts).map(|i| env.host(&format!("p{i}"))).collect::<Result<_>>()?;
+    let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+    let first = deploy(&specs)?;
+    report(&format!("fresh deploy, {} hosts in parallel", args.hosts), &[first], "-");
+    let runs: Vec<Duration> = (0..args.runs.min(5)).map(|_| deploy(&specs)).collect::<Result<_>>()?;
+    report(&format!("no-op re-deploy, {} hosts in parallel", args.hosts), &runs, "1 s");
+
+    // Idle memory of an agent that has served a deploy.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss: Vec<u64> = hosts.iter().filter_map(|h| h.agent_pid().and_then(rss_bytes)).collect();
+    if rss.is_empty() {
+        bail!("no agent process found");
+    }
+    let max = *rss.iter().max().expect("non-empty");
+    let avg = rss.iter().sum::<u64>() / rss.len() as u64;
+    println!(
+        "agent idle RSS: avg {:.1} MB, max {:.1} MB over {} agents (target 10 MB)",
+        avg as f64 / 1e6,
+        max as f64 / 1e6,
+        rss.len()
+    );
+    Ok(())
+}
+
+fn report(what: &str, samples: &[Duration], target: &str) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = ms[ms.len() / 2];
+    let p90 = ms[((ms.len() as f64 * 0.9).ceil() as usize).saturating_sub(1).min(ms.len() - 1)];
+    println!(
+        "{what}: median {median:.0} ms, p90 {p90:.0} ms, min {:.0} ms, max {:.0} ms ({} runs; target {target})",
+        ms[0],
+        ms[ms.len() - 1],
+        ms.len()
+    );
+}
+
+/// An ELF executable without a `PT_INTERP` program header needs no dynamic loader.
+fn is_static(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
+    !(0..phnum).any(|i| elf.get(phoff + i * phentsize..phoff + i * phentsize + 4) == Some(&3u32.to_le_bytes()[..]))
+}

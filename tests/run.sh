@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a Debian machine: installs what the tests
+# drive for real (OpenSSH's sshd, sudo, iproute2 for network namespaces),
+# then `cargo test --workspace`.
+#
+# Needs root: the end-to-end tests create network namespaces, bind mounts
+# and test users, as CI does on its fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "error: the tests need root (network namespaces, mounts, test users)" >&2
+  echo "  hint: run it as root: sudo $0" >&2
+  exit 2
+fi
+
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v sudo >/dev/null 2>&1 || missing+=(sudo)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# sshd's privilege separation directory; the package creates it only on boot.
+mkdir -p /run/sshd
+
+exec cargo test --workspace --locked "$@"

@@ -1,0 +1,116 @@
+//! The command line's own behaviour: bad input gives exit code 2 and an
+//! error naming the file, line and field, with a hint; this machine is the
+//! default target.
+
+use mlops_e2e::{TestEnv, TestHost};
+
+/// Replaces the per-run temporary directory with `$TMP` so the expected
+/// text can be written out in full.
+fn normalize(env: &TestEnv, text: &str) -> String {
+    text.replace(&env.dir.path().display().to_string(), "$TMP")
+}
+
+#[test]
+fn malformed_inventory_names_file_line_and_column() {
+    let env = TestEnv::new().unwrap();
+    let path = env.write("bad.yml", "all:\n  hosts:\n    web1:\n      ansible_port: 22\n   oops: [1, 2\n").unwrap();
+    let out = env.ctl(&["deploy", "-i", path.to_str().unwrap()]).expect_code(2);
+    let err = normalize(&env, &out.stderr);
+    assert!(err.starts_with("error: $TMP/bad.yml: invalid YAML: "), "{err}");
+    assert!(err.contains("line 5") || err.contains(":5:"), "names the line: {err}");
+    assert!(err.contains("hint: check the indentation"), "{err}");
+}
+
+#[test]
+fn inventory_field_errors_name_the_line_and_suggest() {
+    let env = TestEnv::new().unwrap();
+    let path = env.write("inv.yml", "all:\n  hosts:\n    a:\n  childern:\n    web:\n").unwrap();
+    let out = env.ctl(&["status", "-i", path.to_str().unwrap()]).expect_code(2);
+    assert_eq!(
+        normalize(&env, &out.stderr),
+        "error: $TMP/inv.yml:4:3: unknown key `childern` in group `all`\n  hint: a group may hold only `hosts`, `vars`, `children`; host variables go under `hosts: {HOST: {...}}`, group variables under `vars:`\n"
+    );
+
+    let path = env.write("port.yml", "all:\n  hosts:\n    a:\n      ansible_port: twenty-two\n").unwrap();
+    let out = env.ctl(&["status", "-i", path.to_str().unwrap()]).expect_code(2);
+    assert_eq!(
+        normalize(&env, &out.stderr),
+        "error: $TMP/port.yml:4:21: host `a`: `ansible_port` must be a port number (1-65535)\n"
+    );
+
+    let out = env.ctl(&["status", "-i", "/nonexistent/inventory.yml"]).expect_code(2);
+    assert!(
+        out.stderr.starts_with(
+            "error: cannot read inventory `/nonexistent/inventory.yml`\n  Caused by: No such file or directory"
+        ),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let env = TestEnv::new().unwrap();
+    let out = env.ctl(&["deploy", "--host", "root@box:99999"]).expect_code(2);
+    assert_eq!(
+        out.stderr,
+        "error: --host `root@box:99999`: `99999` is not a port number (1-65535)\n  hint: write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22\n"
+    );
+    let out = env.ctl(&["deploy", "--limit", "web"]).expect_code(2);
+    assert!(
+        out.stderr.contains("--limit selects hosts of an inventory, but no --inventory was given"),
+        "{}",
+        out.stderr
+    );
+    let out = env.ctl(&["deploy", "--forks", "0"]).expect_code(2);
+    assert!(out.stderr.contains("--forks"), "{}", out.stderr);
+    let out = env.ctl(&["deploy", "--agent-binary", "/nonexistent/agent", "--host", "root@192.0.2.1"]).expect_code(2);
+    assert!(out.stderr.contains("no agent binary found (looked in: /nonexistent/agent)"), "{}", out.stderr);
+    assert!(out.stderr.contains("hint: build it with"), "{}", out.stderr);
+}
+
+#[test]
+fn help_lists_commands_and_exit_codes() {
+    let env = TestEnv::new().unwrap();
+    let out = env.ctl(&["--help"]).expect_code(0);
+    for needle in [
+        "deploy",
+        "status",
+        "agent",
+        "--inventory",
+        "--limit",
+        "--accept-new-host-keys",
+        "--forks",
+        "Exit codes: 0 success; 1 at least one host failed; 2",
+    ] {
+        assert!(out.stdout.contains(needle), "missing {needle}:\n{}", out.stdout);
+    }
+}
+
+/// `mlopsctl deploy` with no host and no inventory installs the agent on
+/// this machine and talks to it through the same mTLS path. Run inside a
+/// test host's namespaces so that it gets its own loopback and agent
+/// directories instead of the machine's.
+#[test]
+fn deploy_without_hosts_targets_this_machine() {
+    let env = TestEnv::new().unwrap();
+    let host = TestHost::start("local").unwrap();
+    let bins = mlops_e2e::bins();
+    let script = format!(
+        "HOME={home} MLOPS_STATE_DIR={state} MLOPS_AGENT_BINARY={agent} {ctl} deploy --output json",
+        home = env.home.display(),
+        state = env.state.display(),
+        agent = bins.agent.display(),
+        ctl = bins.mlopsctl.display()
+    );
+    let out = host.exec(&script).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &json["hosts"][0];
+    assert_eq!(r["host"], "localhost");
+    assert_eq!(r["result"]["address"], "local");
+    assert_eq!(r["result"]["installed"], "first install");
+    assert!(host.agent_pid().is_some(), "the agent runs on this (namespaced) machine");
+    let again = host.exec(&script.replace(" deploy ", " status ")).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(status["hosts"][0]["agent"]["pid"], host.agent_pid().unwrap());
+}
