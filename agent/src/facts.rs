@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn cpu_busy_fraction() {
         let a = CpuTimes::parse("cpu  100 0 100 700 100 0 0 0 0 0");
-        let b = CpuTimes::parse("cpu  200 0 200 1300 200 0 0 0 0 0");
+        let b = CpuTimes::parse("cpu  200 0 200 1400 200 0 0 0 0 0");
         assert_eq!(a.total, 1000);
         assert!((b.busy_since(&a) - 0.2).abs() < 1e-9);
     }

@@ -15,7 +15,6 @@ use mlops_proto::layout;
 use mlops_proto::v1::InstallBundle;
 use prost::Message;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::AgentConfig;
 use crate::daemon;
@@ -98,6 +97,9 @@ WantedBy=multi-user.target
 /// Runs `install` with `bundle_bytes` (stdin). `exe` is the installed agent binary.
 pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Result<InstallReport, InstallError> {
     let bundle = InstallBundle::decode(bundle_bytes)?;
+    // What the agent will report in Hello once it runs this configuration.
+    let config_sha256 =
+        mlops_proto::bundle_sha256(&InstallBundle { controller_version: String::new(), ..bundle.clone() });
     let port = u16::try_from(bundle.port)
         .ok()
         .filter(|p| *p != 0)
@@ -123,11 +125,7 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
         ServiceManager::Daemon => restart_daemon(exe, &config_path)?,
     };
     // Last: a matching hash tells the controller the install completed.
-    write(
-        Path::new(layout::INSTALL_HASH),
-        format!("{}\n", hex::encode(Sha256::digest(bundle_bytes))).as_bytes(),
-        0o644,
-    )?;
+    write(Path::new(layout::INSTALL_HASH), format!("{config_sha256}\n").as_bytes(), 0o644)?;
     Ok(report)
 }
 

@@ -131,7 +131,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         .init();
 
     let prepared = prepare(args);
-    let (listener, tls_config, cfg) = match prepared {
+    let Prepared { listener, tls_config, cfg, config_sha256 } = match prepared {
         Ok(p) => p,
         Err(e) => {
             readiness.failed(&format!("{e:#}"));
@@ -164,7 +164,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         mlops_agent::server::serve(
             listener,
             tls_config,
-            |stop| AgentService::new(sha, manager, state_dir, stop),
+            |stop| AgentService::new(sha, config_sha256, manager, state_dir, stop),
             shutdown_signal(),
         )
         .await?;
@@ -176,8 +176,16 @@ fn serve(args: &ServeArgs) -> Result<()> {
     result
 }
 
+struct Prepared {
+    listener: std::net::TcpListener,
+    tls_config: rustls::ServerConfig,
+    cfg: AgentConfig,
+    /// The hash of the install bundle this configuration corresponds to.
+    config_sha256: String,
+}
+
 /// Binds the listener and loads TLS material, before readiness is reported.
-fn prepare(args: &ServeArgs) -> Result<(std::net::TcpListener, rustls::ServerConfig, AgentConfig)> {
+fn prepare(args: &ServeArgs) -> Result<Prepared> {
     let mut cfg = if args.listen.is_some() && args.tls_dir.is_some() && !args.config.exists() {
         AgentConfig::default()
     } else {
@@ -197,7 +205,14 @@ fn prepare(args: &ServeArgs) -> Result<(std::net::TcpListener, rustls::ServerCon
     let addr = cfg.listen_addr();
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     listener.set_nonblocking(true)?;
-    Ok((listener, tls_config, cfg))
+    let config_sha256 = mlops_proto::bundle_sha256(&mlops_proto::v1::InstallBundle {
+        ca_pem: material.ca_pem,
+        cert_pem: material.cert_pem,
+        key_pem: material.key_pem,
+        port: u32::from(cfg.port),
+        controller_version: String::new(),
+    });
+    Ok(Prepared { listener, tls_config, cfg, config_sha256 })
 }
 
 async fn shutdown_signal() {

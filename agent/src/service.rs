@@ -41,6 +41,7 @@ pub struct AgentService {
     started: Instant,
     started_unix: u64,
     binary_sha256: String,
+    config_sha256: String,
     service_manager: String,
     state_dir: PathBuf,
     docker_socket: PathBuf,
@@ -48,10 +49,12 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    /// `binary_sha256` identifies the running executable; `shutdown` ends
-    /// long-lived streams when the server stops.
+    /// `binary_sha256` identifies the running executable and
+    /// `config_sha256` its configuration; `shutdown` ends long-lived streams
+    /// when the server stops.
     pub fn new(
         binary_sha256: String,
+        config_sha256: String,
         service_manager: &str,
         state_dir: PathBuf,
         shutdown: watch::Receiver<bool>,
@@ -60,6 +63,7 @@ impl AgentService {
             started: Instant::now(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             binary_sha256,
+            config_sha256,
             service_manager: service_manager.to_string(),
             state_dir,
             docker_socket: PathBuf::from(facts::DOCKER_SOCKET),
@@ -109,6 +113,7 @@ impl Agent for AgentService {
             binary_sha256: self.binary_sha256.clone(),
             pid: std::process::id(),
             started_at_unix: self.started_unix,
+            config_sha256: self.config_sha256.clone(),
         }))
     }
 

@@ -20,6 +20,16 @@ pub const API_LEVEL: u32 = 1;
 /// part; the certificate chain to the controller's CA is what authenticates.
 pub const AGENT_TLS_NAME: &str = "mlops-agent";
 
+/// sha256 (hex) of an encoded [`v1::InstallBundle`]. The controller hashes
+/// the bundle it sends; the agent rebuilds the bundle from the configuration
+/// it runs with and reports the same hash in `Hello`. prost encodes fields
+/// in order, so equal bundles give equal bytes.
+pub fn bundle_sha256(bundle: &v1::InstallBundle) -> String {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bundle.encode_to_vec()))
+}
+
 /// Default loopback port the agent listens on.
 pub const DEFAULT_AGENT_PORT: u16 = 7443;
 

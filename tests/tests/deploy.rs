@@ -293,3 +293,80 @@ fn uninstall_removes_the_agent() {
     let again = env.ctl_key(&["agent", "uninstall", "--host", &spec]).expect_code(0);
     assert!(again.stdout.contains("no agent installed"), "{}", again.stdout);
 }
+
+#[test]
+fn ssh_config_aliases_and_ssh_agent_keys_are_used() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("alias").unwrap();
+    // ~/.ssh/config names the host; the key is offered only by ssh-agent.
+    fs::write(env.home.join(".ssh/config"), format!("Host box\n  HostName {}\n  User {SUDO_USER}\n", host.addr))
+        .unwrap();
+    let sock = env.dir.path().join("agent.sock");
+    let agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let added = std::process::Command::new("ssh-add").arg(&env.key).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+
+    let sock = sock.display().to_string();
+    let out =
+        env.ctl_with(&["deploy", "--host", "box", "--output", "json"], &[("SSH_AUTH_SOCK", &sock)]).expect_code(0);
+    let json = out.json();
+    assert_eq!(host_result(&json, "box")["result"]["address"], format!("{SUDO_USER}@{}:22", host.addr));
+    assert!(host.agent_pid().is_some());
+
+    // Without the agent there is no key to offer.
+    let out = env.ctl(&["status", "--host", "box"]).expect_code(1);
+    assert!(
+        out.stdout.contains("no key was available") || out.stderr.contains("no key was available"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn an_agent_running_an_older_binary_is_restarted() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("stale").unwrap();
+    let spec = host.spec("root");
+    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    let old_pid = host.agent_pid().unwrap();
+    // The file on the host is replaced behind the agent's back (a package
+    // manager, a half-finished earlier deploy): the process still runs the old code.
+    let newer = env.dir.path().join("mlops-agent-newer");
+    let mut bytes = fs::read(&bins().agent).unwrap();
+    bytes.extend_from_slice(b"\0stale-test");
+    fs::write(&newer, &bytes).unwrap();
+    let installed = host.path("/usr/local/lib/mlops-agent/mlops-agent");
+    fs::write(installed.with_extension("new"), &bytes).unwrap();
+    fs::set_permissions(installed.with_extension("new"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fs::rename(installed.with_extension("new"), &installed).unwrap();
+
+    let json = env
+        .ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"])
+        .expect_code(0)
+        .json();
+    let r = &host_result(&json, &spec)["result"];
+    assert_eq!(r["uploaded"], false, "the file already matched");
+    assert_eq!(r["installed"], "running agent is an older binary");
+    assert_eq!(r["agent"]["binary_sha256"], sha256_file(&newer).unwrap());
+    assert_ne!(host.agent_pid(), Some(old_pid));
+}

@@ -169,3 +169,19 @@ async fn heartbeat_streams_metrics() {
     let bad = conn.raw().heartbeat(mlops_proto::v1::HeartbeatRequest { interval_ms: 0 }).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn the_standard_health_service_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::open_or_create(dir.path()).unwrap();
+    let agent = start_agent(&ca);
+    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(conn.channel());
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "mlops.agent.v1.Agent".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+}

@@ -23,7 +23,6 @@ use mlops_proto::v1::{HelloResponse, HostFacts, InstallBundle};
 use mlops_ssh::{Session, SshOptions};
 use prost::Message as _;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::ControllerError;
 use crate::agent_binary::{AgentBinary, normalize_arch};
@@ -64,8 +63,7 @@ impl Bundle {
             // not force every agent to restart.
             controller_version: String::new(),
         };
-        let bytes = bundle.encode_to_vec();
-        Ok(Bundle { sha256: hex::encode(Sha256::digest(&bytes)), bytes })
+        Ok(Bundle { sha256: mlops_proto::bundle_sha256(&bundle), bytes: bundle.encode_to_vec() })
     }
 }
 
@@ -245,6 +243,55 @@ pub async fn deploy_host(
     })
 }
 
+/// What the agent answering on the host (if any) runs.
+enum Running {
+    /// Our binary, our configuration, our API level: nothing to do.
+    Current(Box<(HelloResponse, HostFacts)>),
+    /// It answers, but must be restarted; the reason says why.
+    Stale(String),
+    /// Nothing answers (not installed, stopped, crashed, or not ours).
+    Down(String),
+}
+
+/// Asks the agent first: a current agent answers `Hello` with our binary
+/// and configuration hashes, and then the deploy is one SSH connection and
+/// one tunnel, with no command run on the host.
+async fn check_running(
+    transport: &SharedTransport,
+    target: &Target,
+    ctx: &Context,
+    bundle: &Bundle,
+    binary: &AgentBinary,
+) -> Running {
+    let answer = async {
+        let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
+        let hello = conn.hello().await?;
+        Ok::<_, ControllerError>((conn, hello))
+    };
+    let (mut conn, hello) = match tokio::time::timeout(std::time::Duration::from_secs(10), answer).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Running::Down(error_chain(&e)),
+        Err(_) => return Running::Down("no answer within 10 s".into()),
+    };
+    if hello.api_level != mlops_proto::API_LEVEL {
+        return Running::Stale(format!(
+            "agent speaks API level {} (controller {})",
+            hello.api_level,
+            mlops_proto::API_LEVEL
+        ));
+    }
+    if hello.binary_sha256 != binary.sha256 {
+        return Running::Stale("running agent is an older binary".into());
+    }
+    if hello.config_sha256 != bundle.sha256 {
+        return Running::Stale("configuration changed".into());
+    }
+    match conn.facts().await {
+        Ok(facts) => Running::Current(Box::new((hello, facts))),
+        Err(e) => Running::Down(error_chain(&e)),
+    }
+}
+
 async fn ensure_agent(
     target: &Target,
     ctx: &Context,
@@ -253,13 +300,22 @@ async fn ensure_agent(
     transport: SharedTransport,
 ) -> Result<(bool, Option<String>, HelloResponse, HostFacts), ControllerError> {
     let host = target.name.clone();
+    let binary = ctx.binary.as_ref().expect("deploy has an agent binary");
+    let running = match check_running(&transport, target, ctx, bundle, binary).await {
+        Running::Current(answer) => {
+            progress.step(Step::UpToDate);
+            let (hello, facts) = *answer;
+            return Ok((false, None, hello, facts));
+        }
+        other => other,
+    };
+
     let probe = run_probe(&transport, &host).await?;
     progress.step(Step::Probed {
         os: probe.os.clone(),
         arch: probe.arch.clone(),
         service_manager: probe.service_manager.clone(),
     });
-    let binary = ctx.binary.as_ref().expect("deploy has an agent binary");
     check_probe(&probe, target, Some(binary))?;
     let sudo = probe.needs_sudo();
 
@@ -271,67 +327,36 @@ async fn ensure_agent(
         progress.step(Step::Uploaded);
     }
 
-    let mut installed = None;
     let reason = if probe.binary_sha256.is_none() {
-        Some("first install")
+        "first install".to_string()
     } else if uploaded {
-        Some("agent binary changed")
+        "agent binary changed".to_string()
     } else if probe.bundle_sha256.as_deref() != Some(bundle.sha256.as_str()) {
-        Some("configuration changed")
+        "configuration changed".to_string()
     } else {
-        None
+        match running {
+            Running::Stale(reason) => reason,
+            Running::Down(why) => {
+                tracing::debug!(%host, "agent not answering: {why}");
+                "agent was not running".to_string()
+            }
+            Running::Current(_) => unreachable!("returned above"),
+        }
     };
-    if let Some(reason) = reason {
-        install(&transport, &host, bundle, sudo, reason, progress).await?;
-        installed = Some(reason.to_string());
-    } else {
-        progress.step(Step::UpToDate);
-    }
+    install(&transport, &host, bundle, sudo, &reason, progress).await?;
 
     progress.step(Step::Handshake);
-    let mut conn = match AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await {
-        Ok(c) => c,
-        Err(e) if installed.is_none() => {
-            // Installed and configured, but not answering (stopped, crashed,
-            // host rebooted without systemd): start it again.
-            tracing::debug!(%host, "agent not answering: {e}");
-            let reason = "agent was not running";
-            install(&transport, &host, bundle, sudo, reason, progress).await?;
-            installed = Some(reason.to_string());
-            AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?
-        }
-        Err(e) => return Err(e),
-    };
-    let mut hello = conn.hello().await?;
-    if hello.binary_sha256 != binary.sha256 || hello.api_level != mlops_proto::API_LEVEL {
-        if installed.is_some() {
-            return Err(ControllerError::StaleAgent {
-                host,
-                running: short(&hello.binary_sha256),
-                expected: short(&binary.sha256),
-            });
-        }
-        // The file is current but the process predates it (or speaks
-        // another API level): restart it on the current binary.
-        let reason = if hello.api_level != mlops_proto::API_LEVEL {
-            format!("agent speaks API level {} (controller {})", hello.api_level, mlops_proto::API_LEVEL)
-        } else {
-            "running agent is an older binary".to_string()
-        };
-        install(&transport, &host, bundle, sudo, &reason, progress).await?;
-        installed = Some(reason);
-        conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
-        hello = conn.hello().await?;
-        if hello.binary_sha256 != binary.sha256 {
-            return Err(ControllerError::StaleAgent {
-                host,
-                running: short(&hello.binary_sha256),
-                expected: short(&binary.sha256),
-            });
-        }
+    let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
+    let hello = conn.hello().await?;
+    if hello.binary_sha256 != binary.sha256 || hello.config_sha256 != bundle.sha256 {
+        return Err(ControllerError::StaleAgent {
+            host,
+            running: short(&hello.binary_sha256),
+            expected: short(&binary.sha256),
+        });
     }
     let facts = conn.facts().await?;
-    Ok((uploaded, installed, hello, facts))
+    Ok((uploaded, Some(reason), hello, facts))
 }
 
 fn short(sha: &str) -> String {

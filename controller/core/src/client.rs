@@ -54,6 +54,7 @@ fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'sta
 /// A connection to one agent.
 pub struct AgentConn {
     host: String,
+    channel: Channel,
     client: AgentClient<Channel>,
 }
 
@@ -78,7 +79,7 @@ impl AgentConn {
             .connect_with_connector(make_conn)
             .await
             .map_err(|e| ControllerError::AgentUnreachable { host: host.clone(), port, message: error_chain(&e) })?;
-        Ok(AgentConn { host, client: AgentClient::new(channel) })
+        Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel })
     }
 
     pub async fn hello(&mut self) -> Result<HelloResponse, ControllerError> {
@@ -92,6 +93,12 @@ impl AgentConn {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.rpc("GetFacts", &s))
+    }
+
+    /// The underlying channel, for other services on the same connection
+    /// (such as `grpc.health.v1.Health`).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The raw client, for streaming calls.

@@ -91,10 +91,14 @@ fn main() -> Result<()> {
     };
 
     // Fresh hosts: nothing installed, agent answering at the end.
+    // Hosts stay up until the end: a freed slot would give the next host the
+    // same address with another host key, which known_hosts rightly refuses.
     let mut fresh = Vec::new();
+    let mut keep = Vec::new();
     for i in 0..3 {
         let host = env.host(&format!("fresh{i}"))?;
         fresh.push(deploy(&[host.spec("root")])?);
+        keep.push(host);
     }
     report("fresh host -> agent answering over mTLS", &fresh, "1.5 s");
 
