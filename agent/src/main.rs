@@ -186,6 +186,13 @@ struct Prepared {
 
 /// Binds the listener and loads TLS material, before readiness is reported.
 fn prepare(args: &ServeArgs) -> Result<Prepared> {
+    // aws-lc seeds its random generator on first use (~20 ms): pay that
+    // before reporting ready, not during the controller's first handshake.
+    let mut seed = [0u8; 16];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut seed)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
     let mut cfg = if args.listen.is_some() && args.tls_dir.is_some() && !args.config.exists() {
         AgentConfig::default()
     } else {

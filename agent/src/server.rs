@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mlops_net::QuickAck;
 use mlops_proto::v1::agent_server::AgentServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -29,7 +30,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TLS connection handed to tonic.
 pub struct TlsConn {
-    inner: TlsStream<TcpStream>,
+    inner: TlsStream<QuickAck>,
     peer: Option<SocketAddr>,
 }
 
@@ -119,6 +120,8 @@ async fn accept_loop(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let conns = conns.clone();
+                // sshd forwards the controller's bytes with Nagle on; see mlops_net.
+                let tcp = QuickAck::new(tcp);
                 handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {

@@ -26,6 +26,13 @@ pub const EXIT_USAGE: i32 = 2;
 fn main() {
     // One crypto provider for the process: aws-lc-rs.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // aws-lc seeds its random generator on first use, which takes ~20 ms;
+    // do it now on the side, while SSH connections are being set up,
+    // rather than in the middle of the first TLS handshake.
+    std::thread::spawn(|| {
+        let mut seed = [0u8; 16];
+        let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut seed);
+    });
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MLOPS_LOG").unwrap_or_else(|_| "warn".into()))
