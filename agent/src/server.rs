@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mlops_net::QuickAck;
+use mlops_proto::net::QuickAck;
 use mlops_proto::v1::agent_server::AgentServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -120,7 +120,7 @@ async fn accept_loop(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let conns = conns.clone();
-                // sshd forwards the controller's bytes with Nagle on; see mlops_net.
+                // sshd forwards the controller's bytes with Nagle on; see mlops_proto::net.
                 let tcp = QuickAck::new(tcp);
                 handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -1,9 +1,12 @@
 //! The wire contract between the controller and the agent.
 //!
-//! `proto/agent.proto` is the source of truth; this crate only compiles it
-//! and adds the constants both sides agree on.
+//! `proto/agent.proto` is the source of truth; this crate compiles it and
+//! adds what both sides share: constants, the agent's file layout, the
+//! install-bundle hash, and [`net::QuickAck`] for the sockets on the path.
 
 #![allow(clippy::all, clippy::pedantic, unreachable_pub)]
+
+pub mod net;
 
 /// Generated types and service stubs for `mlops.agent.v1`.
 pub mod v1 {

@@ -266,7 +266,7 @@ impl Session {
             .await
             .map_err(|source| SshError::Connect { addr: label.to_string(), source })?;
         let _ = socket.set_nodelay(true);
-        let handle = match client::connect_stream(config, mlops_net::QuickAck::new(socket), handler).await {
+        let handle = match client::connect_stream(config, mlops_proto::net::QuickAck::new(socket), handler).await {
             Ok(h) => h,
             Err(e) => {
                 let host = label.to_string();

@@ -1,4 +1,4 @@
-//! Socket helpers shared by both ends of the controller ↔ agent path.
+//! Socket helpers for both ends of the controller ↔ agent path.
 //!
 //! [`QuickAck`]: a TCP stream that acknowledges every segment at once.
 //! sshd does not disable Nagle's algorithm on non-interactive connections or
