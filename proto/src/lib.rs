@@ -7,6 +7,7 @@
 #![allow(clippy::all, clippy::pedantic, unreachable_pub)]
 
 pub mod net;
+pub mod stack;
 
 /// Generated types and service stubs for `mlops.agent.v1`.
 pub mod v1 {
@@ -16,7 +17,7 @@ pub mod v1 {
 /// The API level this build speaks. Bump it when an RPC or a field that the
 /// controller relies on is added: a controller that sees an agent with a
 /// lower level upgrades the agent before using the newer calls.
-pub const API_LEVEL: u32 = 1;
+pub const API_LEVEL: u32 = 2;
 
 /// The TLS server name every agent certificate carries. The controller
 /// reaches agents through SSH tunnels, so the DNS name of the host plays no

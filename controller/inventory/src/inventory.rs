@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::InventoryError;
-use crate::yaml::{Node, Value};
+use mlops_yaml::{Node, Value};
 
 /// A parsed inventory.
 #[derive(Debug, Clone, Default)]

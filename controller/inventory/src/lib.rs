@@ -4,7 +4,6 @@
 //! - [`pattern`]: `--limit` host patterns.
 //! - [`ssh_config`]: the parts of `~/.ssh/config` that pick address, user, port and keys.
 //! - [`target`]: all of the above resolved into [`Target`]s.
-//! - [`yaml`]: a YAML tree that keeps line and column of every node, for errors.
 
 use std::path::PathBuf;
 
@@ -12,7 +11,7 @@ pub mod inventory;
 pub mod pattern;
 pub mod ssh_config;
 pub mod target;
-pub mod yaml;
+pub use mlops_yaml as yaml;
 
 pub use inventory::Inventory;
 pub use ssh_config::SshConfig;

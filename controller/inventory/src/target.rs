@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::InventoryError;
 use crate::inventory::{Inventory, InventoryHost};
 use crate::ssh_config::{SshConfig, expand_tilde};
-use crate::yaml::{Node, Value};
+use mlops_yaml::{Node, Value};
 
 /// Default loopback port of the agent (mirrors `mlops_proto::DEFAULT_AGENT_PORT`).
 pub const DEFAULT_AGENT_PORT: u16 = 7443;

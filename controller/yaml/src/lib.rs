@@ -1,5 +1,7 @@
 //! A YAML tree that remembers where each node came from.
 //!
+//! Used for inventories and Compose files.
+//!
 //! serde-saphyr parses the text (anchors, aliases and merge keys included);
 //! every node is wrapped in [`serde_saphyr::Spanned`] so that a semantic
 //! error found later (a port that is not a number, an unknown group key) can

@@ -1,0 +1,875 @@
+//! Compose files into the stack model ([`mlops_proto::stack::Stack`]).
+//!
+//! The file is parsed into a YAML tree that keeps positions (anchors,
+//! aliases and merge keys resolved by serde-saphyr), string values are
+//! interpolated ([`interpolate`]) from the environment and the stack
+//! directory's `.env`, and the tree is read into the typed model. A key the
+//! model does not know is a [`Warning`] naming it and its line, never
+//! silently dropped; `x-*` keys are extensions and pass quietly. Invalid
+//! input is a [`ComposeError`] with file, line and column.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use mlops_proto::stack::{
+    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Volume,
+};
+use mlops_yaml::{Node, Value};
+
+pub mod interpolate;
+
+/// Names tried, in order, when a directory is given.
+pub const FILE_NAMES: [&str; 4] = ["compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComposeError {
+    #[error("no Compose file in `{}` (looked for {})", dir.display(), FILE_NAMES.join(", "))]
+    NotFound { dir: PathBuf },
+    #[error("cannot read `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid YAML: {message}", path.display())]
+    Yaml { path: PathBuf, message: String },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{}:{line}: {message}", path.display())]
+    DotEnv { path: PathBuf, line: usize, message: String },
+}
+
+impl ComposeError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ComposeError::NotFound { .. } => Some("pass the directory holding compose.yaml with --stack DIR".into()),
+            ComposeError::Yaml { .. } => {
+                Some("check the indentation around that line: YAML nests by spaces (tabs are not allowed)".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Something accepted but worth telling the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
+    }
+}
+
+/// A loaded stack.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub stack: Stack,
+    pub warnings: Vec<Warning>,
+    /// The Compose file read.
+    pub file: PathBuf,
+    /// The stack directory (the Compose file's directory).
+    pub dir: PathBuf,
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Project name; default: the file's `name:`, else the directory's name.
+    pub project: Option<String>,
+    /// Variables for interpolation; they win over `.env`.
+    pub env: BTreeMap<String, String>,
+    /// Profiles to enable; services with other profiles are left out.
+    pub profiles: Vec<String>,
+}
+
+/// Loads a Compose file, or the Compose file in a directory.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Loaded, ComposeError> {
+    let file = if path.is_dir() {
+        FILE_NAMES
+            .iter()
+            .map(|n| path.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| ComposeError::NotFound { dir: path.to_path_buf() })?
+    } else {
+        path.to_path_buf()
+    };
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let text = std::fs::read_to_string(&file).map_err(|source| ComposeError::Read { path: file.clone(), source })?;
+    let dotenv_path = dir.join(".env");
+    let mut env = match std::fs::read_to_string(&dotenv_path) {
+        Ok(t) => interpolate::parse_dotenv(&t)
+            .map_err(|(line, message)| ComposeError::DotEnv { path: dotenv_path.clone(), line, message })?,
+        Err(_) => BTreeMap::new(),
+    };
+    env.extend(options.env.clone());
+    parse(&text, &file, &dir, &env, options)
+}
+
+/// Parses Compose text. `file` is used in messages, `dir` to resolve
+/// `env_file` and the default project name.
+pub fn parse(
+    text: &str,
+    file: &Path,
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+    options: &LoadOptions,
+) -> Result<Loaded, ComposeError> {
+    let root: Node = serde_saphyr::from_str(text).map_err(|e| ComposeError::Yaml {
+        path: file.to_path_buf(),
+        message: e.to_string().trim_start_matches("error: ").replace("<input>", &file.display().to_string()),
+    })?;
+    let mut p = Parser { file: file.to_path_buf(), dir: dir.to_path_buf(), env, warnings: Vec::new() };
+    let root = p.interpolate_tree(root)?;
+    let stack = p.stack(&root, options)?;
+    p.warnings.sort_by_key(|w| (w.line, w.column));
+    Ok(Loaded { stack, warnings: p.warnings, file: file.to_path_buf(), dir: dir.to_path_buf() })
+}
+
+struct Parser<'a> {
+    file: PathBuf,
+    dir: PathBuf,
+    env: &'a BTreeMap<String, String>,
+    warnings: Vec<Warning>,
+}
+
+type R<T> = Result<T, ComposeError>;
+
+/// The service keys mlopsctl acts on (named in the unknown-key warning).
+const SERVICE_KEYS: [&str; 17] = [
+    "image",
+    "build",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "volumes",
+    "networks",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "user",
+    "working_dir",
+    "labels",
+    "profiles",
+    "deploy",
+];
+
+impl Parser<'_> {
+    fn err(&self, node: &Node, message: impl Into<String>) -> ComposeError {
+        ComposeError::Invalid { path: self.file.clone(), line: node.line, column: node.column, message: message.into() }
+    }
+
+    fn warn(&mut self, node: &Node, message: impl Into<String>) {
+        self.warnings.push(Warning { path: self.file.clone(), line: node.line, column: node.column, message: message.into() });
+    }
+
+    /// Interpolates every string value (not keys), keeping positions.
+    fn interpolate_tree(&mut self, node: Node) -> R<Node> {
+        let Node { value, line, column } = node;
+        let value = match value {
+            Value::Str(s) => {
+                let r = interpolate::interpolate(&s, self.env).map_err(|m| ComposeError::Invalid {
+                    path: self.file.clone(),
+                    line,
+                    column,
+                    message: m,
+                })?;
+                for var in r.unset {
+                    self.warnings.push(Warning {
+                        path: self.file.clone(),
+                        line,
+                        column,
+                        message: format!("variable {var} is not set; using an empty string"),
+                    });
+                }
+                Value::Str(r.value)
+            }
+            Value::Seq(items) => Value::Seq(items.into_iter().map(|n| self.interpolate_tree(n)).collect::<R<_>>()?),
+            Value::Map(entries) => Value::Map(
+                entries.into_iter().map(|(k, v)| Ok((k, self.interpolate_tree(v)?))).collect::<R<_>>()?,
+            ),
+            other => other,
+        };
+        Ok(Node { value, line, column })
+    }
+
+    fn map<'n>(&self, node: &'n Node, what: &str) -> R<&'n [(Node, Node)]> {
+        match &node.value {
+            Value::Map(entries) => Ok(entries),
+            Value::Null => Ok(&[]),
+            _ => Err(self.err(node, format!("{what} must be a mapping, found {}", node.kind()))),
+        }
+    }
+
+    fn string(&self, node: &Node, what: &str) -> R<String> {
+        match &node.value {
+            Value::Str(s) => Ok(s.clone()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::Float(f) => Ok(f.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            _ => Err(self.err(node, format!("{what} must be a string, found {}", node.kind()))),
+        }
+    }
+
+    fn opt_string(&self, node: &Node, what: &str) -> R<Option<String>> {
+        if node.value == Value::Null { Ok(None) } else { self.string(node, what).map(Some) }
+    }
+
+    fn bool(&self, node: &Node, what: &str) -> R<bool> {
+        match &node.value {
+            Value::Bool(b) => Ok(*b),
+            Value::Str(s) if s == "true" => Ok(true),
+            Value::Str(s) if s == "false" => Ok(false),
+            _ => Err(self.err(node, format!("{what} must be true or false"))),
+        }
+    }
+
+    fn string_list(&self, node: &Node, what: &str) -> R<Vec<String>> {
+        match &node.value {
+            Value::Seq(items) => items.iter().map(|i| self.string(i, what)).collect(),
+            Value::Null => Ok(Vec::new()),
+            _ => Err(self.err(node, format!("{what} must be a list, found {}", node.kind()))),
+        }
+    }
+
+    /// `command`/`entrypoint`: a list, or a string split like a shell would.
+    fn command(&self, node: &Node, what: &str) -> R<Option<Vec<String>>> {
+        match &node.value {
+            Value::Null => Ok(None),
+            Value::Str(s) => split_words(s).map(Some).map_err(|m| self.err(node, format!("{what}: {m}"))),
+            Value::Seq(_) => self.string_list(node, what).map(Some),
+            _ => Err(self.err(node, format!("{what} must be a string or a list"))),
+        }
+    }
+
+    /// `environment`, `labels`, `args`: a mapping or a `KEY=value` list.
+    fn key_values(&self, node: &Node, what: &str, from_env: bool) -> R<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        match &node.value {
+            Value::Null => {}
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    let key = k.as_key().unwrap_or_default();
+                    match &v.value {
+                        Value::Null => {
+                            if from_env && let Some(val) = self.env.get(&key) {
+                                out.insert(key, val.clone());
+                            } else if !from_env {
+                                out.insert(key, String::new());
+                            }
+                        }
+                        Value::Seq(_) | Value::Map(_) => {
+                            return Err(self.err(v, format!("{what} `{key}` must be a string, found {}", v.kind())));
+                        }
+                        _ => {
+                            out.insert(key, self.string(v, what)?);
+                        }
+                    }
+                }
+            }
+            Value::Seq(items) => {
+                for item in items {
+                    let s = self.string(item, what)?;
+                    match s.split_once('=') {
+                        Some((k, v)) => {
+                            out.insert(k.to_string(), v.to_string());
+                        }
+                        None => {
+                            if from_env && let Some(val) = self.env.get(&s) {
+                                out.insert(s, val.clone());
+                            } else if !from_env {
+                                out.insert(s, String::new());
+                            }
+                        }
+                    }
+                }
+            }
+            _ => return Err(self.err(node, format!("{what} must be a mapping or a list of KEY=VALUE"))),
+        }
+        Ok(out)
+    }
+
+    fn stack(&mut self, root: &Node, options: &LoadOptions) -> R<Stack> {
+        let entries = match &root.value {
+            Value::Map(e) => e.clone(),
+            _ => return Err(self.err(root, "a Compose file is a mapping with `services:` at the top")),
+        };
+        let mut stack = Stack::default();
+        let mut name = None;
+        let mut services_node = None;
+        for (k, v) in &entries {
+            let key = k.as_key().unwrap_or_default();
+            match key.as_str() {
+                "services" => services_node = Some(v.clone()),
+                "networks" => {
+                    for (nk, nv) in self.map(v, "networks")? {
+                        let n = self.network(nk, nv)?;
+                        stack.networks.insert(nk.as_key().unwrap_or_default(), n);
+                    }
+                }
+                "volumes" => {
+                    for (vk, vv) in self.map(v, "volumes")? {
+                        let vol = self.volume(vk, vv)?;
+                        stack.volumes.insert(vk.as_key().unwrap_or_default(), vol);
+                    }
+                }
+                "name" => name = Some(self.string(v, "name")?),
+                "version" => {}
+                "x-mlops" => stack.options = self.options(v)?,
+                k2 if k2.starts_with("x-") => {}
+                other => self.warn(k, format!("unknown top-level key `{other}` is ignored")),
+            }
+        }
+        let project = options.project.clone().or(name).unwrap_or_else(|| {
+            self.dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "stack".into())
+        });
+        stack.project = normalize_project(&project).ok_or_else(|| {
+            self.err(root, format!("project name `{project}` has no letter or digit; set `name:` in the file or pass --project"))
+        })?;
+        let services_node = services_node.ok_or_else(|| self.err(root, "no `services:` in the Compose file"))?;
+        let mut positions = BTreeMap::new();
+        for (sk, sv) in self.map(&services_node, "services")? {
+            let sname = sk.as_key().unwrap_or_default();
+            if sname.is_empty() || !sname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+                return Err(self.err(sk, format!("`{sname}` is not a valid service name (letters, digits, `-`, `_`, `.`)")));
+            }
+            let svc = self.service(&sname, sv)?;
+            if !svc.profiles.is_empty() && !svc.profiles.iter().any(|p| options.profiles.contains(p)) {
+                continue;
+            }
+            positions.insert(sname.clone(), sk.clone());
+            stack.services.insert(sname, svc);
+        }
+        if stack.services.is_empty() {
+            return Err(self.err(&services_node, "the stack has no services (with the enabled profiles)"));
+        }
+        self.validate(&stack, &positions)?;
+        Ok(stack)
+    }
+
+    fn validate(&self, stack: &Stack, positions: &BTreeMap<String, Node>) -> R<()> {
+        for (name, svc) in &stack.services {
+            let at = &positions[name];
+            if svc.image.is_none() && svc.build.is_none() {
+                return Err(self.err(at, format!("service `{name}` has neither `image` nor `build`")));
+            }
+            for dep in svc.depends_on.keys() {
+                if !stack.services.contains_key(dep) {
+                    return Err(self.err(at, format!("service `{name}` depends on `{dep}`, which is not a service (or not in an enabled profile)")));
+                }
+            }
+            for m in &svc.volumes {
+                if m.kind == MountKind::Volume && !m.source.is_empty() && !stack.volumes.contains_key(&m.source) {
+                    return Err(self.err(at, format!("service `{name}` uses volume `{}`, which is not declared under the top-level `volumes:`", m.source)));
+                }
+            }
+            for n in &svc.networks {
+                if n != "default" && !stack.networks.contains_key(n) {
+                    return Err(self.err(at, format!("service `{name}` joins network `{n}`, which is not declared under the top-level `networks:`")));
+                }
+            }
+        }
+        stack.start_order().map_err(|m| self.err(positions.values().next().expect("non-empty"), m))?;
+        Ok(())
+    }
+
+    fn options(&mut self, node: &Node) -> R<StackOptions> {
+        let mut o = StackOptions::default();
+        for (k, v) in self.map(node, "x-mlops")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "bootstrap_base_images" => o.bootstrap_base_images = self.bool(v, "x-mlops.bootstrap_base_images")?,
+                other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
+            }
+        }
+        Ok(o)
+    }
+
+    fn network(&mut self, key: &Node, node: &Node) -> R<Network> {
+        let mut n = Network::default();
+        for (k, v) in self.map(node, &format!("network `{}`", key.as_key().unwrap_or_default()))? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "external" => n.external = self.bool(v, "external")?,
+                "name" => n.name = self.opt_string(v, "name")?,
+                "driver" => n.driver = self.opt_string(v, "driver")?,
+                "labels" | "driver_opts" | "ipam" | "attachable" | "internal" | "enable_ipv6" => {
+                    self.warn(k, format!("network option `{}` is not supported by mlopsctl and is ignored", k.as_key().unwrap_or_default()));
+                }
+                other if other.starts_with("x-") => {}
+                other => self.warn(k, format!("unknown key `{other}` in network is ignored")),
+            }
+        }
+        Ok(n)
+    }
+
+    fn volume(&mut self, key: &Node, node: &Node) -> R<Volume> {
+        let mut vol = Volume::default();
+        for (k, v) in self.map(node, &format!("volume `{}`", key.as_key().unwrap_or_default()))? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "external" => vol.external = self.bool(v, "external")?,
+                "name" => vol.name = self.opt_string(v, "name")?,
+                "driver" => vol.driver = self.opt_string(v, "driver")?,
+                "labels" | "driver_opts" => {
+                    self.warn(k, format!("volume option `{}` is not supported by mlopsctl and is ignored", k.as_key().unwrap_or_default()));
+                }
+                other if other.starts_with("x-") => {}
+                other => self.warn(k, format!("unknown key `{other}` in volume is ignored")),
+            }
+        }
+        Ok(vol)
+    }
+
+    fn service(&mut self, name: &str, node: &Node) -> R<Service> {
+        let mut svc = Service::default();
+        let mut env_files = Vec::new();
+        let mut environment = BTreeMap::new();
+        for (k, v) in self.map(node, &format!("service `{name}`"))? {
+            let key = k.as_key().unwrap_or_default();
+            match key.as_str() {
+                "image" => svc.image = self.opt_string(v, "image")?,
+                "build" => svc.build = Some(self.build(v)?),
+                "command" => svc.command = self.command(v, "command")?,
+                "entrypoint" => svc.entrypoint = self.command(v, "entrypoint")?,
+                "environment" => environment = self.key_values(v, "environment", true)?,
+                "env_file" => {
+                    env_files = match &v.value {
+                        Value::Seq(_) => self.string_list(v, "env_file")?.into_iter().map(|s| (s, v.clone())).collect(),
+                        _ => vec![(self.string(v, "env_file")?, v.clone())],
+                    }
+                }
+                "ports" => {
+                    let Value::Seq(items) = &v.value else { return Err(self.err(v, "ports must be a list")) };
+                    for item in items {
+                        svc.ports.push(self.port(item)?);
+                    }
+                }
+                "volumes" => {
+                    let Value::Seq(items) = &v.value else { return Err(self.err(v, "volumes must be a list")) };
+                    for item in items {
+                        svc.volumes.push(self.mount(item)?);
+                    }
+                }
+                "networks" => {
+                    svc.networks = match &v.value {
+                        Value::Seq(_) => self.string_list(v, "networks")?,
+                        Value::Map(entries) => {
+                            for (_, nv) in entries {
+                                for (ok, _) in self.map(nv, "network options")? {
+                                    let opt = ok.as_key().unwrap_or_default();
+                                    if opt != "aliases" {
+                                        self.warn(ok, format!("network option `{opt}` of service `{name}` is ignored"));
+                                    }
+                                }
+                            }
+                            entries.iter().map(|(nk, _)| nk.as_key().unwrap_or_default()).collect()
+                        }
+                        _ => return Err(self.err(v, "networks must be a list or a mapping")),
+                    }
+                }
+                "depends_on" => svc.depends_on = self.depends_on(v)?,
+                "healthcheck" => svc.healthcheck = self.healthcheck(v)?,
+                "restart" => {
+                    let r = self.string(v, "restart")?;
+                    let ok = matches!(r.as_str(), "no" | "always" | "unless-stopped" | "on-failure")
+                        || r.strip_prefix("on-failure:").is_some_and(|n| n.parse::<u32>().is_ok());
+                    if !ok {
+                        return Err(self.err(v, format!("restart `{r}`: use no, always, unless-stopped, on-failure or on-failure:N")));
+                    }
+                    svc.restart = Some(r);
+                }
+                "user" => svc.user = self.opt_string(v, "user")?,
+                "working_dir" => svc.working_dir = self.opt_string(v, "working_dir")?,
+                "labels" => svc.labels = self.key_values(v, "labels", false)?,
+                "profiles" => svc.profiles = self.string_list(v, "profiles")?,
+                "deploy" => svc.limits = self.deploy(name, v)?,
+                "container_name" | "expose" => {
+                    self.warn(k, format!("`{key}` of service `{name}` is not supported by mlopsctl and is ignored"));
+                }
+                other if other.starts_with("x-") => {}
+                other => {
+                    let known = SERVICE_KEYS.join(", ");
+                    self.warn(k, format!("unknown key `{other}` in service `{name}` is ignored (mlopsctl reads: {known})"));
+                }
+            }
+        }
+        // env_file first, `environment` wins.
+        let mut merged = BTreeMap::new();
+        for (file, at) in env_files {
+            let path = self.dir.join(&file);
+            let text = std::fs::read_to_string(&path).map_err(|e| self.err(&at, format!("env_file `{}`: {e}", path.display())))?;
+            let vars = interpolate::parse_dotenv(&text)
+                .map_err(|(line, m)| ComposeError::DotEnv { path: path.clone(), line, message: m })?;
+            merged.extend(vars);
+        }
+        merged.extend(environment);
+        svc.environment = merged;
+        Ok(svc)
+    }
+
+    fn build(&mut self, node: &Node) -> R<Build> {
+        let mut b = Build { context: ".".into(), dockerfile: "Dockerfile".into(), ..Default::default() };
+        match &node.value {
+            Value::Str(s) => b.context = s.clone(),
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    match k.as_key().unwrap_or_default().as_str() {
+                        "context" => b.context = self.string(v, "build.context")?,
+                        "dockerfile" => b.dockerfile = self.string(v, "build.dockerfile")?,
+                        "args" => b.args = self.key_values(v, "build.args", true)?,
+                        "target" => b.target = self.opt_string(v, "build.target")?,
+                        other if other.starts_with("x-") => {}
+                        other => self.warn(k, format!("build option `{other}` is not supported by mlopsctl and is ignored")),
+                    }
+                }
+            }
+            _ => return Err(self.err(node, "build must be a path or a mapping")),
+        }
+        if b.context.contains("://") {
+            return Err(self.err(node, format!("build context `{}`: only local directories are supported", b.context)));
+        }
+        Ok(b)
+    }
+
+    fn port(&self, node: &Node) -> R<Port> {
+        let bad = |m: String| self.err(node, m);
+        match &node.value {
+            Value::Int(n) => Ok(Port {
+                container_port: u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(|| bad(format!("port {n} is out of range")))?,
+                protocol: "tcp".into(),
+                ..Default::default()
+            }),
+            Value::Str(s) => {
+                let (spec, protocol) = match s.rsplit_once('/') {
+                    Some((spec, proto)) if proto == "tcp" || proto == "udp" => (spec, proto.to_string()),
+                    Some((_, proto)) => return Err(bad(format!("port `{s}`: protocol `{proto}` is not tcp or udp"))),
+                    None => (s.as_str(), "tcp".to_string()),
+                };
+                // IPv6 host addresses come in brackets: [::1]:8080:80
+                let (host_ip, rest) = if let Some(r) = spec.strip_prefix('[') {
+                    let (ip, rest) = r.split_once("]:").ok_or_else(|| bad(format!("port `{s}`: bad IPv6 address")))?;
+                    (ip.to_string(), rest)
+                } else {
+                    let parts: Vec<&str> = spec.split(':').collect();
+                    if parts.len() == 3 { (parts[0].to_string(), &spec[parts[0].len() + 1..]) } else { (String::new(), spec) }
+                };
+                let num = |p: &str| -> R<u16> {
+                    if p.contains('-') {
+                        return Err(bad(format!("port `{s}`: port ranges are not supported; list each port")));
+                    }
+                    p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad(format!("port `{s}`: `{p}` is not a port number")))
+                };
+                let (host_port, container_port) = match rest.split_once(':') {
+                    Some((h, c)) => (if h.is_empty() { None } else { Some(num(h)?) }, num(c)?),
+                    None => (None, num(rest)?),
+                };
+                Ok(Port { host_ip, host_port, container_port, protocol })
+            }
+            Value::Map(entries) => {
+                let mut p = Port { protocol: "tcp".into(), ..Default::default() };
+                for (k, v) in entries {
+                    match k.as_key().unwrap_or_default().as_str() {
+                        "target" => p.container_port = self.string(v, "target")?.parse().map_err(|_| self.err(v, "target must be a port number"))?,
+                        "published" => p.host_port = Some(self.string(v, "published")?.parse().map_err(|_| self.err(v, "published must be a port number"))?),
+                        "host_ip" => p.host_ip = self.string(v, "host_ip")?,
+                        "protocol" => p.protocol = self.string(v, "protocol")?,
+                        "mode" | "name" | "app_protocol" => {}
+                        other => return Err(self.err(k, format!("unknown port option `{other}`"))),
+                    }
+                }
+                if p.container_port == 0 {
+                    return Err(self.err(node, "a port needs `target`"));
+                }
+                Ok(p)
+            }
+            _ => Err(bad(format!("a port must be a string, number or mapping, found {}", node.kind()))),
+        }
+    }
+
+    fn mount(&self, node: &Node) -> R<Mount> {
+        match &node.value {
+            Value::Str(s) => {
+                let parts: Vec<&str> = s.split(':').collect();
+                let (source, target, mode) = match parts.as_slice() {
+                    [t] => ("", *t, ""),
+                    [src, t] => (*src, *t, ""),
+                    [src, t, m] => (*src, *t, *m),
+                    _ => return Err(self.err(node, format!("volume `{s}`: expected SOURCE:TARGET[:MODE]"))),
+                };
+                if !target.starts_with('/') {
+                    return Err(self.err(node, format!("volume `{s}`: the target `{target}` must be an absolute path in the container")));
+                }
+                let read_only = mode.split(',').any(|m| m == "ro");
+                if let Some(bad) = mode.split(',').find(|m| !matches!(*m, "" | "ro" | "rw" | "z" | "Z")) {
+                    return Err(self.err(node, format!("volume `{s}`: unknown mode `{bad}`")));
+                }
+                let kind = if source.starts_with('.') || source.starts_with('/') || source.starts_with('~') { MountKind::Bind } else { MountKind::Volume };
+                Ok(Mount { kind, source: source.to_string(), target: target.to_string(), read_only })
+            }
+            Value::Map(entries) => {
+                let mut kind = None;
+                let mut source = String::new();
+                let mut target = String::new();
+                let mut read_only = false;
+                for (k, v) in entries {
+                    match k.as_key().unwrap_or_default().as_str() {
+                        "type" => {
+                            kind = Some(match self.string(v, "type")?.as_str() {
+                                "volume" => MountKind::Volume,
+                                "bind" => MountKind::Bind,
+                                "tmpfs" => MountKind::Tmpfs,
+                                other => return Err(self.err(v, format!("volume type `{other}` is not supported (volume, bind, tmpfs)"))),
+                            })
+                        }
+                        "source" => source = self.string(v, "source")?,
+                        "target" => target = self.string(v, "target")?,
+                        "read_only" => read_only = self.bool(v, "read_only")?,
+                        "bind" | "volume" | "tmpfs" | "consistency" => {}
+                        other => return Err(self.err(k, format!("unknown volume option `{other}`"))),
+                    }
+                }
+                let kind = kind.ok_or_else(|| self.err(node, "a long-form volume needs `type`"))?;
+                if !target.starts_with('/') {
+                    return Err(self.err(node, "a volume needs an absolute `target`"));
+                }
+                Ok(Mount { kind, source, target, read_only })
+            }
+            _ => Err(self.err(node, "a volume must be a string or a mapping")),
+        }
+    }
+
+    fn depends_on(&self, node: &Node) -> R<BTreeMap<String, Condition>> {
+        let mut out = BTreeMap::new();
+        match &node.value {
+            Value::Seq(_) => {
+                for s in self.string_list(node, "depends_on")? {
+                    out.insert(s, Condition::ServiceStarted);
+                }
+            }
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    let mut condition = Condition::ServiceStarted;
+                    for (ck, cv) in self.map(v, "depends_on entry")? {
+                        match ck.as_key().unwrap_or_default().as_str() {
+                            "condition" => {
+                                condition = match self.string(cv, "condition")?.as_str() {
+                                    "service_started" => Condition::ServiceStarted,
+                                    "service_healthy" => Condition::ServiceHealthy,
+                                    "service_completed_successfully" => Condition::ServiceCompletedSuccessfully,
+                                    other => {
+                                        return Err(self.err(cv, format!("condition `{other}`: use service_started, service_healthy or service_completed_successfully")));
+                                    }
+                                }
+                            }
+                            "restart" | "required" => {}
+                            other => return Err(self.err(ck, format!("unknown depends_on option `{other}`"))),
+                        }
+                    }
+                    out.insert(k.as_key().unwrap_or_default(), condition);
+                }
+            }
+            Value::Null => {}
+            _ => return Err(self.err(node, "depends_on must be a list or a mapping")),
+        }
+        Ok(out)
+    }
+
+    fn healthcheck(&self, node: &Node) -> R<Option<Healthcheck>> {
+        let mut h = Healthcheck::default();
+        for (k, v) in self.map(node, "healthcheck")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "test" => {
+                    h.test = match &v.value {
+                        Value::Str(s) => vec!["CMD-SHELL".into(), s.clone()],
+                        Value::Seq(_) => {
+                            let list = self.string_list(v, "healthcheck.test")?;
+                            if !matches!(list.first().map(String::as_str), Some("CMD" | "CMD-SHELL" | "NONE")) {
+                                return Err(self.err(v, "healthcheck.test as a list starts with CMD, CMD-SHELL or NONE"));
+                            }
+                            list
+                        }
+                        _ => return Err(self.err(v, "healthcheck.test must be a string or a list")),
+                    }
+                }
+                "interval" => h.interval_ms = Some(self.duration(v)?),
+                "timeout" => h.timeout_ms = Some(self.duration(v)?),
+                "start_period" => h.start_period_ms = Some(self.duration(v)?),
+                "retries" => h.retries = Some(self.string(v, "retries")?.parse().map_err(|_| self.err(v, "retries must be a number"))?),
+                "disable" => {
+                    if self.bool(v, "disable")? {
+                        h.test = vec!["NONE".into()];
+                    }
+                }
+                "start_interval" => {}
+                other => return Err(self.err(k, format!("unknown healthcheck option `{other}`"))),
+            }
+        }
+        Ok(if h.test.is_empty() { None } else { Some(h) })
+    }
+
+    /// `1m30s`, `10s`, `500ms`, `2h`; a bare number is seconds.
+    fn duration(&self, node: &Node) -> R<u64> {
+        let s = self.string(node, "duration")?;
+        parse_duration_ms(&s).ok_or_else(|| self.err(node, format!("`{s}` is not a duration (e.g. 30s, 1m30s, 500ms)")))
+    }
+
+    fn deploy(&mut self, name: &str, node: &Node) -> R<Limits> {
+        let mut limits = Limits::default();
+        for (k, v) in self.map(node, "deploy")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "resources" => {
+                    for (rk, rv) in self.map(v, "deploy.resources")? {
+                        match rk.as_key().unwrap_or_default().as_str() {
+                            "limits" => {
+                                for (lk, lv) in self.map(rv, "deploy.resources.limits")? {
+                                    match lk.as_key().unwrap_or_default().as_str() {
+                                        "cpus" => limits.cpus = Some(self.string(lv, "cpus")?.parse().map_err(|_| self.err(lv, "cpus must be a number"))?),
+                                        "memory" => {
+                                            let m = self.string(lv, "memory")?;
+                                            limits.memory_bytes = Some(parse_bytes(&m).ok_or_else(|| self.err(lv, format!("`{m}` is not a size (e.g. 512m, 2g)")))?);
+                                        }
+                                        other => self.warn(lk, format!("limit `{other}` of service `{name}` is ignored")),
+                                    }
+                                }
+                            }
+                            other => self.warn(rk, format!("deploy.resources.{other} of service `{name}` is ignored")),
+                        }
+                    }
+                }
+                other => self.warn(k, format!("deploy.{other} of service `{name}` is ignored")),
+            }
+        }
+        Ok(limits)
+    }
+}
+
+/// Compose's project name rules: lowercase letters, digits, `-`, `_`.
+pub fn normalize_project(name: &str) -> Option<String> {
+    let s: String = name.to_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    let s = s.trim_start_matches(['-', '_']).to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(secs * 1000);
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(n) = chars.peek().filter(|n| n.is_ascii_alphabetic()) {
+            unit.push(*n);
+            chars.next();
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        total += v * match unit.as_str() {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
+            "us" => 0.001,
+            _ => return None,
+        };
+        any = true;
+    }
+    (any && num.is_empty()).then_some(total as u64)
+}
+
+pub fn parse_bytes(s: &str) -> Option<i64> {
+    let s = s.trim().to_lowercase();
+    let (num, mult) = match s.trim_end_matches('b').chars().last()? {
+        'k' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64),
+        'm' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64 * 1024.0),
+        'g' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64 * 1024.0 * 1024.0),
+        _ => (s.trim_end_matches('b'), 1f64),
+    };
+    num.parse::<f64>().ok().map(|n| (n * mult) as i64)
+}
+
+/// Splits like a POSIX shell (quotes and backslashes; no expansion).
+pub fn split_words(s: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(ch) => cur.push(ch),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch @ ('"' | '\\' | '$' | '`')) => cur.push(ch),
+                            Some(ch) => {
+                                cur.push('\\');
+                                cur.push(ch);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(ch) => cur.push(ch),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(ch) = chars.next() {
+                    cur.push(ch);
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+/// Service names used in mounts of the stack directory (for the agent's
+/// file hashes): every relative bind source, normalized.
+pub fn relative_bind_sources(stack: &Stack) -> BTreeSet<String> {
+    stack
+        .services
+        .values()
+        .flat_map(|s| s.volumes.iter())
+        .filter(|m| m.kind == MountKind::Bind && m.source.starts_with('.'))
+        .map(|m| m.source.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

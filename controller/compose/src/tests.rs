@@ -1,0 +1,179 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+fn parse_with(text: &str, env: &[(&str, &str)]) -> Result<Loaded, ComposeError> {
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let opts = LoadOptions { project: Some("demo".into()), ..Default::default() };
+    parse(text, Path::new("compose.yaml"), Path::new("/nonexistent"), &env, &opts)
+}
+
+fn ok(text: &str) -> Loaded {
+    parse_with(text, &[]).unwrap()
+}
+
+#[test]
+fn a_full_service() {
+    let l = ok(r#"
+x-common: &common
+  restart: unless-stopped
+  labels:
+    team: data
+services:
+  db:
+    image: postgres:15
+    <<: *common
+    environment:
+      POSTGRES_PASSWORD: secret
+      EMPTY:
+    volumes:
+      - pgdata:/var/lib/postgresql/data
+    healthcheck:
+      test: ["CMD-SHELL", "pg_isready"]
+      interval: 5s
+      timeout: 1m30s
+      retries: 5
+      start_period: 500ms
+  web:
+    build:
+      context: ./web
+      dockerfile: Dockerfile.web
+      args: [VERSION=1.2]
+      target: prod
+    command: gunicorn -w "2 3" app:app
+    entrypoint: ["/bin/sh", "-c"]
+    environment: ["A=1", "B=two"]
+    ports: ["127.0.0.1:8080:80", "9000", "53:53/udp", {target: 443, published: 8443}]
+    volumes: ["./conf/app.ini:/etc/app.ini:ro", "/var/log:/logs", {type: tmpfs, target: /tmp}]
+    networks: [front]
+    depends_on:
+      db:
+        condition: service_healthy
+    user: "1000:1000"
+    working_dir: /app
+    profiles: []
+    deploy:
+      resources:
+        limits: {cpus: "0.5", memory: 512m}
+volumes:
+  pgdata:
+networks:
+  front:
+"#);
+    let s = &l.stack;
+    assert_eq!(s.project, "demo");
+    let db = &s.services["db"];
+    assert_eq!(db.restart.as_deref(), Some("unless-stopped"), "merge key applied");
+    assert_eq!(db.labels["team"], "data");
+    assert_eq!(db.environment.get("EMPTY"), None, "unset variables stay unset");
+    let hc = db.healthcheck.as_ref().unwrap();
+    assert_eq!((hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms), (Some(5000), Some(90_000), Some(5), Some(500)));
+    assert_eq!(db.volumes[0], Mount { kind: MountKind::Volume, source: "pgdata".into(), target: "/var/lib/postgresql/data".into(), read_only: false });
+    let web = &s.services["web"];
+    let b = web.build.as_ref().unwrap();
+    assert_eq!((b.context.as_str(), b.dockerfile.as_str(), b.args["VERSION"].as_str(), b.target.as_deref()), ("./web", "Dockerfile.web", "1.2", Some("prod")));
+    assert_eq!(web.command.as_ref().unwrap(), &["gunicorn", "-w", "2 3", "app:app"]);
+    assert_eq!(web.environment["B"], "two");
+    assert_eq!(web.ports[0], Port { host_ip: "127.0.0.1".into(), host_port: Some(8080), container_port: 80, protocol: "tcp".into() });
+    assert_eq!(web.ports[1].host_port, None);
+    assert_eq!(web.ports[2].protocol, "udp");
+    assert_eq!(web.ports[3].host_port, Some(8443));
+    assert!(web.volumes[0].read_only && web.volumes[0].kind == MountKind::Bind);
+    assert_eq!(web.volumes[2].kind, MountKind::Tmpfs);
+    assert_eq!(web.depends_on["db"], Condition::ServiceHealthy);
+    assert_eq!(web.limits.memory_bytes, Some(512 * 1024 * 1024));
+    assert_eq!(web.limits.cpus, Some(0.5));
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    assert_eq!(s.start_order().unwrap(), ["db", "web"]);
+}
+
+#[test]
+fn interpolation_and_its_errors_have_positions() {
+    let l = parse_with("services:\n  a:\n    image: \"busybox:${TAG:-latest}\"\n    environment:\n      X: $$HOME-${MISSING}\n", &[]).unwrap();
+    assert_eq!(l.stack.services["a"].image.as_deref(), Some("busybox:latest"));
+    assert_eq!(l.stack.services["a"].environment["X"], "$HOME-");
+    assert_eq!(l.warnings.len(), 1);
+    assert_eq!(l.warnings[0].to_string(), "compose.yaml:5:10: variable MISSING is not set; using an empty string");
+
+    let e = parse_with("services:\n  a:\n    image: ${IMAGE:?name the image}\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "compose.yaml:3:12: required variable IMAGE is missing a value: name the image");
+    let l = parse_with("services:\n  a:\n    image: ${IMAGE:?name the image}\n", &[("IMAGE", "x")]).unwrap();
+    assert_eq!(l.stack.services["a"].image.as_deref(), Some("x"));
+}
+
+#[test]
+fn unknown_keys_warn_with_their_line() {
+    let l = ok("services:\n  a:\n    image: x\n    cap_add: [NET_ADMIN]\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].starts_with("compose.yaml:4:5: unknown key `cap_add` in service `a` is ignored"), "{w:?}");
+    assert!(w[1].starts_with("compose.yaml:6:1: unknown top-level key `secrets`"), "{w:?}");
+}
+
+#[test]
+fn bad_input_names_line_and_column() {
+    let e = parse_with("services:\n  a:\n    image: x\n   ports: [1]\n", &[]).unwrap_err();
+    assert!(matches!(e, ComposeError::Yaml { .. }), "{e}");
+    assert!(e.to_string().contains("line 4"), "{e}");
+
+    let e = parse_with("services:\n  a:\n    image: x\n    ports: [\"80:http\"]\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "compose.yaml:4:13: port `80:http`: `http` is not a port number");
+
+    let e = parse_with("services:\n  a:\n    image: x\n    depends_on: [b]\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("depends on `b`, which is not a service"), "{e}");
+
+    let e = parse_with("services:\n  a:\n    image: x\n    volumes: [data:/d]\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("volume `data`, which is not declared"), "{e}");
+
+    let e = parse_with("services:\n  a:\n    build: .\n    depends_on: [b]\n  b:\n    image: x\n    depends_on: [a]\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+
+    let e = parse_with("services:\n  a:\n    restart: sometimes\n    image: x\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "compose.yaml:3:14: restart `sometimes`: use no, always, unless-stopped, on-failure or on-failure:N");
+
+    let e = parse_with("services:\n  a:\n    command: \"echo 'unterminated\"\n    image: x\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("unterminated single quote"), "{e}");
+}
+
+#[test]
+fn profiles_select_services() {
+    let text = "services:\n  a:\n    image: x\n  dbg:\n    image: y\n    profiles: [debug]\n";
+    let l = ok(text);
+    assert_eq!(l.stack.services.keys().collect::<Vec<_>>(), ["a"]);
+    let env = BTreeMap::new();
+    let opts = LoadOptions { project: Some("p".into()), profiles: vec!["debug".into()], ..Default::default() };
+    let l = parse(text, Path::new("c.yaml"), Path::new("."), &env, &opts).unwrap();
+    assert_eq!(l.stack.services.len(), 2);
+}
+
+#[test]
+fn load_reads_dotenv_and_env_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join(".env"), "TAG=1.0\nFROM_DOTENV=yes\n").unwrap();
+    std::fs::write(d.join("app.env"), "A=from-file\nB=from-file\n").unwrap();
+    std::fs::write(d.join("compose.yaml"), "name: My_Stack\nservices:\n  a:\n    image: img:${TAG}\n    env_file: app.env\n    environment:\n      B: inline\n      C: ${FROM_DOTENV}\n").unwrap();
+    let opts = LoadOptions { env: [("TAG".to_string(), "2.0".to_string())].into(), ..Default::default() };
+    let l = load(d, &opts).unwrap();
+    assert_eq!(l.stack.project, "my_stack");
+    let a = &l.stack.services["a"];
+    assert_eq!(a.image.as_deref(), Some("img:2.0"), "the environment wins over .env");
+    assert_eq!((a.environment["A"].as_str(), a.environment["B"].as_str(), a.environment["C"].as_str()), ("from-file", "inline", "yes"));
+    assert!(matches!(load(&d.join("nope"), &LoadOptions::default()), Err(ComposeError::Read { .. })));
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(load(empty.path(), &LoadOptions::default()), Err(ComposeError::NotFound { .. })));
+}
+
+#[test]
+fn helpers() {
+    assert_eq!(parse_duration_ms("1m30s"), Some(90_000));
+    assert_eq!(parse_duration_ms("250ms"), Some(250));
+    assert_eq!(parse_duration_ms("3"), Some(3000));
+    assert_eq!(parse_duration_ms("soon"), None);
+    assert_eq!(parse_bytes("2g"), Some(2 * 1024 * 1024 * 1024));
+    assert_eq!(parse_bytes("100"), Some(100));
+    assert_eq!(parse_bytes("1.5m"), Some(1_572_864));
+    assert_eq!(split_words(r#"a "b c" 'd e' f\ g"#).unwrap(), ["a", "b c", "d e", "f g"]);
+    assert_eq!(normalize_project("My Stack!"), Some("mystack".into()));
+}
