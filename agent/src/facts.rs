@@ -1,14 +1,10 @@
-//! Host facts and metrics: `/proc`, `statvfs(2)` and the Docker socket.
+//! Host facts and metrics: `/proc` and `statvfs(2)`.
 //!
 //! Everything here is cheap (a few small file reads), so it is computed on
 //! each request rather than cached; the heartbeat keeps the one piece of
 //! state it needs (the previous CPU counters) itself.
 
 use std::path::Path;
-use std::time::Duration;
-
-use mlops_proto::v1::DockerStatus;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `PRETTY_NAME` from os-release, else the kernel name.
 pub fn os_name() -> String {
@@ -110,59 +106,6 @@ impl CpuTimes {
     }
 }
 
-pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
-
-/// Asks the Docker engine for its version over its socket.
-///
-/// A plain HTTP/1.0 request keeps this check free of a Docker client
-/// library; the engine work (later) uses the full API.
-pub async fn docker_status(socket: &Path) -> DockerStatus {
-    let attempt = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await?;
-        stream.write_all(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n").await?;
-        let mut buf = Vec::new();
-        stream.take(256 * 1024).read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let reply = match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return DockerStatus {
-                available: false,
-                error: format!("{}: {e}", socket.display()),
-                ..Default::default()
-            };
-        }
-        Err(_) => {
-            return DockerStatus {
-                available: false,
-                error: format!("{}: no answer within 3 s", socket.display()),
-                ..Default::default()
-            };
-        }
-    };
-    parse_version_reply(&reply)
-}
-
-fn parse_version_reply(reply: &[u8]) -> DockerStatus {
-    let text = String::from_utf8_lossy(reply);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
-        return DockerStatus {
-            available: false,
-            error: format!("unexpected answer: {}", head.lines().next().unwrap_or_default()),
-            ..Default::default()
-        };
-    }
-    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    DockerStatus {
-        available: true,
-        version: json["Version"].as_str().unwrap_or_default().to_string(),
-        api_version: json["ApiVersion"].as_str().unwrap_or_default().to_string(),
-        error: String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,23 +116,6 @@ mod tests {
         let b = CpuTimes::parse("cpu  200 0 200 1400 200 0 0 0 0 0");
         assert_eq!(a.total, 1000);
         assert!((b.busy_since(&a) - 0.2).abs() < 1e-9);
-    }
-
-    #[test]
-    fn docker_version_reply() {
-        let ok = parse_version_reply(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Version\":\"20.10.24\",\"ApiVersion\":\"1.41\"}");
-        assert!(ok.available);
-        assert_eq!(ok.api_version, "1.41");
-        let bad = parse_version_reply(b"HTTP/1.0 500 Internal Server Error\r\n\r\n");
-        assert!(!bad.available);
-        assert!(bad.error.contains("500"));
-    }
-
-    #[tokio::test]
-    async fn no_socket_is_reported_not_fatal() {
-        let s = docker_status(Path::new("/nonexistent/docker.sock")).await;
-        assert!(!s.available);
-        assert!(s.error.contains("/nonexistent/docker.sock"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   to `tonic::Status` in one place.
 //! - [`facts`]: host facts and metrics read from `/proc`, `statvfs` and the
 //!   Docker socket.
+//! - [`engine`]: the Docker engine, file sync and stacks (see its docs).
 //! - [`install`]: `mlops-agent install|uninstall`, run by the controller over
 //!   SSH: writes configuration and the service definition, (re)starts.
 //! - [`daemon`]: running as a plain daemon where PID 1 is not systemd, and
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod engine;
 pub mod facts;
 pub mod install;
 pub mod server;

@@ -119,7 +119,13 @@ fn expand(inner: &str, env: &BTreeMap<String, String>, unset: &mut Vec<String>) 
                 String::new()
             }
         },
-        ":-" => if set_nonempty { value.cloned().unwrap_or_default() } else { nested(arg, unset)? },
+        ":-" => {
+            if set_nonempty {
+                value.cloned().unwrap_or_default()
+            } else {
+                nested(arg, unset)?
+            }
+        }
         "-" => match value {
             Some(v) => v.clone(),
             None => nested(arg, unset)?,
@@ -136,8 +142,20 @@ fn expand(inner: &str, env: &BTreeMap<String, String>, unset: &mut Vec<String>) 
             }
             value.cloned().unwrap_or_default()
         }
-        ":+" => if set_nonempty { nested(arg, unset)? } else { String::new() },
-        "+" => if value.is_some() { nested(arg, unset)? } else { String::new() },
+        ":+" => {
+            if set_nonempty {
+                nested(arg, unset)?
+            } else {
+                String::new()
+            }
+        }
+        "+" => {
+            if value.is_some() {
+                nested(arg, unset)?
+            } else {
+                String::new()
+            }
+        }
         _ => unreachable!("operators listed above"),
     })
 }
@@ -213,7 +231,10 @@ mod tests {
         assert_eq!(i("cost: 5$"), "cost: 5$");
         let r = interpolate("${MISSING}", &env()).unwrap();
         assert_eq!((r.value.as_str(), r.unset), ("", vec!["MISSING".to_string()]));
-        assert_eq!(interpolate("${MISSING:?set it please}", &env()).unwrap_err(), "required variable MISSING is missing a value: set it please");
+        assert_eq!(
+            interpolate("${MISSING:?set it please}", &env()).unwrap_err(),
+            "required variable MISSING is missing a value: set it please"
+        );
         assert!(interpolate("${EMPTY:?}", &env()).is_err());
         assert!(interpolate("${EMPTY?}", &env()).is_ok());
         assert!(interpolate("${A", &env()).is_err());

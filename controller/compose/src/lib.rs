@@ -103,8 +103,11 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Loaded, ComposeError> 
     let text = std::fs::read_to_string(&file).map_err(|source| ComposeError::Read { path: file.clone(), source })?;
     let dotenv_path = dir.join(".env");
     let mut env = match std::fs::read_to_string(&dotenv_path) {
-        Ok(t) => interpolate::parse_dotenv(&t)
-            .map_err(|(line, message)| ComposeError::DotEnv { path: dotenv_path.clone(), line, message })?,
+        Ok(t) => interpolate::parse_dotenv(&t).map_err(|(line, message)| ComposeError::DotEnv {
+            path: dotenv_path.clone(),
+            line,
+            message,
+        })?,
         Err(_) => BTreeMap::new(),
     };
     env.extend(options.env.clone());
@@ -167,7 +170,12 @@ impl Parser<'_> {
     }
 
     fn warn(&mut self, node: &Node, message: impl Into<String>) {
-        self.warnings.push(Warning { path: self.file.clone(), line: node.line, column: node.column, message: message.into() });
+        self.warnings.push(Warning {
+            path: self.file.clone(),
+            line: node.line,
+            column: node.column,
+            message: message.into(),
+        });
     }
 
     /// Interpolates every string value (not keys), keeping positions.
@@ -192,9 +200,9 @@ impl Parser<'_> {
                 Value::Str(r.value)
             }
             Value::Seq(items) => Value::Seq(items.into_iter().map(|n| self.interpolate_tree(n)).collect::<R<_>>()?),
-            Value::Map(entries) => Value::Map(
-                entries.into_iter().map(|(k, v)| Ok((k, self.interpolate_tree(v)?))).collect::<R<_>>()?,
-            ),
+            Value::Map(entries) => {
+                Value::Map(entries.into_iter().map(|(k, v)| Ok((k, self.interpolate_tree(v)?))).collect::<R<_>>()?)
+            }
             other => other,
         };
         Ok(Node { value, line, column })
@@ -328,17 +336,27 @@ impl Parser<'_> {
             }
         }
         let project = options.project.clone().or(name).unwrap_or_else(|| {
-            self.dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "stack".into())
+            self.dir
+                .canonicalize()
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "stack".into())
         });
         stack.project = normalize_project(&project).ok_or_else(|| {
-            self.err(root, format!("project name `{project}` has no letter or digit; set `name:` in the file or pass --project"))
+            self.err(
+                root,
+                format!("project name `{project}` has no letter or digit; set `name:` in the file or pass --project"),
+            )
         })?;
         let services_node = services_node.ok_or_else(|| self.err(root, "no `services:` in the Compose file"))?;
         let mut positions = BTreeMap::new();
         for (sk, sv) in self.map(&services_node, "services")? {
             let sname = sk.as_key().unwrap_or_default();
-            if sname.is_empty() || !sname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-                return Err(self.err(sk, format!("`{sname}` is not a valid service name (letters, digits, `-`, `_`, `.`)")));
+            if sname.is_empty() || !sname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(
+                    self.err(sk, format!("`{sname}` is not a valid service name (letters, digits, `-`, `_`, `.`)"))
+                );
             }
             let svc = self.service(&sname, sv)?;
             if !svc.profiles.is_empty() && !svc.profiles.iter().any(|p| options.profiles.contains(p)) {
@@ -362,12 +380,23 @@ impl Parser<'_> {
             }
             for dep in svc.depends_on.keys() {
                 if !stack.services.contains_key(dep) {
-                    return Err(self.err(at, format!("service `{name}` depends on `{dep}`, which is not a service (or not in an enabled profile)")));
+                    return Err(self.err(
+                        at,
+                        format!(
+                            "service `{name}` depends on `{dep}`, which is not a service (or not in an enabled profile)"
+                        ),
+                    ));
                 }
             }
             for m in &svc.volumes {
                 if m.kind == MountKind::Volume && !m.source.is_empty() && !stack.volumes.contains_key(&m.source) {
-                    return Err(self.err(at, format!("service `{name}` uses volume `{}`, which is not declared under the top-level `volumes:`", m.source)));
+                    return Err(self.err(
+                        at,
+                        format!(
+                            "service `{name}` uses volume `{}`, which is not declared under the top-level `volumes:`",
+                            m.source
+                        ),
+                    ));
                 }
             }
             for n in &svc.networks {
@@ -399,7 +428,13 @@ impl Parser<'_> {
                 "name" => n.name = self.opt_string(v, "name")?,
                 "driver" => n.driver = self.opt_string(v, "driver")?,
                 "labels" | "driver_opts" | "ipam" | "attachable" | "internal" | "enable_ipv6" => {
-                    self.warn(k, format!("network option `{}` is not supported by mlopsctl and is ignored", k.as_key().unwrap_or_default()));
+                    self.warn(
+                        k,
+                        format!(
+                            "network option `{}` is not supported by mlopsctl and is ignored",
+                            k.as_key().unwrap_or_default()
+                        ),
+                    );
                 }
                 other if other.starts_with("x-") => {}
                 other => self.warn(k, format!("unknown key `{other}` in network is ignored")),
@@ -416,7 +451,13 @@ impl Parser<'_> {
                 "name" => vol.name = self.opt_string(v, "name")?,
                 "driver" => vol.driver = self.opt_string(v, "driver")?,
                 "labels" | "driver_opts" => {
-                    self.warn(k, format!("volume option `{}` is not supported by mlopsctl and is ignored", k.as_key().unwrap_or_default()));
+                    self.warn(
+                        k,
+                        format!(
+                            "volume option `{}` is not supported by mlopsctl and is ignored",
+                            k.as_key().unwrap_or_default()
+                        ),
+                    );
                 }
                 other if other.starts_with("x-") => {}
                 other => self.warn(k, format!("unknown key `{other}` in volume is ignored")),
@@ -479,7 +520,10 @@ impl Parser<'_> {
                     let ok = matches!(r.as_str(), "no" | "always" | "unless-stopped" | "on-failure")
                         || r.strip_prefix("on-failure:").is_some_and(|n| n.parse::<u32>().is_ok());
                     if !ok {
-                        return Err(self.err(v, format!("restart `{r}`: use no, always, unless-stopped, on-failure or on-failure:N")));
+                        return Err(self.err(
+                            v,
+                            format!("restart `{r}`: use no, always, unless-stopped, on-failure or on-failure:N"),
+                        ));
                     }
                     svc.restart = Some(r);
                 }
@@ -494,7 +538,10 @@ impl Parser<'_> {
                 other if other.starts_with("x-") => {}
                 other => {
                     let known = SERVICE_KEYS.join(", ");
-                    self.warn(k, format!("unknown key `{other}` in service `{name}` is ignored (mlopsctl reads: {known})"));
+                    self.warn(
+                        k,
+                        format!("unknown key `{other}` in service `{name}` is ignored (mlopsctl reads: {known})"),
+                    );
                 }
             }
         }
@@ -502,9 +549,13 @@ impl Parser<'_> {
         let mut merged = BTreeMap::new();
         for (file, at) in env_files {
             let path = self.dir.join(&file);
-            let text = std::fs::read_to_string(&path).map_err(|e| self.err(&at, format!("env_file `{}`: {e}", path.display())))?;
-            let vars = interpolate::parse_dotenv(&text)
-                .map_err(|(line, m)| ComposeError::DotEnv { path: path.clone(), line, message: m })?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| self.err(&at, format!("env_file `{}`: {e}", path.display())))?;
+            let vars = interpolate::parse_dotenv(&text).map_err(|(line, m)| ComposeError::DotEnv {
+                path: path.clone(),
+                line,
+                message: m,
+            })?;
             merged.extend(vars);
         }
         merged.extend(environment);
@@ -524,7 +575,9 @@ impl Parser<'_> {
                         "args" => b.args = self.key_values(v, "build.args", true)?,
                         "target" => b.target = self.opt_string(v, "build.target")?,
                         other if other.starts_with("x-") => {}
-                        other => self.warn(k, format!("build option `{other}` is not supported by mlopsctl and is ignored")),
+                        other => {
+                            self.warn(k, format!("build option `{other}` is not supported by mlopsctl and is ignored"))
+                        }
                     }
                 }
             }
@@ -540,7 +593,10 @@ impl Parser<'_> {
         let bad = |m: String| self.err(node, m);
         match &node.value {
             Value::Int(n) => Ok(Port {
-                container_port: u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(|| bad(format!("port {n} is out of range")))?,
+                container_port: u16::try_from(*n)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| bad(format!("port {n} is out of range")))?,
                 protocol: "tcp".into(),
                 ..Default::default()
             }),
@@ -556,13 +612,20 @@ impl Parser<'_> {
                     (ip.to_string(), rest)
                 } else {
                     let parts: Vec<&str> = spec.split(':').collect();
-                    if parts.len() == 3 { (parts[0].to_string(), &spec[parts[0].len() + 1..]) } else { (String::new(), spec) }
+                    if parts.len() == 3 {
+                        (parts[0].to_string(), &spec[parts[0].len() + 1..])
+                    } else {
+                        (String::new(), spec)
+                    }
                 };
                 let num = |p: &str| -> R<u16> {
                     if p.contains('-') {
                         return Err(bad(format!("port `{s}`: port ranges are not supported; list each port")));
                     }
-                    p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad(format!("port `{s}`: `{p}` is not a port number")))
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| bad(format!("port `{s}`: `{p}` is not a port number")))
                 };
                 let (host_port, container_port) = match rest.split_once(':') {
                     Some((h, c)) => (if h.is_empty() { None } else { Some(num(h)?) }, num(c)?),
@@ -574,8 +637,19 @@ impl Parser<'_> {
                 let mut p = Port { protocol: "tcp".into(), ..Default::default() };
                 for (k, v) in entries {
                     match k.as_key().unwrap_or_default().as_str() {
-                        "target" => p.container_port = self.string(v, "target")?.parse().map_err(|_| self.err(v, "target must be a port number"))?,
-                        "published" => p.host_port = Some(self.string(v, "published")?.parse().map_err(|_| self.err(v, "published must be a port number"))?),
+                        "target" => {
+                            p.container_port = self
+                                .string(v, "target")?
+                                .parse()
+                                .map_err(|_| self.err(v, "target must be a port number"))?
+                        }
+                        "published" => {
+                            p.host_port = Some(
+                                self.string(v, "published")?
+                                    .parse()
+                                    .map_err(|_| self.err(v, "published must be a port number"))?,
+                            )
+                        }
                         "host_ip" => p.host_ip = self.string(v, "host_ip")?,
                         "protocol" => p.protocol = self.string(v, "protocol")?,
                         "mode" | "name" | "app_protocol" => {}
@@ -602,13 +676,20 @@ impl Parser<'_> {
                     _ => return Err(self.err(node, format!("volume `{s}`: expected SOURCE:TARGET[:MODE]"))),
                 };
                 if !target.starts_with('/') {
-                    return Err(self.err(node, format!("volume `{s}`: the target `{target}` must be an absolute path in the container")));
+                    return Err(self.err(
+                        node,
+                        format!("volume `{s}`: the target `{target}` must be an absolute path in the container"),
+                    ));
                 }
                 let read_only = mode.split(',').any(|m| m == "ro");
                 if let Some(bad) = mode.split(',').find(|m| !matches!(*m, "" | "ro" | "rw" | "z" | "Z")) {
                     return Err(self.err(node, format!("volume `{s}`: unknown mode `{bad}`")));
                 }
-                let kind = if source.starts_with('.') || source.starts_with('/') || source.starts_with('~') { MountKind::Bind } else { MountKind::Volume };
+                let kind = if source.starts_with('.') || source.starts_with('/') || source.starts_with('~') {
+                    MountKind::Bind
+                } else {
+                    MountKind::Volume
+                };
                 Ok(Mount { kind, source: source.to_string(), target: target.to_string(), read_only })
             }
             Value::Map(entries) => {
@@ -623,7 +704,12 @@ impl Parser<'_> {
                                 "volume" => MountKind::Volume,
                                 "bind" => MountKind::Bind,
                                 "tmpfs" => MountKind::Tmpfs,
-                                other => return Err(self.err(v, format!("volume type `{other}` is not supported (volume, bind, tmpfs)"))),
+                                other => {
+                                    return Err(self.err(
+                                        v,
+                                        format!("volume type `{other}` is not supported (volume, bind, tmpfs)"),
+                                    ));
+                                }
                             })
                         }
                         "source" => source = self.string(v, "source")?,
@@ -689,7 +775,9 @@ impl Parser<'_> {
                         Value::Seq(_) => {
                             let list = self.string_list(v, "healthcheck.test")?;
                             if !matches!(list.first().map(String::as_str), Some("CMD" | "CMD-SHELL" | "NONE")) {
-                                return Err(self.err(v, "healthcheck.test as a list starts with CMD, CMD-SHELL or NONE"));
+                                return Err(
+                                    self.err(v, "healthcheck.test as a list starts with CMD, CMD-SHELL or NONE")
+                                );
                             }
                             list
                         }
@@ -699,7 +787,10 @@ impl Parser<'_> {
                 "interval" => h.interval_ms = Some(self.duration(v)?),
                 "timeout" => h.timeout_ms = Some(self.duration(v)?),
                 "start_period" => h.start_period_ms = Some(self.duration(v)?),
-                "retries" => h.retries = Some(self.string(v, "retries")?.parse().map_err(|_| self.err(v, "retries must be a number"))?),
+                "retries" => {
+                    h.retries =
+                        Some(self.string(v, "retries")?.parse().map_err(|_| self.err(v, "retries must be a number"))?)
+                }
                 "disable" => {
                     if self.bool(v, "disable")? {
                         h.test = vec!["NONE".into()];
@@ -728,12 +819,22 @@ impl Parser<'_> {
                             "limits" => {
                                 for (lk, lv) in self.map(rv, "deploy.resources.limits")? {
                                     match lk.as_key().unwrap_or_default().as_str() {
-                                        "cpus" => limits.cpus = Some(self.string(lv, "cpus")?.parse().map_err(|_| self.err(lv, "cpus must be a number"))?),
+                                        "cpus" => {
+                                            limits.cpus = Some(
+                                                self.string(lv, "cpus")?
+                                                    .parse()
+                                                    .map_err(|_| self.err(lv, "cpus must be a number"))?,
+                                            )
+                                        }
                                         "memory" => {
                                             let m = self.string(lv, "memory")?;
-                                            limits.memory_bytes = Some(parse_bytes(&m).ok_or_else(|| self.err(lv, format!("`{m}` is not a size (e.g. 512m, 2g)")))?);
+                                            limits.memory_bytes = Some(parse_bytes(&m).ok_or_else(|| {
+                                                self.err(lv, format!("`{m}` is not a size (e.g. 512m, 2g)"))
+                                            })?);
                                         }
-                                        other => self.warn(lk, format!("limit `{other}` of service `{name}` is ignored")),
+                                        other => {
+                                            self.warn(lk, format!("limit `{other}` of service `{name}` is ignored"))
+                                        }
                                     }
                                 }
                             }
@@ -750,7 +851,8 @@ impl Parser<'_> {
 
 /// Compose's project name rules: lowercase letters, digits, `-`, `_`.
 pub fn normalize_project(name: &str) -> Option<String> {
-    let s: String = name.to_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    let s: String =
+        name.to_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
     let s = s.trim_start_matches(['-', '_']).to_string();
     (!s.is_empty()).then_some(s)
 }

@@ -68,14 +68,31 @@ networks:
     assert_eq!(db.labels["team"], "data");
     assert_eq!(db.environment.get("EMPTY"), None, "unset variables stay unset");
     let hc = db.healthcheck.as_ref().unwrap();
-    assert_eq!((hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms), (Some(5000), Some(90_000), Some(5), Some(500)));
-    assert_eq!(db.volumes[0], Mount { kind: MountKind::Volume, source: "pgdata".into(), target: "/var/lib/postgresql/data".into(), read_only: false });
+    assert_eq!(
+        (hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms),
+        (Some(5000), Some(90_000), Some(5), Some(500))
+    );
+    assert_eq!(
+        db.volumes[0],
+        Mount {
+            kind: MountKind::Volume,
+            source: "pgdata".into(),
+            target: "/var/lib/postgresql/data".into(),
+            read_only: false
+        }
+    );
     let web = &s.services["web"];
     let b = web.build.as_ref().unwrap();
-    assert_eq!((b.context.as_str(), b.dockerfile.as_str(), b.args["VERSION"].as_str(), b.target.as_deref()), ("./web", "Dockerfile.web", "1.2", Some("prod")));
+    assert_eq!(
+        (b.context.as_str(), b.dockerfile.as_str(), b.args["VERSION"].as_str(), b.target.as_deref()),
+        ("./web", "Dockerfile.web", "1.2", Some("prod"))
+    );
     assert_eq!(web.command.as_ref().unwrap(), &["gunicorn", "-w", "2 3", "app:app"]);
     assert_eq!(web.environment["B"], "two");
-    assert_eq!(web.ports[0], Port { host_ip: "127.0.0.1".into(), host_port: Some(8080), container_port: 80, protocol: "tcp".into() });
+    assert_eq!(
+        web.ports[0],
+        Port { host_ip: "127.0.0.1".into(), host_port: Some(8080), container_port: 80, protocol: "tcp".into() }
+    );
     assert_eq!(web.ports[1].host_port, None);
     assert_eq!(web.ports[2].protocol, "udp");
     assert_eq!(web.ports[3].host_port, Some(8443));
@@ -90,7 +107,11 @@ networks:
 
 #[test]
 fn interpolation_and_its_errors_have_positions() {
-    let l = parse_with("services:\n  a:\n    image: \"busybox:${TAG:-latest}\"\n    environment:\n      X: $$HOME-${MISSING}\n", &[]).unwrap();
+    let l = parse_with(
+        "services:\n  a:\n    image: \"busybox:${TAG:-latest}\"\n    environment:\n      X: $$HOME-${MISSING}\n",
+        &[],
+    )
+    .unwrap();
     assert_eq!(l.stack.services["a"].image.as_deref(), Some("busybox:latest"));
     assert_eq!(l.stack.services["a"].environment["X"], "$HOME-");
     assert_eq!(l.warnings.len(), 1);
@@ -104,7 +125,8 @@ fn interpolation_and_its_errors_have_positions() {
 
 #[test]
 fn unknown_keys_warn_with_their_line() {
-    let l = ok("services:\n  a:\n    image: x\n    cap_add: [NET_ADMIN]\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
+    let l =
+        ok("services:\n  a:\n    image: x\n    cap_add: [NET_ADMIN]\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
     let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(w.len(), 2, "{w:?}");
     assert!(w[0].starts_with("compose.yaml:4:5: unknown key `cap_add` in service `a` is ignored"), "{w:?}");
@@ -126,11 +148,18 @@ fn bad_input_names_line_and_column() {
     let e = parse_with("services:\n  a:\n    image: x\n    volumes: [data:/d]\n", &[]).unwrap_err();
     assert!(e.to_string().contains("volume `data`, which is not declared"), "{e}");
 
-    let e = parse_with("services:\n  a:\n    build: .\n    depends_on: [b]\n  b:\n    image: x\n    depends_on: [a]\n", &[]).unwrap_err();
+    let e = parse_with(
+        "services:\n  a:\n    build: .\n    depends_on: [b]\n  b:\n    image: x\n    depends_on: [a]\n",
+        &[],
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("cycle"), "{e}");
 
     let e = parse_with("services:\n  a:\n    restart: sometimes\n    image: x\n", &[]).unwrap_err();
-    assert_eq!(e.to_string(), "compose.yaml:3:14: restart `sometimes`: use no, always, unless-stopped, on-failure or on-failure:N");
+    assert_eq!(
+        e.to_string(),
+        "compose.yaml:3:14: restart `sometimes`: use no, always, unless-stopped, on-failure or on-failure:N"
+    );
 
     let e = parse_with("services:\n  a:\n    command: \"echo 'unterminated\"\n    image: x\n", &[]).unwrap_err();
     assert!(e.to_string().contains("unterminated single quote"), "{e}");
@@ -159,7 +188,10 @@ fn load_reads_dotenv_and_env_files() {
     assert_eq!(l.stack.project, "my_stack");
     let a = &l.stack.services["a"];
     assert_eq!(a.image.as_deref(), Some("img:2.0"), "the environment wins over .env");
-    assert_eq!((a.environment["A"].as_str(), a.environment["B"].as_str(), a.environment["C"].as_str()), ("from-file", "inline", "yes"));
+    assert_eq!(
+        (a.environment["A"].as_str(), a.environment["B"].as_str(), a.environment["C"].as_str()),
+        ("from-file", "inline", "yes")
+    );
     assert!(matches!(load(&d.join("nope"), &LoadOptions::default()), Err(ComposeError::Read { .. })));
     let empty = tempfile::tempdir().unwrap();
     assert!(matches!(load(empty.path(), &LoadOptions::default()), Err(ComposeError::NotFound { .. })));

@@ -1,0 +1,198 @@
+//! Reaching the Docker engine, and installing one where none answers.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bollard::Docker;
+use mlops_proto::v1::{DockerStatus, Progress};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+use super::{EngineError, now_ms};
+
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// A connection to the engine at `socket`, at the API version the engine
+/// speaks (bollard would otherwise ask for a newer one and every call would
+/// fail on an older engine).
+pub async fn connect(socket: &Path) -> Result<Docker, EngineError> {
+    let no_engine = |message: String| EngineError::NoEngine { socket: socket.display().to_string(), message };
+    let docker = Docker::connect_with_unix(&socket.to_string_lossy(), 600, bollard::API_DEFAULT_VERSION)
+        .map_err(|e| no_engine(e.to_string()))?;
+    let docker = docker.negotiate_version().await.map_err(|e| no_engine(e.to_string()))?;
+    Ok(docker)
+}
+
+/// What `GET /version` says, or why there is no answer.
+pub async fn status(socket: &Path) -> DockerStatus {
+    let attempt = async {
+        let docker = connect(socket).await?;
+        let v = docker.version().await?;
+        Ok::<_, EngineError>(v)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(v)) => DockerStatus {
+            available: true,
+            version: v.version.unwrap_or_default(),
+            api_version: v.api_version.unwrap_or_default(),
+            error: String::new(),
+        },
+        Ok(Err(e)) => DockerStatus { available: false, error: e.to_string(), ..Default::default() },
+        Err(_) => DockerStatus {
+            available: false,
+            error: format!("{}: no answer within 5 s", socket.display()),
+            ..Default::default()
+        },
+    }
+}
+
+/// Sends progress lines to the caller; a closed channel (caller gone) is ignored.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: mpsc::Sender<Result<Progress, tonic::Status>>,
+}
+
+impl Reporter {
+    pub fn new(tx: mpsc::Sender<Result<Progress, tonic::Status>>) -> Self {
+        Reporter { tx }
+    }
+
+    pub async fn say(&self, message: impl Into<String>) {
+        let _ =
+            self.tx.send(Ok(Progress { unix_ms: now_ms(), message: message.into(), done: false, docker: None })).await;
+    }
+
+    pub async fn done(&self, docker: DockerStatus) {
+        let message = if docker.available {
+            format!("Docker {} (API {}) answers", docker.version, docker.api_version)
+        } else {
+            format!("no Docker engine: {}", docker.error)
+        };
+        let _ = self.tx.send(Ok(Progress { unix_ms: now_ms(), message, done: true, docker: Some(docker) })).await;
+    }
+}
+
+/// Makes sure an engine answers at `socket`; with `install`, installs
+/// `docker.io` from the OS repository (Debian and Ubuntu) and starts it
+/// (systemd where PID 1 is systemd, else `dockerd` as a daemon).
+pub async fn ensure(
+    socket: &Path,
+    install: bool,
+    log_dir: &Path,
+    report: &Reporter,
+) -> Result<DockerStatus, EngineError> {
+    let current = status(socket).await;
+    if current.available || !install {
+        return Ok(current);
+    }
+    report.say(format!("no engine at {} ({})", socket.display(), current.error)).await;
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let field = |k: &str| {
+        os.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let family = format!("{} {}", field("ID"), field("ID_LIKE"));
+    if !family.split_whitespace().any(|f| f == "debian" || f == "ubuntu") {
+        return Err(EngineError::Failed(format!(
+            "cannot install Docker on `{}`: only Debian and Ubuntu are supported; install Docker yourself",
+            field("PRETTY_NAME")
+        )));
+    }
+    if which("dockerd").is_none() {
+        report.say("installing docker.io from the OS repository").await;
+        run_streaming("apt-get", &["update", "-q"], report).await?;
+        run_streaming("apt-get", &["install", "-y", "-q", "--no-install-recommends", "docker.io"], report).await?;
+    }
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    if systemd {
+        report.say("starting docker.service").await;
+        run_streaming("systemctl", &["enable", "--now", "docker.service"], report).await?;
+    } else {
+        let dockerd = which("dockerd").ok_or_else(|| EngineError::Failed("dockerd is not installed".into()))?;
+        std::fs::create_dir_all(log_dir).map_err(EngineError::io(format!("creating {}", log_dir.display())))?;
+        let log_path = log_dir.join("dockerd.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(EngineError::io(format!("opening {}", log_path.display())))?;
+        report.say(format!("starting dockerd (no systemd; log {})", log_path.display())).await;
+        // setsid: dockerd must outlive this agent process and its session.
+        std::process::Command::new("setsid")
+            .arg(dockerd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(EngineError::io("log file"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(EngineError::io("starting dockerd"))?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = status(socket).await;
+        if s.available {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(EngineError::Failed(format!("the engine did not answer within 90 s: {}", s.error)));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command, sending each output line as progress; fails with its
+/// last lines when it fails.
+pub async fn run_streaming(program: &str, args: &[&str], report: &Reporter) -> Result<(), EngineError> {
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(EngineError::io(format!("running {program}")))?;
+    // Both pipes feed one channel, so lines arrive in about the order printed.
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let pump = |reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>, tx: mpsc::Sender<String>| {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    pump(Box::new(child.stdout.take().expect("piped")), tx.clone());
+    pump(Box::new(child.stderr.take().expect("piped")), tx);
+    let mut tail: Vec<String> = Vec::new();
+    while let Some(l) = rx.recv().await {
+        report.say(format!("{program}: {l}")).await;
+        tail.push(l);
+        if tail.len() > 10 {
+            tail.remove(0);
+        }
+    }
+    let status = child.wait().await.map_err(EngineError::io(format!("waiting for {program}")))?;
+    if !status.success() {
+        return Err(EngineError::Failed(format!(
+            "`{program} {}` failed ({status}): {}",
+            args.join(" "),
+            tail.join(" | ")
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Health transitions from Docker's event stream (no polling), and logs.
+
+use std::collections::HashMap;
+
+use bollard::Docker;
+use bollard::query_parameters::{EventsOptionsBuilder, InspectContainerOptions, LogsOptionsBuilder};
+use futures::StreamExt;
+use mlops_proto::stack::labels;
+use mlops_proto::v1::{HealthEvent, LogChunk};
+use tokio::sync::{mpsc, watch};
+
+use super::converge::{last_health_output, status};
+use super::{EngineError, now_ms};
+
+/// Streams the project's current service states, then every change Docker
+/// reports, until `tx` closes or `stop` fires.
+pub async fn health(
+    docker: Docker,
+    project: String,
+    tx: mpsc::Sender<Result<HealthEvent, tonic::Status>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    // Subscribe first, then take the snapshot: nothing falls in between.
+    let filters = HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        ("label".to_string(), vec![format!("{}={project}", labels::PROJECT)]),
+    ]);
+    let mut events = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+    for s in status(&docker, &project).await? {
+        let ev = HealthEvent {
+            unix_ms: now_ms(),
+            service: s.service,
+            state: s.state,
+            health: s.health,
+            health_output: String::new(),
+            container_id: s.container_id,
+            docker_time_ns: 0,
+        };
+        if tx.send(Ok(ev)).await.is_err() {
+            return Ok(());
+        }
+    }
+    loop {
+        let item = tokio::select! {
+            item = events.next() => item,
+            _ = stop.changed() => return Ok(()),
+            () = tx.closed() => return Ok(()),
+        };
+        let Some(item) = item else { return Ok(()) };
+        let msg = item?;
+        let action = msg.action.clone().unwrap_or_default();
+        // exec_* and attach events say nothing about state.
+        let relevant = action.starts_with("health_status")
+            || matches!(
+                action.as_str(),
+                "start" | "die" | "stop" | "kill" | "pause" | "unpause" | "restart" | "oom" | "destroy" | "create"
+            );
+        if !relevant {
+            continue;
+        }
+        let actor = msg.actor.unwrap_or_default();
+        let attrs = actor.attributes.unwrap_or_default();
+        let id = actor.id.unwrap_or_default();
+        let service = attrs.get(labels::SERVICE).cloned().unwrap_or_default();
+        let (state, health, output) = if action == "destroy" {
+            ("removed".to_string(), String::new(), String::new())
+        } else {
+            match docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+                Ok(i) => {
+                    let st = i.state.unwrap_or_default();
+                    let health = st
+                        .health
+                        .as_ref()
+                        .and_then(|h| h.status)
+                        .map(|h| h.to_string())
+                        .filter(|h| h != "none")
+                        .unwrap_or_default();
+                    let output = if health == "unhealthy" { last_health_output(&st) } else { String::new() };
+                    (st.status.map(|s| s.to_string()).unwrap_or_default(), health, output)
+                }
+                Err(_) => ("removed".to_string(), String::new(), String::new()),
+            }
+        };
+        // health_status events carry the new status in the action itself,
+        // which is what changed even if inspect raced ahead.
+        let health = action.strip_prefix("health_status: ").map(str::to_string).unwrap_or(health);
+        let ev = HealthEvent {
+            unix_ms: now_ms(),
+            service,
+            state,
+            health,
+            health_output: output,
+            container_id: id,
+            docker_time_ns: msg.time_nano.unwrap_or(0).max(0) as u64,
+        };
+        if tx.send(Ok(ev)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Streams a service's logs.
+pub async fn logs(
+    docker: Docker,
+    container: String,
+    follow: bool,
+    since: i64,
+    tail: u32,
+    tx: mpsc::Sender<Result<LogChunk, tonic::Status>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    let tail = if tail == 0 { "all".to_string() } else { tail.to_string() };
+    let options = LogsOptionsBuilder::new()
+        .stdout(true)
+        .stderr(true)
+        .follow(follow)
+        .since(since.max(0) as i32)
+        .tail(&tail)
+        .build();
+    let mut stream = docker.logs(&container, Some(options));
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = stop.changed() => return Ok(()),
+            () = tx.closed() => return Ok(()),
+        };
+        let Some(item) = item else { return Ok(()) };
+        let out = item?;
+        let (stream_name, data) = match out {
+            bollard::container::LogOutput::StdErr { message } => ("stderr", message),
+            bollard::container::LogOutput::StdOut { message } | bollard::container::LogOutput::Console { message } => {
+                ("stdout", message)
+            }
+            bollard::container::LogOutput::StdIn { .. } => continue,
+        };
+        if tx.send(Ok(LogChunk { stream: stream_name.into(), data: data.to_vec() })).await.is_err() {
+            return Ok(());
+        }
+    }
+}
