@@ -302,7 +302,7 @@ impl Agent for AgentService {
             let _guard = guard;
             let events = converge::Events::new(tx.clone());
             let work = converge::converge(&docker, &stack, &files_dir, timeout, &events);
-            run_until_gone(work, &tx, stop, &format!("converge of {}", stack.project)).await;
+            Box::pin(run_until_gone(work, &tx, stop, &format!("converge of {}", stack.project))).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -136,7 +136,7 @@ fn config_hashes(
         for m in &svc.volumes {
             match m.kind {
                 MountKind::Volume if !m.source.is_empty() => {
-                    h.update(format!("\0vol={}", stack.volume_name(&m.source)).as_bytes())
+                    h.update(format!("\0vol={}", stack.volume_name(&m.source)).as_bytes());
                 }
                 MountKind::Bind => {
                     let src = resolve_source(files_dir, &m.source);
@@ -270,7 +270,7 @@ pub async fn service_state(
 ) -> ServiceState {
     let inspect = docker.inspect_container(id, None::<InspectContainerOptions>).await.ok();
     let state = inspect.as_ref().and_then(|i| i.state.clone()).unwrap_or_default();
-    let started_at_ms = state.started_at.as_deref().and_then(|s| time_from_rfc3339_ms(s)).unwrap_or(0);
+    let started_at_ms = state.started_at.as_deref().and_then(time_from_rfc3339_ms).unwrap_or(0);
     let _ = stack_project;
     ServiceState {
         service: service.to_string(),
@@ -475,10 +475,16 @@ pub async fn converge(
                     (labels::PROJECT.to_string(), project.clone()),
                     (labels::CONTEXT_HASH.to_string(), ctx.hash.clone()),
                 ]);
-                let id =
-                    build::build(docker, &tag, ctx, &b.dockerfile, &b.args, b.target.as_deref(), image_labels, &say)
-                        .await
-                        .map_err(|e| EngineError::Failed(format!("service `{name}`: {e}")))?;
+                let spec = build::BuildSpec {
+                    tag: &tag,
+                    dockerfile: &b.dockerfile,
+                    args: &b.args,
+                    target: b.target.as_deref(),
+                    labels: image_labels,
+                };
+                let id = build::build(docker, spec, ctx, &say)
+                    .await
+                    .map_err(|e| EngineError::Failed(format!("service `{name}`: {e}")))?;
                 changed_anything = true;
                 ev.say(name, "built", tag.clone()).await;
                 id

@@ -363,7 +363,9 @@ impl SyncStore {
         Ok(report)
     }
 
-    /// Drops blobs no tree refers to (and no session in progress needs).
+    /// Drops blobs no tree refers to and no session in progress needs. Only
+    /// blobs older than an hour go: another sync may be uploading right now
+    /// for a tree it has not committed yet.
     fn collect_garbage(&self) {
         let mut keep = BTreeSet::new();
         if let Ok(dir) = std::fs::read_dir(self.base.join("trees/.index")) {
@@ -381,7 +383,13 @@ impl SyncStore {
         if let Ok(dir) = std::fs::read_dir(self.blobs()) {
             for f in dir.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if is_sha256(&name) && !keep.contains(&name) {
+                let old = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if is_sha256(&name) && !keep.contains(&name) && old {
                     let _ = std::fs::remove_file(f.path());
                 }
             }

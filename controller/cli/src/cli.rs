@@ -64,12 +64,67 @@ pub enum Output {
     Json,
 }
 
+/// Which stack: a directory with a Compose file, or just a project name.
+#[derive(Args, Clone, Default)]
+pub struct StackArgs {
+    /// A directory holding compose.yaml (or the Compose file itself).
+    #[arg(long, value_name = "DIR")]
+    pub stack: Option<PathBuf>,
+    /// Project name [default: the Compose file's `name:`, else the directory's name]
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+    /// Enable a Compose profile (repeatable).
+    #[arg(long = "profile", value_name = "NAME")]
+    pub profiles: Vec<String>,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
-    /// Install or upgrade the agent on each host and report host facts.
-    Deploy,
-    /// Ask each host's agent how it is.
-    Status,
+    /// Install or upgrade the agent on each host; with --stack, also Docker, the stack's files, and the stack itself.
+    Deploy {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Fail instead of installing Docker where no engine answers.
+        #[arg(long)]
+        no_docker_install: bool,
+        /// Seconds each service may take to become healthy.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        health_timeout: u32,
+    },
+    /// Ask each host's agent how it is (and the stack's services, with --stack or --project).
+    Status {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Sync the stack's files to each host (no containers change).
+    Sync {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Remove the stack's containers and networks; volumes stay unless --volumes.
+    Down {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Also remove the stack's named volumes (their data is lost).
+        #[arg(long)]
+        volumes: bool,
+    },
+    /// Show a service's logs.
+    Logs {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Keep streaming new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines (0: all).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        tail: u32,
+        /// Only lines from the last DURATION (e.g. 10m, 1h30m).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+    },
     /// Manage the agent itself.
     Agent {
         #[command(subcommand)]

@@ -1,26 +1,29 @@
 //! The commands: each resolves its targets, fans out over them with the
 //! controller library, and prints through the [`Printer`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use mlops_controller::agent_binary::AgentBinary;
 use mlops_controller::bootstrap::{self, Bundle, Context, DeployOutcome, StatusOutcome, UninstallOutcome};
 use mlops_controller::client::ClientTls;
 use mlops_controller::fanout;
 use mlops_controller::progress::{Progress, Step};
+use mlops_controller::stack::{self, ServiceOutcome, StackOutcome, StackPlan};
 use mlops_controller::state::StateDir;
+use mlops_controller::sync::HashCache;
 use mlops_inventory::{Connection, SshConfig, Target};
 use mlops_ssh::SshOptions;
 use serde_json::json;
 
-use crate::cli::{AgentCommand, Cli, Command, Global, Output};
+use crate::cli::{AgentCommand, Cli, Command, Global, Output, StackArgs};
 use crate::printer::{Printer, bytes_human, duration_human, render_error, table};
 use crate::{EXIT_HOST_FAILED, EXIT_USAGE};
 
 pub async fn run(cli: Cli, printer: &Printer) -> i32 {
-    let needs_binary = matches!(cli.command, Command::Deploy);
+    let needs_binary = matches!(cli.command, Command::Deploy { .. });
     let setup = match Setup::new(&cli.global, needs_binary, printer) {
         Ok(s) => s,
         Err(e) => {
@@ -28,13 +31,24 @@ pub async fn run(cli: Cli, printer: &Printer) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match cli.command {
-        Command::Deploy => deploy(setup, printer).await,
-        Command::Status => status(setup, printer).await,
-        Command::Agent { command: AgentCommand::Uninstall { keep_state } } => {
-            uninstall(setup, keep_state, printer).await
+    let result = match cli.command {
+        Command::Deploy { stack, no_docker_install, health_timeout } => {
+            deploy(setup, &stack, !no_docker_install, health_timeout, printer).await
         }
-    }
+        Command::Status { stack } => status(setup, &stack, printer).await,
+        Command::Sync { stack } => sync(setup, &stack, printer).await,
+        Command::Down { stack, volumes } => down(setup, &stack, volumes, printer).await,
+        Command::Logs { service, stack, follow, tail, since } => {
+            logs(setup, &stack, &service, follow, tail, since.as_deref(), printer).await
+        }
+        Command::Agent { command: AgentCommand::Uninstall { keep_state } } => {
+            Ok(uninstall(setup, keep_state, printer).await)
+        }
+    };
+    result.unwrap_or_else(|e| {
+        printer.error(&e);
+        EXIT_USAGE
+    })
 }
 
 /// What every command needs: targets, state, TLS, SSH options.
@@ -119,36 +133,82 @@ fn progress_printer(
     (tx, handle)
 }
 
-async fn deploy(setup: Setup, printer: &Printer) -> i32 {
-    let Setup { targets, state, ctx, forks } = setup;
-    // Certificates are issued before the fan-out: the CA directory is
-    // written by one task only.
-    let mut bundles = Vec::new();
-    for t in &targets {
-        match Bundle::for_target(&state, t) {
-            Ok(b) => bundles.push(b),
-            Err(e) => {
-                printer.error(&anyhow::Error::new(e).context(format!("cannot prepare certificates for {}", t.name)));
-                return EXIT_USAGE;
-            }
-        }
+/// Loads the Compose stack and scans its directory (once, for all hosts).
+fn load_stack(
+    state: &StateDir,
+    args: &StackArgs,
+    printer: &Printer,
+) -> Result<Option<(mlops_compose::Loaded, mlops_controller::sync::LocalTree)>> {
+    let Some(dir) = &args.stack else { return Ok(None) };
+    let options = mlops_compose::LoadOptions {
+        project: args.project.clone(),
+        env: std::env::vars().collect(),
+        profiles: args.profiles.clone(),
+    };
+    let loaded = mlops_compose::load(dir, &options)?;
+    for w in &loaded.warnings {
+        printer.warn(&w.to_string());
     }
-    let binary = ctx.binary.as_ref().expect("deploy loads the agent binary");
-    printer.info(&format!(
-        "deploying agent {} ({}, sha256 {}) to {} host(s)",
-        mlops_controller::VERSION,
-        bytes_human(binary.bytes.len() as u64),
-        &binary.sha256[..12],
-        targets.len()
-    ));
-    let (tx, printing) = progress_printer(printer.output, &targets);
-    let items: Vec<(Target, Bundle)> = targets.iter().cloned().zip(bundles).collect();
+    let mut cache = HashCache::open(state.path.join("cache/file-hashes.json"));
+    let tree = mlops_controller::sync::scan(&loaded.dir, &mut cache)?;
+    cache.save();
+    Ok(Some((loaded, tree)))
+}
+
+/// The project named by --project, or by the stack.
+fn project_name(state: &StateDir, args: &StackArgs, printer: &Printer) -> Result<String> {
+    if args.stack.is_none()
+        && let Some(p) = &args.project
+    {
+        return mlops_compose::normalize_project(p).with_context(|| format!("`{p}` is not a usable project name"));
+    }
+    match load_stack(state, args, printer)? {
+        Some((loaded, _)) => Ok(loaded.stack.project),
+        None => bail!("name the stack with --stack DIR or --project NAME"),
+    }
+}
+
+fn plan(
+    state: &StateDir,
+    args: &StackArgs,
+    install_docker: bool,
+    health_timeout: u32,
+    sync_only: bool,
+    printer: &Printer,
+) -> Result<Option<StackPlan>> {
+    let Some((loaded, tree)) = load_stack(state, args, printer)? else { return Ok(None) };
+    Ok(Some(StackPlan {
+        project: loaded.stack.project.clone(),
+        stack_json: serde_json::to_string(&loaded.stack).expect("serializable"),
+        tree: Arc::new(tree),
+        install_docker,
+        health_timeout_seconds: health_timeout,
+        holder: stack::holder(),
+        sync_only,
+    }))
+}
+
+/// Runs `task` on every target (at most `forks` at once) with a progress
+/// printer; splits the results into successes and failures.
+async fn per_host<R, F, Fut>(
+    setup: &Setup,
+    printer: &Printer,
+    task: F,
+) -> (Vec<(String, R)>, Vec<(String, anyhow::Error)>)
+where
+    R: Send + 'static,
+    F: Fn(Target, Arc<Context>, Progress) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, mlops_controller::ControllerError>> + Send + 'static,
+{
+    let (tx, printing) = progress_printer(printer.output, &setup.targets);
     let task_tx = tx.clone();
-    let results = fanout::run(items, forks, move |(target, bundle)| {
-        let ctx = ctx.clone();
+    let ctx = setup.ctx.clone();
+    let task = Arc::new(task);
+    let results = fanout::run(setup.targets.clone(), setup.forks, move |target: Target| {
         let progress = Progress::new(Some(task_tx.clone()), &target.name);
+        let fut = task(target, ctx.clone(), progress.clone());
         async move {
-            let r = bootstrap::deploy_host(&target, &ctx, &bundle, &progress).await;
+            let r = fut.await;
             if let Err(e) = &r {
                 progress.step(Step::Failed { message: e.to_string() });
             }
@@ -158,55 +218,265 @@ async fn deploy(setup: Setup, printer: &Printer) -> i32 {
     .await;
     drop(tx);
     let _ = printing.await;
-
-    let mut ok: Vec<DeployOutcome> = Vec::new();
-    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
-    for (t, r) in targets.iter().zip(results) {
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (t, r) in setup.targets.iter().zip(results) {
         match r {
-            Ok(Ok(o)) => ok.push(o),
+            Ok(Ok(o)) => ok.push((t.name.clone(), o)),
             Ok(Err(e)) => failed.push((t.name.clone(), e)),
             Err(panic) => failed.push((t.name.clone(), anyhow::anyhow!(panic))),
         }
     }
+    (ok, failed)
+}
+
+fn report_json<R: serde::Serialize>(
+    printer: &Printer,
+    command: &str,
+    ok: &[(String, R)],
+    failed: &[(String, anyhow::Error)],
+) {
+    let mut hosts: Vec<serde_json::Value> =
+        ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
+    hosts.extend(failed.iter().map(|(h, e)| failure_json(h, e)));
+    printer.json(&json!({"command": command, "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
+}
+
+fn exit_code(failed: &[(String, anyhow::Error)]) -> i32 {
+    if failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
+}
+
+async fn deploy(
+    setup: Setup,
+    args: &StackArgs,
+    install_docker: bool,
+    health_timeout: u32,
+    printer: &Printer,
+) -> Result<i32> {
+    // Certificates are issued before the fan-out: the CA directory is
+    // written by one task only.
+    let mut bundles = std::collections::BTreeMap::new();
+    for t in &setup.targets {
+        let b = Bundle::for_target(&setup.state, t)
+            .with_context(|| format!("cannot prepare certificates for {}", t.name))?;
+        bundles.insert(t.name.clone(), b);
+    }
+    let plan = plan(&setup.state, args, install_docker, health_timeout, false, printer)?;
+    let binary = setup.ctx.binary.as_ref().expect("deploy loads the agent binary");
+    printer.info(&format!(
+        "deploying agent {} ({}, sha256 {}){} to {} host(s)",
+        mlops_controller::VERSION,
+        bytes_human(binary.bytes.len() as u64),
+        &binary.sha256[..12],
+        plan.as_ref()
+            .map(|p| format!(
+                " and stack `{}` ({} files, {})",
+                p.project,
+                p.tree.entries.len(),
+                bytes_human(p.tree.total_bytes)
+            ))
+            .unwrap_or_default(),
+        setup.targets.len()
+    ));
+    let bundles = Arc::new(bundles);
+    let (ok, failed) = per_host(&setup, printer, move |target, ctx, progress| {
+        let bundles = bundles.clone();
+        let plan = plan.clone();
+        async move { bootstrap::deploy_host(&target, &ctx, &bundles[&target.name], plan.as_ref(), &progress).await }
+    })
+    .await;
     match printer.output {
-        Output::Json => {
-            let mut hosts: Vec<serde_json::Value> =
-                ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
-            hosts.extend(failed.iter().map(|(h, e)| failure_json(h, e)));
-            printer.json(&json!({"command": "deploy", "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
-        }
+        Output::Json => report_json(printer, "deploy", &ok, &failed),
         Output::Text => {
             if !ok.is_empty() {
-                let rows: Vec<Vec<String>> = ok
-                    .iter()
-                    .map(|o| {
-                        vec![
-                            o.host.clone(),
-                            o.agent.version.clone(),
-                            if o.uploaded { "uploaded".into() } else { "-".into() },
-                            o.installed.clone().unwrap_or_else(|| "-".into()),
-                            o.facts.os.clone(),
-                            o.facts.arch.clone(),
-                            o.facts.cpus.to_string(),
-                            format!(
-                                "{} free of {}",
-                                bytes_human(o.facts.memory_available_bytes),
-                                bytes_human(o.facts.memory_total_bytes)
-                            ),
-                            format!("{} free", bytes_human(o.facts.disk_available_bytes)),
-                            docker_cell(o.facts.docker, &o.facts.docker_version),
-                        ]
-                    })
-                    .collect();
+                let rows: Vec<Vec<String>> = ok.iter().map(|(_, o)| agent_row(o)).collect();
                 printer.stdout(&table(
                     &["HOST", "AGENT", "BINARY", "RESTARTED", "OS", "ARCH", "CPUS", "MEMORY", "DISK", "DOCKER"],
                     &rows,
                 ));
+                let stacks: Vec<(&str, &StackOutcome)> =
+                    ok.iter().filter_map(|(h, o)| o.stack.as_ref().map(|s| (h.as_str(), s))).collect();
+                if !stacks.is_empty() {
+                    printer.stdout("");
+                    printer.stdout(&services_table(
+                        stacks.iter().flat_map(|(h, s)| s.services.iter().map(move |svc| (*h, svc))),
+                    ));
+                    for (h, s) in &stacks {
+                        printer.info(&format!(
+                            "{h}: stack `{}`: {}; files: {} written, {} removed, {} uploaded",
+                            s.project,
+                            s.summary,
+                            s.sync.written,
+                            s.sync.removed,
+                            bytes_human(s.sync.uploaded_bytes)
+                        ));
+                    }
+                }
             }
             summarize(printer, "deploy", ok.len(), &failed);
         }
     }
-    if failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
+    Ok(exit_code(&failed))
+}
+
+fn agent_row(o: &DeployOutcome) -> Vec<String> {
+    vec![
+        o.host.clone(),
+        o.agent.version.clone(),
+        if o.uploaded { "uploaded".into() } else { "-".into() },
+        o.installed.clone().unwrap_or_else(|| "-".into()),
+        o.facts.os.clone(),
+        o.facts.arch.clone(),
+        o.facts.cpus.to_string(),
+        format!("{} free of {}", bytes_human(o.facts.memory_available_bytes), bytes_human(o.facts.memory_total_bytes)),
+        format!("{} free", bytes_human(o.facts.disk_available_bytes)),
+        o.stack.as_ref().filter(|s| !s.docker_version.is_empty()).map_or_else(
+            || docker_cell(o.facts.docker, &o.facts.docker_version),
+            |s| docker_cell(true, &s.docker_version),
+        ),
+    ]
+}
+
+fn services_table<'a>(rows: impl Iterator<Item = (&'a str, &'a ServiceOutcome)>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .map(|(h, s)| {
+            vec![
+                h.to_string(),
+                s.service.clone(),
+                s.state.clone(),
+                if s.health.is_empty() { "-".into() } else { s.health.clone() },
+                if s.changed { "yes".into() } else { "-".into() },
+                s.container_id.chars().take(12).collect(),
+            ]
+        })
+        .collect();
+    table(&["HOST", "SERVICE", "STATE", "HEALTH", "CHANGED", "CONTAINER"], &rows)
+}
+
+async fn sync(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
+    let Some(plan) = plan(&setup.state, args, false, 0, true, printer)? else { bail!("`sync` needs --stack DIR") };
+    let plan = Arc::new(plan);
+    let (ok, failed) = per_host(&setup, printer, move |target, ctx, progress| {
+        let plan = plan.clone();
+        async move {
+            let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
+            let r = stack::apply(&mut conn, &plan, &progress).await;
+            transport.close().await;
+            r.map(|s| s.sync)
+        }
+    })
+    .await;
+    match printer.output {
+        Output::Json => report_json(printer, "sync", &ok, &failed),
+        Output::Text => {
+            for (h, s) in &ok {
+                printer.stdout(&format!(
+                    "{h}: {} file(s): {} written, {} removed, {} unchanged; {} uploaded ({})",
+                    s.files,
+                    s.written,
+                    s.removed,
+                    s.unchanged,
+                    bytes_human(s.uploaded_bytes),
+                    s.path
+                ));
+            }
+            summarize(printer, "sync", ok.len(), &failed);
+        }
+    }
+    Ok(exit_code(&failed))
+}
+
+async fn down(setup: Setup, args: &StackArgs, volumes: bool, printer: &Printer) -> Result<i32> {
+    let project = project_name(&setup.state, args, printer)?;
+    let p2 = project.clone();
+    let (ok, failed) = per_host(&setup, printer, move |target, ctx, progress| {
+        let project = p2.clone();
+        async move {
+            let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
+            let r = stack::down(&mut conn, &project, volumes, &progress).await;
+            transport.close().await;
+            r
+        }
+    })
+    .await;
+    match printer.output {
+        Output::Json => report_json(printer, "down", &ok, &failed),
+        Output::Text => {
+            for (h, s) in &ok {
+                printer.stdout(&format!("{h}: stack `{project}`: {s}"));
+            }
+            summarize(printer, "down", ok.len(), &failed);
+        }
+    }
+    Ok(exit_code(&failed))
+}
+
+/// `10m`, `1h30m`, `45s` ago, as Unix seconds.
+fn since_unix(since: Option<&str>) -> Result<i64> {
+    let Some(s) = since else { return Ok(0) };
+    let ms = mlops_compose::parse_duration_ms(s)
+        .with_context(|| format!("--since `{s}` is not a duration (e.g. 10m, 1h30m)"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    Ok(now - (ms / 1000) as i64)
+}
+
+async fn logs(
+    setup: Setup,
+    args: &StackArgs,
+    service: &str,
+    follow: bool,
+    tail: u32,
+    since: Option<&str>,
+    printer: &Printer,
+) -> Result<i32> {
+    let project = project_name(&setup.state, args, printer)?;
+    let since = since_unix(since)?;
+    let prefix = setup.targets.len() > 1;
+    let service = service.to_string();
+    let results = fanout::run(setup.targets.clone(), setup.forks, {
+        let ctx = setup.ctx.clone();
+        move |target: Target| {
+            let ctx = ctx.clone();
+            let (project, service) = (project.clone(), service.clone());
+            async move {
+                let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
+                let host = target.name.clone();
+                let r = stack::logs(&mut conn, &project, &service, follow, tail, since, |stream, data| {
+                    use std::io::Write;
+                    let text = String::from_utf8_lossy(data);
+                    let mut out: Box<dyn Write> = if stream == "stderr" {
+                        Box::new(std::io::stderr().lock())
+                    } else {
+                        Box::new(std::io::stdout().lock())
+                    };
+                    if prefix {
+                        for line in text.split_inclusive('\n') {
+                            let _ = write!(out, "{host} | {line}");
+                        }
+                    } else {
+                        let _ = out.write_all(data);
+                    }
+                    let _ = out.flush();
+                })
+                .await;
+                transport.close().await;
+                r
+            }
+        }
+    })
+    .await;
+    let mut failed = Vec::new();
+    for (t, r) in setup.targets.iter().zip(results) {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push((t.name.clone(), anyhow::Error::new(e))),
+            Err(p) => failed.push((t.name.clone(), anyhow::anyhow!(p))),
+        }
+    }
+    if !failed.is_empty() {
+        summarize(printer, "logs", setup.targets.len() - failed.len(), &failed);
+    }
+    Ok(exit_code(&failed))
 }
 
 fn docker_cell(available: bool, version: &str) -> String {
@@ -236,31 +506,74 @@ fn summarize(printer: &Printer, what: &str, ok: usize, failed: &[(String, anyhow
     printer.info(&text);
 }
 
-async fn status(setup: Setup, printer: &Printer) -> i32 {
+/// A host's stack services, or why they could not be listed (None: not asked).
+type ServiceList = Option<Result<Vec<ServiceOutcome>, String>>;
+
+async fn status(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
+    let project = if args.stack.is_some() || args.project.is_some() {
+        Some(project_name(&setup.state, args, printer)?)
+    } else {
+        None
+    };
     let Setup { targets, ctx, forks, .. } = setup;
     let results = fanout::run(targets.clone(), forks, move |target| {
         let ctx = ctx.clone();
-        async move { bootstrap::status_host(&target, &ctx).await }
+        let project = project.clone();
+        async move {
+            let status = bootstrap::status_host(&target, &ctx).await;
+            let services = match (&project, status.agent.is_some()) {
+                (Some(p), true) => match bootstrap::connect_agent(&target, &ctx).await {
+                    Ok((transport, mut conn)) => {
+                        let r = stack::status(&mut conn, p).await;
+                        transport.close().await;
+                        Some(r.map(|(s, _)| s).map_err(|e| e.to_string()))
+                    }
+                    Err(e) => Some(Err(e.to_string())),
+                },
+                _ => None,
+            };
+            (status, services)
+        }
     })
     .await;
-    let outcomes: Vec<StatusOutcome> = targets
+    let (outcomes, services): (Vec<StatusOutcome>, Vec<ServiceList>) = targets
         .iter()
         .zip(results)
         .map(|(t, r)| {
-            r.unwrap_or_else(|e| StatusOutcome {
-                host: t.name.clone(),
-                address: t.display_address(),
-                reachable: false,
-                agent: None,
-                facts: None,
-                error: Some(e),
+            r.unwrap_or_else(|e| {
+                (
+                    StatusOutcome {
+                        host: t.name.clone(),
+                        address: t.display_address(),
+                        reachable: false,
+                        agent: None,
+                        facts: None,
+                        error: Some(e),
+                    },
+                    None,
+                )
             })
         })
-        .collect();
+        .unzip();
     let failed = outcomes.iter().filter(|o| o.agent.is_none()).count();
     match printer.output {
-        Output::Json => printer
-            .json(&json!({"command": "status", "ok": outcomes.len() - failed, "failed": failed, "hosts": outcomes})),
+        Output::Json => {
+            let hosts: Vec<serde_json::Value> = outcomes
+                .iter()
+                .zip(&services)
+                .map(|(o, s)| {
+                    let mut v = serde_json::to_value(o).expect("serializable");
+                    match s {
+                        Some(Ok(list)) => v["services"] = json!(list),
+                        Some(Err(e)) => v["services_error"] = json!(e),
+                        None => {}
+                    }
+                    v
+                })
+                .collect();
+            printer
+                .json(&json!({"command": "status", "ok": outcomes.len() - failed, "failed": failed, "hosts": hosts}));
+        }
         Output::Text => {
             let rows: Vec<Vec<String>> = outcomes
                 .iter()
@@ -281,37 +594,39 @@ async fn status(setup: Setup, printer: &Printer) -> i32 {
                 })
                 .collect();
             printer.stdout(&table(&["HOST", "REACHABLE", "AGENT", "UPTIME", "DOCKER", "ERROR"], &rows));
+            let listed: Vec<(&str, &ServiceOutcome)> = outcomes
+                .iter()
+                .zip(&services)
+                .filter_map(|(o, s)| match s {
+                    Some(Ok(list)) => Some(list.iter().map(move |svc| (o.host.as_str(), svc))),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            if !listed.is_empty() {
+                printer.stdout("");
+                printer.stdout(&services_table(listed.into_iter()));
+            }
+            for (o, s) in outcomes.iter().zip(&services) {
+                if let Some(Err(e)) = s {
+                    printer.warn(&format!("{}: cannot list the stack's services: {e}", o.host));
+                }
+            }
         }
     }
-    if failed == 0 { 0 } else { EXIT_HOST_FAILED }
+    Ok(if failed == 0 { 0 } else { EXIT_HOST_FAILED })
 }
 
 async fn uninstall(setup: Setup, keep_state: bool, printer: &Printer) -> i32 {
-    let Setup { targets, ctx, forks, .. } = setup;
-    let results = fanout::run(targets.clone(), forks, move |target| {
-        let ctx = ctx.clone();
-        async move { bootstrap::uninstall_host(&target, &ctx, keep_state).await.map_err(anyhow::Error::new) }
-    })
-    .await;
-    let mut ok: Vec<UninstallOutcome> = Vec::new();
-    let mut failed = Vec::new();
-    for (t, r) in targets.iter().zip(results) {
-        match r {
-            Ok(Ok(o)) => ok.push(o),
-            Ok(Err(e)) => failed.push((t.name.clone(), e)),
-            Err(p) => failed.push((t.name.clone(), anyhow::anyhow!(p))),
-        }
-    }
+    let (ok, failed): (Vec<(String, UninstallOutcome)>, _) =
+        per_host(&setup, printer, move |target, ctx, _progress| async move {
+            bootstrap::uninstall_host(&target, &ctx, keep_state).await
+        })
+        .await;
     match printer.output {
-        Output::Json => {
-            let mut hosts: Vec<serde_json::Value> =
-                ok.iter().map(|o| json!({"host": o.host, "ok": true, "result": o})).collect();
-            hosts.extend(failed.iter().map(|(h, e)| failure_json(h, e)));
-            printer
-                .json(&json!({"command": "agent uninstall", "ok": ok.len(), "failed": failed.len(), "hosts": hosts}));
-        }
+        Output::Json => report_json(printer, "agent uninstall", &ok, &failed),
         Output::Text => {
-            for o in &ok {
+            for (_, o) in &ok {
                 if o.was_installed {
                     printer.stdout(&format!("{}: agent removed ({})", o.host, o.removed.join(", ")));
                 } else {
@@ -321,5 +636,5 @@ async fn uninstall(setup: Setup, keep_state: bool, printer: &Printer) -> i32 {
             summarize(printer, "agent uninstall", ok.len(), &failed);
         }
     }
-    if failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
+    exit_code(&failed)
 }

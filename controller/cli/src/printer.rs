@@ -73,6 +73,17 @@ impl Printer {
             },
             Step::Handshake => "mTLS handshake".into(),
             Step::Ready { agent_version } => format!("ready: agent {agent_version}"),
+            Step::Docker { message } => format!("docker: {message}"),
+            Step::Synced { files, written, removed, bytes } => {
+                format!(
+                    "files synced: {files} in the tree, {written} written, {removed} removed, {} sent",
+                    bytes_human(*bytes)
+                )
+            }
+            Step::Service { service, action, detail } => {
+                let who = if service.is_empty() { String::new() } else { format!("{service}: ") };
+                if detail.is_empty() { format!("{who}{action}") } else { format!("{who}{action} {detail}") }
+            }
             Step::Failed { message } => format!("FAILED: {message}"),
         };
         self.stderr_line(&format!("  {:width$}  {:>6}  {what}", event.host, secs(event.elapsed)));
@@ -110,6 +121,8 @@ pub fn hint_of(err: &anyhow::Error) -> Option<String> {
         } else if let Some(e) = e.downcast_ref::<SshError>() {
             e.hint()
         } else if let Some(e) = e.downcast_ref::<InventoryError>() {
+            e.hint()
+        } else if let Some(e) = e.downcast_ref::<mlops_compose::ComposeError>() {
             e.hint()
         } else {
             None

@@ -576,7 +576,7 @@ impl Parser<'_> {
                         "target" => b.target = self.opt_string(v, "build.target")?,
                         other if other.starts_with("x-") => {}
                         other => {
-                            self.warn(k, format!("build option `{other}` is not supported by mlopsctl and is ignored"))
+                            self.warn(k, format!("build option `{other}` is not supported by mlopsctl and is ignored"));
                         }
                     }
                 }
@@ -641,14 +641,14 @@ impl Parser<'_> {
                             p.container_port = self
                                 .string(v, "target")?
                                 .parse()
-                                .map_err(|_| self.err(v, "target must be a port number"))?
+                                .map_err(|_| self.err(v, "target must be a port number"))?;
                         }
                         "published" => {
                             p.host_port = Some(
                                 self.string(v, "published")?
                                     .parse()
                                     .map_err(|_| self.err(v, "published must be a port number"))?,
-                            )
+                            );
                         }
                         "host_ip" => p.host_ip = self.string(v, "host_ip")?,
                         "protocol" => p.protocol = self.string(v, "protocol")?,
@@ -710,7 +710,7 @@ impl Parser<'_> {
                                         format!("volume type `{other}` is not supported (volume, bind, tmpfs)"),
                                     ));
                                 }
-                            })
+                            });
                         }
                         "source" => source = self.string(v, "source")?,
                         "target" => target = self.string(v, "target")?,
@@ -789,7 +789,7 @@ impl Parser<'_> {
                 "start_period" => h.start_period_ms = Some(self.duration(v)?),
                 "retries" => {
                     h.retries =
-                        Some(self.string(v, "retries")?.parse().map_err(|_| self.err(v, "retries must be a number"))?)
+                        Some(self.string(v, "retries")?.parse().map_err(|_| self.err(v, "retries must be a number"))?);
                 }
                 "disable" => {
                     if self.bool(v, "disable")? {
@@ -824,7 +824,7 @@ impl Parser<'_> {
                                                 self.string(lv, "cpus")?
                                                     .parse()
                                                     .map_err(|_| self.err(lv, "cpus must be a number"))?,
-                                            )
+                                            );
                                         }
                                         "memory" => {
                                             let m = self.string(lv, "memory")?;
@@ -833,7 +833,7 @@ impl Parser<'_> {
                                             })?);
                                         }
                                         other => {
-                                            self.warn(lk, format!("limit `{other}` of service `{name}` is ignored"))
+                                            self.warn(lk, format!("limit `{other}` of service `{name}` is ignored"));
                                         }
                                     }
                                 }

@@ -28,6 +28,7 @@ use crate::ControllerError;
 use crate::agent_binary::{AgentBinary, normalize_arch};
 use crate::client::{AgentConn, ClientTls, error_chain};
 use crate::progress::{Progress, Step};
+use crate::stack::{StackOutcome, StackPlan};
 use crate::state::{StateDir, cert_name};
 use crate::transport::{SharedTransport, Transport};
 
@@ -152,6 +153,8 @@ pub struct DeployOutcome {
     pub installed: Option<String>,
     pub agent: AgentInfo,
     pub facts: FactsSummary,
+    /// The stack deployed, with `--stack`.
+    pub stack: Option<StackOutcome>,
     pub connect_ms: u64,
     pub total_ms: u64,
 }
@@ -220,6 +223,7 @@ pub async fn deploy_host(
     target: &Target,
     ctx: &Context,
     bundle: &Bundle,
+    stack: Option<&StackPlan>,
     progress: &Progress,
 ) -> Result<DeployOutcome, ControllerError> {
     let started = Instant::now();
@@ -227,10 +231,19 @@ pub async fn deploy_host(
     let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
     let connect_ms = started.elapsed().as_millis() as u64;
     progress.step(Step::Connected);
-    let result = ensure_agent(target, ctx, bundle, progress, transport.clone()).await;
+    let result = async {
+        let (uploaded, installed, hello, facts, mut conn) =
+            ensure_agent(target, ctx, bundle, progress, transport.clone()).await?;
+        progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
+        let stack = match stack {
+            Some(plan) => Some(crate::stack::apply(&mut conn, plan, progress).await?),
+            None => None,
+        };
+        Ok::<_, ControllerError>((uploaded, installed, hello, facts, stack))
+    }
+    .await;
     transport.close().await;
-    let (uploaded, installed, hello, facts) = result?;
-    progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
+    let (uploaded, installed, hello, facts, stack) = result?;
     Ok(DeployOutcome {
         host: target.name.clone(),
         address: target.display_address(),
@@ -238,15 +251,33 @@ pub async fn deploy_host(
         installed,
         agent: agent_info(&hello, &facts),
         facts: FactsSummary::from_facts(&facts),
+        stack,
         connect_ms,
         total_ms: started.elapsed().as_millis() as u64,
     })
 }
 
+/// Connects to the agent already running on `target` (no install), and
+/// checks it speaks at least this controller's API level.
+pub async fn connect_agent(target: &Target, ctx: &Context) -> Result<(SharedTransport, AgentConn), ControllerError> {
+    let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
+    let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
+    let hello = conn.hello().await?;
+    if hello.api_level < mlops_proto::API_LEVEL {
+        transport.close().await;
+        return Err(ControllerError::AgentTooOld {
+            host: target.name.clone(),
+            level: hello.api_level,
+            needed: mlops_proto::API_LEVEL,
+        });
+    }
+    Ok((transport, conn))
+}
+
 /// What the agent answering on the host (if any) runs.
 enum Running {
     /// Our binary, our configuration, our API level: nothing to do.
-    Current(Box<(HelloResponse, HostFacts)>),
+    Current(Box<(HelloResponse, HostFacts, AgentConn)>),
     /// It answers, but must be restarted; the reason says why.
     Stale(String),
     /// Nothing answers (not installed, stopped, crashed, or not ours).
@@ -287,7 +318,7 @@ async fn check_running(
         return Running::Stale("configuration changed".into());
     }
     match conn.facts().await {
-        Ok(facts) => Running::Current(Box::new((hello, facts))),
+        Ok(facts) => Running::Current(Box::new((hello, facts, conn))),
         Err(e) => Running::Down(error_chain(&e)),
     }
 }
@@ -298,14 +329,14 @@ async fn ensure_agent(
     bundle: &Bundle,
     progress: &Progress,
     transport: SharedTransport,
-) -> Result<(bool, Option<String>, HelloResponse, HostFacts), ControllerError> {
+) -> Result<(bool, Option<String>, HelloResponse, HostFacts, AgentConn), ControllerError> {
     let host = target.name.clone();
     let binary = ctx.binary.as_ref().expect("deploy has an agent binary");
     let running = match check_running(&transport, target, ctx, bundle, binary).await {
         Running::Current(answer) => {
             progress.step(Step::UpToDate);
-            let (hello, facts) = *answer;
-            return Ok((false, None, hello, facts));
+            let (hello, facts, conn) = *answer;
+            return Ok((false, None, hello, facts, conn));
         }
         other => other,
     };
@@ -356,7 +387,7 @@ async fn ensure_agent(
         });
     }
     let facts = conn.facts().await?;
-    Ok((uploaded, Some(reason), hello, facts))
+    Ok((uploaded, Some(reason), hello, facts, conn))
 }
 
 fn short(sha: &str) -> String {

@@ -95,6 +95,11 @@ impl AgentConn {
             .map_err(|s| self.rpc("GetFacts", &s))
     }
 
+    /// The host's name, for messages.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The underlying channel, for other services on the same connection
     /// (such as `grpc.health.v1.Health`).
     pub fn channel(&self) -> Channel {

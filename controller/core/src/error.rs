@@ -34,6 +34,14 @@ pub enum ControllerError {
     StaleAgent { host: String, running: String, expected: String },
     #[error("{host}: {call} failed: {status}")]
     Rpc { host: String, call: &'static str, status: String },
+    #[error("{host}: no Docker engine: {message}")]
+    NoDocker { host: String, message: String },
+    #[error("{host}: {message}")]
+    Converge { host: String, message: String },
+    #[error("{host}: {message}")]
+    StackLocked { host: String, message: String },
+    #[error("the agent on {host} speaks API level {level}; this needs level {needed}")]
+    AgentTooOld { host: String, level: u32, needed: u32 },
     #[error("local command failed: {0}")]
     Local(String),
     #[error(transparent)]
@@ -60,6 +68,12 @@ impl ControllerError {
                 "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
             }
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
+            ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
+            ControllerError::StackLocked { .. } => "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into(),
+            ControllerError::AgentTooOld { .. } => "run `mlopsctl deploy` to upgrade the agent".into(),
+            ControllerError::Converge { message, .. } if message.contains("unhealthy") || message.contains("exited") => {
+                "`mlopsctl logs SERVICE` shows what the service printed".into()
+            }
             ControllerError::Ssh(e) => return e.hint(),
             ControllerError::Pki(_) => "the controller's CA lives in <state-dir>/pki; check its files and permissions".into(),
             _ => return None,

@@ -14,6 +14,10 @@
 //!    loopback TCP for this machine). `Hello` compares API level and binary
 //!    hash; a stale agent is restarted, then `GetFacts`.
 //!
+//! 5. With a stack ([`stack::StackPlan`]): `EnsureDocker`, the stack directory
+//!    through [`sync`] (content-addressed; only what the agent lacks), then
+//!    `Converge`, whose events stream back.
+//!
 //! Progress goes out as [`progress::Event`]s for the caller to print.
 
 pub mod agent_binary;
@@ -22,7 +26,9 @@ pub mod client;
 pub mod error;
 pub mod fanout;
 pub mod progress;
+pub mod stack;
 pub mod state;
+pub mod sync;
 pub mod transport;
 
 pub use error::ControllerError;

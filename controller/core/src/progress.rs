@@ -23,6 +23,9 @@ pub enum Step {
     Installed { pid: Option<i64> },
     Handshake,
     Ready { agent_version: String },
+    Docker { message: String },
+    Synced { files: usize, written: u32, removed: u32, bytes: u64 },
+    Service { service: String, action: String, detail: String },
     Failed { message: String },
 }
 

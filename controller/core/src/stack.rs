@@ -1,0 +1,295 @@
+//! A stack on one host: Docker present, files synced, converge; and the
+//! operations on a deployed stack (down, status, logs, health).
+//!
+//! The stack's files go to the agent tree `stack-<project>`; the Compose
+//! model goes as JSON in `ConvergeRequest` (see `mlops_proto::stack`).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use mlops_proto::v1::{
+    DownRequest, EnsureDockerRequest, HealthEvent, LogsRequest, ServiceState, StackStatusRequest, SyncCommitRequest,
+    WatchHealthRequest,
+};
+use serde::Serialize;
+
+use crate::ControllerError;
+use crate::client::AgentConn;
+use crate::progress::{Progress, Step};
+use crate::sync::LocalTree;
+
+/// What every host needs to deploy a stack; built once per run.
+#[derive(Clone)]
+pub struct StackPlan {
+    pub project: String,
+    pub stack_json: String,
+    pub tree: Arc<LocalTree>,
+    /// Install Docker where none answers (else fail).
+    pub install_docker: bool,
+    pub health_timeout_seconds: u32,
+    /// Who deploys, for the lock.
+    pub holder: String,
+    /// Sync files only.
+    pub sync_only: bool,
+}
+
+impl StackPlan {
+    pub fn files_root(&self) -> String {
+        files_root(&self.project)
+    }
+}
+
+/// The agent tree holding a project's files.
+pub fn files_root(project: &str) -> String {
+    format!("stack-{project}")
+}
+
+/// `user@host pid N`: who holds a deploy lock.
+pub fn holder() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("mlopsctl {user}@{host} pid {}", std::process::id())
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncOutcome {
+    pub files: usize,
+    pub uploaded_blobs: u32,
+    pub uploaded_bytes: u64,
+    pub written: u32,
+    pub removed: u32,
+    pub unchanged: u32,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceOutcome {
+    pub service: String,
+    pub state: String,
+    pub health: String,
+    pub container_id: String,
+    pub image: String,
+    pub changed: bool,
+    pub started_at_ms: u64,
+}
+
+impl From<ServiceState> for ServiceOutcome {
+    fn from(s: ServiceState) -> Self {
+        ServiceOutcome {
+            service: s.service,
+            state: s.state,
+            health: s.health,
+            container_id: s.container_id,
+            image: s.image,
+            changed: s.changed,
+            started_at_ms: s.started_at_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StackOutcome {
+    pub project: String,
+    pub docker_version: String,
+    pub sync: SyncOutcome,
+    /// Empty with `sync_only`.
+    pub services: Vec<ServiceOutcome>,
+    /// How many services were created or replaced.
+    pub changed: usize,
+    pub summary: String,
+}
+
+/// Syncs `tree` into agent tree `root`, sending only what the agent lacks.
+pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Result<SyncOutcome, ControllerError> {
+    let host = conn.host().to_string();
+    let rpc = |call: &'static str, s: tonic::Status| ControllerError::Rpc {
+        host: host.clone(),
+        call,
+        status: format!("{}: {}", s.code(), s.message()),
+    };
+    let plan = conn.raw().sync_begin(tree.manifest(root)).await.map_err(|s| rpc("SyncBegin", s))?.into_inner();
+    let mut out = SyncOutcome { files: tree.entries.iter().filter(|e| !e.is_dir).count(), ..Default::default() };
+    if !plan.missing.is_empty() {
+        let chunks = tree.chunks(plan.sync_id.clone(), plan.missing.clone());
+        let reply = conn
+            .raw()
+            .sync_upload(tokio_stream::wrappers::ReceiverStream::new(chunks))
+            .await
+            .map_err(|s| rpc("SyncUpload", s))?
+            .into_inner();
+        out.uploaded_blobs = reply.blobs;
+        out.uploaded_bytes = reply.bytes;
+    }
+    let report = conn
+        .raw()
+        .sync_commit(SyncCommitRequest { sync_id: plan.sync_id })
+        .await
+        .map_err(|s| rpc("SyncCommit", s))?
+        .into_inner();
+    out.written = report.written;
+    out.removed = report.removed;
+    out.unchanged = report.unchanged;
+    out.path = report.path;
+    Ok(out)
+}
+
+/// Docker, files, converge: the stack part of `deploy` on one host.
+pub async fn apply(
+    conn: &mut AgentConn,
+    plan: &StackPlan,
+    progress: &Progress,
+) -> Result<StackOutcome, ControllerError> {
+    let host = conn.host().to_string();
+    let rpc = |call: &'static str, s: tonic::Status| ControllerError::Rpc {
+        host: host.clone(),
+        call,
+        status: s.message().to_string(),
+    };
+
+    let mut docker_version = String::new();
+    if !plan.sync_only {
+        let mut stream = conn
+            .raw()
+            .ensure_docker(EnsureDockerRequest { install: plan.install_docker })
+            .await
+            .map_err(|s| rpc("EnsureDocker", s))?
+            .into_inner();
+        while let Some(p) = stream.next().await {
+            let p = p.map_err(|s| rpc("EnsureDocker", s))?;
+            if p.done {
+                let d = p.docker.unwrap_or_default();
+                if !d.available {
+                    return Err(ControllerError::NoDocker { host: host.clone(), message: d.error });
+                }
+                docker_version = d.version;
+            } else {
+                progress.step(Step::Docker { message: p.message });
+            }
+        }
+    }
+
+    let sync = sync(conn, &plan.files_root(), &plan.tree).await?;
+    progress.step(Step::Synced {
+        files: sync.files,
+        written: sync.written,
+        removed: sync.removed,
+        bytes: sync.uploaded_bytes,
+    });
+    if plan.sync_only {
+        return Ok(StackOutcome {
+            project: plan.project.clone(),
+            docker_version,
+            summary: format!("{} file(s) written, {} removed", sync.written, sync.removed),
+            sync,
+            services: Vec::new(),
+            changed: 0,
+        });
+    }
+
+    let request = mlops_proto::v1::ConvergeRequest {
+        stack_json: plan.stack_json.clone(),
+        holder: plan.holder.clone(),
+        files_root: plan.files_root(),
+        health_timeout_seconds: plan.health_timeout_seconds,
+    };
+    let mut stream = conn.raw().converge(request).await.map_err(|s| converge_error(&host, &s))?.into_inner();
+    let mut services = Vec::new();
+    let mut summary = String::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| converge_error(&host, &s))?;
+        if ev.error {
+            return Err(ControllerError::Converge { host: host.clone(), message: ev.detail });
+        }
+        if ev.action == "done" {
+            summary = ev.detail;
+            services = ev.services.into_iter().map(ServiceOutcome::from).collect();
+            break;
+        }
+        progress.step(Step::Service { service: ev.service, action: ev.action, detail: ev.detail });
+    }
+    if summary.is_empty() {
+        return Err(ControllerError::Converge {
+            host,
+            message: "the agent ended the converge without a result".into(),
+        });
+    }
+    let changed = services.iter().filter(|s| s.changed).count();
+    Ok(StackOutcome { project: plan.project.clone(), docker_version, sync, services, changed, summary })
+}
+
+fn converge_error(host: &str, s: &tonic::Status) -> ControllerError {
+    if s.code() == tonic::Code::FailedPrecondition {
+        return ControllerError::StackLocked { host: host.to_string(), message: s.message().to_string() };
+    }
+    ControllerError::Converge { host: host.to_string(), message: s.message().to_string() }
+}
+
+/// Removes the stack's containers and networks (and volumes if asked).
+pub async fn down(
+    conn: &mut AgentConn,
+    project: &str,
+    volumes: bool,
+    progress: &Progress,
+) -> Result<String, ControllerError> {
+    let host = conn.host().to_string();
+    let request = DownRequest { project: project.to_string(), volumes, holder: holder() };
+    let mut stream = conn.raw().down(request).await.map_err(|s| converge_error(&host, &s))?.into_inner();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| converge_error(&host, &s))?;
+        if ev.error {
+            return Err(ControllerError::Converge { host, message: ev.detail });
+        }
+        if ev.action == "done" {
+            return Ok(ev.detail);
+        }
+        progress.step(Step::Service { service: ev.service, action: ev.action, detail: ev.detail });
+    }
+    Err(ControllerError::Converge { host, message: "the agent ended `down` without a result".into() })
+}
+
+pub async fn status(conn: &mut AgentConn, project: &str) -> Result<(Vec<ServiceOutcome>, String), ControllerError> {
+    let host = conn.host().to_string();
+    let reply = conn
+        .raw()
+        .stack_status(StackStatusRequest { project: project.to_string() })
+        .await
+        .map_err(|s| ControllerError::Rpc { host, call: "StackStatus", status: s.message().to_string() })?
+        .into_inner();
+    Ok((reply.services.into_iter().map(ServiceOutcome::from).collect(), reply.lock_holder))
+}
+
+/// Streams a service's logs into `out` until the stream ends.
+pub async fn logs(
+    conn: &mut AgentConn,
+    project: &str,
+    service: &str,
+    follow: bool,
+    tail: u32,
+    since: i64,
+    mut out: impl FnMut(&str, &[u8]),
+) -> Result<(), ControllerError> {
+    let host = conn.host().to_string();
+    let rpc =
+        |s: tonic::Status| ControllerError::Rpc { host: host.clone(), call: "Logs", status: s.message().to_string() };
+    let request = LogsRequest { project: project.to_string(), service: service.to_string(), follow, since, tail };
+    let mut stream = conn.raw().logs(request).await.map_err(rpc)?.into_inner();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(rpc)?;
+        out(&chunk.stream, &chunk.data);
+    }
+    Ok(())
+}
+
+/// Health transitions of a project until the stream ends.
+pub async fn watch_health(
+    conn: &mut AgentConn,
+    project: &str,
+) -> Result<tonic::Streaming<HealthEvent>, ControllerError> {
+    let host = conn.host().to_string();
+    Ok(conn
+        .raw()
+        .watch_health(WatchHealthRequest { project: project.to_string() })
+        .await
+        .map_err(|s| ControllerError::Rpc { host, call: "WatchHealth", status: s.message().to_string() })?
+        .into_inner())
+}
