@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a Debian machine: installs what the tests
-# drive for real (OpenSSH's sshd, sudo, iproute2 for network namespaces),
-# then `cargo test --workspace`.
+# Runs the whole test suite on a Debian machine: installs and starts what
+# the tests drive for real (OpenSSH's sshd, sudo, iproute2 for network
+# namespaces, a Docker engine, busybox-static for test images), then
+# `cargo test --workspace`.
 #
 # Needs root: the end-to-end tests create network namespaces, bind mounts
 # and test users, as CI does on its fresh machine.
@@ -20,6 +21,8 @@ command -v sudo >/dev/null 2>&1 || missing+=(sudo)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +31,18 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # sshd's privilege separation directory; the package creates it only on boot.
 mkdir -p /run/sshd
+
+# A Docker engine for the stack tests: started here when none answers (no
+# systemd as PID 1 on CI machines). The tests fail, never skip, without one.
+if ! docker version >/dev/null 2>&1; then
+  echo "starting dockerd"
+  setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+  for _ in $(seq 1 60); do
+    docker version >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker version >/dev/null 2>&1 || { echo "error: dockerd did not start; see /var/log/dockerd.log" >&2; tail -20 /var/log/dockerd.log >&2; exit 2; }
+fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

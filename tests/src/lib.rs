@@ -164,15 +164,38 @@ pub struct TestHost {
     dir: TempDir,
     sshd: Option<Child>,
     slot: Slot,
+    share_state: bool,
+}
+
+/// How a test host differs from the default.
+#[derive(Debug, Clone, Copy)]
+pub struct HostOptions {
+    pub port: u16,
+    /// Keep `/var/lib/mlops-agent` shared with the machine. Stack tests need
+    /// this: the machine's one dockerd resolves bind-mount sources in its
+    /// own mount namespace, so the agent's synced trees must be where
+    /// dockerd looks. Trees are per project, so tests stay apart.
+    pub share_state: bool,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions { port: 22, share_state: false }
+    }
 }
 
 impl TestHost {
     pub fn start(name: &str) -> Result<TestHost> {
-        Self::start_on_port(name, 22)
+        Self::start_with(name, HostOptions::default())
     }
 
     /// A host whose sshd listens on `port`.
     pub fn start_on_port(name: &str, port: u16) -> Result<TestHost> {
+        Self::start_with(name, HostOptions { port, ..HostOptions::default() })
+    }
+
+    pub fn start_with(name: &str, options: HostOptions) -> Result<TestHost> {
+        let HostOptions { port, share_state } = options;
         ensure_users()?;
         let slot = Slot::take()?;
         let n = slot.n;
@@ -225,6 +248,7 @@ LogLevel VERBOSE
         )?;
         let binds: String = PRIVATE_DIRS
             .iter()
+            .filter(|p| !(share_state && **p == "/var/lib/mlops-agent"))
             .map(|p| format!("mkdir -p {p} && mount --bind {root}{p} {p} && ", root = d.join("root").display()))
             .collect();
         let sshd = Command::new("nsenter")
@@ -236,7 +260,8 @@ LogLevel VERBOSE
             .stderr(fs::File::create(d.join("sshd.log"))?)
             .spawn()
             .context("cannot start sshd")?;
-        let mut host = TestHost { name: name.to_string(), addr, port, netns, host_key, dir, sshd: Some(sshd), slot };
+        let mut host =
+            TestHost { name: name.to_string(), addr, port, netns, host_key, dir, sshd: Some(sshd), slot, share_state };
         host.wait_listening()?;
         Ok(host)
     }
@@ -287,6 +312,9 @@ LogLevel VERBOSE
     /// A file of this host's private agent directories, as the host sees
     /// `path` (one of the agent directories).
     pub fn path(&self, path: &str) -> PathBuf {
+        if self.share_state && path.starts_with("/var/lib/mlops-agent") {
+            return PathBuf::from(path);
+        }
         self.dir.path().join("root").join(path.trim_start_matches('/'))
     }
 
@@ -295,6 +323,7 @@ LogLevel VERBOSE
     pub fn exec(&self, script: &str) -> Result<Output> {
         let binds: String = PRIVATE_DIRS
             .iter()
+            .filter(|p| !(self.share_state && **p == "/var/lib/mlops-agent"))
             .map(|p| format!("mount --bind {root}{p} {p} && ", root = self.dir.path().join("root").display()))
             .collect();
         run(Command::new("nsenter")
@@ -324,6 +353,10 @@ LogLevel VERBOSE
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.path("/var/log/mlops-agent/agent.log")).unwrap_or_default()
     }
 
     pub fn sshd_log(&self) -> String {
@@ -490,4 +523,140 @@ pub fn rss_bytes(pid: i32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|kb| kb.parse::<u64>().ok())
         .map(|kb| kb * 1024)
+}
+
+/// Fails the test (never skips) when no Docker engine answers: CI starts one.
+pub fn require_docker() {
+    let out = Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "these tests need a Docker engine, and none answers: {}\n  hint: start dockerd (tests/run.sh does)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!(
+            "these tests need the docker CLI and engine: {e}\n  hint: apt-get install docker.io; tests/run.sh starts dockerd"
+        ),
+    }
+}
+
+/// A stack directory for tests: `img/` builds a tiny image (static busybox
+/// on `scratch`: no registry, no base image needed), `compose.yaml` is the
+/// caller's. Dropping it removes everything Docker holds for the project.
+pub struct TestStack {
+    pub dir: TempDir,
+    pub project: String,
+}
+
+impl TestStack {
+    /// `compose` may use `{project}`; services build `./img`.
+    pub fn new(compose: &str) -> Result<TestStack> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let project = format!("t{}x{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let dir = tempfile::Builder::new().prefix("mlops-stack-").tempdir()?;
+        let img = dir.path().join("img");
+        fs::create_dir_all(&img)?;
+        fs::copy("/bin/busybox", img.join("busybox"))
+            .context("busybox-static is needed (/bin/busybox); tests/run.sh installs it")?;
+        fs::write(
+            img.join("Dockerfile"),
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+        )?;
+        let stack = TestStack { dir, project };
+        stack.write_compose(compose)?;
+        Ok(stack)
+    }
+
+    pub fn write_compose(&self, compose: &str) -> Result<()> {
+        fs::write(self.dir.path().join("compose.yaml"), compose.replace("{project}", &self.project))?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `docker` CLI output (tests only inspect with it; mlopsctl never runs it).
+    pub fn docker(args: &[&str]) -> String {
+        let out = Command::new("docker").args(args).output().expect("docker runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        let filter = format!("label=mlops.project={}", self.project);
+        let ids = Self::docker(&["ps", "-aq", "--filter", &filter]);
+        for id in ids.split_whitespace() {
+            Self::docker(&["rm", "-f", id]);
+        }
+        for n in Self::docker(&["network", "ls", "-q", "--filter", &filter]).split_whitespace() {
+            Self::docker(&["network", "rm", n]);
+        }
+        for v in Self::docker(&["volume", "ls", "-q", "--filter", &filter]).split_whitespace() {
+            Self::docker(&["volume", "rm", "-f", v]);
+        }
+        for i in Self::docker(&["images", "-q", "--filter", &filter]).split_whitespace() {
+            Self::docker(&["rmi", "-f", i]);
+        }
+        let _ = fs::remove_dir_all(format!("/var/lib/mlops-agent/trees/stack-{}", self.project));
+        let _ = fs::remove_file(format!("/var/lib/mlops-agent/trees/.index/stack-{}.json", self.project));
+    }
+}
+
+/// The agent binary run directly on a loopback port with certificates from
+/// `ca`, without SSH: for RPC-level tests.
+pub struct LocalAgent {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    pub state: PathBuf,
+    _dir: TempDir,
+}
+
+impl LocalAgent {
+    pub fn start(agent: &Path, ca: &mlops_pki::Ca) -> Result<LocalAgent> {
+        let dir = tempfile::tempdir()?;
+        let tls = dir.path().join("tls");
+        fs::create_dir(&tls)?;
+        let id = ca.server_identity("local-agent-test")?;
+        fs::write(tls.join("ca.pem"), ca.cert_pem())?;
+        fs::write(tls.join("server.pem"), &id.cert_pem)?;
+        fs::write(tls.join("server.key"), &id.key_pem)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = dir.path().join("agent.log");
+        let state = dir.path().join("state");
+        let child = Command::new(agent)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--config",
+                "/nonexistent/agent.json",
+                "--tls-dir",
+            ])
+            .arg(&tls)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "agent did not listen: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(LocalAgent { child, port, log, state, _dir: dir })
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,63 +1,19 @@
 //! The agent admits only clients with a certificate from the controller's
 //! CA. Runs the real agent binary on a loopback port (no SSH involved).
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlops_controller::client::{AgentConn, ClientTls};
 use mlops_controller::transport::Transport;
-use mlops_e2e::bins;
+use mlops_e2e::{LocalAgent, bins};
 use mlops_pki::Ca;
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Agent {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_agent(ca: &Ca) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = dir.path().join("tls");
-    std::fs::create_dir(&tls).unwrap();
-    let id = ca.server_identity("mtls-test").unwrap();
-    std::fs::write(tls.join("ca.pem"), ca.cert_pem()).unwrap();
-    std::fs::write(tls.join("server.pem"), &id.cert_pem).unwrap();
-    std::fs::write(tls.join("server.key"), &id.key_pem).unwrap();
-    // A free port: bind, read it, release it.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let log = dir.path().join("agent.log");
-    let child = Command::new(&bins().agent)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config", "/nonexistent/agent.json", "--tls-dir"])
-        .arg(&tls)
-        .arg("--state-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "agent did not listen: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Agent { child, port, log, _dir: dir }
+fn start_agent(ca: &Ca) -> LocalAgent {
+    LocalAgent::start(&bins().agent, ca).unwrap()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -312,6 +312,7 @@ async fn wait_for(
     service: &str,
     id: &str,
     condition: Condition,
+    grace: Duration,
     timeout: Duration,
 ) -> Result<(), EngineError> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -326,7 +327,16 @@ async fn wait_for(
             Condition::ServiceStarted if status == "running" || exited => return Ok(()),
             Condition::ServiceCompletedSuccessfully if exited && exit == 0 => return Ok(()),
             Condition::ServiceHealthy if health == "healthy" => return Ok(()),
-            Condition::ServiceHealthy if health == "unhealthy" => {
+            // Within the health check's start period, a failure is not yet
+            // final (some engines report "unhealthy" during it anyway).
+            Condition::ServiceHealthy
+                if health == "unhealthy"
+                    && state
+                        .started_at
+                        .as_deref()
+                        .and_then(time_from_rfc3339_ms)
+                        .is_none_or(|t| now_ms() > t + grace.as_millis() as u64) =>
+            {
                 let output = last_health_output(&state);
                 return Err(EngineError::Failed(format!(
                     "service `{service}` is unhealthy; last health check: {output}"
@@ -356,6 +366,10 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+}
+
+fn start_period(svc: &Service) -> Duration {
+    Duration::from_millis(svc.healthcheck.as_ref().and_then(|h| h.start_period_ms).unwrap_or(0))
 }
 
 pub fn last_health_output(state: &bollard::models::ContainerState) -> String {
@@ -509,7 +523,7 @@ pub async fn converge(
     let hashes = config_hashes(stack, &order, &image_ids, files_dir)?;
     let mut existing = project_containers(docker, project).await?;
     let mut ids: BTreeMap<String, (String, bool)> = BTreeMap::new();
-    // Does anyone wait for this service to complete? Then an exit 0 is its success.
+    // Services someone waits on to complete: for them, only exit 0 will do.
     let one_shot: BTreeSet<&str> = stack
         .services
         .values()
@@ -517,6 +531,12 @@ pub async fn converge(
         .filter(|(_, c)| **c == Condition::ServiceCompletedSuccessfully)
         .map(|(d, _)| d.as_str())
         .collect();
+    // A container that exited 0 and that nothing restarts has done its job
+    // (an init or migration step); converge leaves it as it is.
+    let completes = |svc: &Service| {
+        matches!(svc.restart.as_deref(), None | Some("no") | Some("on-failure"))
+            || svc.restart.as_deref().is_some_and(|r| r.starts_with("on-failure:"))
+    };
 
     for name in &order {
         let svc = &stack.services[name];
@@ -537,7 +557,7 @@ pub async fn converge(
                 )
                 .await;
             }
-            wait_for(docker, dep, dep_id, *cond, health_timeout).await?;
+            wait_for(docker, dep, dep_id, *cond, start_period(&stack.services[dep]), health_timeout).await?;
         }
         let hash = &hashes[name];
         let mine = existing.remove(name).unwrap_or_default();
@@ -555,7 +575,7 @@ pub async fn converge(
             let state = c.state.map(|s| s.to_string()).unwrap_or_default();
             let inspect = docker.inspect_container(&id, None::<InspectContainerOptions>).await?;
             let exit = inspect.state.as_ref().and_then(|s| s.exit_code).unwrap_or(0);
-            if state == "running" || (state == "exited" && exit == 0 && one_shot.contains(name.as_str())) {
+            if state == "running" || (state == "exited" && exit == 0 && completes(svc)) {
                 ev.say(name, "unchanged", state).await;
                 ids.insert(name.clone(), (id, false));
                 continue;
@@ -606,16 +626,19 @@ pub async fn converge(
         let svc = &stack.services[name];
         let has_check = svc.healthcheck.as_ref().is_some_and(|h| h.test.first().is_some_and(|t| t != "NONE"));
         if has_check {
-            wait_for(docker, name, id, Condition::ServiceHealthy, health_timeout).await?;
+            wait_for(docker, name, id, Condition::ServiceHealthy, start_period(svc), health_timeout).await?;
             if ids[name].1 {
                 ev.say(name, "healthy", "").await;
             }
         } else if one_shot.contains(name.as_str()) {
-            wait_for(docker, name, id, Condition::ServiceCompletedSuccessfully, health_timeout).await?;
+            wait_for(docker, name, id, Condition::ServiceCompletedSuccessfully, Duration::ZERO, health_timeout).await?;
         } else {
             let inspect = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
             let state = inspect.state.unwrap_or_default();
-            if state.running != Some(true) && state.restarting != Some(true) {
+            let completed = state.status.map(|s| s.to_string()).as_deref() == Some("exited")
+                && state.exit_code == Some(0)
+                && completes(svc);
+            if state.running != Some(true) && state.restarting != Some(true) && !completed {
                 let logs = tail_logs(docker, id, 5).await;
                 return Err(EngineError::Failed(format!(
                     "service `{name}` is not running (exit code {}); last log lines: {logs}",

@@ -1,0 +1,289 @@
+//! Stacks against the real Docker engine, through the real CLI, SSH and
+//! agent. Docker must answer (CI starts it); these tests fail, never skip,
+//! without it.
+
+use std::collections::BTreeMap;
+
+use mlops_e2e::{HostOptions, TestEnv, TestHost, TestStack, require_docker};
+use serde_json::Value;
+
+/// A test host sharing the machine's agent state directory (see HostOptions).
+fn stack_host(env: &TestEnv, name: &str) -> TestHost {
+    require_docker();
+    let host = TestHost::start_with(name, HostOptions { share_state: true, ..HostOptions::default() }).unwrap();
+    env.trust(&host).unwrap();
+    host
+}
+
+/// `init` runs once; `db` keeps data in a volume and turns healthy; `web`
+/// waits for both.
+const THREE: &str = r#"
+name: "{project}"
+x-svc: &svc
+  build: ./img
+services:
+  init:
+    <<: *svc
+    command: ["sh", "-c", "sleep 0.3; echo init done"]
+  db:
+    <<: *svc
+    command: ["sh", "-c", "trap 'exit 0' TERM; [ -f /data/token ] || date +%s%N > /data/token; echo $$MSG > /data/msg; sleep 3600 & wait"]
+    environment:
+      MSG: ${MSG:-hello}
+    volumes: ["data:/data"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/data/msg"]
+      interval: 1s
+      retries: 3
+  web:
+    <<: *svc
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+    depends_on:
+      db: {condition: service_healthy}
+      init: {condition: service_completed_successfully}
+    healthcheck:
+      test: ["CMD", "true"]
+      interval: 1s
+volumes:
+  data:
+"#;
+
+fn deploy(env: &TestEnv, host: &TestHost, stack: &TestStack, extra_env: &[(&str, &str)]) -> mlops_e2e::CtlRun {
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    let spec = host.spec("root");
+    let run = env.ctl_with(
+        &["deploy", "--identity", &key, "--host", &spec, "--stack", &dir, "--health-timeout", "60", "--output", "json"],
+        extra_env,
+    );
+    if run.code != 0 {
+        // What the agent saw, for whoever reads a failure.
+        eprintln!("agent log of {}:\n{}", host.name, host.agent_log());
+    }
+    run
+}
+
+fn services(run: &mlops_e2e::CtlRun) -> BTreeMap<String, Value> {
+    let json = run.json();
+    json["hosts"][0]["result"]["stack"]["services"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no services in {json:#}\nstderr:\n{}", run.stderr))
+        .iter()
+        .map(|s| (s["service"].as_str().unwrap().to_string(), s.clone()))
+        .collect()
+}
+
+fn ids(s: &BTreeMap<String, Value>) -> BTreeMap<String, String> {
+    s.iter().map(|(k, v)| (k.clone(), v["container_id"].as_str().unwrap().to_string())).collect()
+}
+
+#[test]
+fn stack_comes_up_healthy_in_order_and_a_rerun_changes_nothing() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s1");
+    let stack = TestStack::new(THREE).unwrap();
+
+    let first = deploy(&env, &host, &stack, &[]).expect_code(0);
+    let s = services(&first);
+    assert_eq!(s["db"]["health"], "healthy");
+    assert_eq!(s["web"]["health"], "healthy");
+    assert_eq!(s["init"]["state"], "exited");
+    assert!(s.values().all(|v| v["changed"] == true));
+    // Dependency order: web starts after db is up and init has finished.
+    let started = |n: &str| s[n]["started_at_ms"].as_u64().unwrap();
+    assert!(started("db") > 0 && started("init") > 0);
+    assert!(started("web") > started("db"), "{s:#?}");
+    assert!(started("web") >= started("init") + 300, "init ran its 0.3 s before web started: {s:#?}");
+
+    let again = deploy(&env, &host, &stack, &[]).expect_code(0);
+    let s2 = services(&again);
+    assert_eq!(ids(&s), ids(&s2), "no container was recreated");
+    assert!(s2.values().all(|v| v["changed"] == false));
+    assert!(again.json()["hosts"][0]["result"]["stack"]["summary"].as_str().unwrap().starts_with("nothing to change"));
+    assert_eq!(again.json()["hosts"][0]["result"]["stack"]["sync"]["written"], 0, "no file rewritten");
+}
+
+#[test]
+fn changing_a_service_recreates_it_and_its_dependants_only() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s2");
+    let stack = TestStack::new(THREE).unwrap();
+    let before = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)));
+    // MSG reaches db's environment through interpolation.
+    let after_run = deploy(&env, &host, &stack, &[("MSG", "changed")]).expect_code(0);
+    let after = ids(&services(&after_run));
+    assert_ne!(before["db"], after["db"], "db changed");
+    assert_ne!(before["web"], after["web"], "web depends on db");
+    assert_eq!(before["init"], after["init"], "init does not depend on db");
+    assert!(after_run.stderr.contains("db: recreate"), "{}", after_run.stderr);
+}
+
+#[test]
+fn a_failing_health_check_fails_the_deploy_naming_service_and_output() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s3");
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+services:
+  bad:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+    healthcheck:
+      test: ["CMD-SHELL", "echo database is not ready >&2; exit 1"]
+      interval: 1s
+      retries: 2
+"#,
+    )
+    .unwrap();
+    let run = deploy(&env, &host, &stack, &[]).expect_code(1);
+    let err = &run.json()["hosts"][0]["error"];
+    let err = err.as_str().unwrap();
+    assert!(err.contains("service `bad` is unhealthy"), "{err}");
+    assert!(err.contains("database is not ready"), "the health check's output: {err}");
+}
+
+#[test]
+fn an_orphan_is_removed_and_volume_data_survives_down_and_deploy() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s4");
+    let stack = TestStack::new(THREE).unwrap();
+    let first = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)));
+    let token = TestStack::docker(&["exec", &first["db"], "cat", "/data/token"]);
+    assert!(!token.is_empty());
+
+    // `web` leaves the stack (and nobody depends on it): its container goes.
+    let without_web = THREE.split("  web:").next().unwrap().to_string() + "volumes:\n  data:\n";
+    stack.write_compose(&without_web).unwrap();
+    let run = deploy(&env, &host, &stack, &[]).expect_code(0);
+    assert!(run.stderr.contains("web: remove orphan"), "{}", run.stderr);
+    assert_eq!(TestStack::docker(&["ps", "-aq", "--filter", &format!("id={}", first["web"])]), "");
+
+    // down keeps the volume; the next deploy finds the same data.
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    env.ctl(&["down", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir]).expect_code(0);
+    let filter = format!("label=mlops.project={}", stack.project);
+    assert_eq!(TestStack::docker(&["ps", "-aq", "--filter", &filter]), "", "containers removed");
+    assert_eq!(TestStack::docker(&["network", "ls", "-q", "--filter", &filter]), "", "network removed");
+    assert_ne!(TestStack::docker(&["volume", "ls", "-q", "--filter", &filter]), "", "volume kept");
+    let again = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)));
+    assert_eq!(TestStack::docker(&["exec", &again["db"], "cat", "/data/token"]), token, "the volume's data survived");
+
+    env.ctl(&["down", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir, "--volumes"]).expect_code(0);
+    assert_eq!(TestStack::docker(&["volume", "ls", "-q", "--filter", &filter]), "", "--volumes removes them");
+}
+
+#[test]
+fn a_second_concurrent_deploy_gets_the_lock_error() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s5");
+    // Healthy only after ~3 s: the first deploy holds the lock that long.
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+services:
+  slow:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3; mkdir -p /tmp; touch /tmp/ready; sleep 3600 & wait"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/tmp/ready"]
+      interval: 500ms
+      start_period: 20s
+"#,
+    )
+    .unwrap();
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    let spec = host.spec("root");
+    // Build first, so the race is about the converge alone.
+    deploy(&env, &host, &stack, &[]).expect_code(0);
+    env.ctl(&["down", "--identity", &key, "--host", &spec, "--stack", &dir]).expect_code(0);
+
+    let first = std::thread::spawn({
+        let (key, dir, spec) = (key.clone(), dir.clone(), spec.clone());
+        let env_home = env.home.clone();
+        let state = env.state.clone();
+        let (ctl, agent) = (env.mlopsctl.clone(), env.agent.clone());
+        move || {
+            std::process::Command::new(ctl)
+                .args(["deploy", "--identity", &key, "--host", &spec, "--stack", &dir])
+                .env("HOME", env_home)
+                .env("MLOPS_STATE_DIR", state)
+                .env("MLOPS_AGENT_BINARY", agent)
+                .output()
+                .unwrap()
+        }
+    });
+    // Wait until the first deploy is converging (its container exists).
+    let filter = format!("label=mlops.project={}", stack.project);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while TestStack::docker(&["ps", "-q", "--filter", &filter]).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the first deploy did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = env.ctl(&["deploy", "--identity", &key, "--host", &spec, "--stack", &dir]).expect_code(1);
+    assert!(
+        second.stderr.contains(&format!("stack `{}` is being deployed by mlopsctl", stack.project)),
+        "{}",
+        second.stderr
+    );
+    assert!(second.stderr.contains("hint: wait for that deploy to finish"), "{}", second.stderr);
+    let first = first.join().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // The lock went with the first deploy.
+    deploy(&env, &host, &stack, &[]).expect_code(0);
+}
+
+#[test]
+fn compose_problems_are_reported_before_anything_runs() {
+    let env = TestEnv::new().unwrap();
+    // An unknown key is a warning with its line; the deploy goes on (here
+    // it stops at the next problem: an unknown stack option value).
+    let stack = TestStack::new(
+        "name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n    restart: sometimes\n",
+    )
+    .unwrap();
+    let dir = stack.path().display().to_string();
+    let compose = stack.path().join("compose.yaml").display().to_string();
+    let run = env.ctl(&["sync", "--stack", &dir]).expect_code(2);
+    assert!(run.stderr.contains(&format!("error: {compose}:6:14: restart `sometimes`")), "{}", run.stderr);
+    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n    ports: [\"99999:80\"]\n").unwrap();
+    let run = env.ctl(&["deploy", "--stack", &dir]).expect_code(2);
+    assert!(
+        run.stderr.contains(&format!("error: {compose}:6:13: port `99999:80`: `99999` is not a port number")),
+        "{}",
+        run.stderr
+    );
+    // Warnings come out with the line even when the stack is fine.
+    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n").unwrap();
+    let run = env.ctl(&["status", "--stack", &dir, "--host", "local", "--agent-binary", "/nonexistent"]);
+    assert!(
+        run.stderr.contains(&format!("warning: {compose}:5:5: unknown key `cap_add` in service `a` is ignored")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn logs_and_status_of_a_deployed_stack() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s6");
+    let stack = TestStack::new(THREE).unwrap();
+    deploy(&env, &host, &stack, &[]).expect_code(0);
+    let key = env.key.display().to_string();
+    let spec = host.spec("root");
+    let logs =
+        env.ctl(&["logs", "init", "--project", &stack.project, "--identity", &key, "--host", &spec]).expect_code(0);
+    assert_eq!(logs.stdout, "init done\n");
+    let status = env
+        .ctl(&["status", "--project", &stack.project, "--identity", &key, "--host", &spec, "--output", "json"])
+        .expect_code(0)
+        .json();
+    let names: Vec<&str> =
+        status["hosts"][0]["services"].as_array().unwrap().iter().map(|s| s["service"].as_str().unwrap()).collect();
+    assert_eq!(names, ["db", "init", "web"]);
+    let missing =
+        env.ctl(&["logs", "nope", "--project", &stack.project, "--identity", &key, "--host", &spec]).expect_code(1);
+    assert!(missing.stderr.contains("has no service `nope`"), "{}", missing.stderr);
+}
