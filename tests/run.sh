@@ -22,6 +22,7 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -38,9 +38,9 @@ pub struct Stack {
 /// `x-mlops:` at the top of the Compose file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StackOptions {
-    /// When a Dockerfile's base image (`FROM debian:<suite>...`) can be
-    /// neither found nor pulled, build it with debootstrap from the host's
-    /// Debian mirror. Off unless asked for.
+    /// When a Dockerfile's base image `debian:<suite>[-slim]` is not on the
+    /// host, build it with debootstrap from the host's Debian mirror instead
+    /// of pulling it (for hosts without registry access). Off unless asked for.
     #[serde(default)]
     pub bootstrap_base_images: bool,
 }

@@ -104,6 +104,13 @@ printf '%s\n' '{SUDO_USER} ALL=(ALL) NOPASSWD: ALL' '{SUDO_PASSWORD_USER} ALL=(A
 chmod 0440 /etc/sudoers.d/mlops-test.tmp
 mv /etc/sudoers.d/mlops-test.tmp /etc/sudoers.d/mlops-test
 mkdir -p /run/sshd
+# Test hosts reach the outside like real hosts do (the Debian mirror, for
+# debootstrap and apt) through NAT; Docker's FORWARD policy would drop it.
+iptables -t nat -C POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE 2>/dev/null \
+  || iptables -t nat -A POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE
+iptables -C FORWARD -s 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -s 10.213.0.0/16 -j ACCEPT
+iptables -C FORWARD -d 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -d 10.213.0.0/16 -j ACCEPT
+sysctl -qw net.ipv4.ip_forward=1
 "#
         );
         sh(&script).map(drop).map_err(|e| e.to_string())
@@ -210,7 +217,7 @@ ip netns add {netns}
 ip link add {veth} type veth peer name eth0 netns {netns}
 ip addr add 10.213.{n}.1/24 dev {veth}
 ip link set {veth} up
-ip netns exec {netns} sh -c 'ip addr add {addr}/24 dev eth0 && ip link set eth0 up && ip link set lo up'"
+ip netns exec {netns} sh -c 'ip addr add {addr}/24 dev eth0 && ip link set eth0 up && ip link set lo up && ip route add default via 10.213.{n}.1'"
         ))?;
         let dir = tempfile::Builder::new().prefix(&format!("mlops-host-{name}-")).tempdir()?;
         let d = dir.path();

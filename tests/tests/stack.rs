@@ -287,3 +287,96 @@ fn logs_and_status_of_a_deployed_stack() {
         env.ctl(&["logs", "nope", "--project", &stack.project, "--identity", &key, "--host", &spec]).expect_code(1);
     assert!(missing.stderr.contains("has no service `nope`"), "{}", missing.stderr);
 }
+
+#[test]
+fn health_transitions_come_from_docker_events() {
+    use std::io::BufRead;
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s7");
+    let stack = TestStack::new(THREE).unwrap();
+    let web = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)))["web"].clone();
+    let key = env.key.display().to_string();
+    let mut child = std::process::Command::new(&env.mlopsctl)
+        .args([
+            "watch",
+            "--project",
+            &stack.project,
+            "--identity",
+            &key,
+            "--host",
+            &host.spec("root"),
+            "--output",
+            "json",
+        ])
+        .env("HOME", &env.home)
+        .env("MLOPS_STATE_DIR", &env.state)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |want: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ev = rx.recv_timeout(left).expect("the expected event did not come");
+            if want(&ev) {
+                return ev;
+            }
+        }
+    };
+    // First the current state of every service...
+    next(&|e| e["service"] == "web" && e["health"] == "healthy");
+    // ...then what Docker reports.
+    TestStack::docker(&["stop", "-t", "1", &web]);
+    let stopped = next(&|e| e["service"] == "web" && e["state"] == "exited");
+    assert!(stopped["docker_time_ns"].as_u64().unwrap() > 0, "{stopped}");
+    assert_eq!(stopped["health"], "", "a stopped container has no health: {stopped}");
+    TestStack::docker(&["start", &web]);
+    next(&|e| e["service"] == "web" && e["state"] == "running");
+    next(&|e| e["service"] == "web" && e["health"] == "healthy");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_missing_debian_base_image_is_built_from_the_mirror_when_asked() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s8");
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+x-mlops:
+  bootstrap_base_images: true
+services:
+  deb:
+    build: ./deb
+"#,
+    )
+    .unwrap();
+    let deb = stack.path().join("deb");
+    std::fs::create_dir_all(&deb).unwrap();
+    std::fs::write(
+        deb.join("Dockerfile"),
+        "FROM debian:bookworm\nRUN echo built-on-debian > /built\nCMD [\"sh\", \"-c\", \"cat /built /etc/debian_version; trap 'exit 0' TERM; sleep 3600 & wait\"]\n",
+    )
+    .unwrap();
+    // No registry here: the base image must come from the host's mirror.
+    TestStack::docker(&["rmi", "-f", "debian:bookworm"]);
+    let run = deploy(&env, &host, &stack, &[]).expect_code(0);
+    assert!(run.stderr.contains("building it with debootstrap from this host's Debian mirror"), "{}", run.stderr);
+    assert_ne!(TestStack::docker(&["images", "-q", "debian:bookworm"]), "", "the base image stays for later builds");
+    let key = env.key.display().to_string();
+    let logs = env
+        .ctl(&["logs", "deb", "--project", &stack.project, "--identity", &key, "--host", &host.spec("root")])
+        .expect_code(0);
+    assert!(logs.stdout.starts_with("built-on-debian\n12."), "{}", logs.stdout);
+}

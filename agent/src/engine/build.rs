@@ -123,9 +123,10 @@ pub fn base_images(dockerfile: &str, args: &BTreeMap<String, String>) -> Vec<Str
     out
 }
 
-/// Makes sure `image` is present: already there, pulled, or (with
-/// `bootstrap`, for `debian:<suite>[-slim]`) built from the host's Debian
-/// mirror. `say` reports progress.
+/// Makes sure `image` is present: already there; or, with `bootstrap` and
+/// a `debian:<suite>[-slim]` name, built from the host's Debian mirror
+/// (no registry is tried: the option exists for hosts without one); or
+/// pulled. `say` reports progress.
 pub async fn ensure_base(
     docker: &Docker,
     image: &str,
@@ -135,26 +136,20 @@ pub async fn ensure_base(
     if docker.inspect_image(image).await.is_ok() {
         return Ok(());
     }
-    say(format!("pulling base image {image}"));
-    let pull_error = match pull(docker, image).await {
-        Ok(()) => return Ok(()),
-        Err(e) => e.to_string(),
-    };
-    let suite = debian_suite(image);
-    match (bootstrap, suite) {
-        (true, Some(suite)) => {
-            say(format!(
-                "cannot pull {image} ({pull_error}); building it with debootstrap from this host's Debian mirror"
-            ));
-            debootstrap_image(docker, image, &suite, say).await
-        }
-        (true, None) => Err(EngineError::Failed(format!(
-            "base image {image} is not on this host and cannot be pulled ({pull_error}); debootstrap can only make debian:<suite> images"
-        ))),
-        (false, _) => Err(EngineError::Failed(format!(
-            "base image {image} is not on this host and cannot be pulled ({pull_error}); load it with `docker load`, or set `x-mlops: {{bootstrap_base_images: true}}` to build Debian bases from the host's mirror"
-        ))),
+    if bootstrap && let Some(suite) = debian_suite(image) {
+        say(format!("base image {image} is not here; building it with debootstrap from this host's Debian mirror"));
+        return debootstrap_image(docker, image, &suite, say).await;
     }
+    say(format!("pulling base image {image}"));
+    pull(docker, image).await.map_err(|e| {
+        EngineError::Failed(if bootstrap {
+            format!("base image {image} is not on this host and cannot be pulled ({e}); debootstrap can only make debian:<suite> images")
+        } else {
+            format!(
+                "base image {image} is not on this host and cannot be pulled ({e}); load it with `docker load`, or set `x-mlops: {{bootstrap_base_images: true}}` to build Debian bases from the host's mirror"
+            )
+        })
+    })
 }
 
 /// Pulls `image` (`name[:tag]`, default tag `latest`).
@@ -248,8 +243,11 @@ async fn debootstrap_image(
         .map_err(EngineError::io("running debootstrap"))?;
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&dir);
-        let text = String::from_utf8_lossy(&out.stderr);
-        return Err(EngineError::Failed(format!("debootstrap failed: {}", text.lines().last().unwrap_or_default())));
+        // debootstrap says why on stdout or stderr, depending on the step.
+        let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let why: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let why = why[why.len().saturating_sub(3)..].join(" | ");
+        return Err(EngineError::Failed(format!("debootstrap {suite} from {mirror} failed: {why}")));
     }
     say(format!("importing {image}"));
     let tar_dir = dir.clone();

@@ -26,7 +26,11 @@ pub async fn health(
         ("label".to_string(), vec![format!("{}={project}", labels::PROJECT)]),
     ]);
     let mut events = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+    // What was last sent per container: Docker emits several events for
+    // one change (kill, die, stop, restart...); only transitions go out.
+    let mut last: HashMap<String, (String, String)> = HashMap::new();
     for s in status(&docker, &project).await? {
+        last.insert(s.container_id.clone(), (s.state.clone(), s.health.clone()));
         let ev = HealthEvent {
             unix_ms: now_ms(),
             service: s.service,
@@ -82,8 +86,14 @@ pub async fn health(
             }
         };
         // health_status events carry the new status in the action itself,
-        // which is what changed even if inspect raced ahead.
+        // which is what changed even if inspect raced ahead. A container
+        // that is not running has no health to speak of.
         let health = action.strip_prefix("health_status: ").map(str::to_string).unwrap_or(health);
+        let (health, output) = if state == "running" { (health, output) } else { (String::new(), String::new()) };
+        if last.get(&id) == Some(&(state.clone(), health.clone())) {
+            continue;
+        }
+        last.insert(id.clone(), (state.clone(), health.clone()));
         let ev = HealthEvent {
             unix_ms: now_ms(),
             service,

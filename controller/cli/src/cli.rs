@@ -109,6 +109,11 @@ pub enum Command {
         #[arg(long)]
         volumes: bool,
     },
+    /// Follow the stack's service state and health transitions (from Docker events) until interrupted.
+    Watch {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
     /// Show a service's logs.
     Logs {
         /// The service.

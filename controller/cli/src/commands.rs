@@ -38,6 +38,7 @@ pub async fn run(cli: Cli, printer: &Printer) -> i32 {
         Command::Status { stack } => status(setup, &stack, printer).await,
         Command::Sync { stack } => sync(setup, &stack, printer).await,
         Command::Down { stack, volumes } => down(setup, &stack, volumes, printer).await,
+        Command::Watch { stack } => watch(setup, &stack, printer).await,
         Command::Logs { service, stack, follow, tail, since } => {
             logs(setup, &stack, &service, follow, tail, since.as_deref(), printer).await
         }
@@ -409,6 +410,60 @@ async fn down(setup: Setup, args: &StackArgs, volumes: bool, printer: &Printer) 
         }
     }
     Ok(exit_code(&failed))
+}
+
+async fn watch(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
+    let project = project_name(&setup.state, args, printer)?;
+    let output = printer.output;
+    let results = fanout::run(setup.targets.clone(), setup.forks, {
+        let ctx = setup.ctx.clone();
+        move |target: Target| {
+            let ctx = ctx.clone();
+            let project = project.clone();
+            async move {
+                let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
+                let mut stream = stack::watch_health(&mut conn, &project).await?;
+                let p = Printer::new(output);
+                let result = loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => match output {
+                            Output::Json => p.stdout(&json!({"host": target.name, "unix_ms": ev.unix_ms, "docker_time_ns": ev.docker_time_ns, "service": ev.service, "state": ev.state, "health": ev.health, "health_output": ev.health_output}).to_string()),
+                            Output::Text => {
+                                let health = if ev.health.is_empty() { String::new() } else { format!(" ({})", ev.health) };
+                                let output = if ev.health_output.is_empty() { String::new() } else { format!(": {}", ev.health_output) };
+                                p.stdout(&format!("{} {} {} {}{health}{output}", clock(ev.unix_ms), target.name, ev.service, ev.state));
+                            }
+                        },
+                        Ok(None) => break Ok(()),
+                        Err(s) => break Err(mlops_controller::ControllerError::Rpc { host: target.name.clone(), call: "WatchHealth", status: s.message().to_string() }),
+                    }
+                };
+                transport.close().await;
+                result
+            }
+        }
+    })
+    .await;
+    let failed: Vec<(String, anyhow::Error)> = setup
+        .targets
+        .iter()
+        .zip(results)
+        .filter_map(|(t, r)| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some((t.name.clone(), anyhow::Error::new(e))),
+            Err(p) => Some((t.name.clone(), anyhow::anyhow!(p))),
+        })
+        .collect();
+    if !failed.is_empty() {
+        summarize(printer, "watch", setup.targets.len() - failed.len(), &failed);
+    }
+    Ok(exit_code(&failed))
+}
+
+/// `HH:MM:SS.mmm` (UTC) of Unix milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let s = unix_ms / 1000;
+    format!("{:02}:{:02}:{:02}.{:03}", (s / 3600) % 24, (s / 60) % 60, s % 60, unix_ms % 1000)
 }
 
 /// `10m`, `1h30m`, `45s` ago, as Unix seconds.
