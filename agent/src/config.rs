@@ -34,6 +34,13 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     /// Where the agent keeps state.
     pub state_dir: PathBuf,
+    /// The Docker engine's socket.
+    #[serde(default = "default_docker_socket")]
+    pub docker_socket: PathBuf,
+}
+
+fn default_docker_socket() -> PathBuf {
+    PathBuf::from(crate::engine::docker::DEFAULT_SOCKET)
 }
 
 impl Default for AgentConfig {
@@ -42,6 +49,7 @@ impl Default for AgentConfig {
             port: mlops_proto::DEFAULT_AGENT_PORT,
             tls_dir: Path::new(layout::CONFIG_DIR).join("tls"),
             state_dir: PathBuf::from(layout::STATE_DIR),
+            docker_socket: default_docker_socket(),
         }
     }
 }

@@ -116,7 +116,7 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
     write(&tls_dir.join("ca.pem"), material.ca_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.pem"), material.cert_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.key"), material.key_pem.as_bytes(), 0o600)?;
-    let config = AgentConfig { port, tls_dir, state_dir: PathBuf::from(layout::STATE_DIR) };
+    let config = AgentConfig { port, tls_dir, ..AgentConfig::default() };
     let config_path = AgentConfig::default_path();
     write(&config_path, serde_json::to_string_pretty(&config).expect("serializable").as_bytes(), 0o644)?;
 

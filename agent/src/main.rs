@@ -60,6 +60,9 @@ struct ServeArgs {
     tls_dir: Option<PathBuf>,
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The Docker engine's socket instead of the configured one.
+    #[arg(long)]
+    docker_socket: Option<PathBuf>,
     /// Fork into the background once listening (hosts without systemd).
     #[arg(long)]
     daemonize: bool,
@@ -160,11 +163,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         readiness.ready();
-        let state_dir = cfg.state_dir.clone();
+        let (state_dir, docker_socket) = (cfg.state_dir.clone(), cfg.docker_socket.clone());
         mlops_agent::server::serve(
             listener,
             tls_config,
-            |stop| AgentService::new(sha, config_sha256, manager, state_dir, stop),
+            |stop| AgentService::new(sha, config_sha256, manager, state_dir, stop).with_docker_socket(docker_socket),
             shutdown_signal(),
         )
         .await?;
@@ -206,6 +209,9 @@ fn prepare(args: &ServeArgs) -> Result<Prepared> {
     }
     if let Some(dir) = &args.state_dir {
         cfg.state_dir = dir.clone();
+    }
+    if let Some(socket) = &args.docker_socket {
+        cfg.docker_socket = socket.clone();
     }
     let material = TlsMaterial::load(&cfg.tls_dir)?;
     let tls_config = tls::server_config(&material).context("cannot build the TLS configuration")?;

@@ -623,6 +623,11 @@ pub struct LocalAgent {
 
 impl LocalAgent {
     pub fn start(agent: &Path, ca: &mlops_pki::Ca) -> Result<LocalAgent> {
+        Self::start_with(agent, ca, &[])
+    }
+
+    /// With extra `serve` arguments (such as `--docker-socket`).
+    pub fn start_with(agent: &Path, ca: &mlops_pki::Ca, extra: &[&str]) -> Result<LocalAgent> {
         let dir = tempfile::tempdir()?;
         let tls = dir.path().join("tls");
         fs::create_dir(&tls)?;
@@ -645,6 +650,7 @@ impl LocalAgent {
             .arg(&tls)
             .arg("--state-dir")
             .arg(&state)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;

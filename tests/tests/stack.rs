@@ -101,6 +101,7 @@ fn stack_comes_up_healthy_in_order_and_a_rerun_changes_nothing() {
     assert!(s2.values().all(|v| v["changed"] == false));
     assert!(again.json()["hosts"][0]["result"]["stack"]["summary"].as_str().unwrap().starts_with("nothing to change"));
     assert_eq!(again.json()["hosts"][0]["result"]["stack"]["sync"]["written"], 0, "no file rewritten");
+    assert!(!again.stderr.contains(": build"), "the context hash is unchanged, so nothing is built: {}", again.stderr);
 }
 
 #[test]

@@ -139,7 +139,10 @@ async fn bench_converge_and_health(conn: &mut AgentConn) -> Result<()> {
     };
     let start = Instant::now();
     converge(conn, request.clone()).await?;
-    println!("converge cold, {SERVICES} services (build, create, start, healthy): {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "converge cold, {SERVICES} services (build, create, start, healthy): {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     let mut noop = Vec::new();
     for _ in 0..10 {
         let start = Instant::now();
@@ -156,8 +159,11 @@ async fn bench_converge_and_health(conn: &mut AgentConn) -> Result<()> {
     let container = format!("{}-s9-1", loaded.stack.project);
     let mut latencies = Vec::new();
     for round in 0..6 {
-        let (args, want): (&[&str], &str) =
-            if round % 2 == 0 { (&["stop", "-t", "1", &container], "exited") } else { (&["start", &container], "running") };
+        let (args, want): (&[&str], &str) = if round % 2 == 0 {
+            (&["stop", "-t", "1", &container], "exited")
+        } else {
+            (&["start", &container], "running")
+        };
         let out = std::process::Command::new("docker").args(args).output().context("docker")?;
         if !out.status.success() {
             bail!("docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));

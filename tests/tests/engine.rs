@@ -1,0 +1,49 @@
+//! The agent's engine RPCs where no engine answers: clear answers, no hang.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use mlops_controller::client::{AgentConn, ClientTls};
+use mlops_controller::transport::Transport;
+use mlops_e2e::{LocalAgent, bins};
+use mlops_pki::Ca;
+use mlops_proto::v1::{ConvergeRequest, EnsureDockerRequest};
+
+#[tokio::test]
+async fn without_an_engine_the_agent_says_so() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::open_or_create(pki.path()).unwrap();
+    let agent = LocalAgent::start_with(&bins().agent, &ca, &["--docker-socket", "/nonexistent/docker.sock"]).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+
+    let facts = conn.facts().await.unwrap();
+    let docker = facts.docker.unwrap();
+    assert!(!docker.available && docker.error.contains("/nonexistent/docker.sock"), "{docker:?}");
+
+    // Asked only to check, it reports and stops.
+    let events: Vec<_> =
+        conn.raw().ensure_docker(EnsureDockerRequest { install: false }).await.unwrap().into_inner().collect().await;
+    let last = events.last().unwrap().as_ref().unwrap();
+    assert!(last.done && !last.docker.as_ref().unwrap().available, "{events:?}");
+
+    let stack = mlops_proto::stack::Stack {
+        project: "noengine".into(),
+        services: [("a".to_string(), mlops_proto::stack::Service { image: Some("x".into()), ..Default::default() })]
+            .into(),
+        ..Default::default()
+    };
+    let request = ConvergeRequest {
+        stack_json: serde_json::to_string(&stack).unwrap(),
+        holder: "test".into(),
+        files_root: "stack-noengine".into(),
+        health_timeout_seconds: 5,
+    };
+    let err = conn.raw().converge(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("no Docker engine answers at /nonexistent/docker.sock"), "{err}");
+
+    // A model that is not a stack is refused as such.
+    let bad = ConvergeRequest { stack_json: "{".into(), files_root: "x".into(), ..Default::default() };
+    assert_eq!(conn.raw().converge(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
