@@ -43,6 +43,10 @@ pub struct StackOptions {
     /// of pulling it (for hosts without registry access). Off unless asked for.
     #[serde(default)]
     pub bootstrap_base_images: bool,
+    /// Add the deploying host's CA bundle to every build context as
+    /// `.mlops/host-ca.crt` (for `pip --cert` behind a TLS-inspecting proxy).
+    #[serde(default)]
+    pub host_ca_bundle: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -32,6 +32,21 @@ pub fn pack(
     args: &BTreeMap<String, String>,
     target: Option<&str>,
 ) -> Result<Context, EngineError> {
+    pack_with(dir, dockerfile, args, target, &[])
+}
+
+/// The host's CA bundle, as `x-mlops.host_ca_bundle` adds it to contexts.
+pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const HOST_CA_IN_CONTEXT: &str = ".mlops/host-ca.crt";
+
+/// [`pack`], plus `extra` files (name in the context, contents).
+pub fn pack_with(
+    dir: &Path,
+    dockerfile: &str,
+    args: &BTreeMap<String, String>,
+    target: Option<&str>,
+    extra: &[(String, Vec<u8>)],
+) -> Result<Context, EngineError> {
     let ignore = Ignore::parse(&std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_default());
     let dockerfile_path = dir.join(dockerfile);
     let dockerfile_text = std::fs::read_to_string(&dockerfile_path)
@@ -45,6 +60,14 @@ pub fn pack(
     for rel in &files {
         let full = dir.join(rel);
         builder.append_path_with_name(&full, rel).map_err(EngineError::io(format!("packing {}", full.display())))?;
+    }
+    for (name, data) in extra {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_cksum();
+        builder.append_data(&mut header, name, &data[..]).map_err(EngineError::io(format!("packing {name}")))?;
     }
     let tar = builder.into_inner().map_err(EngineError::io("packing the build context"))?;
     let mut h = Sha256::new();

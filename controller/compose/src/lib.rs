@@ -414,6 +414,7 @@ impl Parser<'_> {
         for (k, v) in self.map(node, "x-mlops")? {
             match k.as_key().unwrap_or_default().as_str() {
                 "bootstrap_base_images" => o.bootstrap_base_images = self.bool(v, "x-mlops.bootstrap_base_images")?,
+                "host_ca_bundle" => o.host_ca_bundle = self.bool(v, "x-mlops.host_ca_bundle")?,
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
         }
