@@ -47,6 +47,27 @@ pub struct StackOptions {
     /// `.mlops/host-ca.crt` (for `pip --cert` behind a TLS-inspecting proxy).
     #[serde(default)]
     pub host_ca_bundle: bool,
+    /// Variables the controller generates once per deployment (random),
+    /// keeps in its state directory and passes to interpolation.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Files the controller adds to the synced stack directory: path in the
+    /// stack → name of a binary that ships with mlopsctl.
+    #[serde(default)]
+    pub inject: BTreeMap<String, String>,
+    /// Web UIs, for the access table and `mlopsctl ui NAME`.
+    #[serde(default)]
+    pub ui: BTreeMap<String, Ui>,
+}
+
+/// A service's web UI published on the host's loopback.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ui {
+    pub service: String,
+    /// Host port (the one published in `ports`).
+    pub port: u16,
+    #[serde(default)]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

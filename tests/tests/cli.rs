@@ -97,7 +97,7 @@ fn deploy_without_hosts_targets_this_machine() {
     let host = TestHost::start("local").unwrap();
     let bins = mlops_e2e::bins();
     let script = format!(
-        "HOME={home} MLOPS_STATE_DIR={state} MLOPS_AGENT_BINARY={agent} {ctl} deploy --output json",
+        "HOME={home} MLOPS_STATE_DIR={state} MLOPS_AGENT_BINARY={agent} {ctl} deploy --no-stack --output json",
         home = env.home.display(),
         state = env.state.display(),
         agent = bins.agent.display(),

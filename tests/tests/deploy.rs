@@ -28,7 +28,7 @@ fn deploy_one_host_then_redeploy_uploads_nothing() {
     let host = env.host("h1").unwrap();
     let spec = host.spec("root");
 
-    let first = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let first = env.ctl_key(&["deploy", "--no-stack", "--host", &spec, "--output", "json"]).expect_code(0).json();
     let r = &host_result(&first, &spec)["result"];
     assert_eq!(r["uploaded"], true);
     assert_eq!(r["installed"], "first install");
@@ -47,7 +47,7 @@ fn deploy_one_host_then_redeploy_uploads_nothing() {
     assert!(text.lines().any(|l| l.contains("0100007F:1D13") && l.contains(" 0A ")), "{text}");
     assert!(!text.lines().any(|l| l.contains("00000000:1D13")), "not on every address: {text}");
 
-    let second = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let second = env.ctl_key(&["deploy", "--no-stack", "--host", &spec, "--output", "json"]).expect_code(0).json();
     let r = &host_result(&second, &spec)["result"];
     assert_eq!(r["uploaded"], false, "same hash: nothing uploaded");
     assert_eq!(r["installed"], Value::Null, "nothing changed: no restart");
@@ -73,7 +73,9 @@ fn five_hosts_in_parallel_from_an_inventory_with_a_sudo_user() {
     ));
     let path = env.write("inventory.yml", &inv).unwrap();
     let key = env.key.display().to_string();
-    let out = env.ctl(&["deploy", "-i", path.to_str().unwrap(), "--identity", &key, "--output", "json"]).expect_code(0);
+    let out = env
+        .ctl(&["deploy", "--no-stack", "-i", path.to_str().unwrap(), "--identity", &key, "--output", "json"])
+        .expect_code(0);
     let json = out.json();
     assert_eq!(json["ok"], 5, "{}", out.stderr);
     for h in &hosts {
@@ -91,7 +93,7 @@ fn a_new_agent_binary_is_uploaded_and_restarted() {
     let env = TestEnv::new().unwrap();
     let host = env.host("up").unwrap();
     let spec = host.spec("root");
-    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
     let old_pid = host.agent_pid().unwrap();
 
     // Another build of the agent: the same program with different bytes.
@@ -102,7 +104,16 @@ fn a_new_agent_binary_is_uploaded_and_restarted() {
     fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     let json = env
-        .ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"])
+        .ctl_key(&[
+            "deploy",
+            "--no-stack",
+            "--host",
+            &spec,
+            "--agent-binary",
+            newer.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
         .expect_code(0)
         .json();
     let r = &host_result(&json, &spec)["result"];
@@ -121,7 +132,7 @@ fn an_agent_that_died_is_restarted_on_deploy() {
     let env = TestEnv::new().unwrap();
     let host = env.host("dead").unwrap();
     let spec = host.spec("root");
-    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
     let pid = host.agent_pid().unwrap();
     #[allow(unsafe_code)]
     // SAFETY: kill(2) on the agent process this test started.
@@ -129,7 +140,7 @@ fn an_agent_that_died_is_restarted_on_deploy() {
         libc::kill(pid, libc::SIGKILL);
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let json = env.ctl_key(&["deploy", "--host", &spec, "--output", "json"]).expect_code(0).json();
+    let json = env.ctl_key(&["deploy", "--no-stack", "--host", &spec, "--output", "json"]).expect_code(0).json();
     let r = &host_result(&json, &spec)["result"];
     assert_eq!(r["installed"], "agent was not running");
     assert_eq!(r["uploaded"], false);
@@ -143,13 +154,13 @@ fn unknown_host_key_is_refused_unless_accepted() {
     host.authorize("root", &env.public_key).unwrap();
     let spec = host.spec("root");
 
-    let out = env.ctl_key(&["deploy", "--host", &spec]).expect_code(1);
+    let out = env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(1);
     assert!(out.stderr.contains(&format!("host key of {}:2222 is not known (SHA256:", host.addr)), "{}", out.stderr);
     assert!(out.stderr.contains(&format!("ssh-keyscan -p 2222 {}", host.addr)), "{}", out.stderr);
     assert!(out.stderr.contains("hint: if this is the host you expect, pass --accept-new-host-keys"), "{}", out.stderr);
     assert!(host.agent_pid().is_none(), "nothing was installed");
 
-    env.ctl_key(&["deploy", "--host", &spec, "--accept-new-host-keys"]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec, "--accept-new-host-keys"]).expect_code(0);
     let known = fs::read_to_string(&env.known_hosts).unwrap();
     assert!(known.contains(&host.known_hosts_line()), "recorded as `[addr]:2222 key`: {known}");
     // Recorded: accepted from now on without the flag.
@@ -165,7 +176,8 @@ fn a_changed_host_key_is_refused_even_with_accept_new() {
     // known_hosts holds another machine's key for this address.
     env.add_known_host(&format!("{} {}", host.known_hosts_name(), other.host_key)).unwrap();
 
-    let out = env.ctl_key(&["deploy", "--host", &host.spec("root"), "--accept-new-host-keys"]).expect_code(1);
+    let out =
+        env.ctl_key(&["deploy", "--no-stack", "--host", &host.spec("root"), "--accept-new-host-keys"]).expect_code(1);
     assert!(out.stderr.contains("HAS CHANGED"), "{}", out.stderr);
     assert!(out.stderr.contains(&"known_hosts:1".to_string()), "names the line: {}", out.stderr);
     assert!(out.stderr.contains("ssh-keygen -R"), "{}", out.stderr);
@@ -182,7 +194,7 @@ fn hashed_known_hosts_entries_are_accepted() {
     assert!(out.status.success());
     let known = fs::read_to_string(&env.known_hosts).unwrap();
     assert!(known.starts_with("|1|") && !known.contains(&host.addr), "hashed: {known}");
-    env.ctl_key(&["deploy", "--host", &host.spec("root")]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &host.spec("root")]).expect_code(0);
 }
 
 #[test]
@@ -195,7 +207,9 @@ fn a_wrong_private_key_is_a_clear_error() {
         .arg(&wrong)
         .status()
         .unwrap();
-    let out = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", wrong.to_str().unwrap()]).expect_code(1);
+    let out = env
+        .ctl(&["deploy", "--no-stack", "--host", &host.spec("root"), "--identity", wrong.to_str().unwrap()])
+        .expect_code(1);
     assert!(out.stderr.contains(&format!("permission denied for root@{}:22", host.addr)), "{}", out.stderr);
     assert!(out.stderr.contains(&format!("tried {}", wrong.display())), "{}", out.stderr);
     assert!(
@@ -204,7 +218,9 @@ fn a_wrong_private_key_is_a_clear_error() {
         out.stderr
     );
 
-    let missing = env.ctl(&["deploy", "--host", &host.spec("root"), "--identity", "/nonexistent/key"]).expect_code(2);
+    let missing = env
+        .ctl(&["deploy", "--no-stack", "--host", &host.spec("root"), "--identity", "/nonexistent/key"])
+        .expect_code(2);
     assert!(missing.stderr.contains("cannot load private key /nonexistent/key: no such file"), "{}", missing.stderr);
 }
 
@@ -212,7 +228,7 @@ fn a_wrong_private_key_is_a_clear_error() {
 fn sudo_that_needs_a_password_is_named() {
     let env = TestEnv::new().unwrap();
     let host = env.host("pw").unwrap();
-    let out = env.ctl_key(&["deploy", "--host", &host.spec(SUDO_PASSWORD_USER)]).expect_code(1);
+    let out = env.ctl_key(&["deploy", "--no-stack", "--host", &host.spec(SUDO_PASSWORD_USER)]).expect_code(1);
     assert!(
         out.stderr
             .contains(&format!("sudo on {} asks {SUDO_PASSWORD_USER} for a password", host.spec(SUDO_PASSWORD_USER))),
@@ -234,7 +250,8 @@ fn a_down_host_fails_alone() {
         a.addr, down.addr, b.addr
     );
     let path = env.write("inv.yml", &inv).unwrap();
-    let out = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--connect-timeout", "5"]).expect_code(1);
+    let out =
+        env.ctl_key(&["deploy", "--no-stack", "-i", path.to_str().unwrap(), "--connect-timeout", "5"]).expect_code(1);
     assert!(a.agent_pid().is_some() && b.agent_pid().is_some(), "the others succeeded");
     assert!(out.stderr.contains("error: deploy failed on 1 of 3 host(s): down"), "{}", out.stderr);
     assert!(out.stderr.contains(&format!("cannot connect to {}:22", down.addr)), "{}", out.stderr);
@@ -263,14 +280,14 @@ fn limit_selects_inventory_hosts() {
     );
     let path = env.write("inv.yml", &inv).unwrap();
     let json = env
-        .ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "web:!w2", "--output", "json"])
+        .ctl_key(&["deploy", "--no-stack", "-i", path.to_str().unwrap(), "--limit", "web:!w2", "--output", "json"])
         .expect_code(0)
         .json();
     let names: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["host"].as_str().unwrap()).collect();
     assert_eq!(names, ["w1"]);
     assert!(w1.agent_pid().is_some() && w2.agent_pid().is_none() && d1.agent_pid().is_none());
 
-    let out = env.ctl_key(&["deploy", "-i", path.to_str().unwrap(), "--limit", "nosuch"]).expect_code(2);
+    let out = env.ctl_key(&["deploy", "--no-stack", "-i", path.to_str().unwrap(), "--limit", "nosuch"]).expect_code(2);
     assert!(out.stderr.contains("--limit `nosuch`: `nosuch` matches no group and no host"), "{}", out.stderr);
 }
 
@@ -279,7 +296,7 @@ fn uninstall_removes_the_agent() {
     let env = TestEnv::new().unwrap();
     let host = env.host("rm").unwrap();
     let spec = host.spec(SUDO_USER);
-    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
     let pid = host.agent_pid().unwrap();
     let out = env.ctl_key(&["agent", "uninstall", "--host", &spec]).expect_code(0);
     assert!(out.stdout.contains("agent removed"), "{}", out.stdout);
@@ -326,8 +343,9 @@ fn ssh_config_aliases_and_ssh_agent_keys_are_used() {
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
 
     let sock = sock.display().to_string();
-    let out =
-        env.ctl_with(&["deploy", "--host", "box", "--output", "json"], &[("SSH_AUTH_SOCK", &sock)]).expect_code(0);
+    let out = env
+        .ctl_with(&["deploy", "--no-stack", "--host", "box", "--output", "json"], &[("SSH_AUTH_SOCK", &sock)])
+        .expect_code(0);
     let json = out.json();
     assert_eq!(host_result(&json, "box")["result"]["address"], format!("{SUDO_USER}@{}:22", host.addr));
     assert!(host.agent_pid().is_some());
@@ -347,7 +365,7 @@ fn an_agent_running_an_older_binary_is_restarted() {
     let env = TestEnv::new().unwrap();
     let host = env.host("stale").unwrap();
     let spec = host.spec("root");
-    env.ctl_key(&["deploy", "--host", &spec]).expect_code(0);
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
     let old_pid = host.agent_pid().unwrap();
     // The file on the host is replaced behind the agent's back (a package
     // manager, a half-finished earlier deploy): the process still runs the old code.
@@ -361,7 +379,16 @@ fn an_agent_running_an_older_binary_is_restarted() {
     fs::rename(installed.with_extension("new"), &installed).unwrap();
 
     let json = env
-        .ctl_key(&["deploy", "--host", &spec, "--agent-binary", newer.to_str().unwrap(), "--output", "json"])
+        .ctl_key(&[
+            "deploy",
+            "--no-stack",
+            "--host",
+            &spec,
+            "--agent-binary",
+            newer.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
         .expect_code(0)
         .json();
     let r = &host_result(&json, &spec)["result"];

@@ -76,14 +76,20 @@ pub struct StackArgs {
     /// Enable a Compose profile (repeatable).
     #[arg(long = "profile", value_name = "NAME")]
     pub profiles: Vec<String>,
+    /// Leave a service out (repeatable), e.g. `--skip grafana` where no registry can supply its image.
+    #[arg(long = "skip", value_name = "SERVICE")]
+    pub skip: Vec<String>,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Install or upgrade the agent on each host; with --stack, also Docker, the stack's files, and the stack itself.
+    /// Install or upgrade the agent on each host, then Docker, the stack's files and the stack (default: the MLOps platform).
     Deploy {
         #[command(flatten)]
         stack: StackArgs,
+        /// Only install or upgrade the agent; no stack.
+        #[arg(long, conflicts_with = "stack")]
+        no_stack: bool,
         /// Fail instead of installing Docker where no engine answers.
         #[arg(long)]
         no_docker_install: bool,
@@ -108,6 +114,21 @@ pub enum Command {
         /// Also remove the stack's named volumes (their data is lost).
         #[arg(long)]
         volumes: bool,
+    },
+    /// Show the stack's generated credentials (kept in the state directory, mode 0600).
+    Secrets {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Open a service's web UI: through an SSH tunnel for a remote host; prints the local URL.
+    Ui {
+        /// The UI (see the access table: airflow, spark-master, prometheus, ...).
+        name: String,
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Local port for the tunnel [default: the UI's own port, else any free one]
+        #[arg(long, value_name = "PORT")]
+        port: Option<u16>,
     },
     /// Follow the stack's service state and health transitions (from Docker events) until interrupted.
     Watch {

@@ -2,6 +2,7 @@
 //! controller library, and prints through the [`Printer`].
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,9 +33,11 @@ pub async fn run(cli: Cli, printer: &Printer) -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Deploy { stack, no_docker_install, health_timeout } => {
-            deploy(setup, &stack, !no_docker_install, health_timeout, printer).await
+        Command::Deploy { stack, no_stack, no_docker_install, health_timeout } => {
+            deploy(setup, &stack, no_stack, !no_docker_install, health_timeout, printer).await
         }
+        Command::Secrets { stack } => secrets(&setup, &stack, printer),
+        Command::Ui { name, stack, port } => ui(setup, &stack, &name, port, printer).await,
         Command::Status { stack } => status(setup, &stack, printer).await,
         Command::Sync { stack } => sync(setup, &stack, printer).await,
         Command::Down { stack, volumes } => down(setup, &stack, volumes, printer).await,
@@ -134,39 +137,77 @@ fn progress_printer(
     (tx, handle)
 }
 
-/// Loads the Compose stack and scans its directory (once, for all hosts).
+/// The platform bundle compiled into mlopsctl (see build.rs).
+mod bundle {
+    include!(concat!(env!("OUT_DIR"), "/bundle.rs"));
+}
+
+/// The stack directory: `--stack`, else the embedded platform bundle,
+/// written once into the state directory (by content hash).
+fn stack_dir(state: &StateDir, args: &StackArgs) -> Result<PathBuf> {
+    if let Some(dir) = &args.stack {
+        return Ok(dir.clone());
+    }
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (path, exec, data) in bundle::BUNDLE {
+        h.update(path.as_bytes());
+        h.update([u8::from(*exec)]);
+        h.update(data);
+    }
+    let dir = state.path.join("bundle").join(&hex::encode(h.finalize())[..16]);
+    if !dir.join("compose.yaml").is_file() {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        for (path, exec, data) in bundle::BUNDLE {
+            let p = tmp.join(path);
+            std::fs::create_dir_all(p.parent().expect("has a parent"))
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            std::fs::write(&p, data).with_context(|| format!("cannot write {}", p.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(if *exec { 0o755 } else { 0o644 }))?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Loads the Compose stack (with its generated secrets), applies `--skip`,
+/// scans its directory and adds injected binaries; once, for all hosts.
 fn load_stack(
     state: &StateDir,
     args: &StackArgs,
     printer: &Printer,
-) -> Result<Option<(mlops_compose::Loaded, mlops_controller::sync::LocalTree)>> {
-    let Some(dir) = &args.stack else { return Ok(None) };
-    let options = mlops_compose::LoadOptions {
-        project: args.project.clone(),
-        env: std::env::vars().collect(),
-        profiles: args.profiles.clone(),
-    };
-    let loaded = mlops_compose::load(dir, &options)?;
+) -> Result<(mlops_compose::Loaded, mlops_controller::sync::LocalTree)> {
+    let dir = stack_dir(state, args)?;
+    let (project, secret_names) = mlops_compose::preflight(&dir, args.project.as_deref())?;
+    let secrets = mlops_controller::secrets::load_or_generate(&state.path, &project, &secret_names)?;
+    let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    env.extend(secrets);
+    let options = mlops_compose::LoadOptions { project: Some(project), env, profiles: args.profiles.clone() };
+    let mut loaded = mlops_compose::load(&dir, &options)?;
     for w in &loaded.warnings {
         printer.warn(&w.to_string());
     }
+    mlops_compose::skip_services(&mut loaded.stack, &args.skip).map_err(anyhow::Error::msg)?;
     let mut cache = HashCache::open(state.path.join("cache/file-hashes.json"));
-    let tree = mlops_controller::sync::scan(&loaded.dir, &mut cache)?;
+    let mut tree = mlops_controller::sync::scan(&loaded.dir, &mut cache)?;
     cache.save();
-    Ok(Some((loaded, tree)))
+    for (path, artifact) in &loaded.stack.options.inject {
+        let source = mlops_controller::agent_binary::locate_artifact(artifact)?;
+        tree.add_file(path, &source, 0o755)?;
+    }
+    Ok((loaded, tree))
 }
 
-/// The project named by --project, or by the stack.
-fn project_name(state: &StateDir, args: &StackArgs, printer: &Printer) -> Result<String> {
+/// The project named by --project, or by the stack (default: the platform).
+fn project_name(state: &StateDir, args: &StackArgs) -> Result<String> {
     if args.stack.is_none()
         && let Some(p) = &args.project
     {
         return mlops_compose::normalize_project(p).with_context(|| format!("`{p}` is not a usable project name"));
     }
-    match load_stack(state, args, printer)? {
-        Some((loaded, _)) => Ok(loaded.stack.project),
-        None => bail!("name the stack with --stack DIR or --project NAME"),
-    }
+    Ok(mlops_compose::preflight(&stack_dir(state, args)?, args.project.as_deref())?.0)
 }
 
 fn plan(
@@ -176,17 +217,102 @@ fn plan(
     health_timeout: u32,
     sync_only: bool,
     printer: &Printer,
-) -> Result<Option<StackPlan>> {
-    let Some((loaded, tree)) = load_stack(state, args, printer)? else { return Ok(None) };
-    Ok(Some(StackPlan {
-        project: loaded.stack.project.clone(),
-        stack_json: serde_json::to_string(&loaded.stack).expect("serializable"),
-        tree: Arc::new(tree),
-        install_docker,
-        health_timeout_seconds: health_timeout,
-        holder: stack::holder(),
-        sync_only,
-    }))
+) -> Result<(StackPlan, mlops_proto::stack::Stack)> {
+    let (loaded, tree) = load_stack(state, args, printer)?;
+    Ok((
+        StackPlan {
+            project: loaded.stack.project.clone(),
+            stack_json: serde_json::to_string(&loaded.stack).expect("serializable"),
+            tree: Arc::new(tree),
+            install_docker,
+            health_timeout_seconds: health_timeout,
+            holder: stack::holder(),
+            sync_only,
+        },
+        loaded.stack,
+    ))
+}
+
+fn secrets(setup: &Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
+    let project = project_name(&setup.state, args)?;
+    let all = mlops_controller::secrets::load(&setup.state.path, &project)?;
+    if all.is_empty() {
+        bail!("no credentials for stack `{project}` yet; `mlopsctl deploy` generates them");
+    }
+    match printer.output {
+        Output::Json => printer.json(&json!({"project": project, "secrets": all})),
+        Output::Text => {
+            let rows: Vec<Vec<String>> = all.into_iter().map(|(k, v)| vec![k, v]).collect();
+            printer.stdout(&table(&["NAME", "VALUE"], &rows));
+        }
+    }
+    Ok(0)
+}
+
+/// The access table: where each UI is, for this host.
+fn access_table(stack: &mlops_proto::stack::Stack, targets: &[Target]) -> String {
+    let mut rows = Vec::new();
+    for t in targets {
+        for (name, ui) in &stack.options.ui {
+            let url = match t.connection {
+                Connection::Local => format!("http://127.0.0.1:{}{}", ui.port, ui.path),
+                Connection::Ssh { .. } => format!("`mlopsctl ui {name} --host {}`", t.name),
+            };
+            rows.push(vec![t.name.clone(), name.clone(), ui.service.clone(), url]);
+        }
+    }
+    table(&["HOST", "UI", "SERVICE", "URL"], &rows)
+}
+
+async fn ui(setup: Setup, args: &StackArgs, name: &str, port: Option<u16>, printer: &Printer) -> Result<i32> {
+    let (loaded, _) = load_stack(&setup.state, args, printer)?;
+    let ui = loaded
+        .stack
+        .options
+        .ui
+        .get(name)
+        .with_context(|| {
+            format!(
+                "stack `{}` has no UI `{name}` (it has {})",
+                loaded.stack.project,
+                loaded.stack.options.ui.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?
+        .clone();
+    let [target] = setup.targets.as_slice() else { bail!("`ui` opens one host's UI; name one with --host or --limit") };
+    if target.connection == Connection::Local {
+        printer.stdout(&format!("http://127.0.0.1:{}{}", ui.port, ui.path));
+        return Ok(0);
+    }
+    let transport = Arc::new(bootstrap::open_transport(target, &setup.ctx).await?);
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port.unwrap_or(ui.port))).await {
+        Ok(l) => l,
+        Err(_) if port.is_none() => tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?,
+        Err(e) => return Err(e).context("cannot listen on the local port"),
+    };
+    let local = listener.local_addr()?;
+    printer.stdout(&format!("http://{local}{}", ui.path));
+    printer.info(&format!(
+        "forwarding {local} to {}'s 127.0.0.1:{} ({}); Ctrl-C to stop",
+        target.name, ui.port, ui.service
+    ));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut conn, _) = accepted?;
+                let transport = transport.clone();
+                let remote_port = ui.port;
+                tokio::spawn(async move {
+                    if let Ok(mut tunnel) = transport.tunnel(remote_port).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await;
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    transport.close().await;
+    Ok(0)
 }
 
 /// Runs `task` on every target (at most `forks` at once) with a progress
@@ -250,6 +376,7 @@ fn exit_code(failed: &[(String, anyhow::Error)]) -> i32 {
 async fn deploy(
     setup: Setup,
     args: &StackArgs,
+    no_stack: bool,
     install_docker: bool,
     health_timeout: u32,
     printer: &Printer,
@@ -262,7 +389,12 @@ async fn deploy(
             .with_context(|| format!("cannot prepare certificates for {}", t.name))?;
         bundles.insert(t.name.clone(), b);
     }
-    let plan = plan(&setup.state, args, install_docker, health_timeout, false, printer)?;
+    let (plan, stack_model) = if no_stack {
+        (None, None)
+    } else {
+        let (p, m) = plan(&setup.state, args, install_docker, health_timeout, false, printer)?;
+        (Some(p), Some(m))
+    };
     let binary = setup.ctx.binary.as_ref().expect("deploy loads the agent binary");
     printer.info(&format!(
         "deploying agent {} ({}, sha256 {}){} to {} host(s)",
@@ -302,6 +434,16 @@ async fn deploy(
                     printer.stdout(&services_table(
                         stacks.iter().flat_map(|(h, s)| s.services.iter().map(move |svc| (*h, svc))),
                     ));
+                    if let Some(model) = &stack_model
+                        && !model.options.ui.is_empty()
+                    {
+                        printer.stdout("");
+                        printer.stdout(&access_table(model, &setup.targets));
+                        printer.stdout(&format!(
+                            "credentials: user admin; passwords with `mlopsctl secrets --project {}`",
+                            model.project
+                        ));
+                    }
                     for (h, s) in &stacks {
                         printer.info(&format!(
                             "{h}: stack `{}`: {}; files: {} written, {} removed, {} uploaded",
@@ -355,8 +497,7 @@ fn services_table<'a>(rows: impl Iterator<Item = (&'a str, &'a ServiceOutcome)>)
 }
 
 async fn sync(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
-    let Some(plan) = plan(&setup.state, args, false, 0, true, printer)? else { bail!("`sync` needs --stack DIR") };
-    let plan = Arc::new(plan);
+    let plan = Arc::new(plan(&setup.state, args, false, 0, true, printer)?.0);
     let (ok, failed) = per_host(&setup, printer, move |target, ctx, progress| {
         let plan = plan.clone();
         async move {
@@ -388,7 +529,7 @@ async fn sync(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> 
 }
 
 async fn down(setup: Setup, args: &StackArgs, volumes: bool, printer: &Printer) -> Result<i32> {
-    let project = project_name(&setup.state, args, printer)?;
+    let project = project_name(&setup.state, args)?;
     let p2 = project.clone();
     let (ok, failed) = per_host(&setup, printer, move |target, ctx, progress| {
         let project = p2.clone();
@@ -413,7 +554,7 @@ async fn down(setup: Setup, args: &StackArgs, volumes: bool, printer: &Printer) 
 }
 
 async fn watch(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
-    let project = project_name(&setup.state, args, printer)?;
+    let project = project_name(&setup.state, args)?;
     let output = printer.output;
     let results = fanout::run(setup.targets.clone(), setup.forks, {
         let ctx = setup.ctx.clone();
@@ -484,7 +625,7 @@ async fn logs(
     since: Option<&str>,
     printer: &Printer,
 ) -> Result<i32> {
-    let project = project_name(&setup.state, args, printer)?;
+    let project = project_name(&setup.state, args)?;
     let since = since_unix(since)?;
     let prefix = setup.targets.len() > 1;
     let service = service.to_string();
@@ -565,11 +706,8 @@ fn summarize(printer: &Printer, what: &str, ok: usize, failed: &[(String, anyhow
 type ServiceList = Option<Result<Vec<ServiceOutcome>, String>>;
 
 async fn status(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32> {
-    let project = if args.stack.is_some() || args.project.is_some() {
-        Some(project_name(&setup.state, args, printer)?)
-    } else {
-        None
-    };
+    let project =
+        if args.stack.is_some() || args.project.is_some() { Some(project_name(&setup.state, args)?) } else { None };
     let Setup { targets, ctx, forks, .. } = setup;
     let results = fanout::run(targets.clone(), forks, move |target| {
         let ctx = ctx.clone();

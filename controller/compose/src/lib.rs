@@ -415,6 +415,47 @@ impl Parser<'_> {
             match k.as_key().unwrap_or_default().as_str() {
                 "bootstrap_base_images" => o.bootstrap_base_images = self.bool(v, "x-mlops.bootstrap_base_images")?,
                 "host_ca_bundle" => o.host_ca_bundle = self.bool(v, "x-mlops.host_ca_bundle")?,
+                "secrets" => {
+                    o.secrets = self.string_list(v, "x-mlops.secrets")?;
+                    if let Some(bad) = o
+                        .secrets
+                        .iter()
+                        .find(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                    {
+                        return Err(self.err(v, format!("x-mlops.secrets: `{bad}` is not a variable name")));
+                    }
+                }
+                "inject" => {
+                    for (ik, iv) in self.map(v, "x-mlops.inject")? {
+                        let path = ik.as_key().unwrap_or_default();
+                        if path.starts_with('/') || path.split('/').any(|p| p == ".." || p.is_empty()) {
+                            return Err(self.err(
+                                ik,
+                                format!("x-mlops.inject: `{path}` must be a relative path inside the stack"),
+                            ));
+                        }
+                        o.inject.insert(path, self.string(iv, "x-mlops.inject")?);
+                    }
+                }
+                "ui" => {
+                    for (uk, uv) in self.map(v, "x-mlops.ui")? {
+                        let mut ui = mlops_proto::stack::Ui::default();
+                        for (fk, fv) in self.map(uv, "x-mlops.ui entry")? {
+                            match fk.as_key().unwrap_or_default().as_str() {
+                                "service" => ui.service = self.string(fv, "service")?,
+                                "port" => {
+                                    ui.port = self
+                                        .string(fv, "port")?
+                                        .parse()
+                                        .map_err(|_| self.err(fv, "port must be a port number"))?;
+                                }
+                                "path" => ui.path = self.string(fv, "path")?,
+                                other => self.warn(fk, format!("unknown key `{other}` in x-mlops.ui is ignored")),
+                            }
+                        }
+                        o.ui.insert(uk.as_key().unwrap_or_default(), ui);
+                    }
+                }
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
         }
@@ -848,6 +889,85 @@ impl Parser<'_> {
         }
         Ok(limits)
     }
+}
+
+/// The project name and `x-mlops.secrets` of a Compose file, read before
+/// interpolation (the secrets are what interpolation needs).
+pub fn preflight(path: &Path, project: Option<&str>) -> Result<(String, Vec<String>), ComposeError> {
+    let file = if path.is_dir() {
+        FILE_NAMES
+            .iter()
+            .map(|n| path.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| ComposeError::NotFound { dir: path.to_path_buf() })?
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|source| ComposeError::Read { path: file.clone(), source })?;
+    let root: Node = serde_saphyr::from_str(&text).map_err(|e| ComposeError::Yaml {
+        path: file.clone(),
+        message: e.to_string().trim_start_matches("error: ").replace("<input>", &file.display().to_string()),
+    })?;
+    let mut name = None;
+    let mut secrets = Vec::new();
+    if let Value::Map(entries) = &root.value {
+        for (k, v) in entries {
+            match (k.as_key().as_deref(), &v.value) {
+                (Some("name"), Value::Str(s)) => name = Some(s.clone()),
+                (Some("x-mlops"), Value::Map(opts)) => {
+                    for (ok, ov) in opts {
+                        if ok.as_key().as_deref() == Some("secrets")
+                            && let Value::Seq(items) = &ov.value
+                        {
+                            secrets.extend(items.iter().filter_map(Node::as_key));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let raw = project.map(str::to_string).or(name).unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "stack".into())
+    });
+    let project = normalize_project(&raw).ok_or_else(|| ComposeError::Invalid {
+        path: file.clone(),
+        line: 1,
+        column: 1,
+        message: format!("project name `{raw}` has no letter or digit"),
+    })?;
+    Ok((project, secrets))
+}
+
+/// Leaves `skip`ped services out of the stack; a service that depends on
+/// one of them is an error naming both.
+pub fn skip_services(stack: &mut Stack, skip: &[String]) -> Result<(), String> {
+    for s in skip {
+        if !stack.services.contains_key(s) {
+            return Err(format!(
+                "--skip {s}: the stack has no service `{s}` (it has {})",
+                stack.services.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    for (name, svc) in &stack.services {
+        if skip.contains(name) {
+            continue;
+        }
+        if let Some(dep) = svc.depends_on.keys().find(|d| skip.contains(d)) {
+            return Err(format!("--skip {dep}: service `{name}` depends on it; skip `{name}` too"));
+        }
+    }
+    stack.services.retain(|name, _| !skip.contains(name));
+    stack.options.ui.retain(|_, ui| !skip.contains(&ui.service));
+    if stack.services.is_empty() {
+        return Err("--skip leaves no service".into());
+    }
+    Ok(())
 }
 
 /// Compose's project name rules: lowercase letters, digits, `-`, `_`.

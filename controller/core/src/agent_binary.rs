@@ -75,6 +75,42 @@ pub fn elf_arch(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// An ELF executable without a `PT_INTERP` program header needs no dynamic
+/// loader (what a `FROM scratch` image requires).
+pub fn is_static(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
+    elf_arch(elf).is_some()
+        && !(0..phnum)
+            .any(|i| elf.get(phoff + i * phentsize..phoff + i * phentsize + 4) == Some(&3u32.to_le_bytes()[..]))
+}
+
+/// A binary that ships with mlopsctl and goes into a stack (`x-mlops.inject`):
+/// `$MLOPS_<NAME>_BINARY` (name upper-cased, `-` as `_`), else next to
+/// `mlopsctl`, else in cargo's static-target output beside it. It must be
+/// static: it runs in a `FROM scratch` image.
+pub fn locate_artifact(name: &str) -> Result<PathBuf, ControllerError> {
+    let var = format!("MLOPS_{}_BINARY", name.trim_start_matches("mlops-").to_uppercase().replace('-', "_"));
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os(&var) {
+        candidates.push(PathBuf::from(p));
+    } else if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        candidates.push(dir.join(name));
+        for profile in ["release", "debug"] {
+            candidates.push(dir.join("..").join("x86_64-unknown-linux-gnu").join(profile).join(name));
+        }
+    }
+    for c in &candidates {
+        if let Ok(bytes) = std::fs::read(c)
+            && is_static(&bytes)
+        {
+            return Ok(c.clone());
+        }
+    }
+    Err(ControllerError::ArtifactNotFound { name: name.to_string(), variable: var, searched: candidates })
+}
+
 /// Maps `uname -m` spellings to ours.
 pub fn normalize_arch(uname_m: &str) -> &str {
     match uname_m {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 pub enum ControllerError {
     #[error("no agent binary found (looked in: {})", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     AgentBinaryNotFound { searched: Vec<PathBuf> },
+    #[error("no static `{name}` binary for the stack (looked in: {})", searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    ArtifactNotFound { name: String, variable: String, searched: Vec<PathBuf> },
     #[error("cannot read agent binary `{}`", path.display())]
     AgentBinaryRead {
         path: PathBuf,
@@ -61,6 +63,10 @@ impl ControllerError {
     pub fn hint(&self) -> Option<String> {
         Some(match self {
             ControllerError::AgentBinaryNotFound { .. } => "build it with `cargo build --release -p mlops-agent`, or pass --agent-binary PATH (or set MLOPS_AGENT_BINARY)".into(),
+            ControllerError::ArtifactNotFound { name, variable, .. } => format!(
+                "build it with `cargo {}-static` (it runs in a FROM scratch image, so it must be static), or set {variable}",
+                name.trim_start_matches("mlops-airflow-").trim_start_matches("mlops-")
+            ),
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),

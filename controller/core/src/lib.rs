@@ -26,6 +26,7 @@ pub mod client;
 pub mod error;
 pub mod fanout;
 pub mod progress;
+pub mod secrets;
 pub mod stack;
 pub mod state;
 pub mod sync;

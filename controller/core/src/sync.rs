@@ -159,6 +159,30 @@ fn walk(
 }
 
 impl LocalTree {
+    /// Adds (or replaces) the file at `rel` with the contents of `source`,
+    /// which may live outside the scanned directory (injected artifacts).
+    pub fn add_file(&mut self, rel: &str, source: &Path, mode: u32) -> Result<(), ControllerError> {
+        let sha = hash_file(source)?;
+        let size = std::fs::metadata(source)
+            .map_err(|e| ControllerError::Local(format!("cannot stat {}: {e}", source.display())))?
+            .len();
+        // Parent directories of `rel` that the scan did not see.
+        let mut parent = Path::new(rel).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            let ps = p.to_string_lossy().into_owned();
+            if !self.entries.iter().any(|e| e.path == ps) {
+                self.entries.push(SyncEntry { path: ps, mode: 0o755, is_dir: true, ..Default::default() });
+            }
+            parent = p.parent();
+        }
+        self.entries.retain(|e| e.path != rel);
+        self.total_bytes += size;
+        self.sources.insert(sha.clone(), source.to_path_buf());
+        self.entries.push(SyncEntry { path: rel.to_string(), size, mode, sha256: sha, ..Default::default() });
+        self.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(())
+    }
+
     pub fn manifest(&self, root: &str) -> SyncManifest {
         SyncManifest { root: root.to_string(), entries: self.entries.clone() }
     }

@@ -22,6 +22,16 @@ fn env(name: &str, default: &str) -> String {
 }
 
 fn main() {
+    // `--check`: the container's health check (a FROM scratch image has no
+    // shell or curl): is our own /health answering?
+    if std::env::args().nth(1).as_deref() == Some("--check") {
+        let listen = env("EXPORTER_LISTEN", "0.0.0.0:9112");
+        let port = listen.rsplit(':').next().unwrap_or("9112");
+        let ok =
+            http::request(&format!("http://127.0.0.1:{port}"), "GET", "/health", &[], None, Duration::from_secs(3))
+                .is_ok_and(|r| r.status == 200);
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let config = Config {
         base_url: env("AIRFLOW_URL", "http://airflow-apiserver:8080"),
         username: env("AIRFLOW_USERNAME", "admin"),

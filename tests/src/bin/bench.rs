@@ -77,7 +77,7 @@ fn main() -> Result<()> {
     let env = TestEnv::with_binaries(&args.mlopsctl, &args.agent)?;
     let key = env.key.display().to_string();
     let deploy = |hosts: &[String]| -> Result<Duration> {
-        let mut argv: Vec<&str> = vec!["deploy", "--identity", &key, "--forks", "50"];
+        let mut argv: Vec<&str> = vec!["deploy", "--no-stack", "--identity", &key, "--forks", "50"];
         for h in hosts {
             argv.extend(["--host", h.as_str()]);
         }
