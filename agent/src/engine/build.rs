@@ -406,3 +406,23 @@ mod tests {
         assert_ne!(pack(d, "Dockerfile", &args, None).unwrap().hash, one.hash);
     }
 }
+#[cfg(test)]
+#[test]
+fn extra_files_are_in_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    let ctx = pack_with(
+        dir.path(),
+        "Dockerfile",
+        &BTreeMap::new(),
+        None,
+        &[(HOST_CA_IN_CONTEXT.to_string(), b"CA".to_vec())],
+    )
+    .unwrap();
+    let mut names = Vec::new();
+    for e in tar::Archive::new(&ctx.tar[..]).entries().unwrap() {
+        let e = e.unwrap();
+        names.push((e.path().unwrap().display().to_string(), e.header().entry_type().as_byte()));
+    }
+    assert!(names.iter().any(|(n, _)| n == ".mlops/host-ca.crt"), "{names:?}");
+}

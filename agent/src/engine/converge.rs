@@ -466,10 +466,19 @@ pub async fn converge(
             let dir = resolve_source(files_dir, &b.context);
             let (dockerfile, args, target) = (b.dockerfile.clone(), b.args.clone(), b.target.clone());
             let pack_dir = dir.clone();
-            let ctx =
-                tokio::task::spawn_blocking(move || build::pack(&pack_dir, &dockerfile, &args, target.as_deref()))
-                    .await
-                    .map_err(|e| EngineError::Failed(e.to_string()))??;
+            let extra = if stack.options.host_ca_bundle {
+                let ca = std::fs::read(build::HOST_CA_BUNDLE).map_err(|e| {
+                    EngineError::Failed(format!("x-mlops.host_ca_bundle: cannot read {}: {e}", build::HOST_CA_BUNDLE))
+                })?;
+                vec![(build::HOST_CA_IN_CONTEXT.to_string(), ca)]
+            } else {
+                Vec::new()
+            };
+            let ctx = tokio::task::spawn_blocking(move || {
+                build::pack_with(&pack_dir, &dockerfile, &args, target.as_deref(), &extra)
+            })
+            .await
+            .map_err(|e| EngineError::Failed(e.to_string()))??;
             let existing = docker.inspect_image(&tag).await.ok();
             let current = existing
                 .as_ref()

@@ -209,3 +209,23 @@ fn helpers() {
     assert_eq!(split_words(r#"a "b c" 'd e' f\ g"#).unwrap(), ["a", "b c", "d e", "f g"]);
     assert_eq!(normalize_project("My Stack!"), Some("mystack".into()));
 }
+
+/// The platform bundle parses cleanly: no warnings, every option understood.
+#[test]
+fn the_platform_bundle_parses_without_warnings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../platform");
+    let (project, secrets) = preflight(&dir, None).unwrap();
+    assert_eq!(project, "mlops");
+    let env = secrets.iter().map(|s| (s.clone(), "x".to_string())).collect();
+    let l = load(&dir, &LoadOptions { env, ..Default::default() }).unwrap();
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    let o = &l.stack.options;
+    assert!(o.bootstrap_base_images && o.host_ca_bundle, "{o:?}");
+    assert_eq!(o.inject["exporter/mlops-airflow-exporter"], "mlops-airflow-exporter");
+    assert_eq!(o.ui["airflow"].port, 28080);
+    assert!(l.stack.services.contains_key("grafana"));
+    let mut stack = l.stack.clone();
+    skip_services(&mut stack, &["grafana".into()]).unwrap();
+    assert!(!stack.options.ui.contains_key("grafana"));
+    assert!(skip_services(&mut l.stack.clone(), &["postgres".into()]).unwrap_err().contains("depends on it"));
+}
