@@ -47,6 +47,8 @@ const PRIVATE_DIRS: [&str; 5] = [
 pub struct Bins {
     pub mlopsctl: PathBuf,
     pub agent: PathBuf,
+    /// Static (it runs in a FROM scratch image).
+    pub exporter: PathBuf,
     pub workspace: PathBuf,
 }
 
@@ -60,14 +62,36 @@ pub fn bins() -> &'static Bins {
         let workspace =
             Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let status = Command::new(&cargo)
             .args(["build", "--quiet", "-p", "mlopsctl", "-p", "mlops-agent"])
             .current_dir(&workspace)
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building mlopsctl and mlops-agent failed");
+        // The exporter goes into a FROM scratch image: built static, as
+        // `cargo exporter-static` does, in the debug profile.
+        let status = Command::new(&cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mlops-airflow-exporter",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "--config",
+            ])
+            .arg("target.x86_64-unknown-linux-gnu.rustflags=['-C','target-feature=+crt-static']")
+            .current_dir(&workspace)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the static mlops-airflow-exporter failed");
         let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-        Bins { mlopsctl: target.join("debug/mlopsctl"), agent: target.join("debug/mlops-agent"), workspace }
+        Bins {
+            mlopsctl: target.join("debug/mlopsctl"),
+            agent: target.join("debug/mlops-agent"),
+            exporter: target.join("x86_64-unknown-linux-gnu/debug/mlops-airflow-exporter"),
+            workspace,
+        }
     })
 }
 
@@ -399,6 +423,8 @@ pub struct TestEnv {
     /// The binaries `ctl` runs.
     pub mlopsctl: PathBuf,
     pub agent: PathBuf,
+    /// The static exporter the platform stack injects.
+    pub exporter: Option<PathBuf>,
 }
 
 /// What a run of `mlopsctl` produced.
@@ -426,7 +452,9 @@ impl TestEnv {
     /// An environment running the debug binaries this test process built.
     pub fn new() -> Result<TestEnv> {
         let bins = bins();
-        Self::with_binaries(&bins.mlopsctl, &bins.agent)
+        let mut env = Self::with_binaries(&bins.mlopsctl, &bins.agent)?;
+        env.exporter = Some(bins.exporter.clone());
+        Ok(env)
     }
 
     /// An environment running the given binaries (the benchmark passes release builds).
@@ -449,6 +477,7 @@ impl TestEnv {
             dir,
             mlopsctl: mlopsctl.to_path_buf(),
             agent: agent.to_path_buf(),
+            exporter: None,
         })
     }
 
@@ -488,6 +517,9 @@ impl TestEnv {
             .env("MLOPS_STATE_DIR", &self.state)
             .env("MLOPS_AGENT_BINARY", &self.agent)
             .stdin(Stdio::null());
+        if let Some(exporter) = &self.exporter {
+            cmd.env("MLOPS_AIRFLOW_EXPORTER_BINARY", exporter);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -77,6 +77,9 @@ impl ControllerError {
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
             ControllerError::StackLocked { .. } => "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into(),
             ControllerError::AgentTooOld { .. } => "run `mlopsctl deploy` to upgrade the agent".into(),
+            ControllerError::Converge { message, .. } if message.contains("cannot pull image") => {
+                "where no registry can supply an image (Grafana's, on hosts without registry access), leave that service out with --skip SERVICE".into()
+            }
             ControllerError::Converge { message, .. } if message.contains("unhealthy") || message.contains("exited") => {
                 "`mlopsctl logs SERVICE` shows what the service printed".into()
             }
