@@ -79,6 +79,9 @@ pub struct StackArgs {
     /// Leave a service out (repeatable), e.g. `--skip grafana` where no registry can supply its image.
     #[arg(long = "skip", value_name = "SERVICE")]
     pub skip: Vec<String>,
+    /// Interpolation variables set by other flags (such as --expose).
+    #[arg(skip)]
+    pub vars: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +96,9 @@ pub enum Command {
         /// Fail instead of installing Docker where no engine answers.
         #[arg(long)]
         no_docker_install: bool,
+        /// Publish the stack's ports on every address instead of 127.0.0.1 (sets MLOPS_BIND_ADDRESS=0.0.0.0).
+        #[arg(long)]
+        expose: bool,
         /// Seconds each service may take to become healthy.
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         health_timeout: u32,

@@ -33,7 +33,11 @@ pub async fn run(cli: Cli, printer: &Printer) -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Deploy { stack, no_stack, no_docker_install, health_timeout } => {
+        Command::Deploy { mut stack, no_stack, no_docker_install, expose, health_timeout } => {
+            if expose {
+                // Read by the Compose interpolation of the stack's `ports`.
+                stack.vars.push(("MLOPS_BIND_ADDRESS".into(), "0.0.0.0".into()));
+            }
             deploy(setup, &stack, no_stack, !no_docker_install, health_timeout, printer).await
         }
         Command::Secrets { stack } => secrets(&setup, &stack, printer),
@@ -184,6 +188,7 @@ fn load_stack(
     let secrets = mlops_controller::secrets::load_or_generate(&state.path, &project, &secret_names)?;
     let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     env.extend(secrets);
+    env.extend(args.vars.iter().cloned());
     let options = mlops_compose::LoadOptions { project: Some(project), env, profiles: args.profiles.clone() };
     let mut loaded = mlops_compose::load(&dir, &options)?;
     for w in &loaded.warnings {
