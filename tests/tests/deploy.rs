@@ -13,6 +13,23 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
 }
 
+/// Another build of the agent: the same program with different bytes.
+fn another_agent_build(env: &TestEnv) -> (std::path::PathBuf, Vec<u8>) {
+    let newer = env.dir.path().join("mlops-agent-newer");
+    let mut bytes = fs::read(&bins().agent).unwrap();
+    bytes.extend_from_slice(b"\0mlops-another-build");
+    fs::write(&newer, &bytes).unwrap();
+    fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (newer, bytes)
+}
+
+fn deploy_with_agent(env: &TestEnv, spec: &str, agent: &std::path::Path) -> Value {
+    let agent = agent.to_str().unwrap();
+    env.ctl_key(&["deploy", "--no-stack", "--host", spec, "--agent-binary", agent, "--output", "json"])
+        .expect_code(0)
+        .json()
+}
+
 fn host_result<'a>(json: &'a Value, name: &str) -> &'a Value {
     json["hosts"]
         .as_array()
@@ -96,26 +113,8 @@ fn a_new_agent_binary_is_uploaded_and_restarted() {
     env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
     let old_pid = host.agent_pid().unwrap();
 
-    // Another build of the agent: the same program with different bytes.
-    let newer = env.dir.path().join("mlops-agent-newer");
-    let mut bytes = fs::read(&bins().agent).unwrap();
-    bytes.extend_from_slice(b"\0mlops-upgrade-test");
-    fs::write(&newer, &bytes).unwrap();
-    fs::set_permissions(&newer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-
-    let json = env
-        .ctl_key(&[
-            "deploy",
-            "--no-stack",
-            "--host",
-            &spec,
-            "--agent-binary",
-            newer.to_str().unwrap(),
-            "--output",
-            "json",
-        ])
-        .expect_code(0)
-        .json();
+    let (newer, _) = another_agent_build(&env);
+    let json = deploy_with_agent(&env, &spec, &newer);
     let r = &host_result(&json, &spec)["result"];
     assert_eq!(r["uploaded"], true);
     assert_eq!(r["installed"], "agent binary changed");
@@ -369,28 +368,13 @@ fn an_agent_running_an_older_binary_is_restarted() {
     let old_pid = host.agent_pid().unwrap();
     // The file on the host is replaced behind the agent's back (a package
     // manager, a half-finished earlier deploy): the process still runs the old code.
-    let newer = env.dir.path().join("mlops-agent-newer");
-    let mut bytes = fs::read(&bins().agent).unwrap();
-    bytes.extend_from_slice(b"\0stale-test");
-    fs::write(&newer, &bytes).unwrap();
+    let (newer, bytes) = another_agent_build(&env);
     let installed = host.path("/usr/local/lib/mlops-agent/mlops-agent");
     fs::write(installed.with_extension("new"), &bytes).unwrap();
     fs::set_permissions(installed.with_extension("new"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     fs::rename(installed.with_extension("new"), &installed).unwrap();
 
-    let json = env
-        .ctl_key(&[
-            "deploy",
-            "--no-stack",
-            "--host",
-            &spec,
-            "--agent-binary",
-            newer.to_str().unwrap(),
-            "--output",
-            "json",
-        ])
-        .expect_code(0)
-        .json();
+    let json = deploy_with_agent(&env, &spec, &newer);
     let r = &host_result(&json, &spec)["result"];
     assert_eq!(r["uploaded"], false, "the file already matched");
     assert_eq!(r["installed"], "running agent is an older binary");

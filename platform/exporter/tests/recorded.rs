@@ -1,6 +1,9 @@
-//! The exporter against recorded Airflow 3 answers (tests/fixtures), served
-//! by a fake Airflow on loopback (named as such: the real one runs in the
-//! platform's end-to-end test). Also malformed, refusing and silent ones.
+//! The exporter against Airflow 3 answers served by a fake Airflow on
+//! loopback (named as such: the real one runs in the platform's end-to-end
+//! test). `tests/fixtures/recorded/` holds answers recorded from the
+//! platform's Airflow 3.3.2; `constructed_*` ones add states a fresh
+//! platform does not show (an unhealthy component, failed and running
+//! runs); malformed, refusing and silent answers are made up in the tests.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -82,18 +85,51 @@ fn client(port: u16) -> Client {
     })
 }
 
-fn routes() -> Vec<(&'static str, u16, String, Duration)> {
+fn routes_from(prefix: &str) -> Vec<(&'static str, u16, String, Duration)> {
     vec![
-        ("/api/v2/monitor/health", 200, fixture("health.json"), Duration::ZERO),
+        ("/api/v2/monitor/health", 200, fixture(&format!("{prefix}health.json")), Duration::ZERO),
         ("/auth/token", 201, "{\"access_token\":\"jwt-1\"}".into(), Duration::ZERO),
-        ("/api/v2/dags/~/dagRuns/~/taskInstances", 200, fixture("task_instances.json"), Duration::ZERO),
-        ("/api/v2/dags/~/dagRuns", 200, fixture("dag_runs.json"), Duration::ZERO),
-        ("/api/v2/dags", 200, fixture("dags.json"), Duration::ZERO),
+        (
+            "/api/v2/dags/~/dagRuns/~/taskInstances",
+            200,
+            fixture(&format!("{prefix}task_instances.json")),
+            Duration::ZERO,
+        ),
+        ("/api/v2/dags/~/dagRuns", 200, fixture(&format!("{prefix}dag_runs.json")), Duration::ZERO),
+        ("/api/v2/dags", 200, fixture(&format!("{prefix}dags.json")), Duration::ZERO),
     ]
 }
 
+fn routes() -> Vec<(&'static str, u16, String, Duration)> {
+    routes_from("constructed_")
+}
+
 #[test]
-fn recorded_answers_become_metrics() {
+fn answers_recorded_from_airflow_3_become_metrics() {
+    let fake = fake_airflow(routes_from("recorded/"));
+    let snap = client(fake.port).scrape();
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mut counters = Counters::default();
+    counters.record(&snap);
+    let text = render(&snap, &counters);
+    for line in [
+        "airflow_up 1",
+        "airflow_component_healthy{component=\"metadatabase\"} 1",
+        "airflow_component_healthy{component=\"dag_processor\"} 1",
+        "airflow_dag_paused{dag_id=\"spark_pi\",owner=\"airflow\"} 0",
+        "airflow_dag_status{dag_id=\"example_etl\",owner=\"data-team\",status=\"success\"} 1",
+        "airflow_task_status{dag_id=\"example_etl\",task_id=\"load\",owner=\"data-team\",status=\"success\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+    }
+    let duration =
+        text.lines().find(|l| l.starts_with("airflow_dag_run_duration{dag_id=\"example_etl\"")).expect("a duration");
+    let secs: f64 = duration.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((4.0..6.0).contains(&secs), "{duration}");
+}
+
+#[test]
+fn constructed_answers_become_metrics() {
     let fake = fake_airflow(routes());
     let snap = client(fake.port).scrape();
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
@@ -133,7 +169,7 @@ fn malformed_refusing_and_silent_answers_are_scrape_errors() {
     r[0] = ("/api/v2/monitor/health", 200, "<html>gateway error</html>".into(), Duration::ZERO);
     r[2] = ("/api/v2/dags/~/dagRuns/~/taskInstances", 200, "{\"task_instances\":[".into(), Duration::ZERO);
     r[3] = ("/api/v2/dags/~/dagRuns", 500, "{\"detail\":\"boom\"}".into(), Duration::ZERO);
-    r[4] = ("/api/v2/dags", 200, fixture("dags.json"), Duration::from_secs(2));
+    r[4] = ("/api/v2/dags", 200, fixture("constructed_dags.json"), Duration::from_secs(2));
     let fake = fake_airflow(r);
     let c = client(fake.port);
     let snap = c.scrape();
@@ -153,7 +189,7 @@ fn malformed_refusing_and_silent_answers_are_scrape_errors() {
 #[test]
 fn a_refused_token_and_an_expired_one() {
     let mut r = routes();
-    r[1] = ("/auth/token", 401, "{\"detail\":\"Invalid credentials\"}".into(), Duration::ZERO);
+    r[1] = ("/auth/token", 401, fixture("recorded/token_refused.json"), Duration::ZERO);
     let fake = fake_airflow(r);
     let snap = client(fake.port).scrape();
     assert!(snap.health.is_some(), "health needs no token");
