@@ -8,7 +8,7 @@
 //! silently dropped; `x-*` keys are extensions and pass quietly. Invalid
 //! input is a [`ComposeError`] with file, line and column.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mlops_proto::stack::{
@@ -1080,18 +1080,6 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
         words.push(cur);
     }
     Ok(words)
-}
-
-/// Service names used in mounts of the stack directory (for the agent's
-/// file hashes): every relative bind source, normalized.
-pub fn relative_bind_sources(stack: &Stack) -> BTreeSet<String> {
-    stack
-        .services
-        .values()
-        .flat_map(|s| s.volumes.iter())
-        .filter(|m| m.kind == MountKind::Bind && m.source.starts_with('.'))
-        .map(|m| m.source.clone())
-        .collect()
 }
 
 #[cfg(test)]

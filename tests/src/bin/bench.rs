@@ -71,7 +71,7 @@ fn main() -> Result<()> {
         "agent binary: {:.2} MB ({} bytes), {}",
         size_mb,
         bytes.len(),
-        if is_static(&bytes) { "static" } else { "dynamically linked" }
+        if mlops_controller::agent_binary::is_static(&bytes) { "static" } else { "dynamically linked" }
     );
 
     let env = TestEnv::with_binaries(&args.mlopsctl, &args.agent)?;
@@ -144,12 +144,4 @@ fn report(what: &str, samples: &[Duration], target: &str) {
         ms[ms.len() - 1],
         ms.len()
     );
-}
-
-/// An ELF executable without a `PT_INTERP` program header needs no dynamic loader.
-fn is_static(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else { return false };
-    !(0..phnum).any(|i| elf.get(phoff + i * phentsize..phoff + i * phentsize + 4) == Some(&3u32.to_le_bytes()[..]))
 }
