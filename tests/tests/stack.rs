@@ -383,3 +383,45 @@ services:
         .expect_code(0);
     assert!(logs.stdout.starts_with("built-on-debian\n12."), "{}", logs.stdout);
 }
+
+#[test]
+fn ui_opens_an_ssh_tunnel_to_the_hosts_loopback() {
+    use std::io::BufRead;
+    let env = TestEnv::new().unwrap();
+    let host = env.host("ui").unwrap();
+    // Something listening on the host's loopback only, as the platform's UIs do.
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), "hello from the host\n").unwrap();
+    host.exec(&format!("/bin/busybox httpd -p 127.0.0.1:18555 -h {}", www.path().display())).unwrap();
+    let stack = TestStack::new(
+        "name: \"{project}\"\nx-mlops:\n  ui:\n    web: {service: web, port: 18555, path: /index.html}\nservices:\n  web:\n    build: ./img\n",
+    )
+    .unwrap();
+    let local_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let key = env.key.display().to_string();
+    let mut child = std::process::Command::new(&env.mlopsctl)
+        .args([
+            "ui",
+            "web",
+            "--stack",
+            &stack.path().display().to_string(),
+            "--identity",
+            &key,
+            "--host",
+            &host.spec("root"),
+        ])
+        .args(["--port", &local_port])
+        .env("HOME", &env.home)
+        .env("MLOPS_STATE_DIR", &env.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut url = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
+    assert_eq!(url.trim(), format!("http://127.0.0.1:{local_port}/index.html"));
+    let out = std::process::Command::new("curl").args(["-s", "-m", "10", url.trim()]).output().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the host\n");
+}
