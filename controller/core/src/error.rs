@@ -70,6 +70,9 @@ impl ControllerError {
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
+            ControllerError::AgentUnreachable { message, .. } if message.contains("UnknownIssuer") => {
+                "that agent's certificate comes from another controller's CA (another state directory); `mlopsctl deploy` from this one takes the host over".into()
+            }
             ControllerError::Install { .. } | ControllerError::AgentUnreachable { .. } | ControllerError::StaleAgent { .. } => {
                 "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
             }
