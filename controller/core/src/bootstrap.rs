@@ -236,7 +236,7 @@ pub async fn deploy_host(
             ensure_agent(target, ctx, bundle, progress, transport.clone()).await?;
         progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
         let stack = match stack {
-            Some(plan) => Some(crate::stack::apply(&mut conn, plan, progress).await?),
+            Some(plan) => Some(apply_with_retry(target, ctx, &transport, &mut conn, plan, progress).await?),
             None => None,
         };
         Ok::<_, ControllerError>((uploaded, installed, hello, facts, stack))
@@ -255,6 +255,51 @@ pub async fn deploy_host(
         connect_ms,
         total_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Applies the stack; when the connection to the agent breaks mid-way (not
+/// an answer from the agent: the tunnel or HTTP/2 connection itself), opens
+/// a new one and applies again. Converge is idempotent, and the agent drops
+/// the first attempt (and its lock) once it sees its client gone; until it
+/// has, the retry may meet that lock, so it waits a little for it.
+async fn apply_with_retry(
+    target: &Target,
+    ctx: &Context,
+    transport: &SharedTransport,
+    conn: &mut AgentConn,
+    plan: &StackPlan,
+    progress: &Progress,
+) -> Result<StackOutcome, ControllerError> {
+    let first = match crate::stack::apply(conn, plan, progress).await {
+        Err(e) if e.is_transport_failure() => e,
+        other => return other,
+    };
+    tracing::warn!(host = %target.name, "connection to the agent broke ({first}); retrying on a new one");
+    progress.step(Step::Service {
+        service: String::new(),
+        action: "retry".into(),
+        detail: format!("the connection to the agent broke ({first}); reconnecting"),
+    });
+    let mut last = first;
+    for attempt in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(300 * (attempt + 1))).await;
+        let mut fresh = match AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match crate::stack::apply(&mut fresh, plan, progress).await {
+            Err(e @ ControllerError::StackLocked { .. }) => last = e,
+            Err(e) if e.is_transport_failure() => last = e,
+            other => {
+                *conn = fresh;
+                return other;
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Connects to the agent already running on `target` (no install), and

@@ -59,6 +59,20 @@ pub enum ControllerError {
 }
 
 impl ControllerError {
+    /// The connection to the agent broke (as opposed to the agent answering
+    /// with an error): worth a retry on a new connection.
+    pub fn is_transport_failure(&self) -> bool {
+        let text = match self {
+            ControllerError::Rpc { status, .. } => status,
+            ControllerError::Converge { message, .. } => message,
+            ControllerError::AgentUnreachable { .. } => return true,
+            _ => return false,
+        };
+        ["h2 protocol error", "transport error", "connection reset", "broken pipe", "error reading a body"]
+            .iter()
+            .any(|m| text.contains(m))
+    }
+
     /// A suggestion for the user, printed as `hint:`.
     pub fn hint(&self) -> Option<String> {
         Some(match self {
@@ -90,5 +104,27 @@ impl ControllerError {
             ControllerError::Pki(_) => "the controller's CA lives in <state-dir>/pki; check its files and permissions".into(),
             _ => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_told_from_answers() {
+        let broke = ControllerError::Converge {
+            host: "h".into(),
+            message: "h2 protocol error: error reading a body from connection".into(),
+        };
+        assert!(broke.is_transport_failure());
+        let answered = ControllerError::Converge {
+            host: "h".into(),
+            message: "service `web` is unhealthy; last health check: exit 1".into(),
+        };
+        assert!(!answered.is_transport_failure());
+        let locked =
+            ControllerError::StackLocked { host: "h".into(), message: "stack `p` is being deployed by x".into() };
+        assert!(!locked.is_transport_failure());
     }
 }
