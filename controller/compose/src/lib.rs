@@ -462,50 +462,40 @@ impl Parser<'_> {
         Ok(o)
     }
 
-    fn network(&mut self, key: &Node, node: &Node) -> R<Network> {
-        let mut n = Network::default();
-        for (k, v) in self.map(node, &format!("network `{}`", key.as_key().unwrap_or_default()))? {
+    /// A top-level network or volume: both are `external`, `name` and
+    /// `driver` to mlopsctl; `known` lists Compose options it does not act on.
+    fn resource(
+        &mut self,
+        kind: &str,
+        key: &Node,
+        node: &Node,
+        known: &[&str],
+    ) -> R<(bool, Option<String>, Option<String>)> {
+        let (mut external, mut name, mut driver) = (false, None, None);
+        for (k, v) in self.map(node, &format!("{kind} `{}`", key.as_key().unwrap_or_default()))? {
             match k.as_key().unwrap_or_default().as_str() {
-                "external" => n.external = self.bool(v, "external")?,
-                "name" => n.name = self.opt_string(v, "name")?,
-                "driver" => n.driver = self.opt_string(v, "driver")?,
-                "labels" | "driver_opts" | "ipam" | "attachable" | "internal" | "enable_ipv6" => {
-                    self.warn(
-                        k,
-                        format!(
-                            "network option `{}` is not supported by mlopsctl and is ignored",
-                            k.as_key().unwrap_or_default()
-                        ),
-                    );
+                "external" => external = self.bool(v, "external")?,
+                "name" => name = self.opt_string(v, "name")?,
+                "driver" => driver = self.opt_string(v, "driver")?,
+                other if known.contains(&other) => {
+                    self.warn(k, format!("{kind} option `{other}` is not supported by mlopsctl and is ignored"));
                 }
                 other if other.starts_with("x-") => {}
-                other => self.warn(k, format!("unknown key `{other}` in network is ignored")),
+                other => self.warn(k, format!("unknown key `{other}` in {kind} is ignored")),
             }
         }
-        Ok(n)
+        Ok((external, name, driver))
+    }
+
+    fn network(&mut self, key: &Node, node: &Node) -> R<Network> {
+        let known = ["labels", "driver_opts", "ipam", "attachable", "internal", "enable_ipv6"];
+        let (external, name, driver) = self.resource("network", key, node, &known)?;
+        Ok(Network { external, name, driver })
     }
 
     fn volume(&mut self, key: &Node, node: &Node) -> R<Volume> {
-        let mut vol = Volume::default();
-        for (k, v) in self.map(node, &format!("volume `{}`", key.as_key().unwrap_or_default()))? {
-            match k.as_key().unwrap_or_default().as_str() {
-                "external" => vol.external = self.bool(v, "external")?,
-                "name" => vol.name = self.opt_string(v, "name")?,
-                "driver" => vol.driver = self.opt_string(v, "driver")?,
-                "labels" | "driver_opts" => {
-                    self.warn(
-                        k,
-                        format!(
-                            "volume option `{}` is not supported by mlopsctl and is ignored",
-                            k.as_key().unwrap_or_default()
-                        ),
-                    );
-                }
-                other if other.starts_with("x-") => {}
-                other => self.warn(k, format!("unknown key `{other}` in volume is ignored")),
-            }
-        }
-        Ok(vol)
+        let (external, name, driver) = self.resource("volume", key, node, &["labels", "driver_opts"])?;
+        Ok(Volume { external, name, driver })
     }
 
     fn service(&mut self, name: &str, node: &Node) -> R<Service> {
