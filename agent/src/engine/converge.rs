@@ -88,6 +88,14 @@ impl Events {
     }
 }
 
+/// The labels that mark a network or volume as the project's.
+fn owner_labels(project: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (labels::PROJECT.to_string(), project.to_string()),
+        (labels::MANAGED.to_string(), "true".to_string()),
+    ])
+}
+
 fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([("label".to_string(), vec![format!("{}={project}", labels::PROJECT)])])
 }
@@ -424,10 +432,7 @@ pub async fn converge(
             .create_network(NetworkCreateRequest {
                 name: name.clone(),
                 driver: Some(driver),
-                labels: Some(HashMap::from([
-                    (labels::PROJECT.to_string(), project.clone()),
-                    (labels::MANAGED.to_string(), "true".to_string()),
-                ])),
+                labels: Some(owner_labels(project)),
                 ..Default::default()
             })
             .await?;
@@ -446,10 +451,7 @@ pub async fn converge(
             .create_volume(VolumeCreateRequest {
                 name: Some(name.clone()),
                 driver: vol.driver.clone(),
-                labels: Some(HashMap::from([
-                    (labels::PROJECT.to_string(), project.clone()),
-                    (labels::MANAGED.to_string(), "true".to_string()),
-                ])),
+                labels: Some(owner_labels(project)),
                 ..Default::default()
             })
             .await?;

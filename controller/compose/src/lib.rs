@@ -88,19 +88,44 @@ pub struct LoadOptions {
     pub profiles: Vec<String>,
 }
 
+/// The Compose file: `path` itself, or the first of [`FILE_NAMES`] in it.
+fn compose_file(path: &Path) -> Result<PathBuf, ComposeError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    FILE_NAMES
+        .iter()
+        .map(|n| path.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ComposeError::NotFound { dir: path.to_path_buf() })
+}
+
+fn read(file: &Path) -> Result<String, ComposeError> {
+    std::fs::read_to_string(file).map_err(|source| ComposeError::Read { path: file.to_path_buf(), source })
+}
+
+/// The YAML tree of `text`; a syntax error names `file` instead of `<input>`.
+fn yaml_tree(text: &str, file: &Path) -> Result<Node, ComposeError> {
+    serde_saphyr::from_str(text).map_err(|e| ComposeError::Yaml {
+        path: file.to_path_buf(),
+        message: e.to_string().trim_start_matches("error: ").replace("<input>", &file.display().to_string()),
+    })
+}
+
+/// The project name when neither `--project` nor `name:` gives one: the
+/// stack directory's name.
+fn default_project(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "stack".into())
+}
+
 /// Loads a Compose file, or the Compose file in a directory.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Loaded, ComposeError> {
-    let file = if path.is_dir() {
-        FILE_NAMES
-            .iter()
-            .map(|n| path.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| ComposeError::NotFound { dir: path.to_path_buf() })?
-    } else {
-        path.to_path_buf()
-    };
+    let file = compose_file(path)?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let text = std::fs::read_to_string(&file).map_err(|source| ComposeError::Read { path: file.clone(), source })?;
+    let text = read(&file)?;
     let dotenv_path = dir.join(".env");
     let mut env = match std::fs::read_to_string(&dotenv_path) {
         Ok(t) => interpolate::parse_dotenv(&t).map_err(|(line, message)| ComposeError::DotEnv {
@@ -123,10 +148,7 @@ pub fn parse(
     env: &BTreeMap<String, String>,
     options: &LoadOptions,
 ) -> Result<Loaded, ComposeError> {
-    let root: Node = serde_saphyr::from_str(text).map_err(|e| ComposeError::Yaml {
-        path: file.to_path_buf(),
-        message: e.to_string().trim_start_matches("error: ").replace("<input>", &file.display().to_string()),
-    })?;
+    let root = yaml_tree(text, file)?;
     let mut p = Parser { file: file.to_path_buf(), dir: dir.to_path_buf(), env, warnings: Vec::new() };
     let root = p.interpolate_tree(root)?;
     let stack = p.stack(&root, options)?;
@@ -335,13 +357,7 @@ impl Parser<'_> {
                 other => self.warn(k, format!("unknown top-level key `{other}` is ignored")),
             }
         }
-        let project = options.project.clone().or(name).unwrap_or_else(|| {
-            self.dir
-                .canonicalize()
-                .ok()
-                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "stack".into())
-        });
+        let project = options.project.clone().or(name).unwrap_or_else(|| default_project(&self.dir));
         stack.project = normalize_project(&project).ok_or_else(|| {
             self.err(
                 root,
@@ -884,20 +900,8 @@ impl Parser<'_> {
 /// The project name and `x-mlops.secrets` of a Compose file, read before
 /// interpolation (the secrets are what interpolation needs).
 pub fn preflight(path: &Path, project: Option<&str>) -> Result<(String, Vec<String>), ComposeError> {
-    let file = if path.is_dir() {
-        FILE_NAMES
-            .iter()
-            .map(|n| path.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| ComposeError::NotFound { dir: path.to_path_buf() })?
-    } else {
-        path.to_path_buf()
-    };
-    let text = std::fs::read_to_string(&file).map_err(|source| ComposeError::Read { path: file.clone(), source })?;
-    let root: Node = serde_saphyr::from_str(&text).map_err(|e| ComposeError::Yaml {
-        path: file.clone(),
-        message: e.to_string().trim_start_matches("error: ").replace("<input>", &file.display().to_string()),
-    })?;
+    let file = compose_file(path)?;
+    let root = yaml_tree(&read(&file)?, &file)?;
     let mut name = None;
     let mut secrets = Vec::new();
     if let Value::Map(entries) = &root.value {
@@ -918,12 +922,7 @@ pub fn preflight(path: &Path, project: Option<&str>) -> Result<(String, Vec<Stri
         }
     }
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let raw = project.map(str::to_string).or(name).unwrap_or_else(|| {
-        dir.canonicalize()
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "stack".into())
-    });
+    let raw = project.map(str::to_string).or(name).unwrap_or_else(|| default_project(&dir));
     let project = normalize_project(&raw).ok_or_else(|| ComposeError::Invalid {
         path: file.clone(),
         line: 1,
