@@ -258,7 +258,7 @@ fn compose_problems_are_reported_before_anything_runs() {
     );
     // Warnings come out with the line even when the stack is fine.
     stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n").unwrap();
-    // (`ui` reads the whole stack, then stops: this stack has no UI.)
+    // (`ui` reads the whole Compose file, then stops: this stack has no UI.)
     let run = env.ctl(&["ui", "web", "--stack", &dir]).expect_code(2);
     assert!(run.stderr.contains("has no UI `web`"), "{}", run.stderr);
     assert!(

@@ -183,6 +183,20 @@ fn load_stack(
     args: &StackArgs,
     printer: &Printer,
 ) -> Result<(mlops_compose::Loaded, mlops_controller::sync::LocalTree)> {
+    let loaded = load_model(state, args, printer)?;
+    let mut cache = HashCache::open(state.path.join("cache/file-hashes.json"));
+    let mut tree = mlops_controller::sync::scan(&loaded.dir, &mut cache)?;
+    cache.save();
+    for (path, artifact) in &loaded.stack.options.inject {
+        let source = mlops_controller::agent_binary::locate_artifact(artifact)?;
+        tree.add_file(path, &source, 0o755)?;
+    }
+    Ok((loaded, tree))
+}
+
+/// The stack model alone (with secrets and `--skip`), for commands that
+/// send no files.
+fn load_model(state: &StateDir, args: &StackArgs, printer: &Printer) -> Result<mlops_compose::Loaded> {
     let dir = stack_dir(state, args)?;
     let (project, secret_names) = mlops_compose::preflight(&dir, args.project.as_deref())?;
     let secrets = mlops_controller::secrets::load_or_generate(&state.path, &project, &secret_names)?;
@@ -195,14 +209,7 @@ fn load_stack(
         printer.warn(&w.to_string());
     }
     mlops_compose::skip_services(&mut loaded.stack, &args.skip).map_err(anyhow::Error::msg)?;
-    let mut cache = HashCache::open(state.path.join("cache/file-hashes.json"));
-    let mut tree = mlops_controller::sync::scan(&loaded.dir, &mut cache)?;
-    cache.save();
-    for (path, artifact) in &loaded.stack.options.inject {
-        let source = mlops_controller::agent_binary::locate_artifact(artifact)?;
-        tree.add_file(path, &source, 0o755)?;
-    }
-    Ok((loaded, tree))
+    Ok(loaded)
 }
 
 /// The project named by --project, or by the stack (default: the platform).
@@ -270,7 +277,7 @@ fn access_table(stack: &mlops_proto::stack::Stack, targets: &[Target]) -> String
 }
 
 async fn ui(setup: Setup, args: &StackArgs, name: &str, port: Option<u16>, printer: &Printer) -> Result<i32> {
-    let (loaded, _) = load_stack(&setup.state, args, printer)?;
+    let loaded = load_model(&setup.state, args, printer)?;
     let ui = loaded
         .stack
         .options
