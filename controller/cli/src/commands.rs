@@ -724,21 +724,7 @@ async fn status(setup: Setup, args: &StackArgs, printer: &Printer) -> Result<i32
     let results = fanout::run(targets.clone(), forks, move |target| {
         let ctx = ctx.clone();
         let project = project.clone();
-        async move {
-            let status = bootstrap::status_host(&target, &ctx).await;
-            let services = match (&project, status.agent.is_some()) {
-                (Some(p), true) => match bootstrap::connect_agent(&target, &ctx).await {
-                    Ok((transport, mut conn)) => {
-                        let r = stack::status(&mut conn, p).await;
-                        transport.close().await;
-                        Some(r.map(|(s, _)| s).map_err(|e| e.to_string()))
-                    }
-                    Err(e) => Some(Err(e.to_string())),
-                },
-                _ => None,
-            };
-            (status, services)
-        }
+        async move { bootstrap::status_host(&target, &ctx, project.as_deref()).await }
     })
     .await;
     let (outcomes, services): (Vec<StatusOutcome>, Vec<ServiceList>) = targets

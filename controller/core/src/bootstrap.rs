@@ -544,7 +544,13 @@ pub struct StatusOutcome {
 }
 
 /// Connects and asks the agent; never installs anything.
-pub async fn status_host(target: &Target, ctx: &Context) -> StatusOutcome {
+/// With `project`, also lists that stack's services on the same connection
+/// (`None` when not asked or the agent did not answer).
+pub async fn status_host(
+    target: &Target,
+    ctx: &Context,
+    project: Option<&str>,
+) -> (StatusOutcome, Option<Result<Vec<crate::stack::ServiceOutcome>, String>>) {
     let mut out = StatusOutcome {
         host: target.name.clone(),
         address: target.display_address(),
@@ -557,7 +563,7 @@ pub async fn status_host(target: &Target, ctx: &Context) -> StatusOutcome {
         Ok(t) => Arc::new(t),
         Err(e) => {
             out.error = Some(error_chain(&e));
-            return out;
+            return (out, None);
         }
     };
     out.reachable = true;
@@ -565,18 +571,22 @@ pub async fn status_host(target: &Target, ctx: &Context) -> StatusOutcome {
         let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
         let hello = conn.hello().await?;
         let facts = conn.facts().await?;
-        Ok::<_, ControllerError>((hello, facts))
+        Ok::<_, ControllerError>((hello, facts, conn))
     }
     .await;
+    let mut services = None;
     match answer {
-        Ok((hello, facts)) => {
+        Ok((hello, facts, mut conn)) => {
             out.agent = Some(agent_info(&hello, &facts));
             out.facts = Some(FactsSummary::from_facts(&facts));
+            if let Some(p) = project {
+                services = Some(crate::stack::status(&mut conn, p).await.map(|(s, _)| s).map_err(|e| error_chain(&e)));
+            }
         }
         Err(e) => out.error = Some(error_chain(&e)),
     }
     transport.close().await;
-    out
+    (out, services)
 }
 
 /// What `agent uninstall` did on one host.
