@@ -1,28 +1,52 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a Debian machine: installs and starts what
-# the tests drive for real (OpenSSH's sshd, sudo, iproute2 for network
-# namespaces, a Docker engine, busybox-static for test images), then
-# `cargo test --workspace`.
+# Runs the whole test suite on a Debian machine: installs what the tests
+# drive for real (OpenSSH's sshd, sudo, iproute2 for network namespaces,
+# docker.io for the test hosts' own engines, busybox-static for test
+# images, curl, debootstrap), then `cargo test --workspace`, inside a guard.
 #
-# Needs root: the end-to-end tests create network namespaces, bind mounts
-# and test users, as CI does on its fresh machine.
+# The guard: the tests act only on test hosts of their own (network and
+# mount namespaces, each with its own sshd, agent directories and dockerd).
+# Before the suite, this script deploys a small sentinel stack on this
+# machine's own Docker engine (as a user's deployment would be) and records
+# what that engine and this machine's agent hold; after it, anything that
+# differs fails the run, named, and the sentinel must still run with its
+# volume data. A platform deployed here with `mlopsctl deploy` is left as
+# it was.
+#
+# Needs root: the end-to-end tests create network namespaces and mounts.
+# Extra arguments go to `cargo test` (e.g. `tests/run.sh -p mlops-e2e --test stack`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-  echo "error: the tests need root (network namespaces, mounts, test users)" >&2
+  echo "error: the tests need root (network namespaces, mounts)" >&2
   echo "  hint: run it as root: sudo $0" >&2
   exit 2
 fi
+
+started=$(date +%s)
+phase_started=$started
+# Seconds since the previous call, and the phase's name, on one line.
+phase() {
+  local now
+  now=$(date +%s)
+  echo "time: $1: $((now - phase_started)) s"
+  phase_started=$now
+}
 
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v sudo >/dev/null 2>&1 || missing+=(sudo)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+# The agent builds a missing Debian base image with debootstrap; installed
+# here so that no test host installs a package on this machine.
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -30,13 +54,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# sshd's privilege separation directory; the package creates it only on boot.
-mkdir -p /run/sshd
 
-# A Docker engine for the stack tests: started here when none answers (no
-# systemd as PID 1 on CI machines). The tests fail, never skip, without one.
+# This machine's own engine is needed only for the guard's sentinel (the
+# tests never use it). Started here when none answers (no systemd as PID 1
+# on CI machines); a user's running engine is used as it is.
 if ! docker version >/dev/null 2>&1; then
-  echo "starting dockerd"
+  echo "starting this machine's dockerd (for the guard's sentinel; the tests use engines of their own)"
   setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
   for _ in $(seq 1 60); do
     docker version >/dev/null 2>&1 && break
@@ -45,14 +68,37 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null 2>&1 || { echo "error: dockerd did not start; see /var/log/dockerd.log" >&2; tail -20 /var/log/dockerd.log >&2; exit 2; }
 fi
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+work=$(mktemp -d)
+sentinel="mlops-guard-$$"
+cleanup() {
+  tests/guard.sh sentinel-down "$sentinel"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+tests/guard.sh sentinel-up "$sentinel"
+tests/guard.sh snapshot "$work/before"
+phase "setup (packages, engine, guard)"
+
 set +e
-cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$work/log"
 status=${PIPESTATUS[0]}
 set -e
-# cargo prints one `test result:` line per test binary, the last often a
-# crate's empty doc-tests; add them up into one closing line.
+phase "build and tests"
+
+guard=0
+tests/guard.sh snapshot "$work/after"
+tests/guard.sh compare "$work/before" "$work/after" || guard=1
+tests/guard.sh sentinel-check "$sentinel" || guard=1
+
+# Each test binary's time, then one closing line over all of them (cargo
+# prints one `test result:` line per binary, the last often a crate's empty
+# doc-tests).
+awk '/^     Running / { name = $2 } /^test result:/ && name != "" { for (i = 1; i <= NF; i++) if ($i == "in") t = $(i+1); printf "time: %s: %s\n", name, t; name = "" }' "$work/log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) s += $i } }
-     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$work/log"
+echo "time: whole run: $(( $(date +%s) - started )) s"
+if [ "$guard" != 0 ]; then
+  echo "summary: the guard failed: the tests changed this machine's own engine or agent (see above)" >&2
+  exit 1
+fi
 exit "$status"

@@ -1,13 +1,22 @@
 //! Test harness: real hosts on this machine, and the real binaries.
 //!
-//! A [`TestHost`] is a network namespace with its own address
-//! (`10.213.<slot>.2`, reached through a veth pair) running its own `sshd`
-//! inside a private mount namespace. The agent's directories
-//! (`/etc/mlops-agent`, `/usr/local/lib/mlops-agent`, ...) are bind-mounted
-//! from the host's temporary directory there, so several hosts on one
-//! machine each have their own agent install, pidfile and loopback port, as
-//! separate machines would. Nothing about SSH is mocked: `mlopsctl` speaks
-//! to OpenSSH's sshd.
+//! A [`TestHost`] is a host of its own on this machine: a network namespace
+//! (address `10.213.<slot>.2`, reached through a veth pair, with NAT to the
+//! outside) and a mount namespace in which `/etc`, `/usr/local/lib`,
+//! `/var/lib` and `/var/log` are overlays and `/run` is a private tmpfs, so
+//! that what the host writes there (the agent's directories, its pidfile,
+//! its log) stays in the host's temporary directory. OpenSSH's sshd runs
+//! in it; nothing about SSH is mocked.
+//!
+//! A host made with [`HostOptions::docker`] also runs its own `dockerd`:
+//! its own data root, exec root, socket, pidfile, configuration, bridge
+//! subnet and cgroup parent. Its agent, its bind-mount sources, its
+//! published ports and its containers are that host's alone, as on a
+//! separate machine. No test uses this machine's own Docker engine, its
+//! agent directories (`/etc/mlops-agent`, `/var/lib/mlops-agent`,
+//! `/run/mlops-agent`, ...), its agent port or the platform's ports:
+//! `tests/run.sh` checks that the machine's engine and agent files are the
+//! same after the suite as before it.
 //!
 //! [`TestEnv`] is the controller side: a temporary HOME (so the developer's
 //! own `~/.ssh` never leaks in), a client key authorized on every test host,
@@ -110,42 +119,50 @@ fn sh(script: &str) -> Result<Output> {
     run(Command::new("sh").arg("-c").arg(script))
 }
 
-/// Creates the test users and their sudo rules once per machine.
-fn ensure_users() -> Result<()> {
+/// Lets test hosts reach the outside as real hosts do (the Debian mirror
+/// and PyPI, for debootstrap, apt and pip) through NAT: forwarding on, and
+/// the test hosts' subnet accepted where Docker's FORWARD policy would drop
+/// it. The only change the tests make to this machine; once per process.
+fn ensure_network() -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
-        let script = format!(
-            r#"set -e
-for u in {SUDO_USER} {SUDO_PASSWORD_USER}; do
-  id -u "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u" 2>/dev/null || id -u "$u" >/dev/null
-  # Not locked ("!"), so sshd lets keys in; no password can match "*".
-  usermod -p '*' "$u"
-done
-# root too, when its password field is locked.
-grep -q '^root:!' /etc/shadow && usermod -p '*' root || true
-mkdir -p /etc/sudoers.d
-printf '%s\n' '{SUDO_USER} ALL=(ALL) NOPASSWD: ALL' '{SUDO_PASSWORD_USER} ALL=(ALL) ALL' > /etc/sudoers.d/mlops-test.tmp
-chmod 0440 /etc/sudoers.d/mlops-test.tmp
-mv /etc/sudoers.d/mlops-test.tmp /etc/sudoers.d/mlops-test
-mkdir -p /run/sshd
-# Test hosts reach the outside like real hosts do (the Debian mirror, for
-# debootstrap and apt) through NAT; Docker's FORWARD policy would drop it.
+        let script = r#"set -e
 iptables -t nat -C POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE 2>/dev/null \
   || iptables -t nat -A POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE
 iptables -C FORWARD -s 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -s 10.213.0.0/16 -j ACCEPT
 iptables -C FORWARD -d 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -d 10.213.0.0/16 -j ACCEPT
 sysctl -qw net.ipv4.ip_forward=1
-"#
-        );
-        sh(&script).map(drop).map_err(|e| e.to_string())
+"#;
+        sh(script).map(drop).map_err(|e| e.to_string())
     })
     .clone()
     .map_err(anyhow::Error::msg)
 }
 
+/// The shell lines that give a host its users: one with passwordless sudo,
+/// one whose sudo asks for a password, and root able to log in with a key.
+/// They run inside the host's mount namespace, so the users exist in the
+/// host's overlay of `/etc` and `/home` only, never on this machine.
+fn users_script() -> String {
+    format!(
+        r#"for u in {SUDO_USER} {SUDO_PASSWORD_USER}; do
+  id -u "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u"
+  # Not locked ("!"), so sshd lets keys in; no password can match "*".
+  usermod -p '*' "$u"
+done
+# root too, when its password field is locked.
+if grep -q '^root:!' /etc/shadow; then usermod -p '*' root; fi
+mkdir -p /etc/sudoers.d
+printf '%s\n' '{SUDO_USER} ALL=(ALL) NOPASSWD: ALL' '{SUDO_PASSWORD_USER} ALL=(ALL) ALL' > /etc/sudoers.d/mlops-test
+chmod 0440 /etc/sudoers.d/mlops-test
+"#
+    )
+}
+
 /// A slot: a number from 1 to 250 owned by this process, naming a test
-/// host's namespace, veth and subnet. Files in /run/mlops-test keep
-/// concurrent test processes apart; a slot left by a dead process is reused.
+/// host's namespace, veth, subnet and cgroup. Files in /run/mlops-test keep
+/// concurrent test processes apart; a slot left by a dead process is
+/// cleaned up and reused.
 struct Slot {
     n: u8,
     file: PathBuf,
@@ -166,7 +183,9 @@ impl Slot {
                     let owner: Option<i32> = fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok());
                     let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
                     if !alive {
-                        // Stale: its namespace may still exist.
+                        // Stale: its namespace, processes and cgroups may remain.
+                        kill_netns(&format!("mlt{n}"));
+                        kill_cgroup(&cgroup_name(n));
                         let _ = Command::new("ip").args(["netns", "del", &format!("mlt{n}")]).output();
                         let _ = fs::remove_file(&file);
                     }
@@ -184,7 +203,86 @@ impl Drop for Slot {
     }
 }
 
-/// A host: its own network namespace, sshd and agent directories.
+/// The cgroup (under every controller) that holds the containers of the
+/// test host in slot `n`: dockerd runs them with `--cgroup-parent`, so they
+/// can be found and ended even when their engine is gone.
+fn cgroup_name(n: u8) -> String {
+    format!("mlops-test-{n}")
+}
+
+/// The directories of cgroup `name` in every hierarchy (v1 controllers,
+/// the v2 unified tree), deepest first.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup").join(name)];
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|e| e.path().join(name)));
+    }
+    let mut out = Vec::new();
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_path_buf());
+    }
+    for root in roots.iter().filter(|r| r.is_dir()) {
+        walk(root, &mut out);
+    }
+    out
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: plain kill(2); the pids come from this host's namespace or cgroup.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Kills every process in cgroup `name` (the containers of one test host)
+/// and removes the cgroup.
+fn kill_cgroup(name: &str) {
+    let dirs = cgroup_dirs(name);
+    if dirs.is_empty() {
+        return;
+    }
+    for _ in 0..50 {
+        let mut any = false;
+        for dir in &dirs {
+            for pid in fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    sigkill(pid);
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in dirs {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+/// Kills every process in network namespace `netns`.
+fn kill_netns(netns: &str) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_else(|_| Vec::new());
+    for pid in pids {
+        sigkill(pid);
+    }
+}
+
+/// A host: its own network namespace and mount namespace, sshd, agent
+/// directories and, when asked, Docker engine.
 pub struct TestHost {
     pub name: String,
     pub addr: String,
@@ -193,29 +291,36 @@ pub struct TestHost {
     /// The sshd host public key line (`ssh-ed25519 AAAA...`).
     pub host_key: String,
     dir: TempDir,
+    /// `sleep infinity`, holding the host's mount namespace; everything
+    /// of the host runs in its namespaces (`nsenter --target`).
+    anchor: Child,
     sshd: Option<Child>,
+    dockerd: Option<Child>,
     slot: Slot,
-    share_state: bool,
 }
 
 /// How a test host differs from the default.
 #[derive(Debug, Clone, Copy)]
 pub struct HostOptions {
     pub port: u16,
-    /// Keep `/var/lib/mlops-agent` shared with the machine. Stack tests need
-    /// this: the machine's one dockerd resolves bind-mount sources in its
-    /// own mount namespace, so the agent's synced trees must be where
-    /// dockerd looks. Trees are per project, so tests stay apart.
-    pub share_state: bool,
+    /// Run the host's own Docker engine (see the module docs).
+    pub docker: bool,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        HostOptions { port: 22, share_state: false }
+        HostOptions { port: 22, docker: false }
     }
 }
 
+/// Directories a test host sees through an overlay of its own: the
+/// machine's files show through, and whatever the host creates in them
+/// (the agent's directories, among others) lands in the host's temporary
+/// directory instead of on the machine.
+const OVERLAID: [&str; 6] = ["/etc", "/home", "/usr/local/lib", "/var/lib", "/var/log", "/var/mail"];
+
 impl TestHost {
+    /// A host with sshd and no Docker engine.
     pub fn start(name: &str) -> Result<TestHost> {
         Self::start_with(name, HostOptions::default())
     }
@@ -225,9 +330,14 @@ impl TestHost {
         Self::start_with(name, HostOptions { port, ..HostOptions::default() })
     }
 
+    /// A host with its own Docker engine.
+    pub fn with_docker(name: &str) -> Result<TestHost> {
+        Self::start_with(name, HostOptions { docker: true, ..HostOptions::default() })
+    }
+
     pub fn start_with(name: &str, options: HostOptions) -> Result<TestHost> {
-        let HostOptions { port, share_state } = options;
-        ensure_users()?;
+        let HostOptions { port, docker } = options;
+        ensure_network()?;
         let slot = Slot::take()?;
         let n = slot.n;
         let netns = format!("mlt{n}");
@@ -277,45 +387,189 @@ LogLevel VERBOSE
                 dir = d.display()
             ),
         )?;
-        let binds: String = PRIVATE_DIRS
-            .iter()
-            .filter(|p| !(share_state && **p == "/var/lib/mlops-agent"))
-            .map(|p| format!("mkdir -p {p} && mount --bind {root}{p} {p} && ", root = d.join("root").display()))
-            .collect();
-        let sshd = Command::new("nsenter")
+
+        // The host's mount namespace: overlays, a private /run, and the
+        // agent's directories from this host's temporary directory. Mount
+        // points are created inside the overlays, never on the machine.
+        let mut script = String::from("set -e\n");
+        for (i, lower) in OVERLAID.iter().enumerate().filter(|(_, p)| Path::new(p).is_dir()) {
+            let (upper, work) = (d.join(format!("overlay/{i}/upper")), d.join(format!("overlay/{i}/work")));
+            fs::create_dir_all(&upper)?;
+            fs::create_dir_all(&work)?;
+            script.push_str(&format!(
+                "mount -t overlay mlops-test -o lowerdir={lower},upperdir={},workdir={} {lower}\n",
+                upper.display(),
+                work.display()
+            ));
+        }
+        script.push_str("mount -t tmpfs -o mode=0755 mlops-test /run\nmkdir -p /run/sshd\n");
+        for p in PRIVATE_DIRS {
+            script.push_str(&format!("mkdir -p {p}\nmount --bind {}{p} {p}\n", d.join("root").display()));
+        }
+        script.push_str(&users_script());
+        script.push_str(&format!("touch {}/namespace-ready\nexec sleep infinity\n", d.display()));
+        let anchor = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
-            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!("{binds} exec /usr/sbin/sshd -D -e -f {}/sshd_config", d.display()))
+            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("sshd.log"))?)
+            .stderr(fs::File::create(d.join("namespace.log"))?)
+            .spawn()
+            .context("cannot start the host's namespace")?;
+        let mut host = TestHost {
+            name: name.to_string(),
+            addr,
+            port,
+            netns,
+            host_key,
+            dir,
+            anchor,
+            sshd: None,
+            dockerd: None,
+            slot,
+        };
+        host.wait_for("its namespace", Duration::from_secs(10), |h| Ok(h.dir.path().join("namespace-ready").exists()))?;
+
+        let sshd = host
+            .command_inside("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(host.dir.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(host.dir.path().join("sshd.log"))?)
             .spawn()
             .context("cannot start sshd")?;
-        let mut host =
-            TestHost { name: name.to_string(), addr, port, netns, host_key, dir, sshd: Some(sshd), slot, share_state };
-        host.wait_listening()?;
+        host.sshd = Some(sshd);
+        let target = format!("{}:{}", host.addr, host.port).parse()?;
+        host.wait_for("sshd to listen", Duration::from_secs(10), |_| {
+            Ok(TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok())
+        })?;
+        if docker {
+            host.start_dockerd()?;
+        }
         Ok(host)
     }
 
-    fn wait_listening(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&format!("{}:{}", self.addr, self.port).parse()?, Duration::from_millis(200))
-                .is_ok()
-            {
+    /// A command that runs inside the host's network and mount namespaces.
+    fn command_inside(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--target", &self.anchor.id().to_string(), "--mount", "--net", "--", program]);
+        cmd
+    }
+
+    /// Polls `ready` until it holds; fails early, with the logs, when a
+    /// process of the host has died.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut ready: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if ready(self)? {
                 return Ok(());
             }
-            if let Some(child) = &mut self.sshd
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "sshd exited ({status}): {}",
-                    fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
-                );
+            for (process, log, child) in [
+                ("the namespace holder", "namespace.log", Some(&mut self.anchor)),
+                ("sshd", "sshd.log", self.sshd.as_mut()),
+                ("dockerd", "dockerd.log", self.dockerd.as_mut()),
+            ] {
+                if let Some(child) = child
+                    && let Some(status) = child.try_wait()?
+                {
+                    let log = fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                    bail!("test host {}: {process} exited ({status}) while waiting for {what}:\n{}", self.name, tail.join("\n"));
+                }
             }
+            ensure!(Instant::now() < deadline, "test host {}: {what} not ready within {} s", self.name, limit.as_secs());
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("sshd on {} did not listen within 10 s", self.addr)
+    }
+
+    /// Starts the host's own dockerd: its own data root (in the host's
+    /// temporary directory), exec root, pidfile and socket (in the host's
+    /// private /run: the agent finds it at the usual /var/run/docker.sock),
+    /// configuration file, bridge subnet and cgroup parent. A second socket
+    /// in the temporary directory lets tests on the machine inspect it.
+    fn start_dockerd(&mut self) -> Result<()> {
+        let d = self.dir.path().to_path_buf();
+        fs::create_dir_all(d.join("docker"))?;
+        // dockerd 20.10 writes its identity key to /etc/docker/key.json
+        // unless told otherwise; this keeps it (and every setting) private.
+        fs::write(
+            d.join("daemon.json"),
+            serde_json::json!({"deprecated-key-path": d.join("docker-key.json")}).to_string(),
+        )?;
+        let n = self.slot.n;
+        let dockerd = self
+            .command_inside("dockerd")
+            .arg("--data-root")
+            .arg(d.join("docker"))
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .args([
+                "--exec-root",
+                "/run/docker",
+                "--pidfile",
+                "/run/docker.pid",
+                "--bip",
+                &format!("172.30.{n}.1/24"),
+                "--cgroup-parent",
+                &format!("/{}", cgroup_name(n)),
+                "--shutdown-timeout",
+                "2",
+                "-H",
+                "unix:///run/docker.sock",
+                "-H",
+            ])
+            .arg(format!("unix://{}", self.docker_socket().display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(d.join("dockerd.log"))?)
+            .spawn()
+            .context("cannot start dockerd (tests/run.sh installs docker.io)")?;
+        self.dockerd = Some(dockerd);
+        self.wait_for("its Docker engine", Duration::from_secs(60), |h| {
+            Ok(h.docker_command(&["version", "--format", "{{.Server.Version}}"]).output()?.status.success())
+        })
+    }
+
+    /// The host's Docker engine socket, as this machine reaches it.
+    pub fn docker_socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    fn docker_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.args(args)
+            .env("DOCKER_HOST", format!("unix://{}", self.docker_socket().display()))
+            .env("DOCKER_CONFIG", self.dir.path().join("docker-cli"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The `docker` CLI against this host's engine (tests only inspect and
+    /// poke with it; mlopsctl never runs it). Fails with the CLI's stderr
+    /// when the command fails.
+    pub fn docker_result(&self, args: &[&str]) -> Result<String> {
+        ensure!(self.dockerd.is_some(), "test host {} has no Docker engine (HostOptions::docker)", self.name);
+        let out = self.docker_command(args).output().context("cannot run the docker CLI")?;
+        ensure!(
+            out.status.success(),
+            "docker {} on test host {} failed ({}): {}",
+            args.join(" "),
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// [`TestHost::docker_result`], panicking on failure.
+    pub fn docker(&self, args: &[&str]) -> String {
+        self.docker_result(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Lets `public_key` log in as `user`.
@@ -340,27 +594,30 @@ LogLevel VERBOSE
         format!("{user}@{}:{}", self.addr, self.port)
     }
 
-    /// A file of this host's private agent directories, as the host sees
-    /// `path` (one of the agent directories).
+    /// A file of this host's private agent directories, as the machine
+    /// reaches it (`path` is one of the agent directories, as the host sees it).
     pub fn path(&self, path: &str) -> PathBuf {
-        if self.share_state && path.starts_with("/var/lib/mlops-agent") {
-            return PathBuf::from(path);
-        }
         self.dir.path().join("root").join(path.trim_start_matches('/'))
     }
 
-    /// Runs a shell command inside the host's namespaces (network and the
-    /// private agent directories), as the host's processes see them.
+    /// Runs a shell command inside the host's namespaces, as the host's
+    /// processes see things.
     pub fn exec(&self, script: &str) -> Result<Output> {
-        let binds: String = PRIVATE_DIRS
-            .iter()
-            .filter(|p| !(self.share_state && **p == "/var/lib/mlops-agent"))
-            .map(|p| format!("mount --bind {root}{p} {p} && ", root = self.dir.path().join("root").display()))
-            .collect();
-        run(Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!("{binds} {script}")))
+        run(self.command_inside("sh").arg("-c").arg(script))
+    }
+
+    /// HTTP from inside the host (its loopback, where the platform publishes
+    /// its UIs): `curl` with `args`; the status code and the body.
+    pub fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = self
+            .command_inside("curl")
+            .args(["-s", "-m", "20", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl runs (tests/run.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse().unwrap_or(0), body.to_string())
     }
 
     /// Pids of every process in the host's network namespace.
@@ -393,19 +650,37 @@ LogLevel VERBOSE
     pub fn sshd_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
+
+    pub fn dockerd_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        self.stop_sshd();
-        // Agents started over SSH live on in the namespace; end them too.
-        for pid in self.pids() {
-            // SAFETY: plain kill(2) on pids that `ip netns pids` listed.
+        // Containers first (by their cgroup: fast, and certain even if the
+        // engine is stuck), then the engine, which then has nothing to stop.
+        if let Some(mut dockerd) = self.dockerd.take() {
+            kill_cgroup(&cgroup_name(self.slot.n));
+            // SAFETY: plain kill(2) on our own child.
             #[allow(unsafe_code)]
             unsafe {
-                libc::kill(pid, libc::SIGKILL);
+                libc::kill(dockerd.id() as i32, libc::SIGTERM);
             }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while dockerd.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = dockerd.kill();
+            let _ = dockerd.wait();
         }
+        self.stop_sshd();
+        // Agents started over SSH (and containerd) live on in the
+        // namespace; end them, and the namespace holder with them.
+        kill_netns(&self.netns);
+        let _ = self.anchor.kill();
+        let _ = self.anchor.wait();
+        kill_cgroup(&cgroup_name(self.slot.n));
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
         let _ = Command::new("ip").args(["link", "del", &format!("mlv{}", self.slot.n)]).output();
     }
@@ -489,6 +764,13 @@ impl TestEnv {
         Ok(host)
     }
 
+    /// [`TestEnv::host`] with the host's own Docker engine.
+    pub fn docker_host(&self, name: &str) -> Result<TestHost> {
+        let host = TestHost::with_docker(name)?;
+        self.trust(&host)?;
+        Ok(host)
+    }
+
     pub fn trust(&self, host: &TestHost) -> Result<()> {
         for user in ["root", SUDO_USER, SUDO_PASSWORD_USER] {
             host.authorize(user, &self.public_key)?;
@@ -564,24 +846,9 @@ pub fn rss_bytes(pid: i32) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-/// Fails the test (never skips) when no Docker engine answers: CI starts one.
-pub fn require_docker() {
-    let out = Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]).output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "these tests need a Docker engine, and none answers: {}\n  hint: start dockerd (tests/run.sh does)",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!(
-            "these tests need the docker CLI and engine: {e}\n  hint: apt-get install docker.io; tests/run.sh starts dockerd"
-        ),
-    }
-}
-
 /// A stack directory for tests: `img/` builds a tiny image (static busybox
 /// on `scratch`: no registry, no base image needed), `compose.yaml` is the
-/// caller's. Dropping it removes everything Docker holds for the project.
+/// caller's. Its containers live on a test host's own engine and go with it.
 pub struct TestStack {
     pub dir: TempDir,
     pub project: String,
@@ -614,52 +881,30 @@ impl TestStack {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
-
-    /// `docker` CLI output (tests only inspect with it; mlopsctl never runs it).
-    pub fn docker(args: &[&str]) -> String {
-        let out = Command::new("docker").args(args).output().expect("docker runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for TestStack {
-    fn drop(&mut self) {
-        let filter = format!("label=mlops.project={}", self.project);
-        let ids = Self::docker(&["ps", "-aq", "--filter", &filter]);
-        for id in ids.split_whitespace() {
-            Self::docker(&["rm", "-f", id]);
-        }
-        for n in Self::docker(&["network", "ls", "-q", "--filter", &filter]).split_whitespace() {
-            Self::docker(&["network", "rm", n]);
-        }
-        for v in Self::docker(&["volume", "ls", "-q", "--filter", &filter]).split_whitespace() {
-            Self::docker(&["volume", "rm", "-f", v]);
-        }
-        for i in Self::docker(&["images", "-q", "--filter", &filter]).split_whitespace() {
-            Self::docker(&["rmi", "-f", i]);
-        }
-        let _ = fs::remove_dir_all(format!("/var/lib/mlops-agent/trees/stack-{}", self.project));
-        let _ = fs::remove_file(format!("/var/lib/mlops-agent/trees/.index/stack-{}.json", self.project));
-    }
 }
 
 /// The agent binary run directly on a loopback port with certificates from
-/// `ca`, without SSH: for RPC-level tests.
+/// `ca`, without SSH: for RPC-level tests. Its state is a temporary
+/// directory; its Docker socket is a path where no engine answers unless
+/// one is given (a test host's: [`TestHost::docker_socket`]).
 pub struct LocalAgent {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
     pub state: PathBuf,
+    /// The socket the agent uses for Docker.
+    pub docker_socket: PathBuf,
     _dir: TempDir,
 }
 
 impl LocalAgent {
+    /// An agent with no Docker engine.
     pub fn start(agent: &Path, ca: &mlops_pki::Ca) -> Result<LocalAgent> {
-        Self::start_with(agent, ca, &[])
+        Self::start_with(agent, ca, None)
     }
 
-    /// With extra `serve` arguments (such as `--docker-socket`).
-    pub fn start_with(agent: &Path, ca: &mlops_pki::Ca, extra: &[&str]) -> Result<LocalAgent> {
+    /// An agent driving the engine at `docker_socket` (None: no engine).
+    pub fn start_with(agent: &Path, ca: &mlops_pki::Ca, docker_socket: Option<&Path>) -> Result<LocalAgent> {
         let dir = tempfile::tempdir()?;
         let tls = dir.path().join("tls");
         fs::create_dir(&tls)?;
@@ -670,6 +915,8 @@ impl LocalAgent {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = dir.path().join("agent.log");
         let state = dir.path().join("state");
+        let docker_socket =
+            docker_socket.map_or_else(|| dir.path().join("no-engine/docker.sock"), Path::to_path_buf);
         let child = Command::new(agent)
             .args([
                 "serve",
@@ -682,7 +929,8 @@ impl LocalAgent {
             .arg(&tls)
             .arg("--state-dir")
             .arg(&state)
-            .args(extra)
+            .arg("--docker-socket")
+            .arg(&docker_socket)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
@@ -695,7 +943,7 @@ impl LocalAgent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(LocalAgent { child, port, log, state, _dir: dir })
+        Ok(LocalAgent { child, port, log, state, docker_socket, _dir: dir })
     }
 }
 

@@ -13,13 +13,14 @@ use mlops_proto::v1::{ConvergeRequest, EnsureDockerRequest};
 async fn without_an_engine_the_agent_says_so() {
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::open_or_create(pki.path()).unwrap();
-    let agent = LocalAgent::start_with(&bins().agent, &ca, &["--docker-socket", "/nonexistent/docker.sock"]).unwrap();
+    let agent = LocalAgent::start(&bins().agent, &ca).unwrap();
+    let socket = agent.docker_socket.display().to_string();
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
     let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
 
     let facts = conn.facts().await.unwrap();
     let docker = facts.docker.unwrap();
-    assert!(!docker.available && docker.error.contains("/nonexistent/docker.sock"), "{docker:?}");
+    assert!(!docker.available && docker.error.contains(&socket), "{docker:?}");
 
     // Asked only to check, it reports and stops.
     let events: Vec<_> =
@@ -41,7 +42,7 @@ async fn without_an_engine_the_agent_says_so() {
     };
     let err = conn.raw().converge(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert!(err.message().contains("no Docker engine answers at /nonexistent/docker.sock"), "{err}");
+    assert!(err.message().contains(&format!("no Docker engine answers at {socket}")), "{err}");
 
     // A model that is not a stack is refused as such.
     let bad = ConvergeRequest { stack_json: "{".into(), files_root: "x".into(), ..Default::default() };

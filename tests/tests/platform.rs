@@ -1,5 +1,5 @@
 //! The MLOps platform, deployed by the real mlopsctl over SSH to a test host
-//! whose agent drives the machine's Docker engine, and then used: DAGs run
+//! with its own Docker engine, and then used: DAGs run
 //! through the REST API, a Spark job runs on the cluster, Prometheus scrapes
 //! everything, every dashboard query returns data, a synced DAG appears
 //! without a restart, and the run history survives `down` + `deploy`.
@@ -8,41 +8,36 @@
 //! registry, and none is reachable here. Its dashboards are checked against
 //! the live Prometheus instead.
 //!
-//! Slow (cold image builds take minutes); one test, run in CI. It publishes
-//! the platform's fixed ports (28080, 18080, 18081, 19001) on this machine.
+//! Slow (cold image builds on the host's new engine take minutes); one test,
+//! run in CI. The platform's ports (28080, 18080, 18081, 19001) are
+//! published on the test host's loopback, where the requests come from; its
+//! project is `mlops-e2e` and its state directory the test's own, so a
+//! platform deployed on this machine is never touched.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlops_e2e::{HostOptions, TestEnv, TestHost, TestStack, require_docker};
+use mlops_e2e::{TestEnv, TestHost};
 use serde_json::{Value, json};
 
 const AIRFLOW: &str = "http://127.0.0.1:28080";
 const PROMETHEUS: &str = "http://127.0.0.1:19001";
 const SPARK: &str = "http://127.0.0.1:18080";
 
-/// HTTP with `curl` (the platform's ports are on this machine's loopback).
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-m", "20", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.parse().unwrap_or(0), body.to_string())
-}
+/// The project name: not the default `mlops`, so that nothing here could
+/// be taken for a user's platform.
+const PROJECT: &str = "mlops-e2e";
 
-fn token(password: &str) -> Option<String> {
+fn token(host: &TestHost, password: &str) -> Option<String> {
     let body = json!({"username": "admin", "password": password}).to_string();
     let (code, text) =
-        curl(&["-X", "POST", &format!("{AIRFLOW}/auth/token"), "-H", "Content-Type: application/json", "-d", &body]);
+        host.curl(&["-X", "POST", &format!("{AIRFLOW}/auth/token"), "-H", "Content-Type: application/json", "-d", &body]);
     (code == 201 || code == 200)
         .then(|| serde_json::from_str::<Value>(&text).ok()?["access_token"].as_str().map(str::to_string))
         .flatten()
 }
 
-fn api(token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+fn api(host: &TestHost, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
     let auth = format!("Authorization: Bearer {token}");
     let url = format!("{AIRFLOW}{path}");
     let mut args = vec!["-X", method, url.as_str(), "-H", auth.as_str(), "-H", "Content-Type: application/json"];
@@ -50,7 +45,7 @@ fn api(token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
     if let Some(b) = &body {
         args.extend(["-d", b.as_str()]);
     }
-    let (code, text) = curl(&args);
+    let (code, text) = host.curl(&args);
     assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
@@ -66,8 +61,8 @@ fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
     }
 }
 
-fn prom_query(q: &str) -> Vec<Value> {
-    let (code, text) = curl(&["-G", &format!("{PROMETHEUS}/api/v1/query"), "--data-urlencode", &format!("query={q}")]);
+fn prom_query(host: &TestHost, q: &str) -> Vec<Value> {
+    let (code, text) = host.curl(&["-G", &format!("{PROMETHEUS}/api/v1/query"), "--data-urlencode", &format!("query={q}")]);
     assert_eq!(code, 200, "{q}: {text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["data"]["result"].as_array().cloned().unwrap_or_default()
@@ -96,10 +91,8 @@ fn copy_bundle(to: &Path) {
 
 #[test]
 fn the_platform_comes_up_works_and_keeps_its_history() {
-    require_docker();
     let env = TestEnv::new().unwrap();
-    let host = TestHost::start_with("platform", HostOptions { share_state: true, ..HostOptions::default() }).unwrap();
-    env.trust(&host).unwrap();
+    let host = env.docker_host("platform").unwrap();
     let key = env.key.display().to_string();
     let spec = host.spec("root");
     let ctl = |args: &[&str]| {
@@ -107,18 +100,11 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         all.extend_from_slice(args);
         env.ctl(&all)
     };
-    struct Down<'a>(&'a dyn Fn(&[&str]) -> mlops_e2e::CtlRun);
-    impl Drop for Down<'_> {
-        fn drop(&mut self) {
-            (self.0)(&["down", "--project", "mlops", "--volumes"]);
-        }
-    }
-    let _cleanup = Down(&ctl);
 
     // The embedded default stack: the platform, without Grafana.
-    let run = ctl(&["deploy", "--skip", "grafana", "--health-timeout", "900", "--output", "json"]);
+    let run = ctl(&["deploy", "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900", "--output", "json"]);
     if run.code != 0 {
-        eprintln!("agent log:\n{}", host.agent_log());
+        eprintln!("agent log:\n{}\ndockerd log:\n{}", host.agent_log(), host.dockerd_log());
     }
     let run = run.expect_code(0);
     let json = run.json();
@@ -132,21 +118,21 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert!(services.iter().filter(|s| s["health"] == "healthy").count() >= 10, "every component is health-checked");
 
     // Generated credentials: they work, admin/admin does not.
-    let secrets = ctl(&["secrets", "--project", "mlops", "--output", "json"]).expect_code(0).json();
+    let secrets = ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
     let password = secrets["secrets"]["AIRFLOW_ADMIN_PASSWORD"].as_str().unwrap().to_string();
     assert!(
         !run.stderr.contains(&password) && !run.stdout.contains(&password),
         "the password is never printed by deploy"
     );
-    assert!(token("admin").is_none(), "admin/admin is refused");
-    let tok = token(&password).expect("the generated password works");
+    assert!(token(&host, "admin").is_none(), "admin/admin is refused");
+    let tok = token(&host, &password).expect("the generated password works");
 
     // Both example DAGs run to success through the REST API.
     for dag in ["example_etl", "spark_pi"] {
-        api(&tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
+        api(&host, &tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
     }
     wait_for("both DAG runs to succeed", Duration::from_secs(600), || {
-        let runs = api(&tok, "GET", "/api/v2/dags/~/dagRuns", None);
+        let runs = api(&host, &tok, "GET", "/api/v2/dags/~/dagRuns", None);
         let states: Vec<(String, String)> = runs["dag_runs"]
             .as_array()?
             .iter()
@@ -155,17 +141,17 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert!(!states.iter().any(|(_, s)| s == "failed"), "a DAG run failed: {states:?}");
         (states.iter().filter(|(_, s)| s == "success").count() == 2).then_some(())
     });
-    let (_, spark) = curl(&[&format!("{SPARK}/json/")]);
+    let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
     assert!(spark["completedapps"].as_array().unwrap().iter().any(|a| a["name"] == "mlops-spark-pi"), "{spark}");
 
     // Prometheus: every target up, the exporter's series present, and every
     // dashboard query answers with data.
     wait_for("every Prometheus target up", Duration::from_secs(120), || {
-        let up = prom_query("up");
+        let up = prom_query(&host, "up");
         (up.len() >= 7 && up.iter().all(|r| r["value"][1] == "1")).then_some(())
     });
-    assert!(!prom_query("airflow_dag_status").is_empty());
+    assert!(!prom_query(&host, "airflow_dag_status").is_empty());
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../platform/monitoring/grafana/dashboards");
     let mut queries = Vec::new();
     for f in std::fs::read_dir(&dashboards).unwrap().flatten() {
@@ -179,12 +165,12 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert!(queries.len() >= 20, "{queries:?}");
     for q in &queries {
         wait_for(&format!("data for dashboard query `{q}`"), Duration::from_secs(90), || {
-            (!prom_query(q).is_empty()).then_some(())
+            (!prom_query(&host, q).is_empty()).then_some(())
         });
     }
 
     // A new DAG, synced, is listed by Airflow within 60 s; nothing restarts.
-    let before = TestStack::docker(&["ps", "-q", "--filter", "label=mlops.project=mlops", "--no-trunc"]);
+    let before = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
     let bundle = tempfile::tempdir().unwrap();
     copy_bundle(bundle.path());
     std::fs::write(
@@ -193,22 +179,22 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     )
     .unwrap();
     let dir = bundle.path().display().to_string();
-    let synced = ctl(&["sync", "--stack", &dir, "--skip", "grafana", "--output", "json"]).expect_code(0).json();
+    let synced = ctl(&["sync", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--output", "json"]).expect_code(0).json();
     assert_eq!(synced["hosts"][0]["result"]["written"], 1, "only the new file was written: {synced}");
     let start = Instant::now();
     wait_for("the synced DAG to be listed", Duration::from_secs(60), || {
-        let dags = api(&tok, "GET", "/api/v2/dags", None);
+        let dags = api(&host, &tok, "GET", "/api/v2/dags", None);
         dags["dags"].as_array()?.iter().any(|d| d["dag_id"] == "synced_later").then_some(())
     });
     eprintln!("synced DAG listed after {:.1} s", start.elapsed().as_secs_f64());
-    let after = TestStack::docker(&["ps", "-q", "--filter", "label=mlops.project=mlops", "--no-trunc"]);
+    let after = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
     assert_eq!(before, after, "no container was restarted or replaced");
 
     // down keeps the volumes: after a new deploy the run history is there.
-    ctl(&["down", "--project", "mlops"]).expect_code(0);
-    ctl(&["deploy", "--stack", &dir, "--skip", "grafana", "--health-timeout", "900"]).expect_code(0);
-    let tok = token(&password).expect("the same password after down + deploy");
-    let runs = api(&tok, "GET", "/api/v2/dags/~/dagRuns", None);
+    ctl(&["down", "--project", PROJECT]).expect_code(0);
+    ctl(&["deploy", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900"]).expect_code(0);
+    let tok = token(&host, &password).expect("the same password after down + deploy");
+    let runs = api(&host, &tok, "GET", "/api/v2/dags/~/dagRuns", None);
     let done: Vec<&Value> = runs["dag_runs"].as_array().unwrap().iter().filter(|r| r["state"] == "success").collect();
     assert!(done.len() >= 2, "the DAG run history survived: {runs}");
 }

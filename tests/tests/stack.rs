@@ -1,16 +1,15 @@
-//! Stacks against the real Docker engine, through the real CLI, SSH and
-//! agent. Docker must answer (CI starts it); these tests fail, never skip,
-//! without it.
+//! Stacks against a real Docker engine, through the real CLI, SSH and
+//! agent. Each test host runs its own dockerd (see the harness); without
+//! `dockerd` these tests fail, never skip.
 
 use std::collections::BTreeMap;
 
-use mlops_e2e::{HostOptions, TestEnv, TestHost, TestStack, require_docker};
+use mlops_e2e::{TestEnv, TestHost, TestStack};
 use serde_json::Value;
 
-/// A test host sharing the machine's agent state directory (see HostOptions).
+/// A test host with its own Docker engine, trusting `env`.
 fn stack_host(env: &TestEnv, name: &str) -> TestHost {
-    require_docker();
-    let host = TestHost::start_with(name, HostOptions { share_state: true, ..HostOptions::default() }).unwrap();
+    let host = TestHost::with_docker(name).unwrap();
     env.trust(&host).unwrap();
     host
 }
@@ -150,7 +149,7 @@ fn an_orphan_is_removed_and_volume_data_survives_down_and_deploy() {
     let host = stack_host(&env, "s4");
     let stack = TestStack::new(THREE).unwrap();
     let first = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)));
-    let token = TestStack::docker(&["exec", &first["db"], "cat", "/data/token"]);
+    let token = host.docker(&["exec", &first["db"], "cat", "/data/token"]);
     assert!(!token.is_empty());
 
     // `web` leaves the stack (and nobody depends on it): its container goes.
@@ -158,21 +157,21 @@ fn an_orphan_is_removed_and_volume_data_survives_down_and_deploy() {
     stack.write_compose(&without_web).unwrap();
     let run = deploy(&env, &host, &stack, &[]).expect_code(0);
     assert!(run.stderr.contains("web: remove orphan"), "{}", run.stderr);
-    assert_eq!(TestStack::docker(&["ps", "-aq", "--filter", &format!("id={}", first["web"])]), "");
+    assert_eq!(host.docker(&["ps", "-aq", "--filter", &format!("id={}", first["web"])]), "");
 
     // down keeps the volume; the next deploy finds the same data.
     let key = env.key.display().to_string();
     let dir = stack.path().display().to_string();
     env.ctl(&["down", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir]).expect_code(0);
     let filter = format!("label=mlops.project={}", stack.project);
-    assert_eq!(TestStack::docker(&["ps", "-aq", "--filter", &filter]), "", "containers removed");
-    assert_eq!(TestStack::docker(&["network", "ls", "-q", "--filter", &filter]), "", "network removed");
-    assert_ne!(TestStack::docker(&["volume", "ls", "-q", "--filter", &filter]), "", "volume kept");
+    assert_eq!(host.docker(&["ps", "-aq", "--filter", &filter]), "", "containers removed");
+    assert_eq!(host.docker(&["network", "ls", "-q", "--filter", &filter]), "", "network removed");
+    assert_ne!(host.docker(&["volume", "ls", "-q", "--filter", &filter]), "", "volume kept");
     let again = ids(&services(&deploy(&env, &host, &stack, &[]).expect_code(0)));
-    assert_eq!(TestStack::docker(&["exec", &again["db"], "cat", "/data/token"]), token, "the volume's data survived");
+    assert_eq!(host.docker(&["exec", &again["db"], "cat", "/data/token"]), token, "the volume's data survived");
 
     env.ctl(&["down", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir, "--volumes"]).expect_code(0);
-    assert_eq!(TestStack::docker(&["volume", "ls", "-q", "--filter", &filter]), "", "--volumes removes them");
+    assert_eq!(host.docker(&["volume", "ls", "-q", "--filter", &filter]), "", "--volumes removes them");
 }
 
 #[test]
@@ -219,7 +218,7 @@ services:
     // Wait until the first deploy is converging (its container exists).
     let filter = format!("label=mlops.project={}", stack.project);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while TestStack::docker(&["ps", "-q", "--filter", &filter]).is_empty() {
+    while host.docker(&["ps", "-q", "--filter", &filter]).is_empty() {
         assert!(std::time::Instant::now() < deadline, "the first deploy did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -339,11 +338,11 @@ fn health_transitions_come_from_docker_events() {
     // First the current state of every service...
     next(&|e| e["service"] == "web" && e["health"] == "healthy");
     // ...then what Docker reports.
-    TestStack::docker(&["stop", "-t", "1", &web]);
+    host.docker(&["stop", "-t", "1", &web]);
     let stopped = next(&|e| e["service"] == "web" && e["state"] == "exited");
     assert!(stopped["docker_time_ns"].as_u64().unwrap() > 0, "{stopped}");
     assert_eq!(stopped["health"], "", "a stopped container has no health: {stopped}");
-    TestStack::docker(&["start", &web]);
+    host.docker(&["start", &web]);
     next(&|e| e["service"] == "web" && e["state"] == "running");
     next(&|e| e["service"] == "web" && e["health"] == "healthy");
     let _ = child.kill();
@@ -372,11 +371,12 @@ services:
         "FROM debian:bookworm\nRUN echo built-on-debian > /built\nCMD [\"sh\", \"-c\", \"cat /built /etc/debian_version; trap 'exit 0' TERM; sleep 3600 & wait\"]\n",
     )
     .unwrap();
-    // No registry here: the base image must come from the host's mirror.
-    TestStack::docker(&["rmi", "-f", "debian:bookworm"]);
+    // No registry here, and the host's engine is new: the base image must
+    // come from the host's mirror.
+    assert_eq!(host.docker(&["images", "-q", "debian:bookworm"]), "");
     let run = deploy(&env, &host, &stack, &[]).expect_code(0);
     assert!(run.stderr.contains("building it with debootstrap from this host's Debian mirror"), "{}", run.stderr);
-    assert_ne!(TestStack::docker(&["images", "-q", "debian:bookworm"]), "", "the base image stays for later builds");
+    assert_ne!(host.docker(&["images", "-q", "debian:bookworm"]), "", "the base image stays for later builds");
     let key = env.key.display().to_string();
     let logs = env
         .ctl(&["logs", "deb", "--project", &stack.project, "--identity", &key, "--host", &host.spec("root")])

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo build --release -p mlopsctl && cargo agent-static
-//! sudo target/release/mlops-bench        # or: cargo run --release -p mlops-e2e --bin mlops-bench
+//! sudo target/release/mlops-bench        # or: cargo run --release -p mlops-bench --bin mlops-bench
 //! ```
 //!
 //! Measured (targets from the issue in brackets):
@@ -15,10 +15,11 @@
 //! - agent binary size and whether it is static [8 MB]
 //! - agent idle RSS [10 MB]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use mlops_bench::report;
 use mlops_e2e::{TestEnv, TestHost, rss_bytes};
 
 struct Args {
@@ -29,8 +30,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    let target = mlops_bench::target_dir();
     let static_agent = target.join("x86_64-unknown-linux-gnu/release/mlops-agent");
     let mut args = Args {
         mlopsctl: target.join("release/mlopsctl"),
@@ -131,17 +131,4 @@ fn main() -> Result<()> {
         rss.len()
     );
     Ok(())
-}
-
-fn report(what: &str, samples: &[Duration], target: &str) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    let median = ms[ms.len() / 2];
-    let p90 = ms[((ms.len() as f64 * 0.9).ceil() as usize).saturating_sub(1).min(ms.len() - 1)];
-    println!(
-        "{what}: median {median:.0} ms, p90 {p90:.0} ms, min {:.0} ms, max {:.0} ms ({} runs; target {target})",
-        ms[0],
-        ms[ms.len() - 1],
-        ms.len()
-    );
 }

@@ -1,16 +1,17 @@
-//! `mlops-bench-stack`: the agent's stack work, measured against the real
+//! `mlops-bench-stack`: the agent's stack work, measured against a real
 //! Docker engine; prints figures and asserts nothing about time.
 //!
-//! The agent runs on a loopback port (mutual TLS, no SSH: what is measured
-//! is the agent and the engine, not the transport; `mlops-bench` measures
-//! that). Build first: `cargo build --release -p mlops-agent -p mlops-e2e`.
+//! The engine is a test host's own dockerd (never this machine's); the
+//! agent runs on a loopback port and drives it (mutual TLS, no SSH: what is
+//! measured is the agent and the engine, not the transport; `mlops-bench`
+//! measures that). Build first: `cargo build --release -p mlops-agent -p mlops-bench`.
 //!
 //! Measured (targets from the issue in brackets):
 //! - no-op converge of a 10-service stack [200 ms]
 //! - sync of 1,000 files / 50 MB from cold, then of one changed file [50 ms]
 //! - health transition: Docker's event time to the controller receiving it [1 s]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,15 +21,13 @@ use mlops_controller::client::{AgentConn, ClientTls};
 use mlops_controller::stack;
 use mlops_controller::sync::{HashCache, scan};
 use mlops_controller::transport::Transport;
-use mlops_e2e::{LocalAgent, TestStack, require_docker};
+use mlops_e2e::{LocalAgent, TestHost, TestStack};
 use mlops_pki::Ca;
 use mlops_proto::v1::ConvergeRequest;
 
 fn main() -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    require_docker();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    let target = mlops_bench::target_dir();
     let agent = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| target.join("release/mlops-agent"));
     if !agent.exists() {
         bail!("{} does not exist\n  hint: cargo build --release -p mlops-agent", agent.display());
@@ -36,25 +35,21 @@ fn main() -> Result<()> {
     println!("agent: {}", agent.display());
     let pki = tempfile::tempdir()?;
     let ca = Ca::open_or_create(pki.path())?;
-    let local = LocalAgent::start(&agent, &ca)?;
+    let host = TestHost::with_docker("bench-stack")?;
+    let local = LocalAgent::start_with(&agent, &ca, Some(&host.docker_socket()))?;
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity()?)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let mut conn = AgentConn::connect(Arc::new(Transport::Local), local.port, &tls).await?;
         bench_sync(&mut conn).await?;
-        bench_converge_and_health(&mut conn).await
+        bench_converge_and_health(&mut conn, &host).await
     })
 }
 
+/// Milliseconds, printed by the shared report.
 fn report(what: &str, samples: &mut [f64], target: &str) {
-    samples.sort_by(f64::total_cmp);
-    let median = samples[samples.len() / 2];
-    println!(
-        "{what}: median {median:.1} ms, min {:.1} ms, max {:.1} ms ({} runs; target {target})",
-        samples[0],
-        samples[samples.len() - 1],
-        samples.len()
-    );
+    let samples: Vec<Duration> = samples.iter().map(|ms| Duration::from_secs_f64(ms / 1000.0)).collect();
+    mlops_bench::report(what, &samples, target);
 }
 
 async fn bench_sync(conn: &mut AgentConn) -> Result<()> {
@@ -102,7 +97,7 @@ async fn bench_sync(conn: &mut AgentConn) -> Result<()> {
 
 const SERVICES: usize = 10;
 
-async fn bench_converge_and_health(conn: &mut AgentConn) -> Result<()> {
+async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Result<()> {
     let mut compose = String::from("name: \"{project}\"\nservices:\n");
     for i in 0..SERVICES {
         compose.push_str(&format!(
@@ -164,10 +159,7 @@ async fn bench_converge_and_health(conn: &mut AgentConn) -> Result<()> {
         } else {
             (&["start", &container], "running")
         };
-        let out = std::process::Command::new("docker").args(args).output().context("docker")?;
-        if !out.status.success() {
-            bail!("docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        host.docker_result(args)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ev = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), watch.message())
