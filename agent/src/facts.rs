@@ -127,3 +127,51 @@ mod tests {
         assert!(self_rss() > 0);
     }
 }
+
+/// Who holds local `port` (listening TCP, or bound UDP), as `name (pid N)`:
+/// read from `/proc/net/{tcp,tcp6,udp,udp6}` (socket inode), then the
+/// `/proc/<pid>/fd` links. `None` when no socket or no holder is found.
+pub fn port_holder(port: u16, udp: bool) -> Option<String> {
+    let tables: &[&str] = if udp { &["/proc/net/udp", "/proc/net/udp6"] } else { &["/proc/net/tcp", "/proc/net/tcp6"] };
+    let mut inodes = std::collections::BTreeSet::new();
+    for table in tables {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            let listening = if udp { *state == "07" } else { *state == "0A" };
+            let local_port = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if listening && local_port == Some(port) && *inode != "0" {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref())) {
+                let name = read_trimmed(&format!("/proc/{pid}/comm"));
+                return Some(format!("{name} (pid {pid})"));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod port_tests {
+    #[test]
+    fn the_holder_of_a_listening_port_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let holder = super::port_holder(port, false).expect("this process holds it");
+        assert!(holder.ends_with(&format!("(pid {})", std::process::id())), "{holder}");
+        drop(listener);
+        assert_eq!(super::port_holder(port, false), None);
+    }
+}

@@ -3,8 +3,11 @@
 //! Handlers stay thin: they check the request, call [`crate::facts`] or
 //! [`crate::engine`], and shape the answer. Long work runs in a task that
 //! feeds the response stream and ends when the client goes away or the
-//! agent shuts down. Failures go through [`AgentError`] and its one
-//! conversion into `tonic::Status`.
+//! agent shuts down. This module is also where the engine's own types meet
+//! the wire: every failure goes through [`failure`] (one `match` from
+//! [`AgentError`] to a typed `Failure`, sent in the status details), and
+//! engine events, service states, health changes and log chunks are
+//! converted to their messages here.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -13,43 +16,98 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::Stream;
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    DownRequest, EnsureDockerRequest, GetFactsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest,
-    HelloResponse, HostFacts, LogChunk, LogsRequest, Progress, StackEvent, StackStatusReply, StackStatusRequest,
-    SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport, SyncUploadReply, WatchHealthRequest,
+    DockerStatus, DownRequest, EnsureDockerRequest, Failure, FailureKind, GetFactsRequest, HealthEvent, HeartbeatEvent,
+    HeartbeatRequest, HelloRequest, HelloResponse, HostFacts, LogChunk, LogsRequest, Progress, ServiceState,
+    StackAction, StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest,
+    SyncPlan, SyncReport, SyncUploadReply, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{self, EngineError, converge, docker, lock::Locks, sync::SyncStore, watch as engine_watch};
+use crate::engine::{
+    self, Action, EngineError, Events, Outcome, ServiceStatus, converge, docker, lock::Locks, sync::SyncStore,
+    watch as engine_watch,
+};
 use crate::facts;
 
-/// Errors of the RPC layer, mapped to gRPC status codes in one place.
+/// Errors of the RPC layer.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("the agent is shutting down")]
     ShuttingDown,
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    #[error("invalid argument `{field}`: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
+/// The one mapping from an agent error to what the controller receives:
+/// a kind, the message, and the fields the kind calls for.
+pub fn failure(e: &AgentError) -> Failure {
+    let mut f = Failure { message: e.to_string(), ..Default::default() };
+    let kind = match e {
+        AgentError::ShuttingDown => FailureKind::ShuttingDown,
+        AgentError::InvalidArgument { field, .. } => {
+            f.field = (*field).to_string();
+            FailureKind::BadRequest
+        }
+        AgentError::Internal(_) => FailureKind::Internal,
+        AgentError::Engine(engine) => match engine {
+            EngineError::BadRequest { field, .. } => {
+                f.field.clone_from(field);
+                FailureKind::BadRequest
+            }
+            EngineError::NotFound(_) => FailureKind::NotFound,
+            EngineError::Locked { project, holder, since } => {
+                (f.project, f.holder, f.since) = (project.clone(), holder.clone(), since.clone());
+                FailureKind::StackLocked
+            }
+            EngineError::NoEngine { socket, .. } => {
+                f.path.clone_from(socket);
+                FailureKind::EngineUnreachable
+            }
+            EngineError::Docker(_) => FailureKind::EngineError,
+            EngineError::InstallFailed(_) => FailureKind::DockerInstallFailed,
+            EngineError::BuildFailed { service, image, output, .. } => {
+                (f.service, f.image, f.output) = (service.clone(), image.clone(), output.clone());
+                FailureKind::BuildFailed
+            }
+            EngineError::ImageMissing { service, image, .. } => {
+                (f.service, f.image) = (service.clone(), image.clone());
+                FailureKind::ImageMissing
+            }
+            EngineError::PortInUse { service, port, holder, .. } => {
+                (f.service, f.port, f.output) = (service.clone(), u32::from(*port), holder.clone());
+                FailureKind::PortInUse
+            }
+            EngineError::Unhealthy { service, output } => {
+                (f.service, f.output) = (service.clone(), output.clone());
+                FailureKind::HealthCheckFailed
+            }
+            EngineError::Exited { service, code, logs } => {
+                (f.service, f.exit_code, f.output) = (service.clone(), *code, logs.clone());
+                FailureKind::ServiceExited
+            }
+            EngineError::Timeout { service, .. } => {
+                f.service.clone_from(service);
+                FailureKind::Timeout
+            }
+            EngineError::Io { path, .. } => {
+                f.path.clone_from(path);
+                FailureKind::Io
+            }
+        },
+    };
+    f.set_kind(kind);
+    f
+}
+
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
-        let message = e.to_string();
-        match e {
-            AgentError::ShuttingDown => Status::unavailable(message),
-            AgentError::InvalidArgument(_) => Status::invalid_argument(message),
-            AgentError::Engine(engine) => match engine {
-                EngineError::Invalid(_) => Status::invalid_argument(message),
-                EngineError::NotFound(_) => Status::not_found(message),
-                EngineError::Locked { .. } => Status::failed_precondition(message),
-                EngineError::NoEngine { .. } => Status::unavailable(message),
-                EngineError::Failed(_) => Status::aborted(message),
-                EngineError::Docker(_) | EngineError::Io { .. } => Status::internal(message),
-            },
-        }
+        mlops_proto::failure::into_status(&failure(&e))
     }
 }
 
@@ -57,6 +115,58 @@ impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
         AgentError::Engine(e).into()
     }
+}
+
+/// The failure of a stack operation on `project`, which its `Failure` names.
+fn stack_status(e: EngineError, project: &str) -> Status {
+    let mut f = failure(&AgentError::Engine(e));
+    if f.project.is_empty() {
+        f.project = project.to_string();
+    }
+    mlops_proto::failure::into_status(&f)
+}
+
+fn service_state(s: ServiceStatus) -> ServiceState {
+    ServiceState {
+        service: s.service,
+        container_id: s.container_id,
+        state: s.state,
+        health: s.health,
+        image: s.image,
+        changed: s.changed,
+        started_at_ms: s.started_at_ms,
+    }
+}
+
+fn stack_action(a: Action) -> StackAction {
+    match a {
+        Action::NetworkCreated => StackAction::NetworkCreated,
+        Action::NetworkRemoved => StackAction::NetworkRemoved,
+        Action::VolumeCreated => StackAction::VolumeCreated,
+        Action::VolumeRemoved => StackAction::VolumeRemoved,
+        Action::BuildStarted => StackAction::BuildStarted,
+        Action::BuildProgress => StackAction::BuildProgress,
+        Action::Built => StackAction::Built,
+        Action::Pulling => StackAction::Pulling,
+        Action::Waiting => StackAction::Waiting,
+        Action::Created => StackAction::Created,
+        Action::Recreated => StackAction::Recreated,
+        Action::Started => StackAction::Started,
+        Action::Unchanged => StackAction::Unchanged,
+        Action::Healthy => StackAction::Healthy,
+        Action::Removed => StackAction::Removed,
+        Action::OrphanRemoved => StackAction::OrphanRemoved,
+    }
+}
+
+fn stack_event(e: engine::Event) -> StackEvent {
+    let mut ev = StackEvent { unix_ms: e.unix_ms, service: e.service, detail: e.detail, ..Default::default() };
+    ev.set_action(stack_action(e.action));
+    ev
+}
+
+fn docker_status(s: docker::EngineStatus) -> DockerStatus {
+    DockerStatus { available: s.available, version: s.version, api_version: s.api_version, error: s.error }
 }
 
 /// What the handlers need to know about this agent process.
@@ -168,7 +278,7 @@ impl Agent for AgentService {
             memory_available_bytes,
             disk_total_bytes,
             disk_available_bytes,
-            docker: Some(docker::status(&self.docker_socket).await),
+            docker: Some(docker_status(docker::status(&self.docker_socket).await)),
             agent_uptime_seconds: self.uptime(),
             host_uptime_seconds: facts::host_uptime(),
             service_manager: self.service_manager.clone(),
@@ -183,7 +293,7 @@ impl Agent for AgentService {
         }
         let interval_ms = request.into_inner().interval_ms;
         if interval_ms == 0 {
-            return Err(AgentError::InvalidArgument("interval_ms must be positive".into()).into());
+            return Err(AgentError::InvalidArgument { field: "interval_ms", message: "must be positive".into() }.into());
         }
         let interval = Duration::from_millis(u64::from(interval_ms.clamp(200, 60_000)));
         let (tx, rx) = mpsc::channel(4);
@@ -233,13 +343,28 @@ impl Agent for AgentService {
         let (socket, log_dir) = (self.docker_socket.clone(), self.log_dir.clone());
         let mut stop = self.shutdown.clone();
         tokio::spawn(async move {
-            let report = docker::Reporter::new(tx.clone());
+            let (lines_tx, mut lines) = mpsc::channel::<String>(32);
+            let report = docker::Reporter::new(lines_tx);
+            let work = async move { docker::ensure(&socket, install, &log_dir, &report).await };
+            let forward = async {
+                while let Some(message) = lines.recv().await {
+                    let _ = tx.send(Ok(Progress { unix_ms: engine::now_ms(), message, ..Default::default() })).await;
+                }
+            };
             tokio::select! {
-                r = docker::ensure(&socket, install, &log_dir, &report) => match r {
-                    Ok(status) => report.done(status).await,
-                    Err(e) => { let _ = tx.send(Err(e.into())).await; }
-                },
+                (result, ()) = async { tokio::join!(work, forward) } => {
+                    let last = result.map(|status| {
+                        let message = if status.available {
+                            format!("Docker {} (API {}) answers", status.version, status.api_version)
+                        } else {
+                            format!("no Docker engine: {}", status.error)
+                        };
+                        Progress { unix_ms: engine::now_ms(), message, done: true, docker: Some(docker_status(status)) }
+                    });
+                    let _ = tx.send(last.map_err(Status::from)).await;
+                }
                 _ = stop.changed() => {}
+                () = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -284,8 +409,9 @@ impl Agent for AgentService {
         request: Request<mlops_proto::v1::ConvergeRequest>,
     ) -> Result<Response<Self::ConvergeStream>, Status> {
         let req = request.into_inner();
-        let stack: mlops_proto::stack::Stack = serde_json::from_str(&req.stack_json)
-            .map_err(|e| AgentError::InvalidArgument(format!("stack_json is not a stack model: {e}")))?;
+        let stack: mlops_proto::stack::Stack = serde_json::from_str(&req.stack_json).map_err(|e| {
+            AgentError::InvalidArgument { field: "stack_json", message: format!("not a stack model: {e}") }
+        })?;
         check_project(&stack.project)?;
         engine::sync::check_root(&req.files_root).map_err(AgentError::from)?;
         let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
@@ -300,9 +426,10 @@ impl Agent for AgentService {
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let events = converge::Events::new(tx.clone());
-            let work = converge::converge(&docker, &stack, &files_dir, timeout, &events);
-            Box::pin(run_until_gone(work, &tx, stop, &format!("converge of {}", stack.project))).await;
+            let project = stack.project.clone();
+            let work =
+                |events: Events| async move { converge::converge(&docker, &stack, &files_dir, timeout, &events).await };
+            Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -318,9 +445,9 @@ impl Agent for AgentService {
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let events = converge::Events::new(tx.clone());
-            let work = async { converge::down(&docker, &req.project, req.volumes, &events).await.map(|()| Vec::new()) };
-            run_until_gone(work, &tx, stop, &format!("down of {}", req.project)).await;
+            let (project, volumes) = (req.project.clone(), req.volumes);
+            let work = |events: Events| async move { converge::down(&docker, &req.project, volumes, &events).await };
+            stream_stack_work(work, tx, stop, &project, "down").await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -330,7 +457,10 @@ impl Agent for AgentService {
         check_project(&project)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let services = converge::status(&docker, &project).await.map_err(AgentError::from)?;
-        Ok(Response::new(StackStatusReply { services, lock_holder: self.locks.holder(&project).unwrap_or_default() }))
+        Ok(Response::new(StackStatusReply {
+            services: services.into_iter().map(service_state).collect(),
+            lock_holder: self.locks.holder(&project).unwrap_or_default(),
+        }))
     }
 
     type WatchHealthStream = BoxStream<HealthEvent>;
@@ -345,7 +475,26 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = engine_watch::health(docker, project, tx.clone(), stop).await {
+            let (changes_tx, mut changes) = mpsc::channel(64);
+            let work = engine_watch::health(docker, project, changes_tx, stop);
+            let forward = async {
+                while let Some(c) = changes.recv().await {
+                    let ev = HealthEvent {
+                        unix_ms: c.unix_ms,
+                        service: c.service,
+                        state: c.state,
+                        health: c.health,
+                        health_output: c.health_output,
+                        container_id: c.container_id,
+                        docker_time_ns: c.docker_time_ns,
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(work, forward);
+            if let Err(e) = result {
                 let _ = tx.send(Err(e.into())).await;
             }
         });
@@ -369,9 +518,21 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                engine_watch::logs(docker, container, req.follow, req.since, req.tail, tx.clone(), stop).await
-            {
+            let (chunks_tx, mut chunks) = mpsc::channel(64);
+            let work = engine_watch::logs(docker, container, req.follow, req.since, req.tail, chunks_tx, stop);
+            let forward = async {
+                while let Some(c) = chunks.recv().await {
+                    let stream = match c.stream {
+                        engine_watch::Output::Stdout => "stdout",
+                        engine_watch::Output::Stderr => "stderr",
+                    };
+                    if tx.send(Ok(LogChunk { stream: stream.into(), data: c.data.to_vec() })).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(work, forward);
+            if let Err(e) = result {
                 let _ = tx.send(Err(e.into())).await;
             }
         });
@@ -383,38 +544,62 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Runs blocking file work off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?.map_err(Status::from)
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::from(AgentError::Internal(format!("a file task failed: {e}"))))?
+        .map_err(Status::from)
 }
 
 fn check_project(project: &str) -> Result<(), AgentError> {
     if project.is_empty()
         || !project.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
     {
-        return Err(AgentError::InvalidArgument(format!(
-            "`{project}` is not a project name (lowercase letters, digits, `-`, `_`)"
-        )));
+        return Err(AgentError::InvalidArgument {
+            field: "project",
+            message: format!("`{project}` is not a project name (lowercase letters, digits, `-`, `_`)"),
+        });
     }
     Ok(())
 }
 
-/// Drives stack work, reporting its failure as a final error event. When
-/// the controller goes away or the agent shuts down, the work is dropped
-/// (and the caller's lock guard with it).
-async fn run_until_gone(
-    work: impl std::future::Future<Output = Result<Vec<mlops_proto::v1::ServiceState>, EngineError>>,
-    tx: &mpsc::Sender<Result<StackEvent, Status>>,
+/// Drives stack work: its events become `StackEvent`s as they come, then
+/// its outcome a last `DONE` event, or its failure the stream's final
+/// status. When the controller goes away or the agent shuts down, the work
+/// is dropped (and the caller's lock guard with it).
+async fn stream_stack_work<W, F>(
+    work: W,
+    tx: mpsc::Sender<Result<StackEvent, Status>>,
     mut stop: watch::Receiver<bool>,
+    project: &str,
     what: &str,
-) {
-    tokio::select! {
-        r = work => {
-            if let Err(e) = r {
-                let _ = tx
-                    .send(Ok(StackEvent { unix_ms: engine::now_ms(), service: String::new(), action: "error".into(), detail: e.to_string(), error: true, services: Vec::new() }))
-                    .await;
-            }
+) where
+    W: FnOnce(Events) -> F,
+    F: std::future::Future<Output = Result<Outcome, EngineError>>,
+{
+    let (events_tx, mut events) = mpsc::channel(64);
+    // The work owns the only sender: when it ends, the forwarding below
+    // drains what is left and ends too, so the last event comes last.
+    let work = work(Events::new(events_tx));
+    let forward = async {
+        while let Some(e) = events.recv().await {
+            let _ = tx.send(Ok(stack_event(e))).await;
         }
-        () = tx.closed() => tracing::warn!("{what}: the controller went away; stopped"),
-        _ = stop.changed() => tracing::warn!("{what}: the agent is shutting down; stopped"),
+    };
+    tokio::select! {
+        (result, ()) = async { tokio::join!(work, forward) } => {
+            let last = result.map(|outcome| {
+                let mut ev = StackEvent {
+                    unix_ms: engine::now_ms(),
+                    detail: outcome.summary,
+                    services: outcome.services.into_iter().map(service_state).collect(),
+                    ..Default::default()
+                };
+                ev.set_action(StackAction::Done);
+                ev
+            });
+            let _ = tx.send(last.map_err(|e| stack_status(e, project))).await;
+        }
+        () = tx.closed() => tracing::warn!("{what} of {project}: the controller went away; stopped"),
+        _ = stop.changed() => tracing::warn!("{what} of {project}: the agent is shutting down; stopped"),
     }
 }

@@ -18,7 +18,10 @@ pub mod v1 {
 /// The API level this build speaks. Bump it when an RPC or a field that the
 /// controller relies on is added: a controller that sees an agent with a
 /// lower level upgrades the agent before using the newer calls.
-pub const API_LEVEL: u32 = 2;
+///
+/// Level 3: `StackEvent.action` is a `StackAction`, and every error carries
+/// a `Failure` in its status details.
+pub const API_LEVEL: u32 = 3;
 
 /// The TLS server name every agent certificate carries. The controller
 /// reaches agents through SSH tunnels, so the DNS name of the host plays no
@@ -59,4 +62,44 @@ pub mod layout {
     pub const LOG_FILE: &str = "/var/log/mlops-agent/agent.log";
     pub const SYSTEMD_UNIT: &str = "/etc/systemd/system/mlops-agent.service";
     pub const SERVICE_NAME: &str = "mlops-agent.service";
+}
+
+/// How a [`v1::Failure`] travels: in the details of a gRPC status, so that
+/// unary calls and streams carry it the same way.
+pub mod failure {
+    use prost::Message;
+
+    use crate::v1::{Failure, FailureKind};
+
+    /// The status an agent returns for `failure`: the code follows the kind
+    /// (for gRPC-generic clients), the details carry the whole failure.
+    pub fn into_status(failure: &Failure) -> tonic::Status {
+        use tonic::Code;
+        let code = match failure.kind() {
+            FailureKind::BadRequest => Code::InvalidArgument,
+            FailureKind::NotFound => Code::NotFound,
+            FailureKind::StackLocked => Code::FailedPrecondition,
+            FailureKind::EngineUnreachable | FailureKind::ShuttingDown => Code::Unavailable,
+            FailureKind::Timeout => Code::DeadlineExceeded,
+            FailureKind::DockerInstallFailed
+            | FailureKind::BuildFailed
+            | FailureKind::ImageMissing
+            | FailureKind::PortInUse
+            | FailureKind::HealthCheckFailed
+            | FailureKind::ServiceExited => Code::Aborted,
+            FailureKind::EngineError | FailureKind::Io | FailureKind::Internal | FailureKind::Unspecified => {
+                Code::Internal
+            }
+        };
+        tonic::Status::with_details(code, failure.message.clone(), failure.encode_to_vec().into())
+    }
+
+    /// The failure a status carries; `None` for a status the agent did not
+    /// send (the connection broke, or something between the two answered).
+    pub fn from_status(status: &tonic::Status) -> Option<Failure> {
+        if status.details().is_empty() {
+            return None;
+        }
+        Failure::decode(status.details()).ok().filter(|f| f.kind() != FailureKind::Unspecified)
+    }
 }

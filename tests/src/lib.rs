@@ -459,12 +459,7 @@ LogLevel VERBOSE
 
     /// Polls `ready` until it holds; fails early, with the logs, when a
     /// process of the host has died.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        mut ready: impl FnMut(&Self) -> Result<bool>,
-    ) -> Result<()> {
+    fn wait_for(&mut self, what: &str, limit: Duration, mut ready: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             if ready(self)? {
@@ -480,10 +475,19 @@ LogLevel VERBOSE
                 {
                     let log = fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-                    bail!("test host {}: {process} exited ({status}) while waiting for {what}:\n{}", self.name, tail.join("\n"));
+                    bail!(
+                        "test host {}: {process} exited ({status}) while waiting for {what}:\n{}",
+                        self.name,
+                        tail.join("\n")
+                    );
                 }
             }
-            ensure!(Instant::now() < deadline, "test host {}: {what} not ready within {} s", self.name, limit.as_secs());
+            ensure!(
+                Instant::now() < deadline,
+                "test host {}: {what} not ready within {} s",
+                self.name,
+                limit.as_secs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -915,8 +919,7 @@ impl LocalAgent {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = dir.path().join("agent.log");
         let state = dir.path().join("state");
-        let docker_socket =
-            docker_socket.map_or_else(|| dir.path().join("no-engine/docker.sock"), Path::to_path_buf);
+        let docker_socket = docker_socket.map_or_else(|| dir.path().join("no-engine/docker.sock"), Path::to_path_buf);
         let child = Command::new(agent)
             .args([
                 "serve",

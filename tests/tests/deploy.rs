@@ -381,3 +381,24 @@ fn an_agent_running_an_older_binary_is_restarted() {
     assert_eq!(r["agent"]["binary_sha256"], sha256_file(&newer).unwrap());
     assert_ne!(host.agent_pid(), Some(old_pid));
 }
+
+#[test]
+fn an_agent_of_another_controller_is_named_as_such() {
+    let first = TestEnv::new().unwrap();
+    let host = first.host("taken").unwrap();
+    first.ctl_key(&["deploy", "--no-stack", "--host", &host.spec("root")]).expect_code(0);
+    // Another state directory, so another CA: the agent refuses it, and
+    // the status says why and what to do.
+    let second = TestEnv::new().unwrap();
+    second.trust(&host).unwrap();
+    let status = second.ctl_key(&["status", "--host", &host.spec("root"), "--output", "json"]).expect_code(1).json();
+    let h = &status["hosts"][0];
+    assert_eq!(h["reachable"], true);
+    assert!(h["hint"].as_str().unwrap().contains("another controller's CA"), "{h:#}");
+    let text = second.ctl_key(&["status", "--host", &host.spec("root")]).expect_code(1);
+    let row = text.stdout.lines().nth(1).unwrap();
+    assert!(row.contains(" no agent "), "{row}");
+    // The cause is said once, not repeated down the chain.
+    assert_eq!(row.matches("does not answer").count(), 1, "{row}");
+    assert!(text.stderr.contains("another controller's CA"), "{}", text.stderr);
+}

@@ -7,7 +7,7 @@ use mlops_controller::client::{AgentConn, ClientTls};
 use mlops_controller::transport::Transport;
 use mlops_e2e::{LocalAgent, bins};
 use mlops_pki::Ca;
-use mlops_proto::v1::{ConvergeRequest, EnsureDockerRequest};
+use mlops_proto::v1::{ConvergeRequest, EnsureDockerRequest, FailureKind};
 
 #[tokio::test]
 async fn without_an_engine_the_agent_says_so() {
@@ -43,8 +43,17 @@ async fn without_an_engine_the_agent_says_so() {
     let err = conn.raw().converge(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.message().contains(&format!("no Docker engine answers at {socket}")), "{err}");
+    // The failure is typed: its kind and the socket, not only a sentence.
+    let failure = mlops_proto::failure::from_status(&err).expect("the agent's failure travels in the status");
+    assert_eq!(failure.kind(), FailureKind::EngineUnreachable);
+    assert_eq!(failure.path, socket);
+    let e = mlops_controller::ControllerError::from_status("h", "Converge", &err);
+    assert!(!e.is_transport_failure(), "an answer, not a broken connection");
 
-    // A model that is not a stack is refused as such.
+    // A model that is not a stack is refused as such, naming the field.
     let bad = ConvergeRequest { stack_json: "{".into(), files_root: "x".into(), ..Default::default() };
-    assert_eq!(conn.raw().converge(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let err = conn.raw().converge(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let failure = mlops_proto::failure::from_status(&err).unwrap();
+    assert_eq!((failure.kind(), failure.field.as_str()), (FailureKind::BadRequest, "stack_json"));
 }

@@ -30,8 +30,15 @@ const PROJECT: &str = "mlops-e2e";
 
 fn token(host: &TestHost, password: &str) -> Option<String> {
     let body = json!({"username": "admin", "password": password}).to_string();
-    let (code, text) =
-        host.curl(&["-X", "POST", &format!("{AIRFLOW}/auth/token"), "-H", "Content-Type: application/json", "-d", &body]);
+    let (code, text) = host.curl(&[
+        "-X",
+        "POST",
+        &format!("{AIRFLOW}/auth/token"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+    ]);
     (code == 201 || code == 200)
         .then(|| serde_json::from_str::<Value>(&text).ok()?["access_token"].as_str().map(str::to_string))
         .flatten()
@@ -62,7 +69,8 @@ fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
 }
 
 fn prom_query(host: &TestHost, q: &str) -> Vec<Value> {
-    let (code, text) = host.curl(&["-G", &format!("{PROMETHEUS}/api/v1/query"), "--data-urlencode", &format!("query={q}")]);
+    let (code, text) =
+        host.curl(&["-G", &format!("{PROMETHEUS}/api/v1/query"), "--data-urlencode", &format!("query={q}")]);
     assert_eq!(code, 200, "{q}: {text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["data"]["result"].as_array().cloned().unwrap_or_default()
@@ -102,7 +110,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     };
 
     // The embedded default stack: the platform, without Grafana.
-    let run = ctl(&["deploy", "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900", "--output", "json"]);
+    let run =
+        ctl(&["deploy", "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900", "--output", "json"]);
     if run.code != 0 {
         eprintln!("agent log:\n{}\ndockerd log:\n{}", host.agent_log(), host.dockerd_log());
     }
@@ -179,7 +188,9 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     )
     .unwrap();
     let dir = bundle.path().display().to_string();
-    let synced = ctl(&["sync", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--output", "json"]).expect_code(0).json();
+    let synced = ctl(&["sync", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--output", "json"])
+        .expect_code(0)
+        .json();
     assert_eq!(synced["hosts"][0]["result"]["written"], 1, "only the new file was written: {synced}");
     let start = Instant::now();
     wait_for("the synced DAG to be listed", Duration::from_secs(60), || {
@@ -192,7 +203,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
 
     // down keeps the volumes: after a new deploy the run history is there.
     ctl(&["down", "--project", PROJECT]).expect_code(0);
-    ctl(&["deploy", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900"]).expect_code(0);
+    ctl(&["deploy", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900"])
+        .expect_code(0);
     let tok = token(&host, &password).expect("the same password after down + deploy");
     let runs = api(&host, &tok, "GET", "/api/v2/dags/~/dagRuns", None);
     let done: Vec<&Value> = runs["dag_runs"].as_array().unwrap().iter().filter(|r| r["state"] == "success").collect();

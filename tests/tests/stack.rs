@@ -137,10 +137,10 @@ services:
     )
     .unwrap();
     let run = deploy(&env, &host, &stack, &[]).expect_code(1);
-    let err = &run.json()["hosts"][0]["error"];
-    let err = err.as_str().unwrap();
+    let (err, hint) = failure(&run);
     assert!(err.contains("service `bad` is unhealthy"), "{err}");
     assert!(err.contains("database is not ready"), "the health check's output: {err}");
+    assert_eq!(hint, format!("`mlopsctl logs bad --project {}` shows what the service printed", stack.project));
 }
 
 #[test]
@@ -424,4 +424,49 @@ fn ui_opens_an_ssh_tunnel_to_the_hosts_loopback() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the host\n");
+}
+
+/// The JSON error of the only host of a failed run, with its hint.
+fn failure(run: &mlops_e2e::CtlRun) -> (String, String) {
+    let json = run.json();
+    let host = &json["hosts"][0];
+    (
+        host["error"].as_str().unwrap_or_else(|| panic!("no error in {json:#}")).to_string(),
+        host["hint"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn a_port_taken_by_another_process_is_named_with_its_holder() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s9");
+    // Something of the host's own holds the port the stack publishes.
+    let www = tempfile::tempdir().unwrap();
+    host.exec(&format!("/bin/busybox httpd -p 0.0.0.0:18601 -h {}", www.path().display())).unwrap();
+    let stack = TestStack::new(
+        "name: \"{project}\"\nservices:\n  web:\n    build: ./img\n    command: [\"httpd\", \"-f\", \"-p\", \"80\"]\n    ports: [\"18601:80\"]\n",
+    )
+    .unwrap();
+    let run = deploy(&env, &host, &stack, &[]).expect_code(1);
+    let (error, hint) = failure(&run);
+    assert!(
+        error.contains("service `web` cannot publish port 0.0.0.0:18601: it is in use by busybox (pid "),
+        "{error}"
+    );
+    assert!(hint.starts_with("free port 18601 on the host (held by busybox (pid "), "{hint}");
+}
+
+#[test]
+fn an_image_no_registry_supplies_is_named_with_the_way_out() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s10");
+    // A registry on the host's own loopback where nothing listens: the pull
+    // fails at once, and no traffic leaves the test host.
+    let stack =
+        TestStack::new("name: \"{project}\"\nservices:\n  grafana:\n    image: 127.0.0.1:9/grafana:1\n").unwrap();
+    let run = deploy(&env, &host, &stack, &[]).expect_code(1);
+    let (error, hint) = failure(&run);
+    assert!(error.contains("service `grafana`: cannot pull image 127.0.0.1:9/grafana:1"), "{error}");
+    assert!(hint.contains("--skip grafana"), "{hint}");
+    assert!(run.stderr.contains("grafana: pulling 127.0.0.1:9/grafana:1"), "{}", run.stderr);
 }

@@ -50,7 +50,7 @@ pub fn pack_with(
     let ignore = Ignore::parse(&std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_default());
     let dockerfile_path = dir.join(dockerfile);
     let dockerfile_text = std::fs::read_to_string(&dockerfile_path)
-        .map_err(|e| EngineError::Invalid(format!("cannot read Dockerfile {}: {e}", dockerfile_path.display())))?;
+        .map_err(|e| failed("", format!("cannot read Dockerfile {}: {e}", dockerfile_path.display()), ""))?;
     let mut files = Vec::new();
     walk(dir, dir, &ignore, dockerfile, &mut files)?;
     files.sort();
@@ -59,7 +59,7 @@ pub fn pack_with(
     builder.follow_symlinks(false);
     for rel in &files {
         let full = dir.join(rel);
-        builder.append_path_with_name(&full, rel).map_err(EngineError::io(format!("packing {}", full.display())))?;
+        builder.append_path_with_name(&full, rel).map_err(EngineError::io_at("packing", &full))?;
     }
     for (name, data) in extra {
         let mut header = tar::Header::new_gnu();
@@ -81,14 +81,14 @@ pub fn pack_with(
 }
 
 fn walk(root: &Path, dir: &Path, ignore: &Ignore, dockerfile: &str, out: &mut Vec<PathBuf>) -> Result<(), EngineError> {
-    let entries = std::fs::read_dir(dir).map_err(EngineError::io(format!("reading {}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(EngineError::io_at("reading", dir))?;
     for entry in entries {
-        let entry = entry.map_err(EngineError::io(format!("reading {}", dir.display())))?;
+        let entry = entry.map_err(EngineError::io_at("reading", dir))?;
         let path = entry.path();
         let rel = path.strip_prefix(root).expect("below the root").to_path_buf();
         let rel_s = rel.to_string_lossy().replace('\\', "/");
         let always = rel_s == dockerfile || rel_s == ".dockerignore";
-        let file_type = entry.file_type().map_err(EngineError::io(format!("reading {}", path.display())))?;
+        let file_type = entry.file_type().map_err(EngineError::io_at("reading", &path))?;
         if file_type.is_dir() {
             // A directory is walked even when excluded: `!` rules may re-include below it.
             walk(root, &path, ignore, dockerfile, out)?;
@@ -165,13 +165,21 @@ pub async fn ensure_base(
     }
     say(format!("pulling base image {image}"));
     pull(docker, image).await.map_err(|e| {
-        EngineError::Failed(if bootstrap {
-            format!("base image {image} is not on this host and cannot be pulled ({e}); debootstrap can only make debian:<suite> images")
-        } else {
-            format!(
-                "base image {image} is not on this host and cannot be pulled ({e}); load it with `docker load`, or set `x-mlops: {{bootstrap_base_images: true}}` to build Debian bases from the host's mirror"
-            )
-        })
+        let why = match e {
+            EngineError::ImageMissing { message, .. } => message,
+            other => other.to_string(),
+        };
+        failed(
+            image,
+            if bootstrap {
+                format!("the base image is not on this host and cannot be pulled ({why}); debootstrap can only make debian:<suite> images")
+            } else {
+                format!(
+                    "the base image is not on this host and cannot be pulled ({why}); load it with `docker load`, or set `x-mlops: {{bootstrap_base_images: true}}` to build Debian bases from the host's mirror"
+                )
+            },
+            "",
+        )
     })
 }
 
@@ -180,10 +188,12 @@ pub async fn pull(docker: &Docker, image: &str) -> Result<(), EngineError> {
     let (name, tag) = split_tag(image);
     let options = CreateImageOptionsBuilder::new().from_image(name).tag(tag).build();
     let mut stream = docker.create_image(Some(options), None, None);
+    let missing =
+        |message: String| EngineError::ImageMissing { service: String::new(), image: image.to_string(), message };
     while let Some(item) = stream.next().await {
-        let info = item?;
+        let info = item.map_err(|e| missing(e.to_string()))?;
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            return Err(EngineError::Failed(err));
+            return Err(missing(err));
         }
     }
     Ok(())
@@ -237,8 +247,8 @@ async fn debootstrap_image(
     suite: &str,
     say: &(dyn Fn(String) + Sync),
 ) -> Result<(), EngineError> {
-    let mirror = debian_mirror()
-        .ok_or_else(|| EngineError::Failed("no Debian mirror found in /etc/apt/sources.list(.d)".into()))?;
+    let mirror =
+        debian_mirror().ok_or_else(|| failed(image, "no Debian mirror found in /etc/apt/sources.list(.d)", ""))?;
     if !Path::new("/usr/sbin/debootstrap").exists() {
         say("installing debootstrap".into());
         let out = tokio::process::Command::new("apt-get")
@@ -248,10 +258,7 @@ async fn debootstrap_image(
             .await
             .map_err(EngineError::io("running apt-get"))?;
         if !out.status.success() {
-            return Err(EngineError::Failed(format!(
-                "installing debootstrap failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(failed(image, "installing debootstrap failed", String::from_utf8_lossy(&out.stderr).trim()));
         }
     }
     let dir = std::env::temp_dir().join(format!("mlops-debootstrap-{}-{}", suite, std::process::id()));
@@ -270,17 +277,18 @@ async fn debootstrap_image(
         let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let why: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let why = why[why.len().saturating_sub(3)..].join(" | ");
-        return Err(EngineError::Failed(format!("debootstrap {suite} from {mirror} failed: {why}")));
+        return Err(failed(image, format!("debootstrap {suite} from {mirror} failed"), why));
     }
     say(format!("importing {image}"));
     let tar_dir = dir.clone();
     let tar = tokio::task::spawn_blocking(move || {
         let mut b = tar::Builder::new(Vec::new());
         b.follow_symlinks(false);
-        b.append_dir_all(".", &tar_dir).map(|()| b.into_inner())
+        b.append_dir_all(".", &tar_dir)?;
+        b.into_inner()
     })
     .await
-    .map_err(|e| EngineError::Failed(e.to_string()))?
+    .map_err(std::io::Error::other)
     .and_then(|r| r)
     .map_err(EngineError::io("packing the debootstrap tree"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -292,14 +300,25 @@ async fn debootstrap_image(
     while let Some(item) = stream.next().await {
         let info = item?;
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            return Err(EngineError::Failed(format!("importing {image}: {err}")));
+            return Err(failed(image, format!("importing the debootstrap tree: {err}"), ""));
         }
     }
     docker
         .inspect_image(image)
         .await
-        .map_err(|e| EngineError::Failed(format!("{image} was imported but cannot be inspected: {e}")))?;
+        .map_err(|e| failed(image, format!("imported, but it cannot be inspected: {e}"), ""))?;
     Ok(())
+}
+
+/// A build failure (the service is named by the caller, see
+/// [`EngineError::in_service`]).
+fn failed(image: &str, message: impl Into<String>, output: impl Into<String>) -> EngineError {
+    EngineError::BuildFailed {
+        service: String::new(),
+        image: image.to_string(),
+        message: message.into(),
+        output: output.into(),
+    }
 }
 
 /// What to build: the tag, and the build's parameters.
@@ -334,15 +353,9 @@ pub async fn build(
     let mut stream = docker.build_image(options.build(), None, Some(bollard::body_full(ctx.tar.into())));
     let mut tail: Vec<String> = Vec::new();
     while let Some(item) = stream.next().await {
-        let info = item.map_err(|e| {
-            EngineError::Failed(format!("build of {tag} failed: {e}; last output: {}", tail.join(" | ")))
-        })?;
+        let info = item.map_err(|e| failed(tag, e.to_string(), tail.join(" | ")))?;
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            return Err(EngineError::Failed(format!(
-                "build of {tag} failed: {}; last output: {}",
-                err.trim(),
-                tail.join(" | ")
-            )));
+            return Err(failed(tag, err.trim(), tail.join(" | ")));
         }
         if let Some(line) = info.stream {
             let line = line.trim_end().to_string();
@@ -358,7 +371,7 @@ pub async fn build(
         }
     }
     let inspect = docker.inspect_image(tag).await?;
-    inspect.id.ok_or_else(|| EngineError::Failed(format!("built {tag} has no ID")))
+    inspect.id.ok_or_else(|| failed(tag, "the built image has no ID", ""))
 }
 
 #[cfg(test)]

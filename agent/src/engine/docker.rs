@@ -5,11 +5,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bollard::Docker;
-use mlops_proto::v1::{DockerStatus, Progress};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use super::{EngineError, now_ms};
+use super::EngineError;
 
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
@@ -24,22 +23,32 @@ pub async fn connect(socket: &Path) -> Result<Docker, EngineError> {
     Ok(docker)
 }
 
+/// Whether an engine answers, and what it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub available: bool,
+    pub version: String,
+    pub api_version: String,
+    /// Why it is not available.
+    pub error: String,
+}
+
 /// What `GET /version` says, or why there is no answer.
-pub async fn status(socket: &Path) -> DockerStatus {
+pub async fn status(socket: &Path) -> EngineStatus {
     let attempt = async {
         let docker = connect(socket).await?;
         let v = docker.version().await?;
         Ok::<_, EngineError>(v)
     };
     match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-        Ok(Ok(v)) => DockerStatus {
+        Ok(Ok(v)) => EngineStatus {
             available: true,
             version: v.version.unwrap_or_default(),
             api_version: v.api_version.unwrap_or_default(),
             error: String::new(),
         },
-        Ok(Err(e)) => DockerStatus { available: false, error: e.to_string(), ..Default::default() },
-        Err(_) => DockerStatus {
+        Ok(Err(e)) => EngineStatus { available: false, error: e.to_string(), ..Default::default() },
+        Err(_) => EngineStatus {
             available: false,
             error: format!("{}: no answer within 5 s", socket.display()),
             ..Default::default()
@@ -50,26 +59,16 @@ pub async fn status(socket: &Path) -> DockerStatus {
 /// Sends progress lines to the caller; a closed channel (caller gone) is ignored.
 #[derive(Clone)]
 pub struct Reporter {
-    tx: mpsc::Sender<Result<Progress, tonic::Status>>,
+    tx: mpsc::Sender<String>,
 }
 
 impl Reporter {
-    pub fn new(tx: mpsc::Sender<Result<Progress, tonic::Status>>) -> Self {
+    pub fn new(tx: mpsc::Sender<String>) -> Self {
         Reporter { tx }
     }
 
     pub async fn say(&self, message: impl Into<String>) {
-        let _ =
-            self.tx.send(Ok(Progress { unix_ms: now_ms(), message: message.into(), done: false, docker: None })).await;
-    }
-
-    pub async fn done(&self, docker: DockerStatus) {
-        let message = if docker.available {
-            format!("Docker {} (API {}) answers", docker.version, docker.api_version)
-        } else {
-            format!("no Docker engine: {}", docker.error)
-        };
-        let _ = self.tx.send(Ok(Progress { unix_ms: now_ms(), message, done: true, docker: Some(docker) })).await;
+        let _ = self.tx.send(message.into()).await;
     }
 }
 
@@ -81,7 +80,7 @@ pub async fn ensure(
     install: bool,
     log_dir: &Path,
     report: &Reporter,
-) -> Result<DockerStatus, EngineError> {
+) -> Result<EngineStatus, EngineError> {
     let current = status(socket).await;
     if current.available || !install {
         return Ok(current);
@@ -96,7 +95,7 @@ pub async fn ensure(
     };
     let family = format!("{} {}", field("ID"), field("ID_LIKE"));
     if !family.split_whitespace().any(|f| f == "debian" || f == "ubuntu") {
-        return Err(EngineError::Failed(format!(
+        return Err(EngineError::InstallFailed(format!(
             "cannot install Docker on `{}`: only Debian and Ubuntu are supported; install Docker yourself",
             field("PRETTY_NAME")
         )));
@@ -111,14 +110,14 @@ pub async fn ensure(
         report.say("starting docker.service").await;
         run_streaming("systemctl", &["enable", "--now", "docker.service"], report).await?;
     } else {
-        let dockerd = which("dockerd").ok_or_else(|| EngineError::Failed("dockerd is not installed".into()))?;
-        std::fs::create_dir_all(log_dir).map_err(EngineError::io(format!("creating {}", log_dir.display())))?;
+        let dockerd = which("dockerd").ok_or_else(|| EngineError::InstallFailed("dockerd is not installed".into()))?;
+        std::fs::create_dir_all(log_dir).map_err(EngineError::io_at("creating", log_dir))?;
         let log_path = log_dir.join("dockerd.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(EngineError::io(format!("opening {}", log_path.display())))?;
+            .map_err(EngineError::io_at("opening", &log_path))?;
         report.say(format!("starting dockerd (no systemd; log {})", log_path.display())).await;
         // setsid: dockerd must outlive this agent process and its session.
         std::process::Command::new("setsid")
@@ -136,7 +135,7 @@ pub async fn ensure(
             return Ok(s);
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(EngineError::Failed(format!("the engine did not answer within 90 s: {}", s.error)));
+            return Err(EngineError::InstallFailed(format!("the engine did not answer within 90 s: {}", s.error)));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -188,7 +187,7 @@ pub async fn run_streaming(program: &str, args: &[&str], report: &Reporter) -> R
     }
     let status = child.wait().await.map_err(EngineError::io(format!("waiting for {program}")))?;
     if !status.success() {
-        return Err(EngineError::Failed(format!(
+        return Err(EngineError::InstallFailed(format!(
             "`{program} {}` failed ({status}): {}",
             args.join(" "),
             tail.join(" | ")

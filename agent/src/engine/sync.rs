@@ -68,8 +68,9 @@ pub struct SyncStore {
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
 }
 
+/// A manifest entry refused.
 fn invalid(m: impl Into<String>) -> EngineError {
-    EngineError::Invalid(m.into())
+    EngineError::bad_request("entries", m)
 }
 
 /// A tree name: letters, digits, `-`, `_`, `.`, not starting with `.`.
@@ -79,7 +80,10 @@ pub fn check_root(root: &str) -> Result<(), EngineError> {
         || root.starts_with('.')
         || !root.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(invalid(format!("`{root}` is not a valid tree name (letters, digits, `-`, `_`, `.`)")));
+        return Err(EngineError::bad_request(
+            "root",
+            format!("`{root}` is not a valid tree name (letters, digits, `-`, `_`, `.`)"),
+        ));
     }
     Ok(())
 }
@@ -234,13 +238,15 @@ impl SyncStore {
     /// blob is complete and verified.
     pub fn write_chunk(&self, sync_id: &str, sha: &str, offset: u64, data: &[u8]) -> Result<bool, EngineError> {
         let session = self.session(sync_id)?;
-        let entry = session
-            .entries
-            .iter()
-            .find(|e| e.sha256 == sha && e.symlink_target.is_empty() && !e.is_dir)
-            .ok_or_else(|| invalid(format!("blob {sha} is not in sync {sync_id}'s manifest")))?;
+        let entry =
+            session.entries.iter().find(|e| e.sha256 == sha && e.symlink_target.is_empty() && !e.is_dir).ok_or_else(
+                || EngineError::bad_request("sha256", format!("blob {sha} is not in sync {sync_id}'s manifest")),
+            )?;
         if data.len() > self.limits.max_chunk_bytes {
-            return Err(invalid(format!("a chunk of {} bytes exceeds {}", data.len(), self.limits.max_chunk_bytes)));
+            return Err(EngineError::bad_request(
+                "data",
+                format!("a chunk of {} bytes exceeds {}", data.len(), self.limits.max_chunk_bytes),
+            ));
         }
         if self.has_blob(sha) {
             return Ok(true);
@@ -253,11 +259,17 @@ impl SyncStore {
             // Resuming from the start is always possible; anything else
             // would leave a hole.
             if offset != 0 {
-                return Err(invalid(format!("blob {sha}: chunk at offset {offset}, but {have} bytes are stored")));
+                return Err(EngineError::bad_request(
+                    "offset",
+                    format!("blob {sha}: chunk at offset {offset}, but {have} bytes are stored"),
+                ));
             }
         }
         if offset + data.len() as u64 > entry.size {
-            return Err(invalid(format!("blob {sha}: more data than its declared size {}", entry.size)));
+            return Err(EngineError::bad_request(
+                "data",
+                format!("blob {sha}: more data than its declared size {}", entry.size),
+            ));
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -265,15 +277,15 @@ impl SyncStore {
             .truncate(offset == 0)
             .append(offset != 0)
             .open(&partial)
-            .map_err(EngineError::io(format!("writing {}", partial.display())))?;
-        f.write_all(data).map_err(EngineError::io(format!("writing {}", partial.display())))?;
+            .map_err(EngineError::io_at("writing", &partial))?;
+        f.write_all(data).map_err(EngineError::io_at("writing", &partial))?;
         if offset + data.len() as u64 == entry.size {
             f.sync_all().map_err(EngineError::io("fsync"))?;
             drop(f);
             let got = hash_file(&partial)?;
             if got != sha {
                 let _ = std::fs::remove_file(&partial);
-                return Err(invalid(format!("blob {sha}: the data received hashes to {got}")));
+                return Err(EngineError::bad_request("data", format!("blob {sha}: the data received hashes to {got}")));
             }
             std::fs::rename(&partial, self.blobs().join(sha)).map_err(EngineError::io("storing a blob"))?;
             return Ok(true);
@@ -292,14 +304,17 @@ impl SyncStore {
             .map(|e| e.path.as_str())
             .collect();
         if !missing.is_empty() {
-            return Err(invalid(format!(
-                "{} file(s) were not uploaded, first `{}`; the tree was not changed",
-                missing.len(),
-                missing[0]
-            )));
+            return Err(EngineError::bad_request(
+                "sync_id",
+                format!(
+                    "{} file(s) were not uploaded, first `{}`; the tree was not changed",
+                    missing.len(),
+                    missing[0]
+                ),
+            ));
         }
         let tree = self.tree(&session.root);
-        std::fs::create_dir_all(&tree).map_err(EngineError::io(format!("creating {}", tree.display())))?;
+        std::fs::create_dir_all(&tree).map_err(EngineError::io_at("creating", &tree))?;
         let old: BTreeMap<String, Indexed> = std::fs::read(self.index_path(&session.root))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -314,7 +329,7 @@ impl SyncStore {
             if dir.is_symlink() || (dir.exists() && !dir.is_dir()) {
                 remove_any(&dir)?;
             }
-            std::fs::create_dir_all(&dir).map_err(EngineError::io(format!("creating {}", dir.display())))?;
+            std::fs::create_dir_all(&dir).map_err(EngineError::io_at("creating", &dir))?;
             let mode = if e.mode == 0 { 0o755 } else { e.mode };
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode));
         }
@@ -328,7 +343,7 @@ impl SyncStore {
                 continue;
             }
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(EngineError::io(format!("creating {}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(EngineError::io_at("creating", parent))?;
             }
             let tmp =
                 dest.with_file_name(format!(".mlops-tmp.{}", dest.file_name().unwrap_or_default().to_string_lossy()));
@@ -337,12 +352,12 @@ impl SyncStore {
                 copy_synced(&self.blobs().join(&e.sha256), &tmp, if e.mode == 0 { 0o644 } else { e.mode })?;
             } else {
                 std::os::unix::fs::symlink(&e.symlink_target, &tmp)
-                    .map_err(EngineError::io(format!("creating symlink {}", dest.display())))?;
+                    .map_err(EngineError::io_at("creating symlink", &dest))?;
             }
             if dest.is_dir() && !dest.is_symlink() {
-                std::fs::remove_dir_all(&dest).map_err(EngineError::io(format!("replacing {}", dest.display())))?;
+                std::fs::remove_dir_all(&dest).map_err(EngineError::io_at("replacing", &dest))?;
             }
-            std::fs::rename(&tmp, &dest).map_err(EngineError::io(format!("renaming into {}", dest.display())))?;
+            std::fs::rename(&tmp, &dest).map_err(EngineError::io_at("renaming into", &dest))?;
             report.written += 1;
         }
         // Remove what the manifest no longer lists.
@@ -399,7 +414,7 @@ impl SyncStore {
 
 fn remove_any(p: &Path) -> Result<(), EngineError> {
     let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
-    r.map_err(EngineError::io(format!("removing {}", p.display())))
+    r.map_err(EngineError::io_at("removing", p))
 }
 
 fn remove_unlisted(tree: &Path, dir: &Path, listed: &BTreeSet<PathBuf>) -> Result<u32, EngineError> {
@@ -427,23 +442,23 @@ fn remove_unlisted(tree: &Path, dir: &Path, listed: &BTreeSet<PathBuf>) -> Resul
 
 fn copy_synced(from: &Path, to: &Path, mode: u32) -> Result<(), EngineError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut src = std::fs::File::open(from).map_err(EngineError::io(format!("reading blob {}", from.display())))?;
+    let mut src = std::fs::File::open(from).map_err(EngineError::io_at("reading blob", from))?;
     let mut dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(to)
-        .map_err(EngineError::io(format!("creating {}", to.display())))?;
-    std::io::copy(&mut src, &mut dst).map_err(EngineError::io(format!("writing {}", to.display())))?;
+        .map_err(EngineError::io_at("creating", to))?;
+    std::io::copy(&mut src, &mut dst).map_err(EngineError::io_at("writing", to))?;
     // The umask may have narrowed the mode at creation.
     dst.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(EngineError::io("chmod"))?;
-    dst.sync_all().map_err(EngineError::io(format!("fsync {}", to.display())))
+    dst.sync_all().map_err(EngineError::io_at("fsync", to))
 }
 
 pub fn hash_file(path: &Path) -> Result<String, EngineError> {
-    let mut f = std::fs::File::open(path).map_err(EngineError::io(format!("reading {}", path.display())))?;
+    let mut f = std::fs::File::open(path).map_err(EngineError::io_at("reading", path))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(EngineError::io(format!("reading {}", path.display())))?;
+    std::io::copy(&mut f, &mut h).map_err(EngineError::io_at("reading", path))?;
     Ok(hex::encode(h.finalize()))
 }
 

@@ -6,18 +6,47 @@ use bollard::Docker;
 use bollard::query_parameters::{EventsOptionsBuilder, InspectContainerOptions, LogsOptionsBuilder};
 use futures::StreamExt;
 use mlops_proto::stack::labels;
-use mlops_proto::v1::{HealthEvent, LogChunk};
 use tokio::sync::{mpsc, watch};
 
-use super::converge::{last_health_output, status};
+use super::converge::health::last_health_output;
+use super::converge::status;
 use super::{EngineError, now_ms};
+
+/// A service's state or health as it changed (or, first, as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthChange {
+    /// When the agent saw it.
+    pub unix_ms: u64,
+    pub service: String,
+    pub state: String,
+    pub health: String,
+    /// For an unhealthy service: its last health check's output.
+    pub health_output: String,
+    pub container_id: String,
+    /// When Docker reported it (0 for the initial state).
+    pub docker_time_ns: u64,
+}
+
+/// Which of a container's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of a container's output.
+#[derive(Debug, Clone)]
+pub struct LogChunk {
+    pub stream: Output,
+    pub data: bytes::Bytes,
+}
 
 /// Streams the project's current service states, then every change Docker
 /// reports, until `tx` closes or `stop` fires.
 pub async fn health(
     docker: Docker,
     project: String,
-    tx: mpsc::Sender<Result<HealthEvent, tonic::Status>>,
+    tx: mpsc::Sender<HealthChange>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), EngineError> {
     // Subscribe first, then take the snapshot: nothing falls in between.
@@ -31,7 +60,7 @@ pub async fn health(
     let mut last: HashMap<String, (String, String)> = HashMap::new();
     for s in status(&docker, &project).await? {
         last.insert(s.container_id.clone(), (s.state.clone(), s.health.clone()));
-        let ev = HealthEvent {
+        let ev = HealthChange {
             unix_ms: now_ms(),
             service: s.service,
             state: s.state,
@@ -40,7 +69,7 @@ pub async fn health(
             container_id: s.container_id,
             docker_time_ns: 0,
         };
-        if tx.send(Ok(ev)).await.is_err() {
+        if tx.send(ev).await.is_err() {
             return Ok(());
         }
     }
@@ -94,7 +123,7 @@ pub async fn health(
             continue;
         }
         last.insert(id.clone(), (state.clone(), health.clone()));
-        let ev = HealthEvent {
+        let ev = HealthChange {
             unix_ms: now_ms(),
             service,
             state,
@@ -103,7 +132,7 @@ pub async fn health(
             container_id: id,
             docker_time_ns: msg.time_nano.unwrap_or(0).max(0) as u64,
         };
-        if tx.send(Ok(ev)).await.is_err() {
+        if tx.send(ev).await.is_err() {
             return Ok(());
         }
     }
@@ -116,7 +145,7 @@ pub async fn logs(
     follow: bool,
     since: i64,
     tail: u32,
-    tx: mpsc::Sender<Result<LogChunk, tonic::Status>>,
+    tx: mpsc::Sender<LogChunk>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), EngineError> {
     let tail = if tail == 0 { "all".to_string() } else { tail.to_string() };
@@ -136,14 +165,14 @@ pub async fn logs(
         };
         let Some(item) = item else { return Ok(()) };
         let out = item?;
-        let (stream_name, data) = match out {
-            bollard::container::LogOutput::StdErr { message } => ("stderr", message),
+        let (stream, data) = match out {
+            bollard::container::LogOutput::StdErr { message } => (Output::Stderr, message),
             bollard::container::LogOutput::StdOut { message } | bollard::container::LogOutput::Console { message } => {
-                ("stdout", message)
+                (Output::Stdout, message)
             }
             bollard::container::LogOutput::StdIn { .. } => continue,
         };
-        if tx.send(Ok(LogChunk { stream: stream_name.into(), data: data.to_vec() })).await.is_err() {
+        if tx.send(LogChunk { stream, data }).await.is_err() {
             return Ok(());
         }
     }

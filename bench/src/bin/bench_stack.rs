@@ -121,11 +121,8 @@ async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Res
         async move {
             let mut stream = client.converge(request).await?.into_inner();
             while let Some(ev) = stream.next().await {
-                let ev = ev?;
-                if ev.error {
-                    bail!("converge failed: {}", ev.detail);
-                }
-                if ev.action == "done" {
+                let ev = ev.map_err(|s| anyhow::anyhow!("converge failed: {}", s.message()))?;
+                if ev.action() == mlops_proto::v1::StackAction::Done {
                     return Ok(ev);
                 }
             }

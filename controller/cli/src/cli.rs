@@ -1,4 +1,5 @@
-//! The command line, as clap sees it.
+//! The command line, as clap sees it, and its translation into the
+//! options of `mlops_controller::commands`.
 
 use std::path::PathBuf;
 
@@ -79,9 +80,6 @@ pub struct StackArgs {
     /// Leave a service out (repeatable), e.g. `--skip grafana` where no registry can supply its image.
     #[arg(long = "skip", value_name = "SERVICE")]
     pub skip: Vec<String>,
-    /// Interpolation variables set by other flags (such as --expose).
-    #[arg(skip)]
-    pub vars: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -172,4 +170,35 @@ pub enum AgentCommand {
         #[arg(long)]
         keep_state: bool,
     },
+}
+
+impl Global {
+    /// The library's view of the global flags.
+    pub fn options(&self) -> mlops_controller::commands::GlobalOptions {
+        mlops_controller::commands::GlobalOptions {
+            hosts: self.hosts.clone(),
+            inventory: self.inventory.clone(),
+            limit: self.limit.clone(),
+            identities: self.identities.clone(),
+            known_hosts: self.known_hosts.clone(),
+            accept_new_host_keys: self.accept_new_host_keys,
+            ssh_config: self.ssh_config.clone(),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+            forks: usize::from(self.forks),
+            state_dir: self.state_dir.clone(),
+            agent_binary: self.agent_binary.clone(),
+        }
+    }
+}
+
+impl From<StackArgs> for mlops_controller::commands::StackOptions {
+    fn from(a: StackArgs) -> Self {
+        mlops_controller::commands::StackOptions {
+            stack: a.stack,
+            project: a.project,
+            profiles: a.profiles,
+            skip: a.skip,
+            vars: Vec::new(),
+        }
+    }
 }

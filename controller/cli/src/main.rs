@@ -1,27 +1,26 @@
 //! `mlopsctl`: deploys and runs the MLOps platform on one or many hosts.
 //!
-//! This crate is only the command line: argument parsing ([`cli`]), output
-//! ([`printer`]) and one module per command; the work is in
-//! `mlops-controller`.
+//! This crate is only the command line: argument parsing ([`cli`]) and
+//! output ([`printer`]); every command is a function of
+//! `mlops_controller::commands`, called from [`run`].
 //!
 //! Exit codes:
 //! - 0: every host succeeded;
 //! - 1: at least one host failed (the summary names each and why);
-//! - 2: the command could not start: bad flags, inventory, state directory
-//!   or agent binary.
+//! - 2: the command could not start: bad flags, inventory, Compose file,
+//!   state directory or agent binary.
 
 mod cli;
-mod commands;
 mod printer;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsOptions};
+use mlops_controller::progress::Report;
 
-use crate::printer::Printer;
-
-/// Exit code: some host failed.
-pub const EXIT_HOST_FAILED: i32 = 1;
-/// Exit code: usage or configuration error.
-pub const EXIT_USAGE: i32 = 2;
+use crate::cli::{AgentCommand, Cli, Command};
+use crate::printer::{EXIT_USAGE, Printer};
 
 fn main() {
     // One crypto provider for the process: aws-lc-rs.
@@ -38,7 +37,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MLOPS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let printer = Printer::new(cli.global.output);
+    let printer = Arc::new(Printer::new(cli.global.output));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -46,8 +45,69 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    let code = runtime.block_on(commands::run(cli, &printer));
+    let code = runtime.block_on(run(cli, printer.clone())).unwrap_or_else(|e| {
+        printer.error(&anyhow::Error::new(e));
+        EXIT_USAGE
+    });
     // Tasks still holding SSH sessions are not awaited past this point.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
+}
+
+/// Runs the command; an `Err` is a usage or configuration error (exit 2),
+/// host failures are in the returned exit code.
+async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
+    let report: Arc<dyn Report> = printer.clone();
+    let needs_binary = matches!(cli.command, Command::Deploy { .. });
+    let setup = Setup::new(&cli.global.options(), needs_binary, report.as_ref())?;
+    printer.set_targets(&setup.targets);
+    Ok(match cli.command {
+        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout } => {
+            let opts = DeployOptions {
+                stack: stack.into(),
+                no_stack,
+                install_docker: !no_docker_install,
+                expose,
+                health_timeout,
+            };
+            let r = commands::deploy::deploy(&setup, &opts, report).await?;
+            printer.deploy(&r, &setup.targets)
+        }
+        Command::Secrets { stack } => {
+            let (project, secrets) = commands::secrets::secrets(&setup, &stack.into())?;
+            printer.secrets(&project, &secrets)
+        }
+        Command::Ui { name, stack, port } => {
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            let p = printer.clone();
+            commands::ui::ui(&setup, &stack.into(), &name, port, report.as_ref(), |o| p.ui_opened(o), shutdown).await?;
+            0
+        }
+        Command::Status { stack } => printer.status(&commands::status::status(&setup, &stack.into(), report).await?),
+        Command::Sync { stack } => printer.sync(&commands::sync::sync(&setup, &stack.into(), report).await?),
+        Command::Down { stack, volumes } => {
+            let (project, r) = commands::down::down(&setup, &stack.into(), volumes, report).await?;
+            printer.down(&project, &r)
+        }
+        Command::Watch { stack } => {
+            let p = printer.clone();
+            let r = commands::watch::watch(&setup, &stack.into(), report, move |h, ev| p.health_event(h, ev)).await?;
+            printer.streamed("watch", &r)
+        }
+        Command::Logs { service, stack, follow, tail, since } => {
+            let prefix = setup.targets.len() > 1;
+            let p = printer.clone();
+            let opts = LogsOptions { service, follow, tail, since };
+            let r = commands::logs::logs(&setup, &stack.into(), &opts, report, move |h, stream, data| {
+                p.log_chunk(h, stream, data, prefix);
+            })
+            .await?;
+            printer.streamed("logs", &r)
+        }
+        Command::Agent { command: AgentCommand::Uninstall { keep_state } } => {
+            printer.uninstall(&commands::uninstall::uninstall(&setup, keep_state, report).await)
+        }
+    })
 }

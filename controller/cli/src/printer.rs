@@ -1,5 +1,7 @@
-//! All output goes through the [`Printer`]: progress lines and errors to
-//! stderr, results to stdout (a table, or JSON with `--output json`).
+//! All output goes through the [`Printer`]: progress lines, warnings and
+//! errors to stderr, results to stdout (tables, or JSON with `--output
+//! json`). It is the library's [`Report`] for progress, and renders what
+//! each command returns.
 //!
 //! Errors print as uv does:
 //! ```text
@@ -10,24 +12,59 @@
 
 use std::io::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mlops_controller::ControllerError;
-use mlops_controller::progress::{Event, Step};
-use mlops_inventory::InventoryError;
+use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
+use mlops_controller::commands::deploy::DeployReport;
+use mlops_controller::commands::status::HostStatus;
+use mlops_controller::commands::ui::UiOpened;
+use mlops_controller::fanout::HostResults;
+use mlops_controller::progress::{Event, Report, Step};
+use mlops_controller::stack::{ServiceOutcome, StackOutcome, SyncOutcome};
+use mlops_inventory::{Connection, InventoryError, Target};
+use mlops_proto::v1::{HealthEvent, StackAction};
 use mlops_ssh::SshError;
+use serde_json::json;
 
 use crate::cli::Output;
+
+/// Exit code: some host failed.
+pub const EXIT_HOST_FAILED: i32 = 1;
+/// Exit code: usage or configuration error.
+pub const EXIT_USAGE: i32 = 2;
 
 pub struct Printer {
     pub output: Output,
     /// Serializes lines from concurrent host tasks.
     lock: Mutex<()>,
+    /// Width of the host column in progress lines.
+    width: AtomicUsize,
+}
+
+impl Report for Printer {
+    fn progress(&self, event: &Event) {
+        self.progress_line(event);
+    }
+
+    fn warn(&self, message: &str) {
+        self.stderr_line(&format!("warning: {message}"));
+    }
+
+    fn info(&self, message: &str) {
+        self.stderr_line(message);
+    }
 }
 
 impl Printer {
     pub fn new(output: Output) -> Self {
-        Printer { output, lock: Mutex::new(()) }
+        Printer { output, lock: Mutex::new(()), width: AtomicUsize::new(4) }
+    }
+
+    /// Aligns progress lines to the longest host name.
+    pub fn set_targets(&self, targets: &[Target]) {
+        self.width.store(targets.iter().map(|t| t.name.len()).max().unwrap_or(4), Ordering::Relaxed);
     }
 
     fn stderr_line(&self, line: &str) {
@@ -49,16 +86,8 @@ impl Printer {
         self.stdout(&serde_json::to_string_pretty(value).expect("serializable"));
     }
 
-    pub fn info(&self, line: &str) {
-        self.stderr_line(line);
-    }
-
-    pub fn warn(&self, line: &str) {
-        self.stderr_line(&format!("warning: {line}"));
-    }
-
     /// One progress line per host step.
-    pub fn progress(&self, event: &Event, width: usize) {
+    fn progress_line(&self, event: &Event) {
         let what = match &event.step {
             Step::Connecting { address } => format!("connecting to {address}"),
             Step::Connected => "connected".into(),
@@ -82,30 +111,369 @@ impl Printer {
             }
             Step::Service { service, action, detail } => {
                 let who = if service.is_empty() { String::new() } else { format!("{service}: ") };
-                if detail.is_empty() { format!("{who}{action}") } else { format!("{who}{action} {detail}") }
+                let what = action_words(*action);
+                if detail.is_empty() { format!("{who}{what}") } else { format!("{who}{what} {detail}") }
             }
+            Step::Retry { message } => format!("retry: {message}"),
             Step::Failed { message } => format!("FAILED: {message}"),
         };
+        let width = self.width.load(Ordering::Relaxed);
         self.stderr_line(&format!("  {:width$}  {:>6}  {what}", event.host, secs(event.elapsed)));
     }
 
     /// Prints an error with its causes and hint.
     pub fn error(&self, err: &anyhow::Error) {
-        self.stderr_line(&render_error(err, ""));
+        self.stderr_line(&render_error(err.as_ref(), ""));
+    }
+
+    /// The per-host results of a command as JSON: `ok`, `failed` and one
+    /// entry per host with its result or its error and hint.
+    fn report_json<R: serde::Serialize>(&self, command: &str, r: &HostResults<R>) {
+        let mut hosts: Vec<serde_json::Value> =
+            r.ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
+        hosts.extend(
+            r.failed.iter().map(|(h, e)| json!({"host": h, "ok": false, "error": error_chain(e), "hint": e.hint()})),
+        );
+        self.json(&json!({"command": command, "ok": r.ok.len(), "failed": r.failed.len(), "hosts": hosts}));
+    }
+
+    /// The closing lines on stderr: every failed host, with cause and hint.
+    fn summarize<R>(&self, what: &str, r: &HostResults<R>) {
+        if r.failed.is_empty() {
+            self.stderr_line(&format!("{what}: {} host(s) succeeded", r.ok.len()));
+            return;
+        }
+        let names: Vec<&str> = r.failed.iter().map(|(h, _)| h.as_str()).collect();
+        let mut text =
+            format!("error: {what} failed on {} of {} host(s): {}", r.failed.len(), r.len(), names.join(", "));
+        for (host, e) in &r.failed {
+            text.push_str(&format!("\n  {host}:\n{}", render_error(e, "    ")));
+        }
+        self.stderr_line(&text);
+    }
+
+    pub fn deploy(&self, r: &DeployReport, targets: &[Target]) -> i32 {
+        match self.output {
+            Output::Json => self.report_json("deploy", &r.hosts),
+            Output::Text => {
+                if !r.hosts.ok.is_empty() {
+                    let rows: Vec<Vec<String>> = r.hosts.ok.iter().map(|(_, o)| agent_row(o)).collect();
+                    self.stdout(&table(
+                        &["HOST", "AGENT", "BINARY", "RESTARTED", "OS", "ARCH", "CPUS", "MEMORY", "DISK", "DOCKER"],
+                        &rows,
+                    ));
+                    let stacks: Vec<(&str, &StackOutcome)> =
+                        r.hosts.ok.iter().filter_map(|(h, o)| o.stack.as_ref().map(|s| (h.as_str(), s))).collect();
+                    if !stacks.is_empty() {
+                        self.stdout("");
+                        self.stdout(&services_table(
+                            stacks.iter().flat_map(|(h, s)| s.services.iter().map(move |svc| (*h, svc))),
+                        ));
+                        if let Some(model) = &r.stack
+                            && !model.options.ui.is_empty()
+                        {
+                            self.stdout("");
+                            self.stdout(&access_table(model, targets));
+                            self.stdout(&format!(
+                                "credentials: user admin; passwords with `mlopsctl secrets --project {}`",
+                                model.project
+                            ));
+                        }
+                        for (h, s) in &stacks {
+                            self.stderr_line(&format!(
+                                "{h}: stack `{}`: {}; files: {} written, {} removed, {} uploaded",
+                                s.project,
+                                s.summary,
+                                s.sync.written,
+                                s.sync.removed,
+                                bytes_human(s.sync.uploaded_bytes)
+                            ));
+                        }
+                    }
+                }
+                self.summarize("deploy", &r.hosts);
+            }
+        }
+        exit_code(&r.hosts)
+    }
+
+    pub fn sync(&self, r: &HostResults<SyncOutcome>) -> i32 {
+        match self.output {
+            Output::Json => self.report_json("sync", r),
+            Output::Text => {
+                for (h, s) in &r.ok {
+                    self.stdout(&format!(
+                        "{h}: {} file(s): {} written, {} removed, {} unchanged; {} uploaded ({})",
+                        s.files,
+                        s.written,
+                        s.removed,
+                        s.unchanged,
+                        bytes_human(s.uploaded_bytes),
+                        s.path
+                    ));
+                }
+                self.summarize("sync", r);
+            }
+        }
+        exit_code(r)
+    }
+
+    pub fn down(&self, project: &str, r: &HostResults<String>) -> i32 {
+        match self.output {
+            Output::Json => self.report_json("down", r),
+            Output::Text => {
+                for (h, s) in &r.ok {
+                    self.stdout(&format!("{h}: stack `{project}`: {s}"));
+                }
+                self.summarize("down", r);
+            }
+        }
+        exit_code(r)
+    }
+
+    pub fn uninstall(&self, r: &HostResults<UninstallOutcome>) -> i32 {
+        match self.output {
+            Output::Json => self.report_json("agent uninstall", r),
+            Output::Text => {
+                for (_, o) in &r.ok {
+                    if o.was_installed {
+                        self.stdout(&format!("{}: agent removed ({})", o.host, o.removed.join(", ")));
+                    } else {
+                        self.stdout(&format!("{}: no agent installed", o.host));
+                    }
+                }
+                self.summarize("agent uninstall", r);
+            }
+        }
+        exit_code(r)
+    }
+
+    /// For commands whose output is streamed (logs, watch): only failures.
+    pub fn streamed(&self, what: &str, r: &HostResults<()>) -> i32 {
+        if !r.failed.is_empty() {
+            self.summarize(what, r);
+        }
+        exit_code(r)
+    }
+
+    pub fn secrets(&self, project: &str, secrets: &std::collections::BTreeMap<String, String>) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"project": project, "secrets": secrets})),
+            Output::Text => {
+                let rows: Vec<Vec<String>> = secrets.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+                self.stdout(&table(&["NAME", "VALUE"], &rows));
+            }
+        }
+        0
+    }
+
+    pub fn ui_opened(&self, opened: &UiOpened) {
+        self.stdout(&opened.url);
+        if let Some(note) = &opened.forwarding {
+            self.stderr_line(note);
+        }
+    }
+
+    pub fn health_event(&self, host: &str, ev: &HealthEvent) {
+        match self.output {
+            Output::Json => self.stdout(
+                &json!({"host": host, "unix_ms": ev.unix_ms, "docker_time_ns": ev.docker_time_ns, "service": ev.service, "state": ev.state, "health": ev.health, "health_output": ev.health_output})
+                    .to_string(),
+            ),
+            Output::Text => {
+                let health = if ev.health.is_empty() { String::new() } else { format!(" ({})", ev.health) };
+                let output = if ev.health_output.is_empty() { String::new() } else { format!(": {}", ev.health_output) };
+                self.stdout(&format!("{} {host} {} {}{health}{output}", clock(ev.unix_ms), ev.service, ev.state));
+            }
+        }
+    }
+
+    /// A piece of a service's output, on our stdout or stderr as the
+    /// container wrote it; with several hosts each line is prefixed.
+    pub fn log_chunk(&self, host: &str, stream: &str, data: &[u8], prefix: bool) {
+        let _guard = self.lock.lock().expect("not poisoned");
+        let mut out: Box<dyn Write> =
+            if stream == "stderr" { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+        if prefix {
+            for line in String::from_utf8_lossy(data).split_inclusive('\n') {
+                let _ = write!(out, "{host} | {line}");
+            }
+        } else {
+            let _ = out.write_all(data);
+        }
+        let _ = out.flush();
+    }
+
+    pub fn status(&self, hosts: &[HostStatus]) -> i32 {
+        let failed = hosts.iter().filter(|h| !h.ok()).count();
+        match self.output {
+            Output::Json => {
+                let list: Vec<serde_json::Value> = hosts
+                    .iter()
+                    .map(|h| {
+                        let mut v = serde_json::to_value(&h.outcome).expect("serializable");
+                        match &h.services {
+                            Some(Ok(list)) => v["services"] = json!(list),
+                            Some(Err(e)) => v["services_error"] = json!(e),
+                            None => {}
+                        }
+                        v
+                    })
+                    .collect();
+                self.json(&json!({"command": "status", "ok": hosts.len() - failed, "failed": failed, "hosts": list}));
+            }
+            Output::Text => {
+                let rows: Vec<Vec<String>> = hosts
+                    .iter()
+                    .map(|h| {
+                        let o = &h.outcome;
+                        let agent = o.agent.as_ref();
+                        vec![
+                            o.host.clone(),
+                            match (o.reachable, agent.is_some()) {
+                                (true, true) => "yes".into(),
+                                (true, false) => "no agent".into(),
+                                _ => "no".into(),
+                            },
+                            agent.map_or("-".into(), |a| a.version.clone()),
+                            agent.map_or("-".into(), |a| duration_human(a.uptime_seconds)),
+                            o.facts.as_ref().map_or("-".into(), |f| docker_cell(f.docker, &f.docker_version)),
+                            o.error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                self.stdout(&table(&["HOST", "REACHABLE", "AGENT", "UPTIME", "DOCKER", "ERROR"], &rows));
+                let listed: Vec<(&str, &ServiceOutcome)> = hosts
+                    .iter()
+                    .filter_map(|h| match &h.services {
+                        Some(Ok(list)) => Some(list.iter().map(move |svc| (h.outcome.host.as_str(), svc))),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                if !listed.is_empty() {
+                    self.stdout("");
+                    self.stdout(&services_table(listed.into_iter()));
+                }
+                for h in hosts {
+                    if let Some(Err(e)) = &h.services {
+                        self.warn(&format!("{}: cannot list the stack's services: {e}", h.outcome.host));
+                    }
+                    if let Some(hint) = &h.outcome.hint {
+                        self.stderr_line(&format!("  hint ({}): {hint}", h.outcome.host));
+                    }
+                }
+            }
+        }
+        if failed == 0 { 0 } else { EXIT_HOST_FAILED }
     }
 }
 
+/// The words a progress line uses for what the agent did.
+fn action_words(action: StackAction) -> &'static str {
+    match action {
+        StackAction::NetworkCreated => "network created",
+        StackAction::NetworkRemoved => "network removed",
+        StackAction::VolumeCreated => "volume created",
+        StackAction::VolumeRemoved => "volume removed",
+        StackAction::BuildStarted => "building",
+        StackAction::BuildProgress => "build:",
+        StackAction::Built => "built",
+        StackAction::Pulling => "pulling",
+        StackAction::Waiting => "wait",
+        StackAction::Created => "create",
+        StackAction::Recreated => "recreate",
+        StackAction::Started => "start",
+        StackAction::Unchanged => "unchanged",
+        StackAction::Healthy => "healthy",
+        StackAction::Removed => "remove",
+        StackAction::OrphanRemoved => "remove orphan:",
+        StackAction::Done => "done",
+        StackAction::Unspecified => "?",
+    }
+}
+
+fn exit_code<R>(r: &HostResults<R>) -> i32 {
+    if r.failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
+}
+
+/// `e: cause: cause` on one line.
+fn error_chain(e: &ControllerError) -> String {
+    mlops_controller::client::error_chain(e)
+}
+
+fn agent_row(o: &DeployOutcome) -> Vec<String> {
+    vec![
+        o.host.clone(),
+        o.agent.version.clone(),
+        if o.uploaded { "uploaded".into() } else { "-".into() },
+        o.installed.clone().unwrap_or_else(|| "-".into()),
+        o.facts.os.clone(),
+        o.facts.arch.clone(),
+        o.facts.cpus.to_string(),
+        format!("{} free of {}", bytes_human(o.facts.memory_available_bytes), bytes_human(o.facts.memory_total_bytes)),
+        format!("{} free", bytes_human(o.facts.disk_available_bytes)),
+        o.stack.as_ref().filter(|s| !s.docker_version.is_empty()).map_or_else(
+            || docker_cell(o.facts.docker, &o.facts.docker_version),
+            |s| docker_cell(true, &s.docker_version),
+        ),
+    ]
+}
+
+fn docker_cell(available: bool, version: &str) -> String {
+    if available { format!("yes ({version})") } else { "no".into() }
+}
+
+fn services_table<'a>(rows: impl Iterator<Item = (&'a str, &'a ServiceOutcome)>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .map(|(h, s)| {
+            vec![
+                h.to_string(),
+                s.service.clone(),
+                s.state.clone(),
+                if s.health.is_empty() { "-".into() } else { s.health.clone() },
+                if s.changed { "yes".into() } else { "-".into() },
+                s.container_id.chars().take(12).collect(),
+            ]
+        })
+        .collect();
+    table(&["HOST", "SERVICE", "STATE", "HEALTH", "CHANGED", "CONTAINER"], &rows)
+}
+
+/// The access table: where each UI is, for each host.
+fn access_table(stack: &mlops_proto::stack::Stack, targets: &[Target]) -> String {
+    let mut rows = Vec::new();
+    for t in targets {
+        for (name, ui) in &stack.options.ui {
+            let url = match t.connection {
+                Connection::Local => format!("http://127.0.0.1:{}{}", ui.port, ui.path),
+                Connection::Ssh { .. } => format!("`mlopsctl ui {name} --host {}`", t.name),
+            };
+            rows.push(vec![t.name.clone(), name.clone(), ui.service.clone(), url]);
+        }
+    }
+    table(&["HOST", "UI", "SERVICE", "URL"], &rows)
+}
+
+/// `HH:MM:SS.mmm` (UTC) of Unix milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let s = unix_ms / 1000;
+    format!("{:02}:{:02}:{:02}.{:03}", (s / 3600) % 24, (s / 60) % 60, s % 60, unix_ms % 1000)
+}
+
 /// `error: ...` with `Caused by:` lines and a `hint:`; `indent` prefixes every line.
-pub fn render_error(err: &anyhow::Error, indent: &str) -> String {
+pub fn render_error(err: &(dyn std::error::Error + 'static), indent: &str) -> String {
     let mut lines = vec![format!("{indent}error: {err}")];
     let mut last = err.to_string();
-    for cause in err.chain().skip(1) {
+    let mut next = err.source();
+    while let Some(cause) = next {
         let text = cause.to_string();
         // `#[error(transparent)]` repeats its source; say each thing once.
         if text != last {
             lines.push(format!("{indent}  Caused by: {text}"));
         }
         last = text;
+        next = cause.source();
     }
     if let Some(hint) = hint_of(err) {
         lines.push(format!("{indent}  hint: {hint}"));
@@ -114,9 +482,10 @@ pub fn render_error(err: &anyhow::Error, indent: &str) -> String {
 }
 
 /// The first hint any error in the chain offers.
-pub fn hint_of(err: &anyhow::Error) -> Option<String> {
-    err.chain().find_map(|e| {
-        if let Some(e) = e.downcast_ref::<ControllerError>() {
+pub fn hint_of(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let hint = if let Some(e) = e.downcast_ref::<ControllerError>() {
             e.hint()
         } else if let Some(e) = e.downcast_ref::<SshError>() {
             e.hint()
@@ -126,8 +495,13 @@ pub fn hint_of(err: &anyhow::Error) -> Option<String> {
             e.hint()
         } else {
             None
+        };
+        if hint.is_some() {
+            return hint;
         }
-    })
+        next = e.source();
+    }
+    None
 }
 
 pub fn secs(d: Duration) -> String {

@@ -1,7 +1,7 @@
 //! One host, from nothing to an agent answering over mTLS.
 //!
-//! Round trips are what cost time over SSH, so the host is probed with one
-//! shell command that reports everything the decisions need (user, OS, CPU,
+//! Round trips are what cost time over SSH. When the agent is not current,
+//! the host is probed with one shell command that reports everything the decisions need (user, OS, CPU,
 //! sudo, installed binary hash, installed bundle hash, service manager).
 //! Then only what differs is done:
 //! - the binary is uploaded when its sha256 differs (to a temporary file,
@@ -10,8 +10,10 @@
 //!   (certificates, port) changed, or when the agent does not answer or runs
 //!   a stale binary; it (re)starts the service.
 //!
-//! A no-op re-deploy is: connect, probe, TLS through the tunnel, `Hello`,
-//! `GetFacts`.
+//! Before any of that, the agent is asked: when it answers `Hello` with our
+//! binary's and configuration's hashes and our API level, the host is
+//! current, and a no-op re-deploy is one SSH connection, one tunnel,
+//! `Hello` and `GetFacts`, with no command run on the host.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -275,11 +277,7 @@ async fn apply_with_retry(
         other => return other,
     };
     tracing::warn!(host = %target.name, "connection to the agent broke ({first}); retrying on a new one");
-    progress.step(Step::Service {
-        service: String::new(),
-        action: "retry".into(),
-        detail: format!("the connection to the agent broke ({first}); reconnecting"),
-    });
+    progress.step(Step::Retry { message: format!("the connection to the agent broke ({first}); reconnecting") });
     let mut last = first;
     for attempt in 0..10 {
         tokio::time::sleep(std::time::Duration::from_millis(300 * (attempt + 1))).await;
@@ -291,7 +289,7 @@ async fn apply_with_retry(
             }
         };
         match crate::stack::apply(&mut fresh, plan, progress).await {
-            Err(e @ ControllerError::StackLocked { .. }) => last = e,
+            Err(e) if e.failure_kind() == Some(mlops_proto::v1::FailureKind::StackLocked) => last = e,
             Err(e) if e.is_transport_failure() => last = e,
             other => {
                 *conn = fresh;
@@ -541,6 +539,8 @@ pub struct StatusOutcome {
     pub facts: Option<FactsSummary>,
     /// Why the agent or host did not answer.
     pub error: Option<String>,
+    /// What to do about it.
+    pub hint: Option<String>,
 }
 
 /// Connects and asks the agent; never installs anything.
@@ -558,11 +558,12 @@ pub async fn status_host(
         agent: None,
         facts: None,
         error: None,
+        hint: None,
     };
     let transport: SharedTransport = match open_transport(target, ctx).await {
         Ok(t) => Arc::new(t),
         Err(e) => {
-            out.error = Some(error_chain(&e));
+            (out.error, out.hint) = (Some(error_chain(&e)), e.hint());
             return (out, None);
         }
     };
@@ -583,7 +584,7 @@ pub async fn status_host(
                 services = Some(crate::stack::status(&mut conn, p).await.map(|(s, _)| s).map_err(|e| error_chain(&e)));
             }
         }
-        Err(e) => out.error = Some(error_chain(&e)),
+        Err(e) => (out.error, out.hint) = (Some(error_chain(&e)), e.hint()),
     }
     transport.close().await;
     (out, services)

@@ -67,7 +67,7 @@ impl AgentConn {
             let transport = transport.clone();
             let connector = connector.clone();
             async move {
-                let io = transport.tunnel(port).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+                let io = transport.tunnel(port).await?;
                 let name = ServerName::try_from(mlops_proto::AGENT_TLS_NAME).expect("valid DNS name");
                 let tls = connector.connect(name, io).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
@@ -78,7 +78,12 @@ impl AgentConn {
             .connect_timeout(std::time::Duration::from_secs(10))
             .connect_with_connector(make_conn)
             .await
-            .map_err(|e| ControllerError::AgentUnreachable { host: host.clone(), port, message: error_chain(&e) })?;
+            .map_err(|e| ControllerError::AgentUnreachable {
+                host: host.clone(),
+                port,
+                message: error_chain(&e),
+                foreign_ca: unknown_issuer(&e),
+            })?;
         Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel })
     }
 
@@ -112,12 +117,28 @@ impl AgentConn {
     }
 
     fn rpc(&self, call: &'static str, status: &tonic::Status) -> ControllerError {
-        ControllerError::Rpc {
-            host: self.host.clone(),
-            call,
-            status: format!("{}: {}", status.code(), status.message()),
-        }
+        ControllerError::from_status(&self.host, call, status)
     }
+}
+
+/// Whether the TLS handshake failed because the agent's certificate does
+/// not chain to our CA: the agent was installed by another controller.
+/// (The rustls error travels inside an `io::Error`, whose `source()` skips
+/// it, so each `io::Error` on the chain is opened too.)
+fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) = tls {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// `e: cause: cause` on one line.

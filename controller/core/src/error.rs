@@ -1,6 +1,15 @@
 //! The controller's errors, each with the hint the CLI prints under it.
+//!
+//! What the agent says goes by kind: every error an agent handler returns
+//! carries a typed `Failure` ([`mlops_proto::failure`]), and
+//! [`ControllerError::from_status`] sorts a gRPC status into the agent's
+//! answer ([`ControllerError::Agent`]), a broken connection
+//! ([`ControllerError::Transport`], worth a retry) or something else.
+//! Retries and hints decide on those kinds, never on message texts.
 
 use std::path::PathBuf;
+
+use mlops_proto::v1::{Failure, FailureKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -30,22 +39,37 @@ pub enum ControllerError {
     Upload { host: String, message: String },
     #[error("installing the agent on {host} failed: {message}")]
     Install { host: String, message: String },
+    /// No TLS session with the agent: nothing listens, or the handshake
+    /// failed. `foreign_ca`: the agent's certificate comes from another CA.
     #[error("the agent on {host} does not answer on 127.0.0.1:{port}: {message}")]
-    AgentUnreachable { host: String, port: u16, message: String },
+    AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool },
     #[error("the agent on {host} still runs binary {running} after a restart (expected {expected})")]
     StaleAgent { host: String, running: String, expected: String },
+    /// The agent answered a call with a failure.
+    #[error("{host}: {}", failure.message)]
+    Agent { host: String, call: &'static str, failure: Box<Failure> },
+    /// The connection to the agent broke during a call (the agent did not answer).
+    #[error("{host}: the connection to the agent broke during {call}: {message}")]
+    Transport { host: String, call: &'static str, message: String },
+    /// A status that neither the agent's handlers nor the connection produced.
     #[error("{host}: {call} failed: {status}")]
     Rpc { host: String, call: &'static str, status: String },
+    /// The agent ended a stream without the result it owes.
+    #[error("{host}: the agent ended {call} without a result")]
+    Incomplete { host: String, call: &'static str },
     #[error("{host}: no Docker engine: {message}")]
     NoDocker { host: String, message: String },
-    #[error("{host}: {message}")]
-    Converge { host: String, message: String },
-    #[error("{host}: {message}")]
-    StackLocked { host: String, message: String },
     #[error("the agent on {host} speaks API level {level}; this needs level {needed}")]
     AgentTooOld { host: String, level: u32, needed: u32 },
     #[error("local command failed: {0}")]
     Local(String),
+    /// Flags or arguments that do not fit together (exit code 2).
+    #[error("{message}")]
+    Usage { message: String, hint: Option<String> },
+    #[error(transparent)]
+    Inventory(#[from] mlops_inventory::InventoryError),
+    #[error(transparent)]
+    Compose(#[from] mlops_compose::ComposeError),
     #[error(transparent)]
     Ssh(#[from] mlops_ssh::SshError),
     #[error(transparent)]
@@ -59,18 +83,43 @@ pub enum ControllerError {
 }
 
 impl ControllerError {
+    pub fn usage(message: impl Into<String>, hint: Option<&str>) -> ControllerError {
+        ControllerError::Usage { message: message.into(), hint: hint.map(str::to_string) }
+    }
+
+    /// Sorts the status of a failed `call` to `host`: the agent's typed
+    /// answer, a broken connection, or anything else.
+    pub fn from_status(host: &str, call: &'static str, status: &tonic::Status) -> ControllerError {
+        let host = host.to_string();
+        if let Some(failure) = mlops_proto::failure::from_status(status) {
+            return ControllerError::Agent { host, call, failure: Box::new(failure) };
+        }
+        // A status made on this side from an I/O, HTTP/2 or TLS error keeps
+        // that error as its source; one that came over the wire has none.
+        let local = std::error::Error::source(status).is_some();
+        if local || matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown) {
+            return ControllerError::Transport { host, call, message: crate::client::error_chain(status) };
+        }
+        ControllerError::Rpc { host, call, status: format!("{}: {}", status.code(), status.message()) }
+    }
+
+    /// The agent's failure, when this is one.
+    pub fn failure(&self) -> Option<&Failure> {
+        match self {
+            ControllerError::Agent { failure, .. } => Some(failure.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The failure's kind, when the agent answered with one.
+    pub fn failure_kind(&self) -> Option<FailureKind> {
+        self.failure().map(Failure::kind)
+    }
+
     /// The connection to the agent broke (as opposed to the agent answering
     /// with an error): worth a retry on a new connection.
     pub fn is_transport_failure(&self) -> bool {
-        let text = match self {
-            ControllerError::Rpc { status, .. } => status,
-            ControllerError::Converge { message, .. } => message,
-            ControllerError::AgentUnreachable { .. } => return true,
-            _ => return false,
-        };
-        ["h2 protocol error", "transport error", "connection reset", "broken pipe", "error reading a body"]
-            .iter()
-            .any(|m| text.contains(m))
+        matches!(self, ControllerError::Transport { .. } | ControllerError::AgentUnreachable { foreign_ca: false, .. })
     }
 
     /// A suggestion for the user, printed as `hint:`.
@@ -84,7 +133,7 @@ impl ControllerError {
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
-            ControllerError::AgentUnreachable { message, .. } if message.contains("UnknownIssuer") => {
+            ControllerError::AgentUnreachable { foreign_ca: true, .. } => {
                 "that agent's certificate comes from another controller's CA (another state directory); `mlopsctl deploy` from this one takes the host over".into()
             }
             ControllerError::Install { .. } | ControllerError::AgentUnreachable { .. } | ControllerError::StaleAgent { .. } => {
@@ -92,39 +141,120 @@ impl ControllerError {
             }
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
-            ControllerError::StackLocked { .. } => "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into(),
+            ControllerError::Agent { failure, .. } => return failure_hint(failure),
+            ControllerError::Transport { .. } => "the SSH connection or the agent went away mid-call; run the command again (`mlopsctl status` shows whether the agent runs)".into(),
             ControllerError::AgentTooOld { .. } => "run `mlopsctl deploy` to upgrade the agent".into(),
-            ControllerError::Converge { message, .. } if message.contains("cannot pull image") => {
-                "where no registry can supply an image (Grafana's, on hosts without registry access), leave that service out with --skip SERVICE".into()
-            }
-            ControllerError::Converge { message, .. } if message.contains("unhealthy") || message.contains("exited") => {
-                "`mlopsctl logs SERVICE` shows what the service printed".into()
-            }
             ControllerError::Ssh(e) => return e.hint(),
+            ControllerError::Usage { hint, .. } => return hint.clone(),
+            ControllerError::Inventory(e) => return e.hint(),
+            ControllerError::Compose(e) => return e.hint(),
             ControllerError::Pki(_) => "the controller's CA lives in <state-dir>/pki; check its files and permissions".into(),
             _ => return None,
         })
     }
 }
 
+/// `mlopsctl logs SERVICE` as the user would type it for this failure.
+fn logs_command(failure: &Failure) -> String {
+    if failure.project.is_empty() || failure.project == "mlops" {
+        format!("mlopsctl logs {}", failure.service)
+    } else {
+        format!("mlopsctl logs {} --project {}", failure.service, failure.project)
+    }
+}
+
+/// What to do about an agent's failure, by its kind.
+fn failure_hint(f: &Failure) -> Option<String> {
+    Some(match f.kind() {
+        FailureKind::StackLocked => {
+            "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into()
+        }
+        FailureKind::ImageMissing => format!(
+            "no registry supplies `{}` here; load the image on the host (`docker load`), or leave the service out with --skip {}",
+            f.image, f.service
+        ),
+        FailureKind::BuildFailed => format!(
+            "the build's last output is above; fix the Dockerfile or the build context of service `{}` and deploy again",
+            f.service
+        ),
+        FailureKind::PortInUse => format!(
+            "free port {} on the host{}, or publish service `{}` on another port (its `ports:`)",
+            f.port,
+            if f.output.is_empty() { String::new() } else { format!(" (held by {})", f.output) },
+            f.service
+        ),
+        FailureKind::HealthCheckFailed | FailureKind::ServiceExited | FailureKind::Timeout if !f.service.is_empty() => {
+            format!("`{}` shows what the service printed", logs_command(f))
+        }
+        FailureKind::EngineUnreachable => {
+            "start the host's Docker engine, or let mlopsctl install it (drop --no-docker-install)".into()
+        }
+        FailureKind::DockerInstallFailed => {
+            "install Docker on the host yourself (Debian/Ubuntu: `apt-get install docker.io`), then deploy again".into()
+        }
+        FailureKind::EngineError => {
+            "the host's Docker engine refused; its log says more (`journalctl -u docker`, or /var/log/mlops-agent/dockerd.log)".into()
+        }
+        FailureKind::BadRequest => format!(
+            "the agent refused `{}`; if this controller and the agent differ in version, `mlopsctl deploy` upgrades the agent",
+            f.field
+        ),
+        FailureKind::ShuttingDown => "the agent was stopping; run the command again".into(),
+        FailureKind::Io => format!("check `{}` on the host (space, permissions)", f.path),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn failure(kind: FailureKind) -> Failure {
+        let mut f =
+            Failure { message: "m".into(), service: "web".into(), project: "shop".into(), ..Default::default() };
+        f.set_kind(kind);
+        f
+    }
+
     #[test]
-    fn transport_failures_are_told_from_answers() {
-        let broke = ControllerError::Converge {
-            host: "h".into(),
-            message: "h2 protocol error: error reading a body from connection".into(),
-        };
-        assert!(broke.is_transport_failure());
-        let answered = ControllerError::Converge {
-            host: "h".into(),
-            message: "service `web` is unhealthy; last health check: exit 1".into(),
-        };
-        assert!(!answered.is_transport_failure());
-        let locked =
-            ControllerError::StackLocked { host: "h".into(), message: "stack `p` is being deployed by x".into() };
-        assert!(!locked.is_transport_failure());
+    fn statuses_sort_into_answers_and_broken_connections() {
+        let answered = mlops_proto::failure::into_status(&failure(FailureKind::HealthCheckFailed));
+        let e = ControllerError::from_status("h", "Converge", &answered);
+        assert_eq!(e.failure_kind(), Some(FailureKind::HealthCheckFailed));
+        assert!(!e.is_transport_failure());
+        assert_eq!(e.hint().unwrap(), "`mlopsctl logs web --project shop` shows what the service printed");
+
+        // What tonic makes of a connection that broke: a status whose
+        // source is the I/O error, with no agent failure in it.
+        let broke = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        let e = ControllerError::from_status("h", "Converge", &broke);
+        assert!(e.is_transport_failure(), "{e:?}");
+
+        // A status from the wire that is neither (an older or foreign server).
+        let other = tonic::Status::unimplemented("no such method");
+        let e = ControllerError::from_status("h", "Converge", &other);
+        assert!(matches!(e, ControllerError::Rpc { .. }) && !e.is_transport_failure(), "{e:?}");
+    }
+
+    #[test]
+    fn every_failure_kind_that_calls_for_action_has_a_hint() {
+        for kind in [
+            FailureKind::StackLocked,
+            FailureKind::ImageMissing,
+            FailureKind::BuildFailed,
+            FailureKind::PortInUse,
+            FailureKind::HealthCheckFailed,
+            FailureKind::ServiceExited,
+            FailureKind::Timeout,
+            FailureKind::EngineUnreachable,
+            FailureKind::DockerInstallFailed,
+            FailureKind::EngineError,
+        ] {
+            let e = ControllerError::Agent { host: "h".into(), call: "Converge", failure: Box::new(failure(kind)) };
+            assert!(e.hint().is_some(), "{kind:?}");
+        }
     }
 }

@@ -1,12 +1,19 @@
 //! Runs one task per host, at most `forks` at once. Every host gets its
 //! own result: a failure (or a panic) on one never cancels the others.
+//! [`per_host`] is what every command uses; [`run`] is the bare pool.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use mlops_inventory::Target;
 use tokio::sync::Semaphore;
 
-/// Runs `task` for every item, returning results in input order.
+use crate::ControllerError;
+use crate::bootstrap::Context;
+use crate::progress::{Progress, Report, Step};
+
+/// Runs `task` for every item, returning results in input order; a task
+/// that panicked gets `Err` with a sentence saying so.
 pub async fn run<T, R, F, Fut>(items: Vec<T>, forks: usize, task: F) -> Vec<Result<R, String>>
 where
     T: Send + 'static,
@@ -32,6 +39,67 @@ where
         out.push(h.await.map_err(|e| {
             if e.is_panic() { "the host task panicked (a bug in mlopsctl)".to_string() } else { e.to_string() }
         }));
+    }
+    out
+}
+
+/// What a command did on each host: successes and failures, by host name,
+/// in target order.
+#[derive(Debug)]
+pub struct HostResults<R> {
+    pub ok: Vec<(String, R)>,
+    pub failed: Vec<(String, ControllerError)>,
+}
+
+impl<R> HostResults<R> {
+    pub fn all_ok(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ok.len() + self.failed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Runs `task` on every target, at most `forks` at once, each with its own
+/// [`Progress`] (a failure is reported as the host's last step), and sorts
+/// the results into successes and failures.
+pub async fn per_host<R, F, Fut>(
+    targets: &[Target],
+    forks: usize,
+    ctx: &Arc<Context>,
+    report: &Arc<dyn Report>,
+    task: F,
+) -> HostResults<R>
+where
+    R: Send + 'static,
+    F: Fn(Target, Arc<Context>, Progress) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, ControllerError>> + Send + 'static,
+{
+    let (ctx, report) = (ctx.clone(), report.clone());
+    let results = run(targets.to_vec(), forks, move |target: Target| {
+        let progress = Progress::new(Some(report.clone()), &target.name);
+        let fut = task(target, ctx.clone(), progress.clone());
+        async move {
+            let r = fut.await;
+            if let Err(e) = &r {
+                progress.step(Step::Failed { message: e.to_string() });
+            }
+            r
+        }
+    })
+    .await;
+    let mut out = HostResults { ok: Vec::new(), failed: Vec::new() };
+    for (t, r) in targets.iter().zip(results) {
+        match r {
+            Ok(Ok(o)) => out.ok.push((t.name.clone(), o)),
+            Ok(Err(e)) => out.failed.push((t.name.clone(), e)),
+            Err(panic) => out.failed.push((t.name.clone(), ControllerError::Local(panic))),
+        }
     }
     out
 }

@@ -1,6 +1,8 @@
-//! Progress events: what each host task reports while it works. The CLI
-//! turns them into lines; tests and benches can count them.
+//! What commands tell the user while they work: per-host progress events,
+//! warnings and notes. They go to a [`Report`], which the CLI implements
+//! with its printer; tests and benches can count them or drop them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -13,33 +15,81 @@ pub struct Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    Connecting { address: String },
+    Connecting {
+        address: String,
+    },
     Connected,
-    Probed { os: String, arch: String, service_manager: String },
-    Uploading { bytes: u64 },
+    Probed {
+        os: String,
+        arch: String,
+        service_manager: String,
+    },
+    Uploading {
+        bytes: u64,
+    },
     Uploaded,
     UpToDate,
-    Installing { reason: String },
-    Installed { pid: Option<i64> },
+    Installing {
+        reason: String,
+    },
+    Installed {
+        pid: Option<i64>,
+    },
     Handshake,
-    Ready { agent_version: String },
-    Docker { message: String },
-    Synced { files: usize, written: u32, removed: u32, bytes: u64 },
-    Service { service: String, action: String, detail: String },
-    Failed { message: String },
+    Ready {
+        agent_version: String,
+    },
+    Docker {
+        message: String,
+    },
+    Synced {
+        files: usize,
+        written: u32,
+        removed: u32,
+        bytes: u64,
+    },
+    Service {
+        service: String,
+        action: mlops_proto::v1::StackAction,
+        detail: String,
+    },
+    /// The connection to the agent broke mid-way; the step is tried again.
+    Retry {
+        message: String,
+    },
+    Failed {
+        message: String,
+    },
 }
 
-/// Where events go. Cloneable; sending never blocks or fails the task.
+/// Where a command's progress, warnings and notes go.
+pub trait Report: Send + Sync {
+    fn progress(&self, event: &Event);
+    fn warn(&self, message: &str);
+    fn info(&self, message: &str);
+}
+
+/// A report that goes nowhere.
+pub struct Silent;
+
+impl Report for Silent {
+    fn progress(&self, _: &Event) {}
+    fn warn(&self, _: &str) {}
+    fn info(&self, _: &str) {}
+}
+
+/// One host's progress: events stamped with the host and the time since
+/// its task started. Cloneable; reporting never blocks or fails the task.
 #[derive(Clone)]
 pub struct Progress {
-    tx: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
+    report: Option<Arc<dyn Report>>,
     host: String,
     start: std::time::Instant,
 }
 
 impl Progress {
-    pub fn new(tx: Option<tokio::sync::mpsc::UnboundedSender<Event>>, host: &str) -> Self {
-        Progress { tx, host: host.to_string(), start: std::time::Instant::now() }
+    pub fn new(report: Option<Arc<dyn Report>>, host: &str) -> Self {
+        Progress { report, host: host.to_string(), start: std::time::Instant::now() }
     }
 
     pub fn silent(host: &str) -> Self {
@@ -47,8 +97,8 @@ impl Progress {
     }
 
     pub fn step(&self, step: Step) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Event { host: self.host.clone(), step, elapsed: self.start.elapsed() });
+        if let Some(report) = &self.report {
+            report.progress(&Event { host: self.host.clone(), step, elapsed: self.start.elapsed() });
         }
     }
 

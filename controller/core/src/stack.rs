@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use mlops_proto::v1::{
-    DownRequest, EnsureDockerRequest, HealthEvent, LogsRequest, ServiceState, StackStatusRequest, SyncCommitRequest,
-    WatchHealthRequest,
+    DownRequest, EnsureDockerRequest, HealthEvent, LogsRequest, ServiceState, StackAction, StackEvent,
+    StackStatusRequest, SyncCommitRequest, WatchHealthRequest,
 };
 use serde::Serialize;
 
@@ -102,11 +102,7 @@ pub struct StackOutcome {
 /// Syncs `tree` into agent tree `root`, sending only what the agent lacks.
 pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Result<SyncOutcome, ControllerError> {
     let host = conn.host().to_string();
-    let rpc = |call: &'static str, s: tonic::Status| ControllerError::Rpc {
-        host: host.clone(),
-        call,
-        status: format!("{}: {}", s.code(), s.message()),
-    };
+    let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
     let plan = conn.raw().sync_begin(tree.manifest(root)).await.map_err(|s| rpc("SyncBegin", s))?.into_inner();
     let mut out = SyncOutcome { files: tree.entries.iter().filter(|e| !e.is_dir).count(), ..Default::default() };
     if !plan.missing.is_empty() {
@@ -140,11 +136,7 @@ pub async fn apply(
     progress: &Progress,
 ) -> Result<StackOutcome, ControllerError> {
     let host = conn.host().to_string();
-    let rpc = |call: &'static str, s: tonic::Status| ControllerError::Rpc {
-        host: host.clone(),
-        call,
-        status: s.message().to_string(),
-    };
+    let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
 
     let mut docker_version = String::new();
     if !plan.sync_only {
@@ -192,36 +184,29 @@ pub async fn apply(
         files_root: plan.files_root(),
         health_timeout_seconds: plan.health_timeout_seconds,
     };
-    let mut stream = conn.raw().converge(request).await.map_err(|s| converge_error(&host, &s))?.into_inner();
-    let mut services = Vec::new();
-    let mut summary = String::new();
-    while let Some(ev) = stream.next().await {
-        let ev = ev.map_err(|s| converge_error(&host, &s))?;
-        if ev.error {
-            return Err(ControllerError::Converge { host: host.clone(), message: ev.detail });
-        }
-        if ev.action == "done" {
-            summary = ev.detail;
-            services = ev.services.into_iter().map(ServiceOutcome::from).collect();
-            break;
-        }
-        progress.step(Step::Service { service: ev.service, action: ev.action, detail: ev.detail });
-    }
-    if summary.is_empty() {
-        return Err(ControllerError::Converge {
-            host,
-            message: "the agent ended the converge without a result".into(),
-        });
-    }
+    let stream = conn.raw().converge(request).await.map_err(|s| rpc("Converge", s))?.into_inner();
+    let done = follow(&host, "Converge", stream, progress).await?;
+    let services: Vec<ServiceOutcome> = done.services.into_iter().map(ServiceOutcome::from).collect();
     let changed = services.iter().filter(|s| s.changed).count();
-    Ok(StackOutcome { project: plan.project.clone(), docker_version, sync, services, changed, summary })
+    Ok(StackOutcome { project: plan.project.clone(), docker_version, sync, services, changed, summary: done.detail })
 }
 
-fn converge_error(host: &str, s: &tonic::Status) -> ControllerError {
-    if s.code() == tonic::Code::FailedPrecondition {
-        return ControllerError::StackLocked { host: host.to_string(), message: s.message().to_string() };
+/// Reports a stack stream's events as progress until its `DONE` event,
+/// which it returns; a failure ends the stream as a status.
+async fn follow(
+    host: &str,
+    call: &'static str,
+    mut stream: tonic::Streaming<StackEvent>,
+    progress: &Progress,
+) -> Result<StackEvent, ControllerError> {
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| ControllerError::from_status(host, call, &s))?;
+        if ev.action() == StackAction::Done {
+            return Ok(ev);
+        }
+        progress.step(Step::Service { service: ev.service.clone(), action: ev.action(), detail: ev.detail });
     }
-    ControllerError::Converge { host: host.to_string(), message: s.message().to_string() }
+    Err(ControllerError::Incomplete { host: host.to_string(), call })
 }
 
 /// Removes the stack's containers and networks (and volumes if asked).
@@ -233,18 +218,9 @@ pub async fn down(
 ) -> Result<String, ControllerError> {
     let host = conn.host().to_string();
     let request = DownRequest { project: project.to_string(), volumes, holder: holder() };
-    let mut stream = conn.raw().down(request).await.map_err(|s| converge_error(&host, &s))?.into_inner();
-    while let Some(ev) = stream.next().await {
-        let ev = ev.map_err(|s| converge_error(&host, &s))?;
-        if ev.error {
-            return Err(ControllerError::Converge { host, message: ev.detail });
-        }
-        if ev.action == "done" {
-            return Ok(ev.detail);
-        }
-        progress.step(Step::Service { service: ev.service, action: ev.action, detail: ev.detail });
-    }
-    Err(ControllerError::Converge { host, message: "the agent ended `down` without a result".into() })
+    let stream =
+        conn.raw().down(request).await.map_err(|s| ControllerError::from_status(&host, "Down", &s))?.into_inner();
+    Ok(follow(&host, "Down", stream, progress).await?.detail)
 }
 
 pub async fn status(conn: &mut AgentConn, project: &str) -> Result<(Vec<ServiceOutcome>, String), ControllerError> {
@@ -253,7 +229,7 @@ pub async fn status(conn: &mut AgentConn, project: &str) -> Result<(Vec<ServiceO
         .raw()
         .stack_status(StackStatusRequest { project: project.to_string() })
         .await
-        .map_err(|s| ControllerError::Rpc { host, call: "StackStatus", status: s.message().to_string() })?
+        .map_err(|s| ControllerError::from_status(&host, "StackStatus", &s))?
         .into_inner();
     Ok((reply.services.into_iter().map(ServiceOutcome::from).collect(), reply.lock_holder))
 }
@@ -269,8 +245,7 @@ pub async fn logs(
     mut out: impl FnMut(&str, &[u8]),
 ) -> Result<(), ControllerError> {
     let host = conn.host().to_string();
-    let rpc =
-        |s: tonic::Status| ControllerError::Rpc { host: host.clone(), call: "Logs", status: s.message().to_string() };
+    let rpc = |s: tonic::Status| ControllerError::from_status(&host, "Logs", &s);
     let request = LogsRequest { project: project.to_string(), service: service.to_string(), follow, since, tail };
     let mut stream = conn.raw().logs(request).await.map_err(rpc)?.into_inner();
     while let Some(chunk) = stream.next().await {
@@ -290,6 +265,6 @@ pub async fn watch_health(
         .raw()
         .watch_health(WatchHealthRequest { project: project.to_string() })
         .await
-        .map_err(|s| ControllerError::Rpc { host, call: "WatchHealth", status: s.message().to_string() })?
+        .map_err(|s| ControllerError::from_status(&host, "WatchHealth", &s))?
         .into_inner())
 }

@@ -63,14 +63,15 @@ impl Transport {
         }
     }
 
-    /// A stream to `127.0.0.1:port` on the host.
-    pub async fn tunnel(&self, port: u16) -> Result<BoxIo, ControllerError> {
+    /// A stream to `127.0.0.1:port` on the host. The error is the I/O
+    /// error itself (callers add which agent and port).
+    pub async fn tunnel(&self, port: u16) -> std::io::Result<BoxIo> {
         match self {
-            Transport::Ssh { session, .. } => Ok(Box::pin(session.open_tunnel("127.0.0.1", port).await?)),
+            Transport::Ssh { session, .. } => {
+                Ok(Box::pin(session.open_tunnel("127.0.0.1", port).await.map_err(std::io::Error::other)?))
+            }
             Transport::Local => {
-                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| {
-                    ControllerError::AgentUnreachable { host: "localhost".into(), port, message: e.to_string() }
-                })?;
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::pin(tcp))
             }

@@ -1,6 +1,6 @@
 //! Embeds the platform bundle (`platform/`: compose.yaml, Dockerfiles,
-//! configs, DAGs) into `mlopsctl`, so that `mlopsctl deploy` needs nothing
-//! but the binary. The exporter crate's sources stay out: only its
+//! configs, DAGs) into the controller library (and so into `mlopsctl`), so
+//! that `mlopsctl deploy` needs nothing but the binary. The exporter crate's sources stay out: only its
 //! Dockerfile belongs to the bundle.
 
 use std::fmt::Write;

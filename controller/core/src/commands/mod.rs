@@ -1,0 +1,210 @@
+//! Every `mlopsctl` command, as a function of this library: the CLI parses
+//! flags into [`GlobalOptions`] and the command's options, calls the
+//! function, and prints what it returns. One module per command.
+//!
+//! - [`Setup`]: what every command needs (targets, state directory, TLS,
+//!   SSH options), built once from the global options.
+//! - [`StackOptions`] and [`LoadedStack`]: which stack (a directory, or the
+//!   embedded platform bundle, see [`bundle`]), with its generated secrets,
+//!   profiles and `--skip`.
+//! - Commands fan out over hosts with [`crate::fanout::per_host`] and report
+//!   progress, warnings and notes through a [`Report`].
+
+pub mod bundle;
+pub mod deploy;
+pub mod down;
+pub mod logs;
+pub mod secrets;
+pub mod status;
+pub mod sync;
+pub mod ui;
+pub mod uninstall;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlops_inventory::{Connection, SshConfig, Target};
+use mlops_ssh::SshOptions;
+
+use crate::ControllerError;
+use crate::agent_binary::AgentBinary;
+use crate::bootstrap::Context;
+use crate::client::ClientTls;
+use crate::progress::Report;
+use crate::state::StateDir;
+use crate::sync::{HashCache, LocalTree};
+
+/// The options every command takes (the CLI's global flags).
+#[derive(Debug, Clone, Default)]
+pub struct GlobalOptions {
+    /// `--host` specs, `[USER@]HOST[:PORT]` or `local`.
+    pub hosts: Vec<String>,
+    pub inventory: Option<PathBuf>,
+    pub limit: Option<String>,
+    pub identities: Vec<PathBuf>,
+    /// Default `~/.ssh/known_hosts`.
+    pub known_hosts: Option<PathBuf>,
+    pub accept_new_host_keys: bool,
+    /// Default `~/.ssh/config`.
+    pub ssh_config: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub forks: usize,
+    /// Default [`StateDir::default_path`].
+    pub state_dir: Option<PathBuf>,
+    pub agent_binary: Option<PathBuf>,
+}
+
+/// What every command needs: targets, state, TLS, SSH options.
+pub struct Setup {
+    pub targets: Vec<Target>,
+    pub state: StateDir,
+    pub ctx: Arc<Context>,
+    pub forks: usize,
+}
+
+impl Setup {
+    /// Resolves the targets (no host at all means this machine), opens the
+    /// state directory and its CA, and, when `needs_binary`, finds the agent
+    /// binary. Warnings (about `~/.ssh/config`) go to `report`.
+    pub fn new(g: &GlobalOptions, needs_binary: bool, report: &dyn Report) -> Result<Self, ControllerError> {
+        let home = mlops_inventory::ssh_config::home_dir();
+        let ssh_config_path = g.ssh_config.clone().unwrap_or_else(|| home.join(".ssh/config"));
+        let ssh_config = SshConfig::load(&ssh_config_path);
+        for w in &ssh_config.warnings {
+            report.warn(&format!("{}: {w}", ssh_config_path.display()));
+        }
+        let targets = resolve_targets(g, &ssh_config)?;
+
+        let state_path = g.state_dir.clone().unwrap_or_else(StateDir::default_path);
+        let state = StateDir::open(&state_path)?;
+        let tls = ClientTls::new(state.ca.cert_pem(), &state.client_identity()?)?;
+        let binary = if needs_binary { Some(AgentBinary::locate(g.agent_binary.as_deref())?) } else { None };
+
+        let mut ssh = SshOptions::new(g.known_hosts.clone().unwrap_or_else(|| home.join(".ssh/known_hosts")));
+        ssh.accept_new = g.accept_new_host_keys;
+        ssh.connect_timeout = g.connect_timeout.max(Duration::from_secs(1));
+        for id in &g.identities {
+            if !id.is_file() {
+                return Err(mlops_ssh::SshError::KeyLoad { path: id.clone(), message: "no such file".into() }.into());
+            }
+        }
+        let ctx = Context { binary, tls, ssh, identities: g.identities.clone() };
+        Ok(Setup { targets, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
+    }
+}
+
+fn resolve_targets(g: &GlobalOptions, ssh_config: &SshConfig) -> Result<Vec<Target>, ControllerError> {
+    if g.limit.is_some() && g.inventory.is_none() {
+        return Err(ControllerError::usage(
+            "--limit selects hosts of an inventory, but no --inventory was given",
+            Some("add -i FILE, or name hosts with --host"),
+        ));
+    }
+    let mut targets = Vec::new();
+    if let Some(inv) = &g.inventory {
+        targets.extend(mlops_inventory::load_targets(inv, g.limit.as_deref(), ssh_config)?);
+    }
+    targets.extend(mlops_inventory::target::targets_from_specs(&g.hosts, ssh_config)?);
+    if targets.is_empty() {
+        // The embedded default: this machine, no SSH.
+        targets.push(Target::local());
+    }
+    let mut seen_local = false;
+    targets.retain(|t| {
+        if t.connection == Connection::Local {
+            let first = !seen_local;
+            seen_local = true;
+            return first;
+        }
+        true
+    });
+    let mut names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ControllerError::usage(format!("host `{}` is named twice", w[0]), None));
+    }
+    Ok(targets)
+}
+
+/// Which stack: a directory with a Compose file, or just a project name;
+/// without `--stack`, the embedded platform bundle.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// A directory holding compose.yaml (or the Compose file itself).
+    pub stack: Option<PathBuf>,
+    /// Overrides the Compose file's `name:`.
+    pub project: Option<String>,
+    pub profiles: Vec<String>,
+    /// Services left out (`--skip`).
+    pub skip: Vec<String>,
+    /// Interpolation variables set by flags (such as `--expose`).
+    pub vars: Vec<(String, String)>,
+}
+
+impl StackOptions {
+    /// The stack directory: `--stack`, else the embedded platform bundle,
+    /// written once into the state directory.
+    pub fn dir(&self, state: &StateDir) -> Result<PathBuf, ControllerError> {
+        match &self.stack {
+            Some(dir) => Ok(dir.clone()),
+            None => bundle::materialize(state),
+        }
+    }
+
+    /// The project named by `--project`, or by the stack (default: the platform).
+    pub fn project(&self, state: &StateDir) -> Result<String, ControllerError> {
+        if self.stack.is_none()
+            && let Some(p) = &self.project
+        {
+            return mlops_compose::normalize_project(p).ok_or_else(|| {
+                ControllerError::usage(
+                    format!("--project `{p}` is not a usable project name"),
+                    Some("use lowercase letters, digits, `-` and `_`"),
+                )
+            });
+        }
+        Ok(mlops_compose::preflight(&self.dir(state)?, self.project.as_deref())?.0)
+    }
+
+    /// The stack model, with its generated secrets and `--skip` applied;
+    /// warnings about the Compose file go to `report`.
+    pub fn load_model(&self, state: &StateDir, report: &dyn Report) -> Result<mlops_compose::Loaded, ControllerError> {
+        let dir = self.dir(state)?;
+        let (project, secret_names) = mlops_compose::preflight(&dir, self.project.as_deref())?;
+        let secrets = crate::secrets::load_or_generate(&state.path, &project, &secret_names)?;
+        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        env.extend(secrets);
+        env.extend(self.vars.iter().cloned());
+        let options = mlops_compose::LoadOptions { project: Some(project), env, profiles: self.profiles.clone() };
+        let mut loaded = mlops_compose::load(&dir, &options)?;
+        for w in &loaded.warnings {
+            report.warn(&w.to_string());
+        }
+        mlops_compose::skip_services(&mut loaded.stack, &self.skip)
+            .map_err(|m| ControllerError::usage(m, Some("--skip takes the name of a service of the stack")))?;
+        Ok(loaded)
+    }
+
+    /// The model and the scanned stack directory (with injected binaries),
+    /// once for all hosts.
+    pub fn load(&self, state: &StateDir, report: &dyn Report) -> Result<LoadedStack, ControllerError> {
+        let loaded = self.load_model(state, report)?;
+        let mut cache = HashCache::open(state.path.join("cache/file-hashes.json"));
+        let mut tree = crate::sync::scan(&loaded.dir, &mut cache)?;
+        cache.save();
+        for (path, artifact) in &loaded.stack.options.inject {
+            let source = crate::agent_binary::locate_artifact(artifact)?;
+            tree.add_file(path, &source, 0o755)?;
+        }
+        Ok(LoadedStack { stack: loaded.stack, tree: Arc::new(tree) })
+    }
+}
+
+/// A stack ready to go to hosts: its model and its files.
+pub struct LoadedStack {
+    pub stack: mlops_proto::stack::Stack,
+    pub tree: Arc<LocalTree>,
+}
