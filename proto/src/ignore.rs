@@ -1,14 +1,19 @@
 //! `.dockerignore`-style patterns, used for build contexts (agent) and for
-//! the files a stack sync leaves out (`.mlopsignore`, controller).
+//! the files a stack sync leaves out (`.mlopsignore`, controller). The
+//! matching is `globset`'s (the same crate matches `--limit` and
+//! `ssh_config` patterns); this module adds Docker's rules around it.
+
+use globset::{GlobBuilder, GlobMatcher};
 
 /// One `.dockerignore` rule.
 #[derive(Debug, Clone)]
 struct Rule {
-    pattern: Vec<String>,
+    glob: GlobMatcher,
     negate: bool,
 }
 
-/// `.dockerignore` patterns: Go `filepath.Match` per path segment, `**`
+/// `.dockerignore` patterns: Go `filepath.Match` syntax per path segment
+/// (`*` and `?` stay within a segment, `[...]` classes, `\` escapes), `**`
 /// for any number of segments, `!` to re-include; the last matching rule
 /// wins; a rule that matches a directory covers everything below it.
 #[derive(Debug, Clone, Default)]
@@ -17,89 +22,54 @@ pub struct Ignore {
 }
 
 impl Ignore {
-    pub fn parse(text: &str) -> Self {
-        let rules = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| {
-                let (negate, p) = match l.strip_prefix('!') {
-                    Some(p) => (true, p.trim()),
-                    None => (false, l),
-                };
-                let p = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
-                Rule {
-                    pattern: p.split('/').filter(|s| !s.is_empty() && *s != ".").map(str::to_string).collect(),
-                    negate,
-                }
-            })
-            .filter(|r| !r.pattern.is_empty())
-            .collect();
-        Ignore { rules }
+    /// Parses the file's text; a pattern that is not a valid glob is an
+    /// error naming its line (Docker refuses such a file too).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut rules = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (negate, p) = match line.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, line),
+            };
+            let cleaned: Vec<&str> = p
+                .trim_start_matches("./")
+                .trim_start_matches('/')
+                .trim_end_matches('/')
+                .split('/')
+                .filter(|s| !s.is_empty() && *s != ".")
+                .collect();
+            if cleaned.is_empty() {
+                continue;
+            }
+            // Go writes a negated class `[^...]`; globset, `[!...]`.
+            let pattern = cleaned.join("/").replace("[^", "[!");
+            let glob = GlobBuilder::new(&pattern)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| format!("line {}: `{line}` is not a valid pattern: {}", n + 1, e.kind()))?;
+            rules.push(Rule { glob: glob.compile_matcher(), negate });
+        }
+        Ok(Ignore { rules })
     }
 
     /// Whether `rel` (a `/`-separated path in the context) is excluded.
     pub fn excluded(&self, rel: &str) -> bool {
         let parts: Vec<&str> = rel.split('/').collect();
+        let prefixes: Vec<String> = (1..=parts.len()).map(|n| parts[..n].join("/")).collect();
         let mut excluded = false;
         for rule in &self.rules {
             // A match of the path or of any of its parent directories.
-            let hit = (1..=parts.len()).any(|n| match_segments(&rule.pattern, &parts[..n]));
-            if hit {
+            if prefixes.iter().any(|p| rule.glob.is_match(p)) {
                 excluded = !rule.negate;
             }
         }
         excluded
     }
-}
-
-fn match_segments(pattern: &[String], path: &[&str]) -> bool {
-    match (pattern.first(), path.first()) {
-        (None, None) => true,
-        (None, Some(_)) => false,
-        (Some(p), _) if p == "**" => (0..=path.len()).any(|skip| match_segments(&pattern[1..], &path[skip..])),
-        (Some(_), None) => false,
-        (Some(p), Some(s)) => glob_segment(p, s) && match_segments(&pattern[1..], &path[1..]),
-    }
-}
-
-/// `*`, `?`, `[...]` within one path segment.
-fn glob_segment(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    fn go(p: &[char], t: &[char]) -> bool {
-        match p.first() {
-            None => t.is_empty(),
-            Some('*') => (0..=t.len()).any(|i| go(&p[1..], &t[i..])),
-            Some('?') => !t.is_empty() && go(&p[1..], &t[1..]),
-            Some('[') => {
-                let Some(end) = p.iter().position(|c| *c == ']') else {
-                    return !t.is_empty() && t[0] == '[' && go(&p[1..], &t[1..]);
-                };
-                let Some(&c) = t.first() else { return false };
-                let class = &p[1..end];
-                let (neg, class) = match class.first() {
-                    Some('^' | '!') => (true, &class[1..]),
-                    _ => (false, class),
-                };
-                let mut hit = false;
-                let mut i = 0;
-                while i < class.len() {
-                    if i + 2 < class.len() && class[i + 1] == '-' {
-                        hit |= class[i] <= c && c <= class[i + 2];
-                        i += 3;
-                    } else {
-                        hit |= class[i] == c;
-                        i += 1;
-                    }
-                }
-                hit != neg && go(&p[end + 1..], &t[1..])
-            }
-            Some('\\') if p.len() > 1 => !t.is_empty() && t[0] == p[1] && go(&p[2..], &t[1..]),
-            Some(c) => !t.is_empty() && t[0] == *c && go(&p[1..], &t[1..]),
-        }
-    }
-    go(&p, &t)
 }
 
 #[cfg(test)]
@@ -108,7 +78,7 @@ mod tests {
 
     #[test]
     fn dockerignore() {
-        let ig = Ignore::parse("# c\n*.log\nbuild/\n!build/keep.txt\n**/secret*\n/tmp\n");
+        let ig = Ignore::parse("# c\n*.log\nbuild/\n!build/keep.txt\n**/secret*\n/tmp\n").unwrap();
         assert!(ig.excluded("a.log"));
         assert!(!ig.excluded("d/a.log"), "`*.log` matches at the top only");
         assert!(ig.excluded("build/x.o"));
@@ -117,5 +87,16 @@ mod tests {
         assert!(ig.excluded("secret.txt"));
         assert!(ig.excluded("tmp/x"));
         assert!(!ig.excluded("src/main.rs"));
+    }
+
+    #[test]
+    fn go_syntax_classes_escapes_and_deep_stars() {
+        let ig = Ignore::parse("[^a]x\nlog[0-9]\n\\*lit\ndocs/**/*.md\n").unwrap();
+        assert!(ig.excluded("bx") && !ig.excluded("ax"), "a negated class");
+        assert!(ig.excluded("log7") && !ig.excluded("logx"));
+        assert!(ig.excluded("*lit") && !ig.excluded("xlit"), "an escaped star is literal");
+        assert!(ig.excluded("docs/a/b/c.md") && ig.excluded("docs/c.md") && !ig.excluded("c.md"));
+        let e = Ignore::parse("ok\n[unclosed\n").unwrap_err();
+        assert!(e.starts_with("line 2: `[unclosed` is not a valid pattern"), "{e}");
     }
 }

@@ -47,7 +47,9 @@ pub fn pack_with(
     target: Option<&str>,
     extra: &[(String, Vec<u8>)],
 ) -> Result<Context, EngineError> {
-    let ignore = Ignore::parse(&std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_default());
+    let ignore_path = dir.join(".dockerignore");
+    let ignore = Ignore::parse(&std::fs::read_to_string(&ignore_path).unwrap_or_default())
+        .map_err(|e| failed("", format!("{}: {e}", ignore_path.display()), ""))?;
     let dockerfile_path = dir.join(dockerfile);
     let dockerfile_text = std::fs::read_to_string(&dockerfile_path)
         .map_err(|e| failed("", format!("cannot read Dockerfile {}: {e}", dockerfile_path.display()), ""))?;

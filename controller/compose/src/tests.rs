@@ -162,7 +162,7 @@ fn bad_input_names_line_and_column() {
     );
 
     let e = parse_with("services:\n  a:\n    command: \"echo 'unterminated\"\n    image: x\n", &[]).unwrap_err();
-    assert!(e.to_string().contains("unterminated single quote"), "{e}");
+    assert!(e.to_string().contains("command: an unterminated quote"), "{e}");
 }
 
 #[test]

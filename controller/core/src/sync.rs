@@ -104,7 +104,13 @@ fn hash_file(path: &Path) -> Result<String, ControllerError> {
 /// Scans `root`: every file, directory and symlink, minus `.git` and the
 /// patterns of `root/.mlopsignore`.
 pub fn scan(root: &Path, cache: &mut HashCache) -> Result<LocalTree, ControllerError> {
-    let ignore = Ignore::parse(&std::fs::read_to_string(root.join(".mlopsignore")).unwrap_or_default());
+    let ignore_path = root.join(".mlopsignore");
+    let ignore = Ignore::parse(&std::fs::read_to_string(&ignore_path).unwrap_or_default()).map_err(|e| {
+        ControllerError::usage(
+            format!("{}: {e}", ignore_path.display()),
+            Some("patterns follow .dockerignore: `*`, `?`, `[...]`, `**`, `!` to re-include"),
+        )
+    })?;
     let mut tree = LocalTree { root: root.to_path_buf(), ..Default::default() };
     walk(root, root, &ignore, cache, &mut tree)?;
     tree.entries.sort_by(|a, b| a.path.cmp(&b.path));

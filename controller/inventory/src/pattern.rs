@@ -9,27 +9,33 @@ use std::collections::BTreeSet;
 
 use crate::inventory::Inventory;
 
-/// Shell-style glob: `*` any run, `?` one character; everything else literal.
+/// Ansible's (fnmatch) glob: `*` any run, `?` one character, `[...]` a
+/// class (`[!...]` negated); everything else literal. Matched by `globset`,
+/// the crate that also matches `.dockerignore` patterns; a pattern that is
+/// not a valid glob (an unclosed `[`) matches only itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    // fnmatch has no `{a,b}` alternation: braces are literal.
+    let escaped = pattern.replace('{', "\\{").replace('}', "\\}");
+    glob_is_match(&escaped, pattern, text)
+}
+
+/// OpenSSH's `Host` patterns: only `*` and `?` are special.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let mut escaped = String::with_capacity(pattern.len() + 4);
+    for c in pattern.chars() {
+        if matches!(c, '[' | ']' | '{' | '}' | '\\') {
+            escaped.push('\\');
         }
+        escaped.push(c);
     }
-    p[pi..].iter().all(|c| *c == '*')
+    glob_is_match(&escaped, pattern, text)
+}
+
+fn glob_is_match(glob: &str, pattern: &str, text: &str) -> bool {
+    match globset::GlobBuilder::new(glob).backslash_escape(true).literal_separator(false).build() {
+        Ok(g) => g.compile_matcher().is_match(text),
+        Err(_) => pattern == text,
+    }
 }
 
 /// Hosts of `inv` matched by `pattern`, in inventory order. A term that
@@ -96,6 +102,11 @@ mod tests {
         assert!(glob_match("a*b*c", "axxbyyc"));
         assert!(!glob_match("a*b", "ac"));
         assert!(!glob_match("web", "web1"));
+        assert!(glob_match("web[0-2]", "web1") && !glob_match("web[!0-2]", "web1"));
+        assert!(glob_match("w{a,b}", "w{a,b}") && !glob_match("w{a,b}", "wa"), "braces are literal");
+        assert!(glob_match("web[", "web["), "an invalid glob matches itself");
+        assert!(wildcard_match("*.example.com", "db.example.com"));
+        assert!(wildcard_match("[10.0.0.1]", "[10.0.0.1]") && !wildcard_match("h[12]", "h1"), "ssh: `[` is literal");
     }
 
     #[test]

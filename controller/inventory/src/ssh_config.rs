@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::pattern::glob_match;
+use crate::pattern::{glob_match, wildcard_match};
 
 #[derive(Debug, Clone, Default)]
 pub struct SshConfig {
@@ -150,10 +150,10 @@ fn host_matches(patterns: &[String], alias: &str) -> bool {
     for p in patterns {
         for p in p.split(',') {
             if let Some(neg) = p.strip_prefix('!') {
-                if glob_match(neg, alias) {
+                if wildcard_match(neg, alias) {
                     return false;
                 }
-            } else if glob_match(p, alias) {
+            } else if wildcard_match(p, alias) {
                 matched = true;
             }
         }
@@ -182,10 +182,11 @@ pub fn expand_tilde(s: &str) -> PathBuf {
     }
 }
 
-/// Expands `*` in the last path component (what `Include config.d/*` needs).
+/// Expands a glob in the last path component (what `Include config.d/*`
+/// needs; OpenSSH uses glob(3) there, so `[...]` classes work too).
 fn expand_file_glob(path: &Path) -> Vec<PathBuf> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if !name.contains(['*', '?']) {
+    if !name.contains(['*', '?', '[']) {
         return vec![path.to_path_buf()];
     }
     let dir = path.parent().unwrap_or(Path::new("."));

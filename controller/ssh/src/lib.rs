@@ -456,10 +456,7 @@ fn load_key(path: &Path) -> Result<PrivateKey, String> {
 
 /// Quotes a string for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b)) {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
+    shell_words::quote(s).into_owned()
 }
 
 #[cfg(test)]

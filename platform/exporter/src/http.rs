@@ -1,9 +1,15 @@
-//! HTTP/1.0 over `std::net`: requests with a deadline, and a tiny server.
+//! HTTP over `std::net`: requests with a deadline, and a small server.
+//! Messages are parsed by `httparse` (the parser under hyper); this module
+//! only moves bytes. It stays on blocking `std` sockets rather than a client
+//! crate because the exporter is a static binary in a `FROM scratch` image:
+//! no async runtime, no TLS (Airflow is reached over the stack's network),
+//! and names resolved by [`crate::dns`] (glibc's resolver needs NSS modules
+//! that a scratch image does not have).
 //!
-//! HTTP/1.0 keeps the client simple: the server closes the connection after
-//! the response and sends no chunked encoding.
+//! Requests are HTTP/1.0, so the server closes the connection after its
+//! answer; chunked answers are decoded all the same.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -75,40 +81,73 @@ pub fn request(
     parse_response(&raw)
 }
 
+/// A whole answer (read until the server closed the connection).
 pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the answer has no HTTP header end")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status_line = head.lines().next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err(format!("not an HTTP answer: `{status_line}`"));
-    }
-    let status = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad status line `{status_line}`"))?;
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
-    });
-    if chunked {
-        body = dechunk(&body)?;
-    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("the answer ended inside its HTTP header".into()),
+        Err(e) => {
+            let first = String::from_utf8_lossy(raw.split(|b| *b == b'\n').next().unwrap_or_default());
+            return Err(format!("not an HTTP answer ({e}): `{}`", first.trim()));
+        }
+    };
+    let status = response.code.ok_or("the answer has no status code")?;
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let body = &raw[head_len..];
+    let body = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        dechunk(body)?
+    } else if let Some(len) = header("content-length") {
+        let len: usize = len.parse().map_err(|_| format!("bad Content-Length `{len}`"))?;
+        body.get(..len).ok_or_else(|| format!("the answer ended after {} of {len} bytes", body.len()))?.to_vec()
+    } else {
+        body.to_vec()
+    };
     Ok(Response { status, body })
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or("bad chunked body")?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "bad chunk size")?;
-        data = &data[line_end + 2..];
+        let (start, size) = match httparse::parse_chunk_size(data) {
+            Ok(httparse::Status::Complete(x)) => x,
+            Ok(httparse::Status::Partial) => return Err("truncated chunked body".into()),
+            Err(_) => return Err("bad chunk size in a chunked body".into()),
+        };
+        let size = usize::try_from(size).map_err(|_| "chunk too large")?;
+        data = &data[start..];
         if size == 0 {
             return Ok(out);
         }
         out.extend_from_slice(data.get(..size).ok_or("truncated chunk")?);
-        data = data.get(size + 2..).ok_or("truncated chunk")?;
+        data = data.get(size..).and_then(|d| d.strip_prefix(b"\r\n")).ok_or("truncated chunk")?;
     }
 }
+
+/// The method and path of a request, once its header is complete (`None`
+/// while more bytes are needed).
+fn parse_request(buf: &[u8]) -> Result<Option<(String, String)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Ok(Some((
+            request.method.unwrap_or_default().to_string(),
+            request.path.unwrap_or("/").split('?').next().unwrap_or("/").to_string(),
+        ))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Largest request header the server reads.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// Serves `handler` (path → status, content type, body) on `listener`, a
 /// thread per connection; runs until the process ends.
@@ -119,27 +158,28 @@ pub fn serve(listener: &TcpListener, handler: impl Fn(&str) -> (u16, &'static st
         let handler = handler.clone();
         std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut line = String::new();
-            let mut reader = BufReader::new(match stream.try_clone() {
-                Ok(s) => s,
-                Err(_) => return,
-            });
-            if reader.read_line(&mut line).is_err() {
-                return;
-            }
-            // Drain the headers.
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = if line.starts_with("GET ") {
-                handler(path)
-            } else {
-                (405, "text/plain", b"method not allowed\n".to_vec())
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 2048];
+            let request = loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                match parse_request(&buf) {
+                    Ok(Some(r)) => break Ok(r),
+                    Ok(None) if buf.len() < MAX_REQUEST_HEAD => {}
+                    Ok(None) => break Err("request header too large".to_string()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let (status, ctype, body) = match request {
+                Ok((method, path)) if method == "GET" => handler(&path),
+                Ok(_) => (405, "text/plain", b"method not allowed\n".to_vec()),
+                Err(e) => (400, "text/plain", format!("bad request: {e}\n").into_bytes()),
             };
             let reason = match status {
                 200 => "OK",
+                400 => "Bad Request",
                 404 => "Not Found",
                 405 => "Method Not Allowed",
                 _ => "Error",
@@ -166,10 +206,36 @@ mod tests {
             parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
                 .unwrap();
         assert_eq!(c.body, b"abcde");
+        let sized = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabEXTRA").unwrap();
+        assert_eq!(sized.body, b"ab", "Content-Length bounds the body");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err(), "short body");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nX: y").is_err(), "no header end");
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(b"SSH-2.0-x\r\n\r\n").is_err());
         assert_eq!(split_base("http://airflow-apiserver:8080").unwrap(), ("airflow-apiserver".into(), 8080));
         assert!(split_base("https://x").is_err());
+    }
+
+    #[test]
+    fn requests_are_parsed_whole() {
+        assert_eq!(
+            parse_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap(),
+            Some(("GET".into(), "/metrics".into()))
+        );
+        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nHost:").unwrap(), None, "more bytes needed");
+        assert!(parse_request(b"\x16\x03\x01 tls hello\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn the_server_answers_and_refuses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || serve(&l, |path| (200, "text/plain", path.as_bytes().to_vec())));
+        let r = request(&base, "GET", "/health", &[], None, Duration::from_secs(5)).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"/health"[..]));
+        let r = request(&base, "POST", "/health", &[], Some(b"{}"), Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 405);
     }
 
     #[test]
