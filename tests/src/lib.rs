@@ -451,7 +451,7 @@ LogLevel VERBOSE
     }
 
     /// A command that runs inside the host's network and mount namespaces.
-    fn command_inside(&self, program: &str) -> Command {
+    pub fn command_inside(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.args(["--target", &self.anchor.id().to_string(), "--mount", "--net", "--", program]);
         cmd

@@ -103,6 +103,19 @@ fn deploy_without_hosts_targets_this_machine() {
         agent = bins.agent.display(),
         ctl = bins.mlopsctl.display()
     );
+    // Before the deploy: this machine answers, its agent does not; the
+    // status says so, and says why once.
+    let before = host
+        .command_inside("sh")
+        .args(["-c", &script.replace(" deploy --no-stack --output json", " status")])
+        .output()
+        .unwrap();
+    assert_eq!(before.status.code(), Some(1));
+    let row = String::from_utf8_lossy(&before.stdout).lines().nth(1).unwrap_or_default().to_string();
+    assert!(row.starts_with("localhost") && row.contains(" no agent "), "{row}");
+    assert_eq!(row.matches("does not answer").count(), 1, "{row}");
+    assert!(!row.contains("ssh"), "no SSH is involved on this machine: {row}");
+
     let out = host.exec(&script).unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let r = &json["hosts"][0];

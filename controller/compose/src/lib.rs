@@ -153,7 +153,12 @@ pub fn parse(
     let root = p.interpolate_tree(root)?;
     let stack = p.stack(&root, options)?;
     p.warnings.sort_by_key(|w| (w.line, w.column));
-    Ok(Loaded { stack, warnings: p.warnings, file: file.to_path_buf(), dir: dir.to_path_buf() })
+    // Each thing is said once: an unset variable (as Compose does) at the
+    // first place that names it, whether a string names it twice or an
+    // anchor merged into several services carries it.
+    let mut seen = std::collections::BTreeSet::new();
+    let warnings: Vec<Warning> = p.warnings.into_iter().filter(|w| seen.insert(w.message.clone())).collect();
+    Ok(Loaded { stack, warnings, file: file.to_path_buf(), dir: dir.to_path_buf() })
 }
 
 struct Parser<'a> {

@@ -229,3 +229,14 @@ fn the_platform_bundle_parses_without_warnings() {
     assert!(!stack.options.ui.contains_key("grafana"));
     assert!(skip_services(&mut l.stack.clone(), &["postgres".into()]).unwrap_err().contains("depends on it"));
 }
+
+#[test]
+fn a_warning_is_said_once_per_place() {
+    // As in Airflow's own Compose file: a script naming an unset variable
+    // twice, in an anchor that several services merge.
+    let text = "x-common: &common\n  image: x\n  command: [\"sh\", \"-c\", \"id ${AIRFLOW_UID}; echo ${AIRFLOW_UID}\"]\nservices:\n  a:\n    <<: *common\n  b:\n    <<: *common\n";
+    let loaded = parse_with(text, &[]).unwrap();
+    let unset: Vec<String> =
+        loaded.warnings.iter().map(ToString::to_string).filter(|w| w.contains("AIRFLOW_UID")).collect();
+    assert_eq!(unset.len(), 1, "{unset:#?}");
+}
