@@ -8,6 +8,9 @@
 #
 #   guard.sh snapshot FILE          record the machine's engine and agent state
 #   guard.sh compare BEFORE AFTER   print what differs; exit 1 if anything does
+#   guard.sh events SINCE UNTIL     what the engine did in between (Unix
+#                                   seconds), health checks and the sentinel's
+#                                   own checks left out; exit 1 if anything
 #   guard.sh sentinel-up NAME       deploy a small stack on the machine's engine,
 #                                   as a user's deployment would be: a container
 #                                   writing a token into a named volume
@@ -39,7 +42,8 @@ snapshot() {
     # Containers: identity, image, state, when they last started and how
     # often they restarted (a restart by the suite changes StartedAt).
     docker ps -aq --no-trunc | while read -r id; do
-      docker inspect --format 'container {{.Name}} id={{.Id}} image={{.Image}} state={{.State.Status}} started={{.State.StartedAt}} restarts={{.RestartCount}}' "$id"
+      # A container removed between the list and here is simply not there.
+      docker inspect --format 'container {{.Name}} id={{.Id}} image={{.Image}} state={{.State.Status}} started={{.State.StartedAt}} restarts={{.RestartCount}}' "$id" 2>/dev/null || true
     done
     docker volume ls -q | sed 's/^/volume /'
     docker network ls --no-trunc --format 'network {{.Name}} id={{.ID}}'
@@ -52,7 +56,30 @@ snapshot() {
       fi
     done
     ss -Hltn "sport = :$AGENT_PORT" | awk -v port="$AGENT_PORT" '{print "listening on agent port " port ": " $4}'
+    # Under systemd the agent has no pidfile: its unit's process and start.
+    if [ -d /run/systemd/system ]; then
+      systemctl show -p MainPID -p ActiveEnterTimestamp mlops-agent.service 2>/dev/null | sed 's/^/agent unit /'
+    fi
   } | LC_ALL=C sort > "$out"
+}
+
+# What the engine did between two instants: a test that created and removed
+# something on it leaves no trace in the snapshots, but here. Health checks
+# (exec_*, health_status) run all the time and are left out, as is the
+# guard's own sentinel.
+events() {
+  local since=$1 until=$2 seen
+  seen=$(docker events --since "$since" --until "$until" \
+    --format '{{.Type}} {{.Action}} {{.Actor.ID}} {{index .Actor.Attributes "name"}}' |
+    grep -vE '^container (exec_[a-z]+|health_status)' | grep -v ' mlops-guard-' || true)
+  if [ -z "$seen" ]; then
+    echo "guard: this machine's Docker engine did nothing during the tests"
+    return 0
+  fi
+  echo "error: during the tests, this machine's own Docker engine did:" >&2
+  printf '%s\n' "$seen" | sed 's/^/  /' >&2
+  echo "  hint: a test must act only on its own test hosts (mlops_e2e::TestHost), never on this machine's engine" >&2
+  return 1
 }
 
 compare() {
@@ -118,8 +145,9 @@ sentinel_down() {
 case "${1:-}" in
   snapshot) snapshot "${2:?FILE}" ;;
   compare) compare "${2:?BEFORE}" "${3:?AFTER}" ;;
+  events) events "${2:?SINCE}" "${3:?UNTIL}" ;;
   sentinel-up) sentinel_up "${2:?NAME}" ;;
   sentinel-check) sentinel_check "${2:?NAME}" ;;
   sentinel-down) sentinel_down "${2:?NAME}" ;;
-  *) die "usage: $0 snapshot FILE | compare BEFORE AFTER | sentinel-up|sentinel-check|sentinel-down NAME" ;;
+  *) die "usage: $0 snapshot FILE | compare BEFORE AFTER | events SINCE UNTIL | sentinel-up|sentinel-check|sentinel-down NAME" ;;
 esac

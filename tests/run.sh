@@ -58,9 +58,11 @@ fi
 # This machine's own engine is needed only for the guard's sentinel (the
 # tests never use it). Started here when none answers (no systemd as PID 1
 # on CI machines); a user's running engine is used as it is.
+started_engine=
 if ! docker version >/dev/null 2>&1; then
-  echo "starting this machine's dockerd (for the guard's sentinel; the tests use engines of their own)"
+  echo "starting this machine's dockerd (for the guard's sentinel; the tests use engines of their own; stopped at the end)"
   setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+  started_engine=$!
   for _ in $(seq 1 60); do
     docker version >/dev/null 2>&1 && break
     sleep 0.5
@@ -73,10 +75,15 @@ sentinel="mlops-guard-$$"
 cleanup() {
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work"
+  if [ -n "$started_engine" ]; then
+    kill "$started_engine" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$started_engine" 2>/dev/null || break; sleep 0.5; done
+  fi
 }
 trap cleanup EXIT
 tests/guard.sh sentinel-up "$sentinel"
 tests/guard.sh snapshot "$work/before"
+suite_started=$(date +%s)
 phase "setup (packages, engine, guard)"
 
 set +e
@@ -88,6 +95,7 @@ phase "build and tests"
 guard=0
 tests/guard.sh snapshot "$work/after"
 tests/guard.sh compare "$work/before" "$work/after" || guard=1
+tests/guard.sh events "$suite_started" "$(date +%s)" || guard=1
 tests/guard.sh sentinel-check "$sentinel" || guard=1
 
 # Each test binary's time, then one closing line over all of them (cargo

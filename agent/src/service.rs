@@ -44,9 +44,33 @@ pub enum AgentError {
     Engine(#[from] EngineError),
 }
 
+/// Longest message and output a `Failure` carries: it travels in the
+/// status's trailers, which HTTP/2 peers bound (16 KiB by default).
+const MAX_FAILURE_TEXT: usize = 2048;
+
+/// `text`, or its last `max` bytes (at a character boundary) after `...`:
+/// the end of an output says the most.
+fn tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &text[start..])
+}
+
 /// The one mapping from an agent error to what the controller receives:
 /// a kind, the message, and the fields the kind calls for.
 pub fn failure(e: &AgentError) -> Failure {
+    let mut f = failure_uncapped(e);
+    f.message = tail(&f.message, MAX_FAILURE_TEXT);
+    f.output = tail(&f.output, MAX_FAILURE_TEXT);
+    f
+}
+
+fn failure_uncapped(e: &AgentError) -> Failure {
     let mut f = Failure { message: e.to_string(), ..Default::default() };
     let kind = match e {
         AgentError::ShuttingDown => FailureKind::ShuttingDown,
@@ -363,8 +387,9 @@ impl Agent for AgentService {
                     });
                     let _ = tx.send(last.map_err(Status::from)).await;
                 }
+                // Not on the controller going away: killing apt-get or dpkg
+                // mid-way would leave the host's packages half-installed.
                 _ = stop.changed() => {}
-                () = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -493,9 +518,15 @@ impl Agent for AgentService {
                     }
                 }
             };
-            let (result, ()) = tokio::join!(work, forward);
-            if let Err(e) = result {
-                let _ = tx.send(Err(e.into())).await;
+            // The client going away ends the task even when nothing happens
+            // (no event, no log line) to notice it by.
+            tokio::select! {
+                (result, ()) = async { tokio::join!(work, forward) } => {
+                    if let Err(e) = result {
+                        let _ = tx.send(Err(e.into())).await;
+                    }
+                }
+                () = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -531,9 +562,15 @@ impl Agent for AgentService {
                     }
                 }
             };
-            let (result, ()) = tokio::join!(work, forward);
-            if let Err(e) = result {
-                let _ = tx.send(Err(e.into())).await;
+            // The client going away ends the task even when nothing happens
+            // (no event, no log line) to notice it by.
+            tokio::select! {
+                (result, ()) = async { tokio::join!(work, forward) } => {
+                    if let Err(e) = result {
+                        let _ = tx.send(Err(e.into())).await;
+                    }
+                }
+                () = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -600,6 +637,27 @@ async fn stream_stack_work<W, F>(
             let _ = tx.send(last.map_err(|e| stack_status(e, project))).await;
         }
         () = tx.closed() => tracing::warn!("{what} of {project}: the controller went away; stopped"),
-        _ = stop.changed() => tracing::warn!("{what} of {project}: the agent is shutting down; stopped"),
+        _ = stop.changed() => {
+            tracing::warn!("{what} of {project}: the agent is shutting down; stopped");
+            let _ = tx.send(Err(AgentError::ShuttingDown.into())).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_outputs_are_cut_to_their_end() {
+        let output = format!("{}the last line", "é".repeat(5000));
+        let e = AgentError::Engine(EngineError::Unhealthy { service: "web".into(), output });
+        let f = failure(&e);
+        assert_eq!(f.kind(), FailureKind::HealthCheckFailed);
+        assert!(f.output.len() <= MAX_FAILURE_TEXT + 3 && f.message.len() <= MAX_FAILURE_TEXT + 3);
+        assert!(f.output.starts_with("...") && f.output.ends_with("the last line"), "{}", f.output);
+        // The whole status stays far below what HTTP/2 peers accept.
+        let status = mlops_proto::failure::into_status(&f);
+        assert!(status.details().len() + status.message().len() < 8 * 1024);
     }
 }

@@ -5,6 +5,34 @@
 
 use globset::{GlobBuilder, GlobMatcher};
 
+/// A Go `filepath.Match` pattern in globset's syntax: Go has no `{a,b}`
+/// alternation (braces are literal) and negates a class with `[^...]`
+/// where globset writes `[!...]`; escaped characters stay escaped.
+fn go_to_globset(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 4);
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                out.push('\\');
+                if let Some(next) = chars.next() {
+                    out.push(next);
+                }
+            }
+            '{' | '}' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '[' if chars.peek() == Some(&'^') => {
+                chars.next();
+                out.push_str("[!");
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 /// One `.dockerignore` rule.
 #[derive(Debug, Clone)]
 struct Rule {
@@ -45,8 +73,7 @@ impl Ignore {
             if cleaned.is_empty() {
                 continue;
             }
-            // Go writes a negated class `[^...]`; globset, `[!...]`.
-            let pattern = cleaned.join("/").replace("[^", "[!");
+            let pattern = go_to_globset(&cleaned.join("/"));
             let glob = GlobBuilder::new(&pattern)
                 .literal_separator(true)
                 .backslash_escape(true)
@@ -96,6 +123,9 @@ mod tests {
         assert!(ig.excluded("log7") && !ig.excluded("logx"));
         assert!(ig.excluded("*lit") && !ig.excluded("xlit"), "an escaped star is literal");
         assert!(ig.excluded("docs/a/b/c.md") && ig.excluded("docs/c.md") && !ig.excluded("c.md"));
+        let literal = Ignore::parse("a{b,c}\n\\[^x]\n").unwrap();
+        assert!(literal.excluded("a{b,c}") && !literal.excluded("ab"), "braces are literal, as in Go");
+        assert!(literal.excluded("[^x]") && !literal.excluded("y"), "an escaped `[^` stays literal");
         let e = Ignore::parse("ok\n[unclosed\n").unwrap_err();
         assert!(e.starts_with("line 2: `[unclosed` is not a valid pattern"), "{e}");
     }

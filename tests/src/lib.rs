@@ -2,11 +2,14 @@
 //!
 //! A [`TestHost`] is a host of its own on this machine: a network namespace
 //! (address `10.213.<slot>.2`, reached through a veth pair, with NAT to the
-//! outside) and a mount namespace in which `/etc`, `/usr/local/lib`,
-//! `/var/lib` and `/var/log` are overlays and `/run` is a private tmpfs, so
-//! that what the host writes there (the agent's directories, its pidfile,
-//! its log) stays in the host's temporary directory. OpenSSH's sshd runs
-//! in it; nothing about SSH is mocked.
+//! outside) and a mount namespace in which `/etc`, `/home`,
+//! `/usr/local/lib`, `/var/lib`, `/var/log` and `/var/mail` are overlays and
+//! `/run` is a private tmpfs, so that what the host writes there (the
+//! agent's directories, its users, its pidfiles, its logs) stays in the
+//! host's temporary directory. (`/usr`, `/root` and `/tmp` are the
+//! machine's: `tests/run.sh` installs the packages the hosts use, so no
+//! host installs one.) OpenSSH's sshd runs in it; nothing about SSH is
+//! mocked.
 //!
 //! A host made with [`HostOptions::docker`] also runs its own `dockerd`:
 //! its own data root, exec root, socket, pidfile, configuration, bridge
@@ -160,46 +163,36 @@ chmod 0440 /etc/sudoers.d/mlops-test
 }
 
 /// A slot: a number from 1 to 250 owned by this process, naming a test
-/// host's namespace, veth, subnet and cgroup. Files in /run/mlops-test keep
-/// concurrent test processes apart; a slot left by a dead process is
-/// cleaned up and reused.
+/// host's namespace, veth, subnet and cgroup. A slot is owned by holding an
+/// exclusive `flock` on `/run/mlops-test/slot-N`: concurrent test processes
+/// stay apart, and a slot left by a dead process (its lock gone with it) is
+/// cleaned up by the next owner, under the lock.
 struct Slot {
     n: u8,
-    file: PathBuf,
+    _lock: fs::File,
 }
 
 impl Slot {
     fn take() -> Result<Slot> {
+        use std::os::unix::io::AsRawFd;
         let dir = Path::new("/run/mlops-test");
         fs::create_dir_all(dir)?;
         for n in 1..=250u8 {
-            let file = dir.join(format!("slot-{n}"));
-            match fs::OpenOptions::new().write(true).create_new(true).open(&file) {
-                Ok(mut f) => {
-                    writeln!(f, "{}", std::process::id())?;
-                    return Ok(Slot { n, file });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner: Option<i32> = fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok());
-                    let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                    if !alive {
-                        // Stale: its namespace, processes and cgroups may remain.
-                        kill_netns(&format!("mlt{n}"));
-                        kill_cgroup(&cgroup_name(n));
-                        let _ = Command::new("ip").args(["netns", "del", &format!("mlt{n}")]).output();
-                        let _ = fs::remove_file(&file);
-                    }
-                }
-                Err(e) => return Err(e.into()),
+            let file = fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("slot-{n}")))?;
+            // SAFETY: flock(2) on a descriptor this function owns.
+            #[allow(unsafe_code)]
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+            if !locked {
+                continue;
             }
+            // Ours now. What a dead owner may have left goes first.
+            kill_netns(&format!("mlt{n}"));
+            kill_cgroup(&cgroup_name(n));
+            let _ = Command::new("ip").args(["netns", "del", &format!("mlt{n}")]).output();
+            let _ = Command::new("ip").args(["link", "del", &format!("mlv{n}")]).output();
+            return Ok(Slot { n, _lock: file });
         }
         bail!("no free test host slot in /run/mlops-test")
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.file);
     }
 }
 
@@ -343,8 +336,6 @@ impl TestHost {
         let netns = format!("mlt{n}");
         let veth = format!("mlv{n}");
         let addr = format!("10.213.{n}.2");
-        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-        let _ = Command::new("ip").args(["link", "del", &veth]).output();
         sh(&format!(
             "set -e
 ip netns add {netns}
@@ -403,6 +394,8 @@ LogLevel VERBOSE
             ));
         }
         script.push_str("mount -t tmpfs -o mode=0755 mlops-test /run\nmkdir -p /run/sshd\n");
+        // Where /var/run is a directory rather than Debian's link to /run.
+        script.push_str("if [ ! -L /var/run ]; then mount --bind /run /var/run; fi\n");
         for p in PRIVATE_DIRS {
             script.push_str(&format!("mkdir -p {p}\nmount --bind {}{p} {p}\n", d.join("root").display()));
         }
@@ -684,6 +677,13 @@ impl Drop for TestHost {
         kill_netns(&self.netns);
         let _ = self.anchor.kill();
         let _ = self.anchor.wait();
+        // The namespaces (and the mounts on the data root) go only when the
+        // last process in them has: wait for that before anything is removed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.pids().is_empty() && Instant::now() < deadline {
+            kill_netns(&self.netns);
+            std::thread::sleep(Duration::from_millis(20));
+        }
         kill_cgroup(&cgroup_name(self.slot.n));
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
         let _ = Command::new("ip").args(["link", "del", &format!("mlv{}", self.slot.n)]).output();
@@ -705,6 +705,11 @@ pub struct TestEnv {
     /// The static exporter the platform stack injects.
     pub exporter: Option<PathBuf>,
 }
+
+/// A target for commands expected to fail before they reach any host:
+/// a loopback port where nothing listens, so that even if one went further
+/// it would reach nothing.
+pub const NO_HOST: &str = "root@127.0.0.1:1";
 
 /// What a run of `mlopsctl` produced.
 #[derive(Debug)]
@@ -793,7 +798,19 @@ impl TestEnv {
         self.ctl_with(args, &[])
     }
 
+    /// Runs `mlopsctl` on this machine. Without `--host` or `-i` it would
+    /// act on this machine itself, so every call must name a target (a test
+    /// host, or a loopback port where nothing listens for commands expected
+    /// to stop first); commands that act on "this machine" run inside a
+    /// test host instead (see `cli.rs`).
     pub fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> CtlRun {
+        let targeted = args.iter().any(|a| matches!(*a, "--host" | "-i" | "--inventory"))
+            || args.iter().any(|a| a.starts_with("--host=") || a.starts_with("--inventory="));
+        let informational = args.iter().any(|a| matches!(*a, "--help" | "-h" | "--version" | "-V"));
+        assert!(
+            targeted || informational,
+            "mlopsctl {args:?} names no host, so it would act on this machine; pass --host (e.g. {NO_HOST})"
+        );
         let mut cmd = Command::new(&self.mlopsctl);
         cmd.args(args)
             .env_clear()

@@ -2,7 +2,7 @@
 //! error naming the file, line and field, with a hint; this machine is the
 //! default target.
 
-use mlops_e2e::{TestEnv, TestHost};
+use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 
 /// Replaces the per-run temporary directory with `$TMP` so the expected
 /// text can be written out in full.
@@ -56,15 +56,15 @@ fn bad_flags_exit_2() {
         out.stderr,
         "error: --host `root@box:99999`: `99999` is not a port number (1-65535)\n  hint: write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22\n"
     );
-    let out = env.ctl(&["deploy", "--limit", "web"]).expect_code(2);
+    let out = env.ctl(&["deploy", "--limit", "web", "--host", NO_HOST]).expect_code(2);
     assert!(
         out.stderr.contains("--limit selects hosts of an inventory, but no --inventory was given"),
         "{}",
         out.stderr
     );
-    let out = env.ctl(&["deploy", "--forks", "0"]).expect_code(2);
+    let out = env.ctl(&["deploy", "--forks", "0", "--host", NO_HOST]).expect_code(2);
     assert!(out.stderr.contains("--forks"), "{}", out.stderr);
-    let out = env.ctl(&["deploy", "--agent-binary", "/nonexistent/agent"]).expect_code(2);
+    let out = env.ctl(&["deploy", "--agent-binary", "/nonexistent/agent", "--host", NO_HOST]).expect_code(2);
     assert!(out.stderr.contains("no agent binary found (looked in: /nonexistent/agent)"), "{}", out.stderr);
     assert!(out.stderr.contains("hint: build it with"), "{}", out.stderr);
 }

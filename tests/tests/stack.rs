@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use mlops_e2e::{TestEnv, TestHost, TestStack};
+use mlops_e2e::{NO_HOST, TestEnv, TestHost, TestStack};
 use serde_json::Value;
 
 /// A test host with its own Docker engine, trusting `env`.
@@ -246,10 +246,10 @@ fn compose_problems_are_reported_before_anything_runs() {
     .unwrap();
     let dir = stack.path().display().to_string();
     let compose = stack.path().join("compose.yaml").display().to_string();
-    let run = env.ctl(&["sync", "--stack", &dir]).expect_code(2);
+    let run = env.ctl(&["sync", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(run.stderr.contains(&format!("error: {compose}:6:14: restart `sometimes`")), "{}", run.stderr);
     stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n    ports: [\"99999:80\"]\n").unwrap();
-    let run = env.ctl(&["deploy", "--stack", &dir]).expect_code(2);
+    let run = env.ctl(&["deploy", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(
         run.stderr.contains(&format!("error: {compose}:6:13: port `99999:80`: `99999` is not a port number")),
         "{}",
@@ -258,7 +258,7 @@ fn compose_problems_are_reported_before_anything_runs() {
     // Warnings come out with the line even when the stack is fine.
     stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n").unwrap();
     // (`ui` reads the whole Compose file, then stops: this stack has no UI.)
-    let run = env.ctl(&["ui", "web", "--stack", &dir]).expect_code(2);
+    let run = env.ctl(&["ui", "web", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(run.stderr.contains("has no UI `web`"), "{}", run.stderr);
     assert!(
         run.stderr.contains(&format!("warning: {compose}:5:5: unknown key `cap_add` in service `a` is ignored")),

@@ -1017,9 +1017,29 @@ pub fn parse_bytes(s: &str) -> Option<i64> {
 }
 
 /// Splits like a POSIX shell (quotes and backslashes; no expansion), as
-/// Compose does for a `command:` or `entrypoint:` string.
+/// Compose does for a `command:` or `entrypoint:` string. Compose's
+/// splitter (go-shellwords) keeps a word that starts with `#`, where a
+/// shell (and `shell_words`) would take it for a comment: such a `#` is
+/// escaped first.
 pub fn split_words(s: &str) -> Result<Vec<String>, String> {
-    shell_words::split(s).map_err(|_| "an unterminated quote".to_string())
+    let mut escaped = String::with_capacity(s.len() + 4);
+    let (mut quote, mut word_start, mut backslash) = (None::<char>, true, false);
+    for c in s.chars() {
+        if backslash {
+            backslash = false;
+        } else if c == '\\' && quote != Some('\'') {
+            backslash = true;
+        } else if quote == Some(c) {
+            quote = None;
+        } else if quote.is_none() && (c == '\'' || c == '"') {
+            quote = Some(c);
+        } else if quote.is_none() && c == '#' && word_start {
+            escaped.push('\\');
+        }
+        word_start = quote.is_none() && !backslash && c.is_whitespace();
+        escaped.push(c);
+    }
+    shell_words::split(&escaped).map_err(|_| "an unterminated quote".to_string())
 }
 
 #[cfg(test)]

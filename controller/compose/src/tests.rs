@@ -207,6 +207,9 @@ fn helpers() {
     assert_eq!(parse_bytes("100"), Some(100));
     assert_eq!(parse_bytes("1.5m"), Some(1_572_864));
     assert_eq!(split_words(r#"a "b c" 'd e' f\ g"#).unwrap(), ["a", "b c", "d e", "f g"]);
+    // As Compose splits: `#` starts no comment.
+    assert_eq!(split_words("echo a #b 'c #d' x#y").unwrap(), ["echo", "a", "#b", "c #d", "x#y"]);
+    assert_eq!(split_words("#first").unwrap(), ["#first"]);
     assert_eq!(normalize_project("My Stack!"), Some("mystack".into()));
 }
 

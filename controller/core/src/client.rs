@@ -76,6 +76,9 @@ impl AgentConn {
         // The URI only names the HTTP/2 authority; the connector decides where bytes go.
         let channel = Endpoint::from_static("http://mlops-agent")
             .connect_timeout(std::time::Duration::from_secs(10))
+            // A failure travels in the trailers: room for it (the agent caps
+            // what it sends far below this).
+            .http2_max_header_list_size(64 * 1024)
             .connect_with_connector(make_conn)
             .await
             .map_err(|e| ControllerError::AgentUnreachable {

@@ -170,7 +170,7 @@ fn failure_hint(f: &Failure) -> Option<String> {
             "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into()
         }
         FailureKind::ImageMissing => format!(
-            "no registry supplies `{}` here; load the image on the host (`docker load`), or leave the service out with --skip {}",
+            "`{}` is not on the host and could not be pulled (the cause is above); load it there (`docker load`), or leave the service out with --skip {}",
             f.image, f.service
         ),
         FailureKind::BuildFailed => format!(
@@ -195,11 +195,14 @@ fn failure_hint(f: &Failure) -> Option<String> {
         FailureKind::EngineError => {
             "the host's Docker engine refused; its log says more (`journalctl -u docker`, or /var/log/mlops-agent/dockerd.log)".into()
         }
+        FailureKind::BadRequest if f.field.starts_with("services.") => {
+            format!("fix `{}` in the stack's Compose file and deploy again", f.field)
+        }
         FailureKind::BadRequest => format!(
             "the agent refused `{}`; if this controller and the agent differ in version, `mlopsctl deploy` upgrades the agent",
             f.field
         ),
-        FailureKind::ShuttingDown => "the agent was stopping; run the command again".into(),
+        FailureKind::ShuttingDown => "the agent was stopping (a restart or upgrade); run the command again".into(),
         FailureKind::Io => format!("check `{}` on the host (space, permissions)", f.path),
         _ => return None,
     })

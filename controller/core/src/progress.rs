@@ -79,7 +79,8 @@ impl Report for Silent {
 }
 
 /// One host's progress: events stamped with the host and the time since
-/// its task started. Cloneable; reporting never blocks or fails the task.
+/// its task started. Cloneable; reporting never fails the task (a
+/// `Report` writes a line and returns).
 #[derive(Clone)]
 pub struct Progress {
     report: Option<Arc<dyn Report>>,

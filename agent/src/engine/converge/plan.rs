@@ -148,12 +148,12 @@ pub async fn existing(docker: &Docker, project: &str) -> Result<Vec<Existing>, E
         let state = c.state.map(|s| s.to_string()).unwrap_or_default();
         // The list does not carry exit codes; only exited containers need one.
         let exit_code = if state == "exited" {
-            docker
-                .inspect_container(&id, None::<InspectContainerOptions>)
-                .await?
-                .state
-                .and_then(|s| s.exit_code)
-                .unwrap_or(0)
+            match docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+                Ok(i) => i.state.and_then(|s| s.exit_code).unwrap_or(0),
+                // Removed since it was listed: it is not there any more.
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         } else {
             0
         };

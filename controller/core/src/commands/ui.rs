@@ -73,7 +73,7 @@ pub async fn ui(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((mut conn, _)) = accepted else { continue };
+                let (mut conn, _) = accepted.map_err(|e| ControllerError::Local(format!("accepting on {local}: {e}")))?;
                 let transport = transport.clone();
                 let remote_port = ui.port;
                 tokio::spawn(async move {
