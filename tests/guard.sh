@@ -9,8 +9,9 @@
 #   guard.sh snapshot FILE          record the machine's engine and agent state
 #   guard.sh compare BEFORE AFTER   print what differs; exit 1 if anything does
 #   guard.sh events SINCE UNTIL     what the engine did in between (Unix
-#                                   seconds), health checks and the sentinel's
-#                                   own checks left out; exit 1 if anything
+#                                   seconds, fractions allowed), health checks
+#                                   and the sentinel's own checks left out;
+#                                   exit 1 if anything
 #   guard.sh sentinel-up NAME       deploy a small stack on the machine's engine,
 #                                   as a user's deployment would be: a container
 #                                   writing a token into a named volume
@@ -106,7 +107,7 @@ sentinel_up() {
   ln -s busybox "$dir/bin/cat"
   ln -s busybox "$dir/bin/sleep"
   # docker import: no builder and no registry needed.
-  tar -C "$dir" -c . | docker import -q - "$name:latest" >/dev/null
+  tar -C "$dir" -c . | docker import - "$name:latest" >/dev/null
   docker volume create --label "mlops.guard=$name" "$name" >/dev/null
   docker run -d --name "$name" --label "mlops.guard=$name" -v "$name:/data" "$name:latest" \
     sh -c "echo $name > /data/token; trap 'exit 0' TERM; sleep 2147483647 & wait" >/dev/null

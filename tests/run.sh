@@ -83,7 +83,7 @@ cleanup() {
 trap cleanup EXIT
 tests/guard.sh sentinel-up "$sentinel"
 tests/guard.sh snapshot "$work/before"
-suite_started=$(date +%s)
+suite_started=$(date +%s.%N)
 phase "setup (packages, engine, guard)"
 
 set +e
@@ -95,7 +95,7 @@ phase "build and tests"
 guard=0
 tests/guard.sh snapshot "$work/after"
 tests/guard.sh compare "$work/before" "$work/after" || guard=1
-tests/guard.sh events "$suite_started" "$(date +%s)" || guard=1
+tests/guard.sh events "$suite_started" "$(date +%s.%N)" || guard=1
 tests/guard.sh sentinel-check "$sentinel" || guard=1
 
 # Each test binary's time, then one closing line over all of them (cargo
