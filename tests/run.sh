@@ -101,7 +101,8 @@ tests/guard.sh sentinel-check "$sentinel" || guard=1
 # Each test binary's time, then one closing line over all of them (cargo
 # prints one `test result:` line per binary, the last often a crate's empty
 # doc-tests).
-awk '/^     Running / { name = $2 } /^test result:/ && name != "" { for (i = 1; i <= NF; i++) if ($i == "in") t = $(i+1); printf "time: %s: %s\n", name, t; name = "" }' "$work/log"
+awk '/^     Running / { name = $2; if (name == "unittests") { name = $NF; gsub(/^.*\/|-[0-9a-f]+\)$/, "", name); name = name " (unit tests)" } }
+     /^test result:/ && name != "" { for (i = 1; i <= NF; i++) if ($i == "in") t = $(i+1); printf "time: %s: %s\n", name, t; name = "" }' "$work/log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) s += $i } }
      END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$work/log"
 echo "time: whole run: $(( $(date +%s) - started )) s"

@@ -6,11 +6,13 @@
 //!   whose certificate chains to the controller's CA.
 //! - [`server`]: the listener, TLS handshakes and the tonic server, with an
 //!   explicit shutdown signal passed in by the caller.
-//! - [`service`]: the RPC handlers; thin, they call [`facts`] and map errors
-//!   to `tonic::Status` in one place.
+//! - [`service`]: the RPC handlers; thin, they call [`facts`] and
+//!   [`engine`], map every error to a typed `Failure` in one place, and turn
+//!   the engine's events into messages.
 //! - [`facts`]: host facts and metrics read from `/proc`, `statvfs` and the
 //!   Docker socket.
-//! - [`engine`]: the Docker engine, file sync and stacks (see its docs).
+//! - [`engine`]: the Docker engine, file sync and stacks (see its docs); it
+//!   knows nothing of the RPC layer.
 //! - [`install`]: `mlops-agent install|uninstall`, run by the controller over
 //!   SSH: writes configuration and the service definition, (re)starts.
 //! - [`daemon`]: running as a plain daemon where PID 1 is not systemd, and

@@ -499,36 +499,7 @@ impl Agent for AgentService {
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
-        tokio::spawn(async move {
-            let (changes_tx, mut changes) = mpsc::channel(64);
-            let work = engine_watch::health(docker, project, changes_tx, stop);
-            let forward = async {
-                while let Some(c) = changes.recv().await {
-                    let ev = HealthEvent {
-                        unix_ms: c.unix_ms,
-                        service: c.service,
-                        state: c.state,
-                        health: c.health,
-                        health_output: c.health_output,
-                        container_id: c.container_id,
-                        docker_time_ns: c.docker_time_ns,
-                    };
-                    if tx.send(Ok(ev)).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            // The client going away ends the task even when nothing happens
-            // (no event, no log line) to notice it by.
-            tokio::select! {
-                (result, ()) = async { tokio::join!(work, forward) } => {
-                    if let Err(e) = result {
-                        let _ = tx.send(Err(e.into())).await;
-                    }
-                }
-                () = tx.closed() => {}
-            }
-        });
+        tokio::spawn(stream_engine_work(tx, |sink| engine_watch::health(docker, project, sink, stop), health_event));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -548,31 +519,8 @@ impl Agent for AgentService {
             })?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
-        tokio::spawn(async move {
-            let (chunks_tx, mut chunks) = mpsc::channel(64);
-            let work = engine_watch::logs(docker, container, req.follow, req.since, req.tail, chunks_tx, stop);
-            let forward = async {
-                while let Some(c) = chunks.recv().await {
-                    let stream = match c.stream {
-                        engine_watch::Output::Stdout => "stdout",
-                        engine_watch::Output::Stderr => "stderr",
-                    };
-                    if tx.send(Ok(LogChunk { stream: stream.into(), data: c.data.to_vec() })).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            // The client going away ends the task even when nothing happens
-            // (no event, no log line) to notice it by.
-            tokio::select! {
-                (result, ()) = async { tokio::join!(work, forward) } => {
-                    if let Err(e) = result {
-                        let _ = tx.send(Err(e.into())).await;
-                    }
-                }
-                () = tx.closed() => {}
-            }
-        });
+        let work = move |sink| engine_watch::logs(docker, container, req.follow, req.since, req.tail, sink, stop);
+        tokio::spawn(stream_engine_work(tx, work, log_chunk));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -597,6 +545,55 @@ fn check_project(project: &str) -> Result<(), AgentError> {
         });
     }
     Ok(())
+}
+
+fn health_event(c: engine_watch::HealthChange) -> HealthEvent {
+    HealthEvent {
+        unix_ms: c.unix_ms,
+        service: c.service,
+        state: c.state,
+        health: c.health,
+        health_output: c.health_output,
+        container_id: c.container_id,
+        docker_time_ns: c.docker_time_ns,
+    }
+}
+
+fn log_chunk(c: engine_watch::LogChunk) -> LogChunk {
+    let stream = match c.stream {
+        engine_watch::Output::Stdout => "stdout",
+        engine_watch::Output::Stderr => "stderr",
+    };
+    LogChunk { stream: stream.into(), data: c.data.into() }
+}
+
+/// Drives engine work that reports through a channel of its own items
+/// (health changes, log chunks), each turned into a message of the RPC
+/// stream by `convert`; the work's failure is the stream's last item. The
+/// client going away ends it even when nothing happens (no event, no log
+/// line) to notice that by.
+async fn stream_engine_work<E, M, W, F>(tx: mpsc::Sender<Result<M, Status>>, work: W, convert: fn(E) -> M)
+where
+    W: FnOnce(mpsc::Sender<E>) -> F,
+    F: std::future::Future<Output = Result<(), EngineError>>,
+{
+    let (sink, mut items) = mpsc::channel(64);
+    let work = work(sink);
+    let forward = async {
+        while let Some(item) = items.recv().await {
+            if tx.send(Ok(convert(item))).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        (result, ()) = async { tokio::join!(work, forward) } => {
+            if let Err(e) = result {
+                let _ = tx.send(Err(e.into())).await;
+            }
+        }
+        () = tx.closed() => {}
+    }
 }
 
 /// Drives stack work: its events become `StackEvent`s as they come, then
