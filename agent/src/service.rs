@@ -499,7 +499,13 @@ impl Agent for AgentService {
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
-        tokio::spawn(stream_engine_work(tx, |sink| engine_watch::health(docker, project, sink, stop), health_event));
+        let what = format!("health watch of {project}");
+        tokio::spawn(stream_engine_work(
+            what,
+            tx,
+            |sink| engine_watch::health(docker, project, sink, stop),
+            health_event,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -519,8 +525,9 @@ impl Agent for AgentService {
             })?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
+        let what = format!("logs of {} in {}", req.service, req.project);
         let work = move |sink| engine_watch::logs(docker, container, req.follow, req.since, req.tail, sink, stop);
-        tokio::spawn(stream_engine_work(tx, work, log_chunk));
+        tokio::spawn(stream_engine_work(what, tx, work, log_chunk));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -572,7 +579,7 @@ fn log_chunk(c: engine_watch::LogChunk) -> LogChunk {
 /// stream by `convert`; the work's failure is the stream's last item. The
 /// client going away ends it even when nothing happens (no event, no log
 /// line) to notice that by.
-async fn stream_engine_work<E, M, W, F>(tx: mpsc::Sender<Result<M, Status>>, work: W, convert: fn(E) -> M)
+async fn stream_engine_work<E, M, W, F>(what: String, tx: mpsc::Sender<Result<M, Status>>, work: W, convert: fn(E) -> M)
 where
     W: FnOnce(mpsc::Sender<E>) -> F,
     F: std::future::Future<Output = Result<(), EngineError>>,
@@ -592,7 +599,7 @@ where
                 let _ = tx.send(Err(e.into())).await;
             }
         }
-        () = tx.closed() => {}
+        () = tx.closed() => tracing::info!("{what}: the client went away; stopped"),
     }
 }
 

@@ -347,6 +347,14 @@ fn health_transitions_come_from_docker_events() {
     next(&|e| e["service"] == "web" && e["health"] == "healthy");
     let _ = child.kill();
     let _ = child.wait();
+    // With nothing happening in the stack, the agent still notices that the
+    // watcher went away, and stops watching.
+    let gone = format!("health watch of {}: the client went away; stopped", stack.project);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !host.agent_log().contains(&gone) {
+        assert!(std::time::Instant::now() < deadline, "the watch lives on:\n{}", host.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
