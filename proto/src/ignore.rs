@@ -1,28 +1,28 @@
 //! `.dockerignore`-style patterns, used for build contexts (agent) and for
 //! the files a stack sync leaves out (`.mlopsignore`, controller). The
-//! matching is `globset`'s (the same crate matches `--limit` and
-//! `ssh_config` patterns); this module adds Docker's rules around it.
+//! matching is the `glob` crate's (rust-lang's; the same crate matches
+//! `--limit` and `ssh_config` patterns, and it has no regex engine, which
+//! keeps the agent small); this module adds Docker's rules around it.
 
-use globset::{GlobBuilder, GlobMatcher};
+use glob::{MatchOptions, Pattern};
 
-/// A Go `filepath.Match` pattern in globset's syntax: Go has no `{a,b}`
-/// alternation (braces are literal) and negates a class with `[^...]`
-/// where globset writes `[!...]`; escaped characters stay escaped.
-fn go_to_globset(pattern: &str) -> String {
+/// A Go `filepath.Match` pattern in the `glob` crate's syntax: Go escapes
+/// with `\` where `glob` writes a one-character class (`\*` is `[*]`), and
+/// negates a class with `[^...]` where `glob` writes `[!...]`.
+fn go_to_glob(pattern: &str) -> String {
     let mut out = String::with_capacity(pattern.len() + 4);
     let mut chars = pattern.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                out.push('\\');
-                if let Some(next) = chars.next() {
+            '\\' => match chars.next() {
+                Some(next @ ('*' | '?' | '[' | ']')) => {
+                    out.push('[');
                     out.push(next);
+                    out.push(']');
                 }
-            }
-            '{' | '}' => {
-                out.push('\\');
-                out.push(c);
-            }
+                Some(next) => out.push(next),
+                None => out.push('\\'),
+            },
             '[' if chars.peek() == Some(&'^') => {
                 chars.next();
                 out.push_str("[!");
@@ -33,10 +33,14 @@ fn go_to_globset(pattern: &str) -> String {
     out
 }
 
+/// `*` and `?` stay within a path segment, as in Go.
+const OPTIONS: MatchOptions =
+    MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: false };
+
 /// One `.dockerignore` rule.
 #[derive(Debug, Clone)]
 struct Rule {
-    glob: GlobMatcher,
+    glob: Pattern,
     negate: bool,
 }
 
@@ -73,13 +77,9 @@ impl Ignore {
             if cleaned.is_empty() {
                 continue;
             }
-            let pattern = go_to_globset(&cleaned.join("/"));
-            let glob = GlobBuilder::new(&pattern)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|e| format!("line {}: `{line}` is not a valid pattern: {}", n + 1, e.kind()))?;
-            rules.push(Rule { glob: glob.compile_matcher(), negate });
+            let glob = Pattern::new(&go_to_glob(&cleaned.join("/")))
+                .map_err(|e| format!("line {}: `{line}` is not a valid pattern: {}", n + 1, e.msg))?;
+            rules.push(Rule { glob, negate });
         }
         Ok(Ignore { rules })
     }
@@ -91,7 +91,7 @@ impl Ignore {
         let mut excluded = false;
         for rule in &self.rules {
             // A match of the path or of any of its parent directories.
-            if prefixes.iter().any(|p| rule.glob.is_match(p)) {
+            if prefixes.iter().any(|p| rule.glob.matches_with(p, OPTIONS)) {
                 excluded = !rule.negate;
             }
         }

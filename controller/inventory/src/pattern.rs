@@ -10,30 +10,30 @@ use std::collections::BTreeSet;
 use crate::inventory::Inventory;
 
 /// Ansible's (fnmatch) glob: `*` any run, `?` one character, `[...]` a
-/// class (`[!...]` negated); everything else literal. Matched by `globset`,
-/// the crate that also matches `.dockerignore` patterns; a pattern that is
-/// not a valid glob (an unclosed `[`) matches only itself.
+/// class (`[!...]` negated); everything else literal. Matched by the `glob`
+/// crate, which also matches `.dockerignore` patterns; a pattern that is not
+/// a valid glob (an unclosed `[`) matches only itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    // fnmatch has no `{a,b}` alternation: braces are literal.
-    let escaped = pattern.replace('{', "\\{").replace('}', "\\}");
-    glob_is_match(&escaped, pattern, text)
+    is_match(pattern, pattern, text)
 }
 
-/// OpenSSH's `Host` patterns: only `*` and `?` are special.
+/// OpenSSH's `Host` patterns: only `*` and `?` are special (`[` and `]`
+/// become one-character classes, which `glob` reads literally).
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let mut escaped = String::with_capacity(pattern.len() + 4);
-    for c in pattern.chars() {
-        if matches!(c, '[' | ']' | '{' | '}' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    glob_is_match(&escaped, pattern, text)
+    let escaped: String = pattern
+        .chars()
+        .map(|c| match c {
+            '[' => "[[]".to_string(),
+            ']' => "[]]".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    is_match(&escaped, pattern, text)
 }
 
-fn glob_is_match(glob: &str, pattern: &str, text: &str) -> bool {
-    match globset::GlobBuilder::new(glob).backslash_escape(true).literal_separator(false).build() {
-        Ok(g) => g.compile_matcher().is_match(text),
+fn is_match(glob: &str, pattern: &str, text: &str) -> bool {
+    match glob::Pattern::new(glob) {
+        Ok(p) => p.matches(text),
         Err(_) => pattern == text,
     }
 }
