@@ -166,9 +166,12 @@ chmod 0440 /etc/sudoers.d/mlops-test
 /// host's namespace, veth, subnet and cgroup. A slot is owned by holding an
 /// exclusive `flock` on `/run/mlops-test/slot-N`: concurrent test processes
 /// stay apart, and a slot left by a dead process (its lock gone with it) is
-/// cleaned up by the next owner, under the lock.
+/// cleaned up by the next owner, under the lock. The owner removes the file
+/// when done; a lock taken on a file that was removed meanwhile is dropped
+/// (its path now names another file, or none) and the slot tried again.
 struct Slot {
     n: u8,
+    file: PathBuf,
     _lock: fs::File,
 }
 
@@ -178,11 +181,14 @@ impl Slot {
         let dir = Path::new("/run/mlops-test");
         fs::create_dir_all(dir)?;
         for n in 1..=250u8 {
-            let file = fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("slot-{n}")))?;
+            let path = dir.join(format!("slot-{n}"));
+            let file = fs::OpenOptions::new().create(true).append(true).open(&path)?;
             // SAFETY: flock(2) on a descriptor this function owns.
             #[allow(unsafe_code)]
             let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-            if !locked {
+            use std::os::unix::fs::MetadataExt;
+            let same = fs::metadata(&path).is_ok_and(|m| file.metadata().is_ok_and(|f| f.ino() == m.ino()));
+            if !locked || !same {
                 continue;
             }
             // Ours now. What a dead owner may have left goes first.
@@ -190,9 +196,17 @@ impl Slot {
             kill_cgroup(&cgroup_name(n));
             let _ = Command::new("ip").args(["netns", "del", &format!("mlt{n}")]).output();
             let _ = Command::new("ip").args(["link", "del", &format!("mlv{n}")]).output();
-            return Ok(Slot { n, _lock: file });
+            return Ok(Slot { n, file: path, _lock: file });
         }
         bail!("no free test host slot in /run/mlops-test")
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Removed while still locked: whoever opened it before sees, once
+        // the lock is theirs, that the path names another file or none.
+        let _ = fs::remove_file(&self.file);
     }
 }
 
