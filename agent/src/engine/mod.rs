@@ -144,17 +144,12 @@ pub struct Event {
 /// away) is ignored: the work itself is stopped by dropping its future.
 #[derive(Clone)]
 pub struct Events {
-    tx: Option<mpsc::Sender<Event>>,
+    tx: mpsc::Sender<Event>,
 }
 
 impl Events {
     pub fn new(tx: mpsc::Sender<Event>) -> Self {
-        Events { tx: Some(tx) }
-    }
-
-    /// Events that go nowhere.
-    pub fn none() -> Self {
-        Events { tx: None }
+        Events { tx }
     }
 
     fn event(service: &str, action: Action, detail: String) -> Event {
@@ -162,9 +157,7 @@ impl Events {
     }
 
     pub async fn say(&self, service: &str, action: Action, detail: impl Into<String>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Self::event(service, action, detail.into())).await;
-        }
+        let _ = self.tx.send(Self::event(service, action, detail.into())).await;
     }
 
     /// A synchronous sink for code that cannot await (build progress); a
@@ -173,9 +166,7 @@ impl Events {
         let tx = self.tx.clone();
         let service = service.to_string();
         move |detail: String| {
-            if let Some(tx) = &tx {
-                let _ = tx.try_send(Self::event(&service, Action::BuildProgress, detail));
-            }
+            let _ = tx.try_send(Self::event(&service, Action::BuildProgress, detail));
         }
     }
 }

@@ -21,7 +21,7 @@ use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::status::HostStatus;
 use mlops_controller::commands::ui::UiOpened;
 use mlops_controller::fanout::HostResults;
-use mlops_controller::progress::{Event, Report, Step};
+use mlops_controller::progress::{Event, Report, Step, bytes_human};
 use mlops_controller::stack::{ServiceOutcome, StackOutcome, SyncOutcome};
 use mlops_inventory::{Connection, InventoryError, Target};
 use mlops_proto::v1::{HealthEvent, StackAction};
@@ -132,7 +132,7 @@ impl Printer {
         let mut hosts: Vec<serde_json::Value> =
             r.ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
         hosts.extend(
-            r.failed.iter().map(|(h, e)| json!({"host": h, "ok": false, "error": error_chain(e), "hint": e.hint()})),
+            r.failed.iter().map(|(h, e)| json!({"host": h, "ok": false, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})),
         );
         self.json(&json!({"command": command, "ok": r.ok.len(), "failed": r.failed.len(), "hosts": hosts}));
     }
@@ -397,11 +397,6 @@ fn exit_code<R>(r: &HostResults<R>) -> i32 {
     if r.failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
 }
 
-/// `e: cause: cause` on one line.
-fn error_chain(e: &ControllerError) -> String {
-    mlops_controller::client::error_chain(e)
-}
-
 fn agent_row(o: &DeployOutcome) -> Vec<String> {
     vec![
         o.host.clone(),
@@ -506,17 +501,6 @@ pub fn hint_of(err: &(dyn std::error::Error + 'static)) -> Option<String> {
 
 pub fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
-}
-
-pub fn bytes_human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
 pub fn duration_human(secs: u64) -> String {

@@ -52,10 +52,6 @@ pub struct HostResults<R> {
 }
 
 impl<R> HostResults<R> {
-    pub fn all_ok(&self) -> bool {
-        self.failed.is_empty()
-    }
-
     pub fn len(&self) -> usize {
         self.ok.len() + self.failed.len()
     }

@@ -1,6 +1,6 @@
 //! What commands tell the user while they work: per-host progress events,
 //! warnings and notes. They go to a [`Report`], which the CLI implements
-//! with its printer; tests and benches can count them or drop them.
+//! with its printer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,15 +69,6 @@ pub trait Report: Send + Sync {
     fn info(&self, message: &str);
 }
 
-/// A report that goes nowhere.
-pub struct Silent;
-
-impl Report for Silent {
-    fn progress(&self, _: &Event) {}
-    fn warn(&self, _: &str) {}
-    fn info(&self, _: &str) {}
-}
-
 /// One host's progress: events stamped with the host and the time since
 /// its task started. Cloneable; reporting never fails the task (a
 /// `Report` writes a line and returns).
@@ -106,4 +97,16 @@ impl Progress {
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
     }
+}
+
+/// `512 B`, `8.0 MiB`: sizes as people read them.
+pub fn bytes_human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }

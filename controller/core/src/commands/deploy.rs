@@ -11,7 +11,7 @@ use super::{Setup, StackOptions};
 use crate::ControllerError;
 use crate::bootstrap::{self, Bundle, DeployOutcome};
 use crate::fanout::{HostResults, per_host};
-use crate::progress::Report;
+use crate::progress::{Report, bytes_human};
 use crate::stack::{self, StackPlan};
 
 #[derive(Debug, Clone)]
@@ -62,17 +62,17 @@ pub async fn deploy(
     });
     let binary = setup.ctx.binary.as_ref().expect("deploy loads the agent binary");
     report.info(&format!(
-        "deploying agent {} ({} bytes, sha256 {}){} to {} host(s)",
+        "deploying agent {} ({}, sha256 {}){} to {} host(s)",
         crate::VERSION,
-        binary.bytes.len(),
+        bytes_human(binary.bytes.len() as u64),
         &binary.sha256[..12],
         loaded
             .as_ref()
             .map(|l| format!(
-                " and stack `{}` ({} files, {} bytes)",
+                " and stack `{}` ({} files, {})",
                 l.stack.project,
                 l.tree.entries.len(),
-                l.tree.total_bytes
+                bytes_human(l.tree.total_bytes)
             ))
             .unwrap_or_default(),
         setup.targets.len()
