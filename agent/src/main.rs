@@ -155,6 +155,10 @@ fn serve(args: &ServeArgs) -> Result<()> {
         "foreground"
     };
     let sha = service::running_binary_sha256();
+    // The state directory holds trees, blobs and temporary files: root's
+    // alone, whoever made it.
+    mlops_agent::engine::confine::private_dir(&cfg.state_dir)
+        .with_context(|| format!("cannot use the state directory {}", cfg.state_dir.display()))?;
     tracing::info!(version = mlops_agent::VERSION, addr = %cfg.listen_addr(), manager, "listening");
 
     // The agent's work is I/O-bound and small: one thread keeps it lean.

@@ -226,13 +226,15 @@ impl AgentService {
         state_dir: PathBuf,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let sync = SyncStore::new(&state_dir, engine::sync::Limits::default());
+        sync.collect_garbage();
         AgentService {
             started: Instant::now(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             binary_sha256,
             config_sha256,
             service_manager: service_manager.to_string(),
-            sync: SyncStore::new(&state_dir, engine::sync::Limits::default()),
+            sync,
             state_dir,
             docker_socket: PathBuf::from(docker::DEFAULT_SOCKET),
             log_dir: PathBuf::from(mlops_proto::layout::LOG_DIR),
@@ -441,7 +443,7 @@ impl Agent for AgentService {
         engine::sync::check_root(&req.files_root).map_err(AgentError::from)?;
         let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
-        let files_dir = self.sync.tree(&req.files_root);
+        let dirs = converge::StackDirs { files: self.sync.tree(&req.files_root), work: self.sync.work_dir() };
         let timeout = Duration::from_secs(if req.health_timeout_seconds == 0 {
             300
         } else {
@@ -453,7 +455,7 @@ impl Agent for AgentService {
             let _guard = guard;
             let project = stack.project.clone();
             let work =
-                |events: Events| async move { converge::converge(&docker, &stack, &files_dir, timeout, &events).await };
+                |events: Events| async move { converge::converge(&docker, &stack, &dirs, timeout, &events).await };
             Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

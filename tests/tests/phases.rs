@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mlops_agent::engine::converge::plan::Action as PlanAction;
-use mlops_agent::engine::converge::{health, images, orphans, plan, resources, start};
+use mlops_agent::engine::converge::{self, health, images, orphans, plan, resources, start};
 use mlops_agent::engine::{Action, Events, docker};
 use mlops_e2e::{TestHost, TestStack};
 
@@ -45,9 +45,11 @@ async fn each_phase_of_converge_works_on_its_own() {
     assert_eq!(host.docker(&["volume", "ls", "-q", "--filter", &label]), stack.volume_name("data"));
 
     // 2. Images: built, then current (the context hash is unchanged).
-    let built = images::ensure(&engine, &stack, &order, dir.path(), &ev).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dirs = converge::StackDirs { files: dir.path().to_path_buf(), work: work.path().join("tmp") };
+    let built = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();
     assert!(built.changed);
-    let again = images::ensure(&engine, &stack, &order, dir.path(), &ev).await.unwrap();
+    let again = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();
     assert!(!again.changed, "an unchanged context is not rebuilt");
     assert_eq!(built.ids, again.ids);
 

@@ -4,7 +4,7 @@
 //! registry answers, built from the host's Debian mirror with debootstrap).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bollard::Docker;
 use bollard::query_parameters::{BuildImageOptionsBuilder, CreateImageOptionsBuilder};
@@ -13,7 +13,13 @@ use sha2::{Digest, Sha256};
 
 use mlops_proto::ignore::Ignore;
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{FileType, Mode, OFlags};
+
 use super::EngineError;
+use super::confine::{self, Tree};
 
 /// A build context, packed.
 pub struct Context {
@@ -23,11 +29,15 @@ pub struct Context {
     pub dockerfile_text: String,
 }
 
-/// Packs `dir` (minus `.dockerignore`d paths; the Dockerfile and
-/// `.dockerignore` always go, as Docker sends them) into a deterministic
-/// tar: sorted, owner 0, mtime 0, so the same files give the same hash.
+/// Packs the context `dir` (minus `.dockerignore`d paths; the Dockerfile
+/// and `.dockerignore` always go, as Docker sends them) into a deterministic
+/// tar: sorted, owner 0, fixed mtime, so the same files give the same hash.
+///
+/// The context is read through its directory handle (see `confine`): a
+/// symlink is packed as a symlink, never followed; the Dockerfile and
+/// `.dockerignore` may be links, but only to files inside the context.
 pub fn pack(
-    dir: &Path,
+    dir: &Tree,
     dockerfile: &str,
     args: &BTreeMap<String, String>,
     target: Option<&str>,
@@ -39,30 +49,32 @@ pub fn pack(
 pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const HOST_CA_IN_CONTEXT: &str = ".mlops/host-ca.crt";
 
+/// The largest Dockerfile or `.dockerignore` read.
+const MAX_TEXT: u64 = 4 << 20;
+
 /// [`pack`], plus `extra` files (name in the context, contents).
 pub fn pack_with(
-    dir: &Path,
+    dir: &Tree,
     dockerfile: &str,
     args: &BTreeMap<String, String>,
     target: Option<&str>,
     extra: &[(String, Vec<u8>)],
 ) -> Result<Context, EngineError> {
-    let ignore_path = dir.join(".dockerignore");
-    let ignore = Ignore::parse(&std::fs::read_to_string(&ignore_path).unwrap_or_default())
-        .map_err(|e| failed("", format!("{}: {e}", ignore_path.display()), ""))?;
-    let dockerfile_path = dir.join(dockerfile);
-    let dockerfile_text = std::fs::read_to_string(&dockerfile_path)
-        .map_err(|e| failed("", format!("cannot read Dockerfile {}: {e}", dockerfile_path.display()), ""))?;
-    let mut files = Vec::new();
-    walk(dir, dir, &ignore, dockerfile, &mut files)?;
-    files.sort();
+    let ignore_text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
+    };
+    let ignore =
+        Ignore::parse(&ignore_text).map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    let dockerfile_text = dir
+        .read(Path::new(dockerfile), MAX_TEXT)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map_err(|e| failed("", format!("cannot read Dockerfile {}/{dockerfile}: {e}", dir.path().display()), ""))?;
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
-    builder.follow_symlinks(false);
-    for rel in &files {
-        let full = dir.join(rel);
-        builder.append_path_with_name(&full, rel).map_err(EngineError::io_at("packing", &full))?;
-    }
+    let walk = Walk { root: dir.path(), ignore: &ignore, dockerfile };
+    walk.dir(dir.fd(), Path::new(""), &mut builder)?;
     for (name, data) in extra {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
@@ -82,26 +94,72 @@ pub fn pack_with(
     Ok(Context { tar, hash: hex::encode(h.finalize()), dockerfile_text })
 }
 
-fn walk(root: &Path, dir: &Path, ignore: &Ignore, dockerfile: &str, out: &mut Vec<PathBuf>) -> Result<(), EngineError> {
-    let entries = std::fs::read_dir(dir).map_err(EngineError::io_at("reading", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(EngineError::io_at("reading", dir))?;
-        let path = entry.path();
-        let rel = path.strip_prefix(root).expect("below the root").to_path_buf();
-        let rel_s = rel.to_string_lossy().replace('\\', "/");
-        let always = rel_s == dockerfile || rel_s == ".dockerignore";
-        let file_type = entry.file_type().map_err(EngineError::io_at("reading", &path))?;
-        if file_type.is_dir() {
-            // A directory is walked even when excluded: `!` rules may re-include below it.
-            walk(root, &path, ignore, dockerfile, out)?;
-            if !ignore.excluded(&rel_s) {
-                out.push(rel);
+/// One walk over a context: entries in path order (a directory before
+/// what it holds, names byte-sorted), each opened from its parent's handle
+/// without following links.
+struct Walk<'a> {
+    root: &'a Path,
+    ignore: &'a Ignore,
+    dockerfile: &'a str,
+}
+
+impl Walk<'_> {
+    fn dir(&self, dir: BorrowedFd<'_>, rel: &Path, out: &mut tar::Builder<Vec<u8>>) -> Result<(), EngineError> {
+        let io = |p: &Path| {
+            let at = self.root.join(p);
+            move |e: std::io::Error| EngineError::io_at("packing", &at)(e)
+        };
+        for (name, kind) in confine::entries(dir).map_err(io(rel))? {
+            let child = rel.join(&name);
+            let child_s = child.to_string_lossy();
+            let always = child_s == self.dockerfile || child_s == ".dockerignore";
+            let excluded = !always && self.ignore.excluded(&child_s);
+            let open = |flags: OFlags| {
+                rustix::fs::openat(dir, name.as_os_str(), flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| io(&child)(e.into()))
+            };
+            match kind {
+                FileType::Directory => {
+                    let sub = open(OFlags::DIRECTORY | OFlags::RDONLY)?;
+                    if !excluded {
+                        let meta = std::fs::File::from(sub.try_clone().map_err(io(&child))?)
+                            .metadata()
+                            .map_err(io(&child))?;
+                        let mut header = tar::Header::new_gnu();
+                        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+                        out.append_data(&mut header, &child, std::io::empty()).map_err(io(&child))?;
+                    }
+                    // Walked even when excluded: `!` rules may re-include below it.
+                    self.dir(sub.as_fd(), &child, out)?;
+                }
+                _ if excluded => {}
+                FileType::RegularFile => {
+                    let file = std::fs::File::from(open(OFlags::RDONLY)?);
+                    let meta = file.metadata().map_err(io(&child))?;
+                    let mut header = tar::Header::new_gnu();
+                    header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+                    out.append_data(&mut header, &child, file).map_err(io(&child))?;
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(dir, name.as_os_str(), Vec::new())
+                        .map_err(|e| io(&child)(e.into()))?;
+                    let target = std::ffi::OsStr::from_bytes(target.as_bytes());
+                    let mut header = tar::Header::new_gnu();
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_mode(0o755);
+                    header.set_mtime(tar::DETERMINISTIC_TIMESTAMP);
+                    header.set_uid(0);
+                    header.set_gid(0);
+                    header.set_size(0);
+                    out.append_link(&mut header, &child, target).map_err(io(&child))?;
+                }
+                // Sockets, pipes and devices have no place in a build
+                // context (and opening a pipe would block).
+                _ => {}
             }
-        } else if always || !ignore.excluded(&rel_s) {
-            out.push(rel);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The base images of a Dockerfile: every `FROM` that is not `scratch` or
@@ -156,6 +214,7 @@ pub async fn ensure_base(
     docker: &Docker,
     image: &str,
     bootstrap: bool,
+    work_dir: &Path,
     say: &(dyn Fn(String) + Sync),
 ) -> Result<(), EngineError> {
     if docker.inspect_image(image).await.is_ok() {
@@ -163,7 +222,7 @@ pub async fn ensure_base(
     }
     if bootstrap && let Some(suite) = debian_suite(image) {
         say(format!("base image {image} is not here; building it with debootstrap from this host's Debian mirror"));
-        return debootstrap_image(docker, image, &suite, say).await;
+        return debootstrap_image(docker, image, &suite, work_dir, say).await;
     }
     say(format!("pulling base image {image}"));
     pull(docker, image).await.map_err(|e| {
@@ -247,6 +306,7 @@ async fn debootstrap_image(
     docker: &Docker,
     image: &str,
     suite: &str,
+    work_dir: &Path,
     say: &(dyn Fn(String) + Sync),
 ) -> Result<(), EngineError> {
     let mirror =
@@ -263,8 +323,11 @@ async fn debootstrap_image(
             return Err(failed(image, "installing debootstrap failed", String::from_utf8_lossy(&out.stderr).trim()));
         }
     }
-    let dir = std::env::temp_dir().join(format!("mlops-debootstrap-{}-{}", suite, std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Under the agent's own 0700 directory, with a name nobody can guess,
+    // made fresh (a shared /tmp would let a local user own the path first and
+    // poison the base image every platform image is built from).
+    let dir = super::confine::fresh_dir(work_dir, &format!("debootstrap-{suite}"))
+        .map_err(EngineError::io_at("creating a directory in", work_dir))?;
     say(format!("debootstrap --variant=minbase {suite} from {mirror} (about a minute)"));
     let out = tokio::process::Command::new("debootstrap")
         .args(["--variant=minbase", suite])
@@ -404,8 +467,9 @@ mod tests {
         std::fs::write(d.join(".dockerignore"), "*.tmp\n").unwrap();
         std::fs::write(d.join("a.txt"), "a").unwrap();
         std::fs::write(d.join("b.tmp"), "b").unwrap();
-        let one = pack(d, "Dockerfile", &BTreeMap::new(), None).unwrap();
-        let two = pack(d, "Dockerfile", &BTreeMap::new(), None).unwrap();
+        let t = || Tree::open(d).unwrap();
+        let one = pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap();
+        let two = pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap();
         assert_eq!(one.hash, two.hash);
         let names: Vec<String> = tar::Archive::new(&one.tar[..])
             .entries()
@@ -414,20 +478,38 @@ mod tests {
             .collect();
         assert!(names.contains(&"a.txt".to_string()) && !names.contains(&"b.tmp".to_string()), "{names:?}");
         std::fs::write(d.join("b.tmp"), "changed").unwrap();
-        assert_eq!(pack(d, "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash, "ignored files do not count");
+        assert_eq!(pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash, "ignored files do not count");
         std::fs::write(d.join("a.txt"), "changed").unwrap();
-        assert_ne!(pack(d, "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash);
+        assert_ne!(pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash);
         let args = [("X".to_string(), "1".to_string())].into();
-        assert_ne!(pack(d, "Dockerfile", &args, None).unwrap().hash, one.hash);
+        assert_ne!(pack(&t(), "Dockerfile", &args, None).unwrap().hash, one.hash);
     }
 }
+#[cfg(test)]
+#[test]
+fn a_context_never_reads_outside_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(dir.path().join("key.pem"), "SECRET").unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\n").unwrap();
+    std::os::unix::fs::symlink("../key.pem", ctx.join("key")).unwrap();
+    let packed = pack(&Tree::open(&ctx).unwrap(), "Dockerfile", &BTreeMap::new(), None).unwrap();
+    assert!(!packed.tar.windows(6).any(|w| w == b"SECRET"), "a link is packed as a link");
+    // A Dockerfile or .dockerignore that leads out is refused.
+    let e = pack(&Tree::open(&ctx).unwrap(), "key", &BTreeMap::new(), None).err().unwrap();
+    assert!(e.to_string().contains("outside the tree"), "{e}");
+    std::os::unix::fs::symlink("../key.pem", ctx.join(".dockerignore")).unwrap();
+    assert!(pack(&Tree::open(&ctx).unwrap(), "Dockerfile", &BTreeMap::new(), None).is_err());
+}
+
 #[cfg(test)]
 #[test]
 fn extra_files_are_in_the_context() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
     let ctx = pack_with(
-        dir.path(),
+        &Tree::open(dir.path()).unwrap(),
         "Dockerfile",
         &BTreeMap::new(),
         None,

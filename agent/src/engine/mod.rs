@@ -18,6 +18,7 @@
 //! takes and returns the sync messages of `mlops_proto::v1` as plain data.)
 
 pub mod build;
+pub mod confine;
 pub mod converge;
 pub mod docker;
 pub mod lock;

@@ -21,8 +21,9 @@
 //! are not sent again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +31,9 @@ use mlops_proto::v1::{SyncEntry, SyncManifest, SyncPlan, SyncReport};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::EngineError;
+use rustix::fs::{FileType, Mode, OFlags};
+
+use super::{EngineError, confine};
 
 /// Limits that keep one sync from filling the host.
 #[derive(Debug, Clone, Copy)]
@@ -110,21 +113,66 @@ pub fn check_path(path: &str) -> Result<PathBuf, EngineError> {
     Ok(p.to_path_buf())
 }
 
-/// A symlink at `link` pointing to `target` must stay inside the tree.
-fn check_symlink(link: &Path, target: &str) -> Result<(), EngineError> {
-    if target.is_empty() || Path::new(target).is_absolute() {
-        return Err(invalid(format!("symlink `{}` -> `{target}` points outside the tree", link.display())));
+/// Every symlink of a manifest must resolve inside the tree, following
+/// every link on the way (as the kernel would once the tree is written):
+/// `d/l -> ..` is fine, `x -> d/l/d/l/../..` is not. Links are resolved
+/// through the manifest itself, which is all the tree will hold after the
+/// commit (unlisted entries are removed). A dangling link is fine as long
+/// as its path stays inside.
+fn check_links(links: &BTreeMap<PathBuf, String>) -> Result<(), EngineError> {
+    for (link, target) in links {
+        resolve_in_manifest(links, link, target)?;
     }
-    let mut depth: i64 = link.components().count() as i64 - 1;
-    for c in Path::new(target).components() {
+    Ok(())
+}
+
+fn resolve_in_manifest(links: &BTreeMap<PathBuf, String>, link: &Path, target: &str) -> Result<(), EngineError> {
+    let outside = |via: &str| {
+        invalid(format!(
+            "symlink `{}` -> `{target}` leads outside the tree{via}; links must resolve inside the synced directory",
+            link.display()
+        ))
+    };
+    if target.is_empty() || target.contains('\0') {
+        return Err(invalid(format!("symlink `{}` has an invalid target", link.display())));
+    }
+    let mut stack: Vec<&std::ffi::OsStr> = Vec::new();
+    if let Some(parent) = link.parent() {
+        stack.extend(parent.components().map(|c| c.as_os_str()));
+    }
+    let mut queue: std::collections::VecDeque<(Component<'_>, &str)> = std::collections::VecDeque::new();
+    queue.extend(Path::new(target).components().map(|c| (c, target)));
+    let mut hops = 0;
+    while let Some((c, from)) = queue.pop_front() {
         match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
             Component::CurDir => {}
-            _ => return Err(invalid(format!("symlink `{}` -> `{target}` is not allowed", link.display()))),
-        }
-        if depth < 0 {
-            return Err(invalid(format!("symlink `{}` -> `{target}` points outside the tree", link.display())));
+            Component::ParentDir => {
+                if stack.pop().is_none() {
+                    let via = if from == target { String::new() } else { format!(" (through `{from}`)") };
+                    return Err(outside(&via));
+                }
+            }
+            Component::Normal(name) => {
+                stack.push(name);
+                let here: PathBuf = stack.iter().collect();
+                if let Some((held, next)) = links.get_key_value(&here) {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(invalid(format!(
+                            "symlink `{}` -> `{target}`: too many levels of links (a loop?)",
+                            link.display()
+                        )));
+                    }
+                    if Path::new(next).is_absolute() {
+                        return Err(outside(&format!(" (through `{}` -> `{next}`)", held.display())));
+                    }
+                    stack.pop();
+                    for c in Path::new(next.as_str()).components().rev() {
+                        queue.push_front((c, next.as_str()));
+                    }
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(outside("")),
         }
     }
     Ok(())
@@ -141,6 +189,12 @@ impl SyncStore {
 
     fn blobs(&self) -> PathBuf {
         self.base.join("blobs")
+    }
+
+    /// The agent's directory for temporary files (root, 0700): nothing the
+    /// agent makes goes to a shared `/tmp`.
+    pub fn work_dir(&self) -> PathBuf {
+        self.base.join("tmp")
     }
 
     /// Where tree `root` lives.
@@ -164,7 +218,7 @@ impl SyncStore {
             return Err(invalid(format!("{} entries exceed the limit of {}", manifest.entries.len(), l.max_entries)));
         }
         let mut seen = BTreeSet::new();
-        let mut links = BTreeSet::new();
+        let mut links = BTreeMap::new();
         let mut total = 0u64;
         for e in &manifest.entries {
             let p = check_path(&e.path)?;
@@ -172,8 +226,7 @@ impl SyncStore {
                 return Err(invalid(format!("`{}` appears twice", e.path)));
             }
             if !e.symlink_target.is_empty() {
-                check_symlink(&p, &e.symlink_target)?;
-                links.insert(p);
+                links.insert(p, e.symlink_target.clone());
             } else if !e.is_dir {
                 if !is_sha256(&e.sha256) {
                     return Err(invalid(format!("`{}`: `{}` is not a sha256", e.path, e.sha256)));
@@ -194,10 +247,11 @@ impl SyncStore {
             return Err(invalid(format!("the tree holds {total} bytes; the limit is {}", l.max_total_bytes)));
         }
         for p in &seen {
-            if p.ancestors().skip(1).any(|a| links.contains(a)) {
+            if p.ancestors().skip(1).any(|a| links.contains_key(a)) {
                 return Err(invalid(format!("`{}` lies below a symlink", p.display())));
             }
         }
+        check_links(&links)?;
         let mut missing = BTreeMap::new();
         for e in manifest.entries.iter().filter(|e| !e.is_dir && e.symlink_target.is_empty()) {
             if !self.has_blob(&e.sha256) {
@@ -314,58 +368,55 @@ impl SyncStore {
             ));
         }
         let tree = self.tree(&session.root);
-        std::fs::create_dir_all(&tree).map_err(EngineError::io_at("creating", &tree))?;
+        let trees = self.base.join("trees");
+        std::fs::create_dir_all(&trees).map_err(EngineError::io_at("creating", &trees))?;
+        let trees_dir = confine::Tree::open(&trees).map_err(EngineError::io_at("opening", &trees))?;
+        let root = confine::ensure_dir(trees_dir.fd(), OsStr::new(&session.root))
+            .map_err(EngineError::io_at("creating", &tree))?;
         let old: BTreeMap<String, Indexed> = std::fs::read(self.index_path(&session.root))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let mut index = BTreeMap::new();
         let mut report = SyncReport { path: tree.display().to_string(), ..Default::default() };
-        // Directories first (sorted: parents before children).
+        // Every write goes through directory handles opened one component
+        // at a time without following links (see `confine`): a directory a
+        // container swapped for a symlink is replaced, never written through.
+        let mut dirs = Dirs { tree: &tree, open: HashMap::from([(PathBuf::new(), root)]) };
         let mut entries: Vec<&SyncEntry> = session.entries.iter().collect();
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         for e in entries.iter().filter(|e| e.is_dir) {
-            let dir = tree.join(&e.path);
-            if dir.is_symlink() || (dir.exists() && !dir.is_dir()) {
-                remove_any(&dir)?;
-            }
-            std::fs::create_dir_all(&dir).map_err(EngineError::io_at("creating", &dir))?;
-            let mode = if e.mode == 0 { 0o755 } else { e.mode };
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode));
+            dirs.get(Path::new(&e.path))?;
         }
         for e in entries.iter().filter(|e| !e.is_dir) {
-            let dest = tree.join(&e.path);
-            let want = Indexed { sha256: e.sha256.clone(), mode: e.mode, symlink: e.symlink_target.clone() };
-            let on_disk_ok = old.get(&e.path) == Some(&want) && (dest.is_symlink() || dest.is_file());
-            index.insert(e.path.clone(), want.clone());
+            let path = Path::new(&e.path);
+            let (parent, name) = (path.parent().unwrap_or(Path::new("")), path.file_name().expect("checked path"));
+            let mode = if e.symlink_target.is_empty() { confine::file_mode(e.mode) } else { 0o777 };
+            let want = Indexed { sha256: e.sha256.clone(), mode, symlink: e.symlink_target.clone() };
+            let dir = dirs.get(parent)?;
+            let on_disk = confine::kind_at(dir, name).map_err(EngineError::io_at("reading", &tree.join(path)))?;
+            let on_disk_ok = old.get(&e.path) == Some(&want)
+                && on_disk == Some(if e.symlink_target.is_empty() { FileType::RegularFile } else { FileType::Symlink });
+            index.insert(e.path.clone(), want);
             if on_disk_ok {
                 report.unchanged += 1;
                 continue;
             }
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(EngineError::io_at("creating", parent))?;
-            }
-            let tmp =
-                dest.with_file_name(format!(".mlops-tmp.{}", dest.file_name().unwrap_or_default().to_string_lossy()));
-            let _ = std::fs::remove_file(&tmp);
-            if e.symlink_target.is_empty() {
-                copy_synced(&self.blobs().join(&e.sha256), &tmp, if e.mode == 0 { 0o644 } else { e.mode })?;
+            let written = if e.symlink_target.is_empty() {
+                let blob = self.blobs().join(&e.sha256);
+                let mut src = std::fs::File::open(&blob).map_err(EngineError::io_at("reading blob", &blob))?;
+                confine::write_file(dir, name, &mut src, mode)
             } else {
-                std::os::unix::fs::symlink(&e.symlink_target, &tmp)
-                    .map_err(EngineError::io_at("creating symlink", &dest))?;
-            }
-            if dest.is_dir() && !dest.is_symlink() {
-                std::fs::remove_dir_all(&dest).map_err(EngineError::io_at("replacing", &dest))?;
-            }
-            std::fs::rename(&tmp, &dest).map_err(EngineError::io_at("renaming into", &dest))?;
+                confine::put_symlink(dir, name, &e.symlink_target)
+            };
+            written.map_err(EngineError::io_at("writing", &tree.join(path)))?;
             report.written += 1;
         }
         // Remove what the manifest no longer lists.
         let listed: BTreeSet<PathBuf> = session.entries.iter().map(|e| PathBuf::from(&e.path)).collect();
-        report.removed = remove_unlisted(&tree, &tree, &listed)?;
-        if let Ok(dir) = std::fs::File::open(&tree) {
-            let _ = dir.sync_all();
-        }
+        let root = dirs.get(Path::new(""))?;
+        report.removed = remove_unlisted(&tree, root, Path::new(""), &listed)?;
+        let _ = rustix::fs::fsync(root);
         let index_path = self.index_path(&session.root);
         std::fs::create_dir_all(index_path.parent().expect("has parent"))
             .map_err(EngineError::io("creating the index directory"))?;
@@ -380,8 +431,38 @@ impl SyncStore {
 
     /// Drops blobs no tree refers to and no session in progress needs. Only
     /// blobs older than an hour go: another sync may be uploading right now
-    /// for a tree it has not committed yet.
-    fn collect_garbage(&self) {
+    /// for a tree it has not committed yet. Uploads abandoned for a day
+    /// (`blobs/partial/`) and leftovers in the work directory (a build the
+    /// agent did not live to clean up) go too. Run after each commit and when
+    /// the agent starts.
+    pub fn collect_garbage(&self) {
+        let older_than = |m: std::io::Result<std::fs::Metadata>, secs: u64| {
+            m.and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > secs)
+        };
+        let live: BTreeSet<String> = self
+            .sessions
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .flat_map(|s| s.entries.iter().map(|e| e.sha256.clone()))
+            .collect();
+        if let Ok(dir) = std::fs::read_dir(self.blobs().join("partial")) {
+            for f in dir.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !live.contains(&name) && older_than(f.metadata(), 24 * 3600) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(self.work_dir()) {
+            for f in dir.flatten() {
+                // A debootstrap killed mid-way may leave /proc or /sys
+                // mounted inside its tree: such a directory is left alone.
+                if older_than(f.path().symlink_metadata(), 24 * 3600) && !has_mounts_below(&f.path()) {
+                    let _ = std::fs::remove_dir_all(f.path());
+                }
+            }
+        }
         let mut keep = BTreeSet::new();
         if let Ok(dir) = std::fs::read_dir(self.base.join("trees/.index")) {
             for f in dir.flatten() {
@@ -412,47 +493,64 @@ impl SyncStore {
     }
 }
 
-fn remove_any(p: &Path) -> Result<(), EngineError> {
-    let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
-    r.map_err(EngineError::io_at("removing", p))
+fn has_mounts_below(dir: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return true };
+    mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| Path::new(m).starts_with(dir))
 }
 
-fn remove_unlisted(tree: &Path, dir: &Path, listed: &BTreeSet<PathBuf>) -> Result<u32, EngineError> {
-    let mut removed = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let rel = path.strip_prefix(tree).expect("below the tree").to_path_buf();
-        let is_real_dir = path.is_dir() && !path.is_symlink();
-        if !listed.contains(&rel) {
-            // An unlisted directory still holding listed files stays
-            // (the manifest implies its parents).
-            if is_real_dir && listed.iter().any(|l| l.starts_with(&rel)) {
-                removed += remove_unlisted(tree, &path, listed)?;
-                continue;
+/// The tree's directories opened so far during one commit, by relative path.
+struct Dirs<'a> {
+    tree: &'a Path,
+    open: HashMap<PathBuf, OwnedFd>,
+}
+
+impl Dirs<'_> {
+    /// The handle of directory `rel`, made (root, 0755) where missing and
+    /// put in place of anything else found there.
+    fn get(&mut self, rel: &Path) -> Result<BorrowedFd<'_>, EngineError> {
+        let mut here = PathBuf::new();
+        for c in rel.components() {
+            let parent = here.clone();
+            here.push(c);
+            if !self.open.contains_key(&here) {
+                let fd = confine::ensure_dir(self.open[&parent].as_fd(), c.as_os_str())
+                    .map_err(EngineError::io_at("creating", &self.tree.join(&here)))?;
+                self.open.insert(here.clone(), fd);
             }
-            remove_any(&path)?;
+        }
+        Ok(self.open[&here].as_fd())
+    }
+}
+
+/// Removes, below directory `rel` (open as `dir`), every entry the manifest
+/// does not list. Never follows a link: a link is removed as a link.
+fn remove_unlisted(tree: &Path, dir: BorrowedFd<'_>, rel: &Path, listed: &BTreeSet<PathBuf>) -> Result<u32, EngineError> {
+    let mut removed = 0;
+    let io = |p: &Path| {
+        let at = tree.join(p);
+        move |e: std::io::Error| EngineError::io_at("removing", &at)(e)
+    };
+    for (name, kind) in confine::entries(dir).map_err(io(rel))? {
+        let child = rel.join(&name);
+        let is_dir = kind == FileType::Directory;
+        // An unlisted directory still holding listed files stays (the
+        // manifest implies its parents).
+        let keep_dir = is_dir && (listed.contains(&child) || listed.iter().any(|l| l.starts_with(&child)));
+        if keep_dir {
+            let sub = rustix::fs::openat(
+                dir,
+                name.as_os_str(),
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io(&child)(e.into()))?;
+            removed += remove_unlisted(tree, sub.as_fd(), &child, listed)?;
+        } else if !listed.contains(&child) {
+            confine::remove_all_at(dir, &name).map_err(io(&child))?;
             removed += 1;
-        } else if is_real_dir {
-            removed += remove_unlisted(tree, &path, listed)?;
         }
     }
     Ok(removed)
-}
-
-fn copy_synced(from: &Path, to: &Path, mode: u32) -> Result<(), EngineError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut src = std::fs::File::open(from).map_err(EngineError::io_at("reading blob", from))?;
-    let mut dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(to)
-        .map_err(EngineError::io_at("creating", to))?;
-    std::io::copy(&mut src, &mut dst).map_err(EngineError::io_at("writing", to))?;
-    // The umask may have narrowed the mode at creation.
-    dst.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(EngineError::io("chmod"))?;
-    dst.sync_all().map_err(EngineError::io_at("fsync", to))
 }
 
 pub fn hash_file(path: &Path) -> Result<String, EngineError> {
@@ -513,11 +611,45 @@ mod tests {
             let e = SyncEntry { path: link.into(), symlink_target: target.into(), ..Default::default() };
             assert!(store.begin(SyncManifest { root: "t".into(), entries: vec![e] }).is_err(), "{link} -> {target}");
         }
+        // Chains: each link alone stays inside, together they leave.
+        let link = |p: &str, t: &str| SyncEntry { path: p.into(), symlink_target: t.into(), ..Default::default() };
+        let chains: [&[(&str, &str)]; 4] = [
+            &[("d/l", ".."), ("x", "d/l/d/l/d/l/d/l/../../../../../../../../etc")],
+            &[("a", "b/c"), ("b/c", ".."), ("x", "a/..")],
+            &[("p", "q"), ("q", "p")],
+            &[("a/b", "../c"), ("c", "/etc"), ("x", "a/b")],
+        ];
+        for chain in chains {
+            let entries = chain.iter().map(|(p, t)| link(p, t)).collect();
+            let e = store.begin(SyncManifest { root: "t".into(), entries }).unwrap_err().to_string();
+            assert!(e.contains("outside the tree") || e.contains("too many levels"), "{chain:?}: {e}");
+        }
+        let inside = vec![link("d/l", ".."), link("x", "d/l/d/l/f"), link("y", "d/l/d"), entry("f", b"x")];
+        assert!(store.begin(SyncManifest { root: "t".into(), entries: inside }).is_ok());
         let ok = SyncEntry { path: "d/l".into(), symlink_target: "../x".into(), ..Default::default() };
         assert!(store.begin(SyncManifest { root: "t".into(), entries: vec![ok.clone()] }).is_ok());
         let below = entry("d/l/f", b"x");
         assert!(store.begin(SyncManifest { root: "t".into(), entries: vec![ok, below] }).is_err(), "below a symlink");
         assert!(store.begin(SyncManifest { root: "../t".into(), entries: vec![] }).is_err());
+    }
+
+    #[test]
+    fn modes_are_normalised() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SyncStore::new(dir.path(), Limits::default());
+        let mut suid = entry("bin/sh", b"#!");
+        suid.mode = 0o4755;
+        let mut world = entry("w", b"w");
+        world.mode = 0o2666;
+        let d = SyncEntry { path: "bin".into(), is_dir: true, mode: 0o1777, ..Default::default() };
+        let plan = store.begin(SyncManifest { root: "t".into(), entries: vec![suid, world, d] }).unwrap();
+        for (sha, data) in [(hex::encode(Sha256::digest(b"#!")), &b"#!"[..]), (hex::encode(Sha256::digest(b"w")), b"w")] {
+            store.write_chunk(&plan.sync_id, &sha, 0, data).unwrap();
+        }
+        store.commit(&plan.sync_id).unwrap();
+        let mode = |p: &str| std::fs::symlink_metadata(store.tree("t").join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!((mode("bin/sh"), mode("w"), mode("bin")), (0o755, 0o644, 0o755));
     }
 
     #[test]

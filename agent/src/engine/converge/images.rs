@@ -9,7 +9,7 @@ use std::path::Path;
 use bollard::Docker;
 use mlops_proto::stack::{Stack, labels};
 
-use super::resolve_source;
+use super::open_context;
 use crate::engine::{Action, EngineError, Events, build};
 
 /// The image ID of each service, and whether any image was built or pulled.
@@ -22,14 +22,14 @@ pub async fn ensure(
     docker: &Docker,
     stack: &Stack,
     order: &[String],
-    files_dir: &Path,
+    dirs: &super::StackDirs,
     ev: &Events,
 ) -> Result<Images, EngineError> {
     let mut out = Images { ids: BTreeMap::new(), changed: false };
     for name in order {
         let tag = stack.image_of(name);
         let id = match &stack.services[name].build {
-            Some(_) => build_if_changed(docker, stack, name, &tag, files_dir, ev, &mut out.changed).await?,
+            Some(_) => build_if_changed(docker, stack, name, &tag, dirs, ev, &mut out.changed).await?,
             None => match docker.inspect_image(&tag).await {
                 Ok(i) => i.id.unwrap_or_default(),
                 Err(_) => {
@@ -50,12 +50,12 @@ async fn build_if_changed(
     stack: &Stack,
     name: &str,
     tag: &str,
-    files_dir: &Path,
+    dirs: &super::StackDirs,
     ev: &Events,
     changed: &mut bool,
 ) -> Result<String, EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
-    let dir = resolve_source(files_dir, &b.context);
+    let dir = open_context(&dirs.files, &b.context, &format!("services.{name}.build.context")).map_err(|e| e.in_service(name))?;
     let (dockerfile, args, target) = (b.dockerfile.clone(), b.args.clone(), b.target.clone());
     let extra = if stack.options.host_ca_bundle {
         let ca = std::fs::read(build::HOST_CA_BUNDLE)
@@ -82,7 +82,7 @@ async fn build_if_changed(
     ev.say(name, Action::BuildStarted, tag).await;
     let say = ev.progress_sink(name);
     for base in build::base_images(&ctx.dockerfile_text, &b.args) {
-        build::ensure_base(docker, &base, stack.options.bootstrap_base_images, &say)
+        build::ensure_base(docker, &base, stack.options.bootstrap_base_images, &dirs.work, &say)
             .await
             .map_err(|e| e.in_service(name))?;
     }

@@ -31,23 +31,34 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
+use sha2::Digest;
 use mlops_proto::stack::Stack;
 
-use super::{EngineError, Events, Outcome};
+use super::{EngineError, Events, Outcome, confine};
 
 pub use status::{down, status};
+
+/// Where a stack's files are on the host, and where the agent may make
+/// temporary files for it.
+pub struct StackDirs {
+    /// The stack's synced tree (bind sources and build contexts).
+    pub files: PathBuf,
+    /// A root-owned 0700 directory of the agent's (see `SyncStore::work_dir`).
+    pub work: PathBuf,
+}
 
 /// Brings the stack to the model; returns every service's state.
 pub async fn converge(
     docker: &Docker,
     stack: &Stack,
-    files_dir: &Path,
+    dirs: &StackDirs,
     health_timeout: Duration,
     ev: &Events,
 ) -> Result<Outcome, EngineError> {
+    let files_dir = dirs.files.as_path();
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
     let mut changed = resources::ensure(docker, stack, &order, ev).await?;
-    let images = images::ensure(docker, stack, &order, files_dir, ev).await?;
+    let images = images::ensure(docker, stack, &order, dirs, ev).await?;
     changed |= images.changed;
     let hashes = plan::config_hashes(stack, &order, &images.ids, files_dir)?;
     let existing = plan::existing(docker, &stack.project).await?;
@@ -71,12 +82,73 @@ pub async fn converge(
     Ok(Outcome { summary, services })
 }
 
-/// Where a bind mount's source is on the host: `./x` in the stack's
-/// synced tree, `~/x` in root's home, absolute paths as they are.
-pub fn resolve_source(files_dir: &Path, source: &str) -> PathBuf {
+/// A bind mount's source or a build context, as the stack names it.
+enum Source<'a> {
+    /// `./x` or `x`: inside the stack's synced tree, resolved beneath it.
+    InTree(&'a Path),
+    /// `~/x` (root's home) or an absolute path: chosen by the compose file.
+    Host(PathBuf),
+}
+
+fn classify(source: &str) -> Source<'_> {
     if let Some(rest) = source.strip_prefix("~/") {
-        return PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(rest);
+        return Source::Host(PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(rest));
     }
     let p = Path::new(source);
-    if p.is_absolute() { p.to_path_buf() } else { files_dir.join(source.trim_start_matches("./")) }
+    if p.is_absolute() { Source::Host(p.to_path_buf()) } else { Source::InTree(p) }
+}
+
+/// Why a source in the tree cannot be used, as a request error on `field`.
+fn unusable(field: &str, files_dir: &Path, source: &str, e: std::io::Error) -> EngineError {
+    let why = if e.kind() == std::io::ErrorKind::NotFound {
+        format!("`{source}` is not in the stack directory ({})", files_dir.join(source).display())
+    } else if e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!("`{source}` resolves outside the stack directory (through a symlink); it is refused")
+    } else {
+        format!("`{source}` cannot be used: {e}")
+    };
+    EngineError::bad_request(field, why)
+}
+
+/// Where a bind mount's source is on the host: `./x` in the stack's synced
+/// tree (every symlink followed, and refused if that leaves the tree), `~/x`
+/// in root's home, absolute paths as they are. `field` names the mount for
+/// errors.
+pub fn resolve_source(files_dir: &Path, source: &str, field: &str) -> Result<PathBuf, EngineError> {
+    match classify(source) {
+        Source::Host(p) => Ok(p),
+        Source::InTree(rel) => confine::Tree::open(files_dir)
+            .and_then(|tree| tree.real_path(rel))
+            .map_err(|e| unusable(field, files_dir, source, e)),
+    }
+}
+
+/// A build context opened for reading, confined like [`resolve_source`].
+pub fn open_context(files_dir: &Path, source: &str, field: &str) -> Result<confine::Tree, EngineError> {
+    match classify(source) {
+        Source::Host(p) => {
+            let real = std::fs::canonicalize(&p).map_err(EngineError::io_at("opening the build context", &p))?;
+            confine::Tree::open(&real).map_err(EngineError::io_at("opening the build context", &p))
+        }
+        Source::InTree(rel) => confine::Tree::open(files_dir)
+            .and_then(|tree| tree.subtree(rel))
+            .map_err(|e| unusable(field, files_dir, source, e)),
+    }
+}
+
+/// The sha256 of a bind-mounted file (None for a directory or a source
+/// that cannot be resolved; converge reports those when it mounts them).
+pub fn hash_source(files_dir: &Path, source: &str) -> Option<String> {
+    let file = match classify(source) {
+        Source::Host(p) => std::fs::File::open(p).ok()?,
+        Source::InTree(rel) => std::fs::File::from(
+            confine::Tree::open(files_dir).ok()?.open_beneath(rel, rustix::fs::OFlags::RDONLY).ok()?,
+        ),
+    };
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut &file, &mut h).ok()?;
+    Some(hex::encode(h.finalize()))
 }

@@ -22,7 +22,7 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBu
 use mlops_proto::stack::{Condition, MountKind, Service, Stack, labels};
 use sha2::{Digest, Sha256};
 
-use super::resolve_source;
+use super::hash_source;
 use crate::engine::EngineError;
 
 /// A container of the project, as found before the converge.
@@ -116,10 +116,9 @@ pub fn config_hashes(
                     h.update(format!("\0vol={}", stack.volume_name(&m.source)).as_bytes());
                 }
                 MountKind::Bind => {
-                    let src = resolve_source(files_dir, &m.source);
-                    if src.is_file() {
+                    if let Some(sha) = hash_source(files_dir, &m.source) {
                         h.update(format!("\0file={}=", m.source).as_bytes());
-                        h.update(crate::engine::sync::hash_file(&src)?.as_bytes());
+                        h.update(sha.as_bytes());
                     }
                 }
                 _ => {}

@@ -137,17 +137,7 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
             MountKind::Volume if m.source.is_empty() => binds.push(m.target.clone()),
             MountKind::Volume => binds.push(format!("{}:{}{mode}", stack.volume_name(&m.source), m.target)),
             MountKind::Bind => {
-                let src = resolve_source(files_dir, &m.source);
-                if m.source.starts_with('.') && !src.exists() {
-                    return Err(EngineError::bad_request(
-                        &format!("services.{name}.volumes"),
-                        format!(
-                            "service `{name}` mounts `{}`, which is not in the stack directory ({})",
-                            m.source,
-                            src.display()
-                        ),
-                    ));
-                }
+                let src = resolve_source(files_dir, &m.source, &format!("services.{name}.volumes"))?;
                 binds.push(format!("{}:{}{mode}", src.display(), m.target));
             }
             MountKind::Tmpfs => mounts.push(DockerMount {
