@@ -42,9 +42,11 @@ use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
 /// Users every test host has: one with passwordless sudo, one whose sudo
-/// asks for a password.
+/// asks for a password, and an unprivileged local user (the hardening tests
+/// attack the agent as it).
 pub const SUDO_USER: &str = "mlops-sudo";
 pub const SUDO_PASSWORD_USER: &str = "mlops-pwsudo";
+pub const LOCAL_USER: &str = "mlops-local";
 
 /// The agent directories a test host gets privately (see the module docs).
 const PRIVATE_DIRS: [&str; 5] = [
@@ -143,12 +145,13 @@ sysctl -qw net.ipv4.ip_forward=1
 }
 
 /// The shell lines that give a host its users: one with passwordless sudo,
-/// one whose sudo asks for a password, and root able to log in with a key.
+/// one whose sudo asks for a password, one without sudo, and root able to
+/// log in with a key.
 /// They run inside the host's mount namespace, so the users exist in the
 /// host's overlay of `/etc` and `/home` only, never on this machine.
 fn users_script() -> String {
     format!(
-        r#"for u in {SUDO_USER} {SUDO_PASSWORD_USER}; do
+        r#"for u in {SUDO_USER} {SUDO_PASSWORD_USER} {LOCAL_USER}; do
   id -u "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u"
   # Not locked ("!"), so sshd lets keys in; no password can match "*".
   usermod -p '*' "$u"
@@ -615,6 +618,15 @@ LogLevel VERBOSE
     /// processes see things.
     pub fn exec(&self, script: &str) -> Result<Output> {
         run(self.command_inside("sh").arg("-c").arg(script))
+    }
+
+    /// A shell command as the host's unprivileged user ([`LOCAL_USER`]);
+    /// its output whatever its exit status (attacks are expected to fail).
+    pub fn exec_as_local_user(&self, script: &str) -> Output {
+        self.command_inside("runuser")
+            .args(["-u", LOCAL_USER, "--", "sh", "-c", script])
+            .output()
+            .expect("runuser runs (util-linux)")
     }
 
     /// HTTP from inside the host (its loopback, where the platform publishes

@@ -65,12 +65,12 @@ pub fn pack_with(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
     };
-    let ignore =
-        Ignore::parse(&ignore_text).map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
-    let dockerfile_text = dir
-        .read(Path::new(dockerfile), MAX_TEXT)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .map_err(|e| failed("", format!("cannot read Dockerfile {}/{dockerfile}: {e}", dir.path().display()), ""))?;
+    let ignore = Ignore::parse(&ignore_text)
+        .map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    let dockerfile_text =
+        dir.read(Path::new(dockerfile), MAX_TEXT).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| {
+            failed("", format!("cannot read Dockerfile {}/{dockerfile}: {e}", dir.path().display()), "")
+        })?;
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
     let walk = Walk { root: dir.path(), ignore: &ignore, dockerfile };
@@ -122,9 +122,8 @@ impl Walk<'_> {
                 FileType::Directory => {
                     let sub = open(OFlags::DIRECTORY | OFlags::RDONLY)?;
                     if !excluded {
-                        let meta = std::fs::File::from(sub.try_clone().map_err(io(&child))?)
-                            .metadata()
-                            .map_err(io(&child))?;
+                        let meta =
+                            std::fs::File::from(sub.try_clone().map_err(io(&child))?).metadata().map_err(io(&child))?;
                         let mut header = tar::Header::new_gnu();
                         header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
                         out.append_data(&mut header, &child, std::io::empty()).map_err(io(&child))?;
@@ -141,8 +140,8 @@ impl Walk<'_> {
                     out.append_data(&mut header, &child, file).map_err(io(&child))?;
                 }
                 FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(dir, name.as_os_str(), Vec::new())
-                        .map_err(|e| io(&child)(e.into()))?;
+                    let target =
+                        rustix::fs::readlinkat(dir, name.as_os_str(), Vec::new()).map_err(|e| io(&child)(e.into()))?;
                     let target = std::ffi::OsStr::from_bytes(target.as_bytes());
                     let mut header = tar::Header::new_gnu();
                     header.set_entry_type(tar::EntryType::Symlink);
@@ -478,7 +477,11 @@ mod tests {
             .collect();
         assert!(names.contains(&"a.txt".to_string()) && !names.contains(&"b.tmp".to_string()), "{names:?}");
         std::fs::write(d.join("b.tmp"), "changed").unwrap();
-        assert_eq!(pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash, "ignored files do not count");
+        assert_eq!(
+            pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash,
+            one.hash,
+            "ignored files do not count"
+        );
         std::fs::write(d.join("a.txt"), "changed").unwrap();
         assert_ne!(pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash);
         let args = [("X".to_string(), "1".to_string())].into();

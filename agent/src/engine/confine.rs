@@ -158,7 +158,8 @@ fn open_beneath_by_hand(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::
         let dir = stack.last().map_or(root, |d| d.as_fd());
         let last = queue.is_empty();
         let open_flags = if last { flags } else { OFlags::DIRECTORY | OFlags::RDONLY };
-        match rustix::fs::openat(dir, name.as_os_str(), open_flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+        match rustix::fs::openat(dir, name.as_os_str(), open_flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        {
             Ok(fd) if last => {
                 // O_PATH|O_NOFOLLOW opens a symlink itself: follow it here.
                 if flags.contains(OFlags::PATH) && is_symlink(fd.as_fd()) {
@@ -280,8 +281,8 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    let fd = rustix::fs::open(dir, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(errno)?;
+    let fd =
+        rustix::fs::open(dir, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(errno)?;
     let st = rustix::fs::fstat(&fd).map_err(errno)?;
     if st.st_uid != rustix::process::geteuid().as_raw() {
         return Err(io::Error::new(
@@ -351,8 +352,12 @@ fn replace(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
 /// Removes `name` in `dir` and, if it is a directory, everything below it,
 /// without following any symlink.
 pub fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    match rustix::fs::openat(dir, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-    {
+    match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(sub) => {
             for (child, _) in entries(sub.as_fd())? {
                 remove_all_at(sub.as_fd(), &child)?;

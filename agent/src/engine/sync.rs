@@ -394,7 +394,7 @@ impl SyncStore {
             let mode = if e.symlink_target.is_empty() { confine::file_mode(e.mode) } else { 0o777 };
             let want = Indexed { sha256: e.sha256.clone(), mode, symlink: e.symlink_target.clone() };
             let dir = dirs.get(parent)?;
-            let on_disk = confine::kind_at(dir, name).map_err(EngineError::io_at("reading", &tree.join(path)))?;
+            let on_disk = confine::kind_at(dir, name).ok().flatten();
             let on_disk_ok = old.get(&e.path) == Some(&want)
                 && on_disk == Some(if e.symlink_target.is_empty() { FileType::RegularFile } else { FileType::Symlink });
             index.insert(e.path.clone(), want);
@@ -402,14 +402,31 @@ impl SyncStore {
                 report.unchanged += 1;
                 continue;
             }
-            let written = if e.symlink_target.is_empty() {
-                let blob = self.blobs().join(&e.sha256);
-                let mut src = std::fs::File::open(&blob).map_err(EngineError::io_at("reading blob", &blob))?;
-                confine::write_file(dir, name, &mut src, mode)
-            } else {
-                confine::put_symlink(dir, name, &e.symlink_target)
+            let blob = self.blobs().join(&e.sha256);
+            let write = |dir: BorrowedFd<'_>| {
+                if e.symlink_target.is_empty() {
+                    let mut src = std::fs::File::open(&blob)?;
+                    confine::write_file(dir, name, &mut src, mode)
+                } else {
+                    confine::put_symlink(dir, name, &e.symlink_target)
+                }
             };
-            written.map_err(EngineError::io_at("writing", &tree.join(path)))?;
+            let mut written = write(dir);
+            if written.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+                // The directory was removed while open (a container with a
+                // writable bind of it): open it afresh, once.
+                dirs.forget(parent);
+                written = write(dirs.get(parent)?);
+            }
+            written.map_err(|err| {
+                let what = if err.kind() == std::io::ErrorKind::NotFound {
+                    "writing (its directory keeps being removed, by a container with a writable bind of it?; \
+                     nothing was written outside the tree)"
+                } else {
+                    "writing"
+                };
+                EngineError::io_at(what, &tree.join(path))(err)
+            })?;
             report.written += 1;
         }
         // Remove what the manifest no longer lists.
@@ -520,11 +537,24 @@ impl Dirs<'_> {
         }
         Ok(self.open[&here].as_fd())
     }
+
+    /// Drops the handles of `rel` and below (their directories were
+    /// removed from under them).
+    fn forget(&mut self, rel: &Path) {
+        if !rel.as_os_str().is_empty() {
+            self.open.retain(|p, _| !p.starts_with(rel));
+        }
+    }
 }
 
 /// Removes, below directory `rel` (open as `dir`), every entry the manifest
 /// does not list. Never follows a link: a link is removed as a link.
-fn remove_unlisted(tree: &Path, dir: BorrowedFd<'_>, rel: &Path, listed: &BTreeSet<PathBuf>) -> Result<u32, EngineError> {
+fn remove_unlisted(
+    tree: &Path,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    listed: &BTreeSet<PathBuf>,
+) -> Result<u32, EngineError> {
     let mut removed = 0;
     let io = |p: &Path| {
         let at = tree.join(p);
@@ -644,7 +674,8 @@ mod tests {
         world.mode = 0o2666;
         let d = SyncEntry { path: "bin".into(), is_dir: true, mode: 0o1777, ..Default::default() };
         let plan = store.begin(SyncManifest { root: "t".into(), entries: vec![suid, world, d] }).unwrap();
-        for (sha, data) in [(hex::encode(Sha256::digest(b"#!")), &b"#!"[..]), (hex::encode(Sha256::digest(b"w")), b"w")] {
+        for (sha, data) in [(hex::encode(Sha256::digest(b"#!")), &b"#!"[..]), (hex::encode(Sha256::digest(b"w")), b"w")]
+        {
             store.write_chunk(&plan.sync_id, &sha, 0, data).unwrap();
         }
         store.commit(&plan.sync_id).unwrap();

@@ -55,7 +55,8 @@ async fn build_if_changed(
     changed: &mut bool,
 ) -> Result<String, EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
-    let dir = open_context(&dirs.files, &b.context, &format!("services.{name}.build.context")).map_err(|e| e.in_service(name))?;
+    let dir = open_context(&dirs.files, &b.context, &format!("services.{name}.build.context"))
+        .map_err(|e| e.in_service(name))?;
     let (dockerfile, args, target) = (b.dockerfile.clone(), b.args.clone(), b.target.clone());
     let extra = if stack.options.host_ca_bundle {
         let ca = std::fs::read(build::HOST_CA_BUNDLE)

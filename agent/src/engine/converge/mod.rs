@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
-use sha2::Digest;
 use mlops_proto::stack::Stack;
+use sha2::Digest;
 
 use super::{EngineError, Events, Outcome, confine};
 

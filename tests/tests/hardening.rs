@@ -1,0 +1,215 @@
+//! Attacks on a real agent on test hosts, each refused (issue 8). The
+//! attackers of the threat model (ARCHITECTURE.md): whoever can put files
+//! into a stack directory, unprivileged users on a host, containers, and
+//! the network between controller and host.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use mlops_e2e::{TestEnv, TestHost, TestStack};
+
+const IDLE: &str = r#"
+name: "{project}"
+services:
+  idle:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+"#;
+
+fn sync(env: &TestEnv, host: &TestHost, stack: &TestStack) -> mlops_e2e::CtlRun {
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    env.ctl(&["sync", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir])
+}
+
+/// Installs the agent alone (hosts without an engine).
+fn agent_only(env: &TestEnv, host: &TestHost) {
+    let key = env.key.display().to_string();
+    env.ctl(&["deploy", "--no-stack", "--identity", &key, "--host", &host.spec("root")]).expect_code(0);
+}
+
+fn tree(host: &TestHost, stack: &TestStack) -> std::path::PathBuf {
+    host.path(&format!("/var/lib/mlops-agent/trees/stack-{}", stack.project))
+}
+
+/// Links that each stay inside, chained so the whole leads out: the agent
+/// resolves every link through the manifest and refuses the sync, naming
+/// the entry; the host's tree keeps what the previous sync wrote.
+#[test]
+fn symlink_chains_that_leave_the_tree_are_refused() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("hard-links").unwrap();
+    let stack = TestStack::new(IDLE).unwrap();
+    agent_only(&env, &host);
+    std::fs::write(stack.path().join("dag.py"), "ok").unwrap();
+    sync(&env, &host, &stack).expect_code(0);
+    assert_eq!(std::fs::read_to_string(tree(&host, &stack).join("dag.py")).unwrap(), "ok");
+
+    let shapes: [&[(&str, &str)]; 5] = [
+        // The reported one: `d/l -> ..` climbs one level per use.
+        &[("d/l", ".."), ("x", "d/l/d/l/d/l/d/l/../../../../../../../../etc")],
+        // A link to a link whose target is the tree's parent.
+        &[("a", "b/c"), ("b/c", "../.."), ("x", "a/../etc")],
+        // A relative link to a link that is absolute.
+        &[("a/b", "../c"), ("c", "/etc"), ("x", "a/b")],
+        // A loop.
+        &[("p", "q"), ("q", "p")],
+        // Plain escapes.
+        &[("x", "../../../../../../etc")],
+    ];
+    for shape in shapes {
+        let dir = stack.path().join("links");
+        let _ = std::fs::remove_dir_all(&dir);
+        for (link, target) in shape {
+            let at = dir.join(link);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            symlink(target, &at).unwrap();
+        }
+        let run = sync(&env, &host, &stack);
+        assert_ne!(run.code, 0, "{shape:?} was accepted:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains("leads outside the tree") || run.stderr.contains("too many levels"),
+            "{shape:?}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("symlink `links/"), "the entry is named: {}", run.stderr);
+        assert!(!tree(&host, &stack).join("links").exists(), "{shape:?}: nothing was written");
+    }
+    // Chains that stay inside are synced as links.
+    let dir = stack.path().join("links");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("d")).unwrap();
+    symlink("..", dir.join("d/l")).unwrap();
+    symlink("d/l/d/l/f", dir.join("x")).unwrap();
+    std::fs::write(dir.join("f"), "inside").unwrap();
+    sync(&env, &host, &stack).expect_code(0);
+    assert_eq!(std::fs::read_to_string(tree(&host, &stack).join("links/x")).unwrap(), "inside");
+}
+
+/// A setuid-root file in the stack directory arrives 0755; a world-writable
+/// one 0644; a sticky directory 0755. Checked in the tree and from inside a
+/// container that mounts it.
+#[test]
+fn setuid_and_other_special_modes_are_never_written() {
+    let env = TestEnv::new().unwrap();
+    let host = env.docker_host("hard-modes").unwrap();
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+services:
+  idle:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumes: ["./tools:/tools:ro"]
+"#,
+    )
+    .unwrap();
+    let tools = stack.path().join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    std::fs::copy("/bin/busybox", tools.join("suid")).unwrap();
+    std::fs::set_permissions(tools.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(tools.join("open"), "x").unwrap();
+    std::fs::set_permissions(tools.join("open"), std::fs::Permissions::from_mode(0o2666)).unwrap();
+    std::fs::set_permissions(&tools, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    env.ctl(&["deploy", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir, "--health-timeout", "60"])
+        .expect_code(0);
+    let mode = |p: &str| std::fs::symlink_metadata(tree(&host, &stack).join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!((mode("tools/suid"), mode("tools/open"), mode("tools")), (0o755, 0o644, 0o755));
+    let container = format!("{}-idle-1", stack.project);
+    let seen = host.docker(&["exec", &container, "stat", "-c", "%a %u", "/tools/suid", "/tools/open", "/tools"]);
+    assert_eq!(seen.split_whitespace().collect::<Vec<_>>(), ["755", "0", "644", "0", "755", "0"], "{seen}");
+}
+
+/// A container with a writable bind of part of the stack's tree swaps the
+/// directories the agent writes into for symlinks to a host directory, as
+/// fast as it can, while the operator syncs again and again: the agent's
+/// writes and removals stay in the tree, and the host directory is intact.
+#[test]
+fn a_container_swapping_a_writable_bind_for_symlinks_cannot_redirect_syncs() {
+    let env = TestEnv::new().unwrap();
+    let host = env.docker_host("hard-swap").unwrap();
+    host.exec("mkdir -p /var/lib/victim && echo keep > /var/lib/victim/keep").unwrap();
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+services:
+  swapper:
+    build: ./img
+    command:
+      - sh
+      - -c
+      - |
+        trap 'exit 0' TERM
+        while true; do
+          rm -rf /data/sub /data/gone; ln -s /var/lib/victim /data/sub 2>/dev/null
+          ln -s ../../../../../../../../var/lib/victim /data/gone 2>/dev/null
+          rm -rf /data/deep/er; ln -s /var/lib/victim /data/deep/er 2>/dev/null
+        done
+    volumes: ["./data:/data"]
+"#,
+    )
+    .unwrap();
+    let data = stack.path().join("data");
+    let write_round = |round: u32| {
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        std::fs::create_dir_all(data.join("deep/er")).unwrap();
+        std::fs::write(data.join("sub/keep"), format!("round {round}")).unwrap();
+        std::fs::write(data.join("deep/er/file"), format!("round {round}")).unwrap();
+        // Every other round lists `gone`, so the next removes it.
+        if round % 2 == 0 {
+            std::fs::create_dir_all(data.join("gone")).unwrap();
+            std::fs::write(data.join("gone/keep"), format!("round {round}")).unwrap();
+        }
+    };
+    write_round(0);
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    env.ctl(&["deploy", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir, "--health-timeout", "60"])
+        .expect_code(0);
+    let mut synced = 0;
+    for round in 1..=20 {
+        write_round(round);
+        // A sync may lose a race and say so; it must never write outside.
+        let run = sync(&env, &host, &stack);
+        if run.code == 0 {
+            synced += 1;
+        } else {
+            assert!(run.stderr.contains("keeps being removed"), "round {round}: {}", run.stderr);
+        }
+    }
+    let victim = host.exec("ls -A /var/lib/victim; cat /var/lib/victim/keep").unwrap();
+    assert_eq!(String::from_utf8_lossy(&victim.stdout), "keep\nkeep\n", "the host directory is untouched");
+    // A sync that loses a race to the container fails (saying so); one that
+    // completes wrote its files into the tree.
+    eprintln!("{synced} of 20 syncs completed while the container was swapping");
+    // The swapper really was swapping.
+    let container = format!("{}-swapper-1", stack.project);
+    assert_eq!(host.docker(&["inspect", "-f", "{{.State.Running}}", &container]), "true");
+}
+
+/// The agent's state and work directories are root's alone: a local user
+/// can neither read a tree nor plant anything where the agent makes its
+/// temporary files (debootstrap trees included).
+#[test]
+fn local_users_cannot_reach_the_agents_state_or_temporary_files() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("hard-state").unwrap();
+    let stack = TestStack::new(IDLE).unwrap();
+    agent_only(&env, &host);
+    sync(&env, &host, &stack).expect_code(0);
+    let state = Path::new("/var/lib/mlops-agent");
+    let meta = std::fs::metadata(host.path(&state.display().to_string())).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    for attempt in [
+        "ls /var/lib/mlops-agent/trees",
+        "mkdir /var/lib/mlops-agent/tmp/debootstrap-bookworm.x",
+        "ln -s /etc /var/lib/mlops-agent/tmp/x",
+        "cat /var/lib/mlops-agent/trees/.index/*",
+    ] {
+        let out = host.exec_as_local_user(attempt);
+        assert!(!out.status.success(), "{attempt} succeeded as a local user");
+    }
+}
