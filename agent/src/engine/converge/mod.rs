@@ -99,7 +99,7 @@ fn classify(source: &str) -> Source<'_> {
 }
 
 /// Why a source in the tree cannot be used, as a request error on `field`.
-fn unusable(field: &str, files_dir: &Path, source: &str, e: std::io::Error) -> EngineError {
+fn unusable(field: &str, files_dir: &Path, source: &str, e: &std::io::Error) -> EngineError {
     let why = if e.kind() == std::io::ErrorKind::NotFound {
         format!("`{source}` is not in the stack directory ({})", files_dir.join(source).display())
     } else if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -119,7 +119,7 @@ pub fn resolve_source(files_dir: &Path, source: &str, field: &str) -> Result<Pat
         Source::Host(p) => Ok(p),
         Source::InTree(rel) => confine::Tree::open(files_dir)
             .and_then(|tree| tree.real_path(rel))
-            .map_err(|e| unusable(field, files_dir, source, e)),
+            .map_err(|e| unusable(field, files_dir, source, &e)),
     }
 }
 
@@ -132,7 +132,7 @@ pub fn open_context(files_dir: &Path, source: &str, field: &str) -> Result<confi
         }
         Source::InTree(rel) => confine::Tree::open(files_dir)
             .and_then(|tree| tree.subtree(rel))
-            .map_err(|e| unusable(field, files_dir, source, e)),
+            .map_err(|e| unusable(field, files_dir, source, &e)),
     }
 }
 
