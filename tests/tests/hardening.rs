@@ -159,7 +159,7 @@ services:
         std::fs::write(data.join("sub/keep"), format!("round {round}")).unwrap();
         std::fs::write(data.join("deep/er/file"), format!("round {round}")).unwrap();
         // Every other round lists `gone`, so the next removes it.
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             std::fs::create_dir_all(data.join("gone")).unwrap();
             std::fs::write(data.join("gone/keep"), format!("round {round}")).unwrap();
         }
