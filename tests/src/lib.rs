@@ -300,6 +300,9 @@ pub struct TestHost {
     pub netns: String,
     /// The sshd host public key line (`ssh-ed25519 AAAA...`).
     pub host_key: String,
+    /// Its second host key (`ecdsa-sha2-nistp256 AAAA...`): a host with keys
+    /// of two types, as most are.
+    pub host_key_ecdsa: String,
     dir: TempDir,
     /// `sleep infinity`, holding the host's mount namespace; everything
     /// of the host runs in its namespaces (`nsenter --target`).
@@ -366,8 +369,13 @@ ip netns exec {netns} sh -c 'ip addr add {addr}/24 dev eth0 && ip link set eth0 
         run(Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
             .arg(d.join("host_ed25519")))?;
-        let host_key =
-            fs::read_to_string(d.join("host_ed25519.pub"))?.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ecdsa", "-N", "", "-C", name, "-f"])
+            .arg(d.join("host_ecdsa")))?;
+        let public = |file: &str| -> Result<String> {
+            Ok(fs::read_to_string(d.join(file))?.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        };
+        let (host_key, host_key_ecdsa) = (public("host_ed25519.pub")?, public("host_ecdsa.pub")?);
         fs::create_dir_all(d.join("authorized_keys"))?;
         for sub in PRIVATE_DIRS {
             fs::create_dir_all(d.join("root").join(sub.trim_start_matches('/')))?;
@@ -381,6 +389,7 @@ ip netns exec {netns} sh -c 'ip addr add {addr}/24 dev eth0 && ip link set eth0 
                 "Port {port}
 ListenAddress {addr}
 HostKey {dir}/host_ed25519
+HostKey {dir}/host_ecdsa
 PidFile {dir}/sshd.pid
 AuthorizedKeysFile {dir}/authorized_keys/%u
 StrictModes no
@@ -432,6 +441,7 @@ LogLevel VERBOSE
             port,
             netns,
             host_key,
+            host_key_ecdsa,
             dir,
             anchor,
             sshd: None,

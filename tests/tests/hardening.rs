@@ -213,3 +213,71 @@ fn local_users_cannot_reach_the_agents_state_or_temporary_files() {
         assert!(!out.status.success(), "{attempt} succeeded as a local user");
     }
 }
+
+/// known_hosts as OpenSSH reads it: a host known with a key of one type
+/// that presents another type is refused like a changed key (even with
+/// --accept-new-host-keys); known types are offered first, so a host known
+/// by its ECDSA key presents that one; `@revoked` keys and hosts vouched for
+/// only by `@cert-authority` are refused. known_hosts is never changed by a
+/// refusal.
+#[test]
+fn host_keys_are_checked_as_openssh_does() {
+    let env = TestEnv::new().unwrap();
+    let host = TestHost::start("hard-keys").unwrap();
+    host.authorize("root", &env.public_key).unwrap();
+    let key = env.key.display().to_string();
+    let name = host.known_hosts_name();
+    let status = |known: &str, accept_new: bool| {
+        std::fs::write(&env.known_hosts, known).unwrap();
+        let spec = host.spec("root");
+        let mut args = vec!["status", "--identity", &key, "--host", &spec];
+        if accept_new {
+            args.push("--accept-new-host-keys");
+        }
+        let mut run = env.ctl(&args);
+        // `status` prints each host's state (errors included) on stdout.
+        run.stderr = format!("{}{}", run.stdout, run.stderr);
+        let after = std::fs::read_to_string(&env.known_hosts).unwrap();
+        (run, after)
+    };
+    // Another host's RSA key recorded for this host; the host has none.
+    let other = tempfile::tempdir().unwrap();
+    let rsa = other.path().join("rsa");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let rsa_pub = std::fs::read_to_string(rsa.with_extension("pub")).unwrap();
+    let rsa_pub: Vec<&str> = rsa_pub.split_whitespace().take(2).collect();
+    let known = format!("{name} {}\n", rsa_pub.join(" "));
+    let (run, after) = status(&known, true);
+    assert_ne!(run.code, 0, "a key of another type was accepted:\n{}", run.stderr);
+    assert!(run.stderr.contains("HAS CHANGED"), "{}", run.stderr);
+    assert_eq!(after, known, "nothing recorded");
+
+    // Known by its ECDSA key only: offered first, so the host presents it.
+    let known = format!("{name} {}\n", host.host_key_ecdsa);
+    let (run, _) = status(&known, false);
+    assert!(!run.stderr.to_lowercase().contains("host key"), "the ECDSA key is the one negotiated: {}", run.stderr);
+
+    // Revoked, even though a plain line also holds it.
+    let known = format!("{name} {}\n@revoked * {}\n", host.host_key, host.host_key);
+    let (run, after) = status(&known, true);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("REVOKED") && run.stderr.contains(":2"), "{}", run.stderr);
+    assert_eq!(after, known);
+
+    // Only a certificate authority vouches for the host: reported, refused.
+    let known = format!("@cert-authority * {}\n", rsa_pub.join(" "));
+    let (run, after) = status(&known, true);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("@cert-authority") && run.stderr.contains("not supported"), "{}", run.stderr);
+    assert_eq!(after, known);
+
+    // Unknown with accept-new: recorded (whole lines, file rewritten).
+    let (run, after) = status("# mine\n", true);
+    assert!(!run.stderr.to_lowercase().contains("host key"), "{}", run.stderr);
+    assert!(after.starts_with("# mine\n") && after.contains(&format!("{name} ssh-ed25519 ")), "{after}");
+}

@@ -6,11 +6,18 @@
 //! controller needs: run a command (optionally feeding it stdin) and open a
 //! `direct-tcpip` tunnel to a port on the host's loopback.
 //!
-//! Host key policy, as OpenSSH's `StrictHostKeyChecking`:
+//! Host key policy, as OpenSSH's `StrictHostKeyChecking` (the file format
+//! and matching are in [`known_hosts`]):
 //! - a known key that matches: accepted;
 //! - an unknown host: refused, unless `accept_new` (OpenSSH's `accept-new`),
 //!   which records the key;
-//! - a known host with another key: always refused.
+//! - a known host with another key, or with keys of other types only: always
+//!   refused (the known types are offered first, so a host that has one
+//!   presents it);
+//! - an `@revoked` key: always refused; a host vouched for only by an
+//!   `@cert-authority` line: refused as unsupported.
+
+pub mod known_hosts;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -74,6 +81,13 @@ pub enum SshError {
         known_hosts.display()
     )]
     HostKeyChanged { host: String, address: String, port: u16, fingerprint: String, known_hosts: PathBuf, line: usize },
+    #[error("host key of {host} ({fingerprint}) is REVOKED in {}:{line}; refusing to connect", known_hosts.display())]
+    HostKeyRevoked { host: String, fingerprint: String, known_hosts: PathBuf, line: usize },
+    #[error(
+        "{host} is vouched for only by a @cert-authority line ({}:{line}); host certificates are not supported",
+        known_hosts.display()
+    )]
+    HostCertUnsupported { host: String, address: String, port: u16, known_hosts: PathBuf, line: usize },
     #[error("cannot record the host key of {host} in {}: {message}", known_hosts.display())]
     LearnHostKey { host: String, known_hosts: PathBuf, message: String },
     #[error("cannot read known_hosts {}: {message}", path.display())]
@@ -128,6 +142,12 @@ impl SshError {
                 }
                 h
             }
+            SshError::HostKeyRevoked { .. } => "the key was revoked on purpose: do not connect; ask whoever runs the host for its new key".into(),
+            SshError::HostCertUnsupported { address, port, known_hosts, .. } => format!(
+                "record the host's own key instead: `ssh-keyscan {}{address} >> {}` (after checking its fingerprint)",
+                if *port == 22 { String::new() } else { format!("-p {port} ") },
+                known_hosts.display()
+            ),
             SshError::KeyLoad { .. } => "keys protected by a passphrase can be used through ssh-agent: `ssh-add FILE`".into(),
             SshError::Tunnel { .. } => "is the agent running on the host? `mlopsctl deploy` starts it".into(),
             SshError::LearnHostKey { .. } | SshError::KnownHosts { .. } => "check the file's permissions, or choose another with --known-hosts".into(),
@@ -163,6 +183,8 @@ impl ExecOutput {
 enum Verdict {
     Unknown { fingerprint: String },
     Changed { fingerprint: String, path: PathBuf, line: usize },
+    Revoked { fingerprint: String, path: PathBuf, line: usize },
+    CertAuthorityOnly { path: PathBuf, line: usize },
     KnownHostsError { path: PathBuf, message: String },
     LearnFailed { message: String },
 }
@@ -174,29 +196,40 @@ struct Client {
     verdict: Arc<Mutex<Option<Verdict>>>,
 }
 
+/// Every usable line of the user's and the system's known_hosts files.
+fn known_entries(options: &SshOptions) -> Result<Vec<known_hosts::Entry>, (PathBuf, String)> {
+    let mut entries = Vec::new();
+    for path in std::iter::once(&options.known_hosts).chain(options.global_known_hosts.as_ref()) {
+        match std::fs::read_to_string(path) {
+            Ok(text) => entries.extend(known_hosts::parse(path, &text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err((path.clone(), e.to_string())),
+        }
+    }
+    Ok(entries)
+}
+
 impl Client {
     fn check(&self, key: &russh::keys::PublicKey) -> Result<bool, Verdict> {
+        use known_hosts::Verdict as K;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        let files = std::iter::once(&self.options.known_hosts).chain(self.options.global_known_hosts.as_ref());
-        for path in files {
-            match russh::keys::check_known_hosts_path(&self.host, self.port, key, path) {
-                Ok(true) => return Ok(true),
-                Ok(false) => {}
-                Err(russh::keys::Error::KeyChanged { line }) => {
-                    return Err(Verdict::Changed { fingerprint, path: path.clone(), line });
-                }
-                Err(e) => {
-                    return Err(Verdict::KnownHostsError { path: path.clone(), message: e.to_string() });
-                }
+        let entries =
+            known_entries(&self.options).map_err(|(path, message)| Verdict::KnownHostsError { path, message })?;
+        match known_hosts::check(&entries, &self.host, self.port, key) {
+            K::Known => Ok(true),
+            K::Revoked { path, line } => Err(Verdict::Revoked { fingerprint, path, line }),
+            K::Changed { path, line } | K::OtherType { path, line, .. } => {
+                Err(Verdict::Changed { fingerprint, path, line })
             }
+            K::CertAuthorityOnly { path, line } => Err(Verdict::CertAuthorityOnly { path, line }),
+            K::Unknown if self.options.accept_new => {
+                known_hosts::learn(&self.options.known_hosts, &self.host, self.port, key)
+                    .map_err(|e| Verdict::LearnFailed { message: e.to_string() })?;
+                tracing::info!(host = %self.host, port = self.port, %fingerprint, "recorded new host key");
+                Ok(true)
+            }
+            K::Unknown => Err(Verdict::Unknown { fingerprint }),
         }
-        if self.options.accept_new {
-            russh::keys::known_hosts::learn_known_hosts_path(&self.host, self.port, key, &self.options.known_hosts)
-                .map_err(|e| Verdict::LearnFailed { message: e.to_string() })?;
-            tracing::info!(host = %self.host, port = self.port, %fingerprint, "recorded new host key");
-            return Ok(true);
-        }
-        Err(Verdict::Unknown { fingerprint })
     }
 }
 
@@ -254,10 +287,19 @@ impl Session {
         options: Arc<SshOptions>,
         label: &str,
     ) -> Result<Session, SshError> {
+        // Offer the key types known_hosts holds for this host first, as
+        // OpenSSH does: a host with several keys then presents a known one.
+        let mut preferred = russh::Preferred::default();
+        if let Ok(entries) = known_entries(&options) {
+            let mut keys = known_hosts::known_algorithms(&entries, address, port);
+            keys.extend(preferred.key.iter().filter(|a| !keys.contains(a)).cloned().collect::<Vec<_>>());
+            preferred.key = keys.into();
+        }
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
             nodelay: true,
+            preferred,
             ..Default::default()
         });
         let verdict = Arc::new(Mutex::new(None));
@@ -283,6 +325,16 @@ impl Session {
                         address: address.to_string(),
                         port,
                         fingerprint,
+                        known_hosts: path,
+                        line,
+                    },
+                    Some(Verdict::Revoked { fingerprint, path, line }) => {
+                        SshError::HostKeyRevoked { host, fingerprint, known_hosts: path, line }
+                    }
+                    Some(Verdict::CertAuthorityOnly { path, line }) => SshError::HostCertUnsupported {
+                        host,
+                        address: address.to_string(),
+                        port,
                         known_hosts: path,
                         line,
                     },
