@@ -23,11 +23,6 @@ pub mod v1 {
 /// a `Failure` in its status details.
 pub const API_LEVEL: u32 = 3;
 
-/// The TLS server name every agent certificate carries. The controller
-/// reaches agents through SSH tunnels, so the DNS name of the host plays no
-/// part; the certificate chain to the controller's CA is what authenticates.
-pub const AGENT_TLS_NAME: &str = "mlops-agent";
-
 /// sha256 (hex) of an encoded [`v1::InstallBundle`]. The controller hashes
 /// the bundle it sends; the agent rebuilds the bundle from the configuration
 /// it runs with and reports the same hash in `Hello`. prost encodes fields

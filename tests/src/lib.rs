@@ -965,7 +965,8 @@ impl LocalAgent {
         let dir = tempfile::tempdir()?;
         let tls = dir.path().join("tls");
         fs::create_dir(&tls)?;
-        let id = ca.server_identity("local-agent-test")?;
+        // `Transport::Local` reaches "localhost" (the local target's name).
+        let id = ca.server_identity("localhost")?;
         fs::write(tls.join("ca.pem"), ca.cert_pem())?;
         fs::write(tls.join("server.pem"), &id.cert_pem)?;
         fs::write(tls.join("server.key"), &id.key_pem)?;

@@ -281,3 +281,34 @@ fn host_keys_are_checked_as_openssh_does() {
     assert!(!run.stderr.to_lowercase().contains("host key"), "{}", run.stderr);
     assert!(after.starts_with("# mine\n") && after.contains(&format!("{name} ssh-ed25519 ")), "{after}");
 }
+
+/// Each agent has its own identity: host B's server key and certificate,
+/// installed in place of host A's agent (a stolen key, or whatever takes A's
+/// port while its agent is down), do not pass for A's agent. The controller
+/// refuses it and says why; a deploy re-installs A's own identity.
+#[test]
+fn another_hosts_server_key_does_not_pass_for_this_hosts_agent() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.host("hard-id-a").unwrap(), env.host("hard-id-b").unwrap());
+    for h in [&a, &b] {
+        agent_only(&env, h);
+    }
+    for file in ["server.pem", "server.key"] {
+        let tls = format!("/etc/mlops-agent/tls/{file}");
+        std::fs::copy(b.path(&tls), a.path(&tls)).unwrap();
+    }
+    // Restart A's agent with B's identity (as a daemon, as installed here).
+    a.exec("kill $(cat /run/mlops-agent/agent.pid); while [ -e /run/mlops-agent/agent.pid ]; do sleep 0.1; done")
+        .unwrap();
+    a.exec("/usr/local/lib/mlops-agent/mlops-agent serve --daemonize --config /etc/mlops-agent/agent.json").unwrap();
+    let key = env.key.display().to_string();
+    let run = env.ctl(&["status", "--identity", &key, "--host", &a.spec("root")]);
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert_ne!(run.code, 0, "{text}");
+    assert!(text.contains("not valid for name"), "{text}");
+    assert!(text.contains("issued for another host"), "the hint says what it means: {text}");
+    // B itself is fine, and a deploy gives A its own identity back.
+    env.ctl(&["status", "--identity", &key, "--host", &b.spec("root")]).expect_code(0);
+    env.ctl(&["deploy", "--no-stack", "--identity", &key, "--host", &a.spec("root")]).expect_code(0);
+    env.ctl(&["status", "--identity", &key, "--host", &a.spec("root")]).expect_code(0);
+}

@@ -26,8 +26,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 async fn try_tls(port: u16, config: rustls::ClientConfig) -> Result<(), String> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut tls =
-        connector.connect(ServerName::try_from("mlops-agent").unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(ServerName::try_from(mlops_pki::agent_tls_name("localhost")).unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {

@@ -2,7 +2,9 @@
 //! stream the [`Transport`] opens (an SSH channel or loopback TCP).
 //!
 //! The agent's certificate must chain to the controller's CA and carry the
-//! name `mlops-agent`; nothing else is trusted.
+//! name issued for the host the controller means to reach
+//! ([`mlops_pki::agent_tls_name`] of its inventory name); nothing else is
+//! trusted, not even another host's agent.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::ControllerError;
+use crate::state::cert_name;
 use crate::transport::SharedTransport;
 
 /// The client side of mTLS, built once per run and shared by all hosts.
@@ -68,7 +71,8 @@ impl AgentConn {
             let connector = connector.clone();
             async move {
                 let io = transport.tunnel(port).await?;
-                let name = ServerName::try_from(mlops_proto::AGENT_TLS_NAME).expect("valid DNS name");
+                let name = ServerName::try_from(mlops_pki::agent_tls_name(&cert_name(transport.host())))
+                    .map_err(std::io::Error::other)?;
                 let tls = connector.connect(name, io).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
@@ -86,6 +90,7 @@ impl AgentConn {
                 port,
                 message: error_chain(&e),
                 foreign_ca: unknown_issuer(&e),
+                other_host: not_valid_for_name(&e),
             })?;
         Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel })
     }
@@ -128,6 +133,26 @@ impl AgentConn {
 /// not chain to our CA: the agent was installed by another controller.
 /// (The rustls error travels inside an `io::Error`, whose `source()` skips
 /// it, so each `io::Error` on the chain is opened too.)
+/// Whether the TLS failure is a certificate issued for another host.
+fn not_valid_for_name(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
+        )) = tls
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {

@@ -40,9 +40,10 @@ pub enum ControllerError {
     #[error("installing the agent on {host} failed: {message}")]
     Install { host: String, message: String },
     /// No TLS session with the agent: nothing listens, or the handshake
-    /// failed. `foreign_ca`: the agent's certificate comes from another CA.
+    /// failed. `foreign_ca`: the agent's certificate comes from another CA;
+    /// `other_host`: it was issued (by our CA) for another host.
     #[error("the agent on {host} does not answer on 127.0.0.1:{port}: {message}")]
-    AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool },
+    AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool, other_host: bool },
     #[error("the agent on {host} still runs binary {running} after a restart (expected {expected})")]
     StaleAgent { host: String, running: String, expected: String },
     /// The agent answered a call with a failure.
@@ -119,7 +120,11 @@ impl ControllerError {
     /// The connection to the agent broke (as opposed to the agent answering
     /// with an error): worth a retry on a new connection.
     pub fn is_transport_failure(&self) -> bool {
-        matches!(self, ControllerError::Transport { .. } | ControllerError::AgentUnreachable { foreign_ca: false, .. })
+        matches!(
+            self,
+            ControllerError::Transport { .. }
+                | ControllerError::AgentUnreachable { foreign_ca: false, other_host: false, .. }
+        )
     }
 
     /// A suggestion for the user, printed as `hint:`.
@@ -133,6 +138,9 @@ impl ControllerError {
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
+            ControllerError::AgentUnreachable { other_host: true, .. } => {
+                "what answers on the agent's port holds a certificate issued for another host: another host's agent key is in use here, or something took the port of a stopped agent; `mlopsctl deploy` re-installs this host's own agent".into()
+            }
             ControllerError::AgentUnreachable { foreign_ca: true, .. } => {
                 "that agent's certificate comes from another controller's CA (another state directory); `mlopsctl deploy` from this one takes the host over".into()
             }

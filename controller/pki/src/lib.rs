@@ -31,8 +31,16 @@ use rcgen::{
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-/// The DNS name every agent certificate carries (see `mlops_proto::AGENT_TLS_NAME`).
-pub const AGENT_TLS_NAME: &str = "mlops-agent";
+/// The DNS name the server certificate of host `host` carries, and the
+/// only name the controller accepts when it means to reach that host: one
+/// host's agent key (stolen, or a process that took the port of a stopped
+/// agent with it) cannot pass for another host's agent. A hash, because
+/// inventory names are not DNS names; independent of the CA, so a CA
+/// rotation keeps it.
+pub fn agent_tls_name(host: &str) -> String {
+    let h = hex::encode(Sha256::digest(format!("mlops-agent\0{host}")));
+    format!("h{}.agents.mlops", &h[..24])
+}
 
 const CA_VALIDITY: Duration = Duration::days(3650);
 const LEAF_VALIDITY: Duration = Duration::days(397);
@@ -79,13 +87,16 @@ struct Meta {
     not_after_unix: i64,
     /// sha256 of the issuing CA's certificate (DER), hex; empty for the CA.
     issuer_fingerprint: String,
+    /// The DNS name a server certificate carries ([`agent_tls_name`]);
+    /// empty otherwise (and in certificates of versions before it).
+    tls_name: String,
 }
 
 impl Meta {
     fn to_text(&self) -> String {
         format!(
-            "common_name={}\nnot_after_unix={}\nissuer_fingerprint={}\n",
-            self.common_name, self.not_after_unix, self.issuer_fingerprint
+            "common_name={}\nnot_after_unix={}\nissuer_fingerprint={}\ntls_name={}\n",
+            self.common_name, self.not_after_unix, self.issuer_fingerprint, self.tls_name
         )
     }
 
@@ -93,16 +104,18 @@ impl Meta {
         let mut cn = None;
         let mut not_after = None;
         let mut issuer = None;
+        let mut tls_name = String::new();
         for line in text.lines() {
             let (k, v) = line.split_once('=')?;
             match k {
                 "common_name" => cn = Some(v.to_string()),
                 "not_after_unix" => not_after = v.parse().ok(),
                 "issuer_fingerprint" => issuer = Some(v.to_string()),
+                "tls_name" => tls_name = v.to_string(),
                 _ => {}
             }
         }
-        Some(Self { common_name: cn?, not_after_unix: not_after?, issuer_fingerprint: issuer? })
+        Some(Self { common_name: cn?, not_after_unix: not_after?, issuer_fingerprint: issuer?, tls_name })
     }
 }
 
@@ -137,8 +150,12 @@ impl Ca {
         let common_name = format!("mlopsctl CA {}", &hex::encode(Sha256::digest(key.public_key_pem()))[..12]);
         let params = ca_params(&common_name, now);
         let cert = params.self_signed(&key)?;
-        let meta =
-            Meta { common_name, not_after_unix: params.not_after.unix_timestamp(), issuer_fingerprint: String::new() };
+        let meta = Meta {
+            common_name,
+            not_after_unix: params.not_after.unix_timestamp(),
+            issuer_fingerprint: String::new(),
+            tls_name: String::new(),
+        };
         write_private(&dir.join("ca.key"), key.serialize_pem().as_bytes())?;
         write_public(&dir.join("ca.json"), meta.to_text().as_bytes())?;
         // The certificate goes last: its presence is what marks the CA as complete.
@@ -200,11 +217,16 @@ impl Ca {
         let key_path = dir.join(format!("{stem}.key"));
         let meta_path = dir.join(format!("{stem}.json"));
         let now = OffsetDateTime::now_utc();
+        let tls_name = match role {
+            Role::Server => agent_tls_name(common_name),
+            Role::Client => String::new(),
+        };
         if let (Ok(cert_pem), Ok(key_pem), Ok(meta)) =
             (fs::read_to_string(&cert_path), fs::read_to_string(&key_path), fs::read_to_string(&meta_path))
             && let Some(meta) = Meta::parse(&meta)
             && meta.issuer_fingerprint == self.fingerprint
             && meta.common_name == common_name
+            && meta.tls_name == tls_name
             && meta.not_after_unix > (now + RENEW_BEFORE).unix_timestamp()
         {
             return Ok(Identity { cert_pem, key_pem });
@@ -219,11 +241,8 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         match role {
             Role::Server => {
-                params.subject_alt_names = vec![
-                    SanType::DnsName(AGENT_TLS_NAME.try_into()?),
-                    SanType::DnsName("localhost".try_into()?),
-                    SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
-                ];
+                // This host's name only: no shared name that every agent has.
+                params.subject_alt_names = vec![SanType::DnsName(tls_name.clone().try_into()?)];
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             }
             Role::Client => {
@@ -237,6 +256,7 @@ impl Ca {
             common_name: common_name.to_string(),
             not_after_unix: params.not_after.unix_timestamp(),
             issuer_fingerprint: self.fingerprint.clone(),
+            tls_name,
         };
         write_private(&key_path, identity.key_pem.as_bytes())?;
         write_public(&cert_path, identity.cert_pem.as_bytes())?;
@@ -350,6 +370,20 @@ mod tests {
         }
         let second = Ca::open_or_create(&pki).unwrap().client_identity().unwrap();
         assert_ne!(first.cert_pem, second.cert_pem);
+    }
+
+    #[test]
+    fn each_host_has_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::open_or_create(dir.path()).unwrap();
+        let (a, b) = (agent_tls_name("web1"), agent_tls_name("web2"));
+        assert_ne!(a, b);
+        assert!(a.starts_with('h') && a.ends_with(".agents.mlops"), "{a}");
+        let meta = fs::read_to_string(dir.path().join("hosts/web1/server.json")).err();
+        assert!(meta.is_some(), "nothing issued yet");
+        ca.server_identity("web1").unwrap();
+        let meta = fs::read_to_string(dir.path().join("hosts/web1/server.json")).unwrap();
+        assert!(meta.contains(&format!("tls_name={a}")), "{meta}");
     }
 
     #[test]
