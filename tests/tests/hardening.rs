@@ -312,3 +312,60 @@ fn another_hosts_server_key_does_not_pass_for_this_hosts_agent() {
     env.ctl(&["deploy", "--no-stack", "--identity", &key, "--host", &a.spec("root")]).expect_code(0);
     env.ctl(&["status", "--identity", &key, "--host", &a.spec("root")]).expect_code(0);
 }
+
+/// `mlopsctl pki rotate`: a run where one host cannot be reached promotes
+/// nothing (the others trust both CAs, and the controller still reaches
+/// them); the next run finishes. Afterwards every agent trusts only the new
+/// CA, the old controller state is refused, and the stack's containers were
+/// never restarted.
+#[test]
+fn ca_rotation_rekeys_every_agent_without_downtime() {
+    let env = TestEnv::new().unwrap();
+    let a = env.docker_host("hard-rot-a").unwrap();
+    let b = env.host("hard-rot-b").unwrap();
+    let key = env.key.display().to_string();
+    let stack = TestStack::new(IDLE).unwrap();
+    let dir = stack.path().display().to_string();
+    env.ctl(&["deploy", "--identity", &key, "--host", &a.spec("root"), "--stack", &dir, "--health-timeout", "60"])
+        .expect_code(0);
+    agent_only(&env, &b);
+    let container = format!("{}-idle-1", stack.project);
+    let started = a.docker(&["inspect", "-f", "{{.State.StartedAt}}", &container]);
+    let old_state = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", env.state.display()))
+        .arg(old_state.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let old_ca = std::fs::read_to_string(env.state.join("pki/ca.pem")).unwrap();
+    let (sa, sb) = (a.spec("root"), b.spec("root"));
+
+    // One host unreachable: nothing is promoted.
+    let run =
+        env.ctl(&["pki", "rotate", "--identity", &key, "--host", &sa, "--host", &sb, "--host", mlops_e2e::NO_HOST]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stdout.contains("was not promoted"), "{}", run.stdout);
+    assert_eq!(std::fs::read_to_string(env.state.join("pki/ca.pem")).unwrap(), old_ca);
+    let trusted = std::fs::read_to_string(a.path("/etc/mlops-agent/tls/ca.pem")).unwrap();
+    assert_eq!(trusted.matches("BEGIN CERTIFICATE").count(), 2, "A trusts both CAs meanwhile");
+    env.ctl(&["status", "--identity", &key, "--host", &sa]).expect_code(0);
+
+    // The rerun resumes with the same new CA and finishes.
+    let next_ca = std::fs::read_to_string(env.state.join("pki/next/ca.pem")).unwrap();
+    let run = env.ctl(&["pki", "rotate", "--identity", &key, "--host", &sa, "--host", &sb]).expect_code(0);
+    assert!(run.stdout.contains("trusts CA") && run.stdout.contains("only"), "{}", run.stdout);
+    assert_eq!(std::fs::read_to_string(env.state.join("pki/ca.pem")).unwrap(), next_ca);
+    for h in [&a, &b] {
+        assert_eq!(std::fs::read_to_string(h.path("/etc/mlops-agent/tls/ca.pem")).unwrap(), next_ca);
+        env.ctl(&["status", "--identity", &key, "--host", &h.spec("root")]).expect_code(0);
+    }
+    assert!(env.state.join("pki/retired").read_dir().unwrap().count() == 1);
+    assert_eq!(a.docker(&["inspect", "-f", "{{.State.StartedAt}}", &container]), started, "no container restarted");
+
+    // The old CA (a copy of the state before) is no longer trusted.
+    let old_dir = old_state.path().display().to_string();
+    let run = env.ctl(&["status", "--state-dir", &old_dir, "--identity", &key, "--host", &sa]);
+    assert_ne!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}

@@ -160,6 +160,17 @@ pub enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Manage the controller's certificate authority.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Make a new CA and re-key every host's agent with it, trusting both CAs during the switch (resumable).
+    Rotate,
 }
 
 #[derive(Subcommand)]

@@ -19,7 +19,7 @@ use clap::Parser;
 use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsOptions};
 use mlops_controller::progress::Report;
 
-use crate::cli::{AgentCommand, Cli, Command};
+use crate::cli::{AgentCommand, Cli, Command, PkiCommand};
 use crate::printer::{EXIT_USAGE, Printer};
 
 fn main() {
@@ -58,7 +58,7 @@ fn main() {
 /// host failures are in the returned exit code.
 async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
     let report: Arc<dyn Report> = printer.clone();
-    let needs_binary = matches!(cli.command, Command::Deploy { .. });
+    let needs_binary = matches!(cli.command, Command::Deploy { .. } | Command::Pki { .. });
     let setup = Setup::new(&cli.global.options(), needs_binary, report.as_ref())?;
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
@@ -108,6 +108,9 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
         }
         Command::Agent { command: AgentCommand::Uninstall { keep_state } } => {
             printer.uninstall(&commands::uninstall::uninstall(&setup, keep_state, report).await)
+        }
+        Command::Pki { command: PkiCommand::Rotate } => {
+            printer.pki_rotate(&commands::pki::rotate(&setup, report).await?)
         }
     })
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
+use mlops_controller::commands::pki::RotateReport;
 use mlops_controller::commands::status::HostStatus;
 use mlops_controller::commands::ui::UiOpened;
 use mlops_controller::fanout::HostResults;
@@ -246,6 +247,57 @@ impl Printer {
             }
         }
         exit_code(r)
+    }
+
+    pub fn pki_rotate(&self, r: &RotateReport) -> i32 {
+        let final_step = r.new_only.as_ref().unwrap_or(&r.both);
+        match self.output {
+            Output::Json => {
+                let hosts = |h: &HostResults<DeployOutcome>| {
+                    let mut v: Vec<serde_json::Value> =
+                        h.ok.iter().map(|(n, _)| json!({"host": n, "ok": true})).collect();
+                    v.extend(h.failed.iter().map(|(n, e)| {
+                        json!({"host": n, "ok": false, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})
+                    }));
+                    v
+                };
+                let mut out = r.summary();
+                out["command"] = json!("pki rotate");
+                out["trust_both"] = json!(hosts(&r.both));
+                out["new_only"] = r.new_only.as_ref().map_or(serde_json::Value::Null, |h| json!(hosts(h)));
+                self.json(&out);
+            }
+            Output::Text => {
+                let (old, new) = (&r.old_ca[..12], &r.new_ca[..12]);
+                match &r.new_only {
+                    Some(done) => {
+                        for (h, _) in &done.ok {
+                            self.stdout(&format!("{h}: re-keyed; trusts CA {new} only"));
+                        }
+                        for (h, _) in &done.failed {
+                            self.stdout(&format!("{h}: re-keyed, but still trusts CA {old} too (`mlopsctl deploy` finishes it)"));
+                        }
+                        self.stdout(&format!("the controller's CA is now {new}; {old} is kept under pki/retired/{old}"));
+                    }
+                    None => self.stdout(&format!(
+                        "not every host could be re-keyed, so CA {new} was not promoted; the controller still uses {old}. \
+                         Run `mlopsctl pki rotate` again (it resumes)"
+                    )),
+                }
+                if !r.not_in_run.is_empty() {
+                    self.stderr_line(&format!(
+                        "warning: host(s) not in this run still trust only the old CA: {}; `mlopsctl deploy` to them re-keys them",
+                        r.not_in_run.join(", ")
+                    ));
+                }
+                if r.new_only.is_none() {
+                    self.summarize("pki rotate", &r.both);
+                } else {
+                    self.summarize("pki rotate", final_step);
+                }
+            }
+        }
+        if r.new_only.is_none() { exit_code(&r.both) } else { exit_code(final_step) }
     }
 
     /// For commands whose output is streamed (logs, watch): only failures.

@@ -57,8 +57,14 @@ impl Bundle {
     /// the host is up to date.
     pub fn for_target(state: &StateDir, target: &Target) -> Result<Self, ControllerError> {
         let identity = state.ca.server_identity(&cert_name(&target.name))?;
+        Ok(Self::new(&state.trusted_pem()?, identity, target))
+    }
+
+    /// The bundle with `trusted` (one or more CA certificates, PEM) as the
+    /// CAs whose clients the agent accepts, and `identity` as its own.
+    pub fn new(trusted: &str, identity: mlops_pki::Identity, target: &Target) -> Self {
         let bundle = InstallBundle {
-            ca_pem: state.ca.cert_pem().to_string(),
+            ca_pem: trusted.to_string(),
             cert_pem: identity.cert_pem,
             key_pem: identity.key_pem,
             port: u32::from(target.agent_port),
@@ -66,7 +72,7 @@ impl Bundle {
             // not force every agent to restart.
             controller_version: String::new(),
         };
-        Ok(Bundle { sha256: mlops_proto::bundle_sha256(&bundle), bytes: bundle.encode_to_vec() })
+        Bundle { sha256: mlops_proto::bundle_sha256(&bundle), bytes: bundle.encode_to_vec() }
     }
 }
 

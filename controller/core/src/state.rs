@@ -35,6 +35,18 @@ impl StateDir {
         Ok(StateDir { path: path.to_path_buf(), ca })
     }
 
+    /// The CA certificates the controller trusts (and agents are told to
+    /// trust): its CA, and while a rotation is under way (`pki rotate`
+    /// stopped before it could promote) the next one too, so agents already
+    /// re-keyed stay reachable.
+    pub fn trusted_pem(&self) -> Result<String, ControllerError> {
+        let mut pem = self.ca.cert_pem().to_string();
+        if self.ca.has_next() {
+            pem.push_str(self.ca.next()?.cert_pem());
+        }
+        Ok(pem)
+    }
+
     pub fn client_identity(&self) -> Result<Identity, ControllerError> {
         Ok(self.ca.client_identity()?)
     }

@@ -16,6 +16,13 @@
 //! hosts/<name>/server.pem|key|json    one server identity per managed host
 //! ```
 //!
+//! Rotation (`mlopsctl pki rotate`): a second CA is made in `next/` and
+//! issues every host a new server certificate while agents trust both CAs;
+//! then [`Ca::promote_next`] retires the old CA and its leaves to
+//! `retired/<fingerprint>/` and moves the new one in. The move is journalled
+//! in `next/.promoting` so a crash half-way is finished on the next open,
+//! never mistaken for a missing CA.
+//!
 //! Certificates are ECDSA P-256. The `*.json` files record what the
 //! certificate says (validity, issuing CA fingerprint) so that reuse decisions
 //! need no X.509 parser.
@@ -41,6 +48,10 @@ pub fn agent_tls_name(host: &str) -> String {
     let h = hex::encode(Sha256::digest(format!("mlops-agent\0{host}")));
     format!("h{}.agents.mlops", &h[..24])
 }
+
+/// Where a rotation's new CA grows, and its journal.
+const NEXT: &str = "next";
+const JOURNAL: &str = ".promoting";
 
 const CA_VALIDITY: Duration = Duration::days(3650);
 const LEAF_VALIDITY: Duration = Duration::days(397);
@@ -139,6 +150,10 @@ impl Ca {
     /// Opens the CA in `dir`, creating it (and `dir`, mode 0700) when absent.
     pub fn open_or_create(dir: &Path) -> Result<Self> {
         create_private_dir(dir)?;
+        if dir.join(NEXT).join(JOURNAL).exists() {
+            // A rotation stopped half-way: finish it.
+            return Self::promote_next(dir);
+        }
         let cert_path = dir.join("ca.pem");
         if cert_path.exists() {
             return Self::open(dir);
@@ -175,6 +190,61 @@ impl Ca {
         let der = pem_to_der(&cert_pem)
             .ok_or_else(|| PkiError::Corrupt { path: dir.join("ca.pem"), what: "PEM certificate" })?;
         Ok(Self { dir: dir.to_path_buf(), cert_pem, key, meta, fingerprint: hex::encode(Sha256::digest(der)) })
+    }
+
+    /// The CA that replaces this one in a rotation (`next/`), made on first
+    /// use; kept until [`Ca::promote_next`] so a rotation can be resumed.
+    pub fn next(&self) -> Result<Ca> {
+        Ca::open_or_create(&self.dir.join(NEXT))
+    }
+
+    /// Whether a rotation is under way (a next CA exists).
+    pub fn has_next(&self) -> bool {
+        self.dir.join(NEXT).join("ca.pem").exists()
+    }
+
+    /// Makes the CA in `dir/next/` the CA of `dir`: the old CA, its client
+    /// identity and its host certificates go to `dir/retired/<fingerprint>/`,
+    /// the new CA and the host certificates it issued move in. Two journalled
+    /// phases (retire, install), each made of renames that can be redone, so
+    /// a crash is finished by the next [`Ca::open_or_create`].
+    pub fn promote_next(dir: &Path) -> Result<Ca> {
+        let next = dir.join(NEXT);
+        let journal = next.join(JOURNAL);
+        let io = |action: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PkiError::Io { action, path, source }
+        };
+        let mut phase = fs::read_to_string(&journal).unwrap_or_default();
+        if phase.is_empty() {
+            let old = read(&dir.join("ca.pem"))
+                .ok()
+                .and_then(|p| pem_to_der(&p))
+                .map_or_else(|| "unknown".to_string(), |d| hex::encode(Sha256::digest(d))[..12].to_string());
+            phase = format!("retire {old}");
+            write_private(&journal, phase.as_bytes())?;
+        }
+        let fingerprint = phase.split_whitespace().nth(1).unwrap_or("unknown").to_string();
+        if phase.starts_with("retire") {
+            let retired = dir.join("retired").join(&fingerprint);
+            create_private_dir(&retired)?;
+            for item in ["hosts", "client.pem", "client.key", "client.json", "ca.key", "ca.json", "ca.pem"] {
+                let from = dir.join(item);
+                if from.symlink_metadata().is_ok() {
+                    fs::rename(&from, retired.join(item)).map_err(io("retire", &from))?;
+                }
+            }
+            write_private(&journal, format!("install {fingerprint}").as_bytes())?;
+        }
+        // `ca.pem` last: its presence marks a complete CA.
+        for item in ["hosts", "ca.key", "ca.json", "ca.pem"] {
+            let from = next.join(item);
+            if from.symlink_metadata().is_ok() {
+                fs::rename(&from, dir.join(item)).map_err(io("install", &from))?;
+            }
+        }
+        fs::remove_dir_all(&next).map_err(io("remove", &next))?;
+        Self::open(dir)
     }
 
     /// The CA certificate, PEM: what both sides trust.
@@ -384,6 +454,31 @@ mod tests {
         ca.server_identity("web1").unwrap();
         let meta = fs::read_to_string(dir.path().join("hosts/web1/server.json")).unwrap();
         assert!(meta.contains(&format!("tls_name={a}")), "{meta}");
+    }
+
+    #[test]
+    fn rotation_promotes_the_next_ca_and_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        let old = Ca::open_or_create(&pki).unwrap();
+        old.server_identity("web1").unwrap();
+        let old_client = old.client_identity().unwrap();
+        let next = old.next().unwrap();
+        let web1 = next.server_identity("web1").unwrap();
+        assert!(old.has_next());
+        assert_ne!(old.fingerprint(), next.fingerprint());
+        // A crash after the old CA was retired, before the new moved in.
+        fs::write(pki.join("next/.promoting"), format!("retire {}", &old.fingerprint()[..12])).unwrap();
+        let retired = pki.join("retired").join(&old.fingerprint()[..12]);
+        fs::create_dir_all(&retired).unwrap();
+        fs::rename(pki.join("ca.pem"), retired.join("ca.pem")).unwrap();
+        let promoted = Ca::open_or_create(&pki).unwrap();
+        assert_eq!(promoted.fingerprint(), next.fingerprint(), "the journal finished the move; no third CA");
+        assert!(!pki.join("next").exists());
+        assert!(retired.join("ca.key").exists() && retired.join("hosts/web1/server.pem").exists());
+        assert_eq!(promoted.server_identity("web1").unwrap().cert_pem, web1.cert_pem, "the new certificate is kept");
+        assert!(retired.join("client.pem").exists());
+        assert_ne!(promoted.client_identity().unwrap().cert_pem, old_client.cert_pem, "a new client identity");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod deploy;
 pub mod down;
 pub mod logs;
+pub mod pki;
 pub mod secrets;
 pub mod status;
 pub mod sync;
@@ -80,7 +81,7 @@ impl Setup {
 
         let state_path = g.state_dir.clone().unwrap_or_else(StateDir::default_path);
         let state = StateDir::open(&state_path)?;
-        let tls = ClientTls::new(state.ca.cert_pem(), &state.client_identity()?)?;
+        let tls = ClientTls::new(&state.trusted_pem()?, &state.client_identity()?)?;
         let binary = if needs_binary { Some(AgentBinary::locate(g.agent_binary.as_deref())?) } else { None };
 
         let mut ssh = SshOptions::new(g.known_hosts.clone().unwrap_or_else(|| home.join(".ssh/known_hosts")));
