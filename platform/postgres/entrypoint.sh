@@ -1,20 +1,38 @@
 #!/bin/sh
 # First start: create the cluster in the (volume) data directory, the
-# application user and database; then run the server in the foreground.
+# application user (not a superuser) and database. The superuser
+# `postgres` has its own password; secrets reach psql through its
+# environment (`\getenv`), never its command line. A data directory made
+# before the superuser had its own password is brought to this state once
+# (marker file). Then the server runs in the foreground.
 set -eu
-: "${POSTGRES_USER:?}" "${POSTGRES_PASSWORD:?}" "${POSTGRES_DB:?}"
+: "${POSTGRES_USER:?}" "${POSTGRES_PASSWORD:?}" "${POSTGRES_DB:?}" "${POSTGRES_SUPERUSER_PASSWORD:?}"
+marker="$PGDATA/.mlops-superuser-password"
+local_start() { pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null; }
+local_stop() { pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null; }
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  umask 077
   pwfile=$(mktemp)
-  printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
+  printf '%s\n' "$POSTGRES_SUPERUSER_PASSWORD" > "$pwfile"
   initdb --username=postgres --pwfile="$pwfile" --auth-local=peer --auth-host=scram-sha-256 -D "$PGDATA" >/dev/null
   rm -f "$pwfile"
   echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
-  pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
-  psql -v ON_ERROR_STOP=1 --username=postgres -d postgres \
-    -v user="$POSTGRES_USER" -v pass="$POSTGRES_PASSWORD" -v db="$POSTGRES_DB" <<'SQL'
-CREATE ROLE :"user" LOGIN PASSWORD :'pass';
+  local_start
+  psql -v ON_ERROR_STOP=1 --username=postgres -d postgres -v user="$POSTGRES_USER" -v db="$POSTGRES_DB" <<'SQL'
+\getenv pass POSTGRES_PASSWORD
+CREATE ROLE :"user" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD :'pass';
 CREATE DATABASE :"db" OWNER :"user";
 SQL
-  pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
+  local_stop
+  touch "$marker"
+elif [ ! -e "$marker" ]; then
+  local_start
+  psql -v ON_ERROR_STOP=1 --username=postgres -d postgres -v user="$POSTGRES_USER" <<'SQL'
+\getenv su POSTGRES_SUPERUSER_PASSWORD
+ALTER ROLE postgres PASSWORD :'su';
+ALTER ROLE :"user" NOSUPERUSER;
+SQL
+  local_stop
+  touch "$marker"
 fi
 exec postgres -D "$PGDATA" -c listen_addresses='*'

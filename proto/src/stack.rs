@@ -58,6 +58,11 @@ pub struct StackOptions {
     /// Web UIs, for the access table and `mlopsctl ui NAME`.
     #[serde(default)]
     pub ui: BTreeMap<String, Ui>,
+    /// Allow services the keys that give a container the host
+    /// (`privileged`, `pid: host`, `network_mode: host`, binds of the Docker
+    /// socket, powerful `cap_add`s). Off: such a stack is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_host_access: bool,
 }
 
 /// A service's web UI published on the host's loopback.
@@ -100,6 +105,103 @@ pub struct Service {
     pub profiles: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
+    /// Compose's hardening and runtime keys. Skipped when unset so that a
+    /// service that sets none keeps the configuration hash it had before
+    /// they existed (no container is recreated by an agent upgrade).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// A read-only root filesystem.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// `no-new-privileges[:true]`, `seccomp=...`, `apparmor=...`, `label=...`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_opt: Vec<String>,
+    /// `PATH[:OPTIONS]` tmpfs mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<String>,
+    /// Run an init (tini) as PID 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<bool>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ulimits: BTreeMap<String, Ulimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<i64>,
+    /// How long `stop` waits before SIGKILL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period_ms: Option<u64>,
+    /// `HOST:IP` entries for /etc/hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<String>,
+    /// Ports exposed to the stack's networks without publishing (`8080`, `8080/udp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<String>,
+    /// The keys below give a container the host; refused unless the stack
+    /// sets `x-mlops.allow_host_access` (see [`Service::host_access`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub privileged: bool,
+    /// `host` (the host's PID namespace), or unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<String>,
+    /// `host` or `none`, or unset (the project's networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One `ulimits` entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ulimit {
+    pub soft: i64,
+    pub hard: i64,
+}
+
+/// Host paths whose bind mount hands a container the Docker engine (and so
+/// the host): the engine's sockets and the directories holding them.
+const ENGINE_PATHS: [&str; 6] = ["/", "/run", "/var/run", "/var", "/run/docker.sock", "/var/run/docker.sock"];
+
+impl Service {
+    /// What this service asks for that gives its container the host: each
+    /// as the Compose text a user would recognise. Empty for a contained
+    /// service. The compose reader refuses these (with a position) unless
+    /// the stack opts in, and the agent checks again before creating it.
+    pub fn host_access(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.privileged {
+            out.push("privileged: true".to_string());
+        }
+        if self.pid.as_deref() == Some("host") {
+            out.push("pid: host".into());
+        }
+        if self.network_mode.as_deref() == Some("host") {
+            out.push("network_mode: host".into());
+        }
+        for cap in &self.cap_add {
+            let c = cap.trim_start_matches("CAP_");
+            if matches!(c, "ALL" | "SYS_ADMIN" | "SYS_MODULE" | "SYS_PTRACE" | "SYS_RAWIO" | "DAC_READ_SEARCH") {
+                out.push(format!("cap_add: {cap}"));
+            }
+        }
+        for opt in &self.security_opt {
+            if opt.ends_with("unconfined") {
+                out.push(format!("security_opt: {opt}"));
+            }
+        }
+        for m in &self.volumes {
+            if m.kind == MountKind::Bind {
+                let p = m.source.trim_end_matches('/');
+                let p = if p.is_empty() { "/" } else { p };
+                if ENGINE_PATHS.contains(&p) || p.ends_with("/docker.sock") || p.ends_with("/containerd.sock") {
+                    out.push(format!("volumes: {}:{} (the Docker engine)", m.source, m.target));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,48 +318,63 @@ impl Stack {
         format!("{}-{name}-1", self.project)
     }
 
-    /// The networks a service joins (the default network when it names none).
+    /// The networks a service joins (the default network when it names
+    /// none; none with `network_mode`).
     pub fn service_networks(&self, name: &str) -> Vec<String> {
         let svc = &self.services[name];
-        if svc.networks.is_empty() { vec!["default".to_string()] } else { svc.networks.clone() }
+        if svc.network_mode.is_some() {
+            // `host` or `none`: no project network.
+            Vec::new()
+        } else if svc.networks.is_empty() {
+            vec!["default".to_string()]
+        } else {
+            svc.networks.clone()
+        }
     }
 
     /// Services in an order where each comes after what it depends on.
-    /// Errors name a cycle or a missing dependency.
+    /// Errors name a cycle or a missing dependency. A depth-first walk with
+    /// an explicit stack (a model from the wire may chain thousands of
+    /// services; recursion would overflow the agent's stack).
     pub fn start_order(&self) -> Result<Vec<String>, String> {
         let mut order = Vec::new();
         let mut state: BTreeMap<&str, u8> = BTreeMap::new(); // 1 visiting, 2 done
-        fn visit<'a>(
-            stack: &'a Stack,
-            name: &'a str,
-            state: &mut BTreeMap<&'a str, u8>,
-            order: &mut Vec<String>,
-            path: &mut Vec<&'a str>,
-        ) -> Result<(), String> {
-            match state.get(name) {
-                Some(2) => return Ok(()),
-                Some(1) => {
-                    path.push(name);
-                    let start = path.iter().position(|p| *p == name).unwrap_or(0);
-                    return Err(format!("services depend on each other in a cycle: {}", path[start..].join(" -> ")));
+        for root in self.services.keys() {
+            if state.contains_key(root.as_str()) {
+                continue;
+            }
+            // (service, its dependencies not yet visited)
+            let mut path: Vec<(&str, std::collections::btree_map::Keys<'_, String, Condition>)> = Vec::new();
+            state.insert(root, 1);
+            path.push((root, self.services[root].depends_on.keys()));
+            while let Some((name, deps)) = path.last_mut() {
+                let name = *name;
+                match deps.next() {
+                    Some(dep) => match state.get(dep.as_str()) {
+                        Some(2) => {}
+                        Some(_) => {
+                            let names: Vec<&str> = path.iter().map(|(n, _)| *n).collect();
+                            let start = names.iter().position(|p| *p == dep).unwrap_or(0);
+                            return Err(format!(
+                                "services depend on each other in a cycle: {} -> {dep}",
+                                names[start..].join(" -> ")
+                            ));
+                        }
+                        None => {
+                            let svc = self.services.get(dep).ok_or_else(|| {
+                                format!("service `{name}` depends on `{dep}`, which is not a service")
+                            })?;
+                            state.insert(dep, 1);
+                            path.push((dep, svc.depends_on.keys()));
+                        }
+                    },
+                    None => {
+                        state.insert(name, 2);
+                        order.push(name.to_string());
+                        path.pop();
+                    }
                 }
-                _ => {}
             }
-            let svc = stack.services.get(name).ok_or_else(|| {
-                format!("service `{}` depends on `{name}`, which is not a service", path.last().copied().unwrap_or("?"))
-            })?;
-            state.insert(name, 1);
-            path.push(name);
-            for dep in svc.depends_on.keys() {
-                visit(stack, dep, state, order, path)?;
-            }
-            path.pop();
-            state.insert(name, 2);
-            order.push(name.to_string());
-            Ok(())
-        }
-        for name in self.services.keys() {
-            visit(self, name, &mut state, &mut order, &mut Vec::new())?;
         }
         Ok(order)
     }
@@ -284,7 +401,45 @@ mod tests {
         stack.services.insert("db".into(), svc(&["web"]));
         let err = stack.start_order().unwrap_err();
         assert!(err.contains("cycle"), "{err}");
+        assert!(err.contains("db -> web"), "the cycle is named: {err}");
         stack.services.insert("db".into(), svc(&["nope"]));
         assert!(stack.start_order().unwrap_err().contains("`nope`, which is not a service"));
+    }
+
+    #[test]
+    fn a_long_dependency_chain_needs_no_deep_stack() {
+        let mut stack = Stack { project: "p".into(), ..Default::default() };
+        let n = 50_000;
+        for i in 0..n {
+            let deps: Vec<String> = if i + 1 < n { vec![format!("s{:06}", i + 1)] } else { Vec::new() };
+            let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
+            stack.services.insert(format!("s{i:06}"), svc(&deps));
+        }
+        // Run on a small stack, as a tokio worker thread would have.
+        let order = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || stack.start_order())
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(order.first().map(String::as_str), Some("s049999"));
+        assert_eq!(order.len(), n);
+    }
+
+    #[test]
+    fn host_access_is_named() {
+        let mut s = Service { privileged: true, pid: Some("host".into()), ..Default::default() };
+        s.cap_add = vec!["NET_BIND_SERVICE".into(), "SYS_ADMIN".into()];
+        s.volumes.push(Mount {
+            kind: MountKind::Bind,
+            source: "/var/run/docker.sock".into(),
+            target: "/s".into(),
+            read_only: true,
+        });
+        s.volumes.push(Mount { kind: MountKind::Bind, source: "/proc".into(), target: "/p".into(), read_only: true });
+        let a = s.host_access();
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert!(Service::default().host_access().is_empty());
     }
 }

@@ -29,7 +29,11 @@ const SPARK: &str = "http://127.0.0.1:18080";
 const PROJECT: &str = "mlops-e2e";
 
 fn token(host: &TestHost, password: &str) -> Option<String> {
-    let body = json!({"username": "admin", "password": password}).to_string();
+    // The body goes through a file: this test samples every command line
+    // for secrets, its own curl included.
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), json!({"username": "admin", "password": password}).to_string()).unwrap();
+    let data = format!("@{}", body.path().display());
     let (code, text) = host.curl(&[
         "-X",
         "POST",
@@ -37,7 +41,7 @@ fn token(host: &TestHost, password: &str) -> Option<String> {
         "-H",
         "Content-Type: application/json",
         "-d",
-        &body,
+        &data,
     ]);
     (code == 201 || code == 200)
         .then(|| serde_json::from_str::<Value>(&text).ok()?["access_token"].as_str().map(str::to_string))
@@ -97,6 +101,41 @@ fn copy_bundle(to: &Path) {
     copy(&from, to, "");
 }
 
+/// Every distinct command line on this machine, sampled every 200 ms from
+/// /proc until `stop` (the test host's processes and containers share this
+/// machine's PID namespace, so they are all seen): generated secrets must
+/// never be among them (a command line is readable by every user of a host).
+struct CommandLines {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(std::collections::BTreeSet<String>, u32)>,
+}
+
+impl CommandLines {
+    fn sample() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut seen, mut rounds) = (std::collections::BTreeSet::new(), 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    if let Ok(raw) = std::fs::read(e.path().join("cmdline")) {
+                        seen.insert(String::from_utf8_lossy(&raw).replace('\0', " "));
+                    }
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (seen, rounds)
+        });
+        CommandLines { stop, thread }
+    }
+
+    fn finish(self) -> (std::collections::BTreeSet<String>, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn the_platform_comes_up_works_and_keeps_its_history() {
     let env = TestEnv::new().unwrap();
@@ -110,6 +149,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     };
 
     // The embedded default stack: the platform, without Grafana.
+    let command_lines = CommandLines::sample();
     let run =
         ctl(&["deploy", "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900", "--output", "json"]);
     if run.code != 0 {
@@ -150,6 +190,23 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert!(!states.iter().any(|(_, s)| s == "failed"), "a DAG run failed: {states:?}");
         (states.iter().filter(|(_, s)| s == "success").count() == 2).then_some(())
     });
+    // No secret was ever on a command line, during the deploy, the health
+    // checks and the DAG runs.
+    let (lines, rounds) = command_lines.finish();
+    assert!(rounds > 100 && lines.iter().any(|l| l.contains("redis-server")), "the sampler saw the platform");
+    for (name, value) in secrets["secrets"].as_object().unwrap() {
+        let value = value.as_str().unwrap();
+        if let Some(line) = lines.iter().find(|l| l.contains(value)) {
+            panic!("secret {name} was on a command line: {line}");
+        }
+    }
+    eprintln!("{} distinct command lines in {rounds} samples; no secret among them", lines.len());
+    // PostgreSQL's superuser has its own password; Airflow's user is not a superuser.
+    assert_ne!(secrets["secrets"]["POSTGRES_SUPERUSER_PASSWORD"], secrets["secrets"]["POSTGRES_PASSWORD"]);
+    let pg = format!("{PROJECT}-postgres-1");
+    let sql = "select rolname || '=' || rolsuper from pg_roles where rolname in ('airflow', 'postgres') order by 1";
+    assert_eq!(host.docker(&["exec", &pg, "psql", "-U", "postgres", "-tAc", sql]), "airflow=false\npostgres=true");
+
     let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
     assert!(spark["completedapps"].as_array().unwrap().iter().any(|a| a["name"] == "mlops-spark-pi"), "{spark}");

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mlops_proto::stack::{
-    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Volume,
+    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Ulimit, Volume,
 };
 use mlops_yaml::{Node, Value};
 
@@ -171,7 +171,7 @@ struct Parser<'a> {
 type R<T> = Result<T, ComposeError>;
 
 /// The service keys mlopsctl acts on (named in the unknown-key warning).
-const SERVICE_KEYS: [&str; 17] = [
+const SERVICE_KEYS: [&str; 32] = [
     "image",
     "build",
     "command",
@@ -179,16 +179,31 @@ const SERVICE_KEYS: [&str; 17] = [
     "environment",
     "env_file",
     "ports",
+    "expose",
     "volumes",
+    "tmpfs",
     "networks",
+    "network_mode",
     "depends_on",
     "healthcheck",
     "restart",
+    "stop_grace_period",
     "user",
     "working_dir",
     "labels",
     "profiles",
     "deploy",
+    "cap_add",
+    "cap_drop",
+    "read_only",
+    "security_opt",
+    "privileged",
+    "pid",
+    "init",
+    "ulimits",
+    "shm_size",
+    "extra_hosts",
+    "x-*",
 ];
 
 impl Parser<'_> {
@@ -399,6 +414,20 @@ impl Parser<'_> {
             if svc.image.is_none() && svc.build.is_none() {
                 return Err(self.err(at, format!("service `{name}` has neither `image` nor `build`")));
             }
+            let access = svc.host_access();
+            if !access.is_empty() && !stack.options.allow_host_access {
+                return Err(self.err(
+                    at,
+                    format!(
+                        "service `{name}` asks for access to the host ({}); refused unless the stack sets \
+                         `x-mlops: {{allow_host_access: true}}`",
+                        access.join("; ")
+                    ),
+                ));
+            }
+            if svc.network_mode.is_some() && !svc.networks.is_empty() {
+                return Err(self.err(at, format!("service `{name}` sets both `network_mode` and `networks`")));
+            }
             for dep in svc.depends_on.keys() {
                 if !stack.services.contains_key(dep) {
                     return Err(self.err(
@@ -436,6 +465,7 @@ impl Parser<'_> {
             match k.as_key().unwrap_or_default().as_str() {
                 "bootstrap_base_images" => o.bootstrap_base_images = self.bool(v, "x-mlops.bootstrap_base_images")?,
                 "host_ca_bundle" => o.host_ca_bundle = self.bool(v, "x-mlops.host_ca_bundle")?,
+                "allow_host_access" => o.allow_host_access = self.bool(v, "x-mlops.allow_host_access")?,
                 "secrets" => {
                     o.secrets = self.string_list(v, "x-mlops.secrets")?;
                     if let Some(bad) = o
@@ -585,7 +615,92 @@ impl Parser<'_> {
                 "labels" => svc.labels = self.key_values(v, "labels", false)?,
                 "profiles" => svc.profiles = self.string_list(v, "profiles")?,
                 "deploy" => svc.limits = self.deploy(name, v)?,
-                "container_name" | "expose" => {
+                "cap_add" => svc.cap_add = self.capabilities(v, "cap_add")?,
+                "cap_drop" => svc.cap_drop = self.capabilities(v, "cap_drop")?,
+                "read_only" => svc.read_only = self.bool(v, "read_only")?,
+                "privileged" => svc.privileged = self.bool(v, "privileged")?,
+                "init" => svc.init = Some(self.bool(v, "init")?),
+                "security_opt" => {
+                    svc.security_opt = self.string_list(v, "security_opt")?;
+                    for opt in &svc.security_opt {
+                        let known = opt == "no-new-privileges"
+                            || opt.starts_with("no-new-privileges:")
+                            || ["seccomp=", "seccomp:", "apparmor=", "apparmor:", "label=", "label:"]
+                                .iter()
+                                .any(|p| opt.starts_with(p));
+                        if !known {
+                            return Err(self.err(
+                                v,
+                                format!("security_opt `{opt}`: use no-new-privileges, seccomp=, apparmor= or label="),
+                            ));
+                        }
+                    }
+                }
+                "tmpfs" => {
+                    svc.tmpfs = match &v.value {
+                        Value::Seq(_) => self.string_list(v, "tmpfs")?,
+                        _ => vec![self.string(v, "tmpfs")?],
+                    };
+                    if let Some(bad) = svc.tmpfs.iter().find(|t| !t.starts_with('/')) {
+                        return Err(self.err(v, format!("tmpfs `{bad}` must be an absolute path in the container")));
+                    }
+                }
+                "ulimits" => svc.ulimits = self.ulimits(v)?,
+                "shm_size" => {
+                    let s = self.string(v, "shm_size")?;
+                    svc.shm_size = Some(
+                        parse_bytes(&s)
+                            .filter(|b| *b > 0)
+                            .ok_or_else(|| self.err(v, format!("shm_size `{s}` is not a size (e.g. 256m, 1g)")))?,
+                    );
+                }
+                "stop_grace_period" => svc.stop_grace_period_ms = Some(self.duration(v)?),
+                "extra_hosts" => {
+                    let hosts = match &v.value {
+                        Value::Map(_) => self.key_values(v, "extra_hosts", false)?.into_iter().collect(),
+                        _ => self
+                            .string_list(v, "extra_hosts")?
+                            .into_iter()
+                            .map(|h| match h.split_once('=').or_else(|| h.split_once(':')) {
+                                Some((n, ip)) => (n.to_string(), ip.to_string()),
+                                None => (h, String::new()),
+                            })
+                            .collect::<Vec<_>>(),
+                    };
+                    for (host, ip) in hosts {
+                        if host.is_empty() || ip.is_empty() {
+                            return Err(self.err(v, format!("extra_hosts `{host}`: use HOST:IP (or HOST=IP)")));
+                        }
+                        svc.extra_hosts.push(format!("{host}:{ip}"));
+                    }
+                }
+                "expose" => {
+                    for p in self.string_list(v, "expose")? {
+                        let (port, proto) = p.split_once('/').unwrap_or((&p, "tcp"));
+                        if port.parse::<u16>().is_err() || !matches!(proto, "tcp" | "udp") {
+                            return Err(self.err(v, format!("expose `{p}`: use PORT or PORT/tcp|udp")));
+                        }
+                        svc.expose.push(format!("{port}/{proto}"));
+                    }
+                }
+                "pid" => {
+                    let mode = self.string(v, "pid")?;
+                    if mode != "host" {
+                        return Err(self.err(v, format!("pid `{mode}`: only `host` is supported")));
+                    }
+                    svc.pid = Some(mode);
+                }
+                "network_mode" => {
+                    let mode = self.string(v, "network_mode")?;
+                    if !matches!(mode.as_str(), "host" | "none") {
+                        return Err(self.err(
+                            v,
+                            format!("network_mode `{mode}`: only `host` and `none` are supported (or use `networks:`)"),
+                        ));
+                    }
+                    svc.network_mode = Some(mode);
+                }
+                "container_name" => {
                     self.warn(k, format!("`{key}` of service `{name}` is not supported by mlopsctl and is ignored"));
                 }
                 other if other.starts_with("x-") => {}
@@ -854,6 +969,52 @@ impl Parser<'_> {
             }
         }
         Ok(if h.test.is_empty() { None } else { Some(h) })
+    }
+
+    /// `cap_add`/`cap_drop`: capability names, `CAP_` optional, or `ALL`.
+    fn capabilities(&self, node: &Node, what: &str) -> R<Vec<String>> {
+        let caps = self.string_list(node, what)?;
+        for cap in &caps {
+            let name = cap.trim_start_matches("CAP_");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit()) {
+                return Err(self.err(node, format!("{what}: `{cap}` is not a capability (e.g. NET_BIND_SERVICE, ALL)")));
+            }
+        }
+        Ok(caps)
+    }
+
+    /// `ulimits`: `name: N` or `name: {soft: N, hard: M}`.
+    fn ulimits(&self, node: &Node) -> R<BTreeMap<String, Ulimit>> {
+        let mut out = BTreeMap::new();
+        let number = |n: &Node| -> R<i64> {
+            let s = self.string(n, "ulimit")?;
+            s.parse::<i64>().map_err(|_| self.err(n, format!("ulimit `{s}` is not a number")))
+        };
+        for (k, v) in self.map(node, "ulimits")? {
+            let name = k.as_key().unwrap_or_default();
+            let limit = match &v.value {
+                Value::Map(_) => {
+                    let (mut soft, mut hard) = (None, None);
+                    for (lk, lv) in self.map(v, "ulimit")? {
+                        match lk.as_key().unwrap_or_default().as_str() {
+                            "soft" => soft = Some(number(lv)?),
+                            "hard" => hard = Some(number(lv)?),
+                            other => return Err(self.err(lk, format!("ulimit `{name}`: unknown key `{other}` (soft, hard)"))),
+                        }
+                    }
+                    let (Some(soft), Some(hard)) = (soft, hard) else {
+                        return Err(self.err(v, format!("ulimit `{name}` needs both soft and hard")));
+                    };
+                    Ulimit { soft, hard }
+                }
+                _ => {
+                    let n = number(v)?;
+                    Ulimit { soft: n, hard: n }
+                }
+            };
+            out.insert(name, limit);
+        }
+        Ok(out)
     }
 
     /// `1m30s`, `10s`, `500ms`, `2h`; a bare number is seconds.

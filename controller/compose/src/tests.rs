@@ -126,10 +126,10 @@ fn interpolation_and_its_errors_have_positions() {
 #[test]
 fn unknown_keys_warn_with_their_line() {
     let l =
-        ok("services:\n  a:\n    image: x\n    cap_add: [NET_ADMIN]\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
+        ok("services:\n  a:\n    image: x\n    sysctls: {a: 1}\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
     let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(w[0].starts_with("compose.yaml:4:5: unknown key `cap_add` in service `a` is ignored"), "{w:?}");
+    assert!(w[0].starts_with("compose.yaml:4:5: unknown key `sysctls` in service `a` is ignored"), "{w:?}");
     assert!(w[1].starts_with("compose.yaml:6:1: unknown top-level key `secrets`"), "{w:?}");
 }
 
@@ -219,7 +219,7 @@ fn the_platform_bundle_parses_without_warnings() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../platform");
     let (project, secrets) = preflight(&dir, None).unwrap();
     assert_eq!(project, "mlops");
-    let env = secrets.iter().map(|s| (s.clone(), "x".to_string())).collect();
+    let env = secrets.iter().map(|s| (s.clone(), format!("generated-{s}"))).collect();
     let l = load(&dir, &LoadOptions { env, ..Default::default() }).unwrap();
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     let o = &l.stack.options;
@@ -227,6 +227,18 @@ fn the_platform_bundle_parses_without_warnings() {
     assert_eq!(o.inject["exporter/mlops-airflow-exporter"], "mlops-airflow-exporter");
     assert_eq!(o.ui["airflow"].port, 28080);
     assert!(l.stack.services.contains_key("grafana"));
+    // Every service is hardened (through the anchors, merges of merges included).
+    for (name, svc) in &l.stack.services {
+        assert_eq!(svc.security_opt, ["no-new-privileges:true"], "{name}");
+        assert_eq!(svc.cap_drop, ["ALL"], "{name}");
+        assert!(svc.host_access().iter().all(|a| a.contains("/proc") || a.contains("/sys")), "{name}");
+    }
+    // No generated secret is interpolated into a command line.
+    for (name, svc) in &l.stack.services {
+        for arg in svc.command.iter().flatten().chain(svc.entrypoint.iter().flatten()) {
+            assert!(!arg.contains("generated-"), "{name}: a secret on the command line: {arg}");
+        }
+    }
     let mut stack = l.stack.clone();
     skip_services(&mut stack, &["grafana".into()]).unwrap();
     assert!(!stack.options.ui.contains_key("grafana"));
@@ -242,4 +254,75 @@ fn a_warning_is_said_once_per_place() {
     let unset: Vec<String> =
         loaded.warnings.iter().map(ToString::to_string).filter(|w| w.contains("AIRFLOW_UID")).collect();
     assert_eq!(unset.len(), 1, "{unset:#?}");
+}
+
+#[test]
+fn hardening_keys() {
+    let l = ok(r#"
+services:
+  app:
+    image: app
+    cap_drop: [ALL]
+    cap_add: [NET_BIND_SERVICE]
+    read_only: true
+    security_opt: ["no-new-privileges:true"]
+    tmpfs: ["/tmp:size=64m", /run]
+    init: true
+    ulimits:
+      nofile: {soft: 1024, hard: 4096}
+      nproc: 512
+    shm_size: 256m
+    stop_grace_period: 1m30s
+    extra_hosts: ["db.internal:10.0.0.5", "cache=10.0.0.6"]
+    expose: ["8080", "53/udp"]
+  isolated:
+    image: app
+    network_mode: none
+"#);
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    let s = &l.stack.services["app"];
+    assert_eq!((s.cap_drop.clone(), s.cap_add.clone()), (vec!["ALL".to_string()], vec!["NET_BIND_SERVICE".to_string()]));
+    assert!(s.read_only && s.init == Some(true));
+    assert_eq!(s.tmpfs, ["/tmp:size=64m", "/run"]);
+    assert_eq!(s.ulimits["nofile"], Ulimit { soft: 1024, hard: 4096 });
+    assert_eq!(s.ulimits["nproc"], Ulimit { soft: 512, hard: 512 });
+    assert_eq!(s.shm_size, Some(256 << 20));
+    assert_eq!(s.stop_grace_period_ms, Some(90_000));
+    assert_eq!(s.extra_hosts, ["db.internal:10.0.0.5", "cache:10.0.0.6"]);
+    assert_eq!(s.expose, ["8080/tcp", "53/udp"]);
+    assert!(l.stack.service_networks("isolated").is_empty());
+}
+
+#[test]
+fn host_access_is_refused_unless_the_stack_opts_in() {
+    for (key, shows) in [
+        ("privileged: true", "privileged: true"),
+        ("pid: host", "pid: host"),
+        ("network_mode: host", "network_mode: host"),
+        ("volumes: [\"/var/run/docker.sock:/var/run/docker.sock\"]", "the Docker engine"),
+        ("volumes: [\"/run:/host-run:ro\"]", "the Docker engine"),
+        ("cap_add: [SYS_ADMIN]", "cap_add: SYS_ADMIN"),
+        ("security_opt: [\"seccomp=unconfined\"]", "seccomp=unconfined"),
+    ] {
+        let text = format!("services:\n  agent:\n    image: x\n    {key}\n");
+        let e = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(shows) && e.contains("allow_host_access") && e.contains("compose.yaml:2"), "{key}: {e}");
+        let allowed = format!("x-mlops: {{allow_host_access: true}}\n{text}");
+        assert!(parse_with(&allowed, &[]).is_ok(), "{key} with the opt-in");
+    }
+    for (bad, says) in [
+        ("pid: container:x", "only `host`"),
+        ("network_mode: bridge", "only `host` and `none`"),
+        ("cap_drop: [\"net admin\"]", "not a capability"),
+        ("security_opt: [\"whatever\"]", "no-new-privileges"),
+        ("tmpfs: relative", "absolute path"),
+        ("ulimits: {nofile: {soft: 1}}", "both soft and hard"),
+        ("shm_size: lots", "not a size"),
+        ("extra_hosts: [\"nohost\"]", "HOST:IP"),
+        ("expose: [\"http\"]", "PORT or PORT/tcp|udp"),
+    ] {
+        let text = format!("services:\n  s:\n    image: x\n    {bad}\n");
+        let e = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(says) && e.contains("compose.yaml:4"), "{bad}: {e}");
+    }
 }

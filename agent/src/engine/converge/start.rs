@@ -10,7 +10,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, Mount as DockerMount, MountType,
-    NetworkConnectRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    NetworkConnectRequest, NetworkingConfig, PortBinding, ResourcesUlimits, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{CreateContainerOptionsBuilder, StartContainerOptions};
 use mlops_proto::stack::{Condition, MountKind, Service, Stack, labels};
@@ -124,6 +124,18 @@ async fn start_container(docker: &Docker, svc: &Service, service: &str, id: &str
 /// service and config hash.
 fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Result<ContainerCreateBody, EngineError> {
     let svc: &Service = &stack.services[name];
+    // The controller refuses these when it reads the Compose file; the
+    // agent checks again, since it is what hands the container the host.
+    let access = svc.host_access();
+    if !access.is_empty() && !stack.options.allow_host_access {
+        return Err(EngineError::bad_request(
+            &format!("services.{name}"),
+            format!(
+                "service `{name}` asks for access to the host ({}) and the stack does not allow it (x-mlops.allow_host_access)",
+                access.join("; ")
+            ),
+        ));
+    }
     let mut labels_map: HashMap<String, String> = svc.labels.clone().into_iter().collect();
     labels_map.insert(labels::PROJECT.into(), stack.project.clone());
     labels_map.insert(labels::SERVICE.into(), name.into());
@@ -147,7 +159,7 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
             }),
         }
     }
-    let mut exposed = Vec::new();
+    let mut exposed: Vec<String> = svc.expose.clone();
     let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     for p in &svc.ports {
         let key = format!("{}/{}", p.container_port, p.protocol);
@@ -173,7 +185,7 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
         }
     });
     let networks = stack.service_networks(name);
-    let first = stack.network_name(&networks[0]);
+    let first = networks.first().map(|n| stack.network_name(n));
     let healthcheck = svc.healthcheck.as_ref().map(|h| HealthConfig {
         test: Some(h.test.clone()),
         interval: h.interval_ms.map(|v| v as i64 * 1_000_000),
@@ -192,7 +204,7 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
         healthcheck,
         user: svc.user.clone(),
         working_dir: svc.working_dir.clone(),
-        hostname: Some(name.to_string()),
+        hostname: (svc.network_mode.as_deref() != Some("host")).then(|| name.to_string()),
         host_config: Some(HostConfig {
             binds: (!binds.is_empty()).then_some(binds),
             mounts: (!mounts.is_empty()).then_some(mounts),
@@ -200,15 +212,94 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
             restart_policy,
             nano_cpus: svc.limits.cpus.map(|c| (c * 1e9) as i64),
             memory: svc.limits.memory_bytes,
-            network_mode: Some(first.clone()),
+            network_mode: first.clone().or_else(|| svc.network_mode.clone()),
+            cap_add: (!svc.cap_add.is_empty()).then(|| svc.cap_add.clone()),
+            cap_drop: (!svc.cap_drop.is_empty()).then(|| svc.cap_drop.clone()),
+            readonly_rootfs: svc.read_only.then_some(true),
+            security_opt: (!svc.security_opt.is_empty()).then(|| svc.security_opt.clone()),
+            tmpfs: (!svc.tmpfs.is_empty()).then(|| {
+                svc.tmpfs
+                    .iter()
+                    .map(|t| match t.split_once(':') {
+                        Some((path, opts)) => (path.to_string(), opts.to_string()),
+                        None => (t.clone(), String::new()),
+                    })
+                    .collect()
+            }),
+            init: svc.init,
+            ulimits: (!svc.ulimits.is_empty()).then(|| {
+                svc.ulimits
+                    .iter()
+                    .map(|(n, l)| ResourcesUlimits { name: Some(n.clone()), soft: Some(l.soft), hard: Some(l.hard) })
+                    .collect()
+            }),
+            shm_size: svc.shm_size,
+            extra_hosts: (!svc.extra_hosts.is_empty()).then(|| svc.extra_hosts.clone()),
+            privileged: svc.privileged.then_some(true),
+            pid_mode: svc.pid.clone(),
             ..Default::default()
         }),
-        networking_config: Some(NetworkingConfig {
+        networking_config: first.map(|first| NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
                 first,
                 EndpointSettings { aliases: Some(vec![name.to_string()]), ..Default::default() },
             )])),
         }),
+        stop_timeout: svc.stop_grace_period_ms.map(|ms| ms.div_ceil(1000) as i64),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlops_proto::stack::Ulimit;
+
+    fn stack_with(svc: Service) -> Stack {
+        let mut stack = Stack { project: "p".into(), ..Default::default() };
+        stack.services.insert("s".into(), Service { image: Some("img".into()), ..svc });
+        stack
+    }
+
+    #[test]
+    fn hardening_keys_reach_the_engine() {
+        let svc = Service {
+            cap_drop: vec!["ALL".into()],
+            read_only: true,
+            security_opt: vec!["no-new-privileges:true".into()],
+            tmpfs: vec!["/tmp:size=1m".into()],
+            init: Some(true),
+            ulimits: [("nofile".to_string(), Ulimit { soft: 1, hard: 2 })].into(),
+            shm_size: Some(1 << 20),
+            stop_grace_period_ms: Some(1500),
+            extra_hosts: vec!["a:10.0.0.1".into()],
+            expose: vec!["9000/tcp".into()],
+            ..Default::default()
+        };
+        let body = container_body(&stack_with(svc), "s", "h", Path::new("/nonexistent")).unwrap();
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(hc.readonly_rootfs, Some(true));
+        assert_eq!(hc.security_opt, Some(vec!["no-new-privileges:true".to_string()]));
+        assert_eq!(hc.tmpfs.unwrap()["/tmp"], "size=1m");
+        assert_eq!(hc.init, Some(true));
+        assert_eq!(hc.ulimits.unwrap()[0].hard, Some(2));
+        assert_eq!(hc.shm_size, Some(1 << 20));
+        assert_eq!(hc.extra_hosts, Some(vec!["a:10.0.0.1".to_string()]));
+        assert_eq!(body.stop_timeout, Some(2));
+        assert_eq!(body.exposed_ports, Some(vec!["9000/tcp".to_string()]));
+    }
+
+    #[test]
+    fn host_access_needs_the_stacks_opt_in() {
+        let svc = Service { privileged: true, network_mode: Some("host".into()), ..Default::default() };
+        let mut stack = stack_with(svc);
+        let e = container_body(&stack, "s", "h", Path::new("/nonexistent")).unwrap_err().to_string();
+        assert!(e.contains("privileged: true") && e.contains("network_mode: host"), "{e}");
+        stack.options.allow_host_access = true;
+        let body = container_body(&stack, "s", "h", Path::new("/nonexistent")).unwrap();
+        let hc = body.host_config.unwrap();
+        assert_eq!((hc.privileged, hc.network_mode.as_deref()), (Some(true), Some("host")));
+        assert!(body.networking_config.is_none() && body.hostname.is_none());
+    }
 }
