@@ -114,24 +114,40 @@ pub fn write_pidfile(path: &Path) -> std::io::Result<()> {
 pub fn read_live_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     // SAFETY: signal 0 only checks for existence and permission.
-    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0 && is_agent(pid)).then_some(pid)
+}
+
+/// Whether `pid` runs an `mlops-agent` executable (also one replaced on
+/// disk since it started: "mlops-agent (deleted)"). A pidfile outlives its
+/// process, and the number may since belong to anything else.
+fn is_agent(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name.trim_end_matches(" (deleted)") == "mlops-agent"
+    })
 }
 
 /// Sends SIGTERM and waits up to `grace` for the process to go away, then
-/// SIGKILL. Returns whether a process was stopped.
+/// SIGKILL. Returns whether a process was stopped. The process is pinned
+/// with a pidfd and checked to be an agent first, so a number reused by
+/// another process meanwhile is never signalled.
 pub fn stop_pid(pid: i32, grace: std::time::Duration) -> bool {
-    // SAFETY: sending signals to a pid we read from our own pidfile.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+    use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+    let Some(pidfd) = Pid::from_raw(pid).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok()) else {
+        return false;
+    };
+    if !is_agent(pid) || pidfd_send_signal(&pidfd, Signal::TERM).is_err() {
         return false;
     }
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
+        // SAFETY: signal 0 only checks for existence.
         if unsafe { libc::kill(pid, 0) } != 0 || is_zombie(pid) {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = pidfd_send_signal(&pidfd, Signal::KILL);
     true
 }
 
@@ -156,5 +172,23 @@ pub fn sd_notify(state: &str) {
     };
     if let Err(e) = result {
         tracing::warn!("sd_notify failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfile_naming_another_program_is_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfile = dir.path().join("agent.pid");
+        std::fs::write(&pidfile, other.id().to_string()).unwrap();
+        assert_eq!(read_live_pid(&pidfile), None, "a live pid that is not an agent");
+        assert!(!stop_pid(other.id() as i32, std::time::Duration::from_millis(100)));
+        assert!(other.try_wait().unwrap().is_none(), "sleep is still running");
+        other.kill().unwrap();
+        let _ = other.wait();
     }
 }

@@ -28,6 +28,47 @@ use crate::service::AgentService;
 /// cannot hold a slot.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most this many handshakes in progress. Anyone on the host can open
+/// connections to the loopback port; past the cap the oldest pending one is
+/// dropped to make room, so idle connections (held by a hostile local user)
+/// cannot starve the controller, whose handshake takes milliseconds.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Refusals logged per minute at most; the rest are counted and summed up
+/// once a minute (a local user could otherwise fill the disk with them).
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 10;
+
+/// Logs refused handshakes, at most [`REFUSALS_LOGGED_PER_MINUTE`] a minute.
+struct RefusalLog {
+    window_start: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        RefusalLog { window_start: std::time::Instant::now(), logged: 0, suppressed: 0 }
+    }
+
+    fn refused(&mut self, peer: SocketAddr, why: &str) {
+        if self.window_start.elapsed() >= Duration::from_secs(60) {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    count = self.suppressed,
+                    "more TLS handshakes refused in the last minute (not logged one by one)"
+                );
+            }
+            *self = RefusalLog::new();
+        }
+        if self.logged < REFUSALS_LOGGED_PER_MINUTE {
+            self.logged += 1;
+            tracing::warn!(%peer, "TLS handshake refused: {why}");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
 /// A TLS connection handed to tonic.
 pub struct TlsConn {
     inner: TlsStream<QuickAck>,
@@ -104,6 +145,10 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut handshakes = tokio::task::JoinSet::new();
+    // Pending handshakes, oldest first.
+    let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = std::collections::VecDeque::new();
+    let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::new()));
+    let mut evicted: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -122,18 +167,35 @@ async fn accept_loop(
                 let conns = conns.clone();
                 // sshd forwards the controller's bytes with Nagle on; see mlops_proto::net.
                 let tcp = QuickAck::new(tcp);
-                handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                if pending.len() >= MAX_HANDSHAKES && let Some(oldest) = pending.pop_front() {
+                    oldest.abort();
+                    evicted += 1;
+                    if evicted.is_power_of_two() {
+                        tracing::warn!(evicted, "too many TLS handshakes at once; dropping the oldest (idle connections?)");
+                    }
+                }
+                let refusals = refusals.clone();
+                let handle = handshakes.spawn(async move {
+                    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = conns.send(Ok(TlsConn { inner: tls, peer: Some(peer) })).await;
+                            return;
                         }
                         // Refused clients (no certificate, another CA) land here.
-                        Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
-                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
-                    }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "timed out".to_string(),
+                    };
+                    refusals.lock().expect("not poisoned").refused(peer, &why);
                 });
+                pending.push_back(handle);
             }
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+            Some(done) = handshakes.join_next_with_id(), if !handshakes.is_empty() => {
+                let id = match &done {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                pending.retain(|h| h.id() != id);
+            }
         }
     }
     handshakes.shutdown().await;

@@ -8,7 +8,10 @@
 set -eu
 : "${POSTGRES_USER:?}" "${POSTGRES_PASSWORD:?}" "${POSTGRES_DB:?}" "${POSTGRES_SUPERUSER_PASSWORD:?}"
 marker="$PGDATA/.mlops-superuser-password"
-local_start() { pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null; }
+# The socket lives in $PGHOST (/tmp, a tmpfs: the root filesystem is
+# read-only); psql finds it through the same variable.
+sockets="-c unix_socket_directories=${PGHOST:-/tmp}"
+local_start() { pg_ctl -D "$PGDATA" -o "-c listen_addresses='' $sockets" -w start >/dev/null; }
 local_stop() { pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null; }
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   umask 077
@@ -35,4 +38,5 @@ SQL
   local_stop
   touch "$marker"
 fi
-exec postgres -D "$PGDATA" -c listen_addresses='*'
+# shellcheck disable=SC2086
+exec postgres -D "$PGDATA" -c listen_addresses='*' $sockets

@@ -70,14 +70,14 @@ impl Printer {
 
     fn stderr_line(&self, line: &str) {
         let _guard = self.lock.lock().expect("not poisoned");
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        let _ = writeln!(std::io::stderr().lock(), "{}", neutralise(line));
     }
 
     /// Result text or JSON on stdout.
     pub fn stdout(&self, text: &str) {
         let _guard = self.lock.lock().expect("not poisoned");
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
+        let _ = out.write_all(neutralise(text).as_bytes());
         if !text.ends_with('\n') {
             let _ = out.write_all(b"\n");
         }
@@ -344,12 +344,21 @@ impl Printer {
     /// container wrote it; with several hosts each line is prefixed.
     pub fn log_chunk(&self, host: &str, stream: &str, data: &[u8], prefix: bool) {
         let _guard = self.lock.lock().expect("not poisoned");
-        let mut out: Box<dyn Write> =
-            if stream == "stderr" { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+        use std::io::IsTerminal;
+        let (mut out, terminal): (Box<dyn Write>, bool) = if stream == "stderr" {
+            (Box::new(std::io::stderr().lock()), std::io::stderr().is_terminal())
+        } else {
+            (Box::new(std::io::stdout().lock()), std::io::stdout().is_terminal())
+        };
+        // A container's output goes to a file or pipe as it is; to a
+        // terminal, its control sequences are shown, not obeyed.
         if prefix {
             for line in String::from_utf8_lossy(data).split_inclusive('\n') {
+                let line = if terminal { neutralise(line) } else { line.into() };
                 let _ = write!(out, "{host} | {line}");
             }
+        } else if terminal {
+            let _ = out.write_all(neutralise(&String::from_utf8_lossy(data)).as_bytes());
         } else {
             let _ = out.write_all(data);
         }
@@ -443,6 +452,29 @@ fn action_words(action: StackAction) -> &'static str {
         StackAction::Done => "done",
         StackAction::Unspecified => "?",
     }
+}
+
+/// Text from a host (agent messages, build output, container logs) made
+/// safe for a terminal: control characters other than newline and tab
+/// (escape sequences, carriage returns, C1 codes) and the bidirectional
+/// overrides that reorder what is shown are written as `\xNN` or
+/// `\u{NNNN}` instead of being obeyed.
+pub fn neutralise(text: &str) -> std::borrow::Cow<'_, str> {
+    fn obeyed(c: char) -> bool {
+        (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(obeyed) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !obeyed(c) => out.push(c),
+            c if (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn exit_code<R>(r: &HostResults<R>) -> i32 {
@@ -600,5 +632,12 @@ mod tests {
         assert_eq!(bytes_human(8 * 1024 * 1024 + 1), "8.0 MiB");
         assert_eq!(duration_human(3725), "1h2m");
         assert_eq!(table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]), "A    BB\nxyz  1");
+    }
+
+    #[test]
+    fn control_sequences_are_shown_not_obeyed() {
+        assert_eq!(neutralise("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(neutralise("\x1b[2J\x1b]0;title\x07done\r"), "\\x1b[2J\\x1b]0;title\\x07done\\x0d");
+        assert_eq!(neutralise("a\u{9b}b\u{202e}c"), "a\\x9bb\\u{202e}c");
     }
 }

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mlops_proto::stack::{
-    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Ulimit, Volume,
+    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Ulimit,
+    Volume,
 };
 use mlops_yaml::{Node, Value};
 
@@ -999,7 +1000,11 @@ impl Parser<'_> {
                         match lk.as_key().unwrap_or_default().as_str() {
                             "soft" => soft = Some(number(lv)?),
                             "hard" => hard = Some(number(lv)?),
-                            other => return Err(self.err(lk, format!("ulimit `{name}`: unknown key `{other}` (soft, hard)"))),
+                            other => {
+                                return Err(
+                                    self.err(lk, format!("ulimit `{name}`: unknown key `{other}` (soft, hard)"))
+                                );
+                            }
                         }
                     }
                     let (Some(soft), Some(hard)) = (soft, hard) else {

@@ -125,8 +125,7 @@ fn interpolation_and_its_errors_have_positions() {
 
 #[test]
 fn unknown_keys_warn_with_their_line() {
-    let l =
-        ok("services:\n  a:\n    image: x\n    sysctls: {a: 1}\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
+    let l = ok("services:\n  a:\n    image: x\n    sysctls: {a: 1}\n    x-note: fine\nsecrets: {}\nx-anything: 1\n");
     let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(w.len(), 2, "{w:?}");
     assert!(w[0].starts_with("compose.yaml:4:5: unknown key `sysctls` in service `a` is ignored"), "{w:?}");
@@ -281,7 +280,10 @@ services:
 "#);
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     let s = &l.stack.services["app"];
-    assert_eq!((s.cap_drop.clone(), s.cap_add.clone()), (vec!["ALL".to_string()], vec!["NET_BIND_SERVICE".to_string()]));
+    assert_eq!(
+        (s.cap_drop.clone(), s.cap_add.clone()),
+        (vec!["ALL".to_string()], vec!["NET_BIND_SERVICE".to_string()])
+    );
     assert!(s.read_only && s.init == Some(true));
     assert_eq!(s.tmpfs, ["/tmp:size=64m", "/run"]);
     assert_eq!(s.ulimits["nofile"], Ulimit { soft: 1024, hard: 4096 });

@@ -57,8 +57,17 @@ impl Transport {
                         let _ = pipe.shutdown().await;
                     });
                 }
-                let out = child.wait_with_output().await.map_err(|e| ControllerError::Local(e.to_string()))?;
-                Ok(ExecOutput { status: out.status.code().map(|c| c as u32), stdout: out.stdout, stderr: out.stderr })
+                // The same bound as over SSH (the child is killed on drop).
+                let out = tokio::time::timeout(std::time::Duration::from_secs(600), child.wait_with_output())
+                    .await
+                    .map_err(|_| ControllerError::Local(format!("`{command}` did not finish within 600 s")))?
+                    .map_err(|e| ControllerError::Local(e.to_string()))?;
+                Ok(ExecOutput {
+                    status: out.status.code().map(|c| c as u32),
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                    dropped: 0,
+                })
             }
         }
     }

@@ -34,6 +34,9 @@ pub struct SshHostConfig {
     pub identity_files: Vec<PathBuf>,
 }
 
+/// The largest ssh_config file (or included file) read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 impl SshConfig {
     /// Loads `path`; a missing file is an empty configuration.
     pub fn load(path: &Path) -> Self {
@@ -49,6 +52,19 @@ impl SshConfig {
     }
 
     fn read_file(&mut self, path: &Path, depth: usize, context: Option<Vec<String>>) {
+        // Only regular files of a sane size (an `Include` of a device or a
+        // huge file must not hang or exhaust the controller).
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                self.warnings.push(format!("{}: not a regular file; ignored", path.display()));
+                return;
+            }
+            Ok(m) if m.len() > MAX_CONFIG_BYTES => {
+                self.warnings.push(format!("{}: larger than {MAX_CONFIG_BYTES} bytes; ignored", path.display()));
+                return;
+            }
+            _ => {}
+        }
         match std::fs::read_to_string(path) {
             Ok(text) => self.read_text(&text, path.parent().unwrap_or(Path::new(".")), depth, context),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -19,6 +19,8 @@
 
 pub mod known_hosts;
 
+pub use russh::keys::PublicKey;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,7 +50,13 @@ pub struct SshOptions {
     pub use_agent: bool,
     /// For TCP connect plus handshake plus authentication.
     pub connect_timeout: Duration,
+    /// For one remote command, from start to exit status.
+    pub exec_timeout: Duration,
 }
+
+/// What a remote command may print on each stream; the rest is dropped
+/// (and counted), so a host cannot exhaust the controller's memory.
+pub const MAX_EXEC_OUTPUT: usize = 1 << 20;
 
 impl SshOptions {
     pub fn new(known_hosts: PathBuf) -> Self {
@@ -60,6 +68,7 @@ impl SshOptions {
             default_identities: true,
             use_agent: true,
             connect_timeout: Duration::from_secs(15),
+            exec_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -111,6 +120,8 @@ pub enum SshError {
         #[source]
         source: Box<russh::Error>,
     },
+    #[error("`{command}` on {host} did not finish within {secs} s")]
+    ExecTimeout { host: String, command: String, secs: u64 },
     #[error("{host} refused a tunnel to {target}: {reason}")]
     Tunnel { host: String, target: String, reason: String },
 }
@@ -151,6 +162,7 @@ impl SshError {
             SshError::KeyLoad { .. } => "keys protected by a passphrase can be used through ssh-agent: `ssh-add FILE`".into(),
             SshError::Tunnel { .. } => "is the agent running on the host? `mlopsctl deploy` starts it".into(),
             SshError::LearnHostKey { .. } | SshError::KnownHosts { .. } => "check the file's permissions, or choose another with --known-hosts".into(),
+            SshError::ExecTimeout { .. } => "the host may be overloaded or the command stuck; look at it with ssh, then run the command again".into(),
             SshError::Protocol { .. } => return None,
         })
     }
@@ -163,6 +175,8 @@ pub struct ExecOutput {
     pub status: Option<u32>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Bytes past [`MAX_EXEC_OUTPUT`] on either stream, dropped.
+    pub dropped: u64,
 }
 
 impl ExecOutput {
@@ -257,6 +271,7 @@ impl client::Handler for Client {
 /// An authenticated SSH connection to one host.
 pub struct Session {
     handle: Handle<Client>,
+    exec_timeout: Duration,
     /// `user@host:port`, for messages.
     label: String,
     host: String,
@@ -346,7 +361,12 @@ impl Session {
                 });
             }
         };
-        let mut session = Session { handle, label: format!("{user}@{label}"), host: label.to_string() };
+        let mut session = Session {
+            handle,
+            exec_timeout: options.exec_timeout,
+            label: format!("{user}@{label}"),
+            host: label.to_string(),
+        };
         session.authenticate(user, &options).await?;
         Ok(session)
     }
@@ -432,8 +452,20 @@ impl Session {
     }
 
     /// Runs `command` through the remote user's shell, feeding `stdin`
-    /// (then end-of-file) when given, and collects its output.
+    /// (then end-of-file) when given, and collects its output (at most
+    /// [`MAX_EXEC_OUTPUT`] per stream), within the session's exec timeout.
     pub async fn exec(&self, command: &str, stdin: Option<&[u8]>) -> Result<ExecOutput, SshError> {
+        let timeout = self.exec_timeout;
+        tokio::time::timeout(timeout, self.exec_inner(command, stdin)).await.unwrap_or_else(|_| {
+            Err(SshError::ExecTimeout {
+                host: self.host.clone(),
+                command: command.split_whitespace().next().unwrap_or_default().chars().take(80).collect(),
+                secs: timeout.as_secs(),
+            })
+        })
+    }
+
+    async fn exec_inner(&self, command: &str, stdin: Option<&[u8]>) -> Result<ExecOutput, SshError> {
         let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
         channel.exec(true, command).await.map_err(|e| self.protocol(e))?;
         let (mut read, write) = channel.split();
@@ -450,10 +482,15 @@ impl Session {
         };
         let reader = async {
             let mut out = ExecOutput::default();
+            let keep = |buf: &mut Vec<u8>, data: &[u8], dropped: &mut u64| {
+                let room = MAX_EXEC_OUTPUT.saturating_sub(buf.len()).min(data.len());
+                buf.extend_from_slice(&data[..room]);
+                *dropped += (data.len() - room) as u64;
+            };
             while let Some(msg) = read.wait().await {
                 match msg {
-                    ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-                    ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+                    ChannelMsg::Data { data } => keep(&mut out.stdout, &data, &mut out.dropped),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => keep(&mut out.stderr, &data, &mut out.dropped),
                     ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
                     _ => {}
                 }
