@@ -369,3 +369,90 @@ fn ca_rotation_rekeys_every_agent_without_downtime() {
     let run = env.ctl(&["status", "--state-dir", &old_dir, "--identity", &key, "--host", &sa]);
     assert_ne!(run.code, 0, "{}{}", run.stdout, run.stderr);
 }
+
+/// A local user opens 1,000 TCP connections to the agent's port and leaves
+/// them idle (each would hold a TLS handshake for its timeout): the agent
+/// drops the oldest past its cap, `mlopsctl status` still answers, and the
+/// agent's log does not get a line per connection.
+#[test]
+fn a_thousand_idle_connections_from_a_local_user_do_not_lock_the_controller_out() {
+    let env = TestEnv::new().unwrap();
+    let host = env.host("hard-flood").unwrap();
+    agent_only(&env, &host);
+    let log_before = host.agent_log().lines().count();
+    // bash's /dev/tcp, as the unprivileged user; it holds them for 120 s.
+    let mut flood = host
+        .command_inside("runuser")
+        .args(["-u", mlops_e2e::LOCAL_USER, "--", "bash", "-c"])
+        .arg(
+            "ulimit -n 4096; for i in $(seq 1000); do exec {fd}<>/dev/tcp/127.0.0.1/7443 || exit 1; done; \
+             echo opened; sleep 120",
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(flood.stdout.as_mut().unwrap()), &mut first).unwrap();
+    assert_eq!(first.trim(), "opened", "the local user opened its connections");
+    let key = env.key.display().to_string();
+    let started = std::time::Instant::now();
+    let run = env.ctl(&["status", "--identity", &key, "--host", &host.spec("root")]);
+    let took = started.elapsed();
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert_eq!(run.code, 0, "status answered during the flood:\n{}{}", run.stdout, run.stderr);
+    eprintln!("status answered in {:.2} s with 1,000 idle connections open", took.as_secs_f64());
+    let log = host.agent_log();
+    let new_lines = log.lines().count() - log_before;
+    assert!(new_lines < 100, "the agent's log stayed short ({new_lines} new lines):\n{log}");
+    assert!(log.contains("dropping the oldest"), "the agent said what it did:\n{log}");
+}
+
+/// The reported attack on debootstrap: a local user owns the directory the
+/// agent used to build the Debian base image in (`/tmp/mlops-debootstrap-
+/// <suite>-<pid>`) and keeps planting a file in it while the agent builds.
+/// The agent builds under its own 0700 directory instead: the image has no
+/// planted file, and the user's directory is left as it was.
+#[test]
+fn a_local_user_racing_on_the_debootstrap_path_cannot_poison_the_base_image() {
+    let env = TestEnv::new().unwrap();
+    let host = env.docker_host("hard-race").unwrap();
+    agent_only(&env, &host);
+    let agent_pid = std::fs::read_to_string(host.path("/run/mlops-agent/agent.pid")).unwrap();
+    let dir = format!("/tmp/mlops-debootstrap-bookworm-{}", agent_pid.trim());
+    let mut racer = host
+        .command_inside("runuser")
+        .args(["-u", mlops_e2e::LOCAL_USER, "--", "sh", "-c"])
+        .arg(format!(
+            "while true; do mkdir -p {dir}/etc 2>/dev/null; echo poisoned > {dir}/etc/mlops-poisoned 2>/dev/null; sleep 0.05; done"
+        ))
+        .spawn()
+        .unwrap();
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+x-mlops: {bootstrap_base_images: true}
+services:
+  base:
+    build: ./base
+    command: ["sleep", "3600"]
+"#,
+    )
+    .unwrap();
+    std::fs::create_dir(stack.path().join("base")).unwrap();
+    std::fs::write(stack.path().join("base/Dockerfile"), "FROM debian:bookworm-slim\nRUN true\n").unwrap();
+    let key = env.key.display().to_string();
+    let sdir = stack.path().display().to_string();
+    let run = env.ctl(&["deploy", "--identity", &key, "--host", &host.spec("root"), "--stack", &sdir]);
+    let _ = racer.kill();
+    let _ = racer.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("debootstrap"), "the base image was built here: {}", run.stderr);
+    let planted = host.docker_result(&["run", "--rm", "debian:bookworm-slim", "cat", "/etc/mlops-poisoned"]);
+    assert!(planted.is_err(), "the base image holds the planted file: {planted:?}");
+    // Nothing of the agent's build is left in its work directory.
+    let work = std::fs::read_dir(host.path("/var/lib/mlops-agent/tmp")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(work, 0, "the agent's temporary tree was removed");
+}

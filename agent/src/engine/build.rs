@@ -312,12 +312,13 @@ async fn debootstrap_image(
         debian_mirror().ok_or_else(|| failed(image, "no Debian mirror found in /etc/apt/sources.list(.d)", ""))?;
     if !Path::new("/usr/sbin/debootstrap").exists() {
         say("installing debootstrap".into());
-        let out = tokio::process::Command::new("apt-get")
-            .args(["install", "-y", "-q", "debootstrap"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .await
-            .map_err(EngineError::io("running apt-get"))?;
+        let out = bounded(
+            tokio::process::Command::new("apt-get")
+                .args(["install", "-y", "-q", "debootstrap"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .await
+        .map_err(EngineError::io("running apt-get"))?;
         if !out.status.success() {
             return Err(failed(image, "installing debootstrap failed", String::from_utf8_lossy(&out.stderr).trim()));
         }
@@ -328,13 +329,16 @@ async fn debootstrap_image(
     let dir = super::confine::fresh_dir(work_dir, &format!("debootstrap-{suite}"))
         .map_err(EngineError::io_at("creating a directory in", work_dir))?;
     say(format!("debootstrap --variant=minbase {suite} from {mirror} (about a minute)"));
-    let out = tokio::process::Command::new("debootstrap")
-        .args(["--variant=minbase", suite])
-        .arg(&dir)
-        .arg(&mirror)
-        .output()
+    let out = bounded(tokio::process::Command::new("debootstrap").args(["--variant=minbase", suite]).arg(&dir).arg(&mirror))
         .await
-        .map_err(EngineError::io("running debootstrap"))?;
+        .map_err(EngineError::io("running debootstrap"));
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&dir);
         // debootstrap says why on stdout or stderr, depending on the step.
@@ -372,6 +376,15 @@ async fn debootstrap_image(
         .await
         .map_err(|e| failed(image, format!("imported, but it cannot be inspected: {e}"), ""))?;
     Ok(())
+}
+
+/// Runs `cmd` to completion within [`super::docker::COMMAND_TIMEOUT`]
+/// (killed past it), collecting its output.
+async fn bounded(cmd: &mut tokio::process::Command) -> std::io::Result<std::process::Output> {
+    let child = cmd.kill_on_drop(true).output();
+    tokio::time::timeout(super::docker::COMMAND_TIMEOUT, child).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "did not finish within 30 minutes and was stopped"))
+    })
 }
 
 /// A build failure (the service is named by the caller, see

@@ -151,9 +151,23 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// How long a package install (or any command the engine runs) may take.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Runs a command, sending each output line as progress; fails with its
-/// last lines when it fails.
+/// last lines when it fails, or when it runs past [`COMMAND_TIMEOUT`]
+/// (it is killed).
 pub async fn run_streaming(program: &str, args: &[&str], report: &Reporter) -> Result<(), EngineError> {
+    tokio::time::timeout(COMMAND_TIMEOUT, run_streaming_inner(program, args, report)).await.unwrap_or_else(|_| {
+        Err(EngineError::InstallFailed(format!(
+            "`{program} {}` did not finish within {} minutes and was stopped",
+            args.join(" "),
+            COMMAND_TIMEOUT.as_secs() / 60
+        )))
+    })
+}
+
+async fn run_streaming_inner(program: &str, args: &[&str], report: &Reporter) -> Result<(), EngineError> {
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -179,6 +193,8 @@ pub async fn run_streaming(program: &str, args: &[&str], report: &Reporter) -> R
     pump(Box::new(child.stderr.take().expect("piped")), tx);
     let mut tail: Vec<String> = Vec::new();
     while let Some(l) = rx.recv().await {
+        // A line is shown and kept whole up to 4 KiB.
+        let l: String = l.chars().take(4096).collect();
         report.say(format!("{program}: {l}")).await;
         tail.push(l);
         if tail.len() > 10 {

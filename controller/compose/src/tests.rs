@@ -328,3 +328,18 @@ fn host_access_is_refused_unless_the_stack_opts_in() {
         assert!(e.contains(says) && e.contains("compose.yaml:4"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_yaml_bomb_is_refused_not_expanded() {
+    // "Billion laughs": nine levels of ten aliases each.
+    let mut text = String::from("x-0: &l0 [\"lol\"]\n");
+    for i in 1..10 {
+        let refs: Vec<String> = (0..10).map(|_| format!("*l{}", i - 1)).collect();
+        text.push_str(&format!("x-{i}: &l{i} [{}]\n", refs.join(", ")));
+    }
+    text.push_str("services:\n  a:\n    image: x\n    command: *l9\n");
+    let started = std::time::Instant::now();
+    let e = parse_with(&text, &[]).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(e.contains("compose.yaml"), "refused with a position: {e}");
+}
