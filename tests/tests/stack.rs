@@ -241,14 +241,14 @@ fn compose_problems_are_reported_before_anything_runs() {
     // An unknown key is a warning with its line; the deploy goes on (here
     // it stops at the next problem: an unknown stack option value).
     let stack = TestStack::new(
-        "name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n    restart: sometimes\n",
+        "name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    sysctls: {a: 1}\n    restart: sometimes\n",
     )
     .unwrap();
     let dir = stack.path().display().to_string();
     let compose = stack.path().join("compose.yaml").display().to_string();
     let run = env.ctl(&["sync", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(run.stderr.contains(&format!("error: {compose}:6:14: restart `sometimes`")), "{}", run.stderr);
-    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n    ports: [\"99999:80\"]\n").unwrap();
+    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    sysctls: {a: 1}\n    ports: [\"99999:80\"]\n").unwrap();
     let run = env.ctl(&["deploy", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(
         run.stderr.contains(&format!("error: {compose}:6:13: port `99999:80`: `99999` is not a port number")),
@@ -256,12 +256,12 @@ fn compose_problems_are_reported_before_anything_runs() {
         run.stderr
     );
     // Warnings come out with the line even when the stack is fine.
-    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    cap_add: [NET_ADMIN]\n").unwrap();
+    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    sysctls: {a: 1}\n").unwrap();
     // (`ui` reads the whole Compose file, then stops: this stack has no UI.)
     let run = env.ctl(&["ui", "web", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(run.stderr.contains("has no UI `web`"), "{}", run.stderr);
     assert!(
-        run.stderr.contains(&format!("warning: {compose}:5:5: unknown key `cap_add` in service `a` is ignored")),
+        run.stderr.contains(&format!("warning: {compose}:5:5: unknown key `sysctls` in service `a` is ignored")),
         "{}",
         run.stderr
     );
