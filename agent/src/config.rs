@@ -37,6 +37,12 @@ pub struct AgentConfig {
     /// The Docker engine's socket.
     #[serde(default = "default_docker_socket")]
     pub docker_socket: PathBuf,
+    /// Users (besides root) whose connections to the port are the
+    /// controller's: the SSH user that installed the agent (its sshd
+    /// session opens the tunnel). Their handshakes are never crowded out by
+    /// other local users' connections.
+    #[serde(default)]
+    pub operator_uids: Vec<u32>,
 }
 
 fn default_docker_socket() -> PathBuf {
@@ -50,6 +56,7 @@ impl Default for AgentConfig {
             tls_dir: Path::new(layout::CONFIG_DIR).join("tls"),
             state_dir: PathBuf::from(layout::STATE_DIR),
             docker_socket: default_docker_socket(),
+            operator_uids: Vec::new(),
         }
     }
 }

@@ -116,7 +116,11 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
     write(&tls_dir.join("ca.pem"), material.ca_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.pem"), material.cert_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.key"), material.key_pem.as_bytes(), 0o600)?;
-    let config = AgentConfig { port, tls_dir, ..AgentConfig::default() };
+    // Installed through `sudo` by a non-root SSH user: that user's sshd
+    // session is where the controller's tunnels come from.
+    let operator_uids =
+        std::env::var("SUDO_UID").ok().and_then(|u| u.parse().ok()).filter(|u| *u != 0).into_iter().collect();
+    let config = AgentConfig { port, tls_dir, operator_uids, ..AgentConfig::default() };
     let config_path = AgentConfig::default_path();
     write(&config_path, serde_json::to_string_pretty(&config).expect("serializable").as_bytes(), 0o644)?;
 

@@ -168,9 +168,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         readiness.ready();
         let (state_dir, docker_socket) = (cfg.state_dir.clone(), cfg.docker_socket.clone());
+        let trusted: Vec<u32> = std::iter::once(0).chain(cfg.operator_uids.iter().copied()).collect();
         mlops_agent::server::serve(
             listener,
             tls_config,
+            trusted,
             |stop| AgentService::new(sha, config_sha256, manager, state_dir, stop).with_docker_socket(docker_socket),
             shutdown_signal(),
         )

@@ -107,6 +107,7 @@ impl AsyncWrite for TlsConn {
 pub async fn serve<F>(
     listener: TcpListener,
     tls: rustls::ServerConfig,
+    trusted_uids: Vec<u32>,
     make_service: impl FnOnce(watch::Receiver<bool>) -> AgentService,
     shutdown: F,
 ) -> Result<(), tonic::transport::Error>
@@ -115,7 +116,8 @@ where
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (conn_tx, conn_rx) = mpsc::channel::<io::Result<TlsConn>>(32);
-    let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(Arc::new(tls)), conn_tx, stop_rx.clone()));
+    let acceptor =
+        tokio::spawn(accept_loop(listener, TlsAcceptor::from(Arc::new(tls)), trusted_uids, conn_tx, stop_rx.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
@@ -138,15 +140,36 @@ where
     result
 }
 
+/// The uid owning the other end of a loopback TCP connection: the socket
+/// in `/proc/net/tcp` whose local address is `peer` and remote address is
+/// ours. `None` when it is not found (not loopback, or gone already).
+fn peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return None };
+    // The kernel prints an IPv4 address as the hex of its in-memory (network
+    // order) u32 read as a native integer, and the port as plain hex.
+    let hex = |a: &std::net::SocketAddrV4| format!("{:08X}:{:04X}", u32::from_ne_bytes(a.ip().octets()), a.port());
+    let (want_local, want_remote) = (hex(&peer), hex(&local));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 7 && f[1] == want_local && f[2] == want_remote).then(|| f[7].parse().ok()).flatten()
+    })
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    trusted_uids: Vec<u32>,
     conns: mpsc::Sender<io::Result<TlsConn>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut handshakes = tokio::task::JoinSet::new();
-    // Pending handshakes, oldest first.
+    // Pending handshakes of connections from other users, oldest first.
+    // Connections of root and the operator (the controller's tunnels come
+    // from their sshd sessions) are not counted, so other local users can
+    // crowd out only each other.
     let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = std::collections::VecDeque::new();
+    let local_addr = listener.local_addr().ok();
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::new()));
     let mut evicted: u64 = 0;
     loop {
@@ -167,7 +190,10 @@ async fn accept_loop(
                 let conns = conns.clone();
                 // sshd forwards the controller's bytes with Nagle on; see mlops_proto::net.
                 let tcp = QuickAck::new(tcp);
-                if pending.len() >= MAX_HANDSHAKES && let Some(oldest) = pending.pop_front() {
+                let trusted = local_addr
+                    .and_then(|local| peer_uid(peer, local))
+                    .is_some_and(|uid| trusted_uids.contains(&uid));
+                if !trusted && pending.len() >= MAX_HANDSHAKES && let Some(oldest) = pending.pop_front() {
                     oldest.abort();
                     evicted += 1;
                     if evicted.is_power_of_two() {
@@ -187,7 +213,9 @@ async fn accept_loop(
                     };
                     refusals.lock().expect("not poisoned").refused(peer, &why);
                 });
-                pending.push_back(handle);
+                if !trusted {
+                    pending.push_back(handle);
+                }
             }
             Some(done) = handshakes.join_next_with_id(), if !handshakes.is_empty() => {
                 let id = match &done {
@@ -199,4 +227,18 @@ async fn accept_loop(
         }
     }
     handshakes.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uid_behind_a_loopback_connection_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_conn, peer) = listener.accept().unwrap();
+        let uid = peer_uid(peer, listener.local_addr().unwrap());
+        assert_eq!(uid, Some(rustix::process::geteuid().as_raw()));
+    }
 }

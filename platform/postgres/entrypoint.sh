@@ -38,5 +38,7 @@ SQL
   local_stop
   touch "$marker"
 fi
+# The server and its backends need neither password.
+unset POSTGRES_PASSWORD POSTGRES_SUPERUSER_PASSWORD
 # shellcheck disable=SC2086
 exec postgres -D "$PGDATA" -c listen_addresses='*' $sockets

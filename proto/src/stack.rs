@@ -160,9 +160,72 @@ pub struct Ulimit {
     pub hard: i64,
 }
 
-/// Host paths whose bind mount hands a container the Docker engine (and so
-/// the host): the engine's sockets and the directories holding them.
-const ENGINE_PATHS: [&str; 6] = ["/", "/run", "/var/run", "/var", "/run/docker.sock", "/var/run/docker.sock"];
+/// Host paths whose bind mount hands a container the host: the container
+/// engines' sockets and state, the host's configuration and secrets, root's
+/// home, devices, and the agent's own keys and state. Binding one of them,
+/// anything below it, or a directory above it (`/`, `/run`, `/var`) is host
+/// access. (`/proc` and `/sys` are not on the list: exporters read them,
+/// and a container has its own views of both anyway.)
+const SENSITIVE_HOST_PATHS: [&str; 13] = [
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/docker",
+    "/run/containerd",
+    "/var/run/containerd",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/etc",
+    "/root",
+    "/boot",
+    "/dev",
+    "/var/lib/mlops-agent",
+    "/usr/local/lib/mlops-agent",
+];
+
+/// `path` with `.`, `..` and repeated `/` resolved as text (`/var/lib/../run`
+/// is `/var/run`), as the kernel will see it, symlinks aside (the agent
+/// resolves those on the host before it creates a container).
+pub fn normalize_host_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Whether binding host path `path` (absolute) hands a container the host.
+pub fn is_sensitive_host_path(path: &str) -> bool {
+    let p = std::path::PathBuf::from(normalize_host_path(path));
+    p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".sock"))
+        || SENSITIVE_HOST_PATHS.iter().any(|s| {
+            let s = std::path::Path::new(s);
+            s.starts_with(&p) || p.starts_with(s)
+        })
+}
+
+/// Capabilities that give a container control of the host (or of what
+/// other containers see), refused without `allow_host_access`.
+const HOST_CAPABILITIES: [&str; 13] = [
+    "ALL",
+    "SYS_ADMIN",
+    "SYS_MODULE",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_TIME",
+    "SYS_BOOT",
+    "DAC_READ_SEARCH",
+    "BPF",
+    "PERFMON",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "SYSLOG",
+];
 
 impl Service {
     /// What this service asks for that gives its container the host: each
@@ -181,23 +244,27 @@ impl Service {
             out.push("network_mode: host".into());
         }
         for cap in &self.cap_add {
-            let c = cap.trim_start_matches("CAP_");
-            if matches!(c, "ALL" | "SYS_ADMIN" | "SYS_MODULE" | "SYS_PTRACE" | "SYS_RAWIO" | "DAC_READ_SEARCH") {
+            let c = cap.to_ascii_uppercase();
+            if HOST_CAPABILITIES.contains(&c.trim_start_matches("CAP_")) {
                 out.push(format!("cap_add: {cap}"));
             }
         }
         for opt in &self.security_opt {
-            if opt.ends_with("unconfined") {
+            let o = opt.to_ascii_lowercase().replace(':', "=");
+            if o.ends_with("unconfined") || o == "label=disable" {
                 out.push(format!("security_opt: {opt}"));
             }
         }
         for m in &self.volumes {
-            if m.kind == MountKind::Bind {
-                let p = m.source.trim_end_matches('/');
-                let p = if p.is_empty() { "/" } else { p };
-                if ENGINE_PATHS.contains(&p) || p.ends_with("/docker.sock") || p.ends_with("/containerd.sock") {
-                    out.push(format!("volumes: {}:{} (the Docker engine)", m.source, m.target));
-                }
+            // `~/x` is root's home on the host; relative sources are in the
+            // stack's tree (confined by the agent).
+            let host = if m.source.starts_with("~") {
+                Some(format!("/root/{}", m.source.trim_start_matches('~')))
+            } else {
+                m.source.starts_with('/').then(|| m.source.clone())
+            };
+            if m.kind == MountKind::Bind && host.as_deref().is_some_and(is_sensitive_host_path) {
+                out.push(format!("volumes: {}:{} (a host path that gives the host away)", m.source, m.target));
             }
         }
         out
@@ -438,8 +505,19 @@ mod tests {
             read_only: true,
         });
         s.volumes.push(Mount { kind: MountKind::Bind, source: "/proc".into(), target: "/p".into(), read_only: true });
+        s.cap_add.push("cap_sys_time".into());
+        s.security_opt.push("label:disable".into());
         let a = s.host_access();
-        assert_eq!(a.len(), 4, "{a:?}");
+        assert_eq!(a.len(), 6, "{a:?}");
         assert!(Service::default().host_access().is_empty());
+        for bad in
+            ["/", "/.", "//run", "/run/.", "/var/lib/../../run", "/etc/shadow", "/var/lib/docker/volumes", "/x/y.sock"]
+        {
+            assert!(is_sensitive_host_path(bad), "{bad}");
+        }
+        for fine in ["/proc", "/sys", "/srv/data", "/var/log/app", "/opt/models"] {
+            assert!(!is_sensitive_host_path(fine), "{fine}");
+        }
+        assert_eq!(normalize_host_path("//a/./b/../c/"), "/a/c");
     }
 }

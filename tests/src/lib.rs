@@ -967,7 +967,7 @@ impl LocalAgent {
         let dir = tempfile::tempdir()?;
         let tls = dir.path().join("tls");
         fs::create_dir(&tls)?;
-        // `Transport::Local` reaches "localhost" (the local target's name).
+        // `Transport::local()` reaches "localhost" (the local target's name).
         let id = ca.server_identity("localhost")?;
         fs::write(tls.join("ca.pem"), ca.cert_pem())?;
         fs::write(tls.join("server.pem"), &id.cert_pem)?;

@@ -16,7 +16,7 @@ async fn without_an_engine_the_agent_says_so() {
     let agent = LocalAgent::start(&bins().agent, &ca).unwrap();
     let socket = agent.docker_socket.display().to_string();
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
-    let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+    let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
 
     let facts = conn.facts().await.unwrap();
     let docker = facts.docker.unwrap();

@@ -371,9 +371,11 @@ fn ca_rotation_rekeys_every_agent_without_downtime() {
 }
 
 /// A local user opens 1,000 TCP connections to the agent's port and leaves
-/// them idle (each would hold a TLS handshake for its timeout): the agent
-/// drops the oldest past its cap, `mlopsctl status` still answers, and the
-/// agent's log does not get a line per connection.
+/// them idle (each would hold a TLS handshake for its timeout), then keeps
+/// opening more while the operator runs `mlopsctl status`: the agent drops
+/// the user's oldest past its cap, never the controller's (its tunnel comes
+/// from root's sshd session), `status` answers, and the agent's log does
+/// not get a line per connection.
 #[test]
 fn a_thousand_idle_connections_from_a_local_user_do_not_lock_the_controller_out() {
     let env = TestEnv::new().unwrap();
@@ -385,8 +387,8 @@ fn a_thousand_idle_connections_from_a_local_user_do_not_lock_the_controller_out(
         .command_inside("runuser")
         .args(["-u", mlops_e2e::LOCAL_USER, "--", "bash", "-c"])
         .arg(
-            "ulimit -n 4096; for i in $(seq 1000); do exec {fd}<>/dev/tcp/127.0.0.1/7443 || exit 1; done; \
-             echo opened; sleep 120",
+            "ulimit -n 8192; for i in $(seq 1000); do exec {fd}<>/dev/tcp/127.0.0.1/7443 || exit 1; done; \
+             echo opened; for i in $(seq 5000); do exec {fd}<>/dev/tcp/127.0.0.1/7443; done; sleep 120",
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -75,7 +75,7 @@ async fn only_clients_of_the_controllers_ca_get_in() {
 
     // The controller's own client: gRPC works.
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
-    let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+    let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let hello = conn.hello().await.unwrap();
     assert_eq!(hello.api_level, mlops_proto::API_LEVEL);
     assert_eq!(hello.binary_sha256, mlops_e2e::sha256_file(&bins().agent).unwrap());
@@ -94,7 +94,7 @@ async fn only_clients_of_the_controllers_ca_get_in() {
     let err = try_tls(agent.port, client_config(&ca, Some(&other.client_identity().unwrap()))).await.unwrap_err();
     assert!(err.contains("UnknownCA") || err.contains("BadCertificate"), "{err}");
     let tls_other = ClientTls::new(ca.cert_pem(), &other.client_identity().unwrap()).unwrap();
-    let refused = match AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls_other).await {
+    let refused = match AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls_other).await {
         Ok(mut c) => c.hello().await.map(drop),
         Err(e) => Err(e),
     };
@@ -102,7 +102,7 @@ async fn only_clients_of_the_controllers_ca_get_in() {
 
     // And the controller does not trust an agent of another CA either.
     let foreign_agent = start_agent(&other);
-    let e = AgentConn::connect(Arc::new(Transport::Local), foreign_agent.port, &tls).await.err().expect("refused");
+    let e = AgentConn::connect(Arc::new(Transport::local()), foreign_agent.port, &tls).await.err().expect("refused");
     assert!(e.to_string().contains("UnknownIssuer") || e.to_string().contains("invalid peer certificate"), "{e}");
 
     let log = std::fs::read_to_string(&agent.log).unwrap();
@@ -115,7 +115,7 @@ async fn heartbeat_streams_metrics() {
     let ca = Ca::open_or_create(dir.path()).unwrap();
     let agent = start_agent(&ca);
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
-    let mut conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+    let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let mut stream =
         conn.raw().heartbeat(mlops_proto::v1::HeartbeatRequest { interval_ms: 200 }).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
@@ -134,7 +134,7 @@ async fn the_standard_health_service_answers() {
     let ca = Ca::open_or_create(dir.path()).unwrap();
     let agent = start_agent(&ca);
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
-    let conn = AgentConn::connect(Arc::new(Transport::Local), agent.port, &tls).await.unwrap();
+    let conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(conn.channel());
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest { service: "mlops.agent.v1.Agent".into() })

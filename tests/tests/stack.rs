@@ -248,7 +248,11 @@ fn compose_problems_are_reported_before_anything_runs() {
     let compose = stack.path().join("compose.yaml").display().to_string();
     let run = env.ctl(&["sync", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(run.stderr.contains(&format!("error: {compose}:6:14: restart `sometimes`")), "{}", run.stderr);
-    stack.write_compose("name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    sysctls: {a: 1}\n    ports: [\"99999:80\"]\n").unwrap();
+    stack
+        .write_compose(
+            "name: \"{project}\"\nservices:\n  a:\n    build: ./img\n    sysctls: {a: 1}\n    ports: [\"99999:80\"]\n",
+        )
+        .unwrap();
     let run = env.ctl(&["deploy", "--stack", &dir, "--host", NO_HOST]).expect_code(2);
     assert!(
         run.stderr.contains(&format!("error: {compose}:6:13: port `99999:80`: `99999` is not a port number")),

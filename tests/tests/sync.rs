@@ -30,7 +30,7 @@ fn fixture() -> Fixture {
 }
 
 async fn connect(f: &Fixture) -> AgentConn {
-    AgentConn::connect(Arc::new(Transport::Local), f.agent.port, &f.tls).await.unwrap()
+    AgentConn::connect(Arc::new(Transport::local()), f.agent.port, &f.tls).await.unwrap()
 }
 
 fn scan_dir(dir: &Path) -> Arc<LocalTree> {

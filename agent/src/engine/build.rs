@@ -74,7 +74,7 @@ pub fn pack_with(
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
     let walk = Walk { root: dir.path(), ignore: &ignore, dockerfile };
-    walk.dir(dir.fd(), Path::new(""), &mut builder)?;
+    walk.dir(dir.fd(), Path::new(""), 0, &mut builder)?;
     for (name, data) in extra {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
@@ -104,11 +104,21 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn dir(&self, dir: BorrowedFd<'_>, rel: &Path, out: &mut tar::Builder<Vec<u8>>) -> Result<(), EngineError> {
+    fn dir(
+        &self,
+        dir: BorrowedFd<'_>,
+        rel: &Path,
+        depth: usize,
+        out: &mut tar::Builder<Vec<u8>>,
+    ) -> Result<(), EngineError> {
         let io = |p: &Path| {
             let at = self.root.join(p);
             move |e: std::io::Error| EngineError::io_at("packing", &at)(e)
         };
+        if depth > confine::MAX_DEPTH {
+            let deep = std::io::Error::other(format!("directories nested deeper than {}", confine::MAX_DEPTH));
+            return Err(io(rel)(deep));
+        }
         for (name, kind) in confine::entries(dir).map_err(io(rel))? {
             let child = rel.join(&name);
             let child_s = child.to_string_lossy();
@@ -129,15 +139,27 @@ impl Walk<'_> {
                         out.append_data(&mut header, &child, std::io::empty()).map_err(io(&child))?;
                     }
                     // Walked even when excluded: `!` rules may re-include below it.
-                    self.dir(sub.as_fd(), &child, out)?;
+                    self.dir(sub.as_fd(), &child, depth + 1, out)?;
                 }
                 _ if excluded => {}
                 FileType::RegularFile => {
-                    let file = std::fs::File::from(open(OFlags::RDONLY)?);
+                    // Checked again on the open handle: it may have been
+                    // swapped (for a FIFO, a device) since it was listed.
+                    let file = std::fs::File::from(open(confine::READ_ANY)?);
                     let meta = file.metadata().map_err(io(&child))?;
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    let mut data = Vec::with_capacity(meta.len() as usize);
+                    std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len()), &mut data)
+                        .map_err(io(&child))?;
+                    if data.len() as u64 != meta.len() {
+                        let changed = std::io::Error::other("changed while being packed; build again");
+                        return Err(io(&child)(changed));
+                    }
                     let mut header = tar::Header::new_gnu();
                     header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
-                    out.append_data(&mut header, &child, file).map_err(io(&child))?;
+                    out.append_data(&mut header, &child, &data[..]).map_err(io(&child))?;
                 }
                 FileType::Symlink => {
                     let target =
@@ -329,9 +351,10 @@ async fn debootstrap_image(
     let dir = super::confine::fresh_dir(work_dir, &format!("debootstrap-{suite}"))
         .map_err(EngineError::io_at("creating a directory in", work_dir))?;
     say(format!("debootstrap --variant=minbase {suite} from {mirror} (about a minute)"));
-    let out = bounded(tokio::process::Command::new("debootstrap").args(["--variant=minbase", suite]).arg(&dir).arg(&mirror))
-        .await
-        .map_err(EngineError::io("running debootstrap"));
+    let out =
+        bounded(tokio::process::Command::new("debootstrap").args(["--variant=minbase", suite]).arg(&dir).arg(&mirror))
+            .await
+            .map_err(EngineError::io("running debootstrap"));
     let out = match out {
         Ok(out) => out,
         Err(e) => {
@@ -517,6 +540,18 @@ fn a_context_never_reads_outside_itself() {
     assert!(e.to_string().contains("outside the tree"), "{e}");
     std::os::unix::fs::symlink("../key.pem", ctx.join(".dockerignore")).unwrap();
     assert!(pack(&Tree::open(&ctx).unwrap(), "Dockerfile", &BTreeMap::new(), None).is_err());
+    std::fs::remove_file(ctx.join(".dockerignore")).unwrap();
+    // A FIFO in a context (a container may make one in a writable bind) is
+    // left out, and does not block the packing.
+    let fifo = ctx.join("pipe");
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0).unwrap();
+    let packed = pack(&Tree::open(&ctx).unwrap(), "Dockerfile", &BTreeMap::new(), None).unwrap();
+    let names: Vec<String> = tar::Archive::new(&packed.tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(!names.contains(&"pipe".to_string()), "{names:?}");
 }
 
 #[cfg(test)]

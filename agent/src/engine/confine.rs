@@ -33,6 +33,20 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 /// How many symlinks one resolution may follow (Linux's own limit).
 const MAX_HOPS: usize = 40;
 
+/// How deep a walk goes. Trees bind-mounted writable can be made arbitrarily
+/// deep by a container; the walks here recurse, so they stop (with an
+/// error) well before the stack would run out.
+pub const MAX_DEPTH: usize = 256;
+
+/// Flags for opening something to read that may turn out not to be a
+/// regular file: a FIFO must not block the agent, a terminal must not
+/// become its controlling one. Callers check the type with `fstat`.
+pub const READ_ANY: OFlags = OFlags::RDONLY.union(OFlags::NONBLOCK).union(OFlags::NOCTTY);
+
+fn too_deep(at: &OsStr) -> io::Error {
+    io::Error::other(format!("`{}`: directories nested deeper than {MAX_DEPTH}", at.to_string_lossy()))
+}
+
 /// The mode the agent writes for a file sent with `mode`: 0755 when any
 /// execute bit was set, 0644 otherwise. Setuid, setgid and sticky bits and
 /// group or world write are never written.
@@ -85,12 +99,17 @@ impl Tree {
         }
         let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
         let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        match rustix::fs::openat2(&self.fd, rel, flags | OFlags::CLOEXEC, Mode::empty(), resolve) {
-            Ok(fd) => Ok(fd),
-            Err(rustix::io::Errno::XDEV) => Err(escape(&format!("`{}`", rel.display()))),
-            Err(rustix::io::Errno::NOSYS) => open_beneath_by_hand(self.fd.as_fd(), rel, flags),
-            Err(e) => Err(errno(e)),
+        for _ in 0..8 {
+            match rustix::fs::openat2(&self.fd, rel, flags | OFlags::CLOEXEC, Mode::empty(), resolve) {
+                Ok(fd) => return Ok(fd),
+                Err(rustix::io::Errno::XDEV) => return Err(escape(&format!("`{}`", rel.display()))),
+                Err(rustix::io::Errno::NOSYS) => return open_beneath_by_hand(self.fd.as_fd(), rel, flags),
+                // A rename somewhere in the tree during a `..`: try again.
+                Err(rustix::io::Errno::AGAIN) => continue,
+                Err(e) => return Err(errno(e)),
+            }
         }
+        Err(io::Error::other(format!("`{}` keeps changing while it is being opened", rel.display())))
     }
 
     /// The host path `rel` resolves to, with every symlink followed and the
@@ -114,7 +133,7 @@ impl Tree {
 
     /// Reads the file at `rel` (beneath the tree), at most `limit` bytes.
     pub fn read(&self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
-        let fd = self.open_beneath(rel, OFlags::RDONLY)?;
+        let fd = self.open_beneath(rel, READ_ANY)?;
         let file = std::fs::File::from(fd);
         if !file.metadata()?.is_file() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("`{}` is not a file", rel.display())));
@@ -218,6 +237,19 @@ pub fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>
         Ok(s) => Ok(Some(FileType::from_raw_mode(s.st_mode))),
         Err(rustix::io::Errno::NOENT) => Ok(None),
         Err(e) => Err(errno(e)),
+    }
+}
+
+/// Whether `name` in `dir` is, without following it, what a commit wrote:
+/// a regular file with `mode` (when `link` is empty) or a symlink to `link`.
+pub fn is_as_written(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, link: &str) -> bool {
+    let Ok(st) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) else { return false };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile if link.is_empty() => st.st_mode & 0o7777 == mode,
+        FileType::Symlink if !link.is_empty() => {
+            rustix::fs::readlinkat(dir, name, Vec::new()).is_ok_and(|t| t.as_bytes() == link.as_bytes())
+        }
+        _ => false,
     }
 }
 
@@ -352,6 +384,13 @@ fn replace(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
 /// Removes `name` in `dir` and, if it is a directory, everything below it,
 /// without following any symlink.
 pub fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    remove_all_at_depth(dir, name, 0)
+}
+
+fn remove_all_at_depth(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(too_deep(name));
+    }
     match rustix::fs::openat(
         dir,
         name,
@@ -360,7 +399,7 @@ pub fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     ) {
         Ok(sub) => {
             for (child, _) in entries(sub.as_fd())? {
-                remove_all_at(sub.as_fd(), &child)?;
+                remove_all_at_depth(sub.as_fd(), &child, depth + 1)?;
             }
             match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -467,6 +506,11 @@ mod tests {
         symlink(&outside, dir.path().join("tree/gone")).unwrap();
         remove_all_at(tree.fd(), OsStr::new("gone")).unwrap();
         assert!(outside.join("keep").exists());
+        // A FIFO where a file is read does not block, and is refused.
+        let fifo = dir.path().join("tree/fifo");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
+        let e = tree.read(Path::new("fifo"), 10).unwrap_err();
+        assert!(e.to_string().contains("not a file"), "{e}");
         // Modes are the agent's.
         write_file(tree.fd(), OsStr::new("suid"), &mut &b"x"[..], file_mode(0o4755)).unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -394,9 +394,10 @@ impl SyncStore {
             let mode = if e.symlink_target.is_empty() { confine::file_mode(e.mode) } else { 0o777 };
             let want = Indexed { sha256: e.sha256.clone(), mode, symlink: e.symlink_target.clone() };
             let dir = dirs.get(parent)?;
-            let on_disk = confine::kind_at(dir, name).ok().flatten();
-            let on_disk_ok = old.get(&e.path) == Some(&want)
-                && on_disk == Some(if e.symlink_target.is_empty() { FileType::RegularFile } else { FileType::Symlink });
+            // What the last commit wrote, and still so on disk (a container
+            // with a writable bind may have changed a mode or a link since).
+            let on_disk_ok =
+                old.get(&e.path) == Some(&want) && confine::is_as_written(dir, name, mode, &e.symlink_target);
             index.insert(e.path.clone(), want);
             if on_disk_ok {
                 report.unchanged += 1;
@@ -431,8 +432,10 @@ impl SyncStore {
         }
         // Remove what the manifest no longer lists.
         let listed: BTreeSet<PathBuf> = session.entries.iter().map(|e| PathBuf::from(&e.path)).collect();
+        // Every directory the manifest lists or implies.
+        let dirs_listed: BTreeSet<PathBuf> = listed.iter().flat_map(|p| p.ancestors().map(Path::to_path_buf)).collect();
         let root = dirs.get(Path::new(""))?;
-        report.removed = remove_unlisted(&tree, root, Path::new(""), &listed)?;
+        report.removed = remove_unlisted(&tree, root, Path::new(""), &listed, &dirs_listed)?;
         let _ = rustix::fs::fsync(root);
         let index_path = self.index_path(&session.root);
         std::fs::create_dir_all(index_path.parent().expect("has parent"))
@@ -554,6 +557,7 @@ fn remove_unlisted(
     dir: BorrowedFd<'_>,
     rel: &Path,
     listed: &BTreeSet<PathBuf>,
+    implied: &BTreeSet<PathBuf>,
 ) -> Result<u32, EngineError> {
     let mut removed = 0;
     let io = |p: &Path| {
@@ -565,7 +569,7 @@ fn remove_unlisted(
         let is_dir = kind == FileType::Directory;
         // An unlisted directory still holding listed files stays (the
         // manifest implies its parents).
-        let keep_dir = is_dir && (listed.contains(&child) || listed.iter().any(|l| l.starts_with(&child)));
+        let keep_dir = is_dir && implied.contains(&child);
         if keep_dir {
             let sub = rustix::fs::openat(
                 dir,
@@ -574,7 +578,7 @@ fn remove_unlisted(
                 Mode::empty(),
             )
             .map_err(|e| io(&child)(e.into()))?;
-            removed += remove_unlisted(tree, sub.as_fd(), &child, listed)?;
+            removed += remove_unlisted(tree, sub.as_fd(), &child, listed, implied)?;
         } else if !listed.contains(&child) {
             confine::remove_all_at(dir, &name).map_err(io(&child))?;
             removed += 1;

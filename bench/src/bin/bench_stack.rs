@@ -40,7 +40,7 @@ fn main() -> Result<()> {
     let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity()?)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let mut conn = AgentConn::connect(Arc::new(Transport::Local), local.port, &tls).await?;
+        let mut conn = AgentConn::connect(Arc::new(Transport::local()), local.port, &tls).await?;
         bench_sync(&mut conn).await?;
         bench_converge_and_health(&mut conn, &host).await
     })

@@ -623,6 +623,20 @@ impl Parser<'_> {
                 "init" => svc.init = Some(self.bool(v, "init")?),
                 "security_opt" => {
                     svc.security_opt = self.string_list(v, "security_opt")?;
+                    // The Engine API takes a seccomp profile itself, not a
+                    // path: read it here, relative to the stack directory.
+                    for opt in &mut svc.security_opt {
+                        if let Some(file) = opt.strip_prefix("seccomp=").or_else(|| opt.strip_prefix("seccomp:"))
+                            && file != "unconfined"
+                            && file != "builtin"
+                            && !file.trim_start().starts_with('{')
+                        {
+                            let path = self.dir.join(file);
+                            let profile = std::fs::read_to_string(&path)
+                                .map_err(|e| self.err(v, format!("seccomp profile `{}`: {e}", path.display())))?;
+                            *opt = format!("seccomp={profile}");
+                        }
+                    }
                     for opt in &svc.security_opt {
                         let known = opt == "no-new-privileges"
                             || opt.starts_with("no-new-privileges:")

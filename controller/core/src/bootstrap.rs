@@ -140,7 +140,7 @@ impl Probe {
 /// Opens the transport for a target (SSH session or this machine).
 pub async fn open_transport(target: &Target, ctx: &Context) -> Result<Transport, ControllerError> {
     match &target.connection {
-        Connection::Local => Ok(Transport::Local),
+        Connection::Local => Ok(Transport::Local { host: target.name.clone() }),
         Connection::Ssh { address, port, user, identity_files } => {
             let mut options = ctx.ssh.clone();
             options.identity_files = ctx.identities.iter().chain(identity_files).cloned().collect();

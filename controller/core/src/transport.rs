@@ -17,15 +17,27 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub type BoxIo = Pin<Box<dyn Io>>;
 
 pub enum Transport {
-    Ssh { session: Session, host: String },
-    Local,
+    Ssh {
+        session: Session,
+        host: String,
+    },
+    /// This machine; `host` is the target's name (whose certificate the
+    /// agent here holds).
+    Local {
+        host: String,
+    },
 }
 
 impl Transport {
+    /// This machine as the local target (`Target::local()`, "localhost").
+    pub fn local() -> Self {
+        Transport::Local { host: "localhost".into() }
+    }
+
     pub fn host(&self) -> &str {
         match self {
             Transport::Ssh { host, .. } => host,
-            Transport::Local => "localhost",
+            Transport::Local { host } => host,
         }
     }
 
@@ -39,7 +51,7 @@ impl Transport {
         };
         match self {
             Transport::Ssh { session, .. } => Ok(session.exec(&command, stdin).await?),
-            Transport::Local => {
+            Transport::Local { .. } => {
                 let mut child = tokio::process::Command::new("sh")
                     .arg("-c")
                     .arg(&command)
@@ -79,7 +91,7 @@ impl Transport {
             Transport::Ssh { session, .. } => {
                 Ok(Box::pin(session.open_tunnel("127.0.0.1", port).await.map_err(std::io::Error::other)?))
             }
-            Transport::Local => {
+            Transport::Local { .. } => {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::pin(tcp))

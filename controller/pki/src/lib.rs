@@ -150,9 +150,12 @@ impl Ca {
     /// Opens the CA in `dir`, creating it (and `dir`, mode 0700) when absent.
     pub fn open_or_create(dir: &Path) -> Result<Self> {
         create_private_dir(dir)?;
+        // Several mlopsctl runs may share a state directory: one creates or
+        // promotes at a time, the others then open what it made.
+        let _lock = lock(dir)?;
         if dir.join(NEXT).join(JOURNAL).exists() {
             // A rotation stopped half-way: finish it.
-            return Self::promote_next(dir);
+            return Self::promote_locked(dir);
         }
         let cert_path = dir.join("ca.pem");
         if cert_path.exists() {
@@ -209,6 +212,11 @@ impl Ca {
     /// phases (retire, install), each made of renames that can be redone, so
     /// a crash is finished by the next [`Ca::open_or_create`].
     pub fn promote_next(dir: &Path) -> Result<Ca> {
+        let _lock = lock(dir)?;
+        Self::promote_locked(dir)
+    }
+
+    fn promote_locked(dir: &Path) -> Result<Ca> {
         let next = dir.join(NEXT);
         let journal = next.join(JOURNAL);
         let io = |action: &'static str, path: &Path| {
@@ -235,6 +243,13 @@ impl Ca {
                 }
             }
             write_private(&journal, format!("install {fingerprint}").as_bytes())?;
+        }
+        // A `hosts/` made since the retire phase (a deploy issuing from the
+        // old CA meanwhile) goes to the retired CA too.
+        let stray = dir.join("hosts");
+        if next.join("hosts").exists() && stray.exists() {
+            let late = dir.join("retired").join(&fingerprint).join(format!("hosts.late.{}", std::process::id()));
+            fs::rename(&stray, &late).map_err(io("retire", &stray))?;
         }
         // `ca.pem` last: its presence marks a complete CA.
         for item in ["hosts", "ca.key", "ca.json", "ca.pem"] {
@@ -364,6 +379,16 @@ fn ca_params(common_name: &str, not_before: OffsetDateTime) -> CertificateParams
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     let mut reader = std::io::BufReader::new(pem.as_bytes());
     rustls_pemfile::certs(&mut reader).next()?.ok().map(|c| c.to_vec())
+}
+
+/// An exclusive lock on `dir/.lock`, held until the file is dropped.
+fn lock(dir: &Path) -> Result<fs::File> {
+    let path = dir.join(".lock");
+    let io = |action, source| PkiError::Io { action, path: path.clone(), source };
+    let file =
+        fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| io("open", e))?;
+    file.lock().map_err(|e| io("lock", e))?;
+    Ok(file)
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -82,7 +82,8 @@ pub fn host_matches(patterns: &str, name: &str) -> bool {
     let mut matched = false;
     for pattern in patterns.split(',') {
         if let Some(hashed) = pattern.strip_prefix("|1|") {
-            matched |= hashed_matches(hashed, name);
+            // OpenSSH hashes the name in lower case.
+            matched |= hashed_matches(hashed, &name_lc);
             continue;
         }
         let (negated, p) = match pattern.strip_prefix('!') {
@@ -206,6 +207,11 @@ pub fn known_algorithms(entries: &[Entry], host: &str, port: u16) -> Vec<Algorit
 /// directory is made 0700; an existing one is left as it is.
 pub fn learn(path: &Path, host: &str, port: u16, key: &PublicKey) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    // Hosts are connected to in parallel: one read-modify-write at a time
+    // in this process, or two new hosts would each drop the other's line.
+    static LEARNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let _one_at_a_time = LEARNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
@@ -224,13 +230,12 @@ pub fn learn(path: &Path, host: &str, port: u16, key: &PublicKey) -> std::io::Re
     text.push_str(&format!("{} {kind} {blob}\n", host_name(host, port)));
     let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o600);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.mlops-{}", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(".{name}.mlops-{}-{n}-{nanos}", std::process::id()));
+    // `create_new`: the name is ours, or this fails and removes nothing.
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -265,6 +270,7 @@ mod tests {
         let mac = <Hmac<Sha1> as KeyInit>::new_from_slice(&salt).unwrap().chain_update(b"[h]:2222").finalize();
         let hashed = format!("|1|{}|{}", b64.encode(salt), b64.encode(mac.into_bytes()));
         assert!(host_matches(&hashed, "[h]:2222"));
+        assert!(host_matches(&hashed, "[H]:2222"), "names are hashed in lower case");
         assert!(!host_matches(&hashed, "[h]:2223"));
         assert!(glob(b"*a*b*", b"xxaxxbxx") && !glob(b"*a*b", b"xxaxxbxx"));
     }
@@ -299,5 +305,15 @@ mod tests {
         let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary file left");
+        // In parallel (hosts connect at once): no line is lost.
+        let keys = [key(ED), key(ED2), key(EC)];
+        std::thread::scope(|s| {
+            for i in 0..12 {
+                let (path, k) = (&path, &keys[i % 3]);
+                s.spawn(move || learn(path, &format!("p{i}"), 22, k).unwrap());
+            }
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 14, "{text}");
     }
 }

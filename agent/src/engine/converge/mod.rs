@@ -56,6 +56,7 @@ pub async fn converge(
     ev: &Events,
 ) -> Result<Outcome, EngineError> {
     let files_dir = dirs.files.as_path();
+    check_nested_binds(stack, files_dir)?;
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
     let mut changed = resources::ensure(docker, stack, &order, ev).await?;
     let images = images::ensure(docker, stack, &order, dirs, ev).await?;
@@ -123,6 +124,39 @@ pub fn resolve_source(files_dir: &Path, source: &str, field: &str) -> Result<Pat
     }
 }
 
+/// Refuses a bind source in the stack's tree that lies inside another bind
+/// source mounted writable: the container with the writable mount could
+/// replace the inner path with a symlink, and Docker resolves bind sources
+/// afresh (as root, following links) every time it starts a container,
+/// restarts included.
+fn check_nested_binds(stack: &Stack, files_dir: &Path) -> Result<(), EngineError> {
+    let mut binds: Vec<(&str, &str, PathBuf, bool)> = Vec::new();
+    for (name, svc) in &stack.services {
+        for m in svc.volumes.iter().filter(|m| m.kind == mlops_proto::stack::MountKind::Bind) {
+            if let Source::InTree(_) = classify(&m.source)
+                && let Ok(real) = resolve_source(files_dir, &m.source, "")
+            {
+                binds.push((name, &m.source, real, !m.read_only));
+            }
+        }
+    }
+    for (name, source, real, _) in &binds {
+        if let Some((writer, outer, _, _)) =
+            binds.iter().find(|(_, _, w, writable)| *writable && real != w && real.starts_with(w))
+        {
+            return Err(EngineError::bad_request(
+                &format!("services.{name}.volumes"),
+                format!(
+                    "service `{name}` mounts `{source}`, which lies inside `{outer}`, mounted writable by service \
+                     `{writer}`: that container could replace it with a symlink, followed when `{name}` next starts; \
+                     mount `{outer}` read-only, or keep the two apart"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A build context opened for reading, confined like [`resolve_source`].
 pub fn open_context(files_dir: &Path, source: &str, field: &str) -> Result<confine::Tree, EngineError> {
     match classify(source) {
@@ -139,11 +173,16 @@ pub fn open_context(files_dir: &Path, source: &str, field: &str) -> Result<confi
 /// The sha256 of a bind-mounted file (None for a directory or a source
 /// that cannot be resolved; converge reports those when it mounts them).
 pub fn hash_source(files_dir: &Path, source: &str) -> Option<String> {
+    // Opened without blocking (a FIFO there must not hang the agent), then
+    // taken only if it is a regular file.
     let file = match classify(source) {
-        Source::Host(p) => std::fs::File::open(p).ok()?,
-        Source::InTree(rel) => std::fs::File::from(
-            confine::Tree::open(files_dir).ok()?.open_beneath(rel, rustix::fs::OFlags::RDONLY).ok()?,
-        ),
+        Source::Host(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(p).ok()?
+        }
+        Source::InTree(rel) => {
+            std::fs::File::from(confine::Tree::open(files_dir).ok()?.open_beneath(rel, confine::READ_ANY).ok()?)
+        }
     };
     if !file.metadata().ok()?.is_file() {
         return None;
@@ -151,4 +190,31 @@ pub fn hash_source(files_dir: &Path, source: &str) -> Option<String> {
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut &file, &mut h).ok()?;
     Some(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlops_proto::stack::{Mount, MountKind, Service};
+
+    fn bind(source: &str, read_only: bool) -> Mount {
+        Mount { kind: MountKind::Bind, source: source.into(), target: "/m".into(), read_only }
+    }
+
+    #[test]
+    fn a_bind_inside_another_services_writable_bind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data/sub")).unwrap();
+        let mut stack = Stack { project: "p".into(), ..Default::default() };
+        let svc = |m: Vec<Mount>| Service { image: Some("i".into()), volumes: m, ..Default::default() };
+        stack.services.insert("writer".into(), svc(vec![bind("./data", false)]));
+        stack.services.insert("reader".into(), svc(vec![bind("./data/sub", true)]));
+        let e = check_nested_binds(&stack, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("`./data/sub`, which lies inside `./data`") && e.contains("`writer`"), "{e}");
+        // Read-only outside, or side by side: fine.
+        stack.services.insert("writer".into(), svc(vec![bind("./data", true)]));
+        assert!(check_nested_binds(&stack, dir.path()).is_ok());
+        stack.services.insert("writer".into(), svc(vec![bind("./data/sub", false)]));
+        assert!(check_nested_binds(&stack, dir.path()).is_ok(), "the same directory twice is not nested");
+    }
 }

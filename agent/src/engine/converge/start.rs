@@ -149,7 +149,25 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
             MountKind::Volume if m.source.is_empty() => binds.push(m.target.clone()),
             MountKind::Volume => binds.push(format!("{}:{}{mode}", stack.volume_name(&m.source), m.target)),
             MountKind::Bind => {
-                let src = resolve_source(files_dir, &m.source, &format!("services.{name}.volumes"))?;
+                let field = format!("services.{name}.volumes");
+                let src = resolve_source(files_dir, &m.source, &field)?;
+                // A host path may be a symlink to one that gives the host
+                // away: judged by where it leads.
+                let real = std::fs::canonicalize(&src).unwrap_or_else(|_| src.clone());
+                let in_tree = matches!(super::classify(&m.source), super::Source::InTree(_));
+                if !in_tree
+                    && !stack.options.allow_host_access
+                    && mlops_proto::stack::is_sensitive_host_path(&real.to_string_lossy())
+                {
+                    return Err(EngineError::bad_request(
+                        &field,
+                        format!(
+                            "service `{name}` mounts `{}`, which is {} on the host: it gives the host away and the stack does not allow it (x-mlops.allow_host_access)",
+                            m.source,
+                            real.display()
+                        ),
+                    ));
+                }
                 binds.push(format!("{}:{}{mode}", src.display(), m.target));
             }
             MountKind::Tmpfs => mounts.push(DockerMount {
