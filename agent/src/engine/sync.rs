@@ -7,15 +7,19 @@
 //! On the host (under the agent's state directory):
 //! ```text
 //! blobs/<sha256>            complete, verified contents
-//! blobs/partial/<sha256>    an upload in progress (kept: a later sync resumes it)
+//! blobs/partial/<sha256>    an upload in progress (kept a day: a later sync resumes it)
 //! trees/<root>/...          the synced trees
 //! trees/.index/<root>.json  what the last commit wrote (path -> sha256, mode)
+//! tmp/                      the agent's temporary files (builds' debootstrap trees)
 //! ```
 //!
 //! Safety: paths must be relative, `/`-separated, without `.`/`..`
-//! components; a symlink's target must resolve inside the tree; no entry may
-//! sit below a symlink. Each file is written to a temporary name beside its
-//! destination, fsynced, then renamed, so a reader never sees half a file.
+//! components; every symlink must resolve inside the tree, following every
+//! link of the manifest on the way; no entry may sit below a symlink. Modes
+//! are normalised (0644/0755, never setuid). The tree is written through
+//! directory handles that never follow a link ([`super::confine`]). Each
+//! file is written to an unguessable temporary name beside its destination,
+//! fsynced, then renamed, so a reader never sees half a file.
 //! Nothing in the tree changes before commit: a sync interrupted while
 //! uploading leaves the previous tree as it was, and the blobs already sent
 //! are not sent again.
