@@ -129,44 +129,37 @@ impl AgentConn {
     }
 }
 
-/// Whether the TLS handshake failed because the agent's certificate does
-/// not chain to our CA: the agent was installed by another controller.
-/// (The rustls error travels inside an `io::Error`, whose `source()` skips
-/// it, so each `io::Error` on the chain is opened too.)
-/// Whether the TLS failure is a certificate issued for another host.
-fn not_valid_for_name(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// The certificate problem a TLS handshake failed with, if any. (The
+/// rustls error travels inside an `io::Error`, whose `source()` skips it,
+/// so each `io::Error` on the chain is opened too.)
+fn certificate_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::CertificateError> {
+    let mut next: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {
         let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
             err.downcast_ref::<std::io::Error>()
                 .and_then(|io| io.get_ref())
                 .and_then(|i| i.downcast_ref::<rustls::Error>())
         });
-        if let Some(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
-        )) = tls
-        {
-            return true;
+        if let Some(rustls::Error::InvalidCertificate(c)) = tls {
+            return Some(c);
         }
         next = err.source();
     }
-    false
+    None
 }
 
+/// Whether the agent's certificate does not chain to our CA: the agent was
+/// installed by another controller.
 fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) = tls {
-            return true;
-        }
-        next = err.source();
-    }
-    false
+    matches!(certificate_error(e), Some(rustls::CertificateError::UnknownIssuer))
+}
+
+/// Whether the agent's certificate was issued for another host.
+fn not_valid_for_name(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        certificate_error(e),
+        Some(rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. })
+    )
 }
 
 /// `e: cause: cause` on one line.
