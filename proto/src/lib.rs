@@ -47,6 +47,8 @@ pub mod layout {
     pub const CONFIG_DIR: &str = "/etc/mlops-agent";
     /// sha256 (hex) of the last install bundle; world-readable, holds no secret.
     pub const INSTALL_HASH: &str = "/etc/mlops-agent/install.sha256";
+    /// The CA certificates whose clients the agent accepts.
+    pub const TLS_CA: &str = "/etc/mlops-agent/tls/ca.pem";
     /// State the agent keeps (synced files, stacks, in later versions).
     pub const STATE_DIR: &str = "/var/lib/mlops-agent";
     /// The pidfile of the plain daemon (hosts without systemd).

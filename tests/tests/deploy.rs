@@ -401,4 +401,18 @@ fn an_agent_of_another_controller_is_named_as_such() {
     // The cause is said once, not repeated down the chain.
     assert_eq!(row.matches("does not answer").count(), 1, "{row}");
     assert!(text.stderr.contains("another controller's CA"), "{}", text.stderr);
+
+    // A deploy from the second controller leaves the agent alone and says
+    // why (it would lock the first controller out); the first still
+    // reaches it.
+    let pid = host.agent_pid();
+    let run = second.ctl_key(&["deploy", "--no-stack", "--host", &host.spec("root")]).expect_code(1);
+    assert!(run.stderr.contains("installed by another controller"), "{}", run.stderr);
+    assert!(run.stderr.contains("--take-over"), "the hint names the way out: {}", run.stderr);
+    assert_eq!(host.agent_pid(), pid, "the agent was not restarted");
+    first.ctl_key(&["status", "--host", &host.spec("root")]).expect_code(0);
+    // With --take-over it is re-keyed for the second; the first is refused now.
+    second.ctl_key(&["deploy", "--no-stack", "--take-over", "--host", &host.spec("root")]).expect_code(0);
+    second.ctl_key(&["status", "--host", &host.spec("root")]).expect_code(0);
+    first.ctl_key(&["status", "--host", &host.spec("root")]).expect_code(1);
 }

@@ -329,6 +329,9 @@ fn ca_rotation_rekeys_every_agent_without_downtime() {
     env.ctl(&["deploy", "--identity", &key, "--host", &a.spec("root"), "--stack", &dir, "--health-timeout", "60"])
         .expect_code(0);
     agent_only(&env, &b);
+    // A host of this controller left out of the rotation.
+    let c = env.host("hard-rot-c").unwrap();
+    agent_only(&env, &c);
     let container = format!("{}-idle-1", stack.project);
     let started = a.docker(&["inspect", "-f", "{{.State.StartedAt}}", &container]);
     let old_state = tempfile::tempdir().unwrap();
@@ -363,6 +366,13 @@ fn ca_rotation_rekeys_every_agent_without_downtime() {
     }
     assert!(env.state.join("pki/retired").read_dir().unwrap().count() == 1);
     assert_eq!(a.docker(&["inspect", "-f", "{{.State.StartedAt}}", &container]), started, "no container restarted");
+
+    // The host left out still trusts only the retired CA: the warning
+    // named it, and a deploy re-keys it (it is this controller's, not
+    // another's).
+    assert!(run.stderr.contains("not in this run"), "{}", run.stderr);
+    env.ctl(&["deploy", "--no-stack", "--identity", &key, "--host", &c.spec("root")]).expect_code(0);
+    env.ctl(&["status", "--identity", &key, "--host", &c.spec("root")]).expect_code(0);
 
     // The old CA (a copy of the state before) is no longer trusted.
     let old_dir = old_state.path().display().to_string();

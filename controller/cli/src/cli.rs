@@ -100,6 +100,9 @@ pub enum Command {
         /// Seconds each service may take to become healthy.
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         health_timeout: u32,
+        /// Re-key agents that another controller installed (they stop trusting it); without this they are left alone.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Ask each host's agent how it is (and the stack's services, with --stack or --project).
     Status {
@@ -198,6 +201,7 @@ impl Global {
             forks: usize::from(self.forks),
             state_dir: self.state_dir.clone(),
             agent_binary: self.agent_binary.clone(),
+            take_over: false,
         }
     }
 }

@@ -59,10 +59,12 @@ fn main() {
 async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
     let report: Arc<dyn Report> = printer.clone();
     let needs_binary = matches!(cli.command, Command::Deploy { .. } | Command::Pki { .. });
-    let setup = Setup::new(&cli.global.options(), needs_binary, report.as_ref())?;
+    let mut options = cli.global.options();
+    options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });
+    let setup = Setup::new(&options, needs_binary, report.as_ref())?;
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
-        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout } => {
+        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout, take_over: _ } => {
             let opts = DeployOptions {
                 stack: stack.into(),
                 no_stack,

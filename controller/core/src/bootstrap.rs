@@ -42,6 +42,12 @@ pub struct Context {
     pub ssh: SshOptions,
     /// `--identity` files, tried before each host's own.
     pub identities: Vec<PathBuf>,
+    /// `deploy --take-over`: re-key an agent that trusts another
+    /// controller's CA (never done without it).
+    pub take_over: bool,
+    /// Every CA this controller has had (current, pending, retired), PEM:
+    /// an agent trusting one of them is this controller's.
+    pub our_cas_pem: String,
 }
 
 /// The install bundle for one host, encoded, with its hash.
@@ -87,6 +93,8 @@ pub struct Probe {
     pub binary_sha256: Option<String>,
     pub bundle_sha256: Option<String>,
     pub service_manager: String,
+    /// The CA certificates the installed agent trusts (PEM), when one is installed.
+    pub ca_pem: Option<String>,
 }
 
 fn probe_script() -> String {
@@ -101,10 +109,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if [ -f {bin} ]; then echo "binary=$(sha256sum {bin} 2>/dev/null | cut -d' ' -f1)"; fi
 if [ -f {bundle} ]; then echo "bundle=$(cat {bundle})"; fi
+if [ "$(id -u)" = 0 ]; then ca=$(base64 -w0 {ca} 2>/dev/null); else ca=$(sudo -n base64 -w0 {ca} 2>/dev/null); fi
+[ -n "$ca" ] && echo "ca=$ca"
 if [ -d /run/systemd/system ]; then echo manager=systemd; else echo manager=daemon; fi
 "#,
         bin = layout::BINARY,
         bundle = layout::INSTALL_HASH,
+        ca = layout::TLS_CA,
     )
 }
 
@@ -126,6 +137,13 @@ impl Probe {
                 "binary" if !v.is_empty() => p.binary_sha256 = Some(v),
                 "bundle" if !v.is_empty() => p.bundle_sha256 = Some(v),
                 "manager" => p.service_manager = v,
+                "ca" => {
+                    use base64::Engine;
+                    p.ca_pem = base64::engine::general_purpose::STANDARD
+                        .decode(v.as_bytes())
+                        .ok()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned());
+                }
                 _ => {}
             }
         }
@@ -397,6 +415,15 @@ async fn ensure_agent(
         service_manager: probe.service_manager.clone(),
     });
     check_probe(&probe, target, Some(binary))?;
+    // An agent another controller installed is never re-keyed implicitly:
+    // that would lock its controller out (and a platform's credentials
+    // live with that controller today).
+    if let Some(theirs) = &probe.ca_pem
+        && !shares_a_ca(theirs, &ctx.our_cas_pem)
+        && !ctx.take_over
+    {
+        return Err(ControllerError::ForeignAgent { host });
+    }
     let sudo = probe.needs_sudo();
 
     let mut uploaded = false;
@@ -437,6 +464,17 @@ async fn ensure_agent(
     }
     let facts = conn.facts().await?;
     Ok((uploaded, Some(reason), hello, facts, conn))
+}
+
+/// Whether two PEM bundles have a certificate in common.
+fn shares_a_ca(a: &str, b: &str) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ders = |pem: &str| -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).map(|c| c.to_vec()).collect()
+    };
+    let theirs = ders(a);
+    ders(b).iter().any(|c| theirs.contains(c))
 }
 
 fn short(sha: &str) -> String {

@@ -44,6 +44,8 @@ pub enum ControllerError {
     /// `other_host`: it was issued (by our CA) for another host.
     #[error("the agent on {host} does not answer on 127.0.0.1:{port}: {message}")]
     AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool, other_host: bool },
+    #[error("the agent on {host} was installed by another controller (it trusts another CA); it was left as it is")]
+    ForeignAgent { host: String },
     #[error("the agent on {host} still runs binary {running} after a restart (expected {expected})")]
     StaleAgent { host: String, running: String, expected: String },
     /// The agent answered a call with a failure.
@@ -142,8 +144,9 @@ impl ControllerError {
                 "what answers on the agent's port holds a certificate issued for another host: another host's agent key is in use here, or something took the port of a stopped agent; `mlopsctl deploy` re-installs this host's own agent".into()
             }
             ControllerError::AgentUnreachable { foreign_ca: true, .. } => {
-                "that agent's certificate comes from another controller's CA (another state directory); `mlopsctl deploy` from this one takes the host over".into()
+                "that agent's certificate comes from another controller's CA (another state directory); deploy from that controller, or take the host over with `mlopsctl deploy --take-over` (it re-keys the agent; containers keep running)".into()
             }
+            ControllerError::ForeignAgent { .. } => "deploy from the controller that manages it (its state directory), or pass --take-over to re-key the agent for this one: its containers keep running, but the other controller loses access".into(),
             ControllerError::Install { .. } | ControllerError::AgentUnreachable { .. } | ControllerError::StaleAgent { .. } => {
                 "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
             }

@@ -47,6 +47,20 @@ impl StateDir {
         Ok(pem)
     }
 
+    /// Every CA this controller has had: the trusted ones and those
+    /// retired by `pki rotate` (`pki/retired/*/ca.pem`).
+    pub fn all_cas_pem(&self) -> Result<String, ControllerError> {
+        let mut pem = self.trusted_pem()?;
+        if let Ok(dir) = std::fs::read_dir(self.path.join("pki/retired")) {
+            for d in dir.flatten() {
+                if let Ok(old) = std::fs::read_to_string(d.path().join("ca.pem")) {
+                    pem.push_str(&old);
+                }
+            }
+        }
+        Ok(pem)
+    }
+
     pub fn client_identity(&self) -> Result<Identity, ControllerError> {
         Ok(self.ca.client_identity()?)
     }

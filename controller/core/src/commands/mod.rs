@@ -56,6 +56,8 @@ pub struct GlobalOptions {
     /// Default [`StateDir::default_path`].
     pub state_dir: Option<PathBuf>,
     pub agent_binary: Option<PathBuf>,
+    /// `deploy --take-over` (see `bootstrap::Context::take_over`).
+    pub take_over: bool,
 }
 
 /// What every command needs: targets, state, TLS, SSH options.
@@ -92,7 +94,14 @@ impl Setup {
                 return Err(mlops_ssh::SshError::KeyLoad { path: id.clone(), message: "no such file".into() }.into());
             }
         }
-        let ctx = Context { binary, tls, ssh, identities: g.identities.clone() };
+        let ctx = Context {
+            binary,
+            tls,
+            ssh,
+            identities: g.identities.clone(),
+            take_over: g.take_over,
+            our_cas_pem: state.all_cas_pem()?,
+        };
         Ok(Setup { targets, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
     }
 }

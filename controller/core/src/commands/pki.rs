@@ -68,9 +68,17 @@ impl RotateReport {
     }
 }
 
-fn context_with(setup: &Setup, tls: ClientTls) -> Arc<Context> {
+fn context_with(setup: &Setup, tls: ClientTls, tls_cas: &str) -> Arc<Context> {
     let ctx = &setup.ctx;
-    Arc::new(Context { binary: ctx.binary.clone(), tls, ssh: ctx.ssh.clone(), identities: ctx.identities.clone() })
+    Arc::new(Context {
+        binary: ctx.binary.clone(),
+        tls,
+        ssh: ctx.ssh.clone(),
+        identities: ctx.identities.clone(),
+        take_over: false,
+        // The setup's CAs, and the ones this step hands out.
+        our_cas_pem: format!("{}{}", ctx.our_cas_pem, tls_cas),
+    })
 }
 
 async fn push(
@@ -112,7 +120,7 @@ pub async fn rotate(setup: &Setup, report: Arc<dyn Report>) -> Result<RotateRepo
     for t in &setup.targets {
         bundles.insert(t.name.clone(), Bundle::new(&both_pem, next.server_identity(&cert_name(&t.name))?, t));
     }
-    let ctx = context_with(setup, ClientTls::new(&both_pem, &old.client_identity()?)?);
+    let ctx = context_with(setup, ClientTls::new(&both_pem, &old.client_identity()?)?, &both_pem);
     let both = push(setup, &ctx, bundles, &report).await;
     let (old_ca, new_ca) = (old.fingerprint().to_string(), next.fingerprint().to_string());
     if !both.failed.is_empty() {
@@ -127,7 +135,7 @@ pub async fn rotate(setup: &Setup, report: Arc<dyn Report>) -> Result<RotateRepo
     for t in &setup.targets {
         bundles.insert(t.name.clone(), Bundle::new(new.cert_pem(), new.server_identity(&cert_name(&t.name))?, t));
     }
-    let ctx = context_with(setup, ClientTls::new(new.cert_pem(), &new.client_identity()?)?);
+    let ctx = context_with(setup, ClientTls::new(new.cert_pem(), &new.client_identity()?)?, new.cert_pem());
     let new_only = push(setup, &ctx, bundles, &report).await;
     Ok(RotateReport { old_ca, new_ca, both, new_only: Some(new_only), not_in_run })
 }
