@@ -318,8 +318,8 @@ fn inventory(text: &str) -> Outcome {
 }
 
 fn ssh_config(text: &str) -> Outcome {
-    // `Include` is resolved against the current directory: no file is
-    // included by accident, as the text carries no real paths.
+    // An `Include` in the text may name real files: they are only read
+    // (regular files up to 1 MiB), never written.
     let cfg = mlops_inventory::SshConfig::parse(text);
     for alias in ["web1", "db", "x", ""] {
         let _ = cfg.resolve(alias);

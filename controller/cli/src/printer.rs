@@ -250,6 +250,7 @@ impl Printer {
     }
 
     pub fn pki_rotate(&self, r: &RotateReport) -> i32 {
+        // The step that decides: the last one that ran.
         let final_step = r.new_only.as_ref().unwrap_or(&r.both);
         match self.output {
             Output::Json => {
@@ -290,14 +291,10 @@ impl Printer {
                         r.not_in_run.join(", ")
                     ));
                 }
-                if r.new_only.is_none() {
-                    self.summarize("pki rotate", &r.both);
-                } else {
-                    self.summarize("pki rotate", final_step);
-                }
+                self.summarize("pki rotate", final_step);
             }
         }
-        if r.new_only.is_none() { exit_code(&r.both) } else { exit_code(final_step) }
+        exit_code(final_step)
     }
 
     /// For commands whose output is streamed (logs, watch): only failures.
