@@ -4,6 +4,7 @@
 //! the network between controller and host.
 
 use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use mlops_e2e::{TestEnv, TestHost, TestStack};
@@ -20,6 +21,16 @@ fn sync(env: &TestEnv, host: &TestHost, stack: &TestStack) -> mlops_e2e::CtlRun 
     let key = env.key.display().to_string();
     let dir = stack.path().display().to_string();
     env.ctl(&["sync", "--identity", &key, "--host", &host.spec("root"), "--stack", &dir])
+}
+
+/// Kills a child started in its own process group, and everything in it.
+fn end_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the process group of a child this test started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+    let _ = child.wait();
 }
 
 /// Installs the agent alone (hosts without an engine).
@@ -402,6 +413,7 @@ fn a_thousand_idle_connections_from_a_local_user_do_not_lock_the_controller_out(
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap();
     let mut first = String::new();
@@ -411,8 +423,7 @@ fn a_thousand_idle_connections_from_a_local_user_do_not_lock_the_controller_out(
     let started = std::time::Instant::now();
     let run = env.ctl(&["status", "--identity", &key, "--host", &host.spec("root")]);
     let took = started.elapsed();
-    let _ = flood.kill();
-    let _ = flood.wait();
+    end_group(&mut flood);
     assert_eq!(run.code, 0, "status answered during the flood:\n{}{}", run.stdout, run.stderr);
     eprintln!("status answered in {:.2} s with 1,000 idle connections open", took.as_secs_f64());
     let log = host.agent_log();
@@ -439,6 +450,8 @@ fn a_local_user_racing_on_the_debootstrap_path_cannot_poison_the_base_image() {
         .arg(format!(
             "while true; do mkdir -p {dir}/etc 2>/dev/null; echo poisoned > {dir}/etc/mlops-poisoned 2>/dev/null; sleep 0.05; done"
         ))
+        // Its own process group, so the loop (a child of runuser) ends with it.
+        .process_group(0)
         .spawn()
         .unwrap();
     let stack = TestStack::new(
@@ -457,8 +470,7 @@ services:
     let key = env.key.display().to_string();
     let sdir = stack.path().display().to_string();
     let run = env.ctl(&["deploy", "--identity", &key, "--host", &host.spec("root"), "--stack", &sdir]);
-    let _ = racer.kill();
-    let _ = racer.wait();
+    end_group(&mut racer);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("debootstrap"), "the base image was built here: {}", run.stderr);
