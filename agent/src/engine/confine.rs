@@ -232,7 +232,7 @@ fn components(p: &Path) -> io::Result<VecDeque<OsString>> {
 }
 
 /// What is at `name` in `dir`, without following a symlink.
-pub fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>> {
+fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(s) => Ok(Some(FileType::from_raw_mode(s.st_mode))),
         Err(rustix::io::Errno::NOENT) => Ok(None),

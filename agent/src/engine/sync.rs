@@ -591,7 +591,7 @@ fn remove_unlisted(
     Ok(removed)
 }
 
-pub fn hash_file(path: &Path) -> Result<String, EngineError> {
+fn hash_file(path: &Path) -> Result<String, EngineError> {
     let mut f = std::fs::File::open(path).map_err(EngineError::io_at("reading", path))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(EngineError::io_at("reading", path))?;

@@ -207,6 +207,8 @@ struct Client {
     host: String,
     port: u16,
     options: Arc<SshOptions>,
+    /// known_hosts as read once for this connection (or why it could not be).
+    entries: Result<Vec<known_hosts::Entry>, (PathBuf, String)>,
     verdict: Arc<Mutex<Option<Verdict>>>,
 }
 
@@ -227,9 +229,11 @@ impl Client {
     fn check(&self, key: &russh::keys::PublicKey) -> Result<bool, Verdict> {
         use known_hosts::Verdict as K;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        let entries =
-            known_entries(&self.options).map_err(|(path, message)| Verdict::KnownHostsError { path, message })?;
-        match known_hosts::check(&entries, &self.host, self.port, key) {
+        let entries = self
+            .entries
+            .as_ref()
+            .map_err(|(path, message)| Verdict::KnownHostsError { path: path.clone(), message: message.clone() })?;
+        match known_hosts::check(entries, &self.host, self.port, key) {
             K::Known => Ok(true),
             K::Revoked { path, line } => Err(Verdict::Revoked { fingerprint, path, line }),
             K::Changed { path, line } | K::OtherType { path, line, .. } => {
@@ -304,9 +308,10 @@ impl Session {
     ) -> Result<Session, SshError> {
         // Offer the key types known_hosts holds for this host first, as
         // OpenSSH does: a host with several keys then presents a known one.
+        let entries = known_entries(&options);
         let mut preferred = russh::Preferred::default();
-        if let Ok(entries) = known_entries(&options) {
-            let mut keys = known_hosts::known_algorithms(&entries, address, port);
+        if let Ok(entries) = &entries {
+            let mut keys = known_hosts::known_algorithms(entries, address, port);
             keys.extend(preferred.key.iter().filter(|a| !keys.contains(a)).cloned().collect::<Vec<_>>());
             preferred.key = keys.into();
         }
@@ -318,7 +323,8 @@ impl Session {
             ..Default::default()
         });
         let verdict = Arc::new(Mutex::new(None));
-        let handler = Client { host: address.to_string(), port, options: options.clone(), verdict: verdict.clone() };
+        let handler =
+            Client { host: address.to_string(), port, options: options.clone(), entries, verdict: verdict.clone() };
         let socket = tokio::net::TcpStream::connect((address, port))
             .await
             .map_err(|source| SshError::Connect { addr: label.to_string(), source })?;
