@@ -17,12 +17,14 @@
 //!   SSH: writes configuration and the service definition, (re)starts.
 //! - [`daemon`]: running as a plain daemon where PID 1 is not systemd, and
 //!   `sd_notify` readiness where it is.
+//! - [`secrets`]: each project's credentials, kept on the host (root only).
 
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod facts;
 pub mod install;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod tls;

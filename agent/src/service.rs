@@ -16,10 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::Stream;
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    DockerStatus, DownRequest, EnsureDockerRequest, Failure, FailureKind, GetFactsRequest, HealthEvent, HeartbeatEvent,
-    HeartbeatRequest, HelloRequest, HelloResponse, HostFacts, LogChunk, LogsRequest, Progress, ServiceState,
-    StackAction, StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest,
-    SyncPlan, SyncReport, SyncUploadReply, WatchHealthRequest,
+    DockerStatus, DownRequest, EnsureDockerRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest,
+    HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HostFacts, LogChunk, LogsRequest,
+    Progress, PutSecretsRequest, Secrets, ServiceState, StackAction, StackEvent, StackStatusReply, StackStatusRequest,
+    SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport, SyncUploadReply, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +30,7 @@ use crate::engine::{
     watch as engine_watch,
 };
 use crate::facts;
+use crate::secrets::SecretStore;
 
 /// Errors of the RPC layer.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +206,7 @@ pub struct AgentService {
     docker_socket: PathBuf,
     log_dir: PathBuf,
     sync: SyncStore,
+    secrets: std::sync::Arc<SecretStore>,
     locks: Locks,
     shutdown: watch::Receiver<bool>,
 }
@@ -235,6 +237,7 @@ impl AgentService {
             config_sha256,
             service_manager: service_manager.to_string(),
             sync,
+            secrets: std::sync::Arc::new(SecretStore::new(&state_dir)),
             state_dir,
             docker_socket: PathBuf::from(docker::DEFAULT_SOCKET),
             log_dir: PathBuf::from(mlops_proto::layout::LOG_DIR),
@@ -531,6 +534,26 @@ impl Agent for AgentService {
         let work = move |sink| engine_watch::logs(docker, container, req.follow, req.since, req.tail, sink, stop);
         tokio::spawn(stream_engine_work(what, tx, work, log_chunk));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_secrets(&self, request: Request<GetSecretsRequest>) -> Result<Response<Secrets>, Status> {
+        let project = request.into_inner().project;
+        check_project(&project)?;
+        let store = self.secrets.clone();
+        let p = project.clone();
+        let values = blocking(move || store.get(&p)).await?;
+        Ok(Response::new(Secrets { project, values: values.into_iter().collect() }))
+    }
+
+    async fn put_secrets(&self, request: Request<PutSecretsRequest>) -> Result<Response<Secrets>, Status> {
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let names: Vec<&String> = req.values.keys().collect();
+        tracing::info!(project = %req.project, ?names, replace = req.replace, "storing secrets");
+        let store = self.secrets.clone();
+        let p = req.project.clone();
+        let values = blocking(move || store.put(&p, req.values.into_iter().collect(), req.replace)).await?;
+        Ok(Response::new(Secrets { project: req.project, values: values.into_iter().collect() }))
     }
 }
 

@@ -21,7 +21,9 @@ pub mod v1 {
 ///
 /// Level 3: `StackEvent.action` is a `StackAction`, and every error carries
 /// a `Failure` in its status details.
-pub const API_LEVEL: u32 = 3;
+/// Level 4: `GetSecrets` and `PutSecrets` (a project's credentials are
+/// kept on its hosts).
+pub const API_LEVEL: u32 = 4;
 
 /// sha256 (hex) of an encoded [`v1::InstallBundle`]. The controller hashes
 /// the bundle it sends; the agent rebuilds the bundle from the configuration
@@ -31,6 +33,17 @@ pub fn bundle_sha256(bundle: &v1::InstallBundle) -> String {
     use prost::Message;
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bundle.encode_to_vec()))
+}
+
+/// Whether `name` can name a secret: a shell-style variable name
+/// (`[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes), as Compose interpolation
+/// reads it. The controller checks `x-mlops.secrets` with it and the agent
+/// every name it is asked to store.
+pub fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Default loopback port the agent listens on.

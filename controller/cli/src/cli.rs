@@ -122,10 +122,13 @@ pub enum Command {
         #[arg(long)]
         volumes: bool,
     },
-    /// Show the stack's generated credentials (kept in the state directory, mode 0600).
+    /// Show the stack's credentials as its hosts hold them (root only on each host); hosts that disagree are reported.
     Secrets {
         #[command(flatten)]
         stack: StackArgs,
+        /// Show this controller's copy (the state directory, mode 0600) without asking the hosts.
+        #[arg(long)]
+        cached: bool,
     },
     /// Open a service's web UI: through an SSH tunnel for a remote host; prints the local URL.
     Ui {

@@ -75,9 +75,8 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
         }
-        Command::Secrets { stack } => {
-            let (project, secrets) = commands::secrets::secrets(&setup, &stack.into())?;
-            printer.secrets(&project, &secrets)
+        Command::Secrets { stack, cached } => {
+            printer.secrets(&commands::secrets::secrets(&setup, &stack.into(), cached, report).await?)
         }
         Command::Ui { name, stack, port } => {
             let shutdown = async {

@@ -19,6 +19,7 @@ use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::pki::RotateReport;
+use mlops_controller::commands::secrets::SecretsReport;
 use mlops_controller::commands::status::HostStatus;
 use mlops_controller::commands::ui::UiOpened;
 use mlops_controller::fanout::HostResults;
@@ -305,15 +306,54 @@ impl Printer {
         exit_code(r)
     }
 
-    pub fn secrets(&self, project: &str, secrets: &std::collections::BTreeMap<String, String>) -> i32 {
+    pub fn secrets(&self, r: &SecretsReport) -> i32 {
+        let disagreements: Vec<serde_json::Value> = r
+            .disagreements
+            .iter()
+            .map(|d| json!({"name": d.name, "holders": d.holders.iter().map(|(fp, hosts)| json!({"sha256_prefix": fp, "hosts": hosts})).collect::<Vec<_>>()}))
+            .collect();
         match self.output {
-            Output::Json => self.json(&json!({"project": project, "secrets": secrets})),
+            Output::Json => {
+                let failed: Vec<serde_json::Value> = r.hosts.failed.iter().map(|(h, e)| json!({"host": h, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})).collect();
+                let held: serde_json::Map<String, serde_json::Value> =
+                    r.hosts.ok.iter().map(|(h, names)| (h.clone(), json!(names))).collect();
+                self.json(&json!({
+                    "project": r.project, "source": r.source, "secrets": r.values,
+                    "disagreements": disagreements,
+                    "missing": r.missing.iter().map(|(n, hosts)| json!({"name": n, "hosts": hosts})).collect::<Vec<_>>(),
+                    "held_by": held, "failed": failed,
+                }));
+            }
             Output::Text => {
-                let rows: Vec<Vec<String>> = secrets.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
+                let rows: Vec<Vec<String>> = r.values.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
                 self.stdout(&table(&["NAME", "VALUE"], &rows));
+                match r.source {
+                    "cache" => self.stderr_line(&format!(
+                        "stack `{}`: this controller's copy (--cached); the hosts hold the truth",
+                        r.project
+                    )),
+                    _ => self.stderr_line(&format!("stack `{}`: as held by {} host(s)", r.project, r.hosts.ok.len())),
+                }
+                for (name, hosts) in &r.missing {
+                    self.warn(&format!(
+                        "{} lack{} `{name}`; the next `mlopsctl deploy` stores it there",
+                        hosts.join(", "),
+                        if hosts.len() == 1 { "s" } else { "" }
+                    ));
+                }
+                for d in &r.disagreements {
+                    self.stderr_line(&format!(
+                        "error: the hosts hold different values of `{}`: {}\n  hint: each host keeps what its containers and data were made with; deploy them as separate projects (--project) or leave the odd ones out with --limit",
+                        d.name,
+                        d.describe()
+                    ));
+                }
+                if !r.hosts.failed.is_empty() {
+                    self.summarize("secrets", &r.hosts);
+                }
             }
         }
-        0
+        if r.disagreements.is_empty() && r.hosts.failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
     }
 
     pub fn ui_opened(&self, opened: &UiOpened) {

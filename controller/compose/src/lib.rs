@@ -469,11 +469,7 @@ impl Parser<'_> {
                 "allow_host_access" => o.allow_host_access = self.bool(v, "x-mlops.allow_host_access")?,
                 "secrets" => {
                     o.secrets = self.string_list(v, "x-mlops.secrets")?;
-                    if let Some(bad) = o
-                        .secrets
-                        .iter()
-                        .find(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-                    {
+                    if let Some(bad) = o.secrets.iter().find(|s| !mlops_proto::is_variable_name(s)) {
                         return Err(self.err(v, format!("x-mlops.secrets: `{bad}` is not a variable name")));
                     }
                 }

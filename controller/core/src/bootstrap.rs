@@ -252,35 +252,79 @@ pub async fn deploy_host(
     stack: Option<&StackPlan>,
     progress: &Progress,
 ) -> Result<DeployOutcome, ControllerError> {
+    prepare_host(target, ctx, bundle, progress).await?.finish(target, ctx, stack, progress).await
+}
+
+/// A host whose agent is current, its connection kept open for what comes
+/// next (the stack, once every host has been asked for its secrets).
+pub struct Prepared {
+    pub transport: SharedTransport,
+    pub conn: AgentConn,
+    started: Instant,
+    connect_ms: u64,
+    uploaded: bool,
+    installed: Option<String>,
+    hello: HelloResponse,
+    facts: HostFacts,
+}
+
+/// The first half of [`deploy_host`]: connect and bring the agent up to date.
+pub async fn prepare_host(
+    target: &Target,
+    ctx: &Context,
+    bundle: &Bundle,
+    progress: &Progress,
+) -> Result<Prepared, ControllerError> {
     let started = Instant::now();
     progress.step(Step::Connecting { address: target.display_address() });
     let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
     let connect_ms = started.elapsed().as_millis() as u64;
     progress.step(Step::Connected);
-    let result = async {
-        let (uploaded, installed, hello, facts, mut conn) =
-            ensure_agent(target, ctx, bundle, progress, transport.clone()).await?;
-        progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
-        let stack = match stack {
-            Some(plan) => Some(apply_with_retry(target, ctx, &transport, &mut conn, plan, progress).await?),
-            None => None,
-        };
-        Ok::<_, ControllerError>((uploaded, installed, hello, facts, stack))
+    match ensure_agent(target, ctx, bundle, progress, transport.clone()).await {
+        Ok((uploaded, installed, hello, facts, conn)) => {
+            progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
+            Ok(Prepared { transport, conn, started, connect_ms, uploaded, installed, hello, facts })
+        }
+        Err(e) => {
+            transport.close().await;
+            Err(e)
+        }
     }
-    .await;
-    transport.close().await;
-    let (uploaded, installed, hello, facts, stack) = result?;
-    Ok(DeployOutcome {
-        host: target.name.clone(),
-        address: target.display_address(),
-        uploaded,
-        installed,
-        agent: agent_info(&hello, &facts),
-        facts: FactsSummary::from_facts(&facts),
-        stack,
-        connect_ms,
-        total_ms: started.elapsed().as_millis() as u64,
-    })
+}
+
+impl Prepared {
+    /// The second half of [`deploy_host`]: the stack, if any; then the
+    /// connection is closed.
+    pub async fn finish(
+        mut self,
+        target: &Target,
+        ctx: &Context,
+        stack: Option<&StackPlan>,
+        progress: &Progress,
+    ) -> Result<DeployOutcome, ControllerError> {
+        let stack = match stack {
+            Some(plan) => Some(apply_with_retry(target, ctx, &self.transport, &mut self.conn, plan, progress).await),
+            None => None,
+        }
+        .transpose();
+        self.close().await;
+        let stack = stack?;
+        Ok(DeployOutcome {
+            host: target.name.clone(),
+            address: target.display_address(),
+            uploaded: self.uploaded,
+            installed: self.installed,
+            agent: agent_info(&self.hello, &self.facts),
+            facts: FactsSummary::from_facts(&self.facts),
+            stack,
+            connect_ms: self.connect_ms,
+            total_ms: self.started.elapsed().as_millis() as u64,
+        })
+    }
+
+    pub async fn close(&self) {
+        self.transport.close().await;
+    }
 }
 
 /// Applies the stack; when the connection to the agent breaks mid-way (not

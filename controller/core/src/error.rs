@@ -64,6 +64,8 @@ pub enum ControllerError {
     NoDocker { host: String, message: String },
     #[error("the agent on {host} speaks API level {level}; this needs level {needed}")]
     AgentTooOld { host: String, level: u32, needed: u32 },
+    #[error(transparent)]
+    Secrets(#[from] SecretsConflict),
     #[error("local command failed: {0}")]
     Local(String),
     /// Flags or arguments that do not fit together (exit code 2).
@@ -150,6 +152,8 @@ impl ControllerError {
             ControllerError::Install { .. } | ControllerError::AgentUnreachable { .. } | ControllerError::StaleAgent { .. } => {
                 "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
             }
+            ControllerError::Secrets(SecretsConflict::Disagree { .. }) => "each host keeps the credentials its containers and data were made with, so none is overwritten; `mlopsctl secrets` shows which host holds what. Deploy those hosts as separate projects (--project), or leave the odd ones out with --limit".into(),
+            ControllerError::Secrets(SecretsConflict::Unknown { .. }) => "deploy again when every host answers, or leave the silent hosts out with --limit".into(),
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
             ControllerError::Agent { failure, .. } => return failure_hint(failure),
@@ -163,6 +167,18 @@ impl ControllerError {
             _ => return None,
         })
     }
+}
+
+/// Why a deploy cannot tell a project's secrets; every host of the deploy
+/// fails with it (so it is `Clone`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SecretsConflict {
+    #[error(
+        "the hosts of stack `{project}` hold different values of secret `{name}` ({holders}); no secret was overwritten and the stack was not deployed"
+    )]
+    Disagree { project: String, name: String, holders: String },
+    #[error("no credentials for stack `{project}` were found, and {} did not answer: they may hold them; none were generated", hosts.join(", "))]
+    Unknown { project: String, hosts: Vec<String> },
 }
 
 /// `mlopsctl logs SERVICE` as the user would type it for this failure.

@@ -76,10 +76,30 @@ where
     F: Fn(Target, Arc<Context>, Progress) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, ControllerError>> + Send + 'static,
 {
+    let items = targets.iter().map(|t| (t.clone(), ())).collect();
+    per_host_with(items, forks, ctx, report, move |target, (), ctx, progress| task(target, ctx, progress)).await
+}
+
+/// [`per_host`] where each host brings something of its own (such as the
+/// connection an earlier fan-out left open).
+pub async fn per_host_with<T, R, F, Fut>(
+    items: Vec<(Target, T)>,
+    forks: usize,
+    ctx: &Arc<Context>,
+    report: &Arc<dyn Report>,
+    task: F,
+) -> HostResults<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Target, T, Arc<Context>, Progress) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, ControllerError>> + Send + 'static,
+{
     let (ctx, report) = (ctx.clone(), report.clone());
-    let results = run(targets.to_vec(), forks, move |target: Target| {
+    let names: Vec<String> = items.iter().map(|(t, _)| t.name.clone()).collect();
+    let results = run(items, forks, move |(target, item): (Target, T)| {
         let progress = Progress::new(Some(report.clone()), &target.name);
-        let fut = task(target, ctx.clone(), progress.clone());
+        let fut = task(target, item, ctx.clone(), progress.clone());
         async move {
             let r = fut.await;
             if let Err(e) = &r {
@@ -90,14 +110,24 @@ where
     })
     .await;
     let mut out = HostResults { ok: Vec::new(), failed: Vec::new() };
-    for (t, r) in targets.iter().zip(results) {
+    for (name, r) in names.into_iter().zip(results) {
         match r {
-            Ok(Ok(o)) => out.ok.push((t.name.clone(), o)),
-            Ok(Err(e)) => out.failed.push((t.name.clone(), e)),
-            Err(panic) => out.failed.push((t.name.clone(), ControllerError::Local(panic))),
+            Ok(Ok(o)) => out.ok.push((name, o)),
+            Ok(Err(e)) => out.failed.push((name, e)),
+            Err(panic) => out.failed.push((name, ControllerError::Local(panic))),
         }
     }
     out
+}
+
+impl<R> HostResults<R> {
+    /// Both lists in the order of `targets` (after results were merged
+    /// from more than one fan-out).
+    pub fn sort_by_targets(&mut self, targets: &[Target]) {
+        let index = |name: &str| targets.iter().position(|t| t.name == name).unwrap_or(usize::MAX);
+        self.ok.sort_by_key(|(n, _)| index(n));
+        self.failed.sort_by_key(|(n, _)| index(n));
+    }
 }
 
 #[cfg(test)]

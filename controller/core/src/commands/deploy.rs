@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use mlops_inventory::Target;
 use mlops_proto::stack::Stack;
 
 use super::{Setup, StackOptions};
 use crate::ControllerError;
 use crate::bootstrap::{self, Bundle, DeployOutcome};
-use crate::fanout::{HostResults, per_host};
+use crate::fanout::{HostResults, per_host, per_host_with};
 use crate::progress::{Report, bytes_human};
 use crate::stack::{self, StackPlan};
 
@@ -50,16 +51,9 @@ pub async fn deploy(
         // Read by the Compose interpolation of the stack's `ports`.
         stack_opts.vars.push(("MLOPS_BIND_ADDRESS".into(), "0.0.0.0".into()));
     }
+    // Read (and checked) before any host is touched; its secrets are
+    // stand-ins until the hosts have been asked for theirs.
     let loaded = if opts.no_stack { None } else { Some(stack_opts.load(&setup.state, report.as_ref())?) };
-    let plan = loaded.as_ref().map(|l| StackPlan {
-        project: l.stack.project.clone(),
-        stack_json: serde_json::to_string(&l.stack).expect("serializable"),
-        tree: l.tree.clone(),
-        install_docker: opts.install_docker,
-        health_timeout_seconds: opts.health_timeout,
-        holder: stack::holder(),
-        sync_only: false,
-    });
     let binary = setup.ctx.binary.as_ref().expect("deploy loads the agent binary");
     report.info(&format!(
         "deploying agent {} ({}, sha256 {}){} to {} host(s)",
@@ -77,12 +71,110 @@ pub async fn deploy(
             .unwrap_or_default(),
         setup.targets.len()
     ));
+
+    // 1. Every agent up to date, and what each host holds of the project's
+    //    secrets; connections stay open.
     let bundles = Arc::new(bundles);
-    let hosts = per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
-        let bundles = bundles.clone();
-        let plan = plan.clone();
-        async move { bootstrap::deploy_host(&target, &ctx, &bundles[&target.name], plan.as_ref(), &progress).await }
+    let project = loaded.as_ref().map(|l| l.stack.project.clone());
+    let prepared = per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
+        let (bundles, project) = (bundles.clone(), project.clone());
+        async move {
+            let mut host = bootstrap::prepare_host(&target, &ctx, &bundles[&target.name], &progress).await?;
+            let held = match &project {
+                Some(p) => match crate::secrets::held_by(&mut host.conn, p).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        host.close().await;
+                        return Err(e);
+                    }
+                },
+                None => BTreeMap::new(),
+            };
+            Ok((host, held))
+        }
     })
     .await;
-    Ok(DeployReport { hosts, stack: loaded.map(|l| l.stack) })
+
+    // 2. The secrets, decided from what the hosts hold. When they cannot
+    //    be, every host fails with the reason and nothing more is done.
+    let mut prepared = prepared;
+    let (plan, stack) = match loaded {
+        None => (None, None),
+        Some(loaded) => {
+            let project = loaded.stack.project.clone();
+            let held: Vec<(String, BTreeMap<String, String>)> =
+                prepared.ok.iter().map(|(name, (_, held))| (name.clone(), held.clone())).collect();
+            let unheard: Vec<String> = prepared.failed.iter().map(|(name, _)| name.clone()).collect();
+            let cache = crate::secrets::load(&setup.state.path, &project)?;
+            let names = &loaded.stack.options.secrets;
+            match crate::secrets::reconcile(&project, names, &held, &cache, unheard.is_empty(), &unheard) {
+                Err(conflict) => {
+                    for (name, (host, _)) in std::mem::take(&mut prepared.ok) {
+                        host.close().await;
+                        prepared.failed.push((name, conflict.clone().into()));
+                    }
+                    prepared.failed.sort_by_key(|(n, _)| setup.targets.iter().position(|t| t.name == *n));
+                    let hosts = HostResults { ok: Vec::new(), failed: prepared.failed };
+                    return Ok(DeployReport { hosts, stack: None });
+                }
+                Ok(resolved) => {
+                    if !resolved.generated.is_empty() {
+                        report.info(&format!(
+                            "generated {} for stack `{project}`; every host keeps them (`mlopsctl secrets` shows them)",
+                            resolved.generated.join(", ")
+                        ));
+                    }
+                    if !resolved.from_cache.is_empty() {
+                        report.info(&format!(
+                            "no host holds {} of stack `{project}` yet: this controller's copy is stored on them",
+                            resolved.from_cache.join(", ")
+                        ));
+                    }
+                    crate::secrets::store_cache(&setup.state.path, &project, &resolved.values)?;
+                    let model = stack_opts.load_model_with(&setup.state, &Quiet, &resolved.values)?;
+                    let plan = StackPlan {
+                        project: project.clone(),
+                        stack_json: serde_json::to_string(&model.stack).expect("serializable"),
+                        tree: loaded.tree.clone(),
+                        install_docker: opts.install_docker,
+                        health_timeout_seconds: opts.health_timeout,
+                        holder: stack::holder(),
+                        sync_only: false,
+                    };
+                    (Some((plan, resolved.values)), Some(model.stack))
+                }
+            }
+        }
+    };
+
+    // 3. Per host: the secrets it lacks, then the stack.
+    let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    let items = prepared.ok.into_iter().map(|(name, prepared)| (targets[&name].clone(), prepared)).collect();
+    let plan = Arc::new(plan);
+    let mut hosts =
+        per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (mut host, held), ctx, progress| {
+            let plan = plan.clone();
+            async move {
+                if let Some((plan, secrets)) = plan.as_ref()
+                    && let Err(e) = crate::secrets::complete_on(&mut host.conn, &plan.project, &held, secrets).await
+                {
+                    host.close().await;
+                    return Err(e);
+                }
+                host.finish(&target, &ctx, plan.as_ref().as_ref().map(|(p, _)| p), &progress).await
+            }
+        })
+        .await;
+    hosts.failed.extend(prepared.failed);
+    hosts.sort_by_targets(&setup.targets);
+    Ok(DeployReport { hosts, stack })
+}
+
+/// Warnings were printed when the model was first read.
+struct Quiet;
+
+impl Report for Quiet {
+    fn progress(&self, _: &crate::progress::Event) {}
+    fn warn(&self, _: &str) {}
+    fn info(&self, _: &str) {}
 }

@@ -179,14 +179,29 @@ impl StackOptions {
         Ok(mlops_compose::preflight(&self.dir(state)?, self.project.as_deref())?.0)
     }
 
-    /// The stack model, with its generated secrets and `--skip` applied;
-    /// warnings about the Compose file go to `report`.
+    /// The stack model with stand-ins for its secrets (see
+    /// [`crate::secrets::provisional`]) and `--skip` applied: for checking
+    /// it and for what does not run it (sync, ui). Warnings about the
+    /// Compose file go to `report`.
     pub fn load_model(&self, state: &StateDir, report: &dyn Report) -> Result<mlops_compose::Loaded, ControllerError> {
         let dir = self.dir(state)?;
         let (project, secret_names) = mlops_compose::preflight(&dir, self.project.as_deref())?;
-        let secrets = crate::secrets::load_or_generate(&state.path, &project, &secret_names)?;
+        let secrets = crate::secrets::provisional(&state.path, &project, &secret_names)?;
+        self.load_model_with(state, report, &secrets)
+    }
+
+    /// The stack model with `secrets` (decided by the hosts, see
+    /// [`crate::secrets::reconcile`]) and `--skip` applied.
+    pub fn load_model_with(
+        &self,
+        state: &StateDir,
+        report: &dyn Report,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<mlops_compose::Loaded, ControllerError> {
+        let dir = self.dir(state)?;
+        let (project, _) = mlops_compose::preflight(&dir, self.project.as_deref())?;
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
-        env.extend(secrets);
+        env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(self.vars.iter().cloned());
         let options = mlops_compose::LoadOptions { project: Some(project), env, profiles: self.profiles.clone() };
         let mut loaded = mlops_compose::load(&dir, &options)?;

@@ -1,0 +1,144 @@
+//! Several controllers on the same hosts: a deployment's credentials live
+//! on its hosts (root only), a second controller uses them instead of
+//! making its own, and hosts that disagree stop the deploy. Real sshd
+//! hosts, each with its own Docker engine, the real agent and CLI.
+
+use std::collections::BTreeMap;
+
+use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack};
+use serde_json::Value;
+
+/// A test host with its own Docker engine, trusting `env`.
+fn stack_host(env: &TestEnv, name: &str) -> TestHost {
+    let host = TestHost::with_docker(name).unwrap();
+    env.trust(&host).unwrap();
+    host
+}
+
+/// `db` keeps the password it first started with in its volume, as
+/// PostgreSQL does, and is healthy only while its environment still has
+/// that password: a deploy with another password would break it.
+const SECRET_STACK: &str = r#"
+name: "{project}"
+x-mlops:
+  secrets: [DB_PASSWORD]
+services:
+  db:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; [ -f /data/pw ] || echo \"$$PASSWORD\" > /data/pw; sleep 3600 & wait"]
+    environment:
+      PASSWORD: ${DB_PASSWORD}
+    volumes: ["data:/data"]
+    healthcheck:
+      test: ["CMD-SHELL", "test \"$$(cat /data/pw)\" = \"$$PASSWORD\""]
+      interval: 1s
+      retries: 3
+volumes:
+  data:
+"#;
+
+fn deploy(env: &TestEnv, hosts: &[&TestHost], stack: &TestStack, extra: &[&str]) -> CtlRun {
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    let mut args = vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
+    let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+    for s in &specs {
+        args.extend(["--host", s.as_str()]);
+    }
+    args.extend(extra);
+    env.ctl(&args)
+}
+
+fn secrets(env: &TestEnv, hosts: &[&TestHost], stack: &TestStack) -> CtlRun {
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    let mut args = vec!["secrets", "--identity", &key, "--stack", &dir, "--output", "json"];
+    let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+    for s in &specs {
+        args.extend(["--host", s.as_str()]);
+    }
+    env.ctl(&args)
+}
+
+/// What the host's agent holds for `project`, read from its file (and the file's mode).
+fn held(host: &TestHost, project: &str) -> (BTreeMap<String, String>, u32) {
+    let path = host.path(&format!("/var/lib/mlops-agent/secrets/{project}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let json: Value = serde_json::from_str(&text).unwrap();
+    let values = json["values"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().into()));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777;
+    (values.collect(), mode)
+}
+
+/// The stack's container ids on `host`.
+fn containers(host: &TestHost, project: &str) -> String {
+    host.docker(&["ps", "-q", "--no-trunc", "--filter", &format!("label=mlops.project={project}")])
+}
+
+#[test]
+fn credentials_live_on_the_hosts_and_a_second_controller_keeps_them() {
+    let a = TestEnv::new().unwrap();
+    let (h1, h2) = (stack_host(&a, "sec1"), stack_host(&a, "sec2"));
+    let hosts = [&h1, &h2];
+    let stack = TestStack::new(SECRET_STACK).unwrap();
+    let first = deploy(&a, &hosts, &stack, &[]).expect_code(0);
+    assert!(first.stderr.contains("generated DB_PASSWORD"), "{}", first.stderr);
+
+    // Every host holds the same value, root only; `secrets` reads it from them.
+    let (on_h1, mode) = held(&h1, &stack.project);
+    assert_eq!(mode, 0o600);
+    assert_eq!(held(&h2, &stack.project).0, on_h1, "one value for the project");
+    let shown = secrets(&a, &hosts, &stack).expect_code(0).json();
+    assert_eq!(shown["source"], "hosts");
+    assert_eq!(shown["secrets"]["DB_PASSWORD"], on_h1["DB_PASSWORD"].as_str());
+    let before = (containers(&h1, &stack.project), containers(&h2, &stack.project));
+
+    // Another controller (its own state directory, so its own CA, and no
+    // copy of the secrets) takes the hosts over: it uses the hosts'
+    // password, so nothing is recreated and the service stays healthy.
+    let b = TestEnv::new().unwrap();
+    b.trust(&h1).unwrap();
+    b.trust(&h2).unwrap();
+    let taken = deploy(&b, &hosts, &stack, &["--take-over"]).expect_code(0);
+    assert!(!taken.stderr.contains("generated"), "{}", taken.stderr);
+    assert_eq!((containers(&h1, &stack.project), containers(&h2, &stack.project)), before, "nothing recreated");
+    for h in taken.json()["hosts"].as_array().unwrap() {
+        assert_eq!(h["result"]["stack"]["changed"], 0, "{h:#}");
+    }
+    let shown_b = secrets(&b, &hosts, &stack).expect_code(0).json();
+    assert_eq!(shown_b["secrets"], shown["secrets"]);
+    // Its local copy is a cache of what the hosts hold.
+    let cached = b.ctl(&[
+        "secrets",
+        "--host",
+        &h1.spec("root"),
+        "--stack",
+        stack.path().to_str().unwrap(),
+        "--cached",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(cached.expect_code(0).json()["secrets"], shown["secrets"]);
+
+    // Hosts that disagree: nothing is overwritten, nothing deployed, and
+    // neither value is printed.
+    let mut other = on_h1.clone();
+    other.insert("DB_PASSWORD".into(), "a-value-h2-was-given-by-hand".into());
+    let file = h2.path(&format!("/var/lib/mlops-agent/secrets/{}.json", stack.project));
+    std::fs::write(&file, serde_json::to_string(&serde_json::json!({ "values": other })).unwrap()).unwrap();
+    let refused = deploy(&b, &hosts, &stack, &[]).expect_code(1);
+    let json = refused.json();
+    assert_eq!(json["failed"], 2, "every host of the project stops: {json:#}");
+    let error = json["hosts"][0]["error"].as_str().unwrap();
+    assert!(error.contains("different values of secret `DB_PASSWORD`"), "{error}");
+    assert!(error.contains(&h1.spec("root")) && error.contains(&h2.spec("root")), "{error}");
+    for text in [&refused.stdout, &refused.stderr] {
+        assert!(!text.contains("a-value-h2-was-given-by-hand"), "{text}");
+        assert!(!text.contains(on_h1["DB_PASSWORD"].as_str()), "{text}");
+    }
+    assert_eq!(held(&h1, &stack.project).0, on_h1, "h1 keeps its value");
+    assert_eq!(held(&h2, &stack.project).0, other, "h2 keeps its value");
+    assert_eq!((containers(&h1, &stack.project), containers(&h2, &stack.project)), before);
+    let report = secrets(&b, &hosts, &stack).expect_code(1);
+    assert_eq!(report.json()["disagreements"][0]["name"], "DB_PASSWORD", "{}", report.stdout);
+}
