@@ -104,18 +104,30 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| InstallError::Invalid(format!("port {} is out of range", bundle.port)))?;
-    let material = TlsMaterial { ca_pem: bundle.ca_pem, cert_pem: bundle.cert_pem, key_pem: bundle.key_pem };
+    let config_dir = Path::new(layout::CONFIG_DIR);
+    let tls_dir = config_dir.join("tls");
+    // Revocation lists only grow: a controller that has not seen the
+    // latest one (an operator's, made before a removal) must not bring a
+    // revoked operator back.
+    let (held_pem, held_number) = tls::read_crl(&tls_dir).unwrap_or_default();
+    let (crl_pem, crl_number) =
+        if bundle.crl_number > held_number { (bundle.crl_pem, bundle.crl_number) } else { (held_pem, held_number) };
+    let material =
+        TlsMaterial { ca_pem: bundle.ca_pem, cert_pem: bundle.cert_pem, key_pem: bundle.key_pem, crl_pem, crl_number };
     // Refuse bad material before touching the working configuration.
     tls::server_config(&material).map_err(|e| InstallError::Invalid(e.to_string()))?;
 
-    let config_dir = Path::new(layout::CONFIG_DIR);
-    let tls_dir = config_dir.join("tls");
     mkdir(config_dir, 0o755)?;
     mkdir(&tls_dir, 0o700)?;
     mkdir(Path::new(layout::STATE_DIR), 0o700)?;
     write(&tls_dir.join("ca.pem"), material.ca_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.pem"), material.cert_pem.as_bytes(), 0o644)?;
     write(&tls_dir.join("server.key"), material.key_pem.as_bytes(), 0o600)?;
+    if material.crl_number > held_number {
+        write(&tls_dir.join("crl.pem"), material.crl_pem.as_bytes(), 0o644)?;
+        // The number last: it is what says the list is complete.
+        write(&tls_dir.join("crl.number"), format!("{}\n", material.crl_number).as_bytes(), 0o644)?;
+    }
     // Installed through `sudo` by a non-root SSH user: that user's sshd
     // session is where the controller's tunnels come from.
     let operator_uids =
@@ -309,6 +321,7 @@ mod tests {
             key_pem: String::new(),
             port: 7443,
             controller_version: "t".into(),
+            ..Default::default()
         };
         let err = install(&bundle.encode_to_vec(), Path::new("/bin/false"), ServiceManager::Daemon).unwrap_err();
         assert!(matches!(err, InstallError::Invalid(_)), "{err}");

@@ -18,11 +18,13 @@
 //! - [`daemon`]: running as a plain daemon where PID 1 is not systemd, and
 //!   `sd_notify` readiness where it is.
 //! - [`secrets`]: each project's credentials, kept on the host (root only).
+//! - [`history`]: what each operator did to each project on this host.
 
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod facts;
+pub mod history;
 pub mod install;
 pub mod secrets;
 pub mod server;

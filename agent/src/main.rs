@@ -134,7 +134,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         .init();
 
     let prepared = prepare(args);
-    let Prepared { listener, tls_config, cfg, config_sha256 } = match prepared {
+    let Prepared { listener, tls_config, cfg, config_sha256, crl } = match prepared {
         Ok(p) => p,
         Err(e) => {
             readiness.failed(&format!("{e:#}"));
@@ -173,7 +173,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
             listener,
             tls_config,
             trusted,
-            |stop| AgentService::new(sha, config_sha256, manager, state_dir, stop).with_docker_socket(docker_socket),
+            |stop| {
+                AgentService::new(sha, config_sha256, manager, state_dir, stop)
+                    .with_docker_socket(docker_socket)
+                    .with_crl(crl.0, crl.1)
+            },
             shutdown_signal(),
         )
         .await?;
@@ -191,6 +195,8 @@ struct Prepared {
     cfg: AgentConfig,
     /// The hash of the install bundle this configuration corresponds to.
     config_sha256: String,
+    /// The revocation list enforced: number and PEM.
+    crl: (u64, String),
 }
 
 /// Binds the listener and loads TLS material, before readiness is reported.
@@ -226,12 +232,11 @@ fn prepare(args: &ServeArgs) -> Result<Prepared> {
     listener.set_nonblocking(true)?;
     let config_sha256 = mlops_proto::bundle_sha256(&mlops_proto::v1::InstallBundle {
         ca_pem: material.ca_pem,
-        cert_pem: material.cert_pem,
-        key_pem: material.key_pem,
         port: u32::from(cfg.port),
-        controller_version: String::new(),
+        ..Default::default()
     });
-    Ok(Prepared { listener, tls_config, cfg, config_sha256 })
+    let crl = (material.crl_number, material.crl_pem);
+    Ok(Prepared { listener, tls_config, cfg, config_sha256, crl })
 }
 
 async fn shutdown_signal() {

@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::tls::Peer;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::service::AgentService;
@@ -72,13 +74,14 @@ impl RefusalLog {
 /// A TLS connection handed to tonic.
 pub struct TlsConn {
     inner: TlsStream<QuickAck>,
-    peer: Option<SocketAddr>,
+    peer: Peer,
 }
 
+/// Handlers find the [`Peer`] (who connected) in the request's extensions.
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = Option<SocketAddr>;
+    type ConnectInfo = Peer;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer
+        self.peer.clone()
     }
 }
 
@@ -204,7 +207,8 @@ async fn accept_loop(
                 let handle = handshakes.spawn(async move {
                     let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = conns.send(Ok(TlsConn { inner: tls, peer: Some(peer) })).await;
+                            let who = Peer::from_certs(Some(peer), tls.get_ref().1.peer_certificates());
+                            let _ = conns.send(Ok(TlsConn { inner: tls, peer: who })).await;
                             return;
                         }
                         // Refused clients (no certificate, another CA) land here.

@@ -17,9 +17,10 @@ use futures::Stream;
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
     DockerStatus, DownRequest, EnsureDockerRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest,
-    HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HostFacts, LogChunk, LogsRequest,
-    Progress, PutSecretsRequest, Secrets, ServiceState, StackAction, StackEvent, StackStatusReply, StackStatusRequest,
-    SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport, SyncUploadReply, WatchHealthRequest,
+    HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply, HistoryRequest,
+    HostFacts, LogChunk, LogsRequest, Progress, PutSecretsRequest, Secrets, ServiceState, StackAction, StackEvent,
+    StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
+    SyncUploadReply, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,7 +31,9 @@ use crate::engine::{
     watch as engine_watch,
 };
 use crate::facts;
+use crate::history::History;
 use crate::secrets::SecretStore;
+use crate::tls::Peer;
 
 /// Errors of the RPC layer.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +210,9 @@ pub struct AgentService {
     log_dir: PathBuf,
     sync: SyncStore,
     secrets: std::sync::Arc<SecretStore>,
+    history: std::sync::Arc<History>,
+    /// The revocation list enforced (number, PEM), for `Hello`.
+    crl: (u64, String),
     locks: Locks,
     shutdown: watch::Receiver<bool>,
 }
@@ -238,6 +244,8 @@ impl AgentService {
             service_manager: service_manager.to_string(),
             sync,
             secrets: std::sync::Arc::new(SecretStore::new(&state_dir)),
+            history: std::sync::Arc::new(History::new(&state_dir)),
+            crl: (0, String::new()),
             state_dir,
             docker_socket: PathBuf::from(docker::DEFAULT_SOCKET),
             log_dir: PathBuf::from(mlops_proto::layout::LOG_DIR),
@@ -248,6 +256,11 @@ impl AgentService {
 
     pub fn with_docker_socket(mut self, socket: PathBuf) -> Self {
         self.docker_socket = socket;
+        self
+    }
+
+    pub fn with_crl(mut self, number: u64, pem: String) -> Self {
+        self.crl = (number, pem);
         self
     }
 
@@ -289,6 +302,8 @@ impl Agent for AgentService {
             pid: std::process::id(),
             started_at_unix: self.started_unix,
             config_sha256: self.config_sha256.clone(),
+            crl_number: self.crl.0,
+            crl_pem: self.crl.1.clone(),
         }))
     }
 
@@ -438,6 +453,7 @@ impl Agent for AgentService {
         &self,
         request: Request<mlops_proto::v1::ConvergeRequest>,
     ) -> Result<Response<Self::ConvergeStream>, Status> {
+        let peer = peer(&request);
         let req = request.into_inner();
         let stack: mlops_proto::stack::Stack = serde_json::from_str(&req.stack_json).map_err(|e| {
             AgentError::InvalidArgument { field: "stack_json", message: format!("not a stack model: {e}") }
@@ -454,12 +470,14 @@ impl Agent for AgentService {
         });
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
+        let history = self.history.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let project = stack.project.clone();
             let work =
                 |events: Events| async move { converge::converge(&docker, &stack, &dirs, timeout, &events).await };
-            Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
+            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
+            end.record(&history, &project, &peer, "deploy");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -467,17 +485,20 @@ impl Agent for AgentService {
     type DownStream = BoxStream<StackEvent>;
 
     async fn down(&self, request: Request<DownRequest>) -> Result<Response<Self::DownStream>, Status> {
+        let peer = peer(&request);
         let req = request.into_inner();
         check_project(&req.project)?;
         let guard = self.locks.acquire(&req.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
+        let history = self.history.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let (project, volumes) = (req.project.clone(), req.volumes);
             let work = |events: Events| async move { converge::down(&docker, &req.project, volumes, &events).await };
-            stream_stack_work(work, tx, stop, &project, "down").await;
+            let end = stream_stack_work(work, tx, stop, &project, "down").await;
+            end.record(&history, &project, &peer, if volumes { "down --volumes" } else { "down" });
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -487,9 +508,13 @@ impl Agent for AgentService {
         check_project(&project)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let services = converge::status(&docker, &project).await.map_err(AgentError::from)?;
+        let history = self.history.clone();
+        let p = project.clone();
+        let last = blocking(move || history.entries(&p, 1)).await?.pop();
         Ok(Response::new(StackStatusReply {
             services: services.into_iter().map(service_state).collect(),
             lock_holder: self.locks.holder(&project).unwrap_or_default(),
+            last,
         }))
     }
 
@@ -546,14 +571,31 @@ impl Agent for AgentService {
     }
 
     async fn put_secrets(&self, request: Request<PutSecretsRequest>) -> Result<Response<Secrets>, Status> {
+        let peer = peer(&request);
         let req = request.into_inner();
         check_project(&req.project)?;
-        let names: Vec<&String> = req.values.keys().collect();
+        let names: Vec<String> = req.values.keys().cloned().collect();
         tracing::info!(project = %req.project, ?names, replace = req.replace, "storing secrets");
+        let detail = format!("{} {}", if req.replace { "replaced" } else { "stored" }, names.join(", "));
         let store = self.secrets.clone();
         let p = req.project.clone();
         let values = blocking(move || store.put(&p, req.values.into_iter().collect(), req.replace)).await?;
+        let history = self.history.clone();
+        let p = req.project.clone();
+        blocking(move || {
+            history.record(&p, &peer, "secrets", "ok", &detail);
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(Secrets { project: req.project, values: values.into_iter().collect() }))
+    }
+
+    async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let history = self.history.clone();
+        let entries = blocking(move || history.entries(&req.project, req.limit as usize)).await?;
+        Ok(Response::new(HistoryReply { entries }))
     }
 }
 
@@ -638,7 +680,8 @@ async fn stream_stack_work<W, F>(
     mut stop: watch::Receiver<bool>,
     project: &str,
     what: &str,
-) where
+) -> End
+where
     W: FnOnce(Events) -> F,
     F: std::future::Future<Output = Result<Outcome, EngineError>>,
 {
@@ -663,14 +706,47 @@ async fn stream_stack_work<W, F>(
                 ev.set_action(StackAction::Done);
                 ev
             });
+            let end = match &last {
+                Ok(ev) => End::Ok(ev.detail.clone()),
+                Err(e) => End::Failed(e.to_string()),
+            };
             let _ = tx.send(last.map_err(|e| stack_status(e, project))).await;
+            end
         }
-        () = tx.closed() => tracing::warn!("{what} of {project}: the controller went away; stopped"),
+        () = tx.closed() => {
+            tracing::warn!("{what} of {project}: the controller went away; stopped");
+            End::Interrupted("the controller went away".into())
+        }
         _ = stop.changed() => {
             tracing::warn!("{what} of {project}: the agent is shutting down; stopped");
             let _ = tx.send(Err(AgentError::ShuttingDown.into())).await;
+            End::Interrupted("the agent stopped".into())
         }
     }
+}
+
+/// How a stack call ended, for the history.
+enum End {
+    Ok(String),
+    Failed(String),
+    Interrupted(String),
+}
+
+impl End {
+    fn record(self, history: &History, project: &str, peer: &Peer, action: &str) {
+        let (outcome, detail) = match self {
+            End::Ok(d) => ("ok", d),
+            End::Failed(d) => ("failed", d),
+            End::Interrupted(d) => ("interrupted", d),
+        };
+        history.record(project, peer, action, outcome, &detail);
+    }
+}
+
+/// Who made the call (see [`Peer`]); unknown for a call without TLS
+/// (tests that serve the handlers directly).
+fn peer<T>(request: &Request<T>) -> Peer {
+    request.extensions().get::<Peer>().cloned().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -26,22 +26,113 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// PEM texts of the three pieces.
+/// PEM texts of the pieces.
+#[derive(Default)]
 pub struct TlsMaterial {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The root's revocation list (empty when there is none) and its number.
+    pub crl_pem: String,
+    pub crl_number: u64,
 }
 
 impl TlsMaterial {
-    /// Reads `ca.pem`, `server.pem` and `server.key` from `dir`.
+    /// Reads `ca.pem`, `server.pem`, `server.key` and, when present,
+    /// `crl.pem` and `crl.number` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
         };
-        Ok(TlsMaterial { ca_pem: read("ca.pem")?, cert_pem: read("server.pem")?, key_pem: read("server.key")? })
+        let (crl_pem, crl_number) = read_crl(dir)?;
+        Ok(TlsMaterial {
+            ca_pem: read("ca.pem")?,
+            cert_pem: read("server.pem")?,
+            key_pem: read("server.key")?,
+            crl_pem,
+            crl_number,
+        })
     }
+}
+
+/// The revocation list in `dir` and its number; none is `("", 0)`.
+pub fn read_crl(dir: &Path) -> Result<(String, u64), TlsError> {
+    let number = match std::fs::read_to_string(dir.join("crl.number")) {
+        Ok(t) => t.trim().parse().unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
+        Err(source) => return Err(TlsError::Read { path: dir.join("crl.number"), source }),
+    };
+    let path = dir.join("crl.pem");
+    let pem = std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })?;
+    Ok((pem, number))
+}
+
+/// Who is on the other end of a connection: the common name of its client
+/// certificate (the operator's name, see `mlops_pki`) and the sha256 of that
+/// certificate; recorded with what it deploys.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub addr: Option<std::net::SocketAddr>,
+    pub operator: String,
+    pub cert_sha256: String,
+}
+
+impl Peer {
+    pub fn from_certs(addr: Option<std::net::SocketAddr>, certs: Option<&[CertificateDer<'_>]>) -> Self {
+        use sha2::{Digest, Sha256};
+        let leaf = certs.and_then(|c| c.first());
+        Peer {
+            addr,
+            operator: leaf.and_then(|c| subject_common_name(c)).unwrap_or_default(),
+            cert_sha256: leaf.map(|c| hex::encode(Sha256::digest(c))).unwrap_or_default(),
+        }
+    }
+}
+
+/// The subject's common name of a DER certificate: a walk through the few
+/// DER elements before it (version, serial, algorithm, issuer, validity).
+pub fn subject_common_name(der: &[u8]) -> Option<String> {
+    /// One DER element at the start of `b`: its tag, contents and the rest.
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    // [0] version (optional), serial, signature algorithm, issuer, validity.
+    let (tag, _, rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    for _ in 0..4 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (_, mut subject, _) = tlv(tbs)?;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !subject.is_empty() {
+        let (_, set, rest) = tlv(subject)?;
+        subject = rest;
+        let (_, attr, _) = tlv(set)?;
+        let (_, oid, value) = tlv(attr)?;
+        if oid == CN {
+            let (_, text, _) = tlv(value)?;
+            return String::from_utf8(text.to_vec()).ok();
+        }
+    }
+    None
 }
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -71,9 +162,17 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
     for ca in parse_certs(&material.ca_pem, "the CA file")? {
         roots.add(ca)?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !material.crl_pem.trim().is_empty() {
+        let crls: Vec<_> = rustls_pemfile::crls(&mut material.crl_pem.as_bytes()).filter_map(Result::ok).collect();
+        if crls.is_empty() {
+            return Err(TlsError::Empty { what: "the revocation list".into(), kind: "CRL" });
+        }
+        // The root's list covers the operators' CAs it issued; their own
+        // leaves have no list (an operator is revoked as a whole).
+        builder = builder.with_crls(crls).allow_unknown_revocation_status();
+    }
+    let verifier = builder.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -83,4 +182,23 @@ pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig, Tls
         )?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operator_is_the_client_certificates_common_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = mlops_pki::Ca::open_or_create(dir.path()).unwrap();
+        let client = ca.client_identity().unwrap();
+        let der = parse_certs(&client.cert_pem, "client").unwrap().remove(0);
+        assert_eq!(subject_common_name(&der).unwrap(), ca.operator_name());
+        // Cut anywhere, it is no certificate; nothing panics.
+        for n in 0..der.len() {
+            let _ = subject_common_name(&der[..n]);
+        }
+        assert_eq!(subject_common_name(b"\x30\x84\xff\xff\xff\xff"), None);
+    }
 }

@@ -25,14 +25,29 @@ pub mod v1 {
 /// kept on its hosts).
 pub const API_LEVEL: u32 = 4;
 
-/// sha256 (hex) of an encoded [`v1::InstallBundle`]. The controller hashes
-/// the bundle it sends; the agent rebuilds the bundle from the configuration
+/// sha256 (hex) of what makes an agent's configuration current for a
+/// controller: the CAs it trusts and its port. The controller hashes the
+/// bundle it sends; the agent rebuilds the bundle from the configuration
 /// it runs with and reports the same hash in `Hello`. prost encodes fields
 /// in order, so equal bundles give equal bytes.
+///
+/// Left out: the host's own certificate and key, and the revocation list.
+/// Another operator's controller (under the same root) issues the host a
+/// different but equally valid certificate, and two operators must not
+/// re-key each other's agents on every deploy; the TLS handshake already
+/// checks that certificate (chain, host name, expiry, revocation), and an
+/// agent whose certificate fails it is re-installed. The list is compared
+/// by its number (`HelloResponse.crl_number`).
 pub fn bundle_sha256(bundle: &v1::InstallBundle) -> String {
     use prost::Message;
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(bundle.encode_to_vec()))
+    let judged = v1::InstallBundle {
+        ca_pem: bundle.ca_pem.clone(),
+        port: bundle.port,
+        controller_version: bundle.controller_version.clone(),
+        ..Default::default()
+    };
+    hex::encode(Sha256::digest(judged.encode_to_vec()))
 }
 
 /// Whether `name` can name a secret: a shell-style variable name
@@ -62,6 +77,8 @@ pub mod layout {
     pub const INSTALL_HASH: &str = "/etc/mlops-agent/install.sha256";
     /// The CA certificates whose clients the agent accepts.
     pub const TLS_CA: &str = "/etc/mlops-agent/tls/ca.pem";
+    /// The revocation list the agent enforces (with `crl.number` beside it).
+    pub const TLS_CRL: &str = "/etc/mlops-agent/tls/crl.pem";
     /// State the agent keeps (synced files, stacks, in later versions).
     pub const STATE_DIR: &str = "/var/lib/mlops-agent";
     /// The pidfile of the plain daemon (hosts without systemd).

@@ -15,7 +15,7 @@ async fn without_an_engine_the_agent_says_so() {
     let ca = Ca::open_or_create(pki.path()).unwrap();
     let agent = LocalAgent::start(&bins().agent, &ca).unwrap();
     let socket = agent.docker_socket.display().to_string();
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity().unwrap()).unwrap();
     let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
 
     let facts = conn.facts().await.unwrap();

@@ -74,7 +74,7 @@ async fn only_clients_of_the_controllers_ca_get_in() {
     let agent = start_agent(&ca);
 
     // The controller's own client: gRPC works.
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity().unwrap()).unwrap();
     let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let hello = conn.hello().await.unwrap();
     assert_eq!(hello.api_level, mlops_proto::API_LEVEL);
@@ -93,7 +93,7 @@ async fn only_clients_of_the_controllers_ca_get_in() {
     // A certificate from another CA.
     let err = try_tls(agent.port, client_config(&ca, Some(&other.client_identity().unwrap()))).await.unwrap_err();
     assert!(err.contains("UnknownCA") || err.contains("BadCertificate"), "{err}");
-    let tls_other = ClientTls::new(ca.cert_pem(), &other.client_identity().unwrap()).unwrap();
+    let tls_other = ClientTls::new(ca.cert_pem(), "", &other.client_identity().unwrap()).unwrap();
     let refused = match AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls_other).await {
         Ok(mut c) => c.hello().await.map(drop),
         Err(e) => Err(e),
@@ -114,7 +114,7 @@ async fn heartbeat_streams_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::open_or_create(dir.path()).unwrap();
     let agent = start_agent(&ca);
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity().unwrap()).unwrap();
     let mut conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let mut stream =
         conn.raw().heartbeat(mlops_proto::v1::HeartbeatRequest { interval_ms: 200 }).await.unwrap().into_inner();
@@ -133,7 +133,7 @@ async fn the_standard_health_service_answers() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::open_or_create(dir.path()).unwrap();
     let agent = start_agent(&ca);
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity().unwrap()).unwrap();
     let conn = AgentConn::connect(Arc::new(Transport::local()), agent.port, &tls).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(conn.channel());
     let reply = health

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack};
+use mlops_e2e::{CtlRun, NO_HOST, TestEnv, TestHost, TestStack};
 use serde_json::Value;
 
 /// A test host with its own Docker engine, trusting `env`.
@@ -141,4 +141,122 @@ fn credentials_live_on_the_hosts_and_a_second_controller_keeps_them() {
     assert_eq!((containers(&h1, &stack.project), containers(&h2, &stack.project)), before);
     let report = secrets(&b, &hosts, &stack).expect_code(1);
     assert_eq!(report.json()["disagreements"][0]["name"], "DB_PASSWORD", "{}", report.stdout);
+}
+
+fn agent_pids(hosts: &[&TestHost]) -> Vec<Option<i32>> {
+    hosts.iter().map(|h| h.agent_pid()).collect()
+}
+
+fn changed(run: &CtlRun) -> Vec<Value> {
+    run.json()["hosts"].as_array().unwrap().iter().map(|h| h["result"]["stack"]["changed"].clone()).collect()
+}
+
+#[test]
+fn operators_share_the_hosts_and_a_removed_one_is_refused() {
+    let a = TestEnv::new().unwrap();
+    let (h1, h2) = (stack_host(&a, "op1"), stack_host(&a, "op2"));
+    let hosts = [&h1, &h2];
+    let stack = TestStack::new(SECRET_STACK).unwrap();
+    deploy(&a, &hosts, &stack, &[]).expect_code(0);
+    let (pids, before) = (agent_pids(&hosts), (containers(&h1, &stack.project), containers(&h2, &stack.project)));
+
+    // A adds bob; bob joins on his machine (another state directory).
+    let pass = a.write("passphrase", "a long passphrase for bob\n").unwrap();
+    let pass = pass.to_str().unwrap();
+    let bundle = a.dir.path().join("bob.bundle");
+    let bundle = bundle.to_str().unwrap();
+    a.ctl(&["operator", "add", "bob", "--passphrase-file", pass, "--out", bundle, "--host", NO_HOST]).expect_code(0);
+    let text = std::fs::read_to_string(bundle).unwrap();
+    assert!(text.starts_with("-----BEGIN AGE ENCRYPTED FILE-----") && !text.contains("PRIVATE KEY"), "{text}");
+    let b = TestEnv::new().unwrap();
+    b.trust(&h1).unwrap();
+    b.trust(&h2).unwrap();
+    let wrong = a.write("wrong", "not it\n").unwrap();
+    b.ctl(&["operator", "join", bundle, "--passphrase-file", wrong.to_str().unwrap(), "--host", NO_HOST])
+        .expect_code(2);
+    b.ctl(&["operator", "join", bundle, "--passphrase-file", pass, "--host", NO_HOST]).expect_code(0);
+
+    // Bob deploys: his agents' identities are as good as A's, so nothing
+    // is re-keyed or restarted, nothing recreated; his second deploy is a no-op.
+    let first = deploy(&b, &hosts, &stack, &[]).expect_code(0);
+    assert_eq!(changed(&first), vec![Value::from(0), Value::from(0)], "{}", first.stdout);
+    assert_eq!(agent_pids(&hosts), pids, "no agent restarted");
+    assert_eq!((containers(&h1, &stack.project), containers(&h2, &stack.project)), before);
+    let again = deploy(&b, &hosts, &stack, &[]).expect_code(0);
+    for h in again.json()["hosts"].as_array().unwrap() {
+        assert_eq!(h["result"]["installed"], Value::Null, "{h:#}");
+        assert_eq!(h["result"]["stack"]["changed"], 0);
+    }
+    assert_eq!(
+        secrets(&b, &hosts, &stack).expect_code(0).json()["secrets"],
+        secrets(&a, &hosts, &stack).json()["secrets"]
+    );
+
+    // The agents recorded who did what.
+    let dir = stack.path().to_str().unwrap().to_string();
+    let key = a.key.display().to_string();
+    let history = a
+        .ctl(&["history", "--identity", &key, "--host", &h1.spec("root"), "--stack", &dir, "--output", "json"])
+        .expect_code(0)
+        .json();
+    let operators: Vec<&str> = history["hosts"][0]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "deploy")
+        .map(|e| e["operator"].as_str().unwrap())
+        .collect();
+    assert_eq!(operators.len(), 3, "{history:#}");
+    assert!(operators[0].starts_with("root@"), "A's deploy: {operators:?}");
+    assert_eq!(&operators[1..], ["bob", "bob"]);
+
+    // A removes bob: the agents refuse him from then on; A goes on.
+    let removed = a.ctl(&[
+        "operator",
+        "remove",
+        "bob",
+        "--identity",
+        &key,
+        "--host",
+        &h1.spec("root"),
+        "--host",
+        &h2.spec("root"),
+    ]);
+    removed.expect_code(0);
+    let refused = b.ctl_key(&["status", "--host", &h1.spec("root"), "--output", "json"]).expect_code(1).json();
+    assert!(refused["hosts"][0]["error"].as_str().unwrap().contains("certificate is revoked"), "{refused:#}");
+    assert!(refused["hosts"][0]["hint"].as_str().unwrap().contains("operator add"), "{refused:#}");
+    deploy(&b, &hosts, &stack, &[]).expect_code(1);
+    // Not even through SSH: bob's deploy did not re-key the agents (they
+    // keep the certificate A gave them).
+    for h in hosts {
+        let theirs = std::fs::read_to_string(h.path("/etc/mlops-agent/tls/server.pem")).unwrap();
+        let ours = std::fs::read_to_string(a.state.join("pki/hosts").join(h.spec("root")).join("server.pem")).unwrap();
+        assert_eq!(theirs, ours, "{}", h.name);
+    }
+    a.ctl_key(&["status", "--host", &h1.spec("root"), "--host", &h2.spec("root")]).expect_code(0);
+    let listed = a.ctl(&["operator", "list", "--host", NO_HOST, "--output", "json"]).expect_code(0).json();
+    assert!(listed["operators"][0]["revoked_unix"].is_number(), "{listed:#}");
+
+    // CI: a fresh runner with its bundle (sealed to an age key) in the
+    // environment deploys in one command, as its own operator.
+    let (identity, recipient) = mlops_vault::generate_identity();
+    let ci_bundle = a.dir.path().join("ci.bundle");
+    let ci_bundle = ci_bundle.to_str().unwrap();
+    a.ctl(&["operator", "add", "ci", "--recipient", &recipient, "--out", ci_bundle, "--host", NO_HOST]).expect_code(0);
+    let ci = TestEnv::new().unwrap();
+    ci.trust(&h1).unwrap();
+    ci.trust(&h2).unwrap();
+    let ci_text = std::fs::read_to_string(ci_bundle).unwrap();
+    let env = [("MLOPS_OPERATOR_BUNDLE", ci_text.as_str()), ("MLOPS_AGE_IDENTITY", identity.as_str())];
+    let ci_key = ci.key.display().to_string();
+    let ci_dir = stack.path().display().to_string();
+    let mut args = vec!["deploy", "--identity", &ci_key, "--stack", &ci_dir, "--output", "json"];
+    let specs = [h1.spec("root"), h2.spec("root")];
+    for s in &specs {
+        args.extend(["--host", s.as_str()]);
+    }
+    let run = ci.ctl_with(&args, &env).expect_code(0);
+    assert!(run.stderr.contains("joined as operator `ci`"), "{}", run.stderr);
+    assert_eq!(changed(&run), vec![Value::from(0), Value::from(0)]);
 }

@@ -25,7 +25,7 @@ fn fixture() -> Fixture {
     let pki = tempfile::tempdir().unwrap();
     let ca = Ca::open_or_create(pki.path()).unwrap();
     let agent = LocalAgent::start(&bins().agent, &ca).unwrap();
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity().unwrap()).unwrap();
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity().unwrap()).unwrap();
     Fixture { agent, tls, _pki: pki }
 }
 

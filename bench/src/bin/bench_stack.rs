@@ -37,7 +37,7 @@ fn main() -> Result<()> {
     let ca = Ca::open_or_create(pki.path())?;
     let host = TestHost::with_docker("bench-stack")?;
     let local = LocalAgent::start_with(&agent, &ca, Some(&host.docker_socket()))?;
-    let tls = ClientTls::new(ca.cert_pem(), &ca.client_identity()?)?;
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity()?)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let mut conn = AgentConn::connect(Arc::new(Transport::local()), local.port, &tls).await?;

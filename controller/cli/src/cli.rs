@@ -171,6 +171,87 @@ pub enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Operators: other controllers (people, CI runners) that deploy the same hosts, each with its own identity.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// The controller's own state (CA or operator identity, revocation list, secrets cache): sealed export and import.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// What was done to the stack on each host, when, and by which operator.
+    History {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// The newest N entries per host (0: all the agent keeps).
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: u32,
+    },
+}
+
+/// How a bundle or export is sealed: age recipients, else a passphrase.
+#[derive(Args)]
+pub struct SealArgs {
+    /// Seal to this age recipient (`age1...`, repeatable) instead of a passphrase.
+    #[arg(long, value_name = "AGE_RECIPIENT")]
+    pub recipient: Vec<String>,
+    /// Read the passphrase from the first line of FILE (`-`: stdin) [default: $MLOPS_PASSPHRASE].
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// How a bundle or export is opened: an age identity, else a passphrase.
+#[derive(Args)]
+pub struct OpenArgs {
+    /// Open with this age identity file [default: $MLOPS_AGE_IDENTITY, else a passphrase].
+    #[arg(long, value_name = "FILE")]
+    pub age_identity: Option<PathBuf>,
+    /// Read the passphrase from the first line of FILE (`-`: stdin) [default: $MLOPS_PASSPHRASE].
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// Give operator NAME an identity under this controller's root CA, sealed into one bundle (on stdout, or --out).
+    Add {
+        name: String,
+        #[command(flatten)]
+        seal: SealArgs,
+        /// Write the bundle to FILE (mode 0600; never over an existing file).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Become an operator with a bundle from `operator add`, in a new state directory (CI: set MLOPS_OPERATOR_BUNDLE instead).
+    Join {
+        /// The bundle file [default: $MLOPS_OPERATOR_BUNDLE, its text or a path].
+        bundle: Option<PathBuf>,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
+    /// This controller's operator name, and the operators it added.
+    List,
+    /// Revoke operator NAME and give the revocation list to the hosts named (agents then refuse NAME).
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum StateCommand {
+    /// Seal the state directory's CA, identities and secrets cache into FILE (mode 0600).
+    Export {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        seal: SealArgs,
+    },
+    /// Open an export into a state directory that has no CA yet (--state-dir).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        open: OpenArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,6 +298,43 @@ impl From<StackArgs> for mlops_controller::commands::StackOptions {
             profiles: a.profiles,
             skip: a.skip,
             vars: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks, and every subcommand parsed once:
+    /// a subcommand's flag that shares a global flag's name (as `--limit`
+    /// would) is found only when the derive reads it, so each is read here.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::{CommandFactory, Parser};
+        super::Cli::command().debug_assert();
+        let lines = [
+            "deploy --take-over --skip grafana",
+            "secrets --cached",
+            "ui airflow --port 1",
+            "status",
+            "sync",
+            "down --volumes",
+            "watch",
+            "logs airflow-scheduler --tail 5",
+            "agent uninstall",
+            "pki rotate",
+            "operator add bob --recipient age1x --out f",
+            "operator join f --age-identity k",
+            "operator list",
+            "operator remove bob",
+            "state export --out f --passphrase-file p",
+            "state import f --passphrase-file p",
+            "history --last 5 --limit web",
+        ];
+        for line in lines {
+            let argv = std::iter::once("mlopsctl").chain(line.split_whitespace());
+            if let Err(e) = super::Cli::try_parse_from(argv) {
+                panic!("`{line}`: {e}");
+            }
         }
     }
 }

@@ -16,10 +16,12 @@ mod printer;
 use std::sync::Arc;
 
 use clap::Parser;
-use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsOptions};
+use mlops_controller::ControllerError;
+use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsOptions, operator};
 use mlops_controller::progress::Report;
+use mlops_controller::state::StateDir;
 
-use crate::cli::{AgentCommand, Cli, Command, PkiCommand};
+use crate::cli::{AgentCommand, Cli, Command, OperatorCommand, PkiCommand, StateCommand};
 use crate::printer::{EXIT_USAGE, Printer};
 
 fn main() {
@@ -58,7 +60,49 @@ fn main() {
 /// host failures are in the returned exit code.
 async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
     let report: Arc<dyn Report> = printer.clone();
-    let needs_binary = matches!(cli.command, Command::Deploy { .. } | Command::Pki { .. });
+    // What acts on the state directory alone, before any host is resolved
+    // (a join or an import must find no CA there, not one made by opening it).
+    let state_path = cli.global.state_dir.clone().unwrap_or_else(StateDir::default_path);
+    match &cli.command {
+        Command::Operator { command: OperatorCommand::Join { bundle, open } } => {
+            let text = match bundle {
+                Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                    ControllerError::usage(format!("cannot read the bundle `{}`: {e}", path.display()), None)
+                })?,
+                None => std::env::var(operator::BUNDLE_ENV).map_err(|_| {
+                    ControllerError::usage(
+                        "no bundle given",
+                        Some("name the bundle file, or set MLOPS_OPERATOR_BUNDLE to its text"),
+                    )
+                })?,
+            };
+            let with = operator::open_with(open.age_identity.as_deref(), open.passphrase_file.as_deref())?;
+            return Ok(printer.operator_joined(&operator::join(&state_path, &text, &with)?));
+        }
+        Command::State { command: StateCommand::Import { file, open } } => {
+            let sealed = std::fs::read(file)
+                .map_err(|e| ControllerError::usage(format!("cannot read `{}`: {e}", file.display()), None))?;
+            let with = operator::open_with(open.age_identity.as_deref(), open.passphrase_file.as_deref())?;
+            return Ok(printer.state_moved("imported", &commands::state::import(&state_path, &sealed, &with)?));
+        }
+        Command::Operator { command: OperatorCommand::Add { name, seal, out } } => {
+            operator::auto_join(&state_path, report.as_ref())?;
+            let state = StateDir::open(&state_path)?;
+            let to = operator::seal_to(&seal.recipient, seal.passphrase_file.as_deref())?;
+            return Ok(printer.operator_added(&operator::add(&state, name, &to, out.as_deref())?));
+        }
+        Command::Operator { command: OperatorCommand::List } => {
+            operator::auto_join(&state_path, report.as_ref())?;
+            return Ok(printer.operator_list(&operator::list(&StateDir::open(&state_path)?)?));
+        }
+        Command::State { command: StateCommand::Export { out, seal } } => {
+            let state = StateDir::open(&state_path)?;
+            let to = operator::seal_to(&seal.recipient, seal.passphrase_file.as_deref())?;
+            return Ok(printer.state_moved("exported", &commands::state::export(&state, &to, out)?));
+        }
+        _ => {}
+    }
+    let needs_binary = matches!(cli.command, Command::Deploy { .. } | Command::Pki { .. } | Command::Operator { .. });
     let mut options = cli.global.options();
     options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
@@ -113,5 +157,13 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
         Command::Pki { command: PkiCommand::Rotate } => {
             printer.pki_rotate(&commands::pki::rotate(&setup, report).await?)
         }
+        Command::Operator { command: OperatorCommand::Remove { name } } => {
+            printer.operator_removed(&operator::remove(&setup, &name, report).await?)
+        }
+        Command::History { stack, last } => {
+            let (project, r) = commands::history::history(&setup, &stack.into(), last, report).await?;
+            printer.history(&project, &r)
+        }
+        Command::Operator { .. } | Command::State { .. } => unreachable!("handled before the hosts are resolved"),
     })
 }

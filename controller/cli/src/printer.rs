@@ -18,15 +18,17 @@ use std::time::Duration;
 use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
+use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
 use mlops_controller::commands::pki::RotateReport;
 use mlops_controller::commands::secrets::SecretsReport;
+use mlops_controller::commands::state::Moved;
 use mlops_controller::commands::status::HostStatus;
 use mlops_controller::commands::ui::UiOpened;
 use mlops_controller::fanout::HostResults;
 use mlops_controller::progress::{Event, Report, Step, bytes_human};
 use mlops_controller::stack::{ServiceOutcome, StackOutcome, SyncOutcome};
 use mlops_inventory::{Connection, InventoryError, Target};
-use mlops_proto::v1::{HealthEvent, StackAction};
+use mlops_proto::v1::{HealthEvent, HistoryEntry, StackAction};
 use mlops_ssh::SshError;
 use serde_json::json;
 
@@ -356,6 +358,146 @@ impl Printer {
         if r.disagreements.is_empty() && r.hosts.failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
     }
 
+    pub fn operator_added(&self, a: &Added) -> i32 {
+        match self.output {
+            Output::Json => self.json(
+                &json!({"operator": a.name, "out": a.out, "bundle": (!a.bundle.is_empty()).then_some(&a.bundle)}),
+            ),
+            Output::Text => {
+                if a.out.is_none() {
+                    self.stdout(a.bundle.trim_end());
+                }
+                self.stderr_line(&format!(
+                    "operator `{}` added{}; on their machine: `mlopsctl operator join BUNDLE` (CI: MLOPS_OPERATOR_BUNDLE and MLOPS_PASSPHRASE or MLOPS_AGE_IDENTITY)",
+                    a.name,
+                    a.out.as_ref().map(|p| format!(", bundle in {}", p.display())).unwrap_or_default()
+                ));
+            }
+        }
+        0
+    }
+
+    pub fn operator_joined(&self, j: &Joined) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!(j)),
+            Output::Text => self.stdout(&format!(
+                "joined as operator `{}` in {} (root CA {})",
+                j.name,
+                j.state_dir.display(),
+                &j.root_fingerprint[..12]
+            )),
+        }
+        0
+    }
+
+    pub fn operator_list(&self, l: &Listing) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!(l)),
+            Output::Text => {
+                self.stdout(&format!(
+                    "this controller: operator `{}` ({}); revocation list {}",
+                    l.me,
+                    if l.root { "holds the root CA" } else { "joined under the root CA" },
+                    l.crl_number
+                ));
+                if !l.operators.is_empty() {
+                    let rows: Vec<Vec<String>> = l
+                        .operators
+                        .iter()
+                        .map(|o| {
+                            vec![
+                                o.name.clone(),
+                                unix_date(o.added_unix),
+                                o.revoked_unix.map_or_else(|| "-".into(), unix_date),
+                                o.fingerprint[..12].to_string(),
+                            ]
+                        })
+                        .collect();
+                    self.stdout(&table(&["OPERATOR", "ADDED", "REVOKED", "CA"], &rows));
+                }
+            }
+        }
+        0
+    }
+
+    pub fn operator_removed(&self, r: &Removed) -> i32 {
+        match self.output {
+            Output::Json => {
+                let mut v =
+                    serde_json::to_value(json!({"operator": r.name, "crl_number": r.crl_number})).expect("json");
+                v["hosts"] = json!(r.hosts.ok.iter().map(|(h, _)| h).collect::<Vec<_>>());
+                v["failed"] = json!(r.hosts.failed.iter().map(|(h, e)| json!({"host": h, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})).collect::<Vec<_>>());
+                self.json(&v);
+            }
+            Output::Text => {
+                for (h, _) in &r.hosts.ok {
+                    self.stdout(&format!("{h}: refuses operator `{}` (revocation list {})", r.name, r.crl_number));
+                }
+                if !r.hosts.failed.is_empty() {
+                    self.summarize("operator remove", &r.hosts);
+                    self.stderr_line("  hint: hosts not reached still accept the operator until a deploy from a current operator reaches them");
+                }
+            }
+        }
+        exit_code(&r.hosts)
+    }
+
+    pub fn state_moved(&self, what: &str, m: &Moved) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"done": what, "state": m})),
+            Output::Text => self.stdout(&format!(
+                "{what} {} file(s) of {} (operator `{}`, {})",
+                m.files,
+                m.state_dir.display(),
+                m.operator,
+                if m.root { "root CA" } else { "joined operator" }
+            )),
+        }
+        0
+    }
+
+    pub fn history(&self, project: &str, r: &HostResults<Vec<HistoryEntry>>) -> i32 {
+        match self.output {
+            Output::Json => {
+                let hosts: Vec<serde_json::Value> = r
+                    .ok
+                    .iter()
+                    .map(|(h, entries)| {
+                        json!({"host": h, "entries": entries.iter().map(|e| json!({"unix_ms": e.unix_ms, "operator": e.operator, "cert_sha256": e.cert_sha256, "action": e.action, "outcome": e.outcome, "detail": e.detail})).collect::<Vec<_>>()})
+                    })
+                    .collect();
+                let failed: Vec<serde_json::Value> = r.failed.iter().map(|(h, e)| json!({"host": h, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})).collect();
+                self.json(&json!({"project": project, "hosts": hosts, "failed": failed}));
+            }
+            Output::Text => {
+                let rows: Vec<Vec<String>> =
+                    r.ok.iter()
+                        .flat_map(|(h, entries)| {
+                            entries.iter().map(move |e| {
+                                vec![
+                                    h.clone(),
+                                    unix_date((e.unix_ms / 1000) as i64),
+                                    neutralise(&e.operator).into_owned(),
+                                    e.action.clone(),
+                                    e.outcome.clone(),
+                                    neutralise(&e.detail).into_owned(),
+                                ]
+                            })
+                        })
+                        .collect();
+                if rows.is_empty() {
+                    self.stderr_line(&format!("nothing recorded for stack `{project}` yet"));
+                } else {
+                    self.stdout(&table(&["HOST", "WHEN (UTC)", "OPERATOR", "ACTION", "OUTCOME", "DETAIL"], &rows));
+                }
+                if !r.failed.is_empty() {
+                    self.summarize("history", r);
+                }
+            }
+        }
+        exit_code(r)
+    }
+
     pub fn ui_opened(&self, opened: &UiOpened) {
         self.stdout(&opened.url);
         if let Some(note) = &opened.forwarding {
@@ -659,6 +801,22 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time: days to a civil date as in
+/// Howard Hinnant's `civil_from_days`.
+pub fn unix_date(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,6 +827,9 @@ mod tests {
         assert_eq!(bytes_human(8 * 1024 * 1024 + 1), "8.0 MiB");
         assert_eq!(duration_human(3725), "1h2m");
         assert_eq!(table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]), "A    BB\nxyz  1");
+        assert_eq!(unix_date(0), "1970-01-01 00:00:00");
+        assert_eq!(unix_date(1_796_000_000), "2026-11-30 00:53:20");
+        assert_eq!(unix_date(951_782_400), "2000-02-29 00:00:00");
     }
 
     #[test]

@@ -48,13 +48,20 @@ pub struct Context {
     /// Every CA this controller has had (current, pending, retired), PEM:
     /// an agent trusting one of them is this controller's.
     pub our_cas_pem: String,
+    /// The state directory, for what hosts teach the controller (a newer
+    /// revocation list); `None` where nothing is to be learnt.
+    pub state: Option<Arc<StateDir>>,
 }
 
 /// The install bundle for one host, encoded, with its hash.
 #[derive(Clone)]
 pub struct Bundle {
     pub bytes: Vec<u8>,
+    /// See `mlops_proto::bundle_sha256`: the identity and the revocation
+    /// list are judged apart.
     pub sha256: String,
+    /// The revocation list's number: an agent with an older one is updated.
+    pub crl_number: u64,
 }
 
 impl Bundle {
@@ -63,12 +70,13 @@ impl Bundle {
     /// the host is up to date.
     pub fn for_target(state: &StateDir, target: &Target) -> Result<Self, ControllerError> {
         let identity = state.ca.server_identity(&cert_name(&target.name))?;
-        Ok(Self::new(&state.trusted_pem()?, identity, target))
+        Ok(Self::new(&state.trusted_pem()?, &state.crl()?, identity, target))
     }
 
     /// The bundle with `trusted` (one or more CA certificates, PEM) as the
-    /// CAs whose clients the agent accepts, and `identity` as its own.
-    pub fn new(trusted: &str, identity: mlops_pki::Identity, target: &Target) -> Self {
+    /// CAs whose clients the agent accepts, `crl` as the revocation list,
+    /// and `identity` as its own.
+    pub fn new(trusted: &str, crl: &mlops_pki::Crl, identity: mlops_pki::Identity, target: &Target) -> Self {
         let bundle = InstallBundle {
             ca_pem: trusted.to_string(),
             cert_pem: identity.cert_pem,
@@ -77,8 +85,10 @@ impl Bundle {
             // Not the controller's version: a controller upgrade alone must
             // not force every agent to restart.
             controller_version: String::new(),
+            crl_pem: crl.pem.clone(),
+            crl_number: crl.number,
         };
-        Bundle { sha256: mlops_proto::bundle_sha256(&bundle), bytes: bundle.encode_to_vec() }
+        Bundle { sha256: mlops_proto::bundle_sha256(&bundle), crl_number: crl.number, bytes: bundle.encode_to_vec() }
     }
 }
 
@@ -95,6 +105,8 @@ pub struct Probe {
     pub service_manager: String,
     /// The CA certificates the installed agent trusts (PEM), when one is installed.
     pub ca_pem: Option<String>,
+    /// The revocation list the installed agent enforces (PEM), if any.
+    pub crl_pem: Option<String>,
 }
 
 fn probe_script() -> String {
@@ -111,11 +123,14 @@ if [ -f {bin} ]; then echo "binary=$(sha256sum {bin} 2>/dev/null | cut -d' ' -f1
 if [ -f {bundle} ]; then echo "bundle=$(cat {bundle})"; fi
 if [ "$(id -u)" = 0 ]; then ca=$(base64 -w0 {ca} 2>/dev/null); else ca=$(sudo -n base64 -w0 {ca} 2>/dev/null); fi
 [ -n "$ca" ] && echo "ca=$ca"
+if [ "$(id -u)" = 0 ]; then crl=$(base64 -w0 {crl} 2>/dev/null); else crl=$(sudo -n base64 -w0 {crl} 2>/dev/null); fi
+[ -n "$crl" ] && echo "crl=$crl"
 if [ -d /run/systemd/system ]; then echo manager=systemd; else echo manager=daemon; fi
 "#,
         bin = layout::BINARY,
         bundle = layout::INSTALL_HASH,
         ca = layout::TLS_CA,
+        crl = layout::TLS_CRL,
     )
 }
 
@@ -137,12 +152,13 @@ impl Probe {
                 "binary" if !v.is_empty() => p.binary_sha256 = Some(v),
                 "bundle" if !v.is_empty() => p.bundle_sha256 = Some(v),
                 "manager" => p.service_manager = v,
-                "ca" => {
+                "ca" | "crl" => {
                     use base64::Engine;
-                    p.ca_pem = base64::engine::general_purpose::STANDARD
+                    let text = base64::engine::general_purpose::STANDARD
                         .decode(v.as_bytes())
                         .ok()
                         .map(|b| String::from_utf8_lossy(&b).into_owned());
+                    if k == "ca" { p.ca_pem = text } else { p.crl_pem = text }
                 }
                 _ => {}
             }
@@ -387,6 +403,8 @@ pub async fn connect_agent(target: &Target, ctx: &Context) -> Result<(SharedTran
 
 /// What the agent answering on the host (if any) runs.
 enum Running {
+    /// It refuses this controller: its operator was removed.
+    Refused(ControllerError),
     /// Our binary, our configuration, our API level: nothing to do.
     Current(Box<(HelloResponse, HostFacts, AgentConn)>),
     /// It answers, but must be restarted; the reason says why.
@@ -412,6 +430,7 @@ async fn check_running(
     };
     let (mut conn, hello) = match tokio::time::timeout(std::time::Duration::from_secs(10), answer).await {
         Ok(Ok(x)) => x,
+        Ok(Err(e @ ControllerError::Revoked { .. })) => return Running::Refused(e),
         Ok(Err(e)) => return Running::Down(error_chain(&e)),
         Err(_) => return Running::Down("no answer within 10 s".into()),
     };
@@ -427,6 +446,12 @@ async fn check_running(
     }
     if hello.config_sha256 != bundle.sha256 {
         return Running::Stale("configuration changed".into());
+    }
+    if hello.crl_number < bundle.crl_number {
+        return Running::Stale("its revocation list is older (an operator was removed)".into());
+    }
+    if hello.crl_number > bundle.crl_number {
+        adopt_crl(ctx, &target.name, &hello);
     }
     match conn.facts().await {
         Ok(facts) => Running::Current(Box::new((hello, facts, conn))),
@@ -449,6 +474,9 @@ async fn ensure_agent(
             let (hello, facts, conn) = *answer;
             return Ok((false, None, hello, facts, conn));
         }
+        // A removed operator does not get to re-key the agent (SSH would
+        // let it; it would lock the other operators out until they deploy).
+        Running::Refused(e) => return Err(e),
         other => other,
     };
 
@@ -467,6 +495,13 @@ async fn ensure_agent(
         && !ctx.take_over
     {
         return Err(ControllerError::ForeignAgent { host });
+    }
+    // The same, when the agent is not running to say so: its list revokes us.
+    if let (Some(crl), Some(state)) = (&probe.crl_pem, &ctx.state)
+        && !crl.trim().is_empty()
+        && !crate::client::crl_is_genuine(&state.trusted_pem()?, crl, &state.client_identity()?)
+    {
+        return Err(ControllerError::Revoked { host });
     }
     let sudo = probe.needs_sudo();
 
@@ -491,7 +526,7 @@ async fn ensure_agent(
                 tracing::debug!(%host, "agent not answering: {why}");
                 "agent was not running".to_string()
             }
-            Running::Current(_) => unreachable!("returned above"),
+            Running::Current(_) | Running::Refused(_) => unreachable!("returned above"),
         }
     };
     install(&transport, &host, bundle, sudo, &reason, progress).await?;
@@ -508,6 +543,29 @@ async fn ensure_agent(
     }
     let facts = conn.facts().await?;
     Ok((uploaded, Some(reason), hello, facts, conn))
+}
+
+/// Keeps a newer revocation list an agent reports (an operator was removed
+/// by another controller) once it checks the root signed it, so this
+/// controller spreads it to the hosts it deploys next and refuses agents
+/// keyed by the removed operator.
+fn adopt_crl(ctx: &Context, host: &str, hello: &HelloResponse) {
+    let Some(state) = &ctx.state else { return };
+    let crl = mlops_pki::Crl { number: hello.crl_number, pem: hello.crl_pem.clone() };
+    let genuine = state
+        .trusted_pem()
+        .ok()
+        .zip(state.client_identity().ok())
+        .is_some_and(|(root, me)| crate::client::crl_is_genuine(&root, &crl.pem, &me));
+    if !genuine {
+        tracing::warn!(%host, number = crl.number, "the agent reports a revocation list the root did not sign; ignored");
+        return;
+    }
+    match state.ca.adopt_crl(&crl) {
+        Ok(true) => tracing::info!(%host, number = crl.number, "adopted the newer revocation list the agent holds"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%host, "cannot keep the agent's revocation list: {e}"),
+    }
 }
 
 /// Whether two PEM bundles have a certificate in common.

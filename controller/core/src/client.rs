@@ -29,20 +29,32 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    pub fn new(ca_pem: &str, identity: &Identity) -> Result<Self, ControllerError> {
+    /// Trusting agents whose certificate chains to `ca_pem` and is not
+    /// under a CA on the revocation list `crl_pem` (empty: none); presenting
+    /// `identity`.
+    pub fn new(ca_pem: &str, crl_pem: &str, identity: &Identity) -> Result<Self, ControllerError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let bad = |what: &str| ControllerError::Local(format!("invalid {what} in the controller's PKI"));
         let mut roots = RootCertStore::empty();
         for cert in rustls_pemfile_certs(ca_pem) {
             roots.add(cert).map_err(|_| bad("CA certificate"))?;
         }
+        let mut verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        let crls = crls(crl_pem);
+        if !crls.is_empty() {
+            // An agent keyed by a removed operator is not trusted; the
+            // operators' own leaves have no list of their own.
+            verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
+        }
+        let verifier = verifier.build().map_err(|_| bad("revocation list"))?;
         let chain = rustls_pemfile_certs(&identity.cert_pem);
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
             .map_err(|_| bad("client key"))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|_| bad("TLS configuration"))?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .map_err(|_| bad("client certificate"))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -52,6 +64,39 @@ impl ClientTls {
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
+}
+
+fn crls(pem: &str) -> Vec<rustls::pki_types::CertificateRevocationListDer<'static>> {
+    rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
+}
+
+/// Whether `crl_pem` is a revocation list the root `root_pem` signed and
+/// that does not revoke `identity` (this controller's own chain): the test
+/// a list an agent reports must pass before this controller adopts it.
+/// Checking our own chain against it makes rustls verify the list's
+/// signature with the root's key (a list with a bad signature fails).
+pub fn crl_is_genuine(root_pem: &str, crl_pem: &str, identity: &Identity) -> bool {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile_certs(root_pem) {
+        if roots.add(cert).is_err() {
+            return false;
+        }
+    }
+    let crls = crls(crl_pem);
+    if crls.is_empty() {
+        return false;
+    }
+    let Ok(verifier) = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
+        .build()
+    else {
+        return false;
+    };
+    let chain = rustls_pemfile_certs(&identity.cert_pem);
+    let Some((leaf, intermediates)) = chain.split_first() else { return false };
+    verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_ok()
 }
 
 /// A connection to one agent.
@@ -85,12 +130,18 @@ impl AgentConn {
             .http2_max_header_list_size(64 * 1024)
             .connect_with_connector(make_conn)
             .await
-            .map_err(|e| ControllerError::AgentUnreachable {
-                host: host.clone(),
-                port,
-                message: error_chain(&e),
-                foreign_ca: unknown_issuer(&e),
-                other_host: not_valid_for_name(&e),
+            .map_err(|e| {
+                if revoked(&e) {
+                    return ControllerError::Revoked { host: host.clone() };
+                }
+                ControllerError::AgentUnreachable {
+                    host: host.clone(),
+                    port,
+                    message: error_chain(&e),
+                    foreign_ca: unknown_issuer(&e),
+                    other_host: not_valid_for_name(&e),
+                    revoked: agent_revoked(&e),
+                }
             })?;
         Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel })
     }
@@ -152,6 +203,36 @@ fn certificate_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
 /// installed by another controller.
 fn unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
     matches!(certificate_error(e), Some(rustls::CertificateError::UnknownIssuer))
+}
+
+/// Whether the agent's certificate is under a revoked operator's CA (that
+/// operator keyed it): a deploy from a current operator re-keys it.
+fn agent_revoked(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(certificate_error(e), Some(rustls::CertificateError::Revoked))
+}
+
+/// Whether the agent refused our certificate as revoked: this operator
+/// was removed.
+pub(crate) fn revoked(e: &(dyn std::error::Error + 'static)) -> bool {
+    // An alert that arrives after the handshake (TLS 1.3 sends the
+    // server's verdict on our certificate then) reaches us as an I/O
+    // error carrying only the text of rustls' error, not the error: so
+    // it is compared with the text of the very error rustls makes.
+    let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+    let alert_text = alert.to_string();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+            && (inner.downcast_ref::<rustls::Error>() == Some(&alert) || inner.to_string() == alert_text)
+        {
+            return true;
+        }
+        if err.downcast_ref::<rustls::Error>() == Some(&alert) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Whether the agent's certificate was issued for another host.

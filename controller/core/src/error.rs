@@ -41,11 +41,16 @@ pub enum ControllerError {
     Install { host: String, message: String },
     /// No TLS session with the agent: nothing listens, or the handshake
     /// failed. `foreign_ca`: the agent's certificate comes from another CA;
-    /// `other_host`: it was issued (by our CA) for another host.
+    /// `other_host`: it was issued (by our CA) for another host; `revoked`:
+    /// the agent's certificate is under a removed operator's CA.
     #[error("the agent on {host} does not answer on 127.0.0.1:{port}: {message}")]
-    AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool, other_host: bool },
+    AgentUnreachable { host: String, port: u16, message: String, foreign_ca: bool, other_host: bool, revoked: bool },
     #[error("the agent on {host} was installed by another controller (it trusts another CA); it was left as it is")]
     ForeignAgent { host: String },
+    /// The agent refused our certificate as revoked (TLS 1.3 tells the
+    /// client only on its first read, so this can surface in any call).
+    #[error("the agent on {host} refuses this controller: its operator's certificate is revoked")]
+    Revoked { host: String },
     #[error("the agent on {host} still runs binary {running} after a restart (expected {expected})")]
     StaleAgent { host: String, running: String, expected: String },
     /// The agent answered a call with a failure.
@@ -99,6 +104,9 @@ impl ControllerError {
         if let Some(failure) = mlops_proto::failure::from_status(status) {
             return ControllerError::Agent { host, call, failure: Box::new(failure) };
         }
+        if crate::client::revoked(status) {
+            return ControllerError::Revoked { host };
+        }
         // A status made on this side from an I/O, HTTP/2 or TLS error keeps
         // that error as its source; one that came over the wire has none.
         let local = std::error::Error::source(status).is_some();
@@ -127,7 +135,7 @@ impl ControllerError {
         matches!(
             self,
             ControllerError::Transport { .. }
-                | ControllerError::AgentUnreachable { foreign_ca: false, other_host: false, .. }
+                | ControllerError::AgentUnreachable { foreign_ca: false, other_host: false, revoked: false, .. }
         )
     }
 
@@ -142,6 +150,10 @@ impl ControllerError {
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
+            ControllerError::Revoked { .. } => "this controller's operator was removed (`mlopsctl operator remove`); ask an operator to add you again (`mlopsctl operator add`), then join with the new bundle in a new state directory".into(),
+            ControllerError::AgentUnreachable { revoked: true, .. } => {
+                "the agent was keyed by an operator who has since been removed; `mlopsctl deploy` re-keys it with this controller's certificate (its containers keep running)".into()
+            }
             ControllerError::AgentUnreachable { other_host: true, .. } => {
                 "what answers on the agent's port holds a certificate issued for another host: another host's agent key is in use here, or something took the port of a stopped agent; `mlopsctl deploy` re-installs this host's own agent".into()
             }

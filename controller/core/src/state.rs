@@ -1,6 +1,8 @@
 //! The controller's state directory: `--state-dir`, else `$MLOPS_STATE_DIR`,
 //! else `$XDG_STATE_HOME/mlopsctl`, else `~/.local/state/mlopsctl`. It is
-//! created mode 0700 and holds the CA (`pki/`).
+//! created mode 0700 and holds the CA (`pki/`, see `mlops_pki`: the root,
+//! or a joined operator's CA with the root in `pki/root.pem`) and the cache
+//! of secrets (`secrets/`).
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +42,10 @@ impl StateDir {
     /// stopped before it could promote) the next one too, so agents already
     /// re-keyed stay reachable.
     pub fn trusted_pem(&self) -> Result<String, ControllerError> {
+        // A joined operator trusts the root it was given, not its own CA.
+        if let Ok(root) = std::fs::read_to_string(self.path.join("pki/root.pem")) {
+            return Ok(root);
+        }
         let mut pem = self.ca.cert_pem().to_string();
         if self.ca.has_next() {
             pem.push_str(self.ca.next()?.cert_pem());
@@ -63,6 +69,17 @@ impl StateDir {
 
     pub fn client_identity(&self) -> Result<Identity, ControllerError> {
         Ok(self.ca.client_identity()?)
+    }
+
+    /// The revocation list this controller knows (see `mlops_pki::Crl`).
+    pub fn crl(&self) -> Result<mlops_pki::Crl, ControllerError> {
+        Ok(self.ca.crl()?)
+    }
+
+    /// The TLS client of this controller: its identity, trusting its
+    /// roots, refusing what its revocation list revokes.
+    pub fn client_tls(&self) -> Result<crate::client::ClientTls, ControllerError> {
+        crate::client::ClientTls::new(&self.trusted_pem()?, &self.crl()?.pem, &self.client_identity()?)
     }
 }
 

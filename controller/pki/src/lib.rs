@@ -12,9 +12,24 @@
 //!
 //! ```text
 //! ca.pem  ca.key  ca.json             the authority (json: its subject and validity)
+//! operator                            this controller's operator name (its client certificate's)
 //! client.pem  client.key  client.json the controller's client identity
 //! hosts/<name>/server.pem|key|json    one server identity per managed host
+//! operators/<name>.json               operators this CA delegated to (root only)
+//! crl.pem  crl.number                 the revocation list: removed operators' CAs
+//! root.pem                            a joined operator's trust anchor (see below)
 //! ```
+//!
+//! Operators. The first controller's CA is the *root*. `operator add NAME`
+//! issues NAME a CA of its own, signed by the root and unable to delegate
+//! further (path length 0): with it, the operator's controller issues its
+//! own client certificate and the server certificates of hosts it installs,
+//! each chain ending at the root that every agent trusts. Its holder joins
+//! with the root certificate as `root.pem` and its CA as `ca.*`, so the rest
+//! of this crate works unchanged. `operator remove NAME` puts that CA's
+//! serial number on the root's revocation list (`crl.pem`, numbered): agents
+//! given the list refuse every certificate under it, and controllers refuse
+//! agents whose certificate it issued.
 //!
 //! Rotation (`mlopsctl pki rotate`): a second CA is made in `next/` and
 //! issues every host a new server certificate while agents trust both CAs;
@@ -51,9 +66,12 @@ pub fn agent_tls_name(host: &str) -> String {
 
 /// Where a rotation's new CA grows, and its journal.
 const NEXT: &str = "next";
+const OPERATOR_FILE: &str = "operator";
 const JOURNAL: &str = ".promoting";
 
 const CA_VALIDITY: Duration = Duration::days(3650);
+/// A root made now may delegate once: to operators' CAs.
+const ROOT_PATH_LEN: u8 = 1;
 const LEAF_VALIDITY: Duration = Duration::days(397);
 /// A leaf certificate this close to expiry is replaced on the next deploy.
 const RENEW_BEFORE: Duration = Duration::days(30);
@@ -73,6 +91,16 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("host name `{0}` cannot be used as a directory name")]
     BadHostName(String),
+    #[error("`{0}` is not an operator name (letters, digits, `.`, `-`, `_`, `@`; at most 64)")]
+    BadOperatorName(String),
+    #[error("operator `{0}` already exists")]
+    OperatorExists(String),
+    #[error("no operator `{0}`")]
+    NoOperator(String),
+    #[error("this controller holds an operator's CA, not the root CA: {0}")]
+    NotRoot(&'static str),
+    #[error("this CA was made before operators existed and cannot delegate to them")]
+    CannotDelegate,
 }
 
 type Result<T, E = PkiError> = std::result::Result<T, E>;
@@ -101,13 +129,16 @@ struct Meta {
     /// The DNS name a server certificate carries ([`agent_tls_name`]);
     /// empty otherwise (and in certificates of versions before it).
     tls_name: String,
+    /// For a CA: how many CAs may stand between it and a leaf (1 lets a
+    /// root delegate to operators; CAs made before operators have 0).
+    path_len: u8,
 }
 
 impl Meta {
     fn to_text(&self) -> String {
         format!(
-            "common_name={}\nnot_after_unix={}\nissuer_fingerprint={}\ntls_name={}\n",
-            self.common_name, self.not_after_unix, self.issuer_fingerprint, self.tls_name
+            "common_name={}\nnot_after_unix={}\nissuer_fingerprint={}\ntls_name={}\npath_len={}\n",
+            self.common_name, self.not_after_unix, self.issuer_fingerprint, self.tls_name, self.path_len
         )
     }
 
@@ -116,6 +147,7 @@ impl Meta {
         let mut not_after = None;
         let mut issuer = None;
         let mut tls_name = String::new();
+        let mut path_len = 0;
         for line in text.lines() {
             let (k, v) = line.split_once('=')?;
             match k {
@@ -123,10 +155,11 @@ impl Meta {
                 "not_after_unix" => not_after = v.parse().ok(),
                 "issuer_fingerprint" => issuer = Some(v.to_string()),
                 "tls_name" => tls_name = v.to_string(),
+                "path_len" => path_len = v.parse().ok()?,
                 _ => {}
             }
         }
-        Some(Self { common_name: cn?, not_after_unix: not_after?, issuer_fingerprint: issuer?, tls_name })
+        Some(Self { common_name: cn?, not_after_unix: not_after?, issuer_fingerprint: issuer?, tls_name, path_len })
     }
 }
 
@@ -159,23 +192,31 @@ impl Ca {
         }
         let cert_path = dir.join("ca.pem");
         if cert_path.exists() {
-            return Self::open(dir);
+            let ca = Self::open(dir)?;
+            if ca.is_root() && !dir.ends_with(NEXT) && !dir.join(OPERATOR_FILE).exists() {
+                write_public(&dir.join(OPERATOR_FILE), default_operator_name().as_bytes())?;
+            }
+            return Ok(ca);
         }
         let key = KeyPair::generate()?;
         let now = OffsetDateTime::now_utc();
         // A random suffix keeps two controllers' CAs apart in logs and
         // certificate viewers; the chain itself is tied to the key.
         let common_name = format!("mlopsctl CA {}", &hex::encode(Sha256::digest(key.public_key_pem()))[..12]);
-        let params = ca_params(&common_name, now);
+        let params = ca_params(&common_name, now, ROOT_PATH_LEN);
         let cert = params.self_signed(&key)?;
         let meta = Meta {
             common_name,
             not_after_unix: params.not_after.unix_timestamp(),
             issuer_fingerprint: String::new(),
             tls_name: String::new(),
+            path_len: ROOT_PATH_LEN,
         };
         write_private(&dir.join("ca.key"), key.serialize_pem().as_bytes())?;
         write_public(&dir.join("ca.json"), meta.to_text().as_bytes())?;
+        if !dir.ends_with(NEXT) && !dir.join(OPERATOR_FILE).exists() {
+            write_public(&dir.join(OPERATOR_FILE), default_operator_name().as_bytes())?;
+        }
         // The certificate goes last: its presence is what marks the CA as complete.
         write_public(&cert_path, cert.pem().as_bytes())?;
         Self::open(dir)
@@ -279,7 +320,35 @@ impl Ca {
     /// The controller's client identity, issued on first use and renewed when
     /// close to expiry or issued by another CA.
     pub fn client_identity(&self) -> Result<Identity> {
-        self.leaf(&self.dir.clone(), "client", "mlopsctl", Role::Client)
+        self.leaf(&self.dir.clone(), "client", &self.operator_name(), Role::Client)
+    }
+
+    /// The name of this controller's operator: its client certificate's
+    /// common name, which agents record with each deploy. `operator` in
+    /// the CA's directory (in the parent's for a rotation's next CA); a
+    /// root made before operators existed is named when first opened.
+    pub fn operator_name(&self) -> String {
+        let own = self.dir.join(OPERATOR_FILE);
+        let file = if self.dir.ends_with(NEXT) && !own.exists() {
+            self.dir.parent().map_or(own, |p| p.join(OPERATOR_FILE))
+        } else {
+            own
+        };
+        fs::read_to_string(file)
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "mlopsctl".into())
+    }
+
+    /// Whether this is a root CA (not an operator's, issued by a root).
+    pub fn is_root(&self) -> bool {
+        self.meta.issuer_fingerprint.is_empty()
+    }
+
+    /// Signs with this CA's key as `meta` describes its subject.
+    fn issuer(&self, now: OffsetDateTime) -> Issuer<'static, &KeyPair> {
+        Issuer::new(ca_params(&self.meta.common_name, now, self.meta.path_len), &self.key)
     }
 
     /// The server identity of host `name`, issued on first use. Reused as
@@ -334,14 +403,17 @@ impl Ca {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
         }
-        let issuer = Issuer::new(ca_params(&self.meta.common_name, now), &self.key);
-        let cert = params.signed_by(&key, &issuer)?;
-        let identity = Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        let cert = params.signed_by(&key, &self.issuer(now))?;
+        // Under an operator's CA, the chain carries that CA up to the root
+        // every peer trusts.
+        let chain = if self.is_root() { cert.pem() } else { format!("{}{}", cert.pem(), self.cert_pem) };
+        let identity = Identity { cert_pem: chain, key_pem: key.serialize_pem() };
         let meta = Meta {
             common_name: common_name.to_string(),
             not_after_unix: params.not_after.unix_timestamp(),
             issuer_fingerprint: self.fingerprint.clone(),
             tls_name,
+            path_len: 0,
         };
         write_private(&key_path, identity.key_pem.as_bytes())?;
         write_public(&cert_path, identity.cert_pem.as_bytes())?;
@@ -365,14 +437,267 @@ fn dn(common_name: &str) -> DistinguishedName {
 
 /// The CA's parameters. Issuing needs only its subject and key, so the same
 /// function rebuilds them from `ca.json` when the CA is loaded.
-fn ca_params(common_name: &str, not_before: OffsetDateTime) -> CertificateParams {
+fn ca_params(common_name: &str, not_before: OffsetDateTime, path_len: u8) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(common_name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = not_before;
     params.not_after = not_before + CA_VALIDITY;
     params
+}
+
+/// What an operator is given: the root to trust, a CA of its own, and the
+/// revocation list as it stands. Sealed into a bundle by the controller.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct OperatorGrant {
+    pub name: String,
+    pub root_pem: String,
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    /// The operator CA's subject and end of validity (what `ca.json` records).
+    pub ca_common_name: String,
+    pub ca_not_after_unix: i64,
+    pub crl_pem: String,
+    pub crl_number: u64,
+}
+
+impl std::fmt::Debug for OperatorGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorGrant").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// An operator the root delegated to (`operators/<name>.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct OperatorRecord {
+    pub name: String,
+    /// The serial number of its CA, hex.
+    pub serial: String,
+    /// sha256 of its CA certificate (DER), hex.
+    pub fingerprint: String,
+    pub added_unix: i64,
+    pub revoked_unix: Option<i64>,
+}
+
+/// The revocation list: its number (higher is newer) and PEM text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Crl {
+    pub number: u64,
+    pub pem: String,
+}
+
+/// `letters, digits, . - _ @`, 1 to 64 characters.
+pub fn is_operator_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
+}
+
+/// `user@hostname` of whoever runs this, as an operator name.
+fn default_operator_name() -> String {
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into());
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let name: String = format!("{user}@{host}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') { c } else { '_' })
+        .take(64)
+        .collect();
+    if is_operator_name(&name) { name } else { "operator".into() }
+}
+
+impl Ca {
+    /// Issues operator `name` a CA under this root and records it.
+    pub fn issue_operator(&self, name: &str) -> Result<OperatorGrant> {
+        if !is_operator_name(name) {
+            return Err(PkiError::BadOperatorName(name.to_string()));
+        }
+        if !self.is_root() {
+            return Err(PkiError::NotRoot("only the root's holder adds operators"));
+        }
+        if self.meta.path_len < 1 {
+            return Err(PkiError::CannotDelegate);
+        }
+        if name == self.operator_name() {
+            return Err(PkiError::OperatorExists(name.to_string()));
+        }
+        let _lock = lock(&self.dir)?;
+        let record_path = self.dir.join("operators").join(format!("{name}.json"));
+        if record_path.exists() {
+            return Err(PkiError::OperatorExists(name.to_string()));
+        }
+        let now = OffsetDateTime::now_utc();
+        let key = KeyPair::generate()?;
+        let mut serial = [0u8; 16];
+        key_random(&mut serial);
+        serial[0] &= 0x7f;
+        let common_name =
+            format!("mlopsctl operator {name} {}", &hex::encode(Sha256::digest(key.public_key_pem()))[..12]);
+        let mut params = ca_params(&common_name, now - Duration::hours(1), 0);
+        params.not_after = OffsetDateTime::from_unix_timestamp(self.meta.not_after_unix).unwrap_or(now + CA_VALIDITY);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer(now))?;
+        let der =
+            pem_to_der(&cert.pem()).ok_or(PkiError::Corrupt { path: record_path.clone(), what: "certificate" })?;
+        let record = OperatorRecord {
+            name: name.to_string(),
+            serial: hex::encode(serial),
+            fingerprint: hex::encode(Sha256::digest(der)),
+            added_unix: now.unix_timestamp(),
+            revoked_unix: None,
+        };
+        create_private_dir(&self.dir.join("operators"))?;
+        write_public(&record_path, &serde_json::to_vec_pretty(&record).expect("serializable"))?;
+        let crl = self.crl()?;
+        Ok(OperatorGrant {
+            name: name.to_string(),
+            root_pem: self.cert_pem.clone(),
+            ca_pem: cert.pem(),
+            ca_key_pem: key.serialize_pem(),
+            ca_common_name: common_name,
+            ca_not_after_unix: params.not_after.unix_timestamp(),
+            crl_pem: crl.pem,
+            crl_number: crl.number,
+        })
+    }
+
+    /// The operators this root delegated to, by name.
+    pub fn operators(&self) -> Result<Vec<OperatorRecord>> {
+        let dir = self.dir.join("operators");
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&dir) else { return Ok(out) };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                let text = read(&path)?;
+                out.push(serde_json::from_str(&text).map_err(|_| PkiError::Corrupt { path, what: "operator record" })?);
+            }
+        }
+        out.sort_by(|a: &OperatorRecord, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Revokes operator `name`: its CA goes on a new revocation list.
+    pub fn revoke_operator(&self, name: &str) -> Result<Crl> {
+        if !self.is_root() {
+            return Err(PkiError::NotRoot("only the root's holder removes operators"));
+        }
+        let _lock = lock(&self.dir)?;
+        let path = self.dir.join("operators").join(format!("{name}.json"));
+        if !is_operator_name(name) || !path.exists() {
+            return Err(PkiError::NoOperator(name.to_string()));
+        }
+        let mut record: OperatorRecord = serde_json::from_str(&read(&path)?)
+            .map_err(|_| PkiError::Corrupt { path: path.clone(), what: "operator record" })?;
+        let now = OffsetDateTime::now_utc();
+        if record.revoked_unix.is_none() {
+            record.revoked_unix = Some(now.unix_timestamp());
+            write_public(&path, &serde_json::to_vec_pretty(&record).expect("serializable"))?;
+        }
+        let revoked: Vec<rcgen::RevokedCertParams> = self
+            .operators()?
+            .into_iter()
+            .filter_map(|r| {
+                let serial = hex::decode(&r.serial).ok()?;
+                let when = OffsetDateTime::from_unix_timestamp(r.revoked_unix?).ok()?;
+                Some(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&serial),
+                    revocation_time: when,
+                    reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                })
+            })
+            .collect();
+        let number = self.crl()?.number + 1;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + CA_VALIDITY,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let pem = params.signed_by(&self.issuer(now))?.pem()?;
+        write_public(&self.dir.join("crl.pem"), pem.as_bytes())?;
+        write_public(&self.dir.join("crl.number"), number.to_string().as_bytes())?;
+        Ok(Crl { number, pem })
+    }
+
+    /// The revocation list as this controller knows it (number 0 and no
+    /// text before any operator was removed).
+    pub fn crl(&self) -> Result<Crl> {
+        // A rotation's next CA shares its parent's list (it revokes
+        // under the old root until the new one is promoted).
+        let dir = if self.dir.ends_with(NEXT) { self.dir.parent().unwrap_or(&self.dir) } else { &self.dir };
+        let number = match fs::read_to_string(dir.join("crl.number")) {
+            Ok(t) => {
+                t.trim().parse().map_err(|_| PkiError::Corrupt { path: dir.join("crl.number"), what: "number" })?
+            }
+            Err(_) => return Ok(Crl::default()),
+        };
+        Ok(Crl { number, pem: read(&dir.join("crl.pem"))? })
+    }
+
+    /// Keeps `crl` when it is newer than the one held (a list an agent or
+    /// a bundle brought): lists only grow.
+    pub fn adopt_crl(&self, crl: &Crl) -> Result<bool> {
+        if crl.number <= self.crl()?.number || crl.pem.is_empty() {
+            return Ok(false);
+        }
+        let _lock = lock(&self.dir)?;
+        write_public(&self.dir.join("crl.pem"), crl.pem.as_bytes())?;
+        write_public(&self.dir.join("crl.number"), crl.number.to_string().as_bytes())?;
+        Ok(true)
+    }
+}
+
+/// Makes `dir` (a new state directory's `pki/`) the PKI of the operator
+/// `grant` names: the root as `root.pem`, the operator's CA as its own.
+/// Refused when `dir` already holds a CA.
+pub fn join(dir: &Path, grant: &OperatorGrant) -> Result<Ca> {
+    create_private_dir(dir)?;
+    let _lock = lock(dir)?;
+    if dir.join("ca.pem").exists() {
+        return Err(PkiError::NotRoot("this state directory already has a CA; join into a new one (--state-dir)"));
+    }
+    let bad = |what| PkiError::Corrupt { path: dir.join("bundle"), what };
+    let root_der = pem_to_der(&grant.root_pem).ok_or(bad("root certificate"))?;
+    KeyPair::from_pem(&grant.ca_key_pem).map_err(|_| bad("operator key"))?;
+    pem_to_der(&grant.ca_pem).ok_or(bad("operator certificate"))?;
+    if !is_operator_name(&grant.name) {
+        return Err(PkiError::BadOperatorName(grant.name.clone()));
+    }
+    let meta = Meta {
+        common_name: grant.ca_common_name.clone(),
+        not_after_unix: grant.ca_not_after_unix,
+        issuer_fingerprint: hex::encode(Sha256::digest(root_der)),
+        tls_name: String::new(),
+        path_len: 0,
+    };
+    write_public(&dir.join("root.pem"), grant.root_pem.as_bytes())?;
+    write_public(&dir.join(OPERATOR_FILE), grant.name.as_bytes())?;
+    if !grant.crl_pem.is_empty() {
+        write_public(&dir.join("crl.pem"), grant.crl_pem.as_bytes())?;
+        write_public(&dir.join("crl.number"), grant.crl_number.to_string().as_bytes())?;
+    }
+    write_private(&dir.join("ca.key"), grant.ca_key_pem.as_bytes())?;
+    write_public(&dir.join("ca.json"), meta.to_text().as_bytes())?;
+    write_public(&dir.join("ca.pem"), grant.ca_pem.as_bytes())?;
+    Ca::open(dir)
+}
+
+/// Random bytes from the kernel (for serial numbers).
+fn key_random(buf: &mut [u8]) {
+    use std::io::Read;
+    if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).is_err() {
+        // A serial needs to be unique, not secret: fall back to the clock.
+        let t = OffsetDateTime::now_utc().unix_timestamp_nanos().to_be_bytes();
+        for (b, t) in buf.iter_mut().zip(t.iter().cycle()) {
+            *b ^= t;
+        }
+    }
 }
 
 /// Decodes the first certificate of a PEM text to DER.
@@ -513,6 +838,75 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden"] {
             assert!(ca.server_identity(bad).is_err(), "{bad}");
         }
+    }
+
+    fn ders(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        rustls_pemfile::certs(&mut pem.as_bytes()).map(Result::unwrap).collect()
+    }
+
+    /// Whether an agent trusting `root` (with `crl`, if any) accepts the client chain `pem`.
+    fn client_accepted(root: &str, crl: Option<&str>, pem: &str) -> bool {
+        use rustls::server::WebPkiClientVerifier;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ders(root).remove(0)).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut b = WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider);
+        if let Some(crl) = crl {
+            let der = rustls_pemfile::crls(&mut crl.as_bytes()).next().unwrap().unwrap();
+            b = b.with_crls([der]).allow_unknown_revocation_status();
+        }
+        let chain = ders(pem);
+        let now = rustls::pki_types::UnixTime::now();
+        b.build().unwrap().verify_client_cert(&chain[0], &chain[1..], now).is_ok()
+    }
+
+    #[test]
+    fn operators_get_a_ca_under_the_root_and_removal_revokes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Ca::open_or_create(&dir.path().join("a")).unwrap();
+        assert!(root.is_root());
+        let grant = root.issue_operator("bob").unwrap();
+        assert!(matches!(root.issue_operator("bob"), Err(PkiError::OperatorExists(_))));
+        assert!(matches!(root.issue_operator("../x"), Err(PkiError::BadOperatorName(_))));
+
+        let bob = join(&dir.path().join("b"), &grant).unwrap();
+        assert!(!bob.is_root());
+        assert_eq!(bob.operator_name(), "bob");
+        assert!(matches!(bob.issue_operator("carol"), Err(PkiError::NotRoot(_))), "no further delegation");
+        let client = bob.client_identity().unwrap();
+        assert_eq!(ders(&client.cert_pem).len(), 2, "the chain carries bob's CA");
+        assert!(client_accepted(root.cert_pem(), None, &client.cert_pem));
+        assert!(client_accepted(root.cert_pem(), None, &root.client_identity().unwrap().cert_pem));
+        // A server certificate bob issues verifies up to the root.
+        let server = bob.server_identity("web1").unwrap();
+        let chain = ders(&server.cert_pem);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ders(root.cert_pem()).remove(0)).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder(std::sync::Arc::new(roots)).build().unwrap();
+        let name = rustls::pki_types::ServerName::try_from(agent_tls_name("web1")).unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now()).unwrap();
+
+        let crl = root.revoke_operator("bob").unwrap();
+        assert_eq!(crl.number, 1);
+        assert!(!client_accepted(root.cert_pem(), Some(&crl.pem), &client.cert_pem), "bob is refused");
+        assert!(client_accepted(root.cert_pem(), Some(&crl.pem), &root.client_identity().unwrap().cert_pem));
+        assert!(root.operators().unwrap()[0].revoked_unix.is_some());
+        assert_eq!(root.revoke_operator("bob").unwrap().number, 2, "a new list each time");
+        assert!(matches!(root.revoke_operator("nobody"), Err(PkiError::NoOperator(_))));
+        // Lists only grow.
+        assert!(!bob.adopt_crl(&Crl { number: 0, pem: String::new() }).unwrap());
+        assert!(bob.adopt_crl(&crl).unwrap());
+        assert_eq!(bob.crl().unwrap().number, 1);
+    }
+
+    #[test]
+    fn a_root_made_before_operators_cannot_delegate() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::open_or_create(dir.path()).unwrap();
+        let meta = fs::read_to_string(dir.path().join("ca.json")).unwrap().replace("path_len=1\n", "");
+        fs::write(dir.path().join("ca.json"), meta).unwrap();
+        assert!(matches!(Ca::open(dir.path()).unwrap().issue_operator("bob"), Err(PkiError::CannotDelegate)));
     }
 
     #[test]

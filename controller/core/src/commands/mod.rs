@@ -13,9 +13,12 @@
 pub mod bundle;
 pub mod deploy;
 pub mod down;
+pub mod history;
 pub mod logs;
+pub mod operator;
 pub mod pki;
 pub mod secrets;
+pub mod state;
 pub mod status;
 pub mod sync;
 pub mod ui;
@@ -33,7 +36,6 @@ use mlops_ssh::SshOptions;
 use crate::ControllerError;
 use crate::agent_binary::AgentBinary;
 use crate::bootstrap::Context;
-use crate::client::ClientTls;
 use crate::progress::Report;
 use crate::state::StateDir;
 use crate::sync::{HashCache, LocalTree};
@@ -63,7 +65,7 @@ pub struct GlobalOptions {
 /// What every command needs: targets, state, TLS, SSH options.
 pub struct Setup {
     pub targets: Vec<Target>,
-    pub state: StateDir,
+    pub state: Arc<StateDir>,
     pub ctx: Arc<Context>,
     pub forks: usize,
 }
@@ -82,8 +84,9 @@ impl Setup {
         let targets = resolve_targets(g, &ssh_config)?;
 
         let state_path = g.state_dir.clone().unwrap_or_else(StateDir::default_path);
-        let state = StateDir::open(&state_path)?;
-        let tls = ClientTls::new(&state.trusted_pem()?, &state.client_identity()?)?;
+        operator::auto_join(&state_path, report)?;
+        let state = Arc::new(StateDir::open(&state_path)?);
+        let tls = state.client_tls()?;
         let binary = if needs_binary { Some(AgentBinary::locate(g.agent_binary.as_deref())?) } else { None };
 
         let mut ssh = SshOptions::new(g.known_hosts.clone().unwrap_or_else(|| home.join(".ssh/known_hosts")));
@@ -101,6 +104,7 @@ impl Setup {
             identities: g.identities.clone(),
             take_over: g.take_over,
             our_cas_pem: state.all_cas_pem()?,
+            state: Some(state.clone()),
         };
         Ok(Setup { targets, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
     }

@@ -78,6 +78,7 @@ fn context_with(setup: &Setup, tls: ClientTls, tls_cas: &str) -> Arc<Context> {
         take_over: false,
         // The setup's CAs, and the ones this step hands out.
         our_cas_pem: format!("{}{}", ctx.our_cas_pem, tls_cas),
+        state: None,
     })
 }
 
@@ -98,6 +99,13 @@ async fn push(
 pub async fn rotate(setup: &Setup, report: Arc<dyn Report>) -> Result<RotateReport, ControllerError> {
     let pki = setup.state.path.join("pki");
     let old = Ca::open(&pki)?;
+    if !old.is_root() {
+        return Err(ControllerError::usage(
+            "this controller holds an operator's CA: only the root's holder rotates the CA",
+            Some("run `mlopsctl pki rotate` on the controller that added you as an operator"),
+        ));
+    }
+    let crl = old.crl()?;
     let resumed = old.has_next();
     let next = old.next()?;
     report.info(&format!(
@@ -118,9 +126,9 @@ pub async fn rotate(setup: &Setup, report: Arc<dyn Report>) -> Result<RotateRepo
     let both_pem = format!("{}{}", old.cert_pem(), next.cert_pem());
     let mut bundles = BTreeMap::new();
     for t in &setup.targets {
-        bundles.insert(t.name.clone(), Bundle::new(&both_pem, next.server_identity(&cert_name(&t.name))?, t));
+        bundles.insert(t.name.clone(), Bundle::new(&both_pem, &crl, next.server_identity(&cert_name(&t.name))?, t));
     }
-    let ctx = context_with(setup, ClientTls::new(&both_pem, &old.client_identity()?)?, &both_pem);
+    let ctx = context_with(setup, ClientTls::new(&both_pem, &crl.pem, &old.client_identity()?)?, &both_pem);
     let both = push(setup, &ctx, bundles, &report).await;
     let (old_ca, new_ca) = (old.fingerprint().to_string(), next.fingerprint().to_string());
     if !both.failed.is_empty() {
@@ -133,9 +141,9 @@ pub async fn rotate(setup: &Setup, report: Arc<dyn Report>) -> Result<RotateRepo
     report.info(&format!("every host trusts the new CA; it is now the controller's ({})", &new.fingerprint()[..12]));
     let mut bundles = BTreeMap::new();
     for t in &setup.targets {
-        bundles.insert(t.name.clone(), Bundle::new(new.cert_pem(), new.server_identity(&cert_name(&t.name))?, t));
+        bundles.insert(t.name.clone(), Bundle::new(new.cert_pem(), &crl, new.server_identity(&cert_name(&t.name))?, t));
     }
-    let ctx = context_with(setup, ClientTls::new(new.cert_pem(), &new.client_identity()?)?, new.cert_pem());
+    let ctx = context_with(setup, ClientTls::new(new.cert_pem(), &crl.pem, &new.client_identity()?)?, new.cert_pem());
     let new_only = push(setup, &ctx, bundles, &report).await;
     Ok(RotateReport { old_ca, new_ca, both, new_only: Some(new_only), not_in_run })
 }
