@@ -16,10 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::Stream;
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    DockerStatus, DownRequest, EnsureDockerRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest,
-    HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply, HistoryRequest,
-    HostFacts, LogChunk, LogsRequest, Progress, PutSecretsRequest, Secrets, ServiceState, StackAction, StackEvent,
-    StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
+    DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind, GetFactsRequest,
+    GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply,
+    HistoryRequest, HostFacts, LogChunk, LogsRequest, Progress, PutSecretsRequest, Secrets, ServiceState, StackAction,
+    StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
     SyncUploadReply, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
@@ -126,6 +126,11 @@ fn failure_uncapped(e: &AgentError) -> Failure {
             EngineError::Io { path, .. } => {
                 f.path.clone_from(path);
                 FailureKind::Io
+            }
+            EngineError::CredentialChanged { service, variable, volume, secrets } => {
+                (f.service, f.field, f.path, f.output) =
+                    (service.clone(), variable.clone(), volume.clone(), secrets.join(","));
+                FailureKind::CredentialChanged
             }
         },
     };
@@ -462,7 +467,12 @@ impl Agent for AgentService {
         engine::sync::check_root(&req.files_root).map_err(AgentError::from)?;
         let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
-        let dirs = converge::StackDirs { files: self.sync.tree(&req.files_root), work: self.sync.work_dir() };
+        let dirs = converge::StackDirs {
+            files: self.sync.tree(&req.files_root),
+            work: self.sync.work_dir(),
+            credentials: self.state_dir.join("credentials").join(format!("{}.json", stack.project)),
+        };
+        let rotating = req.rotating.clone();
         let timeout = Duration::from_secs(if req.health_timeout_seconds == 0 {
             300
         } else {
@@ -474,8 +484,9 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             let _guard = guard;
             let project = stack.project.clone();
-            let work =
-                |events: Events| async move { converge::converge(&docker, &stack, &dirs, timeout, &events).await };
+            let work = |events: Events| async move {
+                converge::converge(&docker, &stack, &dirs, &rotating, timeout, &events).await
+            };
             let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
             end.record(&history, &project, &peer, "deploy");
         });
@@ -588,6 +599,28 @@ impl Agent for AgentService {
         })
         .await?;
         Ok(Response::new(Secrets { project: req.project, values: values.into_iter().collect() }))
+    }
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecReply>, Status> {
+        let peer = peer(&request);
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let timeout = Duration::from_secs(if req.timeout_seconds == 0 { 300 } else { u64::from(req.timeout_seconds) });
+        let env = req.env.into_iter().collect();
+        let (exit_code, output) =
+            engine::exec::exec(&docker, &req.project, &req.service, req.command, &env, req.stdin, timeout)
+                .await
+                .map_err(AgentError::from)?;
+        let (history, project) = (self.history.clone(), req.project.clone());
+        let detail = format!("{}: exec in {} exited {exit_code}", req.purpose, req.service);
+        let outcome = if exit_code == 0 { "ok" } else { "failed" };
+        blocking(move || {
+            history.record(&project, &peer, "exec", outcome, &detail);
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(ExecReply { exit_code, output }))
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {

@@ -105,7 +105,7 @@ pub mod failure {
         let code = match failure.kind() {
             FailureKind::BadRequest => Code::InvalidArgument,
             FailureKind::NotFound => Code::NotFound,
-            FailureKind::StackLocked => Code::FailedPrecondition,
+            FailureKind::StackLocked | FailureKind::CredentialChanged => Code::FailedPrecondition,
             FailureKind::EngineUnreachable | FailureKind::ShuttingDown => Code::Unavailable,
             FailureKind::Timeout => Code::DeadlineExceeded,
             FailureKind::DockerInstallFailed

@@ -58,11 +58,90 @@ pub struct StackOptions {
     /// Web UIs, for the access table and `mlopsctl ui NAME`.
     #[serde(default)]
     pub ui: BTreeMap<String, Ui>,
+    /// How secrets are rotated, by name (each one of `secrets`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rotate: BTreeMap<String, Rotation>,
+    /// The credentials in each service's environment (service, then
+    /// variable), as hashes: the agent refuses a deploy that would change
+    /// one for a service whose named volume already holds data (see
+    /// [`credential_variables`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credentials: BTreeMap<String, BTreeMap<String, Credential>>,
     /// Allow services the keys that give a container the host
     /// (`privileged`, `pid: host`, `network_mode: host`, binds of the Docker
     /// socket, powerful `cap_add`s). Off: such a stack is refused.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_host_access: bool,
+}
+
+/// One credential in a service's environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// sha256 of the project, the variable and its value (hex): compared,
+    /// never reversed.
+    pub sha256: String,
+    /// The secrets (`x-mlops.secrets` names) whose values it carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+}
+
+/// The variables of `environment` that hold credentials, with the secrets
+/// each carries: those whose value contains a secret's value (of at least
+/// 8 characters), and those named as credentials are (`PASSWORD`,
+/// `PASSWD`, `SECRET`, `TOKEN`, or ending in `_KEY`).
+pub fn credential_variables(
+    project: &str,
+    environment: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+) -> BTreeMap<String, Credential> {
+    use sha2::{Digest, Sha256};
+    let mut out = BTreeMap::new();
+    for (var, value) in environment {
+        let carried: Vec<String> = secrets
+            .iter()
+            .filter(|(_, v)| v.len() >= 8 && value.contains(v.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let upper = var.to_ascii_uppercase();
+        let named =
+            ["PASSWORD", "PASSWD", "SECRET", "TOKEN"].iter().any(|w| upper.contains(w)) || upper.ends_with("_KEY");
+        if carried.is_empty() && !named {
+            continue;
+        }
+        let sha256 = hex::encode(Sha256::digest(format!("mlops-credential\0{project}\0{var}\0{value}")));
+        out.insert(var.clone(), Credential { sha256, secrets: carried });
+    }
+    out
+}
+
+/// How a secret is changed on purpose (`mlopsctl secrets rotate NAME`),
+/// beyond deploying the new value (which recreates every service using it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// While the change is under way the variable holds `NEW,OLD` (as a
+    /// Fernet key list does: both decrypt, the first encrypts) until
+    /// `after` has moved everything to the new value; then `NEW` alone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_old: bool,
+    /// Run before the new value is deployed, in the running service that
+    /// holds data made with the old one, so that it accepts the new
+    /// (PostgreSQL's `ALTER ROLE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Hook>,
+    /// Run once the services run with the new value (re-encryption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Hook>,
+}
+
+/// A command a rotation runs in a service's container, with `MLOPS_OLD`
+/// and `MLOPS_NEW` in its environment (never on its command line).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    pub service: String,
+    pub command: Vec<String>,
+    /// Given on the command's standard input.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdin: String,
 }
 
 /// A service's web UI published on the host's loopback.

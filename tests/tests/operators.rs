@@ -260,3 +260,141 @@ fn operators_share_the_hosts_and_a_removed_one_is_refused() {
     assert!(run.stderr.contains("joined as operator `ci`"), "{}", run.stderr);
     assert_eq!(changed(&run), vec![Value::from(0), Value::from(0)]);
 }
+
+/// `db` as in [`SECRET_STACK`], a client `app` with the password in a
+/// URL, and how each secret is rotated: `before` changes the password the
+/// data holds (as `ALTER ROLE` would); `TOKEN` keeps the old value beside
+/// the new one until `after` has run (as a Fernet key does).
+const ROTATING_STACK: &str = r#"
+name: "{project}"
+x-mlops:
+  secrets: [DB_PASSWORD, TOKEN]
+  rotate:
+    DB_PASSWORD:
+      before: {service: db, command: ["sh", "-c", "echo \"$$MLOPS_NEW\" > /data/pw"]}
+    TOKEN:
+      keep_old: true
+      after: {service: db, command: ["sh", "-c", "echo \"$$MLOPS_NEW\" > /data/token && echo re-encrypted"]}
+services:
+  db:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; [ -f /data/pw ] || echo \"$$PASSWORD\" > /data/pw; sleep 3600 & wait"]
+    environment:
+      PASSWORD: ${DB_PASSWORD}
+      TOKEN: ${TOKEN}
+    volumes: ["data:/data"]
+    healthcheck:
+      test: ["CMD-SHELL", "test \"$$(cat /data/pw)\" = \"$$PASSWORD\""]
+      interval: 1s
+      retries: 3
+  app:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+    environment:
+      DB_URL: db://app:${DB_PASSWORD}@db/app
+    depends_on:
+      db: {condition: service_healthy}
+volumes:
+  data:
+"#;
+
+fn container_of(host: &TestHost, project: &str, service: &str) -> String {
+    host.docker(&[
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &format!("label=mlops.project={project}"),
+        "--filter",
+        &format!("label=mlops.service={service}"),
+    ])
+}
+
+#[test]
+fn credentials_change_only_on_purpose_and_rotation_keeps_the_stack_healthy() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "rot1");
+    let stack = TestStack::new(ROTATING_STACK).unwrap();
+    deploy(&env, &[&host], &stack, &[]).expect_code(0);
+    let (db, app) = (container_of(&host, &stack.project, "db"), container_of(&host, &stack.project, "app"));
+    let (first, _) = held(&host, &stack.project);
+
+    // A model that would start `db` with another password than its data
+    // holds is refused before anything is touched, naming what and why.
+    stack
+        .write_compose(&ROTATING_STACK.replace("PASSWORD: ${DB_PASSWORD}", "PASSWORD: ${DB_PASSWORD}-changed"))
+        .unwrap();
+    let refused = deploy(&env, &[&host], &stack, &[]).expect_code(1).json();
+    let h = &refused["hosts"][0];
+    assert!(h["error"].as_str().unwrap().contains("service `db`: `PASSWORD` differs"), "{h:#}");
+    assert!(h["error"].as_str().unwrap().contains(&format!("{}_data", stack.project)), "{h:#}");
+    assert!(h["hint"].as_str().unwrap().contains("mlopsctl secrets rotate DB_PASSWORD"), "{h:#}");
+    assert_eq!(container_of(&host, &stack.project, "db"), db, "nothing touched");
+    stack.write_compose(ROTATING_STACK).unwrap();
+    // So is a host whose stored password was changed by hand (as a second
+    // controller with its own secrets once did).
+    let file = host.path(&format!("/var/lib/mlops-agent/secrets/{}.json", stack.project));
+    let original = std::fs::read_to_string(&file).unwrap();
+    let mut changed = first.clone();
+    changed.insert("DB_PASSWORD".into(), "changed-by-hand-0123456789".into());
+    std::fs::write(&file, serde_json::to_string(&serde_json::json!({ "values": changed })).unwrap()).unwrap();
+    deploy(&env, &[&host], &stack, &[]).expect_code(1);
+    assert_eq!(container_of(&host, &stack.project, "db"), db);
+    std::fs::write(&file, original).unwrap();
+
+    // A rotation while a service is down is refused, changing nothing.
+    host.docker(&["stop", "-t", "1", &app]);
+    let key = env.key.display().to_string();
+    let dir = stack.path().display().to_string();
+    let spec = host.spec("root");
+    let rotate = |name: &str| {
+        env.ctl(&["secrets", "rotate", name, "--stack", &dir, "--identity", &key, "--host", &spec, "--output", "json"])
+    };
+    let run = rotate("DB_PASSWORD").expect_code(1);
+    assert!(run.stdout.contains("`app` is exited"), "{}", run.stdout);
+    assert_eq!(held(&host, &stack.project).0, first, "nothing changed");
+    host.docker(&["start", &app]);
+    deploy(&env, &[&host], &stack, &[]).expect_code(0);
+
+    // The rotation: the data takes the new password, then everything
+    // using it is recreated with it and healthy.
+    let run = rotate("DB_PASSWORD").expect_code(0);
+    let json = run.json();
+    assert_eq!(json["done"], true, "{json:#}");
+    let (after, _) = held(&host, &stack.project);
+    assert_ne!(after["DB_PASSWORD"], first["DB_PASSWORD"]);
+    assert_eq!(after["TOKEN"], first["TOKEN"], "the other secret is untouched");
+    assert!(!run.stdout.contains(&after["DB_PASSWORD"]) && !run.stderr.contains(&after["DB_PASSWORD"]));
+    assert_ne!(container_of(&host, &stack.project, "db"), db, "db runs with the new value");
+    assert_ne!(container_of(&host, &stack.project, "app"), app, "so does its client");
+    let pw = host.docker(&["exec", &container_of(&host, &stack.project, "db"), "cat", "/data/pw"]);
+    assert_eq!(pw.trim(), after["DB_PASSWORD"], "the data holds the new password");
+    // A deploy afterwards is a no-op: the record follows the rotation.
+    let again = deploy(&env, &[&host], &stack, &[]).expect_code(0);
+    assert_eq!(changed_count(&again), 0);
+
+    // keep_old: NEW,OLD first, the `after` step, then NEW alone.
+    let run = rotate("TOKEN").expect_code(0);
+    let json = run.json();
+    assert_eq!(json["deploys"].as_array().unwrap().len(), 2, "{json:#}");
+    assert!(json["steps"][0]["output"].as_str().unwrap().contains("re-encrypted"), "{json:#}");
+    let (last, _) = held(&host, &stack.project);
+    assert!(!last["TOKEN"].contains(','), "the old value is dropped at the end");
+    assert_ne!(last["TOKEN"], first["TOKEN"]);
+    let token = host.docker(&["exec", &container_of(&host, &stack.project, "db"), "cat", "/data/token"]);
+    assert_eq!(token.trim(), last["TOKEN"]);
+
+    // The history says who rotated what.
+    let history = env
+        .ctl(&["history", "--identity", &key, "--host", &spec, "--stack", &dir, "--last", "0", "--output", "json"])
+        .expect_code(0)
+        .json();
+    let details: Vec<&str> =
+        history["hosts"][0]["entries"].as_array().unwrap().iter().map(|e| e["detail"].as_str().unwrap()).collect();
+    assert!(details.iter().any(|d| d.starts_with("secrets rotate DB_PASSWORD: before")), "{details:?}");
+    assert!(details.iter().any(|d| d.starts_with("replaced DB_PASSWORD")), "{details:?}");
+}
+
+fn changed_count(run: &CtlRun) -> i64 {
+    run.json()["hosts"][0]["result"]["stack"]["changed"].as_i64().unwrap()
+}

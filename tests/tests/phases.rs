@@ -46,7 +46,11 @@ async fn each_phase_of_converge_works_on_its_own() {
 
     // 2. Images: built, then current (the context hash is unchanged).
     let work = tempfile::tempdir().unwrap();
-    let dirs = converge::StackDirs { files: dir.path().to_path_buf(), work: work.path().join("tmp") };
+    let dirs = converge::StackDirs {
+        files: dir.path().to_path_buf(),
+        work: work.path().join("tmp"),
+        credentials: work.path().join("credentials.json"),
+    };
     let built = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();
     assert!(built.changed);
     let again = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();

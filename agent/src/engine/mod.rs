@@ -10,6 +10,7 @@
 //!   changing only what differs, in named phases; `down` and `status`.
 //! - [`watch`]: health transitions from Docker events, and logs.
 //! - [`lock`]: one deploy per stack at a time.
+//! - [`exec`]: a command in a running service's container (secret rotation).
 //!
 //! The engine knows nothing of the RPC layer: it reports through its own
 //! types ([`Event`], [`EngineError`], [`ServiceStatus`],
@@ -21,6 +22,7 @@ pub mod build;
 pub mod confine;
 pub mod converge;
 pub mod docker;
+pub mod exec;
 pub mod lock;
 pub mod sync;
 pub mod watch;
@@ -64,6 +66,12 @@ pub enum EngineError {
     Exited { service: String, code: i64, logs: String },
     #[error("service `{service}` was not {condition} after {seconds} s{detail}")]
     Timeout { service: String, condition: String, seconds: u64, detail: String },
+    /// A model would start `service` with another value of `variable`
+    /// than the data in `volume` was made with.
+    #[error(
+        "service `{service}`: `{variable}` differs from the value the data in volume `{volume}` was made with; refused before anything was changed"
+    )]
+    CredentialChanged { service: String, variable: String, volume: String, secrets: Vec<String> },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -575,13 +575,25 @@ fn remove_unlisted(
         // manifest implies its parents).
         let keep_dir = is_dir && implied.contains(&child);
         if keep_dir {
-            let sub = rustix::fs::openat(
+            let sub = match rustix::fs::openat(
                 dir,
                 name.as_os_str(),
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
-            )
-            .map_err(|e| io(&child)(e.into()))?;
+            ) {
+                Ok(sub) => sub,
+                // Gone since it was listed (a container sharing the tree
+                // removed it): nothing is left to remove.
+                Err(rustix::io::Errno::NOENT) => continue,
+                // Swapped for a link or a file since it was listed: it is
+                // not the directory the manifest means; removed as what it is.
+                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                    confine::remove_all_at(dir, &name).map_err(io(&child))?;
+                    removed += 1;
+                    continue;
+                }
+                Err(e) => return Err(io(&child)(e.into())),
+            };
             removed += remove_unlisted(tree, sub.as_fd(), &child, listed, implied)?;
         } else if !listed.contains(&child) {
             confine::remove_all_at(dir, &name).map_err(io(&child))?;

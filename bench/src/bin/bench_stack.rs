@@ -115,6 +115,7 @@ async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Res
         holder: "mlops-bench-stack".into(),
         files_root: root,
         health_timeout_seconds: 120,
+        rotating: Vec::new(),
     };
     let converge = |conn: &mut AgentConn, request: ConvergeRequest| {
         let mut client = conn.raw().clone();

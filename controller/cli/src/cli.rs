@@ -124,6 +124,8 @@ pub enum Command {
     },
     /// Show the stack's credentials as its hosts hold them (root only on each host); hosts that disagree are reported.
     Secrets {
+        #[command(subcommand)]
+        command: Option<SecretsCommand>,
         #[command(flatten)]
         stack: StackArgs,
         /// Show this controller's copy (the state directory, mode 0600) without asking the hosts.
@@ -255,6 +257,22 @@ pub enum StateCommand {
 }
 
 #[derive(Subcommand)]
+pub enum SecretsCommand {
+    /// Change secret NAME everywhere it is used (the stack's rotation steps, e.g. ALTER ROLE), healthy before and after.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Seconds each service may take to become healthy again.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        health_timeout: u32,
+        /// As the stack was deployed: its ports published on every address.
+        #[arg(long)]
+        expose: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum PkiCommand {
     /// Make a new CA and re-key every host's agent with it, trusting both CAs during the switch (resumable).
     Rotate,
@@ -314,6 +332,7 @@ mod tests {
         let lines = [
             "deploy --take-over --skip grafana",
             "secrets --cached",
+            "secrets rotate POSTGRES_PASSWORD --project p",
             "ui airflow --port 1",
             "status",
             "sync",

@@ -21,7 +21,7 @@ use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsO
 use mlops_controller::progress::Report;
 use mlops_controller::state::StateDir;
 
-use crate::cli::{AgentCommand, Cli, Command, OperatorCommand, PkiCommand, StateCommand};
+use crate::cli::{AgentCommand, Cli, Command, OperatorCommand, PkiCommand, SecretsCommand, StateCommand};
 use crate::printer::{EXIT_USAGE, Printer};
 
 fn main() {
@@ -102,7 +102,10 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
         }
         _ => {}
     }
-    let needs_binary = matches!(cli.command, Command::Deploy { .. } | Command::Pki { .. } | Command::Operator { .. });
+    let needs_binary = matches!(
+        cli.command,
+        Command::Deploy { .. } | Command::Pki { .. } | Command::Operator { .. } | Command::Secrets { command: Some(_), .. }
+    );
     let mut options = cli.global.options();
     options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
@@ -115,12 +118,24 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 install_docker: !no_docker_install,
                 expose,
                 health_timeout,
+                rotating: Vec::new(),
             };
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
         }
-        Command::Secrets { stack, cached } => {
+        Command::Secrets { command: None, stack, cached } => {
             printer.secrets(&commands::secrets::secrets(&setup, &stack.into(), cached, report).await?)
+        }
+        Command::Secrets { command: Some(SecretsCommand::Rotate { name, stack, health_timeout, expose }), .. } => {
+            let opts = DeployOptions {
+                stack: stack.into(),
+                no_stack: false,
+                install_docker: false,
+                expose,
+                health_timeout,
+                rotating: Vec::new(),
+            };
+            printer.rotated(&commands::rotate::rotate(&setup, &opts, &name, report).await?)
         }
         Command::Ui { name, stack, port } => {
             let shutdown = async {

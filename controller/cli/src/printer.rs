@@ -19,7 +19,8 @@ use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
-use mlops_controller::commands::pki::RotateReport;
+use mlops_controller::commands::pki::RotateReport as PkiRotateReport;
+use mlops_controller::commands::rotate::RotateReport;
 use mlops_controller::commands::secrets::SecretsReport;
 use mlops_controller::commands::state::Moved;
 use mlops_controller::commands::status::HostStatus;
@@ -252,7 +253,7 @@ impl Printer {
         exit_code(r)
     }
 
-    pub fn pki_rotate(&self, r: &RotateReport) -> i32 {
+    pub fn pki_rotate(&self, r: &PkiRotateReport) -> i32 {
         // The step that decides: the last one that ran.
         let final_step = r.new_only.as_ref().unwrap_or(&r.both);
         match self.output {
@@ -356,6 +357,44 @@ impl Printer {
             }
         }
         if r.disagreements.is_empty() && r.hosts.failed.is_empty() { 0 } else { EXIT_HOST_FAILED }
+    }
+
+    pub fn rotated(&self, r: &RotateReport) -> i32 {
+        let mut failed: Vec<&(String, ControllerError)> = r.refused.failed.iter().collect();
+        for d in &r.deploys {
+            failed.extend(d.hosts.failed.iter());
+        }
+        match self.output {
+            Output::Json => self.json(&json!({
+                "project": r.project, "secret": r.name, "done": r.done, "steps": r.steps,
+                "deploys": r.deploys.iter().map(|d| json!({
+                    "hosts": d.hosts.ok.iter().map(|(h, o)| json!({"host": h, "changed": o.stack.as_ref().map_or(0, |s| s.changed)})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "failed": failed.iter().map(|(h, e)| json!({"host": h, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})).collect::<Vec<_>>(),
+            })),
+            Output::Text => {
+                for s in &r.steps {
+                    let last = s.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+                    self.stdout(&format!("{}: {} ok{}", s.host, s.step, if last.is_empty() { String::new() } else { format!(" ({})", neutralise(last)) }));
+                }
+                for d in &r.deploys {
+                    for (h, o) in &d.hosts.ok {
+                        let changed = o.stack.as_ref().map_or(0, |s| s.changed);
+                        self.stdout(&format!("{h}: deployed with the new value; {changed} service(s) recreated, all healthy"));
+                    }
+                }
+                if r.done {
+                    self.stdout(&format!("`{}` of stack `{}` rotated; `mlopsctl secrets` shows the new value", r.name, r.project));
+                } else if !failed.is_empty() {
+                    let mut text = format!("error: the rotation of `{}` stopped", r.name);
+                    for (h, e) in &failed {
+                        text.push_str(&format!("\n  {h}:\n{}", render_error(e, "    ")));
+                    }
+                    self.stderr_line(&text);
+                }
+            }
+        }
+        if r.done { 0 } else { EXIT_HOST_FAILED }
     }
 
     pub fn operator_added(&self, a: &Added) -> i32 {

@@ -150,9 +150,26 @@ pub fn parse(
     options: &LoadOptions,
 ) -> Result<Loaded, ComposeError> {
     let root = yaml_tree(text, file)?;
-    let mut p = Parser { file: file.to_path_buf(), dir: dir.to_path_buf(), env, warnings: Vec::new() };
+    let mut p = Parser {
+        file: file.to_path_buf(),
+        dir: dir.to_path_buf(),
+        env,
+        warnings: Vec::new(),
+        rotate_at: BTreeMap::new(),
+    };
     let root = p.interpolate_tree(root)?;
-    let stack = p.stack(&root, options)?;
+    let mut stack = p.stack(&root, options)?;
+    // Which variables carry credentials, with the secrets' values at hand.
+    let secrets: BTreeMap<String, String> =
+        stack.options.secrets.iter().filter_map(|n| env.get(n).map(|v| (n.clone(), v.clone()))).collect();
+    stack.options.credentials = stack
+        .services
+        .iter()
+        .map(|(name, svc)| {
+            (name.clone(), mlops_proto::stack::credential_variables(&stack.project, &svc.environment, &secrets))
+        })
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
     p.warnings.sort_by_key(|w| (w.line, w.column));
     // Each thing is said once: an unset variable (as Compose does) at the
     // first place that names it, whether a string names it twice or an
@@ -167,6 +184,9 @@ struct Parser<'a> {
     dir: PathBuf,
     env: &'a BTreeMap<String, String>,
     warnings: Vec<Warning>,
+    /// Where each `x-mlops.rotate` entry is, for errors found once the
+    /// services are known.
+    rotate_at: BTreeMap<String, Node>,
 }
 
 type R<T> = Result<T, ComposeError>;
@@ -410,6 +430,16 @@ impl Parser<'_> {
     }
 
     fn validate(&self, stack: &Stack, positions: &BTreeMap<String, Node>) -> R<()> {
+        for (secret, rotation) in &stack.options.rotate {
+            for hook in rotation.before.iter().chain(&rotation.after) {
+                if !stack.services.contains_key(&hook.service) {
+                    return Err(self.err(
+                        &self.rotate_at[secret],
+                        format!("x-mlops.rotate.{secret}: no service `{}` in the stack", hook.service),
+                    ));
+                }
+            }
+        }
         for (name, svc) in &stack.services {
             let at = &positions[name];
             if svc.image.is_none() && svc.build.is_none() {
@@ -504,10 +534,51 @@ impl Parser<'_> {
                         o.ui.insert(uk.as_key().unwrap_or_default(), ui);
                     }
                 }
+                "rotate" => {
+                    for (rk, rv) in self.map(v, "x-mlops.rotate")? {
+                        let name = rk.as_key().unwrap_or_default();
+                        let mut rotation = mlops_proto::stack::Rotation::default();
+                        for (fk, fv) in self.map(rv, "x-mlops.rotate entry")? {
+                            match fk.as_key().unwrap_or_default().as_str() {
+                                "keep_old" => rotation.keep_old = self.bool(fv, "keep_old")?,
+                                "before" => rotation.before = Some(self.hook(fv, "before")?),
+                                "after" => rotation.after = Some(self.hook(fv, "after")?),
+                                other => self.warn(fk, format!("unknown key `{other}` in x-mlops.rotate is ignored")),
+                            }
+                        }
+                        o.rotate.insert(name.clone(), rotation);
+                        self.rotate_at.insert(name, rk.clone());
+                    }
+                }
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
         }
+        // Checked once every key was read: `rotate` may come before `secrets`.
+        for (name, at) in &self.rotate_at {
+            if !o.secrets.contains(name) {
+                return Err(
+                    self.err(at, format!("x-mlops.rotate: `{name}` is not one of x-mlops.secrets (list it there)"))
+                );
+            }
+        }
         Ok(o)
+    }
+
+    /// A rotation step: `service`, `command` (a list) and `stdin`.
+    fn hook(&mut self, node: &Node, what: &str) -> R<mlops_proto::stack::Hook> {
+        let mut hook = mlops_proto::stack::Hook::default();
+        for (k, v) in self.map(node, &format!("x-mlops.rotate {what}"))? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "service" => hook.service = self.string(v, "service")?,
+                "command" => hook.command = self.string_list(v, "command")?,
+                "stdin" => hook.stdin = self.string(v, "stdin")?,
+                other => self.warn(k, format!("unknown key `{other}` in x-mlops.rotate {what} is ignored")),
+            }
+        }
+        if hook.service.is_empty() || hook.command.is_empty() {
+            return Err(self.err(node, format!("x-mlops.rotate {what} needs `service` and `command`")));
+        }
+        Ok(hook)
     }
 
     /// A top-level network or volume: both are `external`, `name` and

@@ -71,6 +71,9 @@ pub enum ControllerError {
     AgentTooOld { host: String, level: u32, needed: u32 },
     #[error(transparent)]
     Secrets(#[from] SecretsConflict),
+    /// A secret rotation stopped at a step (before or after the value changed; the message says).
+    #[error("{}{message}", if host.is_empty() { String::new() } else { format!("{host}: ") })]
+    RotationRefused { host: String, message: String },
     #[error("local command failed: {0}")]
     Local(String),
     /// Flags or arguments that do not fit together (exit code 2).
@@ -165,6 +168,7 @@ impl ControllerError {
                 "look at the agent's log on the host: `journalctl -u mlops-agent` (systemd) or /var/log/mlops-agent/agent.log".into()
             }
             ControllerError::Secrets(SecretsConflict::Disagree { .. }) => "each host keeps the credentials its containers and data were made with, so none is overwritten; `mlopsctl secrets` shows which host holds what. Deploy those hosts as separate projects (--project), or leave the odd ones out with --limit".into(),
+            ControllerError::RotationRefused { .. } => "a rotation changes nothing until every host answers, runs the stack healthy and holds the same value; `mlopsctl status` and `mlopsctl secrets` show where things stand, and the command can be run again".into(),
             ControllerError::Secrets(SecretsConflict::Unknown { .. }) => "deploy again when every host answers, or leave the silent hosts out with --limit".into(),
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
@@ -241,6 +245,18 @@ fn failure_hint(f: &Failure) -> Option<String> {
             "the agent refused `{}`; if this controller and the agent differ in version, `mlopsctl deploy` upgrades the agent",
             f.field
         ),
+        FailureKind::CredentialChanged => {
+            let secret = f.output.split(',').find(|s| !s.is_empty());
+            format!(
+                "the data in volume `{}` was made with the old value of `{}`; {}, or start that data afresh with `mlopsctl down --volumes` (it deletes the data)",
+                f.path,
+                f.field,
+                match secret {
+                    Some(name) => format!("change it with `mlopsctl secrets rotate {name}` (it changes the data too)"),
+                    None => "put the old value back".to_string(),
+                }
+            )
+        }
         FailureKind::ShuttingDown => "the agent was stopping (a restart or upgrade); run the command again".into(),
         FailureKind::Io => format!("check `{}` on the host (space, permissions)", f.path),
         _ => return None,

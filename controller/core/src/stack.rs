@@ -31,6 +31,8 @@ pub struct StackPlan {
     pub holder: String,
     /// Sync files only.
     pub sync_only: bool,
+    /// Secrets a rotation is changing (see `ConvergeRequest.rotating`).
+    pub rotating: Vec<String>,
 }
 
 impl StackPlan {
@@ -183,6 +185,7 @@ pub async fn apply(
         holder: plan.holder.clone(),
         files_root: plan.files_root(),
         health_timeout_seconds: plan.health_timeout_seconds,
+        rotating: plan.rotating.clone(),
     };
     let stream = conn.raw().converge(request).await.map_err(|s| rpc("Converge", s))?.into_inner();
     let done = follow(&host, "Converge", stream, progress).await?;

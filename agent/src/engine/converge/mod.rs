@@ -3,6 +3,8 @@
 //! A converge is a sequence of phases, each in its own module and usable on
 //! its own (the coming `plan` and `rollback` reuse them):
 //!
+//! 0. [`credentials`]: no credential of data that exists changes (unless a
+//!    rotation changed it in the data first); nothing is touched otherwise;
 //! 1. [`resources`]: the stack's networks and volumes exist;
 //! 2. [`images`]: every service's image is here (built when its context
 //!    changed, pulled when missing), giving each service's image ID;
@@ -19,6 +21,7 @@
 //! [`status`] reads a project's containers (also for `StackStatus` and
 //! `Logs`); [`down`] removes a project.
 
+pub mod credentials;
 pub mod health;
 pub mod images;
 pub mod orphans;
@@ -45,6 +48,9 @@ pub struct StackDirs {
     pub files: PathBuf,
     /// A root-owned 0700 directory of the agent's (see `SyncStore::work_dir`).
     pub work: PathBuf,
+    /// The record of the credentials its volumes' data was made with (see
+    /// [`credentials`]).
+    pub credentials: PathBuf,
 }
 
 /// Brings the stack to the model; returns every service's state.
@@ -52,12 +58,14 @@ pub async fn converge(
     docker: &Docker,
     stack: &Stack,
     dirs: &StackDirs,
+    rotating: &[String],
     health_timeout: Duration,
     ev: &Events,
 ) -> Result<Outcome, EngineError> {
     let files_dir = dirs.files.as_path();
     check_nested_binds(stack, files_dir)?;
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
+    credentials::check_and_record(docker, stack, &dirs.credentials, rotating).await?;
     let mut changed = resources::ensure(docker, stack, &order, ev).await?;
     let images = images::ensure(docker, stack, &order, dirs, ev).await?;
     changed |= images.changed;

@@ -26,6 +26,8 @@ pub struct DeployOptions {
     pub expose: bool,
     /// Seconds each service may take to become healthy.
     pub health_timeout: u32,
+    /// Secrets a rotation is changing (`secrets rotate`; empty otherwise).
+    pub rotating: Vec<String>,
 }
 
 /// What `deploy` did: per host, and the stack model it deployed (for the
@@ -140,6 +142,7 @@ pub async fn deploy(
                         health_timeout_seconds: opts.health_timeout,
                         holder: stack::holder(),
                         sync_only: false,
+                        rotating: opts.rotating.clone(),
                     };
                     (Some((plan, resolved.values)), Some(model.stack))
                 }

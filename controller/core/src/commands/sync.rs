@@ -24,6 +24,7 @@ pub async fn sync(
         health_timeout_seconds: 0,
         holder: stack::holder(),
         sync_only: true,
+        rotating: Vec::new(),
     });
     Ok(per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
         let plan = plan.clone();
