@@ -192,9 +192,15 @@ fn operators_share_the_hosts_and_a_removed_one_is_refused() {
         secrets(&a, &hosts, &stack).json()["secrets"]
     );
 
-    // The agents recorded who did what.
+    // The agents recorded who did what; `status` shows the last change.
     let dir = stack.path().to_str().unwrap().to_string();
     let key = a.key.display().to_string();
+    let status = a
+        .ctl(&["status", "--identity", &key, "--host", &h1.spec("root"), "--stack", &dir, "--output", "json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(status["hosts"][0]["last_change"]["operator"], "bob", "{status:#}");
+    assert_eq!(status["hosts"][0]["last_change"]["action"], "deploy");
     let history = a
         .ctl(&["history", "--identity", &key, "--host", &h1.spec("root"), "--stack", &dir, "--output", "json"])
         .expect_code(0)
@@ -259,6 +265,21 @@ fn operators_share_the_hosts_and_a_removed_one_is_refused() {
     let run = ci.ctl_with(&args, &env).expect_code(0);
     assert!(run.stderr.contains("joined as operator `ci`"), "{}", run.stderr);
     assert_eq!(changed(&run), vec![Value::from(0), Value::from(0)]);
+
+    // The controller moves to another machine: its state, sealed, opens
+    // there (never over a CA), and deploys exactly as before.
+    let exported = a.dir.path().join("state.age");
+    let exported = exported.to_str().unwrap();
+    a.ctl(&["state", "export", "--out", exported, "--passphrase-file", pass, "--host", NO_HOST]).expect_code(0);
+    let moved = TestEnv::new().unwrap();
+    moved.trust(&h1).unwrap();
+    moved.trust(&h2).unwrap();
+    moved.ctl(&["state", "import", exported, "--passphrase-file", pass, "--host", NO_HOST]).expect_code(0);
+    moved.ctl(&["state", "import", exported, "--passphrase-file", pass, "--host", NO_HOST]).expect_code(2);
+    let pids = agent_pids(&hosts);
+    let again = deploy(&moved, &hosts, &stack, &[]).expect_code(0);
+    assert_eq!(changed(&again), vec![Value::from(0), Value::from(0)]);
+    assert_eq!(agent_pids(&hosts), pids, "the moved controller is the same controller to the agents");
 }
 
 /// `db` as in [`SECRET_STACK`], a client `app` with the password in a

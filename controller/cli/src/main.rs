@@ -104,7 +104,10 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
     }
     let needs_binary = matches!(
         cli.command,
-        Command::Deploy { .. } | Command::Pki { .. } | Command::Operator { .. } | Command::Secrets { command: Some(_), .. }
+        Command::Deploy { .. }
+            | Command::Pki { .. }
+            | Command::Operator { .. }
+            | Command::Secrets { command: Some(_), .. }
     );
     let mut options = cli.global.options();
     options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });

@@ -596,6 +596,9 @@ impl Printer {
                             Some(Err(e)) => v["services_error"] = json!(e),
                             None => {}
                         }
+                        if let Some(last) = &h.last {
+                            v["last_change"] = json!(last);
+                        }
                         v
                     })
                     .collect();
@@ -633,6 +636,18 @@ impl Printer {
                 if !listed.is_empty() {
                     self.stdout("");
                     self.stdout(&services_table(listed.into_iter()));
+                }
+                for h in hosts {
+                    if let Some(last) = &h.last {
+                        self.stderr_line(&format!(
+                            "{}: last change {} UTC by {}: {} ({})",
+                            h.outcome.host,
+                            unix_date((last.unix_ms / 1000) as i64),
+                            neutralise(&last.operator),
+                            last.action,
+                            last.outcome
+                        ));
+                    }
                 }
                 for h in hosts {
                     if let Some(Err(e)) = &h.services {

@@ -696,7 +696,7 @@ pub async fn status_host(
     target: &Target,
     ctx: &Context,
     project: Option<&str>,
-) -> (StatusOutcome, Option<Result<Vec<crate::stack::ServiceOutcome>, String>>) {
+) -> (StatusOutcome, Option<Result<crate::stack::StackState, String>>) {
     let mut out = StatusOutcome {
         host: target.name.clone(),
         address: target.display_address(),
@@ -727,7 +727,7 @@ pub async fn status_host(
             out.agent = Some(agent_info(&hello, &facts));
             out.facts = Some(FactsSummary::from_facts(&facts));
             if let Some(p) = project {
-                services = Some(crate::stack::status(&mut conn, p).await.map(|(s, _)| s).map_err(|e| error_chain(&e)));
+                services = Some(crate::stack::status(&mut conn, p).await.map_err(|e| error_chain(&e)));
             }
         }
         Err(e) => (out.error, out.hint) = (Some(error_chain(&e)), e.hint()),

@@ -226,7 +226,26 @@ pub async fn down(
     Ok(follow(&host, "Down", stream, progress).await?.detail)
 }
 
-pub async fn status(conn: &mut AgentConn, project: &str) -> Result<(Vec<ServiceOutcome>, String), ControllerError> {
+/// The last thing done to a project on a host, and by whom (the agent's history).
+#[derive(Debug, Clone, Serialize)]
+pub struct LastChange {
+    pub unix_ms: u64,
+    /// The operator: the common name of the client certificate it came with.
+    pub operator: String,
+    pub action: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// What a host runs of a project: its services, who holds its deploy lock
+/// (if anyone), and the last change.
+pub struct StackState {
+    pub services: Vec<ServiceOutcome>,
+    pub lock_holder: String,
+    pub last: Option<LastChange>,
+}
+
+pub async fn status(conn: &mut AgentConn, project: &str) -> Result<StackState, ControllerError> {
     let host = conn.host().to_string();
     let reply = conn
         .raw()
@@ -234,7 +253,17 @@ pub async fn status(conn: &mut AgentConn, project: &str) -> Result<(Vec<ServiceO
         .await
         .map_err(|s| ControllerError::from_status(&host, "StackStatus", &s))?
         .into_inner();
-    Ok((reply.services.into_iter().map(ServiceOutcome::from).collect(), reply.lock_holder))
+    Ok(StackState {
+        services: reply.services.into_iter().map(ServiceOutcome::from).collect(),
+        lock_holder: reply.lock_holder,
+        last: reply.last.map(|e| LastChange {
+            unix_ms: e.unix_ms,
+            operator: e.operator,
+            action: e.action,
+            outcome: e.outcome,
+            detail: e.detail,
+        }),
+    })
 }
 
 /// Streams a service's logs into `out` until the stream ends.

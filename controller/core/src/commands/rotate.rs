@@ -93,7 +93,7 @@ pub async fn rotate(
         async move {
             let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
             let r = async {
-                let (services, _) = crate::stack::status(&mut conn, &model.project).await?;
+                let services = crate::stack::status(&mut conn, &model.project).await?.services;
                 let held = crate::secrets::held_by(&mut conn, &model.project).await?;
                 Ok::<_, ControllerError>((services, held))
             }

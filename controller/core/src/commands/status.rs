@@ -9,7 +9,7 @@ use crate::ControllerError;
 use crate::bootstrap::{self, StatusOutcome};
 use crate::fanout::per_host;
 use crate::progress::Report;
-use crate::stack::ServiceOutcome;
+use crate::stack::{LastChange, ServiceOutcome};
 
 /// One host's answer.
 pub struct HostStatus {
@@ -17,6 +17,8 @@ pub struct HostStatus {
     /// The stack's services, or why they could not be listed; `None` when
     /// not asked for or the agent did not answer.
     pub services: Option<Result<Vec<ServiceOutcome>, String>>,
+    /// The last change to the stack on the host, and by which operator.
+    pub last: Option<LastChange>,
 }
 
 impl HostStatus {
@@ -36,8 +38,10 @@ pub async fn status(
     let results = per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, _progress| {
         let project = project.clone();
         async move {
-            let (outcome, services) = bootstrap::status_host(&target, &ctx, project.as_deref()).await;
-            Ok::<_, ControllerError>(HostStatus { outcome, services })
+            let (outcome, state) = bootstrap::status_host(&target, &ctx, project.as_deref()).await;
+            let last = state.as_ref().and_then(|s| s.as_ref().ok()).and_then(|s| s.last.clone());
+            let services = state.map(|s| s.map(|s| s.services));
+            Ok::<_, ControllerError>(HostStatus { outcome, services, last })
         }
     })
     .await;
@@ -60,6 +64,7 @@ pub async fn status(
                         hint: e.as_ref().and_then(ControllerError::hint),
                     },
                     services: None,
+                    last: None,
                 }
             })
         })
