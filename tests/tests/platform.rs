@@ -3,8 +3,8 @@
 //! through the REST API, a Spark job runs on the cluster, Prometheus scrapes
 //! everything, every dashboard query returns data, a synced DAG appears
 //! without a restart, the run history survives `down` + `deploy`, the
-//! database's and broker's passwords are rotated with DAG runs succeeding
-//! after each, and another controller takes the platform over keeping its
+//! database's and broker's passwords and the Fernet key are rotated with
+//! DAG runs succeeding after each (and an encrypted variable still read), and another controller takes the platform over keeping its
 //! passwords.
 //!
 //! Grafana is left out (`--skip grafana`): its image comes only from a
@@ -20,7 +20,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlops_e2e::{TestEnv, TestHost};
+use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 use serde_json::{Value, json};
 
 const AIRFLOW: &str = "http://127.0.0.1:28080";
@@ -274,7 +274,12 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     // passwords are rotated (PostgreSQL's `ALTER ROLE` first, then every
     // service using them recreated, gated on health), and a DAG run
     // succeeds after each.
-    for name in ["POSTGRES_PASSWORD", "REDIS_PASSWORD"] {
+    // An Airflow variable (stored encrypted with the Fernet key) must read
+    // back after every rotation, the Fernet key's included.
+    let tok = token(&host, &password).unwrap();
+    let probe = json!({"key": "mlops_e2e_probe", "value": "kept through rotations"});
+    api(&host, &tok, "POST", "/api/v2/variables", Some(probe));
+    for name in ["POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_FERNET_KEY"] {
         let old =
             ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json()["secrets"][name].clone();
         let started = Instant::now();
@@ -301,9 +306,58 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         let new =
             ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json()["secrets"][name].clone();
         assert_ne!(new, old, "{name} changed");
+        assert!(!new.as_str().unwrap().contains(','), "a finished rotation leaves one value");
         let tok = token(&host, &password).expect("the admin password is unchanged");
+        let variable = api(&host, &tok, "GET", "/api/v2/variables/mlops_e2e_probe", None);
+        assert_eq!(variable["value"], "kept through rotations", "after rotating {name}");
         run_dag(&host, &tok, "example_etl");
     }
+
+    // Operator B joins with a bundle from A and deploys from its own
+    // machine: nothing is re-keyed or recreated, its second deploy changes
+    // nothing either, and both see the same secrets. Once A removes B, the
+    // agent refuses B.
+    let pass = env.write("bob-passphrase", "a passphrase for bob\n").unwrap();
+    let pass = pass.to_str().unwrap();
+    let bundle = env.dir.path().join("bob.bundle");
+    let bundle = bundle.to_str().unwrap();
+    ctl(&["operator", "add", "bob", "--passphrase-file", pass, "--out", bundle]).expect_code(0);
+    let bob = TestEnv::new().unwrap();
+    bob.trust(&host).unwrap();
+    bob.ctl(&["operator", "join", bundle, "--passphrase-file", pass, "--host", NO_HOST]).expect_code(0);
+    let bob_key = bob.key.display().to_string();
+    let bob_ctl = |args: &[&str]| {
+        let mut all = vec!["--identity", bob_key.as_str(), "--host", spec.as_str()];
+        all.extend_from_slice(args);
+        bob.ctl(&all)
+    };
+    let agent = host.agent_pid();
+    for round in ["first", "second"] {
+        let run = bob_ctl(&[
+            "deploy",
+            "--stack",
+            &dir,
+            "--project",
+            PROJECT,
+            "--skip",
+            "grafana",
+            "--health-timeout",
+            "900",
+            "--output",
+            "json",
+        ])
+        .expect_code(0)
+        .json();
+        assert_eq!(run["hosts"][0]["result"]["stack"]["changed"], 0, "bob's {round} deploy: {run:#}");
+        assert_eq!(run["hosts"][0]["result"]["installed"], Value::Null, "bob's {round} deploy restarted nothing");
+    }
+    assert_eq!(host.agent_pid(), agent);
+    let theirs = bob_ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
+    let ours = ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
+    assert_eq!(theirs["secrets"], ours["secrets"]);
+    ctl(&["operator", "remove", "bob"]).expect_code(0);
+    bob_ctl(&["status"]).expect_code(1);
+    ctl(&["status"]).expect_code(0);
 
     // Another controller (a fresh state directory) running the README's
     // first command on this host (no SSH: inside the host, as on the
