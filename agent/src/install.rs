@@ -109,9 +109,16 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
     // Revocation lists only grow: a controller that has not seen the
     // latest one (an operator's, made before a removal) must not bring a
     // revoked operator back.
-    let (held_pem, held_number) = tls::read_crl(&tls_dir).unwrap_or_default();
-    let (crl_pem, crl_number) =
-        if bundle.crl_number > held_number { (bundle.crl_pem, bundle.crl_number) } else { (held_pem, held_number) };
+    // A list counts only when a CA the agent is to trust signed it, with
+    // the number written in it.
+    let offered = if bundle.crl_pem.trim().is_empty() {
+        0
+    } else {
+        mlops_proto::der::verified_crl_number(&bundle.crl_pem, &bundle.ca_pem)
+            .map_err(|e| InstallError::Invalid(format!("revocation list: {e}")))?
+    };
+    let (held_pem, held_number) = tls::read_crl(&tls_dir, &bundle.ca_pem).unwrap_or_default();
+    let (crl_pem, crl_number) = if offered > held_number { (bundle.crl_pem, offered) } else { (held_pem, held_number) };
     let material =
         TlsMaterial { ca_pem: bundle.ca_pem, cert_pem: bundle.cert_pem, key_pem: bundle.key_pem, crl_pem, crl_number };
     // Refuse bad material before touching the working configuration.
@@ -125,8 +132,6 @@ pub fn install(bundle_bytes: &[u8], exe: &Path, manager: ServiceManager) -> Resu
     write(&tls_dir.join("server.key"), material.key_pem.as_bytes(), 0o600)?;
     if material.crl_number > held_number {
         write(&tls_dir.join("crl.pem"), material.crl_pem.as_bytes(), 0o644)?;
-        // The number last: it is what says the list is complete.
-        write(&tls_dir.join("crl.number"), format!("{}\n", material.crl_number).as_bytes(), 0o644)?;
     }
     // Installed through `sudo` by a non-root SSH user: that user's sshd
     // session is where the controller's tunnels come from.

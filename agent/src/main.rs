@@ -134,7 +134,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         .init();
 
     let prepared = prepare(args);
-    let Prepared { listener, tls_config, cfg, config_sha256, crl } = match prepared {
+    let Prepared { listener, tls_config, cfg, config_sha256, crl, cert_not_after } = match prepared {
         Ok(p) => p,
         Err(e) => {
             readiness.failed(&format!("{e:#}"));
@@ -177,6 +177,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                 AgentService::new(sha, config_sha256, manager, state_dir, stop)
                     .with_docker_socket(docker_socket)
                     .with_crl(crl.0, crl.1)
+                    .with_cert_not_after(cert_not_after)
             },
             shutdown_signal(),
         )
@@ -197,6 +198,8 @@ struct Prepared {
     config_sha256: String,
     /// The revocation list enforced: number and PEM.
     crl: (u64, String),
+    /// The end of the server certificate's validity (Unix seconds).
+    cert_not_after: i64,
 }
 
 /// Binds the listener and loads TLS material, before readiness is reported.
@@ -236,7 +239,11 @@ fn prepare(args: &ServeArgs) -> Result<Prepared> {
         ..Default::default()
     });
     let crl = (material.crl_number, material.crl_pem);
-    Ok(Prepared { listener, tls_config, cfg, config_sha256, crl })
+    let cert_not_after = tls::parse_certs(&material.cert_pem, "the server certificate")
+        .ok()
+        .and_then(|c| c.first().and_then(|c| mlops_proto::der::not_after_unix(c)))
+        .unwrap_or(0);
+    Ok(Prepared { listener, tls_config, cfg, config_sha256, crl, cert_not_after })
 }
 
 async fn shutdown_signal() {

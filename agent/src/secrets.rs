@@ -48,13 +48,15 @@ impl SecretStore {
         self.read(project)
     }
 
-    /// Stores `values` for `project` and returns what the host then holds.
-    /// Without `replace`, a name already held keeps its value.
+    /// Stores `values` for `project`, drops the names in `remove`, and
+    /// returns what the host then holds. Without `replace`, a name already
+    /// held keeps its value.
     pub fn put(
         &self,
         project: &str,
         values: BTreeMap<String, String>,
         replace: bool,
+        remove: &[String],
     ) -> Result<BTreeMap<String, String>, EngineError> {
         check(&values)?;
         let _held = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -66,6 +68,9 @@ impl SecretStore {
             } else {
                 held.entry(name).or_insert(value);
             }
+        }
+        for name in remove {
+            held.remove(name);
         }
         if held.len() > MAX_SECRETS {
             return Err(EngineError::bad_request("values", format!("more than {MAX_SECRETS} secrets for one project")));
@@ -148,14 +153,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SecretStore::new(dir.path());
         assert!(store.get("p").unwrap().is_empty());
-        let held = store.put("p", map(&[("A", "one")]), false).unwrap();
+        let held = store.put("p", map(&[("A", "one")]), false, &[]).unwrap();
         assert_eq!(held, map(&[("A", "one")]));
-        let held = store.put("p", map(&[("A", "two"), ("B", "b")]), false).unwrap();
+        let held = store.put("p", map(&[("A", "two"), ("B", "b")]), false, &[]).unwrap();
         assert_eq!(held, map(&[("A", "one"), ("B", "b")]), "a held name keeps its value");
-        let held = store.put("p", map(&[("A", "two")]), true).unwrap();
+        let held = store.put("p", map(&[("A", "two")]), true, &[]).unwrap();
         assert_eq!(held["A"], "two");
         assert_eq!(store.get("p").unwrap(), held);
         assert!(store.get("q").unwrap().is_empty(), "projects are apart");
+        let held = store.put("p", BTreeMap::new(), false, &["B".to_string()]).unwrap();
+        assert!(!held.contains_key("B"), "removed");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.path().join("secrets/p.json")), 0o600);
         assert_eq!(mode(&dir.path().join("secrets")), 0o700);
@@ -166,7 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SecretStore::new(dir.path());
         for bad in [map(&[("1A", "x")]), map(&[("A-B", "x")]), map(&[("A", "")]), map(&[("A", "x\ny")])] {
-            assert!(matches!(store.put("p", bad, false), Err(EngineError::BadRequest { .. })));
+            assert!(matches!(store.put("p", bad, false, &[]), Err(EngineError::BadRequest { .. })));
         }
         assert!(!dir.path().join("secrets/p.json").exists(), "nothing written");
     }
@@ -179,7 +186,7 @@ mod tests {
         std::fs::write(dir.path().join("elsewhere"), "{\"values\":{\"A\":\"theirs\"}}").unwrap();
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("secrets/p.json")).unwrap();
         assert!(store.get("p").is_err());
-        assert!(store.put("p", map(&[("A", "ours")]), true).is_err(), "refused, not written through");
+        assert!(store.put("p", map(&[("A", "ours")]), true, &[]).is_err(), "refused, not written through");
         assert_eq!(std::fs::read_to_string(dir.path().join("elsewhere")).unwrap(), "{\"values\":{\"A\":\"theirs\"}}");
     }
 }

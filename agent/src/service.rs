@@ -218,6 +218,8 @@ pub struct AgentService {
     history: std::sync::Arc<History>,
     /// The revocation list enforced (number, PEM), for `Hello`.
     crl: (u64, String),
+    /// The end of the server certificate's validity, for `Hello`.
+    cert_not_after: i64,
     locks: Locks,
     shutdown: watch::Receiver<bool>,
 }
@@ -251,6 +253,7 @@ impl AgentService {
             secrets: std::sync::Arc::new(SecretStore::new(&state_dir)),
             history: std::sync::Arc::new(History::new(&state_dir)),
             crl: (0, String::new()),
+            cert_not_after: 0,
             state_dir,
             docker_socket: PathBuf::from(docker::DEFAULT_SOCKET),
             log_dir: PathBuf::from(mlops_proto::layout::LOG_DIR),
@@ -266,6 +269,11 @@ impl AgentService {
 
     pub fn with_crl(mut self, number: u64, pem: String) -> Self {
         self.crl = (number, pem);
+        self
+    }
+
+    pub fn with_cert_not_after(mut self, unix: i64) -> Self {
+        self.cert_not_after = unix;
         self
     }
 
@@ -309,6 +317,7 @@ impl Agent for AgentService {
             config_sha256: self.config_sha256.clone(),
             crl_number: self.crl.0,
             crl_pem: self.crl.1.clone(),
+            cert_not_after_unix: self.cert_not_after,
         }))
     }
 
@@ -587,10 +596,14 @@ impl Agent for AgentService {
         check_project(&req.project)?;
         let names: Vec<String> = req.values.keys().cloned().collect();
         tracing::info!(project = %req.project, ?names, replace = req.replace, "storing secrets");
-        let detail = format!("{} {}", if req.replace { "replaced" } else { "stored" }, names.join(", "));
+        let mut detail = format!("{} {}", if req.replace { "replaced" } else { "stored" }, names.join(", "));
+        if !req.remove.is_empty() {
+            detail.push_str(&format!("; dropped {}", req.remove.join(", ")));
+        }
         let store = self.secrets.clone();
         let p = req.project.clone();
-        let values = blocking(move || store.put(&p, req.values.into_iter().collect(), req.replace)).await?;
+        let remove = req.remove.clone();
+        let values = blocking(move || store.put(&p, req.values.into_iter().collect(), req.replace, &remove)).await?;
         let history = self.history.clone();
         let p = req.project.clone();
         blocking(move || {

@@ -39,32 +39,29 @@ pub struct TlsMaterial {
 
 impl TlsMaterial {
     /// Reads `ca.pem`, `server.pem`, `server.key` and, when present,
-    /// `crl.pem` and `crl.number` from `dir`.
+    /// `crl.pem` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
         };
-        let (crl_pem, crl_number) = read_crl(dir)?;
-        Ok(TlsMaterial {
-            ca_pem: read("ca.pem")?,
-            cert_pem: read("server.pem")?,
-            key_pem: read("server.key")?,
-            crl_pem,
-            crl_number,
-        })
+        let ca_pem = read("ca.pem")?;
+        let (crl_pem, crl_number) = read_crl(dir, &ca_pem)?;
+        Ok(TlsMaterial { ca_pem, cert_pem: read("server.pem")?, key_pem: read("server.key")?, crl_pem, crl_number })
     }
 }
 
-/// The revocation list in `dir` and its number; none is `("", 0)`.
-pub fn read_crl(dir: &Path) -> Result<(String, u64), TlsError> {
-    let number = match std::fs::read_to_string(dir.join("crl.number")) {
-        Ok(t) => t.trim().parse().unwrap_or(0),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
-        Err(source) => return Err(TlsError::Read { path: dir.join("crl.number"), source }),
-    };
+/// The revocation list in `dir` (empty when there is none) and its
+/// number, read from the list and counted only when one of the CAs in
+/// `ca_pem` signed it (0 otherwise).
+pub fn read_crl(dir: &Path, ca_pem: &str) -> Result<(String, u64), TlsError> {
     let path = dir.join("crl.pem");
-    let pem = std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })?;
+    let pem = match std::fs::read_to_string(&path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
+        Err(source) => return Err(TlsError::Read { path, source }),
+    };
+    let number = mlops_proto::der::verified_crl_number(&pem, ca_pem).unwrap_or(0);
     Ok((pem, number))
 }
 
@@ -84,55 +81,23 @@ impl Peer {
         let leaf = certs.and_then(|c| c.first());
         Peer {
             addr,
-            operator: leaf.and_then(|c| subject_common_name(c)).unwrap_or_default(),
+            operator: leaf.and_then(|c| operator_of(c)).unwrap_or_default(),
             cert_sha256: leaf.map(|c| hex::encode(Sha256::digest(c))).unwrap_or_default(),
         }
     }
 }
 
-/// The subject's common name of a DER certificate: a walk through the few
-/// DER elements before it (version, serial, algorithm, issuer, validity).
-pub fn subject_common_name(der: &[u8]) -> Option<String> {
-    /// One DER element at the start of `b`: its tag, contents and the rest.
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, b) = b.split_first()?;
-        let (&first, mut b) = b.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || b.len() < n {
-                return None;
-            }
-            let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
-            b = &b[n..];
-            len
-        };
-        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+/// The operator a verified client certificate speaks for. A certificate
+/// issued by an operator's CA (`mlopsctl operator NAME ...`, signed by the
+/// root) is that operator's whatever name it gives itself (an operator's
+/// CA issues any name it likes); one the root issued directly is the
+/// root's holder's, named by its common name.
+pub fn operator_of(leaf: &[u8]) -> Option<String> {
+    let issuer = mlops_proto::der::issuer_common_name(leaf)?;
+    match issuer.strip_prefix("mlopsctl operator ").and_then(|rest| rest.split_whitespace().next()) {
+        Some(name) => Some(name.to_string()),
+        None => mlops_proto::der::subject_common_name(leaf),
     }
-    let (_, cert, _) = tlv(der)?;
-    let (_, mut tbs, _) = tlv(cert)?;
-    // [0] version (optional), serial, signature algorithm, issuer, validity.
-    let (tag, _, rest) = tlv(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest;
-    }
-    for _ in 0..4 {
-        tbs = tlv(tbs)?.2;
-    }
-    let (_, mut subject, _) = tlv(tbs)?;
-    const CN: &[u8] = &[0x55, 0x04, 0x03];
-    while !subject.is_empty() {
-        let (_, set, rest) = tlv(subject)?;
-        subject = rest;
-        let (_, attr, _) = tlv(set)?;
-        let (_, oid, value) = tlv(attr)?;
-        if oid == CN {
-            let (_, text, _) = tlv(value)?;
-            return String::from_utf8(text.to_vec()).ok();
-        }
-    }
-    None
 }
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -194,11 +159,23 @@ mod tests {
         let ca = mlops_pki::Ca::open_or_create(dir.path()).unwrap();
         let client = ca.client_identity().unwrap();
         let der = parse_certs(&client.cert_pem, "client").unwrap().remove(0);
-        assert_eq!(subject_common_name(&der).unwrap(), ca.operator_name());
+        assert_eq!(operator_of(&der).unwrap(), ca.operator_name());
         // Cut anywhere, it is no certificate; nothing panics.
         for n in 0..der.len() {
-            let _ = subject_common_name(&der[..n]);
+            let _ = operator_of(&der[..n]);
+            let _ = mlops_proto::der::not_after_unix(&der[..n]);
         }
-        assert_eq!(subject_common_name(b"\x30\x84\xff\xff\xff\xff"), None);
+        assert_eq!(operator_of(b"\x30\x84\xff\xff\xff\xff"), None);
+        let not_after = mlops_proto::der::not_after_unix(&der).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((not_after - now - 397 * 86_400).abs() < 2 * 3600, "{not_after} vs {now}");
+
+        // An operator's certificates speak for the operator, whatever
+        // common name they give themselves.
+        let grant = ca.issue_operator("bob").unwrap();
+        let bob = mlops_pki::join(&dir.path().join("bob"), &grant).unwrap();
+        let client = bob.client_identity().unwrap();
+        let der = parse_certs(&client.cert_pem, "client").unwrap().remove(0);
+        assert_eq!(operator_of(&der).unwrap(), "bob");
     }
 }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::all, clippy::pedantic, unreachable_pub)]
 
+pub mod der;
 pub mod ignore;
 pub mod net;
 pub mod stack;

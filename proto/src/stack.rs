@@ -87,8 +87,8 @@ pub struct Credential {
 
 /// The variables of `environment` that hold credentials, with the secrets
 /// each carries: those whose value contains a secret's value (of at least
-/// 8 characters), and those named as credentials are (`PASSWORD`,
-/// `PASSWD`, `SECRET`, `TOKEN`, or ending in `_KEY`).
+/// 8 characters). Only those: a credential `secrets rotate` cannot change
+/// must not be locked to its volume for good.
 pub fn credential_variables(
     project: &str,
     environment: &BTreeMap<String, String>,
@@ -102,10 +102,7 @@ pub fn credential_variables(
             .filter(|(_, v)| v.len() >= 8 && value.contains(v.as_str()))
             .map(|(k, _)| k.clone())
             .collect();
-        let upper = var.to_ascii_uppercase();
-        let named =
-            ["PASSWORD", "PASSWD", "SECRET", "TOKEN"].iter().any(|w| upper.contains(w)) || upper.ends_with("_KEY");
-        if carried.is_empty() && !named {
+        if carried.is_empty() {
             continue;
         }
         let sha256 = hex::encode(Sha256::digest(format!("mlops-credential\0{project}\0{var}\0{value}")));

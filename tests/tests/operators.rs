@@ -292,7 +292,7 @@ x-mlops:
   secrets: [DB_PASSWORD, TOKEN]
   rotate:
     DB_PASSWORD:
-      before: {service: db, command: ["sh", "-c", "echo \"$$MLOPS_NEW\" > /data/pw"]}
+      before: {service: db, command: ["sh", "-c", "if [ -f /data/fail-once ]; then rm /data/fail-once; exit 3; fi; echo \"$$MLOPS_NEW\" > /data/pw"]}
     TOKEN:
       keep_old: true
       after: {service: db, command: ["sh", "-c", "echo \"$$MLOPS_NEW\" > /data/token && echo re-encrypted"]}
@@ -377,6 +377,16 @@ fn credentials_change_only_on_purpose_and_rotation_keeps_the_stack_healthy() {
     host.docker(&["start", &app]);
     deploy(&env, &[&host], &stack, &[]).expect_code(0);
 
+    // A rotation whose step fails stops there, keeping its new value on
+    // the hosts; the next run goes on with that same value.
+    let db_now = container_of(&host, &stack.project, "db");
+    host.docker(&["exec", &db_now, "touch", "/data/fail-once"]);
+    let stopped = rotate("DB_PASSWORD").expect_code(1).json();
+    assert!(stopped["failed"][0]["error"].as_str().unwrap().contains("exited with code 3"), "{stopped:#}");
+    let (mid, _) = held(&host, &stack.project);
+    assert_eq!(mid["DB_PASSWORD"], first["DB_PASSWORD"], "the value is unchanged until the step succeeded");
+    let pending = mid["MLOPS_ROTATING_DB_PASSWORD"].clone();
+
     // The rotation: the data takes the new password, then everything
     // using it is recreated with it and healthy.
     let run = rotate("DB_PASSWORD").expect_code(0);
@@ -384,6 +394,8 @@ fn credentials_change_only_on_purpose_and_rotation_keeps_the_stack_healthy() {
     assert_eq!(json["done"], true, "{json:#}");
     let (after, _) = held(&host, &stack.project);
     assert_ne!(after["DB_PASSWORD"], first["DB_PASSWORD"]);
+    assert_eq!(after["DB_PASSWORD"], pending, "the stopped rotation's value");
+    assert!(!after.contains_key("MLOPS_ROTATING_DB_PASSWORD"), "its bookkeeping is dropped");
     assert_eq!(after["TOKEN"], first["TOKEN"], "the other secret is untouched");
     assert!(!run.stdout.contains(&after["DB_PASSWORD"]) && !run.stderr.contains(&after["DB_PASSWORD"]));
     assert_ne!(container_of(&host, &stack.project, "db"), db, "db runs with the new value");

@@ -375,7 +375,8 @@ impl Printer {
             Output::Text => {
                 for s in &r.steps {
                     let last = s.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
-                    self.stdout(&format!("{}: {} ok{}", s.host, s.step, if last.is_empty() { String::new() } else { format!(" ({})", neutralise(last)) }));
+                    let verdict = if s.exit_code == 0 { "ok".to_string() } else { format!("failed (exit code {})", s.exit_code) };
+                    self.stdout(&format!("{}: {} {verdict}{}", s.host, s.step, if last.is_empty() { String::new() } else { format!(" ({})", neutralise(last)) }));
                 }
                 for d in &r.deploys {
                     for (h, o) in &d.hosts.ok {

@@ -86,7 +86,6 @@ impl Bundle {
             // not force every agent to restart.
             controller_version: String::new(),
             crl_pem: crl.pem.clone(),
-            crl_number: crl.number,
         };
         Bundle { sha256: mlops_proto::bundle_sha256(&bundle), crl_number: crl.number, bytes: bundle.encode_to_vec() }
     }
@@ -453,6 +452,12 @@ async fn check_running(
     if hello.crl_number > bundle.crl_number {
         adopt_crl(ctx, &target.name, &hello);
     }
+    // The configuration hash leaves the host's certificate out (operators
+    // issue their own): one close to its end is replaced here.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if hello.cert_not_after_unix != 0 && hello.cert_not_after_unix < now + RENEW_WITHIN_SECS {
+        return Running::Stale("its certificate expires within 30 days".into());
+    }
     match conn.facts().await {
         Ok(facts) => Running::Current(Box::new((hello, facts, conn))),
         Err(e) => Running::Down(error_chain(&e)),
@@ -499,7 +504,7 @@ async fn ensure_agent(
     // The same, when the agent is not running to say so: its list revokes us.
     if let (Some(crl), Some(state)) = (&probe.crl_pem, &ctx.state)
         && !crl.trim().is_empty()
-        && !crate::client::crl_is_genuine(&state.trusted_pem()?, crl, &state.client_identity()?)
+        && crate::client::crl_revokes_us(&state.trusted_pem()?, crl, &state.client_identity()?)
     {
         return Err(ControllerError::Revoked { host });
     }
@@ -551,22 +556,19 @@ async fn ensure_agent(
 /// keyed by the removed operator.
 fn adopt_crl(ctx: &Context, host: &str, hello: &HelloResponse) {
     let Some(state) = &ctx.state else { return };
-    let crl = mlops_pki::Crl { number: hello.crl_number, pem: hello.crl_pem.clone() };
-    let genuine = state
-        .trusted_pem()
-        .ok()
-        .zip(state.client_identity().ok())
-        .is_some_and(|(root, me)| crate::client::crl_is_genuine(&root, &crl.pem, &me));
-    if !genuine {
-        tracing::warn!(%host, number = crl.number, "the agent reports a revocation list the root did not sign; ignored");
-        return;
-    }
-    match state.ca.adopt_crl(&crl) {
-        Ok(true) => tracing::info!(%host, number = crl.number, "adopted the newer revocation list the agent holds"),
-        Ok(false) => {}
+    match state.ca.adopt_crl(&hello.crl_pem) {
+        Ok(true) => {
+            tracing::info!(%host, number = hello.crl_number, "adopted the newer revocation list the agent holds");
+        }
+        Ok(false) => {
+            tracing::warn!(%host, number = hello.crl_number, "the agent reports a revocation list the root did not sign, or not a newer one; ignored");
+        }
         Err(e) => tracing::warn!(%host, "cannot keep the agent's revocation list: {e}"),
     }
 }
+
+/// An agent certificate ending within this many seconds is replaced.
+const RENEW_WITHIN_SECS: i64 = 30 * 86_400;
 
 /// Whether two PEM bundles have a certificate in common.
 fn shares_a_ca(a: &str, b: &str) -> bool {

@@ -70,12 +70,13 @@ fn crls(pem: &str) -> Vec<rustls::pki_types::CertificateRevocationListDer<'stati
     rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect()
 }
 
-/// Whether `crl_pem` is a revocation list the root `root_pem` signed and
-/// that does not revoke `identity` (this controller's own chain): the test
-/// a list an agent reports must pass before this controller adopts it.
-/// Checking our own chain against it makes rustls verify the list's
-/// signature with the root's key (a list with a bad signature fails).
-pub fn crl_is_genuine(root_pem: &str, crl_pem: &str, identity: &Identity) -> bool {
+/// Whether `crl_pem` is a revocation list the root `root_pem` signed
+/// that revokes `identity` (this controller's own chain): an agent
+/// holding it refuses us, so we must not re-key it either.
+pub fn crl_revokes_us(root_pem: &str, crl_pem: &str, identity: &Identity) -> bool {
+    if mlops_proto::der::verified_crl_number(crl_pem, root_pem).is_err() {
+        return false;
+    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile_certs(root_pem) {
@@ -83,12 +84,8 @@ pub fn crl_is_genuine(root_pem: &str, crl_pem: &str, identity: &Identity) -> boo
             return false;
         }
     }
-    let crls = crls(crl_pem);
-    if crls.is_empty() {
-        return false;
-    }
     let Ok(verifier) = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .with_crls(crls)
+        .with_crls(crls(crl_pem))
         .allow_unknown_revocation_status()
         .build()
     else {
@@ -96,7 +93,7 @@ pub fn crl_is_genuine(root_pem: &str, crl_pem: &str, identity: &Identity) -> boo
     };
     let chain = rustls_pemfile_certs(&identity.cert_pem);
     let Some((leaf, intermediates)) = chain.split_first() else { return false };
-    verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_ok()
+    verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_err()
 }
 
 /// A connection to one agent.

@@ -39,11 +39,23 @@ pub async fn store_on(
     values: &BTreeMap<String, String>,
     replace: bool,
 ) -> Result<BTreeMap<String, String>, ControllerError> {
+    change_on(conn, project, values, replace, &[]).await
+}
+
+/// [`store_on`], also dropping the names in `remove`.
+pub async fn change_on(
+    conn: &mut AgentConn,
+    project: &str,
+    values: &BTreeMap<String, String>,
+    replace: bool,
+    remove: &[String],
+) -> Result<BTreeMap<String, String>, ControllerError> {
     let host = conn.host().to_string();
     let request = mlops_proto::v1::PutSecretsRequest {
         project: project.to_string(),
         values: values.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         replace,
+        remove: remove.to_vec(),
     };
     let reply =
         conn.raw().put_secrets(request).await.map_err(|s| ControllerError::from_status(&host, "PutSecrets", &s))?;

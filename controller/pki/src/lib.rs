@@ -16,7 +16,7 @@
 //! client.pem  client.key  client.json the controller's client identity
 //! hosts/<name>/server.pem|key|json    one server identity per managed host
 //! operators/<name>.json               operators this CA delegated to (root only)
-//! crl.pem  crl.number                 the revocation list: removed operators' CAs
+//! crl.pem                             the revocation list: removed operators' CAs (numbered inside)
 //! root.pem                            a joined operator's trust anchor (see below)
 //! ```
 //!
@@ -27,7 +27,7 @@
 //! each chain ending at the root that every agent trusts. Its holder joins
 //! with the root certificate as `root.pem` and its CA as `ca.*`, so the rest
 //! of this crate works unchanged. `operator remove NAME` puts that CA's
-//! serial number on the root's revocation list (`crl.pem`, numbered): agents
+//! serial number on the root's revocation list (`crl.pem`, its number inside): agents
 //! given the list refuse every certificate under it, and controllers refuse
 //! agents whose certificate it issued.
 //!
@@ -459,7 +459,6 @@ pub struct OperatorGrant {
     pub ca_common_name: String,
     pub ca_not_after_unix: i64,
     pub crl_pem: String,
-    pub crl_number: u64,
 }
 
 impl std::fmt::Debug for OperatorGrant {
@@ -524,8 +523,16 @@ impl Ca {
         }
         let _lock = lock(&self.dir)?;
         let record_path = self.dir.join("operators").join(format!("{name}.json"));
-        if record_path.exists() {
-            return Err(PkiError::OperatorExists(name.to_string()));
+        if let Ok(text) = fs::read_to_string(&record_path) {
+            let old: OperatorRecord = serde_json::from_str(&text)
+                .map_err(|_| PkiError::Corrupt { path: record_path.clone(), what: "operator record" })?;
+            if old.revoked_unix.is_none() {
+                return Err(PkiError::OperatorExists(name.to_string()));
+            }
+            // Added again after a removal: the revoked CA keeps its record
+            // (and its place on the list) under its serial.
+            let kept = self.dir.join("operators").join(format!("{name}.{}.json", old.serial));
+            fs::rename(&record_path, &kept).map_err(|source| PkiError::Io { action: "rename", path: kept, source })?;
         }
         let now = OffsetDateTime::now_utc();
         let key = KeyPair::generate()?;
@@ -559,7 +566,6 @@ impl Ca {
             ca_common_name: common_name,
             ca_not_after_unix: params.not_after.unix_timestamp(),
             crl_pem: crl.pem,
-            crl_number: crl.number,
         })
     }
 
@@ -610,7 +616,10 @@ impl Ca {
                 })
             })
             .collect();
-        let number = self.crl()?.number + 1;
+        let number = self.crl()?.number.checked_add(1).ok_or(PkiError::Corrupt {
+            path: self.dir.join("crl.pem"),
+            what: "revocation list (its number cannot grow)",
+        })?;
         let params = rcgen::CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
             next_update: now + CA_VALIDITY,
@@ -621,34 +630,47 @@ impl Ca {
         };
         let pem = params.signed_by(&self.issuer(now))?.pem()?;
         write_public(&self.dir.join("crl.pem"), pem.as_bytes())?;
-        write_public(&self.dir.join("crl.number"), number.to_string().as_bytes())?;
         Ok(Crl { number, pem })
     }
 
+    /// The CA certificates this controller's revocation list must be
+    /// signed by: the root (`root.pem` for a joined operator; for a
+    /// rotation's next CA, its parent's).
+    fn trust_pem(&self) -> String {
+        let dir = if self.dir.ends_with(NEXT) { self.dir.parent().unwrap_or(&self.dir) } else { &self.dir };
+        fs::read_to_string(dir.join("root.pem")).or_else(|_| fs::read_to_string(dir.join("ca.pem"))).unwrap_or_default()
+    }
+
     /// The revocation list as this controller knows it (number 0 and no
-    /// text before any operator was removed).
+    /// text before any operator was removed). The number is the one
+    /// written in the list.
     pub fn crl(&self) -> Result<Crl> {
         // A rotation's next CA shares its parent's list (it revokes
         // under the old root until the new one is promoted).
         let dir = if self.dir.ends_with(NEXT) { self.dir.parent().unwrap_or(&self.dir) } else { &self.dir };
-        let number = match fs::read_to_string(dir.join("crl.number")) {
-            Ok(t) => {
-                t.trim().parse().map_err(|_| PkiError::Corrupt { path: dir.join("crl.number"), what: "number" })?
-            }
+        let pem = match fs::read_to_string(dir.join("crl.pem")) {
+            Ok(p) => p,
             Err(_) => return Ok(Crl::default()),
         };
-        Ok(Crl { number, pem: read(&dir.join("crl.pem"))? })
+        let number = mlops_proto::der::verified_crl_number(&pem, &self.trust_pem())
+            .map_err(|_| PkiError::Corrupt { path: dir.join("crl.pem"), what: "revocation list of the root" })?;
+        Ok(Crl { number, pem })
     }
 
-    /// Keeps `crl` when it is newer than the one held (a list an agent or
-    /// a bundle brought): lists only grow.
-    pub fn adopt_crl(&self, crl: &Crl) -> Result<bool> {
-        if crl.number <= self.crl()?.number || crl.pem.is_empty() {
+    /// Keeps `pem` when it is a list the root signed with a higher number
+    /// than the one held (a list an agent or a bundle brought): lists only
+    /// grow. Returns whether it was kept.
+    pub fn adopt_crl(&self, pem: &str) -> Result<bool> {
+        let Ok(number) = mlops_proto::der::verified_crl_number(pem, &self.trust_pem()) else {
+            return Ok(false);
+        };
+        // Compared under the lock: two hosts reporting lists at once must
+        // not leave the older one.
+        let _lock = lock(&self.dir)?;
+        if number <= self.crl()?.number {
             return Ok(false);
         }
-        let _lock = lock(&self.dir)?;
-        write_public(&self.dir.join("crl.pem"), crl.pem.as_bytes())?;
-        write_public(&self.dir.join("crl.number"), crl.number.to_string().as_bytes())?;
+        write_public(&self.dir.join("crl.pem"), pem.as_bytes())?;
         Ok(true)
     }
 }
@@ -679,8 +701,8 @@ pub fn join(dir: &Path, grant: &OperatorGrant) -> Result<Ca> {
     write_public(&dir.join("root.pem"), grant.root_pem.as_bytes())?;
     write_public(&dir.join(OPERATOR_FILE), grant.name.as_bytes())?;
     if !grant.crl_pem.is_empty() {
+        mlops_proto::der::verified_crl_number(&grant.crl_pem, &grant.root_pem).map_err(|_| bad("revocation list"))?;
         write_public(&dir.join("crl.pem"), grant.crl_pem.as_bytes())?;
-        write_public(&dir.join("crl.number"), grant.crl_number.to_string().as_bytes())?;
     }
     write_private(&dir.join("ca.key"), grant.ca_key_pem.as_bytes())?;
     write_public(&dir.join("ca.json"), meta.to_text().as_bytes())?;
@@ -894,10 +916,22 @@ mod tests {
         assert!(root.operators().unwrap()[0].revoked_unix.is_some());
         assert_eq!(root.revoke_operator("bob").unwrap().number, 2, "a new list each time");
         assert!(matches!(root.revoke_operator("nobody"), Err(PkiError::NoOperator(_))));
-        // Lists only grow.
-        assert!(!bob.adopt_crl(&Crl { number: 0, pem: String::new() }).unwrap());
-        assert!(bob.adopt_crl(&crl).unwrap());
+        // Lists only grow, and only lists the root signed count.
+        assert!(!bob.adopt_crl("").unwrap());
+        assert!(bob.adopt_crl(&crl.pem).unwrap());
         assert_eq!(bob.crl().unwrap().number, 1);
+        assert!(!bob.adopt_crl(&crl.pem).unwrap(), "not twice");
+        let other = Ca::open_or_create(&dir.path().join("other")).unwrap();
+        other.issue_operator("x").unwrap();
+        let forged = other.revoke_operator("x").unwrap();
+        let forged = other.revoke_operator("x").unwrap().number.max(forged.number);
+        let forged_pem = std::fs::read_to_string(dir.path().join("other/crl.pem")).unwrap();
+        assert_eq!(forged, 2);
+        assert!(!root.adopt_crl(&forged_pem).unwrap(), "a list another CA signed is not the root's");
+        assert_eq!(root.crl().unwrap().number, 2);
+        // A removed operator can be added again (a new CA); the old one stays revoked.
+        root.issue_operator("bob").unwrap();
+        assert_eq!(root.operators().unwrap().iter().filter(|o| o.name == "bob").count(), 2);
     }
 
     #[test]

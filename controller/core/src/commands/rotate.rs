@@ -2,7 +2,10 @@
 //! everywhere it is used, with the stack healthy before and after.
 //!
 //! 1. Every host answers, runs the stack healthy, and holds the same value
-//!    of NAME; otherwise nothing is changed.
+//!    of NAME; otherwise nothing is changed. The new value is stored on
+//!    every host first as `MLOPS_ROTATING_NAME`, so that a run stopped
+//!    anywhere after this is resumed with the same value (a database may
+//!    already hold it), health or not, by running the command again.
 //! 2. The stack's `x-mlops.rotate.NAME.before` step runs where its service
 //!    runs, with `MLOPS_OLD` and `MLOPS_NEW` in its environment: it makes
 //!    the data accept the new value (`ALTER ROLE ... PASSWORD`).
@@ -13,8 +16,7 @@
 //!    using it is recreated, in dependency order, gated on health.
 //! 5. With `keep_old`: the `after` step (`airflow rotate-fernet-key`
 //!    re-encrypts with the new key), then `NEW` alone is stored and
-//!    deployed. A run stopped between 3 and 5 is finished by running the
-//!    command again: a held value `NEW,OLD` means a rotation under way.
+//!    deployed. `MLOPS_ROTATING_NAME` is dropped at the end.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +37,7 @@ use crate::progress::Report;
 pub struct StepOutcome {
     pub step: String,
     pub host: String,
+    pub exit_code: i64,
     pub output: String,
 }
 
@@ -105,18 +108,48 @@ pub async fn rotate(
         }
     })
     .await;
-    let mut hosts: Vec<(String, Before)> = Vec::new();
-    for (host, before) in checks.ok {
-        if before.unhealthy.is_empty() {
-            hosts.push((host, before));
-        } else {
-            let message = format!("not healthy before the rotation: {}", before.unhealthy.join("; "));
-            out.refused.failed.push((host.clone(), ControllerError::RotationRefused { host, message }));
-        }
-    }
     out.refused.failed.extend(checks.failed);
     if !out.refused.failed.is_empty() {
         return Ok(out);
+    }
+    let hosts: Vec<(String, Before)> = checks.ok;
+    let pending_name = format!("MLOPS_ROTATING_{name}");
+    let pending: Vec<(String, BTreeMap<String, String>)> = hosts
+        .iter()
+        .map(|(h, b)| {
+            (
+                h.clone(),
+                b.held
+                    .iter()
+                    .filter(|(k, _)| **k == pending_name)
+                    .map(|(_, v)| (pending_name.clone(), v.clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    let pending = if pending.iter().any(|(_, v)| !v.is_empty()) {
+        let names = vec![pending_name.clone()];
+        Some(
+            crate::secrets::reconcile(&project, &names, &pending, &BTreeMap::new(), false, &[])?.values[&pending_name]
+                .clone(),
+        )
+    } else {
+        None
+    };
+    // A new rotation needs a healthy stack; one under way goes on (the
+    // stack may be down precisely because the data holds the new value).
+    if pending.is_none() {
+        for (host, before) in &hosts {
+            if !before.unhealthy.is_empty() {
+                let message = format!("not healthy before the rotation: {}", before.unhealthy.join("; "));
+                out.refused
+                    .failed
+                    .push((host.clone(), ControllerError::RotationRefused { host: host.clone(), message }));
+            }
+        }
+        if !out.refused.failed.is_empty() {
+            return Ok(out);
+        }
     }
     let held: Vec<(String, BTreeMap<String, String>)> = hosts
         .iter()
@@ -138,16 +171,26 @@ pub async fn rotate(
     let names = vec![name.to_string()];
     let current = crate::secrets::reconcile(&project, &names, &held, &BTreeMap::new(), true, &[])?.values[name].clone();
 
-    // A held `NEW,OLD` is a rotation that stopped half-way: finish it.
-    let (new, old, resumed) = match current.split_once(',') {
-        Some((new, old)) if rotation.keep_old => (new.to_string(), old.to_string(), true),
-        _ => (crate::secrets::generate(), current.split(',').next().unwrap_or_default().to_string(), false),
+    // The value held (`OLD`, `NEW,OLD` or `NEW`, depending on where a run
+    // stopped) and the pending one say where a rotation is.
+    let (first, second) = match current.split_once(',') {
+        Some((a, b)) => (a.to_string(), Some(b.to_string())),
+        None => (current.clone(), None),
+    };
+    let (new, old) = match &pending {
+        Some(p) if *p == first => (p.clone(), second.unwrap_or_else(|| p.clone())),
+        Some(p) => (p.clone(), first),
+        None => (crate::secrets::generate(), first),
     };
     let env = BTreeMap::from([("MLOPS_OLD".to_string(), old.clone()), ("MLOPS_NEW".to_string(), new.clone())]);
-    if resumed {
-        report.info(&format!("a rotation of `{name}` was under way; finishing it"));
-    } else {
-        // 2. The data accepts the new value.
+    if pending.is_some() {
+        report.info(&format!("a rotation of `{name}` was under way; finishing it with the same new value"));
+    } else if let Err(e) = store_everywhere(setup, &project, &pending_name, &new, &report).await {
+        return Ok(stopped(out, e));
+    }
+    {
+        // 2. The data accepts the new value (again, when resuming: the
+        //    step sets a value, so running it twice is harmless).
         if let Some(hook) = &rotation.before {
             let purpose = format!("secrets rotate {name}: before");
             if let Err(e) = run_hook(setup, &hosts, &project, hook, &env, &purpose, &mut out, &report).await {
@@ -155,7 +198,7 @@ pub async fn rotate(
             }
         }
         // 3. The hosts hold the new value.
-        let staged = if rotation.keep_old { format!("{new},{old}") } else { new.clone() };
+        let staged = if rotation.keep_old && new != old { format!("{new},{old}") } else { new.clone() };
         if let Err(e) = store_everywhere(setup, &project, name, &staged, &report).await {
             return Ok(stopped(out, e));
         }
@@ -187,8 +230,40 @@ pub async fn rotate(
             return Ok(out);
         }
     }
+    if let Err(e) = drop_everywhere(setup, &project, &pending_name, &report).await {
+        return Ok(stopped(out, e));
+    }
     out.done = true;
     Ok(out)
+}
+
+/// Drops `name` on every host (the rotation's bookkeeping).
+async fn drop_everywhere(
+    setup: &Setup,
+    project: &str,
+    name: &str,
+    report: &Arc<dyn Report>,
+) -> Result<(), ControllerError> {
+    let (p, n) = (project.to_string(), name.to_string());
+    let dropped = per_host(&setup.targets, setup.forks, &setup.ctx, report, move |target, ctx, _progress| {
+        let (project, name) = (p.clone(), n.clone());
+        async move {
+            let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
+            let r = crate::secrets::change_on(&mut conn, &project, &BTreeMap::new(), false, &[name]).await;
+            transport.close().await;
+            r.map(|_| ())
+        }
+    })
+    .await;
+    match dropped.failed.into_iter().next() {
+        Some((host, e)) => Err(ControllerError::RotationRefused {
+            host: host.clone(),
+            message: format!(
+                "the rotation finished, but its bookkeeping could not be dropped on {host} ({e}); run the command again to finish"
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The report of a rotation that stopped at a step: the host it stopped
@@ -271,7 +346,12 @@ async fn run_hook(
         // What the step printed stays with the report; a value it echoed
         // would be there too, so the values are cut out first.
         let output = env.values().fold(reply.output, |text, v| text.replace(v.as_str(), "***"));
-        out.steps.push(StepOutcome { step: purpose.to_string(), host: host.clone(), output: output.clone() });
+        out.steps.push(StepOutcome {
+            step: purpose.to_string(),
+            host: host.clone(),
+            exit_code: reply.exit_code,
+            output: output.clone(),
+        });
         if reply.exit_code != 0 {
             return Err(ControllerError::RotationRefused {
                 host: host.clone(),
@@ -307,7 +387,7 @@ async fn store_everywhere(
         return Err(ControllerError::RotationRefused {
             host: host.clone(),
             message: format!(
-                "the new value of `{name}` could not be stored on {host} ({e}); the hosts now disagree: once {host} answers, run the rotation again with only the hosts that hold the new value (--limit), then deploy"
+                "`{name}` could not be stored on {host} ({e}); once {host} answers, run the same command again: it goes on with the same new value"
             ),
         });
     }
