@@ -276,6 +276,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     // succeeds after each.
     // An Airflow variable (stored encrypted with the Fernet key) must read
     // back after every rotation, the Fernet key's included.
+    // The flags the platform was deployed with, which every later deploy repeats.
+    let as_deployed = ["--stack", dir.as_str(), "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900"];
     let tok = token(&host, &password).unwrap();
     let probe = json!({"key": "mlops_e2e_probe", "value": "kept through rotations"});
     api(&host, &tok, "POST", "/api/v2/variables", Some(probe));
@@ -283,21 +285,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         let old =
             ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json()["secrets"][name].clone();
         let started = Instant::now();
-        let rotated = ctl(&[
-            "secrets",
-            "rotate",
-            name,
-            "--stack",
-            &dir,
-            "--project",
-            PROJECT,
-            "--skip",
-            "grafana",
-            "--health-timeout",
-            "900",
-            "--output",
-            "json",
-        ]);
+        let rotated = ctl(&[&["secrets", "rotate", name], &as_deployed[..], &["--output", "json"]].concat());
         if rotated.code != 0 {
             eprintln!("agent log:\n{}", host.agent_log());
         }
@@ -333,21 +321,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     };
     let agent = host.agent_pid();
     for round in ["first", "second"] {
-        let run = bob_ctl(&[
-            "deploy",
-            "--stack",
-            &dir,
-            "--project",
-            PROJECT,
-            "--skip",
-            "grafana",
-            "--health-timeout",
-            "900",
-            "--output",
-            "json",
-        ])
-        .expect_code(0)
-        .json();
+        let run = bob_ctl(&[&["deploy"], &as_deployed[..], &["--output", "json"]].concat()).expect_code(0).json();
         assert_eq!(run["hosts"][0]["result"]["stack"]["changed"], 0, "bob's {round} deploy: {run:#}");
         assert_eq!(run["hosts"][0]["result"]["installed"], Value::Null, "bob's {round} deploy restarted nothing");
     }
