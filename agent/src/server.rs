@@ -207,7 +207,7 @@ async fn accept_loop(
                 let handle = handshakes.spawn(async move {
                     let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let who = Peer::from_certs(Some(peer), tls.get_ref().1.peer_certificates());
+                            let who = Peer::from_certs(tls.get_ref().1.peer_certificates());
                             let _ = conns.send(Ok(TlsConn { inner: tls, peer: who })).await;
                             return;
                         }

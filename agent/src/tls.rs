@@ -70,17 +70,15 @@ pub fn read_crl(dir: &Path, ca_pem: &str) -> Result<(String, u64), TlsError> {
 /// certificate; recorded with what it deploys.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
-    pub addr: Option<std::net::SocketAddr>,
     pub operator: String,
     pub cert_sha256: String,
 }
 
 impl Peer {
-    pub fn from_certs(addr: Option<std::net::SocketAddr>, certs: Option<&[CertificateDer<'_>]>) -> Self {
+    pub fn from_certs(certs: Option<&[CertificateDer<'_>]>) -> Self {
         use sha2::{Digest, Sha256};
         let leaf = certs.and_then(|c| c.first());
         Peer {
-            addr,
             operator: leaf.and_then(|c| operator_of(c)).unwrap_or_default(),
             cert_sha256: leaf.map(|c| hex::encode(Sha256::digest(c))).unwrap_or_default(),
         }

@@ -8,13 +8,6 @@ use std::collections::BTreeMap;
 use mlops_e2e::{CtlRun, NO_HOST, TestEnv, TestHost, TestStack};
 use serde_json::Value;
 
-/// A test host with its own Docker engine, trusting `env`.
-fn stack_host(env: &TestEnv, name: &str) -> TestHost {
-    let host = TestHost::with_docker(name).unwrap();
-    env.trust(&host).unwrap();
-    host
-}
-
 /// `db` keeps the password it first started with in its volume, as
 /// PostgreSQL does, and is healthy only while its environment still has
 /// that password: a deploy with another password would break it.
@@ -78,7 +71,7 @@ fn containers(host: &TestHost, project: &str) -> String {
 #[test]
 fn credentials_live_on_the_hosts_and_a_second_controller_keeps_them() {
     let a = TestEnv::new().unwrap();
-    let (h1, h2) = (stack_host(&a, "sec1"), stack_host(&a, "sec2"));
+    let (h1, h2) = (a.docker_host("sec1").unwrap(), a.docker_host("sec2").unwrap());
     let hosts = [&h1, &h2];
     let stack = TestStack::new(SECRET_STACK).unwrap();
     let first = deploy(&a, &hosts, &stack, &[]).expect_code(0);
@@ -154,7 +147,7 @@ fn changed(run: &CtlRun) -> Vec<Value> {
 #[test]
 fn operators_share_the_hosts_and_a_removed_one_is_refused() {
     let a = TestEnv::new().unwrap();
-    let (h1, h2) = (stack_host(&a, "op1"), stack_host(&a, "op2"));
+    let (h1, h2) = (a.docker_host("op1").unwrap(), a.docker_host("op2").unwrap());
     let hosts = [&h1, &h2];
     let stack = TestStack::new(SECRET_STACK).unwrap();
     deploy(&a, &hosts, &stack, &[]).expect_code(0);
@@ -334,7 +327,7 @@ fn container_of(host: &TestHost, project: &str, service: &str) -> String {
 #[test]
 fn credentials_change_only_on_purpose_and_rotation_keeps_the_stack_healthy() {
     let env = TestEnv::new().unwrap();
-    let host = stack_host(&env, "rot1");
+    let host = env.docker_host("rot1").unwrap();
     let stack = TestStack::new(ROTATING_STACK).unwrap();
     deploy(&env, &[&host], &stack, &[]).expect_code(0);
     let (db, app) = (container_of(&host, &stack.project, "db"), container_of(&host, &stack.project, "app"));

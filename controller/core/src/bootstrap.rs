@@ -15,6 +15,7 @@
 //! current, and a no-op re-deploy is one SSH connection, one tunnel,
 //! `Hello` and `GetFacts`, with no command run on the host.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,12 +66,17 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Issues (or reuses) the host's certificate and encodes the bundle.
-    /// Deterministic for an unchanged certificate, so the hash tells whether
-    /// the host is up to date.
-    pub fn for_target(state: &StateDir, target: &Target) -> Result<Self, ControllerError> {
-        let identity = state.ca.server_identity(&cert_name(&target.name))?;
-        Ok(Self::new(&state.trusted_pem()?, &state.crl()?, identity, target))
+    /// Every target's bundle, by name: each host's certificate issued (or
+    /// reused), with the CAs and the revocation list read once. Issued
+    /// before a fan-out, so one task writes the CA directory.
+    pub fn for_targets(state: &StateDir, targets: &[Target]) -> Result<BTreeMap<String, Self>, ControllerError> {
+        let (trusted, crl) = (state.trusted_pem()?, state.crl()?);
+        let mut out = BTreeMap::new();
+        for t in targets {
+            let identity = state.ca.server_identity(&cert_name(&t.name))?;
+            out.insert(t.name.clone(), Self::new(&trusted, &crl, identity, t));
+        }
+        Ok(out)
     }
 
     /// The bundle with `trusted` (one or more CA certificates, PEM) as the

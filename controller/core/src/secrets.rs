@@ -189,6 +189,41 @@ impl Disagreement {
     }
 }
 
+/// What the hosts hold of one secret.
+pub struct Holders {
+    /// Per distinct value: its [`fingerprint`], the hosts holding it, the value.
+    pub values: Vec<(String, Vec<String>, String)>,
+    /// Hosts holding no value of it.
+    pub lacking: Vec<String>,
+}
+
+impl Holders {
+    /// The disagreement these holders make (values left out).
+    pub fn disagreement(&self, name: &str) -> Disagreement {
+        Disagreement {
+            name: name.to_string(),
+            holders: self.values.iter().map(|(fp, hosts, _)| (fp.clone(), hosts.clone())).collect(),
+        }
+    }
+}
+
+/// Groups the hosts by the value of `name` they hold.
+pub fn holders(name: &str, hosts: &[(String, BTreeMap<String, String>)]) -> Holders {
+    let mut out = Holders { values: Vec::new(), lacking: Vec::new() };
+    for (host, held) in hosts {
+        let Some(v) = held.get(name) else {
+            out.lacking.push(host.clone());
+            continue;
+        };
+        let fp = fingerprint(v);
+        match out.values.iter_mut().find(|(f, _, _)| *f == fp) {
+            Some((_, hs, _)) => hs.push(host.clone()),
+            None => out.values.push((fp, vec![host.clone()], v.clone())),
+        }
+    }
+    out
+}
+
 /// Decides the values of `names` from what each host holds (`hosts`: host
 /// name and its secrets, for every host that answered), the local `cache`,
 /// and `all_answered` (whether every targeted host answered). See the
@@ -203,28 +238,15 @@ pub fn reconcile(
 ) -> Result<Resolved, SecretsConflict> {
     let mut out = Resolved::default();
     for name in names {
-        let mut holders: Vec<(String, Vec<String>)> = Vec::new();
-        let mut value = None;
-        for (host, held) in hosts {
-            let Some(v) = held.get(name) else { continue };
-            let fp = fingerprint(v);
-            match holders.iter_mut().find(|(f, _)| *f == fp) {
-                Some((_, hs)) => hs.push(host.clone()),
-                None => {
-                    holders.push((fp, vec![host.clone()]));
-                    value = Some(v.clone());
-                }
-            }
-        }
-        if holders.len() > 1 {
-            let d = Disagreement { name: name.clone(), holders };
+        let held = holders(name, hosts);
+        if held.values.len() > 1 {
             return Err(SecretsConflict::Disagree {
                 project: project.to_string(),
-                name: d.name.clone(),
-                holders: d.describe(),
+                name: name.clone(),
+                holders: held.disagreement(name).describe(),
             });
         }
-        let value = match value {
+        let value = match held.values.into_iter().next().map(|(_, _, v)| v) {
             Some(v) => v,
             None => match cache.get(name) {
                 Some(v) => {

@@ -44,10 +44,7 @@ pub async fn deploy(
 ) -> Result<DeployReport, ControllerError> {
     // Certificates are issued before the fan-out: the CA directory is
     // written by one task only.
-    let mut bundles = BTreeMap::new();
-    for t in &setup.targets {
-        bundles.insert(t.name.clone(), Bundle::for_target(&setup.state, t)?);
-    }
+    let bundles = Bundle::for_targets(&setup.state, &setup.targets)?;
     let mut stack_opts = opts.stack.clone();
     if opts.expose {
         // Read by the Compose interpolation of the stack's `ports`.

@@ -13,7 +13,6 @@
 //! `crate::secrets`). So a joined operator's deploy finds them there,
 //! recreates nothing, and its no-op deploy changes nothing.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -287,11 +286,7 @@ pub async fn remove(setup: &Setup, name: &str, report: Arc<dyn Report>) -> Resul
         our_cas_pem: setup.ctx.our_cas_pem.clone(),
         state: setup.ctx.state.clone(),
     });
-    let mut bundles = BTreeMap::new();
-    for t in &setup.targets {
-        bundles.insert(t.name.clone(), Bundle::for_target(&setup.state, t)?);
-    }
-    let bundles = Arc::new(bundles);
+    let bundles = Arc::new(Bundle::for_targets(&setup.state, &setup.targets)?);
     let hosts = per_host(&setup.targets, setup.forks, &ctx, &report, move |target, ctx, progress| {
         let bundles = bundles.clone();
         async move { bootstrap::deploy_host(&target, &ctx, &bundles[&target.name], None, &progress).await }

@@ -32,6 +32,9 @@ use crate::bootstrap;
 use crate::fanout::{HostResults, per_host};
 use crate::progress::Report;
 
+/// The name a rotation's new value is kept under on the hosts until it is done.
+const PENDING_PREFIX: &str = "MLOPS_ROTATING_";
+
 /// One step of a rotation on one host.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOutcome {
@@ -113,7 +116,7 @@ pub async fn rotate(
         return Ok(out);
     }
     let hosts: Vec<(String, Before)> = checks.ok;
-    let pending_name = format!("MLOPS_ROTATING_{name}");
+    let pending_name = format!("{PENDING_PREFIX}{name}");
     let pending: Vec<(String, BTreeMap<String, String>)> = hosts
         .iter()
         .map(|(h, b)| {
@@ -185,7 +188,7 @@ pub async fn rotate(
     let env = BTreeMap::from([("MLOPS_OLD".to_string(), old.clone()), ("MLOPS_NEW".to_string(), new.clone())]);
     if pending.is_some() {
         report.info(&format!("a rotation of `{name}` was under way; finishing it with the same new value"));
-    } else if let Err(e) = store_everywhere(setup, &project, &pending_name, &new, &report).await {
+    } else if let Err(e) = change_everywhere(setup, &project, &pending_name, Some(&new), &report).await {
         return Ok(stopped(out, e));
     }
     {
@@ -199,7 +202,7 @@ pub async fn rotate(
         }
         // 3. The hosts hold the new value.
         let staged = if rotation.keep_old && new != old { format!("{new},{old}") } else { new.clone() };
-        if let Err(e) = store_everywhere(setup, &project, name, &staged, &report).await {
+        if let Err(e) = change_everywhere(setup, &project, name, Some(&staged), &report).await {
             return Ok(stopped(out, e));
         }
     }
@@ -220,7 +223,7 @@ pub async fn rotate(
                 return Ok(stopped(out, e));
             }
         }
-        if let Err(e) = store_everywhere(setup, &project, name, &new, &report).await {
+        if let Err(e) = change_everywhere(setup, &project, name, Some(&new), &report).await {
             return Ok(stopped(out, e));
         }
         let second = deploy(setup, &rotating, report.clone()).await?;
@@ -230,40 +233,11 @@ pub async fn rotate(
             return Ok(out);
         }
     }
-    if let Err(e) = drop_everywhere(setup, &project, &pending_name, &report).await {
+    if let Err(e) = change_everywhere(setup, &project, &pending_name, None, &report).await {
         return Ok(stopped(out, e));
     }
     out.done = true;
     Ok(out)
-}
-
-/// Drops `name` on every host (the rotation's bookkeeping).
-async fn drop_everywhere(
-    setup: &Setup,
-    project: &str,
-    name: &str,
-    report: &Arc<dyn Report>,
-) -> Result<(), ControllerError> {
-    let (p, n) = (project.to_string(), name.to_string());
-    let dropped = per_host(&setup.targets, setup.forks, &setup.ctx, report, move |target, ctx, _progress| {
-        let (project, name) = (p.clone(), n.clone());
-        async move {
-            let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
-            let r = crate::secrets::change_on(&mut conn, &project, &BTreeMap::new(), false, &[name]).await;
-            transport.close().await;
-            r.map(|_| ())
-        }
-    })
-    .await;
-    match dropped.failed.into_iter().next() {
-        Some((host, e)) => Err(ControllerError::RotationRefused {
-            host: host.clone(),
-            message: format!(
-                "the rotation finished, but its bookkeeping could not be dropped on {host} ({e}); run the command again to finish"
-            ),
-        }),
-        None => Ok(()),
-    }
 }
 
 /// The report of a rotation that stopped at a step: the host it stopped
@@ -362,35 +336,42 @@ async fn run_hook(
     Ok(())
 }
 
-/// Stores `value` as `name` on every host (replacing), and in the cache.
-async fn store_everywhere(
+/// Stores `value` as `name` on every host (replacing) and in the cache;
+/// with `value` `None`, drops `name` on every host instead (the
+/// rotation's bookkeeping).
+async fn change_everywhere(
     setup: &Setup,
     project: &str,
     name: &str,
-    value: &str,
+    value: Option<&str>,
     report: &Arc<dyn Report>,
 ) -> Result<(), ControllerError> {
-    let values = Arc::new(BTreeMap::from([(name.to_string(), value.to_string())]));
-    let p = project.to_string();
-    let v = values.clone();
-    let stored = per_host(&setup.targets, setup.forks, &setup.ctx, report, move |target, ctx, _progress| {
-        let (project, values) = (p.clone(), v.clone());
+    let values: BTreeMap<String, String> = value.map(|v| (name.to_string(), v.to_string())).into_iter().collect();
+    let remove: Vec<String> = if value.is_none() { vec![name.to_string()] } else { Vec::new() };
+    let change = Arc::new((project.to_string(), values.clone(), remove));
+    let changed = per_host(&setup.targets, setup.forks, &setup.ctx, report, move |target, ctx, _progress| {
+        let change = change.clone();
         async move {
+            let (project, values, remove) = change.as_ref();
             let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
-            let r = crate::secrets::store_on(&mut conn, &project, &values, true).await;
+            let r = crate::secrets::change_on(&mut conn, project, values, true, remove).await;
             transport.close().await;
             r.map(|_| ())
         }
     })
     .await;
-    if let Some((host, e)) = stored.failed.into_iter().next() {
+    if let Some((host, e)) = changed.failed.into_iter().next() {
+        let what = if value.is_some() { "stored" } else { "dropped" };
         return Err(ControllerError::RotationRefused {
             host: host.clone(),
             message: format!(
-                "`{name}` could not be stored on {host} ({e}); once {host} answers, run the same command again: it goes on with the same new value"
+                "`{name}` could not be {what} on {host} ({e}); once {host} answers, run the same command again: it goes on with the same new value"
             ),
         });
     }
-    crate::secrets::store_cache(&setup.state.path, project, &values)?;
+    // The cache keeps secrets, not a rotation's bookkeeping.
+    if !values.is_empty() && !name.starts_with(PENDING_PREFIX) {
+        crate::secrets::store_cache(&setup.state.path, project, &values)?;
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::ControllerError;
 use crate::bootstrap;
 use crate::fanout::{HostResults, per_host};
 use crate::progress::Report;
-use crate::secrets::{Disagreement, fingerprint};
+use crate::secrets::{Disagreement, holders};
 
 /// What `secrets` found.
 #[derive(Debug)]
@@ -90,29 +90,14 @@ fn compare(hosts: &[(String, BTreeMap<String, String>)]) -> Compared {
     let names: BTreeSet<&String> = hosts.iter().flat_map(|(_, held)| held.keys()).collect();
     let (mut values, mut disagreements, mut missing) = (BTreeMap::new(), Vec::new(), Vec::new());
     for name in names {
-        let mut holders: Vec<(String, Vec<String>, &String)> = Vec::new();
-        let mut lacking = Vec::new();
-        for (host, held) in hosts {
-            let Some(v) = held.get(name) else {
-                lacking.push(host.clone());
-                continue;
-            };
-            let fp = fingerprint(v);
-            match holders.iter_mut().find(|(f, _, _)| *f == fp) {
-                Some((_, hs, _)) => hs.push(host.clone()),
-                None => holders.push((fp, vec![host.clone()], v)),
-            }
-        }
-        if holders.len() == 1 {
-            values.insert(name.clone(), holders[0].2.clone());
+        let held = holders(name, hosts);
+        if let [(_, _, value)] = held.values.as_slice() {
+            values.insert(name.clone(), value.clone());
         } else {
-            disagreements.push(Disagreement {
-                name: name.clone(),
-                holders: holders.into_iter().map(|(fp, hs, _)| (fp, hs)).collect(),
-            });
+            disagreements.push(held.disagreement(name));
         }
-        if !lacking.is_empty() {
-            missing.push((name.clone(), lacking));
+        if !held.lacking.is_empty() {
+            missing.push((name.clone(), held.lacking));
         }
     }
     (values, disagreements, missing)
