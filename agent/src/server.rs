@@ -205,14 +205,17 @@ async fn accept_loop(
                 }
                 let refusals = refusals.clone();
                 let handle = handshakes.spawn(async move {
-                    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible()).await {
                         Ok(Ok(tls)) => {
                             let who = Peer::from_certs(tls.get_ref().1.peer_certificates());
                             let _ = conns.send(Ok(TlsConn { inner: tls, peer: who })).await;
                             return;
                         }
-                        // Refused clients (no certificate, another CA) land here.
-                        Ok(Err(e)) => e.to_string(),
+                        // Refused clients (no certificate, another CA, revoked) land here.
+                        Ok(Err((e, tcp))) => {
+                            linger(tcp).await;
+                            e.to_string()
+                        }
                         Err(_) => "timed out".to_string(),
                     };
                     refusals.lock().expect("not poisoned").refused(peer, &why);
@@ -231,6 +234,21 @@ async fn accept_loop(
         }
     }
     handshakes.shutdown().await;
+}
+
+/// Closes a refused connection so that the alert saying why reaches the
+/// client: closing with its unread bytes (the HTTP/2 preface it sent after
+/// its half of the handshake) would reset the connection, and a reset can
+/// overtake the alert. So: end our side, then read what it sends until it
+/// closes too, for at most a second.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -96,6 +96,92 @@ pub fn crl_revokes_us(root_pem: &str, crl_pem: &str, identity: &Identity) -> boo
     verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_err()
 }
 
+/// A TLS stream whose server has spoken first. In TLS 1.3 the server
+/// judges our certificate after our side of the handshake is done, so a
+/// refusal (a revoked operator) arrives as an alert on the first read; the
+/// HTTP/2 layer would report it to the pending call only as "connection
+/// closed", depending on timing. The agent's HTTP/2 server sends its
+/// SETTINGS frame as soon as it has accepted us, so those bytes are read
+/// here, turning a refusal into the connection's error, and replayed.
+struct Primed<IO> {
+    first: Vec<u8>,
+    at: usize,
+    inner: IO,
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Primed<IO> {
+    async fn first_bytes(mut inner: IO) -> std::io::Result<Self> {
+        use tokio::io::AsyncReadExt;
+        let mut first = vec![0; 4096];
+        let n = inner.read(&mut first).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection right after the TLS handshake",
+            ));
+        }
+        first.truncate(n);
+        Ok(Primed { first, at: 0, inner })
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Primed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let n = buf.remaining().min(this.first.len() - this.at);
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Primed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A connection to one agent.
 pub struct AgentConn {
     host: String,
@@ -116,7 +202,7 @@ impl AgentConn {
                 let name = ServerName::try_from(mlops_pki::agent_tls_name(&cert_name(transport.host())))
                     .map_err(std::io::Error::other)?;
                 let tls = connector.connect(name, io).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                Ok::<_, std::io::Error>(TokioIo::new(Primed::first_bytes(tls).await?))
             }
         });
         // The URI only names the HTTP/2 authority; the connector decides where bytes go.
