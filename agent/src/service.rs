@@ -13,14 +13,15 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind, GetFactsRequest,
-    GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply,
-    HistoryRequest, HostFacts, LogChunk, LogsRequest, Progress, PutSecretsRequest, Secrets, ServiceState, StackAction,
+    BuildImagesRequest, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind,
+    GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse,
+    HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, LoadImageReply,
+    LogChunk, LogsRequest, Progress, PutSecretsRequest, SaveImageRequest, Secrets, ServiceState, StackAction,
     StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
-    SyncUploadReply, WatchHealthRequest,
+    SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -469,18 +470,9 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::ConvergeStream>, Status> {
         let peer = peer(&request);
         let req = request.into_inner();
-        let stack: mlops_proto::stack::Stack = serde_json::from_str(&req.stack_json).map_err(|e| {
-            AgentError::InvalidArgument { field: "stack_json", message: format!("not a stack model: {e}") }
-        })?;
-        check_project(&stack.project)?;
-        engine::sync::check_root(&req.files_root).map_err(AgentError::from)?;
+        let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
         let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
-        let dirs = converge::StackDirs {
-            files: self.sync.tree(&req.files_root),
-            work: self.sync.work_dir(),
-            credentials: self.state_dir.join("credentials").join(format!("{}.json", stack.project)),
-        };
         let rotating = req.rotating.clone();
         let timeout = Duration::from_secs(if req.health_timeout_seconds == 0 {
             300
@@ -634,6 +626,112 @@ impl Agent for AgentService {
         })
         .await?;
         Ok(Response::new(ExecReply { exit_code, output }))
+    }
+
+    async fn image_plan(&self, request: Request<ImagePlanRequest>) -> Result<Response<ImagePlanReply>, Status> {
+        let req = request.into_inner();
+        let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let states = converge::images::states(&docker, &stack, &dirs).await.map_err(AgentError::from)?;
+        let images = states
+            .into_iter()
+            .map(|s| ImageState {
+                service: s.service,
+                tag: s.tag,
+                context_hash: s.context_hash,
+                id: s.id.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(ImagePlanReply { images }))
+    }
+
+    type BuildImagesStream = BoxStream<StackEvent>;
+
+    async fn build_images(
+        &self,
+        request: Request<BuildImagesRequest>,
+    ) -> Result<Response<Self::BuildImagesStream>, Status> {
+        let req = request.into_inner();
+        let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
+        let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let (tx, rx) = mpsc::channel(64);
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let project = stack.project.clone();
+            let tags = req.tags;
+            let work = |events: Events| async move {
+                converge::images::build_tags(&docker, &stack, &tags, &dirs, &events).await
+            };
+            // Not in the history: the deploy it belongs to is.
+            let _ = Box::pin(stream_stack_work(work, tx, stop, &project, "image build")).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SaveImageStream = BoxStream<ImageChunk>;
+
+    async fn save_image(&self, request: Request<SaveImageRequest>) -> Result<Response<Self::SaveImageStream>, Status> {
+        let req = request.into_inner();
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let tarball = engine::ship::save(&docker, &req.tag, &req.id).await.map_err(AgentError::from)?;
+        // Few messages in flight: the image streams at the pace the
+        // receiving host loads it.
+        let (tx, rx) = mpsc::channel(4);
+        let mut stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tarball = std::pin::pin!(tarball);
+            loop {
+                let next = tokio::select! {
+                    next = tarball.next() => next,
+                    _ = stop.changed() => {
+                        let _ = tx.send(Err(AgentError::ShuttingDown.into())).await;
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok(bytes)) => {
+                        for piece in bytes.chunks(IMAGE_CHUNK) {
+                            let chunk = ImageChunk { data: piece.to_vec(), ..Default::default() };
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(AgentError::from(e).into())).await;
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn load_image(
+        &self,
+        request: Request<tonic::Streaming<ImageChunk>>,
+    ) -> Result<Response<LoadImageReply>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks.message().await?.ok_or(AgentError::InvalidArgument {
+            field: "tag",
+            message: "the stream ended before its first chunk".into(),
+        })?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let (tag, id) = (first.tag, first.id);
+        let head = futures::stream::once(async move { Ok::<_, Status>(bytes::Bytes::from(first.data)) });
+        let tarball = head.chain(chunks.map(|c| c.map(|c| bytes::Bytes::from(c.data))));
+        let bytes = engine::ship::load(&docker, &tag, &id, tarball).await.map_err(AgentError::from)?;
+        Ok(Response::new(LoadImageReply { bytes }))
+    }
+
+    async fn tag_image(&self, request: Request<TagImageRequest>) -> Result<Response<TagImageReply>, Status> {
+        let req = request.into_inner();
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let present = engine::ship::tag(&docker, &req.id, &req.tag).await.map_err(AgentError::from)?;
+        Ok(Response::new(TagImageReply { present }))
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
@@ -791,6 +889,30 @@ impl End {
 
 /// Who made the call (see [`Peer`]); unknown for a call without TLS
 /// (tests that serve the handlers directly).
+/// The largest piece of an image in one `ImageChunk`.
+const IMAGE_CHUNK: usize = 1 << 20;
+
+impl AgentService {
+    /// The stack model of a request, checked, and where its files are.
+    fn stack_of(
+        &self,
+        stack_json: &str,
+        files_root: &str,
+    ) -> Result<(mlops_proto::stack::Stack, converge::StackDirs), AgentError> {
+        let stack: mlops_proto::stack::Stack = serde_json::from_str(stack_json).map_err(|e| {
+            AgentError::InvalidArgument { field: "stack_json", message: format!("not a stack model: {e}") }
+        })?;
+        check_project(&stack.project)?;
+        engine::sync::check_root(files_root)?;
+        let dirs = converge::StackDirs {
+            files: self.sync.tree(files_root),
+            work: self.sync.work_dir(),
+            credentials: self.state_dir.join("credentials").join(format!("{}.json", stack.project)),
+        };
+        Ok((stack, dirs))
+    }
+}
+
 fn peer<T>(request: &Request<T>) -> Peer {
     request.extensions().get::<Peer>().cloned().unwrap_or_default()
 }

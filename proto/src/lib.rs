@@ -24,7 +24,9 @@ pub mod v1 {
 /// a `Failure` in its status details.
 /// Level 4: `GetSecrets` and `PutSecrets` (a project's credentials are
 /// kept on its hosts).
-pub const API_LEVEL: u32 = 4;
+/// Level 5: `ImagePlan`, `BuildImages`, `SaveImage`, `LoadImage` and
+/// `TagImage` (images built once and shipped between hosts).
+pub const API_LEVEL: u32 = 5;
 
 /// sha256 (hex) of what makes an agent's configuration current for a
 /// controller: the CAs it trusts and its port. The controller hashes the

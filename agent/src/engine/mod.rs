@@ -11,6 +11,8 @@
 //! - [`watch`]: health transitions from Docker events, and logs.
 //! - [`lock`]: one deploy per stack at a time.
 //! - [`exec`]: a command in a running service's container (secret rotation).
+//! - [`ship`]: images out of and into the engine as tarball streams
+//!   (images built once, shipped to the other hosts).
 //!
 //! The engine knows nothing of the RPC layer: it reports through its own
 //! types ([`Event`], [`EngineError`], [`ServiceStatus`],
@@ -24,6 +26,7 @@ pub mod converge;
 pub mod docker;
 pub mod exec;
 pub mod lock;
+pub mod ship;
 pub mod sync;
 pub mod watch;
 

@@ -119,6 +119,7 @@ impl Printer {
                 let what = action_words(*action);
                 if detail.is_empty() { format!("{who}{what}") } else { format!("{who}{what} {detail}") }
             }
+            Step::Image { tag, detail } => format!("image {tag}: {detail}"),
             Step::Retry { message } => format!("retry: {message}"),
             Step::Failed { message } => format!("FAILED: {message}"),
         };

@@ -30,8 +30,9 @@ use serde::Serialize;
 use crate::ControllerError;
 use crate::agent_binary::{AgentBinary, normalize_arch};
 use crate::client::{AgentConn, ClientTls, error_chain};
+use crate::images::ImageSources;
 use crate::progress::{Progress, Step};
-use crate::stack::{StackOutcome, StackPlan};
+use crate::stack::{StackOutcome, StackPlan, Staged};
 use crate::state::{StateDir, cert_name};
 use crate::transport::{SharedTransport, Transport};
 
@@ -273,7 +274,8 @@ pub async fn deploy_host(
     stack: Option<&StackPlan>,
     progress: &Progress,
 ) -> Result<DeployOutcome, ControllerError> {
-    prepare_host(target, ctx, bundle, progress).await?.finish(target, ctx, stack, progress).await
+    let stack = stack.map(|plan| (plan, None));
+    prepare_host(target, ctx, bundle, progress).await?.finish(target, ctx, stack, None, progress).await
 }
 
 /// A host whose agent is current, its connection kept open for what comes
@@ -314,21 +316,46 @@ pub async fn prepare_host(
 }
 
 impl Prepared {
-    /// The second half of [`deploy_host`]: the stack, if any; then the
-    /// connection is closed.
+    /// The second half of [`deploy_host`]: the stack, if any (staged
+    /// here unless `staged` says it was; its images from `sources` when the
+    /// deploy ships them); then the connection is closed, unless other
+    /// hosts may still load images from this one (`sources` closes it then).
     pub async fn finish(
         mut self,
         target: &Target,
         ctx: &Context,
-        stack: Option<&StackPlan>,
+        stack: Option<(&StackPlan, Option<Staged>)>,
+        sources: Option<&ImageSources>,
         progress: &Progress,
     ) -> Result<DeployOutcome, ControllerError> {
         let stack = match stack {
-            Some(plan) => Some(apply_with_retry(target, ctx, &self.transport, &mut self.conn, plan, progress).await),
+            Some((plan, staged)) => {
+                let staged = match staged {
+                    Some(s) => Ok(s),
+                    None => self.stage(target, ctx, plan, progress).await,
+                };
+                Some(match staged {
+                    Ok(staged) => {
+                        let (plan, progress) = (plan.clone(), progress.clone());
+                        with_retry(target, ctx, &self.transport, &mut self.conn, &progress.clone(), move |conn| {
+                            let (plan, staged, progress) = (plan.clone(), staged.clone(), progress.clone());
+                            let sources = sources.cloned();
+                            Box::pin(async move {
+                                crate::stack::converge(conn, &plan, &staged, sources.as_ref(), &progress).await
+                            })
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                })
+            }
             None => None,
         }
         .transpose();
-        self.close().await;
+        match sources.filter(|s| s.is_source(&target.name)) {
+            Some(sources) => sources.keep_open(self.transport.clone()),
+            None => self.close().await,
+        }
         let stack = stack?;
         Ok(DeployOutcome {
             host: target.name.clone(),
@@ -343,25 +370,59 @@ impl Prepared {
         })
     }
 
+    /// Docker and the stack's files on the host, and which of its images
+    /// the host has (see [`crate::stack::stage`]).
+    pub async fn stage(
+        &mut self,
+        target: &Target,
+        ctx: &Context,
+        plan: &StackPlan,
+        progress: &Progress,
+    ) -> Result<Staged, ControllerError> {
+        let (plan, progress) = (plan.clone(), progress.clone());
+        with_retry(target, ctx, &self.transport, &mut self.conn, &progress.clone(), move |conn| {
+            let (plan, progress) = (plan.clone(), progress.clone());
+            Box::pin(async move { crate::stack::stage(conn, &plan, &progress).await })
+        })
+        .await
+    }
+
+    /// Builds `tags` here for the other hosts of the deploy; what the host
+    /// then has.
+    pub async fn build_images(
+        &mut self,
+        plan: &StackPlan,
+        tags: Vec<String>,
+        progress: &Progress,
+    ) -> Result<Vec<mlops_proto::v1::ImageState>, ControllerError> {
+        crate::images::build(&mut self.conn, plan, tags, progress).await
+    }
+
+    /// The agent's client, for other hosts' calls to it (image shipping).
+    pub fn client(&mut self) -> mlops_proto::v1::agent_client::AgentClient<tonic::transport::Channel> {
+        self.conn.raw().clone()
+    }
+
     pub async fn close(&self) {
         self.transport.close().await;
     }
 }
 
-/// Applies the stack; when the connection to the agent breaks mid-way (not
-/// an answer from the agent: the tunnel or HTTP/2 connection itself), opens
-/// a new one and applies again. Converge is idempotent, and the agent drops
-/// the first attempt (and its lock) once it sees its client gone; until it
-/// has, the retry may meet that lock, so it waits a little for it.
-async fn apply_with_retry(
+/// Runs a step of the stack; when the connection to the agent breaks
+/// mid-way (not an answer from the agent: the tunnel or HTTP/2 connection
+/// itself), opens a new one and runs it again. Every step is idempotent,
+/// and the agent drops the first attempt (and its lock) once it sees its
+/// client gone; until it has, the retry may meet that lock, so it waits a
+/// little for it.
+async fn with_retry<T>(
     target: &Target,
     ctx: &Context,
     transport: &SharedTransport,
     conn: &mut AgentConn,
-    plan: &StackPlan,
     progress: &Progress,
-) -> Result<StackOutcome, ControllerError> {
-    let first = match crate::stack::apply(conn, plan, progress).await {
+    mut step: impl for<'c> FnMut(&'c mut AgentConn) -> futures::future::BoxFuture<'c, Result<T, ControllerError>>,
+) -> Result<T, ControllerError> {
+    let first = match step(conn).await {
         Err(e) if e.is_transport_failure() => e,
         other => return other,
     };
@@ -377,7 +438,7 @@ async fn apply_with_retry(
                 continue;
             }
         };
-        match crate::stack::apply(&mut fresh, plan, progress).await {
+        match step(&mut fresh).await {
             Err(e) if e.failure_kind() == Some(mlops_proto::v1::FailureKind::StackLocked) => last = e,
             Err(e) if e.is_transport_failure() => last = e,
             other => {

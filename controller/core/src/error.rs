@@ -65,6 +65,9 @@ pub enum ControllerError {
     /// The agent ended a stream without the result it owes.
     #[error("{host}: the agent ended {call} without a result")]
     Incomplete { host: String, call: &'static str },
+    /// The host that was to build an image for this one could not.
+    #[error("{host}: image {tag} is built on another host of this deploy, which failed: {message}")]
+    ImageSource { host: String, tag: String, message: String },
     #[error("{host}: no Docker engine: {message}")]
     NoDocker { host: String, message: String },
     #[error("the agent on {host} speaks API level {level}; this needs level {needed}")]
@@ -171,6 +174,7 @@ impl ControllerError {
             ControllerError::RotationRefused { .. } => "a rotation changes nothing until every host answers, runs the stack healthy and holds the same value; `mlopsctl status` and `mlopsctl secrets` show where things stand, and the command can be run again".into(),
             ControllerError::Secrets(SecretsConflict::Unknown { .. }) => "deploy again when every host answers, or leave the silent hosts out with --limit".into(),
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
+            ControllerError::ImageSource { .. } => "each image is built once per deploy and shipped to the other hosts; the error of the host that built it is above. Fix it and deploy again".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
             ControllerError::Agent { failure, .. } => return failure_hint(failure),
             ControllerError::Transport { .. } => "the SSH connection or the agent went away mid-call; run the command again (`mlopsctl status` shows whether the agent runs)".into(),

@@ -29,6 +29,7 @@ pub mod client;
 pub mod commands;
 pub mod error;
 pub mod fanout;
+pub mod images;
 pub mod progress;
 pub mod secrets;
 pub mod stack;

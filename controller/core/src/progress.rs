@@ -53,6 +53,11 @@ pub enum Step {
         action: mlops_proto::v1::StackAction,
         detail: String,
     },
+    /// An image the stack builds, built on another host of the deploy.
+    Image {
+        tag: String,
+        detail: String,
+    },
     /// The connection to the agent broke mid-way; the step is tried again.
     Retry {
         message: String,

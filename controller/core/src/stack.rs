@@ -33,6 +33,10 @@ pub struct StackPlan {
     pub sync_only: bool,
     /// Secrets a rotation is changing (see `ConvergeRequest.rotating`).
     pub rotating: Vec<String>,
+    /// A deploy to several hosts: each image is built on one host and
+    /// shipped to the others (see [`crate::images`]); else each host builds
+    /// its own.
+    pub images: bool,
 }
 
 impl StackPlan {
@@ -99,6 +103,10 @@ pub struct StackOutcome {
     /// How many services were created or replaced.
     pub changed: usize,
     pub summary: String,
+    /// How each image the stack builds came to be here (deploys to
+    /// several hosts; empty otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<crate::images::ImageOutcome>,
 }
 
 /// Syncs `tree` into agent tree `root`, sending only what the agent lacks.
@@ -131,12 +139,19 @@ pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Re
     Ok(out)
 }
 
-/// Docker, files, converge: the stack part of `deploy` on one host.
-pub async fn apply(
-    conn: &mut AgentConn,
-    plan: &StackPlan,
-    progress: &Progress,
-) -> Result<StackOutcome, ControllerError> {
+/// What [`stage`] did on a host: Docker answers, the files are there,
+/// and (deploys to several hosts) which images the host has current.
+#[derive(Debug, Clone, Default)]
+pub struct Staged {
+    pub docker_version: String,
+    pub sync: SyncOutcome,
+    /// `ImagePlan`'s answer, when the deploy shares images between hosts.
+    pub images: Vec<mlops_proto::v1::ImageState>,
+}
+
+/// Docker, then the files; then, when the deploy ships images between
+/// hosts, which of the stack's images this host has.
+pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) -> Result<Staged, ControllerError> {
     let host = conn.host().to_string();
     let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
 
@@ -169,16 +184,37 @@ pub async fn apply(
         removed: sync.removed,
         bytes: sync.uploaded_bytes,
     });
+    let images = if plan.images && !plan.sync_only { crate::images::plan(conn, plan).await? } else { Vec::new() };
+    Ok(Staged { docker_version, sync, images })
+}
+
+/// The stack on a staged host: its images from the hosts that have them
+/// (deploys to several hosts), then `Converge`.
+pub async fn converge(
+    conn: &mut AgentConn,
+    plan: &StackPlan,
+    staged: &Staged,
+    sources: Option<&crate::images::ImageSources>,
+    progress: &Progress,
+) -> Result<StackOutcome, ControllerError> {
+    let host = conn.host().to_string();
+    let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
+    let sync = staged.sync.clone();
     if plan.sync_only {
         return Ok(StackOutcome {
             project: plan.project.clone(),
-            docker_version,
+            docker_version: staged.docker_version.clone(),
             summary: format!("{} file(s) written, {} removed", sync.written, sync.removed),
             sync,
             services: Vec::new(),
             changed: 0,
+            images: Vec::new(),
         });
     }
+    let images = match sources {
+        Some(sources) => crate::images::fetch(conn, &staged.images, sources, progress).await?,
+        None => Vec::new(),
+    };
 
     let request = mlops_proto::v1::ConvergeRequest {
         stack_json: plan.stack_json.clone(),
@@ -191,12 +227,31 @@ pub async fn apply(
     let done = follow(&host, "Converge", stream, progress).await?;
     let services: Vec<ServiceOutcome> = done.services.into_iter().map(ServiceOutcome::from).collect();
     let changed = services.iter().filter(|s| s.changed).count();
-    Ok(StackOutcome { project: plan.project.clone(), docker_version, sync, services, changed, summary: done.detail })
+    Ok(StackOutcome {
+        project: plan.project.clone(),
+        docker_version: staged.docker_version.clone(),
+        sync,
+        services,
+        changed,
+        summary: done.detail,
+        images,
+    })
+}
+
+/// Docker, files, converge: the stack part of `deploy` on one host (each
+/// host builds its own images).
+pub async fn apply(
+    conn: &mut AgentConn,
+    plan: &StackPlan,
+    progress: &Progress,
+) -> Result<StackOutcome, ControllerError> {
+    let staged = stage(conn, plan, progress).await?;
+    converge(conn, plan, &staged, None, progress).await
 }
 
 /// Reports a stack stream's events as progress until its `DONE` event,
 /// which it returns; a failure ends the stream as a status.
-async fn follow(
+pub(crate) async fn follow(
     host: &str,
     call: &'static str,
     mut stream: tonic::Streaming<StackEvent>,

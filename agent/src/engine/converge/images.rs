@@ -45,15 +45,80 @@ pub async fn ensure(
     Ok(out)
 }
 
-async fn build_if_changed(
+/// An image the stack builds, as this host has it.
+pub struct ImageState {
+    /// The first service in start order that builds the tag.
+    pub service: String,
+    pub tag: String,
+    pub context_hash: String,
+    /// The image of `tag` when it was built from this context; else `None`.
+    pub id: Option<String>,
+}
+
+/// Every image the stack builds (one per tag), with its context hash
+/// here and whether the image of that tag was built from it.
+pub async fn states(docker: &Docker, stack: &Stack, dirs: &super::StackDirs) -> Result<Vec<ImageState>, EngineError> {
+    let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
+    let mut out: Vec<ImageState> = Vec::new();
+    for name in &order {
+        if stack.services[name].build.is_none() {
+            continue;
+        }
+        let tag = stack.image_of(name);
+        if out.iter().any(|s| s.tag == tag) {
+            continue;
+        }
+        let ctx = context(stack, name, dirs).await?;
+        let id = docker
+            .inspect_image(&tag)
+            .await
+            .ok()
+            .filter(|i| {
+                let labels = i.config.as_ref().and_then(|c| c.labels.as_ref());
+                labels.and_then(|l| l.get(labels::CONTEXT_HASH)).is_some_and(|h| *h == ctx.hash)
+            })
+            .and_then(|i| i.id);
+        out.push(ImageState { service: name.clone(), tag, context_hash: ctx.hash, id });
+    }
+    Ok(out)
+}
+
+/// Builds the images `tags` (of `build:` services) whose context changed,
+/// and nothing else (`BuildImages`: the host that builds for the others).
+pub async fn build_tags(
     docker: &Docker,
     stack: &Stack,
-    name: &str,
-    tag: &str,
+    tags: &[String],
     dirs: &super::StackDirs,
     ev: &Events,
-    changed: &mut bool,
-) -> Result<String, EngineError> {
+) -> Result<crate::engine::Outcome, EngineError> {
+    let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
+    if let Some(unknown) =
+        tags.iter().find(|t| !order.iter().any(|n| stack.services[n].build.is_some() && stack.image_of(n) == **t))
+    {
+        return Err(EngineError::bad_request("tags", format!("no service of the stack builds `{unknown}`")));
+    }
+    let mut changed = false;
+    let mut done: Vec<String> = Vec::new();
+    for name in &order {
+        let tag = stack.image_of(name);
+        if stack.services[name].build.is_none() || done.contains(&tag) || !tags.contains(&tag) {
+            continue;
+        }
+        build_if_changed(docker, stack, name, &tag, dirs, ev, &mut changed).await?;
+        done.push(tag);
+    }
+    let summary = if changed {
+        format!("{} image(s) current, some built", done.len())
+    } else {
+        format!("{} image(s) current, none built", done.len())
+    };
+    Ok(crate::engine::Outcome { summary, services: Vec::new() })
+}
+
+/// The packed build context of service `name` (its hash decides whether
+/// the image is current).
+async fn context(stack: &Stack, name: &str, dirs: &super::StackDirs) -> Result<build::Context, EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
     let dir = open_context(&dirs.files, &b.context, &format!("services.{name}.build.context"))
         .map_err(|e| e.in_service(name))?;
@@ -65,11 +130,23 @@ async fn build_if_changed(
     } else {
         Vec::new()
     };
-    let ctx =
-        tokio::task::spawn_blocking(move || build::pack_with(&dir, &dockerfile, &args, target.as_deref(), &extra))
-            .await
-            .map_err(|e| EngineError::io("packing the build context")(std::io::Error::other(e)))?
-            .map_err(|e| e.in_service(name))?;
+    tokio::task::spawn_blocking(move || build::pack_with(&dir, &dockerfile, &args, target.as_deref(), &extra))
+        .await
+        .map_err(|e| EngineError::io("packing the build context")(std::io::Error::other(e)))?
+        .map_err(|e| e.in_service(name))
+}
+
+async fn build_if_changed(
+    docker: &Docker,
+    stack: &Stack,
+    name: &str,
+    tag: &str,
+    dirs: &super::StackDirs,
+    ev: &Events,
+    changed: &mut bool,
+) -> Result<String, EngineError> {
+    let b = stack.services[name].build.as_ref().expect("a build service");
+    let ctx = context(stack, name, dirs).await?;
     let existing = docker.inspect_image(tag).await.ok();
     let current = existing
         .as_ref()

@@ -12,8 +12,10 @@ use super::{Setup, StackOptions};
 use crate::ControllerError;
 use crate::bootstrap::{self, Bundle, DeployOutcome};
 use crate::fanout::{HostResults, per_host, per_host_with};
+use crate::images::{self, ImageSources};
 use crate::progress::{Report, bytes_human};
 use crate::stack::{self, StackPlan};
+use mlops_proto::v1::ImageState;
 
 #[derive(Debug, Clone)]
 pub struct DeployOptions {
@@ -140,6 +142,8 @@ pub async fn deploy(
                         holder: stack::holder(),
                         sync_only: false,
                         rotating: opts.rotating.clone(),
+                        // With several hosts, each image is built once.
+                        images: prepared.ok.len() > 1,
                     };
                     (Some((plan, resolved.values)), Some(model.stack))
                 }
@@ -147,27 +151,137 @@ pub async fn deploy(
         }
     };
 
-    // 3. Per host: the secrets it lacks, then the stack.
+    // 3. Per host: the secrets it lacks, Docker and the stack's files (and,
+    //    deploying to several hosts, which of its images the host has).
     let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let items = prepared.ok.into_iter().map(|(name, prepared)| (targets[&name].clone(), prepared)).collect();
     let plan = Arc::new(plan);
-    let mut hosts =
+    let staging = plan.clone();
+    let mut staged =
         per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (mut host, held), ctx, progress| {
-            let plan = plan.clone();
+            let plan = staging.clone();
             async move {
-                if let Some((plan, secrets)) = plan.as_ref()
-                    && let Err(e) = crate::secrets::complete_on(&mut host.conn, &plan.project, &held, secrets).await
-                {
-                    host.close().await;
-                    return Err(e);
+                let Some((plan, secrets)) = plan.as_ref() else { return Ok((host, None)) };
+                let staged = match crate::secrets::complete_on(&mut host.conn, &plan.project, &held, secrets).await {
+                    Ok(()) => host.stage(&target, &ctx, plan, &progress).await,
+                    Err(e) => Err(e),
+                };
+                match staged {
+                    Ok(staged) => Ok((host, Some(staged))),
+                    Err(e) => {
+                        host.close().await;
+                        Err(e)
+                    }
                 }
-                host.finish(&target, &ctx, plan.as_ref().as_ref().map(|(p, _)| p), &progress).await
             }
         })
         .await;
-    hosts.failed.extend(prepared.failed);
+    staged.sort_by_targets(&setup.targets);
+    let mut failed = prepared.failed;
+    failed.append(&mut staged.failed);
+
+    // 4. Images some host lacks: built once, where no host has them,
+    //    before any host converges (see `crate::images`).
+    let sources = match plan.as_ref() {
+        Some((p, _)) if p.images => {
+            let (ready, sources) = build_images(setup, &report, p, staged.ok, &mut failed).await;
+            staged.ok = ready;
+            Some(sources)
+        }
+        _ => None,
+    };
+
+    // 5. Per host: its images from their sources, then the stack.
+    let items = staged.ok.into_iter().map(|(name, item)| (targets[&name].clone(), item)).collect();
+    let shared = sources.clone();
+    let mut hosts =
+        per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (host, staged), ctx, progress| {
+            let (plan, sources) = (plan.clone(), shared.clone());
+            async move {
+                let stack = plan.as_ref().as_ref().map(|(p, _)| (p, staged));
+                host.finish(&target, &ctx, stack, sources.as_ref(), &progress).await
+            }
+        })
+        .await;
+    if let Some(sources) = sources {
+        sources.close_all().await;
+    }
+    hosts.failed.append(&mut failed);
     hosts.sort_by_targets(&setup.targets);
     Ok(DeployReport { hosts, stack })
+}
+
+/// A staged host, with its connection open.
+type StagedHost = (bootstrap::Prepared, Option<stack::Staged>);
+
+/// Builds each image no host has on the first host that lacks it (those
+/// hosts in parallel); returns the hosts still in the deploy and where
+/// each image comes from. A host whose build fails fails, and so, later,
+/// does every host that needed its image.
+async fn build_images(
+    setup: &Setup,
+    report: &Arc<dyn Report>,
+    plan: &StackPlan,
+    staged: Vec<(String, StagedHost)>,
+    failed: &mut Vec<(String, ControllerError)>,
+) -> (Vec<(String, StagedHost)>, ImageSources) {
+    let reports: Vec<(String, Vec<ImageState>)> = staged
+        .iter()
+        .map(|(name, (_, s))| (name.clone(), s.as_ref().map(|s| s.images.clone()).unwrap_or_default()))
+        .collect();
+    let assignment = Arc::new(images::assign(&reports));
+    let (builders, mut ready): (Vec<_>, Vec<_>) =
+        staged.into_iter().partition(|(name, _)| assignment.builds.contains_key(name));
+    let mut built: BTreeMap<String, Vec<ImageState>> = BTreeMap::new();
+    if !builders.is_empty() {
+        let items = builders
+            .into_iter()
+            .map(|(name, item)| (setup.targets.iter().find(|t| t.name == name).expect("a target").clone(), item))
+            .collect();
+        let (plan, tags) = (Arc::new(plan.clone()), assignment.clone());
+        let mut done = per_host_with(items, setup.forks, &setup.ctx, report, move |target, item, _ctx, progress| {
+            let (plan, tags) = (plan.clone(), tags.builds[&target.name].clone());
+            async move {
+                let (mut host, staged) = item;
+                match host.build_images(&plan, tags, &progress).await {
+                    Ok(states) => Ok((host, staged, states)),
+                    Err(e) => {
+                        host.close().await;
+                        Err(e)
+                    }
+                }
+            }
+        })
+        .await;
+        for (name, (host, staged, states)) in std::mem::take(&mut done.ok) {
+            built.insert(name.clone(), states);
+            ready.push((name, (host, staged)));
+        }
+        failed.append(&mut done.failed);
+    }
+    let mut sources = std::collections::HashMap::new();
+    for (key, from) in &assignment.source_of {
+        let source = match ready.iter_mut().find(|(name, _)| name == from) {
+            Some((name, (host, staged))) => {
+                let was_built = built.contains_key(name.as_str()) && assignment.builds[name.as_str()].contains(&key.0);
+                let states = match built.get(name.as_str()) {
+                    Some(states) => states.as_slice(),
+                    None => staged.as_ref().map(|s| s.images.as_slice()).unwrap_or_default(),
+                };
+                match states.iter().find(|i| (&i.tag, &i.context_hash) == (&key.0, &key.1) && !i.id.is_empty()) {
+                    Some(image) => Ok(images::Source::new(name, host.client(), image.id.clone(), was_built)),
+                    None => Err(format!("{name} does not have {} after its build", key.0)),
+                }
+            }
+            None => {
+                let why = failed.iter().find(|(n, _)| n == from).map(|(_, e)| e.to_string()).unwrap_or_default();
+                Err(format!("{from}: {why}"))
+            }
+        };
+        sources.insert(key.clone(), source);
+    }
+    ready.sort_by_key(|(n, _)| setup.targets.iter().position(|t| t.name == *n));
+    (ready, ImageSources::new(sources))
 }
 
 /// Warnings were printed when the model was first read.

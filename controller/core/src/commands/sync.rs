@@ -25,6 +25,7 @@ pub async fn sync(
         holder: stack::holder(),
         sync_only: true,
         rotating: Vec::new(),
+        images: false,
     });
     Ok(per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
         let plan = plan.clone();

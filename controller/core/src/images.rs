@@ -1,0 +1,361 @@
+//! Images built once per deploy and shipped to the other hosts, with no
+//! registry. A deploy to several hosts stages every host first (Docker,
+//! files, and `ImagePlan`: which of the stack's images each host has,
+//! by the hash of its build context there); then [`assign`] picks, for
+//! each image some host lacks, a host that has it or else the first host
+//! that lacks it, which builds it (`BuildImages`, under the stack's lock)
+//! before any host converges: a build that fails, fails once, and no host
+//! has changed anything. Then every host that lacks an image receives it
+//! from its source's agent through this controller (`SaveImage` piped into
+//! `LoadImage`, a few 1 MiB chunks in flight, so neither side nor the
+//! controller holds an image whole); a host that already has the image ID
+//! under another name is only tagged (`TagImage`), and nothing is sent.
+//!
+//! An image is the same on two hosts when its build context hashes the
+//! same there (the agent computes it from the synced files, exactly as
+//! converge does); a host whose context differs (another CA bundle, say)
+//! builds its own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mlops_proto::v1::agent_client::AgentClient;
+use mlops_proto::v1::{
+    BuildImagesRequest, ImageChunk, ImagePlanRequest, ImageState, SaveImageRequest, TagImageRequest,
+};
+use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::ControllerError;
+use crate::client::AgentConn;
+use crate::progress::{Progress, Step, bytes_human};
+use crate::stack::StackPlan;
+use crate::transport::SharedTransport;
+
+/// At most this many hosts load an image from one source host at once
+/// (each is a `docker save` on it).
+const SAVES_PER_SOURCE: usize = 3;
+
+/// An image: its tag and the hash of its build context.
+pub type ImageKey = (String, String);
+
+/// Which host each missing image comes from, and who builds what.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// Per builder host: the tags it builds.
+    pub builds: BTreeMap<String, Vec<String>>,
+    /// Per image some host lacks: the host it comes from.
+    pub source_of: BTreeMap<ImageKey, String>,
+}
+
+/// Decides where each image comes from: `reports` are the hosts in
+/// deploy order with what `ImagePlan` said. An image some host lacks
+/// comes from the first host that has it, else is built by the first
+/// host that lacks it.
+pub fn assign(reports: &[(String, Vec<ImageState>)]) -> Assignment {
+    let mut out = Assignment::default();
+    let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
+    for (_, images) in reports {
+        for image in images.iter().filter(|i| i.id.is_empty()) {
+            let k = key(image);
+            if out.source_of.contains_key(&k) {
+                continue;
+            }
+            let holder = reports.iter().find(|(_, has)| has.iter().any(|i| !i.id.is_empty() && key(i) == k));
+            let source = match holder {
+                Some((host, _)) => host.clone(),
+                None => {
+                    let builder = reports
+                        .iter()
+                        .find(|(_, has)| has.iter().any(|i| i.id.is_empty() && key(i) == k))
+                        .map(|(h, _)| h.clone())
+                        .expect("someone lacks it");
+                    out.builds.entry(builder.clone()).or_default().push(k.0.clone());
+                    builder
+                }
+            };
+            out.source_of.insert(k, source);
+        }
+    }
+    out
+}
+
+/// The answer to "where does this image come from", shared by the hosts
+/// of a deploy once the builds are done. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct ImageSources {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sources: HashMap<ImageKey, Result<Source, String>>,
+    /// Hosts other hosts may load images from.
+    hosts: BTreeSet<String>,
+    /// Their connections, kept open until every host is done with them.
+    open: Mutex<Vec<SharedTransport>>,
+}
+
+#[derive(Clone)]
+pub struct Source {
+    host: String,
+    client: AgentClient<Channel>,
+    id: String,
+    /// Built for this deploy (else the host had it).
+    built: bool,
+    saves: Arc<Semaphore>,
+}
+
+impl Source {
+    pub fn new(host: &str, client: AgentClient<Channel>, id: String, built: bool) -> Source {
+        Source { host: host.to_string(), client, id, built, saves: Arc::new(Semaphore::new(SAVES_PER_SOURCE)) }
+    }
+}
+
+impl ImageSources {
+    /// Each image's source, or why it has none (its build failed, its
+    /// host went away).
+    pub fn new(sources: HashMap<ImageKey, Result<Source, String>>) -> ImageSources {
+        // One limit per source host, whatever the image.
+        let mut limits: HashMap<String, Arc<Semaphore>> = HashMap::new();
+        let mut hosts = BTreeSet::new();
+        let sources = sources
+            .into_iter()
+            .map(|(k, v)| {
+                let v = v.map(|mut s| {
+                    s.saves = limits.entry(s.host.clone()).or_insert_with(|| s.saves.clone()).clone();
+                    hosts.insert(s.host.clone());
+                    s
+                });
+                (k, v)
+            })
+            .collect();
+        ImageSources { inner: Arc::new(Inner { sources, hosts, open: Mutex::new(Vec::new()) }) }
+    }
+
+    /// Whether other hosts may load images from `host`.
+    pub fn is_source(&self, host: &str) -> bool {
+        self.inner.hosts.contains(host)
+    }
+
+    /// Keeps a source host's connection open until [`Self::close_all`].
+    pub fn keep_open(&self, transport: SharedTransport) {
+        self.inner.open.lock().expect("not poisoned").push(transport);
+    }
+
+    /// Closes the connections kept for shipping, once every host is done.
+    pub async fn close_all(&self) {
+        let open = std::mem::take(&mut *self.inner.open.lock().expect("not poisoned"));
+        for transport in open {
+            transport.close().await;
+        }
+    }
+}
+
+/// How one image came to be current on a host.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Arrival {
+    /// It was already current here.
+    Current,
+    /// Built here (for the other hosts too).
+    Built,
+    /// Another host had it; this host had the image ID and only tagged it.
+    Tagged,
+    /// Streamed from the host that built or had it.
+    Shipped,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageOutcome {
+    pub tag: String,
+    pub arrival: Arrival,
+    /// The host it came from, when not this one.
+    pub from: Option<String>,
+    pub bytes: u64,
+    pub ms: u64,
+}
+
+/// `ImagePlan` on this host: the stack's images, current or not.
+pub async fn plan(conn: &mut AgentConn, plan: &StackPlan) -> Result<Vec<ImageState>, ControllerError> {
+    let request = ImagePlanRequest { stack_json: plan.stack_json.clone(), files_root: plan.files_root() };
+    let host = conn.host().to_string();
+    Ok(conn
+        .raw()
+        .image_plan(request)
+        .await
+        .map_err(|s| ControllerError::from_status(&host, "ImagePlan", &s))?
+        .into_inner()
+        .images)
+}
+
+/// `BuildImages` of `tags` on this host, then what it has.
+pub async fn build(
+    conn: &mut AgentConn,
+    plan: &StackPlan,
+    tags: Vec<String>,
+    progress: &Progress,
+) -> Result<Vec<ImageState>, ControllerError> {
+    let host = conn.host().to_string();
+    let build = BuildImagesRequest {
+        stack_json: plan.stack_json.clone(),
+        holder: plan.holder.clone(),
+        files_root: plan.files_root(),
+        tags,
+    };
+    let stream = conn
+        .raw()
+        .build_images(build)
+        .await
+        .map_err(|s| ControllerError::from_status(&host, "BuildImages", &s))?
+        .into_inner();
+    crate::stack::follow(&host, "BuildImages", stream, progress).await?;
+    self::plan(conn, plan).await
+}
+
+/// Makes every image in `wanted` (this host's `ImagePlan`, from before
+/// any build) current here: tagged or shipped from its source.
+pub async fn fetch(
+    conn: &mut AgentConn,
+    wanted: &[ImageState],
+    sources: &ImageSources,
+    progress: &Progress,
+) -> Result<Vec<ImageOutcome>, ControllerError> {
+    let host = conn.host().to_string();
+    let mut out = Vec::new();
+    for image in wanted {
+        let tag = image.tag.clone();
+        if !image.id.is_empty() {
+            out.push(ImageOutcome { tag, arrival: Arrival::Current, from: None, bytes: 0, ms: 0 });
+            continue;
+        }
+        let key = (image.tag.clone(), image.context_hash.clone());
+        let source = match sources.inner.sources.get(&key) {
+            Some(Ok(source)) => source,
+            Some(Err(message)) => {
+                return Err(ControllerError::ImageSource { host, tag, message: message.clone() });
+            }
+            None => {
+                let message = "no host of this deploy has it or built it".to_string();
+                return Err(ControllerError::ImageSource { host, tag, message });
+            }
+        };
+        if source.host == host {
+            let arrival = if source.built { Arrival::Built } else { Arrival::Current };
+            out.push(ImageOutcome { tag, arrival, from: None, bytes: 0, ms: 0 });
+            continue;
+        }
+        let started = Instant::now();
+        let tagged = conn
+            .raw()
+            .tag_image(TagImageRequest { id: source.id.clone(), tag: tag.clone() })
+            .await
+            .map_err(|s| ControllerError::from_status(&host, "TagImage", &s))?
+            .into_inner()
+            .present;
+        if tagged {
+            progress.step(Step::Image {
+                tag: tag.clone(),
+                detail: format!("as on {}; this host has its ID, nothing sent", source.host),
+            });
+            let ms = started.elapsed().as_millis() as u64;
+            out.push(ImageOutcome { tag, arrival: Arrival::Tagged, from: Some(source.host.clone()), bytes: 0, ms });
+            continue;
+        }
+        let (bytes, ms) = ship(conn, source, &tag).await?;
+        progress.step(Step::Image {
+            tag: tag.clone(),
+            detail: format!(
+                "shipped from {}: {} in {:.1} s ({}/s)",
+                source.host,
+                bytes_human(bytes),
+                ms as f64 / 1000.0,
+                bytes_human((bytes as f64 / (ms.max(1) as f64 / 1000.0)) as u64)
+            ),
+        });
+        out.push(ImageOutcome { tag, arrival: Arrival::Shipped, from: Some(source.host.clone()), bytes, ms });
+    }
+    Ok(out)
+}
+
+/// Streams `tag` from `source` into this host's engine; bytes and
+/// milliseconds.
+async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, u64), ControllerError> {
+    let host = conn.host().to_string();
+    let _permit = source.saves.acquire().await.expect("never closed");
+    let started = Instant::now();
+    let mut from = source.client.clone();
+    let save = SaveImageRequest { tag: tag.to_string(), id: source.id.clone() };
+    let mut tarball = from
+        .save_image(save)
+        .await
+        .map_err(|s| ControllerError::from_status(&source.host, "SaveImage", &s))?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = ImageChunk { tag: tag.to_string(), id: source.id.clone(), data: Vec::new() };
+    tx.send(first).await.expect("the receiver is here");
+    // A failed save must fail the load, not end it early: the load call is
+    // dropped (cancelled) when forwarding returns an error.
+    let forward = async move {
+        while let Some(chunk) = tarball.next().await {
+            let chunk = chunk.map_err(|s| ControllerError::from_status(&source.host, "SaveImage", &s))?;
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, ControllerError>(())
+    };
+    let load = async {
+        conn.raw()
+            .load_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| ControllerError::from_status(&host, "LoadImage", &s))
+    };
+    let ((), reply) = tokio::try_join!(forward, load)?;
+    Ok((reply.bytes, started.elapsed().as_millis() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(tag: &str, hash: &str, id: &str) -> ImageState {
+        ImageState { service: tag.into(), tag: tag.into(), context_hash: hash.into(), id: id.into() }
+    }
+
+    #[test]
+    fn an_image_comes_from_a_host_that_has_it_else_the_first_that_lacks_it_builds_it() {
+        let reports = vec![
+            ("a".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")]),
+            ("b".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "sha256:pg")]),
+            ("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")]),
+        ];
+        let a = assign(&reports);
+        assert_eq!(a.builds, BTreeMap::from([("a".to_string(), vec!["py".to_string()])]));
+        assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
+        assert_eq!(a.source_of[&("pg".into(), "h2".into())], "b", "b has it: nobody builds it");
+    }
+
+    #[test]
+    fn another_context_is_another_image() {
+        // c's context differs (another CA bundle, say): it builds its own.
+        let reports = vec![
+            ("a".to_string(), vec![state("py", "h1", "sha256:1")]),
+            ("b".to_string(), vec![state("py", "h1", "")]),
+            ("c".to_string(), vec![state("py", "other", "")]),
+        ];
+        let a = assign(&reports);
+        assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["py".to_string()])]));
+        assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
+        assert_eq!(a.source_of[&("py".into(), "other".into())], "c");
+    }
+
+    #[test]
+    fn nothing_missing_nothing_to_do() {
+        let reports = vec![("a".to_string(), vec![state("py", "h1", "sha256:1")])];
+        assert_eq!(assign(&reports), Assignment::default());
+    }
+}
