@@ -4,6 +4,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["agent.proto"], ["proto"])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    // Image chunks are `Bytes`: a chunk of a `docker save` stream is
+    // passed on without a copy.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .bytes(".mlops.agent.v1.ImageChunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -128,6 +128,10 @@ where
 
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Room for a few of the 1 MiB chunks of an image or file upload in
+        // flight (HTTP/2's default window is 64 KiB: one round trip per 64 KiB).
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .add_service(health_service)
         .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {

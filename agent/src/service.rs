@@ -692,8 +692,10 @@ impl Agent for AgentService {
                 };
                 match next {
                     Some(Ok(bytes)) => {
-                        for piece in bytes.chunks(IMAGE_CHUNK) {
-                            let chunk = ImageChunk { data: piece.to_vec(), ..Default::default() };
+                        let mut rest = bytes;
+                        while !rest.is_empty() {
+                            let piece = rest.split_to(rest.len().min(IMAGE_CHUNK));
+                            let chunk = ImageChunk { data: piece, ..Default::default() };
                             if tx.send(Ok(chunk)).await.is_err() {
                                 return;
                             }
@@ -721,8 +723,8 @@ impl Agent for AgentService {
         })?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tag, id) = (first.tag, first.id);
-        let head = futures::stream::once(async move { Ok::<_, Status>(bytes::Bytes::from(first.data)) });
-        let tarball = head.chain(chunks.map(|c| c.map(|c| bytes::Bytes::from(c.data))));
+        let head = futures::stream::once(async move { Ok::<_, Status>(first.data) });
+        let tarball = head.chain(chunks.map(|c| c.map(|c| c.data)));
         let bytes = engine::ship::load(&docker, &tag, &id, tarball).await.map_err(AgentError::from)?;
         Ok(Response::new(LoadImageReply { bytes }))
     }

@@ -1004,6 +1004,11 @@ impl LocalAgent {
         }
         Ok(LocalAgent { child, port, log, state, docker_socket, _dir: dir })
     }
+
+    /// The agent's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for LocalAgent {

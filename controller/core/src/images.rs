@@ -293,8 +293,8 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
         .await
         .map_err(|s| ControllerError::from_status(&source.host, "SaveImage", &s))?
         .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let first = ImageChunk { tag: tag.to_string(), id: source.id.clone(), data: Vec::new() };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let first = ImageChunk { tag: tag.to_string(), id: source.id.clone(), data: Default::default() };
     tx.send(first).await.expect("the receiver is here");
     // A failed save must fail the load, not end it early: the load call is
     // dropped (cancelled) when forwarding returns an error.

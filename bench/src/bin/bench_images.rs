@@ -1,0 +1,190 @@
+//! `mlops-bench-images`: an image shipped from one host's engine to
+//! another's through the agents and this controller (`SaveImage` piped
+//! into `LoadImage`, as a deploy to several hosts does), against
+//! `docker save | docker load` between the same two engines; the peak
+//! memory of the controller and both agents while it streams; and a host
+//! that already has the image ID (nothing sent). Prints figures and
+//! asserts nothing about time.
+//!
+//! The engines are two test hosts' own dockerd (never this machine's).
+//! The agents run on loopback ports (mutual TLS, no SSH), and the baseline
+//! pipe has no SSH either: both sides move the same bytes between the same
+//! engines. Build first: `cargo build --release -p mlops-agent -p mlops-bench`.
+//! `MLOPS_BENCH_IMAGE_MB` sets the image's size (default 256).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use mlops_controller::client::{AgentConn, ClientTls};
+use mlops_controller::images::{self, Arrival, ImageSources, Source};
+use mlops_controller::progress::Progress;
+use mlops_controller::stack::{self, StackPlan};
+use mlops_controller::sync::{HashCache, scan};
+use mlops_controller::transport::Transport;
+use mlops_e2e::{LocalAgent, TestHost, TestStack};
+use mlops_pki::Ca;
+
+const ROUNDS: usize = 3;
+
+fn main() -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let target = mlops_bench::target_dir();
+    let agent = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| target.join("release/mlops-agent"));
+    if !agent.exists() {
+        bail!("{} does not exist\n  hint: cargo build --release -p mlops-agent", agent.display());
+    }
+    let mb: usize = std::env::var("MLOPS_BENCH_IMAGE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    println!("agent: {}", agent.display());
+    let pki = tempfile::tempdir()?;
+    let ca = Ca::open_or_create(pki.path())?;
+    let (host_a, host_b) = (TestHost::with_docker("bench-img-a")?, TestHost::with_docker("bench-img-b")?);
+    let agent_a = LocalAgent::start_with(&agent, &ca, Some(&host_a.docker_socket()))?;
+    let agent_b = LocalAgent::start_with(&agent, &ca, Some(&host_b.docker_socket()))?;
+    let tls = ClientTls::new(ca.cert_pem(), "", &ca.client_identity()?)?;
+
+    // An image of `mb` MB that does not compress (neither side compresses).
+    let dir = TestStack::new("name: \"{project}\"\nservices:\n  app:\n    build: ./img\n")?;
+    let img = dir.path().join("img");
+    std::fs::write(img.join("Dockerfile"), "FROM scratch\nCOPY busybox /bin/busybox\nCOPY blob /blob\n")?;
+    let mut blob = vec![0u8; mb << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in blob.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(img.join("blob"), &blob)?;
+    drop(blob);
+    let loaded = mlops_compose::load(dir.path(), &mlops_compose::LoadOptions::default())?;
+    let tag = loaded.stack.image_of("app");
+    let plan = StackPlan {
+        project: loaded.stack.project.clone(),
+        stack_json: serde_json::to_string(&loaded.stack)?,
+        tree: Arc::new(scan(&loaded.dir, &mut HashCache::default())?),
+        install_docker: false,
+        health_timeout_seconds: 60,
+        holder: "mlops-bench-images".into(),
+        sync_only: false,
+        rotating: Vec::new(),
+        images: true,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let progress = Progress::new(None, "bench");
+        let mut a = AgentConn::connect(Arc::new(Transport::local()), agent_a.port, &tls).await?;
+        let mut b = AgentConn::connect(Arc::new(Transport::local()), agent_b.port, &tls).await?;
+        for conn in [&mut a, &mut b] {
+            stack::sync(conn, &plan.files_root(), &plan.tree).await?;
+        }
+        let start = Instant::now();
+        let built = images::build(&mut a, &plan, vec![tag.clone()], &progress).await?;
+        println!("image {tag} built on host a in {:.1} s", start.elapsed().as_secs_f64());
+        let id = built.iter().find(|i| i.tag == tag).map(|i| i.id.clone()).unwrap_or_default();
+        let wanted = images::plan(&mut b, &plan).await?;
+        let key = (tag.clone(), wanted[0].context_hash.clone());
+        let sources = ImageSources::new(HashMap::from([(key, Ok(Source::new("a", a.raw().clone(), id, true)))]));
+
+        let pids = [std::process::id() as i32, agent_a.pid() as i32, agent_b.pid() as i32];
+        let (mut ours, mut theirs, mut peaks) = (Vec::new(), Vec::new(), [0u64; 3]);
+        let mut size = 0;
+        for _ in 0..ROUNDS {
+            let _ = host_b.docker_result(&["rmi", "-f", &tag]);
+            let sampler = Sampler::start(pids);
+            let start = Instant::now();
+            let out = images::fetch(&mut b, &wanted, &sources, &progress).await?;
+            ours.push(start.elapsed());
+            for (peak, seen) in peaks.iter_mut().zip(sampler.stop()) {
+                *peak = (*peak).max(seen);
+            }
+            if out[0].arrival != Arrival::Shipped {
+                bail!("expected the image shipped, got {:?}", out[0]);
+            }
+            size = out[0].bytes;
+
+            let _ = host_b.docker_result(&["rmi", "-f", &tag]);
+            let pipe = format!(
+                "docker -H unix://{} save {tag} | docker -H unix://{} load -q",
+                host_a.docker_socket().display(),
+                host_b.docker_socket().display()
+            );
+            let start = Instant::now();
+            let status = std::process::Command::new("sh").args(["-c", &pipe]).status()?;
+            theirs.push(start.elapsed());
+            if !status.success() {
+                bail!("`{pipe}` failed");
+            }
+        }
+        let mbs = |d: &Duration| size as f64 / 1e6 / d.as_secs_f64();
+        let median = |v: &mut Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let (o, t) = (median(&mut ours), median(&mut theirs));
+        println!("image tarball: {:.1} MB", size as f64 / 1e6);
+        mlops_bench::report("shipped through the agents (SaveImage -> controller -> LoadImage)", &ours, ">= docker save | docker load");
+        mlops_bench::report("docker save | docker load, same engines", &theirs, "baseline");
+        println!(
+            "throughput: agents {:.0} MB/s, docker pipe {:.0} MB/s; agents' time / pipe's time = {:.2} (target <= 1)",
+            mbs(&o),
+            mbs(&t),
+            o.as_secs_f64() / t.as_secs_f64()
+        );
+        println!(
+            "peak RSS while shipping: controller {:.1} MB, sending agent {:.1} MB, receiving agent {:.1} MB (image {:.0} MB)",
+            peaks[0] as f64 / 1e6,
+            peaks[1] as f64 / 1e6,
+            peaks[2] as f64 / 1e6,
+            size as f64 / 1e6
+        );
+
+        // A host that has the image under another name: tagged, nothing sent.
+        host_b.docker_result(&["tag", &tag, "bench-kept:1"])?;
+        let mut tagged = Vec::new();
+        for _ in 0..ROUNDS {
+            host_b.docker_result(&["rmi", &tag])?;
+            let start = Instant::now();
+            let out = images::fetch(&mut b, &wanted, &sources, &progress).await?;
+            tagged.push(start.elapsed());
+            if out[0].arrival != Arrival::Tagged || out[0].bytes != 0 {
+                bail!("expected the image tagged with nothing sent, got {:?}", out[0]);
+            }
+        }
+        mlops_bench::report("host already has the image ID: tagged, 0 bytes sent", &tagged, "nothing sent");
+        Ok(())
+    })
+}
+
+/// The largest resident set seen of each process, sampled every 10 ms.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<[u64; 3]>,
+}
+
+impl Sampler {
+    fn start(pids: [i32; 3]) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = [0u64; 3];
+            while !flag.load(Ordering::Relaxed) {
+                for (p, pid) in peak.iter_mut().zip(pids) {
+                    *p = (*p).max(mlops_e2e::rss_bytes(pid).unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        Sampler { stop, thread }
+    }
+
+    fn stop(self) -> [u64; 3] {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the sampler does not panic")
+    }
+}
