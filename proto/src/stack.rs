@@ -72,6 +72,44 @@ pub struct StackOptions {
     /// socket, powerful `cap_add`s). Off: such a stack is refused.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_host_access: bool,
+    /// Which services run on which hosts of an inventory (by group).
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+}
+
+/// `x-mlops.placement`: the stack's roles, each a set of services that an
+/// inventory group of the same name runs. A host in none of the roles'
+/// groups runs every role; with one host (or none of this), the stack is
+/// deployed whole to each host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Role (inventory group) name → its services and whether one host only
+    /// may run it.
+    #[serde(default)]
+    pub roles: BTreeMap<String, Role>,
+    /// Services every host of the stack runs (exporters of the host, say).
+    #[serde(default)]
+    pub every_host: Vec<String>,
+    /// Ports of a service that services on other hosts use: published on
+    /// the inventory address of the host that runs it (only there, and only
+    /// when some host of the stack does not run it).
+    #[serde(default)]
+    pub remote_ports: BTreeMap<String, Vec<u16>>,
+}
+
+impl Placement {
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty() && self.every_host.is_empty() && self.remote_ports.is_empty()
+    }
+}
+
+/// One role of [`Placement`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub services: Vec<String>,
+    /// On one host only (a database, a scheduler, a master).
+    #[serde(default)]
+    pub single: bool,
 }
 
 /// One credential in a service's environment.

@@ -65,6 +65,7 @@ fn main() -> Result<()> {
     let plan = StackPlan {
         project: loaded.stack.project.clone(),
         stack_json: serde_json::to_string(&loaded.stack)?,
+        parts: Default::default(),
         tree: Arc::new(scan(&loaded.dir, &mut HashCache::default())?),
         install_docker: false,
         health_timeout_seconds: 60,

@@ -156,6 +156,8 @@ pub fn parse(
         env,
         warnings: Vec::new(),
         rotate_at: BTreeMap::new(),
+        placement_at: BTreeMap::new(),
+        all_services: std::collections::BTreeSet::new(),
     };
     let root = p.interpolate_tree(root)?;
     let mut stack = p.stack(&root, options)?;
@@ -187,6 +189,11 @@ struct Parser<'a> {
     /// Where each `x-mlops.rotate` entry is, for errors found once the
     /// services are known.
     rotate_at: BTreeMap<String, Node>,
+    /// Where each part of `x-mlops.placement` is (`role NAME`,
+    /// `every_host`, `remote_ports SERVICE`).
+    placement_at: BTreeMap<String, Node>,
+    /// Every service of the file, in an enabled profile or not.
+    all_services: std::collections::BTreeSet<String>,
 }
 
 type R<T> = Result<T, ComposeError>;
@@ -230,6 +237,12 @@ const SERVICE_KEYS: [&str; 32] = [
 impl Parser<'_> {
     fn err(&self, node: &Node, message: impl Into<String>) -> ComposeError {
         ComposeError::Invalid { path: self.file.clone(), line: node.line, column: node.column, message: message.into() }
+    }
+
+    /// [`Self::err`] at `node`, or at the file's start when unknown.
+    fn err_at(&self, node: Option<&Node>, message: impl Into<String>) -> ComposeError {
+        let (line, column) = node.map_or((1, 1), |n| (n.line, n.column));
+        ComposeError::Invalid { path: self.file.clone(), line, column, message: message.into() }
     }
 
     fn warn(&mut self, node: &Node, message: impl Into<String>) {
@@ -416,6 +429,7 @@ impl Parser<'_> {
                 );
             }
             let svc = self.service(&sname, sv)?;
+            self.all_services.insert(sname.clone());
             if !svc.profiles.is_empty() && !svc.profiles.iter().any(|p| options.profiles.contains(p)) {
                 continue;
             }
@@ -430,6 +444,45 @@ impl Parser<'_> {
     }
 
     fn validate(&self, stack: &Stack, positions: &BTreeMap<String, Node>) -> R<()> {
+        let placement = &stack.options.placement;
+        if !placement.is_empty() {
+            let mut placed: BTreeMap<&str, String> = BTreeMap::new();
+            let roles = placement.roles.iter().map(|(name, role)| (format!("role {name}"), &role.services));
+            for (what, services) in roles.chain([("every_host".to_string(), &placement.every_host)]) {
+                let at = self.placement_at.get(&what);
+                for service in services {
+                    // A service of a profile not enabled is not in the stack: no error.
+                    if !stack.services.contains_key(service) && !self.all_services.contains(service) {
+                        return Err(self.err_at(
+                            at,
+                            format!("x-mlops.placement: {what} names `{service}`, which is not a service"),
+                        ));
+                    }
+                    if let Some(other) = placed.insert(service, what.clone()) {
+                        return Err(self.err_at(
+                            at,
+                            format!(
+                                "x-mlops.placement: `{service}` is in {other} and in {what}; a service has one place"
+                            ),
+                        ));
+                    }
+                }
+            }
+            if let Some(name) = stack.services.keys().find(|s| !placed.contains_key(s.as_str())) {
+                return Err(self.err_at(
+                    self.placement_at.values().next(),
+                    format!("x-mlops.placement: service `{name}` is in no role and not in every_host; name its place"),
+                ));
+            }
+            for service in placement.remote_ports.keys() {
+                if !stack.services.contains_key(service) && !self.all_services.contains(service) {
+                    let at = self.placement_at.get(&format!("remote_ports {service}"));
+                    return Err(
+                        self.err_at(at, format!("x-mlops.placement.remote_ports: `{service}` is not a service"))
+                    );
+                }
+            }
+        }
         for (secret, rotation) in &stack.options.rotate {
             for hook in rotation.before.iter().chain(&rotation.after) {
                 if !stack.services.contains_key(&hook.service) {
@@ -550,6 +603,7 @@ impl Parser<'_> {
                         self.rotate_at.insert(name, rk.clone());
                     }
                 }
+                "placement" => o.placement = self.placement(v)?,
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
         }
@@ -562,6 +616,61 @@ impl Parser<'_> {
             }
         }
         Ok(o)
+    }
+
+    /// `x-mlops.placement`: `roles` (name → `services`, `single`),
+    /// `every_host` and `remote_ports` (service → ports). Services are
+    /// checked against the stack in `validate`.
+    fn placement(&mut self, node: &Node) -> R<mlops_proto::stack::Placement> {
+        let mut p = mlops_proto::stack::Placement::default();
+        for (k, v) in self.map(node, "x-mlops.placement")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "roles" => {
+                    for (rk, rv) in self.map(v, "x-mlops.placement.roles")? {
+                        let name = rk.as_key().unwrap_or_default();
+                        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                            return Err(self
+                                .err(rk, format!("x-mlops.placement.roles: `{name}` is not an inventory group name")));
+                        }
+                        let mut role = mlops_proto::stack::Role::default();
+                        for (fk, fv) in self.map(rv, "a role")? {
+                            match fk.as_key().unwrap_or_default().as_str() {
+                                "services" => role.services = self.string_list(fv, "services")?,
+                                "single" => role.single = self.bool(fv, "single")?,
+                                other => self.warn(fk, format!("unknown key `{other}` in a role is ignored")),
+                            }
+                        }
+                        self.placement_at.insert(format!("role {name}"), rk.clone());
+                        p.roles.insert(name, role);
+                    }
+                }
+                "every_host" => {
+                    p.every_host = self.string_list(v, "x-mlops.placement.every_host")?;
+                    self.placement_at.insert("every_host".into(), v.clone());
+                }
+                "remote_ports" => {
+                    for (sk, sv) in self.map(v, "x-mlops.placement.remote_ports")? {
+                        let service = sk.as_key().unwrap_or_default();
+                        let mut ports = Vec::new();
+                        let items = match &sv.value {
+                            mlops_yaml::Value::Seq(items) => items.clone(),
+                            _ => return Err(self.err(sv, "remote_ports: a list of port numbers per service")),
+                        };
+                        for item in &items {
+                            let text = self.string(item, "a port")?;
+                            match text.parse::<u16>() {
+                                Ok(port) if port > 0 => ports.push(port),
+                                _ => return Err(self.err(item, format!("`{text}` is not a port number"))),
+                            }
+                        }
+                        self.placement_at.insert(format!("remote_ports {service}"), sk.clone());
+                        p.remote_ports.insert(service, ports);
+                    }
+                }
+                other => self.warn(k, format!("unknown key `{other}` in x-mlops.placement is ignored")),
+            }
+        }
+        Ok(p)
     }
 
     /// A rotation step: `service`, `command` (a list) and `stdin`.
@@ -1205,6 +1314,12 @@ pub fn skip_services(stack: &mut Stack, skip: &[String]) -> Result<(), String> {
     }
     stack.services.retain(|name, _| !skip.contains(name));
     stack.options.ui.retain(|_, ui| !skip.contains(&ui.service));
+    let placement = &mut stack.options.placement;
+    for role in placement.roles.values_mut() {
+        role.services.retain(|s| !skip.contains(s));
+    }
+    placement.every_host.retain(|s| !skip.contains(s));
+    placement.remote_ports.retain(|s, _| !skip.contains(s));
     if stack.services.is_empty() {
         return Err("--skip leaves no service".into());
     }

@@ -343,3 +343,27 @@ fn a_yaml_bomb_is_refused_not_expanded() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(e.contains("compose.yaml"), "refused with a position: {e}");
 }
+
+#[test]
+fn placement_names_services_once_each() {
+    let base = "services:\n  db: {image: a}\n  web: {image: b}\n  extra: {image: c, profiles: [later]}\n";
+    let good = format!(
+        "x-mlops:\n  placement:\n    roles:\n      db: {{services: [db], single: true}}\n      web: {{services: [web, extra]}}\n    remote_ports: {{db: [5432]}}\n{base}"
+    );
+    let placement = ok(&good).stack.options.placement;
+    assert!(placement.roles["db"].single && !placement.roles["web"].single);
+    assert_eq!(placement.remote_ports["db"], [5432]);
+    let cases = [
+        ("roles: {db: {services: [db]}}", "service `web` is in no role"),
+        ("roles: {db: {services: [db, web]}, web: {services: [web]}}", "`web` is in role db and in role web"),
+        ("roles: {db: {services: [db, nope]}, web: {services: [web]}}", "names `nope`, which is not a service"),
+        ("roles: {db: {services: [db]}, web: {services: [web]}}\n    remote_ports: {db: [99999]}", "`99999` is not a port"),
+        ("roles: {\"a b\": {services: [db, web]}}", "is not an inventory group name"),
+    ];
+    for (placement, message) in cases {
+        let text = format!("x-mlops:\n  placement:\n    {placement}\n{base}");
+        let e = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(message), "{placement}: {e}");
+        assert!(e.contains("compose.yaml:"), "positioned: {e}");
+    }
+}

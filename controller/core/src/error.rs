@@ -65,6 +65,11 @@ pub enum ControllerError {
     /// The agent ended a stream without the result it owes.
     #[error("{host}: the agent ended {call} without a result")]
     Incomplete { host: String, call: &'static str },
+    /// A service of this host depends on one of another host, which failed.
+    #[error(
+        "{host}: not deployed: service `{service}` depends on `{dependency}`, which runs on {provider}, and {provider} failed"
+    )]
+    ProviderFailed { host: String, service: String, dependency: String, provider: String },
     /// The host that was to build an image for this one could not.
     #[error("{host}: image {tag} is built on another host of this deploy, which failed: {message}")]
     ImageSource { host: String, tag: String, message: String },
@@ -174,6 +179,7 @@ impl ControllerError {
             ControllerError::RotationRefused { .. } => "a rotation changes nothing until every host answers, runs the stack healthy and holds the same value; `mlopsctl status` and `mlopsctl secrets` show where things stand, and the command can be run again".into(),
             ControllerError::Secrets(SecretsConflict::Unknown { .. }) => "deploy again when every host answers, or leave the silent hosts out with --limit".into(),
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
+            ControllerError::ProviderFailed { provider, .. } => format!("the error of {provider} is above; once it deploys, deploy again (the hosts that depend on it follow)"),
             ControllerError::ImageSource { .. } => "each image is built once per deploy and shipped to the other hosts; the error of the host that built it is above. Fix it and deploy again".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
             ControllerError::Agent { failure, .. } => return failure_hint(failure),

@@ -180,8 +180,8 @@ pub struct ImageOutcome {
 
 /// `ImagePlan` on this host: the stack's images, current or not.
 pub async fn plan(conn: &mut AgentConn, plan: &StackPlan) -> Result<Vec<ImageState>, ControllerError> {
-    let request = ImagePlanRequest { stack_json: plan.stack_json.clone(), files_root: plan.files_root() };
     let host = conn.host().to_string();
+    let request = ImagePlanRequest { stack_json: plan.stack_json_for(&host), files_root: plan.files_root() };
     Ok(conn
         .raw()
         .image_plan(request)
@@ -200,7 +200,7 @@ pub async fn build(
 ) -> Result<Vec<ImageState>, ControllerError> {
     let host = conn.host().to_string();
     let build = BuildImagesRequest {
-        stack_json: plan.stack_json.clone(),
+        stack_json: plan.stack_json_for(&host),
         holder: plan.holder.clone(),
         files_root: plan.files_root(),
         tags,

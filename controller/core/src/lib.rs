@@ -30,6 +30,7 @@ pub mod commands;
 pub mod error;
 pub mod fanout;
 pub mod images;
+pub mod placement;
 pub mod progress;
 pub mod secrets;
 pub mod stack;

@@ -23,6 +23,9 @@ use crate::sync::LocalTree;
 pub struct StackPlan {
     pub project: String,
     pub stack_json: String,
+    /// Each host's part of the stack when placement splits it between
+    /// hosts (see [`crate::placement`]); a host not here gets `stack_json`.
+    pub parts: std::collections::BTreeMap<String, String>,
     pub tree: Arc<LocalTree>,
     /// Install Docker where none answers (else fail).
     pub install_docker: bool,
@@ -40,6 +43,11 @@ pub struct StackPlan {
 }
 
 impl StackPlan {
+    /// The stack model `host` runs, as JSON.
+    pub fn stack_json_for(&self, host: &str) -> String {
+        self.parts.get(host).unwrap_or(&self.stack_json).clone()
+    }
+
     pub fn files_root(&self) -> String {
         files_root(&self.project)
     }
@@ -217,7 +225,7 @@ pub async fn converge(
     };
 
     let request = mlops_proto::v1::ConvergeRequest {
-        stack_json: plan.stack_json.clone(),
+        stack_json: plan.stack_json_for(&host),
         holder: plan.holder.clone(),
         files_root: plan.files_root(),
         health_timeout_seconds: plan.health_timeout_seconds,

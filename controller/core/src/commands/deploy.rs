@@ -55,6 +55,21 @@ pub async fn deploy(
     // Read (and checked) before any host is touched; its secrets are
     // stand-ins until the hosts have been asked for theirs.
     let loaded = if opts.no_stack { None } else { Some(stack_opts.load(&setup.state, report.as_ref())?) };
+    // Where each service runs: checked against the whole inventory now.
+    let layout = match &loaded {
+        Some(l) => Some(crate::placement::place(&l.stack, &setup.all_hosts)?),
+        None => None,
+    };
+    if let Some(layout) = layout.as_ref().filter(|l| l.split) {
+        for t in &setup.targets {
+            report.info(&format!(
+                "{}: roles {} ({} service(s))",
+                t.name,
+                layout.roles[&t.name].join(", "),
+                layout.services[&t.name].len()
+            ));
+        }
+    }
     let binary = setup.ctx.binary.as_ref().expect("deploy loads the agent binary");
     report.info(&format!(
         "deploying agent {} ({}, sha256 {}){} to {} host(s)",
@@ -133,9 +148,22 @@ pub async fn deploy(
                     }
                     crate::secrets::store_cache(&setup.state.path, &project, &resolved.values)?;
                     let model = stack_opts.load_model_with(&setup.state, &Quiet, &resolved.values)?;
+                    let layout = layout.as_ref().expect("a stack has a layout");
+                    let parts = match layout.split {
+                        true => setup
+                            .targets
+                            .iter()
+                            .map(|t| {
+                                let part = crate::placement::render(&model.stack, layout, &t.name);
+                                (t.name.clone(), serde_json::to_string(&part).expect("serializable"))
+                            })
+                            .collect(),
+                        false => BTreeMap::new(),
+                    };
                     let plan = StackPlan {
                         project: project.clone(),
                         stack_json: serde_json::to_string(&model.stack).expect("serializable"),
+                        parts,
                         tree: loaded.tree.clone(),
                         install_docker: opts.install_docker,
                         health_timeout_seconds: opts.health_timeout,
@@ -191,24 +219,78 @@ pub async fn deploy(
         _ => None,
     };
 
-    // 5. Per host: its images from their sources, then the stack.
-    let items = staged.ok.into_iter().map(|(name, item)| (targets[&name].clone(), item)).collect();
-    let shared = sources.clone();
-    let mut hosts =
-        per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (host, staged), ctx, progress| {
-            let (plan, sources) = (plan.clone(), shared.clone());
-            async move {
-                let stack = plan.as_ref().as_ref().map(|(p, _)| (p, staged));
-                host.finish(&target, &ctx, stack, sources.as_ref(), &progress).await
+    // 5. Per host: its images from their sources, then the stack; in
+    //    waves when the stack is split between hosts (a host after those
+    //    running what its services depend on).
+    let names: Vec<String> = staged.ok.iter().map(|(n, _)| n.clone()).collect();
+    let waves = match &layout {
+        Some(layout) => layout.waves_of(&names),
+        None => vec![names],
+    };
+    let mut waiting: BTreeMap<String, StagedHost> = staged.ok.into_iter().collect();
+    let mut hosts = HostResults { ok: Vec::new(), failed: Vec::new() };
+    for wave in waves {
+        let mut items = Vec::new();
+        for name in wave {
+            let item = waiting.remove(&name).expect("each host is in one wave");
+            // A host whose services depend on a failed host's does not start.
+            let broken = layout.as_ref().and_then(|l| failed_provider(l, &stack, &name, &hosts.failed, &failed));
+            match broken {
+                Some(e) => {
+                    item.0.close().await;
+                    failed.push((name, e));
+                }
+                None => items.push((targets[&name].clone(), item)),
             }
-        })
-        .await;
+        }
+        let shared = sources.clone();
+        let plan = plan.clone();
+        let mut done =
+            per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (host, staged), ctx, progress| {
+                let (plan, sources) = (plan.clone(), shared.clone());
+                async move {
+                    let stack = plan.as_ref().as_ref().map(|(p, _)| (p, staged));
+                    host.finish(&target, &ctx, stack, sources.as_ref(), &progress).await
+                }
+            })
+            .await;
+        hosts.ok.append(&mut done.ok);
+        hosts.failed.append(&mut done.failed);
+    }
     if let Some(sources) = sources {
         sources.close_all().await;
     }
     hosts.failed.append(&mut failed);
     hosts.sort_by_targets(&setup.targets);
     Ok(DeployReport { hosts, stack })
+}
+
+/// Why `host` cannot be deployed: a host running a service that one of
+/// its services depends on failed.
+fn failed_provider(
+    layout: &crate::placement::Layout,
+    stack: &Option<Stack>,
+    host: &str,
+    failed_now: &[(String, ControllerError)],
+    failed_before: &[(String, ControllerError)],
+) -> Option<ControllerError> {
+    let stack = stack.as_ref()?;
+    let mine = layout.services.get(host)?;
+    for service in mine {
+        for dep in stack.services[service].depends_on.keys().filter(|d| !mine.contains(*d)) {
+            for provider in layout.hosts_of(dep) {
+                if failed_now.iter().chain(failed_before).any(|(n, _)| n == provider) {
+                    return Some(ControllerError::ProviderFailed {
+                        host: host.to_string(),
+                        service: service.clone(),
+                        dependency: dep.clone(),
+                        provider: provider.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A staged host, with its connection open.

@@ -66,6 +66,9 @@ pub struct GlobalOptions {
 /// What every command needs: targets, state, TLS, SSH options.
 pub struct Setup {
     pub targets: Vec<Target>,
+    /// Every host of the inventory (and `--host`), `--limit` or not: where
+    /// a stack's roles are placed (see [`crate::placement`]).
+    pub all_hosts: Vec<Target>,
     pub state: Arc<StateDir>,
     pub ctx: Arc<Context>,
     pub forks: usize,
@@ -83,6 +86,13 @@ impl Setup {
             report.warn(&format!("{}: {w}", ssh_config_path.display()));
         }
         let targets = resolve_targets(g, &ssh_config)?;
+        let all_hosts = match &g.limit {
+            Some(_) => {
+                let unlimited = GlobalOptions { limit: None, ..g.clone() };
+                resolve_targets(&unlimited, &ssh_config)?
+            }
+            None => targets.clone(),
+        };
 
         let state_path = g.state_dir.clone().unwrap_or_else(StateDir::default_path);
         operator::auto_join(&state_path, report)?;
@@ -107,7 +117,7 @@ impl Setup {
             our_cas_pem: state.all_cas_pem()?,
             state: Some(state.clone()),
         };
-        Ok(Setup { targets, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
+        Ok(Setup { targets, all_hosts, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
     }
 }
 

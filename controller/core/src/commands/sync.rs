@@ -19,6 +19,7 @@ pub async fn sync(
     let plan = Arc::new(StackPlan {
         project: loaded.stack.project.clone(),
         stack_json: String::new(),
+        parts: Default::default(),
         tree: loaded.tree,
         install_docker: false,
         health_timeout_seconds: 0,

@@ -1,0 +1,377 @@
+//! Which services run on which host: a stack's roles
+//! (`x-mlops.placement.roles`) are inventory groups. A host runs the roles
+//! of the groups it is in, or every role when it is in none of them (so a
+//! one-host inventory, or `--host`, deploys the whole stack as before), and
+//! every host runs `every_host`.
+//!
+//! [`place`] decides it for every host of the inventory (not only those a
+//! `--limit` selects: the others keep running their part) and checks it: a
+//! role no host runs, or a `single` role on two hosts, is refused before
+//! any host is touched. [`render`] makes one host's part of the stack:
+//! - only its services; `depends_on` on a service of another host is left
+//!   out, and the hosts are deployed in [`Layout::waves`] instead (a host
+//!   after the hosts whose services its services depend on);
+//! - a service that runs on one other host is reached under its own name:
+//!   an `extra_hosts` entry gives it that host's address (its inventory
+//!   address, or `mlops_address`), so URLs in the Compose file stay as they
+//!   are;
+//! - `remote_ports` of its services are published on the host's inventory
+//!   address only (never on every address), and only when some host of the
+//!   stack does not run the service itself;
+//! - volumes only its services use.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, ToSocketAddrs};
+
+use mlops_inventory::{Connection, Target};
+use mlops_proto::stack::{MountKind, Port, Stack};
+
+use crate::ControllerError;
+
+/// Where every service of a stack runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Host → the services it runs.
+    pub services: BTreeMap<String, BTreeSet<String>>,
+    /// Host → its roles (every role for a host in no role's group).
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Host → the address other hosts reach its services at.
+    pub addresses: BTreeMap<String, IpAddr>,
+    /// The hosts in the order they can be deployed: every host of a wave
+    /// after the hosts of earlier waves its services depend on.
+    pub waves: Vec<Vec<String>>,
+    /// Whether the stack is split between hosts (else each host runs it all).
+    pub split: bool,
+}
+
+impl Layout {
+    /// The hosts that run `service`.
+    pub fn hosts_of(&self, service: &str) -> Vec<&str> {
+        self.services.iter().filter(|(_, s)| s.contains(service)).map(|(h, _)| h.as_str()).collect()
+    }
+
+    /// `waves` restricted to `names` (the hosts being deployed).
+    pub fn waves_of(&self, names: &[String]) -> Vec<Vec<String>> {
+        let mut waves: Vec<Vec<String>> =
+            self.waves.iter().map(|w| w.iter().filter(|h| names.contains(h)).cloned().collect()).collect();
+        // Hosts not in the layout (none today) go last.
+        let placed: BTreeSet<&String> = self.waves.iter().flatten().collect();
+        waves.push(names.iter().filter(|n| !placed.contains(n)).cloned().collect());
+        waves.retain(|w| !w.is_empty());
+        waves
+    }
+}
+
+/// Decides where each service of `stack` runs on `hosts` (in inventory
+/// order); an error when the inventory cannot run the stack.
+pub fn place(stack: &Stack, hosts: &[Target]) -> Result<Layout, ControllerError> {
+    let placement = &stack.options.placement;
+    let present = |services: &[String]| -> Vec<String> {
+        services.iter().filter(|s| stack.services.contains_key(*s)).cloned().collect()
+    };
+    // Roles whose services are all skipped (or in disabled profiles) are no roles.
+    let roles: BTreeMap<&str, (Vec<String>, bool)> = placement
+        .roles
+        .iter()
+        .map(|(name, role)| (name.as_str(), (present(&role.services), role.single)))
+        .filter(|(_, (services, _))| !services.is_empty())
+        .collect();
+    let everything: BTreeSet<String> = stack.services.keys().cloned().collect();
+    if roles.is_empty() || hosts.len() <= 1 {
+        let names: Vec<String> = hosts.iter().map(|t| t.name.clone()).collect();
+        let all_roles: Vec<String> = roles.keys().map(|r| r.to_string()).collect();
+        return Ok(Layout {
+            services: names.iter().map(|n| (n.clone(), everything.clone())).collect(),
+            roles: names.iter().map(|n| (n.clone(), all_roles.clone())).collect(),
+            addresses: BTreeMap::new(),
+            waves: vec![names],
+            split: false,
+        });
+    }
+
+    let mut layout = Layout {
+        services: BTreeMap::new(),
+        roles: BTreeMap::new(),
+        addresses: BTreeMap::new(),
+        waves: Vec::new(),
+        split: true,
+    };
+    let every_host = present(&placement.every_host);
+    for host in hosts {
+        // A host in the group of a role whose services are all skipped
+        // runs that role's nothing, not every role.
+        let declared: Vec<&String> = host.groups.iter().filter(|g| placement.roles.contains_key(*g)).collect();
+        let mine: Vec<String> = if declared.is_empty() {
+            roles.keys().map(|r| r.to_string()).collect()
+        } else {
+            declared.into_iter().filter(|g| roles.contains_key(g.as_str())).cloned().collect()
+        };
+        let mut services: BTreeSet<String> = every_host.iter().cloned().collect();
+        for role in &mine {
+            services.extend(roles[role.as_str()].0.iter().cloned());
+        }
+        layout.services.insert(host.name.clone(), services);
+        layout.roles.insert(host.name.clone(), mine);
+    }
+    for (role, (services, single)) in &roles {
+        let on: Vec<&str> =
+            layout.roles.iter().filter(|(_, r)| r.iter().any(|x| x == role)).map(|(h, _)| h.as_str()).collect();
+        if on.is_empty() {
+            return Err(ControllerError::usage(
+                format!("no host of the inventory runs role `{role}` ({})", services.join(", ")),
+                Some(&format!(
+                    "add a host to inventory group `{role}`, or leave one host in no role group (it runs every role)"
+                )),
+            ));
+        }
+        if *single && on.len() > 1 {
+            return Err(ControllerError::usage(
+                format!(
+                    "role `{role}` ({}) runs on one host only, but {} would run it",
+                    services.join(", "),
+                    on.join(", ")
+                ),
+                Some(&format!(
+                    "keep one host in inventory group `{role}`; a host in no role group runs every role, so put such hosts in groups"
+                )),
+            ));
+        }
+    }
+
+    // Addresses of the hosts whose services others use.
+    for host in hosts {
+        let serves_others = layout.services[&host.name]
+            .iter()
+            .any(|s| layout.services.values().any(|other| !other.contains(s)) && !every_host.contains(s));
+        if serves_others {
+            layout.addresses.insert(host.name.clone(), address_of(host)?);
+        }
+    }
+
+    // Waves: a host after the hosts running what its services depend on.
+    let mut after: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (host, services) in &layout.services {
+        let needs = after.entry(host.as_str()).or_default();
+        for s in services {
+            for dep in stack.services[s].depends_on.keys().filter(|d| !services.contains(*d)) {
+                needs.extend(layout.services.iter().filter(|(_, o)| o.contains(dep)).map(|(h, _)| h.as_str()));
+            }
+        }
+    }
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let order: Vec<&str> = hosts.iter().map(|t| t.name.as_str()).collect();
+    while done.len() < order.len() {
+        let wave: Vec<&str> =
+            order.iter().copied().filter(|h| !done.contains(h) && after[h].iter().all(|d| done.contains(d))).collect();
+        if wave.is_empty() {
+            let stuck: Vec<&str> = order.iter().copied().filter(|h| !done.contains(h)).collect();
+            return Err(ControllerError::usage(
+                format!("hosts {} depend on each other's services (depends_on across hosts)", stuck.join(", ")),
+                Some("move services that depend on each other into the same role"),
+            ));
+        }
+        done.extend(wave.iter().copied());
+        layout.waves.push(wave.into_iter().map(str::to_string).collect());
+    }
+    Ok(layout)
+}
+
+/// The address other hosts reach `host` at: `mlops_address`, else its
+/// inventory address (resolved by this machine when it is a name).
+fn address_of(host: &Target) -> Result<IpAddr, ControllerError> {
+    let hint = format!("set `mlops_address: <IP>` for host `{}` in the inventory", host.name);
+    if let Some(v) = host.vars.get("mlops_address") {
+        let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+        return text.parse().map_err(|_| {
+            ControllerError::usage(format!("host `{}`: mlops_address `{text}` is not an IP address", host.name), None)
+        });
+    }
+    let Connection::Ssh { address, port, .. } = &host.connection else {
+        return Err(ControllerError::usage(
+            format!("host `{}` is this machine (no SSH): other hosts cannot be told its address", host.name),
+            Some(&hint),
+        ));
+    };
+    if let Ok(ip) = address.trim_matches(['[', ']']).parse() {
+        return Ok(ip);
+    }
+    let found: Vec<IpAddr> =
+        (address.as_str(), *port).to_socket_addrs().map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default();
+    found.iter().find(|ip| ip.is_ipv4()).or(found.first()).copied().ok_or_else(|| {
+        ControllerError::usage(
+            format!(
+                "host `{}`: its address `{address}` does not resolve here, and other hosts must reach it",
+                host.name
+            ),
+            Some(&hint),
+        )
+    })
+}
+
+/// `host`'s part of `stack` (see the module's documentation).
+pub fn render(stack: &Stack, layout: &Layout, host: &str) -> Stack {
+    if !layout.split {
+        return stack.clone();
+    }
+    let mine = &layout.services[host];
+    let mut out = stack.clone();
+    out.services.retain(|name, _| mine.contains(name));
+    // A service on exactly one other host is reached by its name there.
+    let remote: Vec<String> = stack
+        .services
+        .keys()
+        .filter(|s| !mine.contains(*s))
+        .filter_map(|s| match layout.hosts_of(s).as_slice() {
+            [one] => layout.addresses.get(*one).map(|ip| format!("{s}:{ip}")),
+            _ => None,
+        })
+        .collect();
+    let lacking = |service: &str| layout.services.values().any(|s| !s.contains(service));
+    for (name, svc) in out.services.iter_mut() {
+        svc.depends_on.retain(|dep, _| mine.contains(dep));
+        let shares_a_namespace =
+            svc.network_mode.as_deref().is_some_and(|m| m.starts_with("service:") || m.starts_with("container:"));
+        if !shares_a_namespace {
+            for entry in &remote {
+                if !svc.extra_hosts.contains(entry) {
+                    svc.extra_hosts.push(entry.clone());
+                }
+            }
+        }
+        if let (Some(ports), Some(ip)) = (stack.options.placement.remote_ports.get(name), layout.addresses.get(host))
+            && lacking(name)
+        {
+            for &port in ports {
+                let p = Port {
+                    host_ip: ip.to_string(),
+                    host_port: Some(port),
+                    container_port: port,
+                    protocol: "tcp".into(),
+                };
+                if !svc.ports.contains(&p) {
+                    svc.ports.push(p);
+                }
+            }
+        }
+    }
+    let used: BTreeSet<&str> = out
+        .services
+        .values()
+        .flat_map(|s| s.volumes.iter())
+        .filter(|m| m.kind == MountKind::Volume)
+        .map(|m| m.source.as_str())
+        .collect();
+    let used: BTreeSet<String> = used.into_iter().map(str::to_string).collect();
+    out.volumes.retain(|name, _| used.contains(name));
+    out.options.credentials.retain(|service, _| mine.contains(service));
+    out.options.ui.retain(|_, ui| mine.contains(&ui.service));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STACK: &str = r#"
+name: p
+x-mlops:
+  placement:
+    roles:
+      db: {services: [db], single: true}
+      web: {services: [web], single: true}
+      workers: {services: [worker]}
+    every_host: [exporter]
+    remote_ports: {db: [5432], web: [8080]}
+services:
+  db: {image: db, volumes: ["data:/data"]}
+  web: {image: web, depends_on: {db: {condition: service_healthy}}}
+  worker: {image: w, depends_on: [db, web]}
+  exporter: {image: e}
+volumes:
+  data:
+"#;
+
+    fn stack() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("compose.yaml"), STACK).unwrap();
+        mlops_compose::load(dir.path(), &mlops_compose::LoadOptions::default()).unwrap().stack
+    }
+
+    fn host(name: &str, addr: &str, groups: &[&str]) -> Target {
+        Target {
+            name: name.into(),
+            connection: Connection::Ssh { address: addr.into(), port: 22, user: "root".into(), identity_files: vec![] },
+            agent_port: 7443,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            vars: Default::default(),
+            origin: "test".into(),
+        }
+    }
+
+    #[test]
+    fn one_host_or_no_groups_runs_everything() {
+        let s = stack();
+        let one = place(&s, &[host("a", "10.0.0.1", &[])]).unwrap();
+        assert!(!one.split);
+        assert_eq!(render(&s, &one, "a"), s);
+    }
+
+    #[test]
+    fn groups_place_roles_and_hosts_reach_each_other_by_service_name() {
+        let s = stack();
+        let hosts = [
+            host("a", "10.0.0.1", &["db", "web"]),
+            host("b", "10.0.0.2", &["workers"]),
+            host("c", "10.0.0.3", &["workers"]),
+        ];
+        let l = place(&s, &hosts).unwrap();
+        assert_eq!(l.services["a"], BTreeSet::from(["db".into(), "web".into(), "exporter".into()]));
+        assert_eq!(l.services["b"], BTreeSet::from(["worker".into(), "exporter".into()]));
+        assert_eq!(l.waves, vec![vec!["a".to_string()], vec!["b".into(), "c".into()]]);
+        let b = render(&s, &l, "b");
+        assert_eq!(b.services.keys().collect::<Vec<_>>(), ["exporter", "worker"]);
+        assert!(b.services["worker"].depends_on.is_empty(), "across hosts: waves instead");
+        assert!(b.services["worker"].extra_hosts.contains(&"db:10.0.0.1".to_string()));
+        assert!(b.services["worker"].extra_hosts.contains(&"web:10.0.0.1".to_string()));
+        assert!(b.volumes.is_empty(), "the db's volume stays on the db's host");
+        let a = render(&s, &l, "a");
+        let db_ports = &a.services["db"].ports;
+        assert_eq!(db_ports.len(), 1);
+        assert_eq!((db_ports[0].host_ip.as_str(), db_ports[0].host_port), ("10.0.0.1", Some(5432)));
+        assert!(a.services["web"].depends_on.contains_key("db"), "on the same host the dependency stays");
+        assert!(a.services["exporter"].ports.is_empty(), "every host runs it: nothing published");
+    }
+
+    #[test]
+    fn a_host_in_no_role_group_runs_every_role() {
+        let s = stack();
+        let l = place(&s, &[host("a", "10.0.0.1", &[]), host("b", "10.0.0.2", &["workers"])]).unwrap();
+        assert_eq!(l.services["a"].len(), 4);
+        let a = render(&s, &l, "a");
+        assert_eq!(a.services["web"].ports[0].host_port, Some(8080), "b has no web of its own");
+    }
+
+    #[test]
+    fn an_inventory_that_cannot_run_the_stack_is_refused() {
+        let s = stack();
+        let e = place(&s, &[host("a", "10.0.0.1", &["db", "web"]), host("b", "10.0.0.2", &["db"])]).unwrap_err();
+        assert!(e.to_string().contains("role `db` (db) runs on one host only, but a, b"), "{e}");
+        let e = place(&s, &[host("a", "10.0.0.1", &["db"]), host("b", "10.0.0.2", &["workers"])]).unwrap_err();
+        assert!(e.to_string().contains("no host of the inventory runs role `web`"), "{e}");
+        assert!(e.hint().unwrap().contains("group `web`"));
+        let mut local = host("a", "x", &["db", "web"]);
+        local.connection = Connection::Local;
+        let e = place(&s, &[local, host("b", "10.0.0.2", &["workers"])]).unwrap_err();
+        assert!(e.hint().unwrap().contains("mlops_address"), "{e}");
+    }
+
+    #[test]
+    fn skipped_services_leave_their_roles() {
+        let mut s = stack();
+        mlops_compose::skip_services(&mut s, &["worker".into()]).unwrap();
+        // No host needs to be in `workers` any more, and b (in `workers`
+        // only) runs just what every host runs.
+        let l = place(&s, &[host("a", "10.0.0.1", &["db", "web"]), host("b", "10.0.0.2", &["workers"])]).unwrap();
+        assert_eq!(l.services["b"], BTreeSet::from(["exporter".to_string()]));
+    }
+}
