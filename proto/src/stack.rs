@@ -248,6 +248,9 @@ pub struct Service {
     /// `HOST:IP` entries for /etc/hosts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_hosts: Vec<String>,
+    /// The container's host name (unset: Docker's, the container ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// Ports exposed to the stack's networks without publishing (`8080`, `8080/udp`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expose: Vec<String>,

@@ -38,6 +38,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod airflow;
 pub mod fuzz;
 
 use anyhow::{Context, Result, bail, ensure};

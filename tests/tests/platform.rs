@@ -20,60 +20,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mlops_e2e::airflow::{api, token, wait_for};
 use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 use serde_json::{Value, json};
 
-const AIRFLOW: &str = "http://127.0.0.1:28080";
 const PROMETHEUS: &str = "http://127.0.0.1:19001";
 const SPARK: &str = "http://127.0.0.1:18080";
 
 /// The project name: not the default `mlops`, so that nothing here could
 /// be taken for a user's platform.
 const PROJECT: &str = "mlops-e2e";
-
-fn token(host: &TestHost, password: &str) -> Option<String> {
-    // The body goes through a file: this test samples every command line
-    // for secrets, its own curl included.
-    let body = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(body.path(), json!({"username": "admin", "password": password}).to_string()).unwrap();
-    let data = format!("@{}", body.path().display());
-    let (code, text) = host.curl(&[
-        "-X",
-        "POST",
-        &format!("{AIRFLOW}/auth/token"),
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &data,
-    ]);
-    (code == 201 || code == 200)
-        .then(|| serde_json::from_str::<Value>(&text).ok()?["access_token"].as_str().map(str::to_string))
-        .flatten()
-}
-
-fn api(host: &TestHost, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
-    let auth = format!("Authorization: Bearer {token}");
-    let url = format!("{AIRFLOW}{path}");
-    let mut args = vec!["-X", method, url.as_str(), "-H", auth.as_str(), "-H", "Content-Type: application/json"];
-    let body = body.map(|b| b.to_string());
-    if let Some(b) = &body {
-        args.extend(["-d", b.as_str()]);
-    }
-    let (code, text) = host.curl(&args);
-    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {} s waiting for {what}", limit.as_secs());
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
 
 fn prom_query(host: &TestHost, q: &str) -> Vec<Value> {
     let (code, text) =

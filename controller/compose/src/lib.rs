@@ -199,7 +199,7 @@ struct Parser<'a> {
 type R<T> = Result<T, ComposeError>;
 
 /// The service keys mlopsctl acts on (named in the unknown-key warning).
-const SERVICE_KEYS: [&str; 32] = [
+const SERVICE_KEYS: [&str; 33] = [
     "image",
     "build",
     "command",
@@ -231,6 +231,7 @@ const SERVICE_KEYS: [&str; 32] = [
     "ulimits",
     "shm_size",
     "extra_hosts",
+    "hostname",
     "x-*",
 ];
 
@@ -846,6 +847,19 @@ impl Parser<'_> {
                     );
                 }
                 "stop_grace_period" => svc.stop_grace_period_ms = Some(self.duration(v)?),
+                "hostname" => {
+                    let name = self.string(v, "hostname")?;
+                    let valid = !name.is_empty()
+                        && name.len() <= 63
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                        && !name.starts_with('-');
+                    if !valid {
+                        return Err(
+                            self.err(v, format!("hostname `{name}` is not a host name (letters, digits, `-`, `.`)"))
+                        );
+                    }
+                    svc.hostname = Some(name);
+                }
                 "extra_hosts" => {
                     let hosts = match &v.value {
                         Value::Map(_) => self.key_values(v, "extra_hosts", false)?.into_iter().collect(),

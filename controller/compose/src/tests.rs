@@ -357,7 +357,10 @@ fn placement_names_services_once_each() {
         ("roles: {db: {services: [db]}}", "service `web` is in no role"),
         ("roles: {db: {services: [db, web]}, web: {services: [web]}}", "`web` is in role db and in role web"),
         ("roles: {db: {services: [db, nope]}, web: {services: [web]}}", "names `nope`, which is not a service"),
-        ("roles: {db: {services: [db]}, web: {services: [web]}}\n    remote_ports: {db: [99999]}", "`99999` is not a port"),
+        (
+            "roles: {db: {services: [db]}, web: {services: [web]}}\n    remote_ports: {db: [99999]}",
+            "`99999` is not a port",
+        ),
         ("roles: {\"a b\": {services: [db, web]}}", "is not an inventory group name"),
     ];
     for (placement, message) in cases {

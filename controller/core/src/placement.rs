@@ -18,6 +18,14 @@
 //! - `remote_ports` of its services are published on the host's inventory
 //!   address only (never on every address), and only when some host of the
 //!   stack does not run the service itself;
+//! - a service with `remote_ports` in a role of several hosts has one
+//!   instance per host, each with its own host name, `<service>-<host>`
+//!   (the container's name for itself; also in `MLOPS_INSTANCE`), which
+//!   every other host resolves to that host's address: a Spark worker
+//!   advertises it to its master, a Celery worker records it for the API
+//!   server to fetch task logs from;
+//! - every service of a host that others reach has the host's address in
+//!   `MLOPS_HOST_ADDRESS` (what a Spark driver tells its executors);
 //! - volumes only its services use.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,6 +216,27 @@ fn address_of(host: &Target) -> Result<IpAddr, ControllerError> {
     })
 }
 
+/// Services with `remote_ports` in a role of several hosts.
+fn instanced(stack: &Stack) -> BTreeSet<String> {
+    let p = &stack.options.placement;
+    p.roles
+        .values()
+        .filter(|r| !r.single)
+        .flat_map(|r| r.services.iter())
+        .filter(|s| p.remote_ports.contains_key(*s) && stack.services.contains_key(*s))
+        .cloned()
+        .collect()
+}
+
+/// `<service>-<host>`, as a host name: lowercase letters, digits and `-`,
+/// at most 63 characters.
+pub fn instance_name(service: &str, host: &str) -> String {
+    let host: String = host.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let mut name = format!("{service}-{host}");
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
 /// `host`'s part of `stack` (see the module's documentation).
 pub fn render(stack: &Stack, layout: &Layout, host: &str) -> Stack {
     if !layout.split {
@@ -227,14 +256,38 @@ pub fn render(stack: &Stack, layout: &Layout, host: &str) -> Stack {
         })
         .collect();
     let lacking = |service: &str| layout.services.values().any(|s| !s.contains(service));
+    // Instances of reachable services that run on several hosts: their
+    // names, and the address each resolves to.
+    let instanced = instanced(stack);
+    let mut instances: Vec<(String, String, IpAddr)> = Vec::new();
+    for service in &instanced {
+        for on in layout.hosts_of(service) {
+            if let Some(ip) = layout.addresses.get(on) {
+                instances.push((service.clone(), instance_name(service, on), *ip));
+            }
+        }
+    }
     for (name, svc) in out.services.iter_mut() {
         svc.depends_on.retain(|dep, _| mine.contains(dep));
+        if let Some(ip) = layout.addresses.get(host) {
+            svc.environment.insert("MLOPS_HOST_ADDRESS".into(), ip.to_string());
+        }
+        if instanced.contains(name) {
+            let me = instance_name(name, host);
+            svc.environment.insert("MLOPS_INSTANCE".into(), me.clone());
+            svc.hostname = Some(me);
+        }
         let shares_a_namespace =
             svc.network_mode.as_deref().is_some_and(|m| m.starts_with("service:") || m.starts_with("container:"));
         if !shares_a_namespace {
-            for entry in &remote {
-                if !svc.extra_hosts.contains(entry) {
-                    svc.extra_hosts.push(entry.clone());
+            // An instance's own name stays its container's own address.
+            let others = instances
+                .iter()
+                .filter(|(s, n, _)| !(s == name && Some(n) == svc.hostname.as_ref()))
+                .map(|(_, n, ip)| format!("{n}:{ip}"));
+            for entry in remote.iter().cloned().chain(others) {
+                if !svc.extra_hosts.contains(&entry) {
+                    svc.extra_hosts.push(entry);
                 }
             }
         }
@@ -340,6 +393,33 @@ volumes:
         assert_eq!((db_ports[0].host_ip.as_str(), db_ports[0].host_port), ("10.0.0.1", Some(5432)));
         assert!(a.services["web"].depends_on.contains_key("db"), "on the same host the dependency stays");
         assert!(a.services["exporter"].ports.is_empty(), "every host runs it: nothing published");
+    }
+
+    #[test]
+    fn instances_of_a_service_on_several_hosts_have_names_every_host_resolves() {
+        let mut s = stack();
+        s.options.placement.remote_ports.insert("worker".into(), vec![8793]);
+        let hosts = [
+            host("a", "10.0.0.1", &["db", "web"]),
+            host("b", "10.0.0.2", &["workers"]),
+            host("c", "10.0.0.3", &["workers"]),
+        ];
+        let l = place(&s, &hosts).unwrap();
+        let b = render(&s, &l, "b");
+        let w = &b.services["worker"];
+        assert_eq!(w.hostname.as_deref(), Some("worker-b"));
+        assert_eq!(w.environment["MLOPS_INSTANCE"], "worker-b");
+        assert_eq!(w.environment["MLOPS_HOST_ADDRESS"], "10.0.0.2");
+        assert!(w.extra_hosts.contains(&"worker-c:10.0.0.3".to_string()));
+        assert!(
+            !w.extra_hosts.iter().any(|e| e.starts_with("worker-b:")),
+            "its own name is its own: {:?}",
+            w.extra_hosts
+        );
+        assert!(b.services["exporter"].extra_hosts.contains(&"worker-b:10.0.0.2".to_string()));
+        let a = render(&s, &l, "a");
+        assert!(a.services["web"].extra_hosts.contains(&"worker-b:10.0.0.2".to_string()));
+        assert_eq!(instance_name("airflow-worker", "Worker01.example.com"), "airflow-worker-worker01-example-com");
     }
 
     #[test]

@@ -12,7 +12,13 @@ def spark_pi():
         task_id="submit",
         bash_command=(
             "spark-submit --master spark://spark-master:7077 "
-            "--conf spark.driver.host=$(hostname) "
+            # Executors call the driver back: at this host's address when
+            # the platform spans hosts (MLOPS_HOST_ADDRESS, where these
+            # ports are published), else at this container's name.
+            "--conf spark.driver.host=${MLOPS_HOST_ADDRESS:-$(hostname)} "
+            "--conf spark.driver.bindAddress=0.0.0.0 "
+            "--conf spark.driver.port=7079 "
+            "--conf spark.blockManager.port=7089 "
             "--conf spark.app.name=mlops-spark-pi "
             "/opt/spark/jobs/pi.py 4"
         ),

@@ -222,7 +222,12 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
         healthcheck,
         user: svc.user.clone(),
         working_dir: svc.working_dir.clone(),
-        hostname: (svc.network_mode.as_deref() != Some("host")).then(|| name.to_string()),
+        // The service's name unless the stack names it (placement names
+        // each host's instance of a service that runs on several).
+        hostname: svc
+            .hostname
+            .clone()
+            .or_else(|| (svc.network_mode.as_deref() != Some("host")).then(|| name.to_string())),
         host_config: Some(HostConfig {
             binds: (!binds.is_empty()).then_some(binds),
             mounts: (!mounts.is_empty()).then_some(mounts),

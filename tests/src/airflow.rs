@@ -1,0 +1,58 @@
+//! The platform's Airflow, from a test host where its API server's port
+//! (28080) is published on loopback: a token for the admin, REST calls,
+//! and waiting for a condition. Used by the platform tests.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::TestHost;
+
+const AIRFLOW: &str = "http://127.0.0.1:28080";
+
+/// A JWT for `admin` with `password`, or `None` when refused.
+pub fn token(host: &TestHost, password: &str) -> Option<String> {
+    // The body goes through a file: this test samples every command line
+    // for secrets, its own curl included.
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), json!({"username": "admin", "password": password}).to_string()).unwrap();
+    let data = format!("@{}", body.path().display());
+    let (code, text) = host.curl(&[
+        "-X",
+        "POST",
+        &format!("{AIRFLOW}/auth/token"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &data,
+    ]);
+    (code == 201 || code == 200)
+        .then(|| serde_json::from_str::<Value>(&text).ok()?["access_token"].as_str().map(str::to_string))
+        .flatten()
+}
+
+/// A REST call (`/api/v2/...`) that must succeed; its JSON answer.
+pub fn api(host: &TestHost, token: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+    let auth = format!("Authorization: Bearer {token}");
+    let url = format!("{AIRFLOW}{path}");
+    let mut args = vec!["-X", method, url.as_str(), "-H", auth.as_str(), "-H", "Content-Type: application/json"];
+    let body = body.map(|b| b.to_string());
+    if let Some(b) = &body {
+        args.extend(["-d", b.as_str()]);
+    }
+    let (code, text) = host.curl(&args);
+    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// `probe` until it returns something, every 2 s, for at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {} s waiting for {what}", limit.as_secs());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
