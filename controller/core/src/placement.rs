@@ -454,4 +454,37 @@ volumes:
         let l = place(&s, &[host("a", "10.0.0.1", &["db", "web"]), host("b", "10.0.0.2", &["workers"])]).unwrap();
         assert_eq!(l.services["b"], BTreeSet::from(["exporter".to_string()]));
     }
+
+    #[test]
+    fn the_example_cluster_inventory_places_the_platform() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = root.join("platform");
+        let (_, secrets) = mlops_compose::preflight(&dir, None).unwrap();
+        let env = secrets.iter().map(|s| (s.clone(), format!("generated-{s}"))).collect();
+        let mut platform =
+            mlops_compose::load(&dir, &mlops_compose::LoadOptions { env, ..Default::default() }).unwrap().stack;
+        mlops_compose::skip_services(&mut platform, &["grafana".into()]).unwrap();
+        let ssh = mlops_inventory::ssh_config::SshConfig::default();
+        let hosts = mlops_inventory::load_targets(&root.join("inventories/cluster.yml"), None, &ssh).unwrap();
+        let l = place(&platform, &hosts).unwrap();
+        assert!(l.split);
+        assert_eq!(
+            l.services["worker1"],
+            BTreeSet::from(["airflow-worker".into(), "node-exporter".into(), "spark-worker".into()])
+        );
+        assert_eq!(l.services["spark3"], BTreeSet::from(["node-exporter".into(), "spark-worker".into()]));
+        assert_eq!(
+            l.waves,
+            vec![vec!["control1".to_string()], vec!["worker1".into(), "worker2".into(), "spark3".into()]]
+        );
+        let w = render(&platform, &l, "worker1");
+        assert!(w.services["airflow-worker"].extra_hosts.contains(&"postgres:192.0.2.10".to_string()));
+        assert!(w.services["airflow-worker"].extra_hosts.contains(&"airflow-apiserver:192.0.2.10".to_string()));
+        let c = render(&platform, &l, "control1");
+        assert!(c.services["spark-master"].extra_hosts.contains(&"spark-worker-spark3:192.0.2.23".to_string()));
+        assert!(c.services["airflow-apiserver"].extra_hosts.contains(&"airflow-worker-worker2:192.0.2.22".to_string()));
+        // The one-host default is the whole platform, unchanged.
+        let one = place(&platform, &[Target::local()]).unwrap();
+        assert_eq!(render(&platform, &one, "localhost"), platform);
+    }
 }
