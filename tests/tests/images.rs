@@ -105,9 +105,9 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
     let failed = deploy(&env, &hosts, &stack).expect_code(1);
     let json = failed.json();
     let errors: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["error"].as_str().unwrap()).collect();
-    let own = errors.iter().filter(|e| !e.contains("is built on another host")).count();
+    let own = errors.iter().filter(|e| !e.contains("comes from another host")).count();
     assert_eq!(own, 1, "one host built and failed: {errors:#?}");
-    assert_eq!(errors.iter().filter(|e| e.contains("is built on another host of this deploy")).count(), 2);
+    assert_eq!(errors.iter().filter(|e| e.contains("comes from another host of this deploy")).count(), 2);
     assert_eq!(failed.stderr.matches(": building ").count(), 1, "{}", failed.stderr);
     for h in hosts {
         assert_eq!(image_id(h, &tag), new_id, "the running image stays: {}", h.name);

@@ -13,6 +13,7 @@ use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack};
 const STACK: &str = r#"
 name: "{project}"
 x-mlops:
+  secrets: [DB_PASSWORD]
   placement:
     roles:
       db: {services: [db], single: true}
@@ -24,6 +25,7 @@ services:
     build: ./img
     command: ["sh", "-c", "trap 'exit 0' TERM; mkdir -p /tmp/www && echo served-by-db > /tmp/www/index.html && httpd -f -p 7000 -h /tmp/www & wait"]
     volumes: ["data:/data"]
+    environment: {PASSWORD: "${DB_PASSWORD}"}
     healthcheck:
       test: ["CMD", "wget", "-q", "-O-", "http://127.0.0.1:7000/"]
       interval: 1s
@@ -32,6 +34,7 @@ services:
     build: ./img
     command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
     depends_on: {db: {condition: service_healthy}}
+    environment: {PASSWORD: "${DB_PASSWORD}"}
     healthcheck:
       test: ["CMD-SHELL", "wget -q -O- http://db:7000/ | grep -q served-by-db"]
       interval: 1s
@@ -136,6 +139,38 @@ fn inventory_groups_place_services_and_hosts_reach_each_other_by_service_name() 
     let json = limited.json();
     assert_eq!(json["hosts"].as_array().unwrap().len(), 1);
     assert_eq!(json["hosts"][0]["result"]["stack"]["changed"], 0, "{}", limited.stdout);
+
+    // A secret is rotated across the split stack: each host is checked
+    // against what it runs, and both sides get the new value.
+    let dir = stack.path().display().to_string();
+    let password = |h: &TestHost, service: &str| {
+        let env = h.docker(&[
+            "inspect",
+            "-f",
+            "{{range .Config.Env}}{{println .}}{{end}}",
+            &format!("{project}-{service}-1"),
+        ]);
+        env.lines().find_map(|l| l.strip_prefix("PASSWORD=")).unwrap_or_default().to_string()
+    };
+    let old = password(&h2, "worker");
+    env.ctl(&[
+        "secrets",
+        "rotate",
+        "DB_PASSWORD",
+        "-i",
+        &inv,
+        "--identity",
+        &env.key.display().to_string(),
+        "--stack",
+        &dir,
+        "--health-timeout",
+        "60",
+    ])
+    .expect_code(0);
+    let new = password(&h1, "db");
+    assert!(!old.is_empty() && new != old, "{old} -> {new}");
+    assert_eq!(password(&h2, "worker"), new);
+    assert_eq!(password(&h3, "worker"), new);
 
     // The database's host fails its health check: the hosts that depend on
     // it are not deployed, and say why; their containers are left running.

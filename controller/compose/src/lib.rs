@@ -510,6 +510,9 @@ impl Parser<'_> {
                     ),
                 ));
             }
+            if svc.hostname.is_some() && svc.network_mode.as_deref().is_some_and(|m| m != "none" && m != "bridge") {
+                return Err(self.err(at, format!("service `{name}` sets `hostname` and shares another network namespace (`network_mode`); Docker refuses both")));
+            }
             if svc.network_mode.is_some() && !svc.networks.is_empty() {
                 return Err(self.err(at, format!("service `{name}` sets both `network_mode` and `networks`")));
             }

@@ -391,11 +391,18 @@ impl Prepared {
     /// then has.
     pub async fn build_images(
         &mut self,
+        target: &Target,
+        ctx: &Context,
         plan: &StackPlan,
         tags: Vec<String>,
         progress: &Progress,
     ) -> Result<Vec<mlops_proto::v1::ImageState>, ControllerError> {
-        crate::images::build(&mut self.conn, plan, tags, progress).await
+        let (plan, progress) = (plan.clone(), progress.clone());
+        with_retry(target, ctx, &self.transport, &mut self.conn, &progress.clone(), move |conn| {
+            let (plan, tags, progress) = (plan.clone(), tags.clone(), progress.clone());
+            Box::pin(async move { crate::images::build(conn, &plan, tags, &progress).await })
+        })
+        .await
     }
 
     /// The agent's client, for other hosts' calls to it (image shipping).
@@ -405,6 +412,11 @@ impl Prepared {
 
     pub async fn close(&self) {
         self.transport.close().await;
+    }
+
+    /// The connection to the host, for keeping it open after this.
+    pub fn transport(&self) -> SharedTransport {
+        self.transport.clone()
     }
 }
 

@@ -212,9 +212,11 @@ impl AgentConn {
             // what it sends far below this).
             .http2_max_header_list_size(64 * 1024)
             // Room for a few 1 MiB chunks of an image in flight (HTTP/2's
-            // default window is 64 KiB: one round trip per 64 KiB).
+            // default window is 64 KiB: one round trip per 64 KiB); the
+            // connection's holds three such streams (the image saves one
+            // source serves at once) and room for the host's own calls.
             .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .connect_with_connector(make_conn)
             .await
             .map_err(|e| {

@@ -71,7 +71,7 @@ pub enum ControllerError {
     )]
     ProviderFailed { host: String, service: String, dependency: String, provider: String },
     /// The host that was to build an image for this one could not.
-    #[error("{host}: image {tag} is built on another host of this deploy, which failed: {message}")]
+    #[error("{host}: image {tag} comes from another host of this deploy, which failed: {message}")]
     ImageSource { host: String, tag: String, message: String },
     #[error("{host}: no Docker engine: {message}")]
     NoDocker { host: String, message: String },

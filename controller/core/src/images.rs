@@ -5,7 +5,7 @@
 //! each image some host lacks, a host that has it or else the first host
 //! that lacks it, which builds it (`BuildImages`, under the stack's lock)
 //! before any host converges: a build that fails, fails once, and no host
-//! has changed anything. Then every host that lacks an image receives it
+//! has converged (each is staged: secrets and files in place). Then every host that lacks an image receives it
 //! from its source's agent through this controller (`SaveImage` piped into
 //! `LoadImage`, a few 1 MiB chunks in flight, so neither side nor the
 //! controller holds an image whole); a host that already has the image ID
@@ -288,11 +288,14 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
     let started = Instant::now();
     let mut from = source.client.clone();
     let save = SaveImageRequest { tag: tag.to_string(), id: source.id.clone() };
-    let mut tarball = from
-        .save_image(save)
-        .await
-        .map_err(|s| ControllerError::from_status(&source.host, "SaveImage", &s))?
-        .into_inner();
+    // What goes wrong on the source is not this host's connection
+    // breaking: no retry here, the error names the source.
+    let from_source = |s: tonic::Status| ControllerError::ImageSource {
+        host: host.clone(),
+        tag: tag.to_string(),
+        message: crate::client::error_chain(&ControllerError::from_status(&source.host, "SaveImage", &s)),
+    };
+    let mut tarball = from.save_image(save).await.map_err(from_source)?.into_inner();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let first = ImageChunk { tag: tag.to_string(), id: source.id.clone(), data: Default::default() };
     tx.send(first).await.expect("the receiver is here");
@@ -300,7 +303,7 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
     // dropped (cancelled) when forwarding returns an error.
     let forward = async move {
         while let Some(chunk) = tarball.next().await {
-            let chunk = chunk.map_err(|s| ControllerError::from_status(&source.host, "SaveImage", &s))?;
+            let chunk = chunk.map_err(from_source)?;
             if tx.send(chunk).await.is_err() {
                 break;
             }

@@ -85,7 +85,10 @@ pub fn place(stack: &Stack, hosts: &[Target]) -> Result<Layout, ControllerError>
         .filter(|(_, (services, _))| !services.is_empty())
         .collect();
     let everything: BTreeSet<String> = stack.services.keys().cloned().collect();
-    if roles.is_empty() || hosts.len() <= 1 {
+    // No host in any role's group: each host runs the whole stack (the
+    // stack deployed to several hosts side by side, as without roles).
+    let grouped = hosts.iter().any(|h| h.groups.iter().any(|g| placement.roles.contains_key(g)));
+    if roles.is_empty() || hosts.len() <= 1 || !grouped {
         let names: Vec<String> = hosts.iter().map(|t| t.name.clone()).collect();
         let all_roles: Vec<String> = roles.keys().map(|r| r.to_string()).collect();
         return Ok(Layout {
@@ -146,6 +149,22 @@ pub fn place(stack: &Stack, hosts: &[Target]) -> Result<Layout, ControllerError>
         }
     }
 
+    // Two hosts whose instances of a service would have one name.
+    for service in instanced(stack) {
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for host in layout.services.iter().filter(|(_, s)| s.contains(&service)).map(|(h, _)| h.as_str()) {
+            if let Some(other) = seen.insert(instance_name(&service, host), host) {
+                return Err(ControllerError::usage(
+                    format!(
+                        "hosts `{other}` and `{host}` would give their `{service}` the same host name `{}`",
+                        instance_name(&service, host)
+                    ),
+                    Some("rename one of them in the inventory (names differing only in case or punctuation collide)"),
+                ));
+            }
+        }
+    }
+
     // Addresses of the hosts whose services others use.
     for host in hosts {
         let serves_others = layout.services[&host.name]
@@ -187,6 +206,17 @@ pub fn place(stack: &Stack, hosts: &[Target]) -> Result<Layout, ControllerError>
 /// The address other hosts reach `host` at: `mlops_address`, else its
 /// inventory address (resolved by this machine when it is a name).
 fn address_of(host: &Target) -> Result<IpAddr, ControllerError> {
+    let ip = address_given(host)?;
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return Err(ControllerError::usage(
+            format!("host `{}`: other hosts cannot reach it at {ip}", host.name),
+            Some(&format!("set `mlops_address: <IP>` for host `{}` to the address the other hosts reach", host.name)),
+        ));
+    }
+    Ok(ip)
+}
+
+fn address_given(host: &Target) -> Result<IpAddr, ControllerError> {
     let hint = format!("set `mlops_address: <IP>` for host `{}` in the inventory", host.name);
     if let Some(v) = host.vars.get("mlops_address") {
         let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
@@ -231,10 +261,13 @@ fn instanced(stack: &Stack) -> BTreeSet<String> {
 /// `<service>-<host>`, as a host name: lowercase letters, digits and `-`,
 /// at most 63 characters.
 pub fn instance_name(service: &str, host: &str) -> String {
-    let host: String = host.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    let mut name = format!("{service}-{host}");
+    let mut name: String = format!("{service}-{host}")
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     name.truncate(63);
-    name.trim_end_matches('-').to_string()
+    name.trim_matches('-').to_string()
 }
 
 /// `host`'s part of `stack` (see the module's documentation).
@@ -272,7 +305,7 @@ pub fn render(stack: &Stack, layout: &Layout, host: &str) -> Stack {
         if let Some(ip) = layout.addresses.get(host) {
             svc.environment.insert("MLOPS_HOST_ADDRESS".into(), ip.to_string());
         }
-        if instanced.contains(name) {
+        if instanced.contains(name) && svc.network_mode.is_none() {
             let me = instance_name(name, host);
             svc.environment.insert("MLOPS_INSTANCE".into(), me.clone());
             svc.hostname = Some(me);
@@ -443,6 +476,28 @@ volumes:
         local.connection = Connection::Local;
         let e = place(&s, &[local, host("b", "10.0.0.2", &["workers"])]).unwrap_err();
         assert!(e.hint().unwrap().contains("mlops_address"), "{e}");
+    }
+
+    #[test]
+    fn hosts_in_no_role_group_each_run_the_whole_stack() {
+        let s = stack();
+        let l = place(&s, &[host("a", "10.0.0.1", &["control"]), host("b", "10.0.0.2", &[])]).unwrap();
+        assert!(!l.split, "side by side, as without roles");
+        assert_eq!(render(&s, &l, "b"), s);
+    }
+
+    #[test]
+    fn instance_names_and_addresses_other_hosts_cannot_use_are_refused() {
+        let mut s = stack();
+        s.options.placement.remote_ports.insert("worker".into(), vec![8793]);
+        let base = [host("a", "10.0.0.1", &["db", "web"])];
+        let twins = [base[0].clone(), host("w.1", "10.0.0.2", &["workers"]), host("w-1", "10.0.0.3", &["workers"])];
+        let e = place(&s, &twins).unwrap_err();
+        assert!(e.to_string().contains("the same host name `worker-w-1`"), "{e}");
+        for bad in ["127.0.1.1", "0.0.0.0"] {
+            let e = place(&s, &[host("a", bad, &["db", "web"]), host("b", "10.0.0.2", &["workers"])]).unwrap_err();
+            assert!(e.to_string().contains(&format!("cannot reach it at {bad}")), "{e}");
+        }
     }
 
     #[test]

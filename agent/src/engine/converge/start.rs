@@ -224,10 +224,8 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
         working_dir: svc.working_dir.clone(),
         // The service's name unless the stack names it (placement names
         // each host's instance of a service that runs on several).
-        hostname: svc
-            .hostname
-            .clone()
-            .or_else(|| (svc.network_mode.as_deref() != Some("host")).then(|| name.to_string())),
+        hostname: (svc.network_mode.as_deref() != Some("host"))
+            .then(|| svc.hostname.clone().unwrap_or_else(|| name.to_string())),
         host_config: Some(HostConfig {
             binds: (!binds.is_empty()).then_some(binds),
             mounts: (!mounts.is_empty()).then_some(mounts),

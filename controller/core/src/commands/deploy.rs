@@ -237,7 +237,11 @@ pub async fn deploy(
             let broken = layout.as_ref().and_then(|l| failed_provider(l, &stack, &name, &hosts.failed, &failed));
             match broken {
                 Some(e) => {
-                    item.0.close().await;
+                    // Other hosts may still load images from it.
+                    match sources.as_ref().filter(|s| s.is_source(&name)) {
+                        Some(s) => s.keep_open(item.0.transport()),
+                        None => item.0.close().await,
+                    }
                     failed.push((name, e));
                 }
                 None => items.push((targets[&name].clone(), item)),
@@ -321,11 +325,11 @@ async fn build_images(
             .map(|(name, item)| (setup.targets.iter().find(|t| t.name == name).expect("a target").clone(), item))
             .collect();
         let (plan, tags) = (Arc::new(plan.clone()), assignment.clone());
-        let mut done = per_host_with(items, setup.forks, &setup.ctx, report, move |target, item, _ctx, progress| {
+        let mut done = per_host_with(items, setup.forks, &setup.ctx, report, move |target, item, ctx, progress| {
             let (plan, tags) = (plan.clone(), tags.builds[&target.name].clone());
             async move {
                 let (mut host, staged) = item;
-                match host.build_images(&plan, tags, &progress).await {
+                match host.build_images(&target, &ctx, &plan, tags, &progress).await {
                     Ok(states) => Ok((host, staged, states)),
                     Err(e) => {
                         host.close().await;

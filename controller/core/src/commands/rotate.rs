@@ -91,11 +91,14 @@ pub async fn rotate(
         done: false,
     };
 
-    // 1. Every host healthy and holding the same value.
+    // 1. Every host healthy (what it runs of the stack) and holding the
+    //    same value.
+    let layout = Arc::new(crate::placement::place(&model, &setup.all_hosts)?);
     let model = Arc::new(model);
     let m = model.clone();
     let checks = per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, _progress| {
         let model = m.clone();
+        let part = crate::placement::render(&model, &layout, &target.name);
         async move {
             let (transport, mut conn) = bootstrap::connect_agent(&target, &ctx).await?;
             let r = async {
@@ -107,7 +110,7 @@ pub async fn rotate(
             transport.close().await;
             let (services, held) = r?;
             let running = services.iter().filter(|s| s.state == "running").map(|s| s.service.clone()).collect();
-            Ok(Before { unhealthy: unhealthy(&model, &services), running, held })
+            Ok(Before { unhealthy: unhealthy(&part, &services), running, held })
         }
     })
     .await;
