@@ -873,6 +873,21 @@ impl TestEnv {
         }
     }
 
+    /// `mlopsctl deploy` of `stack` to `hosts` (as root, JSON output, a
+    /// 60 s health timeout), plus `extra` flags.
+    pub fn deploy_stack(&self, hosts: &[&TestHost], stack: &TestStack, extra: &[&str]) -> CtlRun {
+        let key = self.key.display().to_string();
+        let dir = stack.path().display().to_string();
+        let mut args =
+            vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
+        let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+        for s in &specs {
+            args.extend(["--host", s.as_str()]);
+        }
+        args.extend(extra);
+        self.ctl(&args)
+    }
+
     /// `--identity KEY` plus `args`.
     pub fn ctl_key(&self, args: &[&str]) -> CtlRun {
         let key = self.key.display().to_string();

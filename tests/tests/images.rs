@@ -13,17 +13,6 @@ services:
     command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
 "#;
 
-fn deploy(env: &TestEnv, hosts: &[&TestHost], stack: &TestStack) -> CtlRun {
-    let key = env.key.display().to_string();
-    let dir = stack.path().display().to_string();
-    let mut args = vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
-    let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
-    for s in &specs {
-        args.extend(["--host", s.as_str()]);
-    }
-    env.ctl(&args)
-}
-
 /// Per host (in the order given): how the image arrived, and from where.
 fn arrivals(run: &CtlRun) -> Vec<(String, Value)> {
     run.json()["hosts"]
@@ -52,7 +41,7 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
     let tag = format!("{}-app", stack.project);
 
     // 1. Built once; the two other hosts receive it, with its bytes counted.
-    let first = deploy(&env, &hosts, &stack).expect_code(0);
+    let first = env.deploy_stack(&hosts, &stack, &[]).expect_code(0);
     let got = arrivals(&first);
     let built: Vec<usize> = (0..3).filter(|&i| got[i].0 == "built").collect();
     assert_eq!(built.len(), 1, "built on exactly one host: {got:?}\n{}", first.stderr);
@@ -73,14 +62,14 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
     }
 
     // 2. Nothing to do: every host has it.
-    let again = deploy(&env, &hosts, &stack).expect_code(0);
+    let again = env.deploy_stack(&hosts, &stack, &[]).expect_code(0);
     assert!(arrivals(&again).iter().all(|(a, _)| a == "current"), "{:?}", arrivals(&again));
 
     // 3. A host that has the image under another name only has it tagged:
     //    nothing is sent.
     h2.docker(&["tag", &tag, "kept:1"]);
     h2.docker(&["rmi", &tag]);
-    let tagged = deploy(&env, &hosts, &stack).expect_code(0);
+    let tagged = env.deploy_stack(&hosts, &stack, &[]).expect_code(0);
     let got = arrivals(&tagged);
     assert_eq!(got[1].0, "tagged", "{got:?}");
     assert_eq!(got[1].1["bytes"], 0);
@@ -89,7 +78,7 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
 
     // 4. A changed context: built once again, shipped again.
     std::fs::write(stack.path().join("img/notes.txt"), "a changed build context\n").unwrap();
-    let changed = deploy(&env, &hosts, &stack).expect_code(0);
+    let changed = env.deploy_stack(&hosts, &stack, &[]).expect_code(0);
     let got = arrivals(&changed);
     assert_eq!(got.iter().filter(|(a, _)| a == "built").count(), 1, "{got:?}");
     assert_eq!(got.iter().filter(|(a, _)| a == "shipped").count(), 2, "{got:?}");
@@ -102,7 +91,7 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
     // 5. A build that fails fails once: the other hosts say where and why,
     //    and build nothing themselves.
     std::fs::write(stack.path().join("img/Dockerfile"), "FROM scratch\nCOPY missing-file /x\n").unwrap();
-    let failed = deploy(&env, &hosts, &stack).expect_code(1);
+    let failed = env.deploy_stack(&hosts, &stack, &[]).expect_code(1);
     let json = failed.json();
     let errors: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["error"].as_str().unwrap()).collect();
     let own = errors.iter().filter(|e| !e.contains("comes from another host")).count();

@@ -31,15 +31,7 @@ volumes:
 "#;
 
 fn deploy(env: &TestEnv, hosts: &[&TestHost], stack: &TestStack, extra: &[&str]) -> CtlRun {
-    let key = env.key.display().to_string();
-    let dir = stack.path().display().to_string();
-    let mut args = vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
-    let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
-    for s in &specs {
-        args.extend(["--host", s.as_str()]);
-    }
-    args.extend(extra);
-    env.ctl(&args)
+    env.deploy_stack(hosts, stack, extra)
 }
 
 fn secrets(env: &TestEnv, hosts: &[&TestHost], stack: &TestStack) -> CtlRun {
