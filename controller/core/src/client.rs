@@ -96,57 +96,36 @@ pub fn crl_revokes_us(root_pem: &str, crl_pem: &str, identity: &Identity) -> boo
     verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_err()
 }
 
-/// A TLS stream whose server has spoken first. In TLS 1.3 the server
-/// judges our certificate after our side of the handshake is done, so a
-/// refusal (a revoked operator) arrives as an alert on the first read; the
-/// HTTP/2 layer would report it to the pending call only as "connection
-/// closed", depending on timing. The agent's HTTP/2 server sends its
-/// SETTINGS frame as soon as it has accepted us, so those bytes are read
-/// here, turning a refusal into the connection's error, and replayed.
-struct Primed<IO> {
-    first: Vec<u8>,
-    at: usize,
+/// A TLS stream that remembers whether a read failed with the agent's
+/// "certificate revoked" alert. In TLS 1.3 the server judges our
+/// certificate after our side of the handshake is done, so its refusal
+/// arrives on the first read, and the HTTP/2 layer reports the dead
+/// connection to the pending call only as "connection closed". The flag
+/// is set before that call fails (the failed read is what ends the
+/// connection), so the call's error can say why.
+struct Watched<IO> {
     inner: IO,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Primed<IO> {
-    async fn first_bytes(mut inner: IO) -> std::io::Result<Self> {
-        use tokio::io::AsyncReadExt;
-        let mut first = vec![0; 4096];
-        let n = inner.read(&mut first).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection right after the TLS handshake",
-            ));
-        }
-        first.truncate(n);
-        Ok(Primed { first, at: 0, inner })
-    }
-}
-
-impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Primed<IO> {
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.at < this.first.len() {
-            let n = buf.remaining().min(this.first.len() - this.at);
-            buf.put_slice(&this.first[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.first.len() {
-                this.first = Vec::new();
-                this.at = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
+        let result = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &result
+            && revoked(e)
+        {
+            this.revoked.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+        result
     }
 }
 
-impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Primed<IO> {
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -187,6 +166,8 @@ pub struct AgentConn {
     host: String,
     channel: Channel,
     client: AgentClient<Channel>,
+    /// Set when the agent refused our certificate as revoked (see `Watched`).
+    revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AgentConn {
@@ -194,15 +175,18 @@ impl AgentConn {
     pub async fn connect(transport: SharedTransport, port: u16, tls: &ClientTls) -> Result<Self, ControllerError> {
         let host = transport.host().to_string();
         let connector = TlsConnector::from(tls.config.clone());
+        let revoked_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = revoked_flag.clone();
         let make_conn = tower::service_fn(move |_: Uri| {
             let transport = transport.clone();
             let connector = connector.clone();
+            let flag = watch.clone();
             async move {
                 let io = transport.tunnel(port).await?;
                 let name = ServerName::try_from(mlops_pki::agent_tls_name(&cert_name(transport.host())))
                     .map_err(std::io::Error::other)?;
                 let tls = connector.connect(name, io).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(Primed::first_bytes(tls).await?))
+                Ok::<_, std::io::Error>(TokioIo::new(Watched { inner: tls, revoked: flag.clone() }))
             }
         });
         // The URI only names the HTTP/2 authority; the connector decides where bytes go.
@@ -232,7 +216,7 @@ impl AgentConn {
                     revoked: agent_revoked(&e),
                 }
             })?;
-        Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel })
+        Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel, revoked: revoked_flag })
     }
 
     pub async fn hello(&mut self) -> Result<HelloResponse, ControllerError> {
@@ -265,6 +249,9 @@ impl AgentConn {
     }
 
     fn rpc(&self, call: &'static str, status: &tonic::Status) -> ControllerError {
+        if self.revoked.load(std::sync::atomic::Ordering::SeqCst) {
+            return ControllerError::Revoked { host: self.host.clone() };
+        }
         ControllerError::from_status(&self.host, call, status)
     }
 }
