@@ -247,7 +247,10 @@ mod tests {
         std::fs::write(d.join("sub/b.log"), "b").unwrap();
         std::fs::write(d.join(".mlopsignore"), "**/*.log\n").unwrap();
         std::os::unix::fs::symlink("a.txt", d.join("link")).unwrap();
-        let cache_path = d.join("../cache.json");
+        // Beside the tree, not in it (it would be scanned), and in a
+        // directory of this test's own (never /tmp/cache.json).
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache_path = cache_dir.path().join("cache.json");
         let mut cache = HashCache::open(cache_path.clone());
         let tree = scan(d, &mut cache).unwrap();
         let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
