@@ -16,6 +16,17 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from)
 }
 
+/// The agent binary to run: the first argument, else the release build;
+/// an error with the build command when it is missing.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    let agent = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| target_dir().join("release/mlops-agent"));
+    if !agent.exists() {
+        anyhow::bail!("{} does not exist\n  hint: cargo build --release -p mlops-agent", agent.display());
+    }
+    println!("agent: {}", agent.display());
+    Ok(agent)
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ is in the workspace").to_path_buf()

@@ -13,7 +13,6 @@
 //! `MLOPS_BENCH_IMAGE_MB` sets the image's size (default 256).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -32,13 +31,8 @@ const ROUNDS: usize = 3;
 
 fn main() -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let target = mlops_bench::target_dir();
-    let agent = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| target.join("release/mlops-agent"));
-    if !agent.exists() {
-        bail!("{} does not exist\n  hint: cargo build --release -p mlops-agent", agent.display());
-    }
+    let agent = mlops_bench::agent_binary()?;
     let mb: usize = std::env::var("MLOPS_BENCH_IMAGE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
-    println!("agent: {}", agent.display());
     let pki = tempfile::tempdir()?;
     let ca = Ca::open_or_create(pki.path())?;
     let (host_a, host_b) = (TestHost::with_docker("bench-img-a")?, TestHost::with_docker("bench-img-b")?);

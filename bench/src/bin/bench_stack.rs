@@ -11,7 +11,6 @@
 //! - sync of 1,000 files / 50 MB from cold, then of one changed file [50 ms]
 //! - health transition: Docker's event time to the controller receiving it [1 s]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,12 +26,7 @@ use mlops_proto::v1::ConvergeRequest;
 
 fn main() -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let target = mlops_bench::target_dir();
-    let agent = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| target.join("release/mlops-agent"));
-    if !agent.exists() {
-        bail!("{} does not exist\n  hint: cargo build --release -p mlops-agent", agent.display());
-    }
-    println!("agent: {}", agent.display());
+    let agent = mlops_bench::agent_binary()?;
     let pki = tempfile::tempdir()?;
     let ca = Ca::open_or_create(pki.path())?;
     let host = TestHost::with_docker("bench-stack")?;
