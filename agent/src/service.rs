@@ -19,7 +19,8 @@ use mlops_proto::v1::{
     BuildImagesRequest, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind,
     GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse,
     HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, LoadImageReply,
-    LogChunk, LogsRequest, Progress, PutSecretsRequest, SaveImageRequest, Secrets, ServiceState, StackAction,
+    LogChunk, LogsRequest, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest,
+    SaveImageRequest, Secrets, ServiceState, StackAction,
     StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
     SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
 };
@@ -28,8 +29,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
-    self, Action, EngineError, Events, Outcome, ServiceStatus, converge, docker, lock::Locks, sync::SyncStore,
-    watch as engine_watch,
+    self, Action, EngineError, Events, Outcome, ServiceStatus, converge, docker, lock::Locks, revisions,
+    sync::SyncStore, watch as engine_watch,
 };
 use crate::facts;
 use crate::history::History;
@@ -84,59 +85,70 @@ fn failure_uncapped(e: &AgentError) -> Failure {
             FailureKind::BadRequest
         }
         AgentError::Internal(_) => FailureKind::Internal,
-        AgentError::Engine(engine) => match engine {
-            EngineError::BadRequest { field, .. } => {
-                f.field.clone_from(field);
-                FailureKind::BadRequest
-            }
-            EngineError::NotFound(_) => FailureKind::NotFound,
-            EngineError::Locked { project, holder, since } => {
-                (f.project, f.holder, f.since) = (project.clone(), holder.clone(), since.clone());
-                FailureKind::StackLocked
-            }
-            EngineError::NoEngine { socket, .. } => {
-                f.path.clone_from(socket);
-                FailureKind::EngineUnreachable
-            }
-            EngineError::Docker(_) => FailureKind::EngineError,
-            EngineError::InstallFailed(_) => FailureKind::DockerInstallFailed,
-            EngineError::BuildFailed { service, image, output, .. } => {
-                (f.service, f.image, f.output) = (service.clone(), image.clone(), output.clone());
-                FailureKind::BuildFailed
-            }
-            EngineError::ImageMissing { service, image, .. } => {
-                (f.service, f.image) = (service.clone(), image.clone());
-                FailureKind::ImageMissing
-            }
-            EngineError::PortInUse { service, port, holder, .. } => {
-                (f.service, f.port, f.output) = (service.clone(), u32::from(*port), holder.clone());
-                FailureKind::PortInUse
-            }
-            EngineError::Unhealthy { service, output } => {
-                (f.service, f.output) = (service.clone(), output.clone());
-                FailureKind::HealthCheckFailed
-            }
-            EngineError::Exited { service, code, logs } => {
-                (f.service, f.exit_code, f.output) = (service.clone(), *code, logs.clone());
-                FailureKind::ServiceExited
-            }
-            EngineError::Timeout { service, .. } => {
-                f.service.clone_from(service);
-                FailureKind::Timeout
-            }
-            EngineError::Io { path, .. } => {
-                f.path.clone_from(path);
-                FailureKind::Io
-            }
-            EngineError::CredentialChanged { service, variable, volume, secrets } => {
-                (f.service, f.field, f.path, f.output) =
-                    (service.clone(), variable.clone(), volume.clone(), secrets.join(","));
-                FailureKind::CredentialChanged
-            }
-        },
+        AgentError::Engine(engine) => engine_failure(engine, &mut f),
     };
     f.set_kind(kind);
     f
+}
+
+/// The kind of an engine error, its fields filled in `f`.
+fn engine_failure(engine: &EngineError, f: &mut Failure) -> FailureKind {
+    match engine {
+        // The cause's kind and fields, and where the host is now.
+        EngineError::RolledBack { cause, revision, rollback_error } => {
+            f.rolled_back_to = if rollback_error.is_none() { *revision } else { 0 };
+            f.rollback_error = rollback_error.clone().unwrap_or_default();
+            engine_failure(cause, f)
+        }
+        EngineError::BadRequest { field, .. } => {
+            f.field.clone_from(field);
+            FailureKind::BadRequest
+        }
+        EngineError::NotFound(_) => FailureKind::NotFound,
+        EngineError::Locked { project, holder, since } => {
+            (f.project, f.holder, f.since) = (project.clone(), holder.clone(), since.clone());
+            FailureKind::StackLocked
+        }
+        EngineError::NoEngine { socket, .. } => {
+            f.path.clone_from(socket);
+            FailureKind::EngineUnreachable
+        }
+        EngineError::Docker(_) => FailureKind::EngineError,
+        EngineError::InstallFailed(_) => FailureKind::DockerInstallFailed,
+        EngineError::BuildFailed { service, image, output, .. } => {
+            (f.service, f.image, f.output) = (service.clone(), image.clone(), output.clone());
+            FailureKind::BuildFailed
+        }
+        EngineError::ImageMissing { service, image, .. } => {
+            (f.service, f.image) = (service.clone(), image.clone());
+            FailureKind::ImageMissing
+        }
+        EngineError::PortInUse { service, port, holder, .. } => {
+            (f.service, f.port, f.output) = (service.clone(), u32::from(*port), holder.clone());
+            FailureKind::PortInUse
+        }
+        EngineError::Unhealthy { service, output } => {
+            (f.service, f.output) = (service.clone(), output.clone());
+            FailureKind::HealthCheckFailed
+        }
+        EngineError::Exited { service, code, logs } => {
+            (f.service, f.exit_code, f.output) = (service.clone(), *code, logs.clone());
+            FailureKind::ServiceExited
+        }
+        EngineError::Timeout { service, .. } => {
+            f.service.clone_from(service);
+            FailureKind::Timeout
+        }
+        EngineError::Io { path, .. } => {
+            f.path.clone_from(path);
+            FailureKind::Io
+        }
+        EngineError::CredentialChanged { service, variable, volume, secrets } => {
+            (f.service, f.field, f.path, f.output) =
+                (service.clone(), variable.clone(), volume.clone(), secrets.join(","));
+            FailureKind::CredentialChanged
+        }
+    }
 }
 
 impl From<AgentError> for Status {
@@ -190,6 +202,8 @@ fn stack_action(a: Action) -> StackAction {
         Action::Healthy => StackAction::Healthy,
         Action::Removed => StackAction::Removed,
         Action::OrphanRemoved => StackAction::OrphanRemoved,
+        Action::RollingBack => StackAction::RollingBack,
+        Action::Watching => StackAction::Watching,
     }
 }
 
@@ -217,6 +231,7 @@ pub struct AgentService {
     sync: SyncStore,
     secrets: std::sync::Arc<SecretStore>,
     history: std::sync::Arc<History>,
+    revisions: std::sync::Arc<revisions::Revisions>,
     /// The revocation list enforced (number, PEM), for `Hello`.
     crl: (u64, String),
     /// The end of the server certificate's validity, for `Hello`.
@@ -253,6 +268,7 @@ impl AgentService {
             sync,
             secrets: std::sync::Arc::new(SecretStore::new(&state_dir)),
             history: std::sync::Arc::new(History::new(&state_dir)),
+            revisions: std::sync::Arc::new(revisions::Revisions::new(&state_dir)),
             crl: (0, String::new()),
             cert_not_after: 0,
             state_dir,
@@ -471,27 +487,108 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let req = request.into_inner();
         let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
-        let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
-        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
-        let rotating = req.rotating.clone();
-        let timeout = Duration::from_secs(if req.health_timeout_seconds == 0 {
-            300
-        } else {
-            u64::from(req.health_timeout_seconds)
-        });
+        let options = converge::Options {
+            rotating: req.rotating.clone(),
+            health_timeout: health_timeout(req.health_timeout_seconds),
+            min_healthy: Duration::from_secs(u64::from(req.min_healthy_seconds)),
+            pinned: None,
+        };
+        // A rotation changes data before it converges: the revision before
+        // it no longer fits that data, so a failed rotation is not undone
+        // here (`secrets rotate` has its own way back).
+        let rollback = !req.no_rollback && req.rotating.is_empty();
         let (tx, rx) = mpsc::channel(64);
-        let stop = self.shutdown.clone();
-        let history = self.history.clone();
+        let pending = self.locks.try_acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let (stop, history, locks) = (self.shutdown.clone(), self.history.clone(), self.locks.clone());
+        let (sync, revisions) = (self.sync.clone(), self.revisions.clone());
         tokio::spawn(async move {
-            let _guard = guard;
             let project = stack.project.clone();
+            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            let operator = peer.operator.clone();
             let work = |events: Events| async move {
-                converge::converge(&docker, &stack, &dirs, &rotating, timeout, &events).await
+                let run = revisions::Run {
+                    docker: &docker,
+                    sync: &sync,
+                    revisions: &revisions,
+                    dirs: &dirs,
+                    operator,
+                    deploy_id: req.deploy_id.clone(),
+                };
+                run.converge(&req.stack_json, &stack, &req.files_root, &options, rollback, &events).await
             };
-            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge")).await;
+            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge", Some(&locks))).await;
             end.record(&history, &project, &peer, "deploy");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RollbackStream = BoxStream<StackEvent>;
+
+    async fn rollback(&self, request: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
+        let peer = peer(&request);
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let revisions = self.revisions.clone();
+        let project = req.project.clone();
+        let kept = blocking(move || revisions.list(&project)).await?;
+        let target = revisions::pick(&kept, req.to, &req.to_deploy).map_err(AgentError::from)?;
+        let (_, dirs) = self.stack_of(&target.stack_json, &target.files_root)?;
+        let options = converge::Options {
+            health_timeout: health_timeout(req.health_timeout_seconds),
+            min_healthy: Duration::from_secs(u64::from(req.min_healthy_seconds)),
+            ..converge::Options::default()
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let pending = self.locks.try_acquire(&req.project, &req.holder).map_err(AgentError::from)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let (stop, history, locks) = (self.shutdown.clone(), self.history.clone(), self.locks.clone());
+        let (sync, revisions) = (self.sync.clone(), self.revisions.clone());
+        tokio::spawn(async move {
+            let project = req.project.clone();
+            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            let operator = peer.operator.clone();
+            let number = target.number;
+            let work = |events: Events| async move {
+                let run = revisions::Run {
+                    docker: &docker,
+                    sync: &sync,
+                    revisions: &revisions,
+                    dirs: &dirs,
+                    operator,
+                    deploy_id: target.deploy_id.clone(),
+                };
+                let mut outcome = run.restore(&target, &options, &events).await?;
+                let action = format!("rollback to {}", target.number);
+                outcome.summary = format!("back on revision {}: {}", target.number, outcome.summary);
+                run.record(&target.stack_json, &req.project, &target.files_root, &action, &outcome).await;
+                Ok(outcome)
+            };
+            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "rollback", Some(&locks))).await;
+            end.record(&history, &project, &peer, &format!("rollback to {number}"));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn revisions(&self, request: Request<RevisionsRequest>) -> Result<Response<RevisionsReply>, Status> {
+        let project = request.into_inner().project;
+        check_project(&project)?;
+        let store = self.revisions.clone();
+        let kept = blocking(move || store.list(&project)).await?;
+        let revisions = kept
+            .into_iter()
+            .map(|r| Revision {
+                number: r.number,
+                unix_ms: r.unix_ms,
+                operator: r.operator,
+                action: r.action,
+                deploy_id: r.deploy_id,
+                summary: r.summary,
+                images: r.images.into_iter().collect(),
+                config_hashes: r.config_hashes.into_iter().collect(),
+            })
+            .collect();
+        Ok(Response::new(RevisionsReply { revisions }))
     }
 
     type DownStream = BoxStream<StackEvent>;
@@ -509,7 +606,7 @@ impl Agent for AgentService {
             let _guard = guard;
             let (project, volumes) = (req.project.clone(), req.volumes);
             let work = |events: Events| async move { converge::down(&docker, &req.project, volumes, &events).await };
-            let end = stream_stack_work(work, tx, stop, &project, "down").await;
+            let end = stream_stack_work(work, tx, stop, &project, "down", None).await;
             end.record(&history, &project, &peer, if volumes { "down --volumes" } else { "down" });
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -665,7 +762,7 @@ impl Agent for AgentService {
                 converge::images::build_tags(&docker, &stack, &tags, &dirs, &events).await
             };
             // Not in the history: the deploy it belongs to is.
-            let _ = Box::pin(stream_stack_work(work, tx, stop, &project, "image build")).await;
+            let _ = Box::pin(stream_stack_work(work, tx, stop, &project, "image build", None)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -818,14 +915,18 @@ where
 
 /// Drives stack work: its events become `StackEvent`s as they come, then
 /// its outcome a last `DONE` event, or its failure the stream's final
-/// status. When the controller goes away or the agent shuts down, the work
-/// is dropped (and the caller's lock guard with it).
+/// status. When the agent shuts down, the work is dropped (and the
+/// caller's lock guard with it). When the controller goes away, the work
+/// is dropped too, unless `finish_alone` is given: a converge is not
+/// stopped half-way (see `engine::lock`); its lock is marked orphaned and
+/// it runs to its end.
 async fn stream_stack_work<W, F>(
     work: W,
     tx: mpsc::Sender<Result<StackEvent, Status>>,
     mut stop: watch::Receiver<bool>,
     project: &str,
     what: &str,
+    finish_alone: Option<&Locks>,
 ) -> End
 where
     W: FnOnce(Events) -> F,
@@ -840,34 +941,54 @@ where
             let _ = tx.send(Ok(stack_event(e))).await;
         }
     };
-    tokio::select! {
-        (result, ()) = async { tokio::join!(work, forward) } => {
-            let last = result.map(|outcome| {
-                let mut ev = StackEvent {
-                    unix_ms: engine::now_ms(),
-                    detail: outcome.summary,
-                    services: outcome.services.into_iter().map(service_state).collect(),
-                    ..Default::default()
-                };
-                ev.set_action(StackAction::Done);
-                ev
-            });
-            let end = match &last {
-                Ok(ev) => End::Ok(ev.detail.clone()),
-                Err(e) => End::Failed(e.to_string()),
+    let mut both = std::pin::pin!(async { tokio::join!(work, forward) });
+    let finish = |result: Result<Outcome, EngineError>| {
+        let last = result.map(|outcome| {
+            let mut ev = StackEvent {
+                unix_ms: engine::now_ms(),
+                detail: outcome.summary,
+                services: outcome.services.into_iter().map(service_state).collect(),
+                ..Default::default()
             };
-            let _ = tx.send(last.map_err(|e| stack_status(e, project))).await;
+            ev.set_action(StackAction::Done);
+            ev
+        });
+        let end = match &last {
+            Ok(ev) => End::Ok(ev.detail.clone()),
+            Err(e) => End::Failed(e.to_string()),
+        };
+        (last.map_err(|e| stack_status(e, project)), end)
+    };
+    let shutting_down = |tx: &mpsc::Sender<Result<StackEvent, Status>>| {
+        tracing::warn!("{what} of {project}: the agent is shutting down; stopped");
+        let _ = tx.try_send(Err(AgentError::ShuttingDown.into()));
+        End::Interrupted("the agent stopped".into())
+    };
+    tokio::select! {
+        (result, ()) = &mut both => {
+            let (last, end) = finish(result);
+            let _ = tx.send(last).await;
             end
         }
-        () = tx.closed() => {
-            tracing::warn!("{what} of {project}: the controller went away; stopped");
-            End::Interrupted("the controller went away".into())
-        }
-        _ = stop.changed() => {
-            tracing::warn!("{what} of {project}: the agent is shutting down; stopped");
-            let _ = tx.send(Err(AgentError::ShuttingDown.into())).await;
-            End::Interrupted("the agent stopped".into())
-        }
+        () = tx.closed() => match finish_alone {
+            None => {
+                tracing::warn!("{what} of {project}: the controller went away; stopped");
+                End::Interrupted("the controller went away".into())
+            }
+            Some(locks) => {
+                tracing::warn!("{what} of {project}: the controller went away; finishing alone");
+                locks.orphan(project);
+                tokio::select! {
+                    (result, ()) = &mut both => match finish(result).1 {
+                        End::Ok(d) => End::Ok(format!("{d} (finished after the controller went away)")),
+                        End::Failed(d) => End::Failed(format!("{d} (after the controller went away)")),
+                        other => other,
+                    },
+                    _ = stop.changed() => shutting_down(&tx),
+                }
+            }
+        },
+        _ = stop.changed() => shutting_down(&tx),
     }
 }
 
@@ -913,6 +1034,47 @@ impl AgentService {
         };
         Ok((stack, dirs))
     }
+}
+
+/// How long a deploy waits for one its controller left (see
+/// `engine::lock`) before it gives up with the lock error: that work ends
+/// within its health timeouts, plus its return to the last revision.
+const ORPHAN_PATIENCE: Duration = Duration::from_secs(20 * 60);
+
+/// The lock `pending` (from `Locks::try_acquire`), or, when work its
+/// controller left holds it, the lock once that work ends (the caller is
+/// told it waits). `None` when it never came: the stream has the error.
+async fn lock_after_orphan(
+    pending: Option<engine::lock::Guard>,
+    locks: &Locks,
+    project: &str,
+    holder: &str,
+    tx: &mpsc::Sender<Result<StackEvent, Status>>,
+) -> Option<engine::lock::Guard> {
+    if let Some(g) = pending {
+        return Some(g);
+    }
+    let waiting = |other: &str| {
+        let mut ev = StackEvent {
+            unix_ms: engine::now_ms(),
+            detail: format!("waiting for the deploy {other} left behind (its controller went away) to finish"),
+            ..Default::default()
+        };
+        ev.set_action(StackAction::Waiting);
+        let _ = tx.try_send(Ok(ev));
+    };
+    match locks.acquire_after_orphan(project, holder, ORPHAN_PATIENCE, waiting).await {
+        Ok(g) => Some(g),
+        Err(e) => {
+            let _ = tx.send(Err(stack_status(e, project))).await;
+            None
+        }
+    }
+}
+
+/// Seconds to wait for each service to become healthy (0: 300).
+fn health_timeout(seconds: u32) -> Duration {
+    Duration::from_secs(if seconds == 0 { 300 } else { u64::from(seconds) })
 }
 
 fn peer<T>(request: &Request<T>) -> Peer {

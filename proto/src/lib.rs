@@ -26,7 +26,9 @@ pub mod v1 {
 /// kept on its hosts).
 /// Level 5: `ImagePlan`, `BuildImages`, `SaveImage`, `LoadImage` and
 /// `TagImage` (images built once and shipped between hosts).
-pub const API_LEVEL: u32 = 5;
+/// Level 6: revisions (`Revisions`, `Rollback`; a failed converge returns
+/// the host to its newest revision), minimum healthy time.
+pub const API_LEVEL: u32 = 6;
 
 /// sha256 (hex) of what makes an agent's configuration current for a
 /// controller: the CAs it trusts and its port. The controller hashes the

@@ -39,7 +39,7 @@ async fn without_an_engine_the_agent_says_so() {
         holder: "test".into(),
         files_root: "stack-noengine".into(),
         health_timeout_seconds: 5,
-        rotating: Vec::new(),
+        ..Default::default()
     };
     let err = conn.raw().converge(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");

@@ -51,9 +51,9 @@ async fn each_phase_of_converge_works_on_its_own() {
         work: work.path().join("tmp"),
         credentials: work.path().join("credentials.json"),
     };
-    let built = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();
+    let built = images::ensure(&engine, &stack, &order, &dirs, None, &ev).await.unwrap();
     assert!(built.changed);
-    let again = images::ensure(&engine, &stack, &order, &dirs, &ev).await.unwrap();
+    let again = images::ensure(&engine, &stack, &order, &dirs, None, &ev).await.unwrap();
     assert!(!again.changed, "an unchanged context is not rebuilt");
     assert_eq!(built.ids, again.ids);
 
@@ -68,6 +68,16 @@ async fn each_phase_of_converge_works_on_its_own() {
     let ids = start::run(&engine, &stack, &first, dir.path(), timeout, &ev).await.unwrap();
     health::gate(&engine, &stack, &order, &ids, timeout, &ev).await.unwrap();
     assert!(ids.values().all(|(_, changed)| *changed));
+    // The minimum healthy time: what still runs after it passes.
+    health::hold(&engine, &stack, &order, &ids, Duration::from_secs(1), &ev).await.unwrap();
+
+    // Images by ID (a kept revision's): the same IDs, nothing built.
+    let pinned = images::ensure(&engine, &stack, &order, &dirs, Some(&built.ids), &ev).await.unwrap();
+    assert_eq!((pinned.ids.clone(), pinned.changed), (built.ids.clone(), false));
+    let mut gone = built.ids.clone();
+    gone.values_mut().for_each(|id| *id = format!("sha256:{}", "0".repeat(64)));
+    let e = images::ensure(&engine, &stack, &order, &dirs, Some(&gone), &ev).await.unwrap_err().to_string();
+    assert!(e.contains("is no longer on this host"), "{e}");
 
     // The same model again: every container is kept.
     let second = plan::plan(&stack, &order, &hashes, plan::existing(&engine, &stack.project).await.unwrap());

@@ -13,6 +13,8 @@
 //! - [`exec`]: a command in a running service's container (secret rotation).
 //! - [`ship`]: images out of and into the engine as tarball streams
 //!   (images built once, shipped to the other hosts).
+//! - [`revisions`]: what each successful converge brought a project to,
+//!   kept so the host can return to it.
 //!
 //! The engine knows nothing of the RPC layer: it reports through its own
 //! types ([`Event`], [`EngineError`], [`ServiceStatus`],
@@ -26,6 +28,7 @@ pub mod converge;
 pub mod docker;
 pub mod exec;
 pub mod lock;
+pub mod revisions;
 pub mod ship;
 pub mod sync;
 pub mod watch;
@@ -75,6 +78,13 @@ pub enum EngineError {
         "service `{service}`: `{variable}` differs from the value the data in volume `{volume}` was made with; refused before anything was changed"
     )]
     CredentialChanged { service: String, variable: String, volume: String, secrets: Vec<String> },
+    /// A converge failed with `cause`; the host was then returned to kept
+    /// revision `revision` (`rollback_error`: why that failed too).
+    #[error("{cause}; {}", match rollback_error {
+        None => format!("the host was returned to revision {revision}"),
+        Some(e) => format!("returning the host to revision {revision} failed too: {e}"),
+    })]
+    RolledBack { cause: Box<EngineError>, revision: u64, rollback_error: Option<String> },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -141,6 +151,10 @@ pub enum Action {
     Healthy,
     Removed,
     OrphanRemoved,
+    /// A failed converge returns the host to a kept revision.
+    RollingBack,
+    /// A changed service without a health check is watched for its minimum healthy time.
+    Watching,
 }
 
 /// One step of a stack operation; `service` is empty for stack-wide steps.
@@ -204,4 +218,8 @@ pub struct ServiceStatus {
 pub struct Outcome {
     pub summary: String,
     pub services: Vec<ServiceStatus>,
+    /// After a converge: each service's image ID and config hash (what a
+    /// revision keeps).
+    pub images: std::collections::BTreeMap<String, String>,
+    pub config_hashes: std::collections::BTreeMap<String, String>,
 }

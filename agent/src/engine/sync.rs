@@ -10,6 +10,7 @@
 //! blobs/partial/<sha256>    an upload in progress (kept a day: a later sync resumes it)
 //! trees/<root>/...          the synced trees
 //! trees/.index/<root>.json  what the last commit wrote (path -> sha256, mode)
+//! trees/.manifest/<root>.json  the last commit's manifest (kept with revisions)
 //! tmp/                      the agent's temporary files (builds' debootstrap trees)
 //! ```
 //!
@@ -65,6 +66,58 @@ struct Indexed {
 struct Session {
     root: String,
     entries: Vec<SyncEntry>,
+}
+
+/// A manifest entry as the agent keeps it on disk: the last commit's
+/// manifest of each tree, and a revision's files (see
+/// `engine::revisions`), so a tree can be written again from blobs alone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub path: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub sha256: String,
+    #[serde(default)]
+    pub symlink: String,
+    #[serde(default)]
+    pub dir: bool,
+}
+
+impl From<&SyncEntry> for FileEntry {
+    fn from(e: &SyncEntry) -> Self {
+        FileEntry {
+            path: e.path.clone(),
+            size: e.size,
+            mode: e.mode,
+            sha256: e.sha256.clone(),
+            symlink: e.symlink_target.clone(),
+            dir: e.is_dir,
+        }
+    }
+}
+
+impl From<&FileEntry> for SyncEntry {
+    fn from(e: &FileEntry) -> Self {
+        SyncEntry {
+            path: e.path.clone(),
+            size: e.size,
+            mode: e.mode,
+            sha256: e.sha256.clone(),
+            symlink_target: e.symlink.clone(),
+            is_dir: e.dir,
+        }
+    }
+}
+
+/// Only the blob hashes of a file that lists entries (a manifest or a
+/// revision), for garbage collection.
+#[derive(Deserialize)]
+struct Listed {
+    #[serde(default)]
+    files: Vec<FileEntry>,
 }
 
 /// The sync store of one agent.
@@ -208,6 +261,38 @@ impl SyncStore {
 
     fn index_path(&self, root: &str) -> PathBuf {
         self.base.join("trees/.index").join(format!("{root}.json"))
+    }
+
+    fn manifest_path(&self, root: &str) -> PathBuf {
+        self.base.join("trees/.manifest").join(format!("{root}.json"))
+    }
+
+    /// The manifest tree `root` was last committed with (`None` before its
+    /// first commit, or from an agent that did not keep it).
+    pub fn manifest(&self, root: &str) -> Result<Option<Vec<FileEntry>>, EngineError> {
+        check_root(root)?;
+        let path = self.manifest_path(root);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(serde_json::from_slice::<Listed>(&b).ok().map(|l| l.files)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(EngineError::io_at("reading", &path)(e)),
+        }
+    }
+
+    /// Writes tree `root` as `files` lists it, from blobs this store holds
+    /// (a revision's files: its blobs are kept while it is). Checked and
+    /// written exactly as a sync's commit.
+    pub fn restore(&self, root: &str, files: &[FileEntry]) -> Result<SyncReport, EngineError> {
+        let manifest = SyncManifest { root: root.to_string(), entries: files.iter().map(SyncEntry::from).collect() };
+        let plan = self.begin(manifest)?;
+        if let Some(sha) = plan.missing.first() {
+            self.sessions.lock().expect("not poisoned").remove(&plan.sync_id);
+            return Err(EngineError::NotFound(format!(
+                "{} file(s) of the revision are no longer stored on this host (first: blob {sha})",
+                plan.missing.len()
+            )));
+        }
+        self.commit(&plan.sync_id)
     }
 
     fn has_blob(&self, sha: &str) -> bool {
@@ -448,6 +533,14 @@ impl SyncStore {
         std::fs::write(&tmp, serde_json::to_vec(&index).expect("serializable"))
             .map_err(EngineError::io("writing the index"))?;
         std::fs::rename(&tmp, &index_path).map_err(EngineError::io("writing the index"))?;
+        let manifest_path = self.manifest_path(&session.root);
+        std::fs::create_dir_all(manifest_path.parent().expect("has parent"))
+            .map_err(EngineError::io("creating the manifest directory"))?;
+        let files: Vec<FileEntry> = session.entries.iter().map(FileEntry::from).collect();
+        let tmp = manifest_path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&serde_json::json!({ "files": files })).expect("serializable"))
+            .map_err(EngineError::io("writing the manifest"))?;
+        std::fs::rename(&tmp, &manifest_path).map_err(EngineError::io("writing the manifest"))?;
         self.sessions.lock().expect("not poisoned").remove(sync_id);
         self.collect_garbage();
         Ok(report)
@@ -499,6 +592,15 @@ impl SyncStore {
         }
         for s in self.sessions.lock().expect("not poisoned").values() {
             keep.extend(s.entries.iter().map(|e| e.sha256.clone()));
+        }
+        // Kept revisions (`revisions/<project>/<n>.json`) keep their files.
+        let projects = std::fs::read_dir(self.base.join("revisions")).into_iter().flatten().flatten();
+        for f in projects.flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten()) {
+            if let Ok(b) = std::fs::read(f.path())
+                && let Ok(listed) = serde_json::from_slice::<Listed>(&b)
+            {
+                keep.extend(listed.files.into_iter().map(|e| e.sha256));
+            }
         }
         if let Ok(dir) = std::fs::read_dir(self.blobs()) {
             for f in dir.flatten() {

@@ -66,6 +66,9 @@ fn main() -> Result<()> {
         holder: "mlops-bench-images".into(),
         sync_only: false,
         rotating: Vec::new(),
+        min_healthy_seconds: 0,
+        no_rollback: false,
+        deploy_id: String::new(),
         images: true,
     };
 

@@ -110,6 +110,7 @@ async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Res
         files_root: root,
         health_timeout_seconds: 120,
         rotating: Vec::new(),
+        ..Default::default()
     };
     let converge = |conn: &mut AgentConn, request: ConvergeRequest| {
         let mut client = conn.raw().clone();

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mlops_controller::rollout::{Count, RolloutOptions};
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +104,8 @@ pub enum Command {
         /// Re-key agents that another controller installed (they stop trusting it); without this they are left alone.
         #[arg(long)]
         take_over: bool,
+        #[command(flatten)]
+        rollout: RolloutArgs,
     },
     /// Ask each host's agent how it is (and the stack's services, with --stack or --project).
     Status {
@@ -183,7 +186,7 @@ pub enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
-    /// What was done to the stack on each host, when, and by which operator.
+    /// The revisions each host keeps of the stack, and what was done to it, when, and by which operator.
     History {
         #[command(flatten)]
         stack: StackArgs,
@@ -191,6 +194,51 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 20)]
         last: u32,
     },
+    /// Return each host to a revision its agent keeps: the one before the newest, or --to N, or --to-deploy ID.
+    Rollback {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// The revision number (`mlopsctl history` lists them per host).
+        #[arg(long, value_name = "N", conflicts_with = "to_deploy")]
+        to: Option<u64>,
+        /// The newest revision each host keeps from this deploy (the DEPLOY column of `mlopsctl history`).
+        #[arg(long, value_name = "ID")]
+        to_deploy: Option<String>,
+        /// Seconds each service may take to become healthy.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        health_timeout: u32,
+        /// Seconds a changed service without a health check must keep running to count as healthy.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        min_healthy_time: u32,
+    },
+}
+
+/// How `deploy` rolls over its hosts.
+#[derive(Args)]
+pub struct RolloutArgs {
+    /// Deploy N hosts (or N% of them) at a time, each batch healthy before the next starts.
+    #[arg(long, value_name = "N|N%")]
+    pub serial: Option<Count>,
+    /// Failed hosts the rollout tolerates before it stops [default: 0].
+    #[arg(long, value_name = "N|N%", requires = "serial")]
+    pub max_fail: Option<Count>,
+    /// Keep a failed revision on its host for inspection (by default the host returns to its last revision).
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Seconds a changed service without a health check must keep running to count as healthy [default: 10 with --serial, else 0].
+    #[arg(long, value_name = "SECS")]
+    pub min_healthy_time: Option<u32>,
+}
+
+impl From<RolloutArgs> for RolloutOptions {
+    fn from(a: RolloutArgs) -> Self {
+        RolloutOptions {
+            serial: a.serial,
+            max_fail: a.max_fail,
+            no_rollback: a.no_rollback,
+            min_healthy_seconds: a.min_healthy_time,
+        }
+    }
 }
 
 /// How a bundle or export is sealed: age recipients, else a passphrase.

@@ -114,7 +114,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
-        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout, take_over: _ } => {
+        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout, take_over: _, rollout } => {
             let opts = DeployOptions {
                 stack: stack.into(),
                 no_stack,
@@ -122,6 +122,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 expose,
                 health_timeout,
                 rotating: Vec::new(),
+                rollout: rollout.into(),
             };
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
@@ -137,6 +138,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 expose,
                 health_timeout,
                 rotating: Vec::new(),
+                rollout: Default::default(),
             };
             printer.rotated(&commands::rotate::rotate(&setup, &opts, &name, report).await?)
         }
@@ -181,6 +183,16 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
         Command::History { stack, last } => {
             let (project, r) = commands::history::history(&setup, &stack.into(), last, report).await?;
             printer.history(&project, &r)
+        }
+        Command::Rollback { stack, to, to_deploy, health_timeout, min_healthy_time } => {
+            let to = commands::rollback::RollbackOptions {
+                to: to.unwrap_or(0),
+                to_deploy,
+                health_timeout,
+                min_healthy_seconds: min_healthy_time,
+            };
+            let (project, r) = commands::rollback::rollback(&setup, &stack.into(), &to, report).await?;
+            printer.rollback(&project, &r)
         }
         Command::Operator { .. } | Command::State { .. } => unreachable!("handled before the hosts are resolved"),
     })

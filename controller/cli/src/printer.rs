@@ -18,6 +18,7 @@ use std::time::Duration;
 use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
+use mlops_controller::commands::history::HostHistory;
 use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
 use mlops_controller::commands::pki::RotateReport as PkiRotateReport;
 use mlops_controller::commands::rotate::RotateReport;
@@ -29,7 +30,7 @@ use mlops_controller::fanout::HostResults;
 use mlops_controller::progress::{Event, Report, Step, bytes_human};
 use mlops_controller::stack::{ServiceOutcome, StackOutcome, SyncOutcome};
 use mlops_inventory::{Connection, InventoryError, Target};
-use mlops_proto::v1::{HealthEvent, HistoryEntry, StackAction};
+use mlops_proto::v1::{HealthEvent, StackAction};
 use mlops_ssh::SshError;
 use serde_json::json;
 
@@ -497,24 +498,46 @@ impl Printer {
         0
     }
 
-    pub fn history(&self, project: &str, r: &HostResults<Vec<HistoryEntry>>) -> i32 {
+    pub fn history(&self, project: &str, r: &HostResults<HostHistory>) -> i32 {
         match self.output {
             Output::Json => {
                 let hosts: Vec<serde_json::Value> = r
                     .ok
                     .iter()
-                    .map(|(h, entries)| {
-                        json!({"host": h, "entries": entries.iter().map(|e| json!({"unix_ms": e.unix_ms, "operator": e.operator, "cert_sha256": e.cert_sha256, "action": e.action, "outcome": e.outcome, "detail": e.detail})).collect::<Vec<_>>()})
+                    .map(|(h, hist)| {
+                        let newest = hist.revisions.last().map(|r| r.number);
+                        json!({
+                            "host": h,
+                            "revisions": hist.revisions.iter().map(|r| json!({"number": r.number, "current": Some(r.number) == newest, "unix_ms": r.unix_ms, "operator": r.operator, "action": r.action, "deploy_id": r.deploy_id, "summary": r.summary, "images": r.images, "config_hashes": r.config_hashes})).collect::<Vec<_>>(),
+                            "entries": hist.entries.iter().map(|e| json!({"unix_ms": e.unix_ms, "operator": e.operator, "cert_sha256": e.cert_sha256, "action": e.action, "outcome": e.outcome, "detail": e.detail})).collect::<Vec<_>>(),
+                        })
                     })
                     .collect();
                 let failed: Vec<serde_json::Value> = r.failed.iter().map(|(h, e)| json!({"host": h, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})).collect();
                 self.json(&json!({"project": project, "hosts": hosts, "failed": failed}));
             }
             Output::Text => {
+                let revisions: Vec<Vec<String>> =
+                    r.ok.iter()
+                        .flat_map(|(h, hist)| {
+                            let newest = hist.revisions.last().map(|r| r.number);
+                            hist.revisions.iter().map(move |rev| {
+                                vec![
+                                    h.clone(),
+                                    format!("{}{}", rev.number, if Some(rev.number) == newest { " *" } else { "" }),
+                                    unix_date((rev.unix_ms / 1000) as i64),
+                                    neutralise(&rev.operator).into_owned(),
+                                    neutralise(&rev.action).into_owned(),
+                                    neutralise(&rev.deploy_id).into_owned(),
+                                    neutralise(&rev.summary).into_owned(),
+                                ]
+                            })
+                        })
+                        .collect();
                 let rows: Vec<Vec<String>> =
                     r.ok.iter()
-                        .flat_map(|(h, entries)| {
-                            entries.iter().map(move |e| {
+                        .flat_map(|(h, hist)| {
+                            hist.entries.iter().map(move |e| {
                                 vec![
                                     h.clone(),
                                     unix_date((e.unix_ms / 1000) as i64),
@@ -526,14 +549,34 @@ impl Printer {
                             })
                         })
                         .collect();
-                if rows.is_empty() {
+                if rows.is_empty() && revisions.is_empty() {
                     self.stderr_line(&format!("nothing recorded for stack `{project}` yet"));
                 } else {
+                    if !revisions.is_empty() {
+                        self.stdout(&table(
+                            &["HOST", "REVISION", "WHEN (UTC)", "OPERATOR", "ACTION", "DEPLOY", "SUMMARY"],
+                            &revisions,
+                        ));
+                        self.stdout("(* runs now; `mlopsctl rollback [--to N]` returns to a kept revision)\n");
+                    }
                     self.stdout(&table(&["HOST", "WHEN (UTC)", "OPERATOR", "ACTION", "OUTCOME", "DETAIL"], &rows));
                 }
                 if !r.failed.is_empty() {
                     self.summarize("history", r);
                 }
+            }
+        }
+        exit_code(r)
+    }
+
+    pub fn rollback(&self, project: &str, r: &HostResults<String>) -> i32 {
+        match self.output {
+            Output::Json => self.report_json("rollback", r),
+            Output::Text => {
+                for (h, s) in &r.ok {
+                    self.stdout(&format!("{h}: stack `{project}`: {}", neutralise(s)));
+                }
+                self.summarize("rollback", r);
             }
         }
         exit_code(r)
@@ -685,6 +728,8 @@ fn action_words(action: StackAction) -> &'static str {
         StackAction::Removed => "remove",
         StackAction::OrphanRemoved => "remove orphan:",
         StackAction::Done => "done",
+        StackAction::RollingBack => "ROLLING BACK:",
+        StackAction::Watching => "watching:",
         StackAction::Unspecified => "?",
     }
 }

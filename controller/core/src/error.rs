@@ -70,6 +70,10 @@ pub enum ControllerError {
         "{host}: not deployed: service `{service}` depends on `{dependency}`, which runs on {provider}, and {provider} failed"
     )]
     ProviderFailed { host: String, service: String, dependency: String, provider: String },
+    /// A rolling deploy stopped before this host's batch: more hosts
+    /// failed than `--max-fail` allows. Nothing of the stack was changed here.
+    #[error("{host}: not deployed: the rollout stopped after batch {batch}, where {failed} failed")]
+    RolloutStopped { host: String, batch: usize, failed: String },
     /// The host that was to build an image for this one could not.
     #[error("{host}: image {tag} comes from another host of this deploy, which failed: {message}")]
     ImageSource { host: String, tag: String, message: String },
@@ -180,6 +184,7 @@ impl ControllerError {
             ControllerError::Secrets(SecretsConflict::Unknown { .. }) => "deploy again when every host answers, or leave the silent hosts out with --limit".into(),
             ControllerError::StateDir { .. } => "choose another with --state-dir or MLOPS_STATE_DIR".into(),
             ControllerError::ProviderFailed { provider, .. } => format!("the error of {provider} is above; once it deploys, deploy again (the hosts that depend on it follow)"),
+            ControllerError::RolloutStopped { .. } => "this host still runs what it ran; fix the failed hosts (their errors are above) and deploy again, or allow failures with --max-fail N|N%".into(),
             ControllerError::ImageSource { .. } => "each image is built once per deploy and shipped to the other hosts; the error of the host that built it is above. Fix it and deploy again".into(),
             ControllerError::NoDocker { .. } => "let mlopsctl install it (drop --no-docker-install), or install Docker on the host".into(),
             ControllerError::Agent { failure, .. } => return failure_hint(failure),
@@ -216,11 +221,27 @@ fn logs_command(failure: &Failure) -> String {
     }
 }
 
-/// What to do about an agent's failure, by its kind.
+/// What to do about an agent's failure, by its kind; and, when the host
+/// was returned to its last revision, that it was.
 fn failure_hint(f: &Failure) -> Option<String> {
+    let hint = kind_hint(f);
+    if f.rolled_back_to == 0 {
+        return hint;
+    }
+    let back = format!(
+        "the host runs revision {} again (`mlopsctl history` lists them); deploy with --no-rollback to keep a failed revision for inspection",
+        f.rolled_back_to
+    );
+    Some(match hint {
+        Some(h) => format!("{h}; {back}"),
+        None => back,
+    })
+}
+
+fn kind_hint(f: &Failure) -> Option<String> {
     Some(match f.kind() {
         FailureKind::StackLocked => {
-            "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes".into()
+            "wait for that deploy to finish; a lock held by a controller that died is released when its connection closes (a converge it left runs to its end, and the next deploy waits for it)".into()
         }
         FailureKind::ImageMissing => format!(
             "`{}` is not on the host and could not be pulled (the cause is above); load it there (`docker load`), or leave the service out with --skip {}",

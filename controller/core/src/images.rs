@@ -53,14 +53,15 @@ pub struct Assignment {
 /// Decides where each image comes from: `reports` are the hosts in
 /// deploy order with what `ImagePlan` said. An image some host lacks
 /// comes from the first host that has it, else is built by the first
-/// host that lacks it.
-pub fn assign(reports: &[(String, Vec<ImageState>)]) -> Assignment {
+/// host that lacks it; one in `available` (a host of an earlier batch of
+/// the rollout has it) comes from there, and is neither built nor assigned.
+pub fn assign(reports: &[(String, Vec<ImageState>)], available: &BTreeSet<ImageKey>) -> Assignment {
     let mut out = Assignment::default();
     let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
     for (_, images) in reports {
         for image in images.iter().filter(|i| i.id.is_empty()) {
             let k = key(image);
-            if out.source_of.contains_key(&k) {
+            if out.source_of.contains_key(&k) || available.contains(&k) {
                 continue;
             }
             let holder = reports.iter().find(|(_, has)| has.iter().any(|i| !i.id.is_empty() && key(i) == k));
@@ -91,9 +92,10 @@ pub struct ImageSources {
 
 #[derive(Default)]
 struct Inner {
-    sources: HashMap<ImageKey, Result<Source, String>>,
+    /// Grows between the batches of a rollout (see [`ImageSources::extend`]).
+    sources: Mutex<HashMap<ImageKey, Result<Source, String>>>,
     /// Hosts other hosts may load images from.
-    hosts: BTreeSet<String>,
+    hosts: Mutex<BTreeSet<String>>,
     /// Their connections, kept open until every host is done with them.
     open: Mutex<Vec<SharedTransport>>,
 }
@@ -132,12 +134,50 @@ impl ImageSources {
                 (k, v)
             })
             .collect();
-        ImageSources { inner: Arc::new(Inner { sources, hosts, open: Mutex::new(Vec::new()) }) }
+        ImageSources {
+            inner: Arc::new(Inner {
+                sources: Mutex::new(sources),
+                hosts: Mutex::new(hosts),
+                open: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Adds `more` (a later batch's sources); an image already sourced
+    /// keeps its source. Source hosts keep one limit on their saves.
+    pub fn extend(&self, more: &ImageSources) {
+        let more_sources = std::mem::take(&mut *more.inner.sources.lock().expect("not poisoned"));
+        let mut sources = self.inner.sources.lock().expect("not poisoned");
+        let mut hosts = self.inner.hosts.lock().expect("not poisoned");
+        let limits: HashMap<String, Arc<Semaphore>> =
+            sources.values().flatten().map(|s| (s.host.clone(), s.saves.clone())).collect();
+        for (k, v) in more_sources {
+            if sources.get(&k).is_some_and(Result::is_ok) {
+                continue;
+            }
+            let v = v.map(|mut s| {
+                if let Some(limit) = limits.get(&s.host) {
+                    s.saves = limit.clone();
+                }
+                hosts.insert(s.host.clone());
+                s
+            });
+            sources.insert(k, v);
+        }
+        drop((sources, hosts));
+        let open = std::mem::take(&mut *more.inner.open.lock().expect("not poisoned"));
+        self.inner.open.lock().expect("not poisoned").extend(open);
+    }
+
+    /// The images some source supplies.
+    pub fn available(&self) -> BTreeSet<ImageKey> {
+        let sources = self.inner.sources.lock().expect("not poisoned");
+        sources.iter().filter(|(_, v)| v.is_ok()).map(|(k, _)| k.clone()).collect()
     }
 
     /// Whether other hosts may load images from `host`.
     pub fn is_source(&self, host: &str) -> bool {
-        self.inner.hosts.contains(host)
+        self.inner.hosts.lock().expect("not poisoned").contains(host)
     }
 
     /// Keeps a source host's connection open until [`Self::close_all`].
@@ -232,7 +272,8 @@ pub async fn fetch(
             continue;
         }
         let key = (image.tag.clone(), image.context_hash.clone());
-        let source = match sources.inner.sources.get(&key) {
+        let found = sources.inner.sources.lock().expect("not poisoned").get(&key).cloned();
+        let source = match &found {
             Some(Ok(source)) => source,
             Some(Err(message)) => {
                 return Err(ControllerError::ImageSource { host, tag, message: message.clone() });
@@ -336,7 +377,7 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "sha256:pg")]),
             ("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")]),
         ];
-        let a = assign(&reports);
+        let a = assign(&reports, &BTreeSet::new());
         assert_eq!(a.builds, BTreeMap::from([("a".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("pg".into(), "h2".into())], "b", "b has it: nobody builds it");
@@ -350,7 +391,7 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", "")]),
             ("c".to_string(), vec![state("py", "other", "")]),
         ];
-        let a = assign(&reports);
+        let a = assign(&reports, &BTreeSet::new());
         assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("py".into(), "other".into())], "c");
@@ -359,6 +400,15 @@ mod tests {
     #[test]
     fn nothing_missing_nothing_to_do() {
         let reports = vec![("a".to_string(), vec![state("py", "h1", "sha256:1")])];
-        assert_eq!(assign(&reports), Assignment::default());
+        assert_eq!(assign(&reports, &BTreeSet::new()), Assignment::default());
+    }
+
+    #[test]
+    fn an_image_an_earlier_batch_has_is_neither_built_nor_reassigned() {
+        let reports = vec![("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")])];
+        let earlier = BTreeSet::from([("py".to_string(), "h1".to_string())]);
+        let a = assign(&reports, &earlier);
+        assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["pg".to_string()])]));
+        assert!(!a.source_of.contains_key(&("py".into(), "h1".into())));
     }
 }

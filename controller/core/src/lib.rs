@@ -32,6 +32,7 @@ pub mod fanout;
 pub mod images;
 pub mod placement;
 pub mod progress;
+pub mod rollout;
 pub mod secrets;
 pub mod stack;
 pub mod state;

@@ -40,6 +40,13 @@ pub struct StackPlan {
     /// shipped to the others (see [`crate::images`]); else each host builds
     /// its own.
     pub images: bool,
+    /// Seconds a changed service without a health check must keep running.
+    pub min_healthy_seconds: u32,
+    /// A failed converge leaves the host as it failed (else it returns to
+    /// its last revision).
+    pub no_rollback: bool,
+    /// This deploy's id, kept with each host's revision.
+    pub deploy_id: String,
 }
 
 impl StackPlan {
@@ -230,6 +237,9 @@ pub async fn converge(
         files_root: plan.files_root(),
         health_timeout_seconds: plan.health_timeout_seconds,
         rotating: plan.rotating.clone(),
+        min_healthy_seconds: plan.min_healthy_seconds,
+        no_rollback: plan.no_rollback,
+        deploy_id: plan.deploy_id.clone(),
     };
     let stream = conn.raw().converge(request).await.map_err(|s| rpc("Converge", s))?.into_inner();
     let done = follow(&host, "Converge", stream, progress).await?;

@@ -156,6 +156,63 @@ pub async fn gate(
     Ok(())
 }
 
+/// Changed services without a health check (and not one-shots) must keep
+/// running `min` after they started: the same container, not exited or
+/// restarted in between. What crashes a few seconds after it starts (a
+/// bad configuration read late, a connection refused) fails the deploy
+/// here rather than after it.
+pub async fn hold(
+    docker: &Docker,
+    stack: &Stack,
+    order: &[String],
+    ids: &Started,
+    min: Duration,
+    ev: &Events,
+) -> Result<(), EngineError> {
+    if min.is_zero() {
+        return Ok(());
+    }
+    let one_shot: BTreeSet<&str> = one_shots(stack);
+    let mut watched = Vec::new();
+    for name in order {
+        let (id, changed) = &ids[name];
+        let svc = &stack.services[name];
+        let has_check = svc.healthcheck.as_ref().is_some_and(|h| h.test.first().is_some_and(|t| t != "NONE"));
+        if !*changed || has_check || one_shot.contains(name.as_str()) {
+            continue;
+        }
+        let state = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
+        let (st, restarts) = (state.state.unwrap_or_default(), state.restart_count.unwrap_or(0));
+        if st.running != Some(true) {
+            // Completed (gate accepted it): nothing to watch.
+            continue;
+        }
+        let started = st.started_at.as_deref().and_then(rfc3339_ms).unwrap_or_else(now_ms);
+        watched.push((name.clone(), id.clone(), started, restarts));
+    }
+    let Some(until) = watched.iter().map(|(_, _, started, _)| started + min.as_millis() as u64).max() else {
+        return Ok(());
+    };
+    let names: Vec<&str> = watched.iter().map(|(n, ..)| n.as_str()).collect();
+    ev.say("", Action::Watching, format!("{} must keep running {} s", names.join(", "), min.as_secs())).await;
+    loop {
+        for (name, id, started, restarts) in &watched {
+            let inspect = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
+            let st = inspect.state.clone().unwrap_or_default();
+            let now_started = st.started_at.as_deref().and_then(rfc3339_ms).unwrap_or(*started);
+            if st.running != Some(true) || inspect.restart_count.unwrap_or(0) != *restarts || now_started != *started
+            {
+                let logs = tail_logs(docker, id, 5).await;
+                return Err(EngineError::Exited { service: name.clone(), code: st.exit_code.unwrap_or(0), logs });
+            }
+        }
+        if now_ms() >= until {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250).min(Duration::from_millis(until - now_ms()))).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

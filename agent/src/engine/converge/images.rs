@@ -2,6 +2,9 @@
 //! when its context hash (files after `.dockerignore`, Dockerfile, args,
 //! target) differs from the label on the image of that tag, after its base
 //! images are made present; an `image:` service is pulled when missing.
+//! Returning to a kept revision, each service's image is the one that
+//! revision ran (`pinned`), by ID: nothing is built or pulled, and the
+//! service's tag is moved back to it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +16,7 @@ use super::open_context;
 use crate::engine::{Action, EngineError, Events, build};
 
 /// The image ID of each service, and whether any image was built or pulled.
+#[derive(Debug)]
 pub struct Images {
     pub ids: BTreeMap<String, String>,
     pub changed: bool,
@@ -23,11 +27,17 @@ pub async fn ensure(
     stack: &Stack,
     order: &[String],
     dirs: &super::StackDirs,
+    pinned: Option<&BTreeMap<String, String>>,
     ev: &Events,
 ) -> Result<Images, EngineError> {
     let mut out = Images { ids: BTreeMap::new(), changed: false };
     for name in order {
         let tag = stack.image_of(name);
+        if let Some(pinned) = pinned {
+            let id = pin(docker, name, &tag, pinned.get(name)).await?;
+            out.ids.insert(name.clone(), id);
+            continue;
+        }
         let id = match &stack.services[name].build {
             Some(_) => build_if_changed(docker, stack, name, &tag, dirs, ev, &mut out.changed).await?,
             None => match docker.inspect_image(&tag).await {
@@ -43,6 +53,21 @@ pub async fn ensure(
         out.ids.insert(name.clone(), id);
     }
     Ok(out)
+}
+
+/// The kept image `id` of service `name`, tagged `tag` again (a later
+/// build may have moved the tag).
+async fn pin(docker: &Docker, name: &str, tag: &str, id: Option<&String>) -> Result<String, EngineError> {
+    let missing = |why: &str| {
+        EngineError::NotFound(format!(
+            "service `{name}`: the revision's image of {tag} {why}; deploy the stack again instead"
+        ))
+    };
+    let id = id.ok_or_else(|| missing("is not recorded"))?;
+    if !crate::engine::ship::tag(docker, id, tag).await? {
+        return Err(missing(&format!("{id} is no longer on this host")));
+    }
+    Ok(id.clone())
 }
 
 /// An image the stack builds, as this host has it.
@@ -113,7 +138,7 @@ pub async fn build_tags(
     } else {
         format!("{} image(s) current, none built", done.len())
     };
-    Ok(crate::engine::Outcome { summary, services: Vec::new() })
+    Ok(crate::engine::Outcome { summary, ..Default::default() })
 }
 
 /// The packed build context of service `name` (its hash decides whether

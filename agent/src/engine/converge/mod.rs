@@ -30,6 +30,7 @@ pub mod resources;
 pub mod start;
 pub mod status;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ pub use status::{down, status};
 
 /// Where a stack's files are on the host, and where the agent may make
 /// temporary files for it.
+#[derive(Debug, Clone)]
 pub struct StackDirs {
     /// The stack's synced tree (bind sources and build contexts).
     pub files: PathBuf,
@@ -53,29 +55,43 @@ pub struct StackDirs {
     pub credentials: PathBuf,
 }
 
+/// How a converge is carried out (beyond the model).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Secrets a rotation is changing (see [`credentials`]).
+    pub rotating: Vec<String>,
+    /// How long each service may take to become healthy.
+    pub health_timeout: Duration,
+    /// How long a changed service without a health check must keep running.
+    pub min_healthy: Duration,
+    /// Service to image ID: the images a kept revision ran, used as they
+    /// are (nothing built or pulled; see [`images::ensure`]).
+    pub pinned: Option<BTreeMap<String, String>>,
+}
+
 /// Brings the stack to the model; returns every service's state.
 pub async fn converge(
     docker: &Docker,
     stack: &Stack,
     dirs: &StackDirs,
-    rotating: &[String],
-    health_timeout: Duration,
+    options: &Options,
     ev: &Events,
 ) -> Result<Outcome, EngineError> {
     let files_dir = dirs.files.as_path();
     check_nested_binds(stack, files_dir)?;
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
-    credentials::check_and_record(docker, stack, &dirs.credentials, rotating).await?;
+    credentials::check_and_record(docker, stack, &dirs.credentials, &options.rotating).await?;
     let mut changed = resources::ensure(docker, stack, &order, ev).await?;
-    let images = images::ensure(docker, stack, &order, dirs, ev).await?;
+    let images = images::ensure(docker, stack, &order, dirs, options.pinned.as_ref(), ev).await?;
     changed |= images.changed;
     let hashes = plan::config_hashes(stack, &order, &images.ids, files_dir)?;
     let existing = plan::existing(docker, &stack.project).await?;
     let plan = plan::plan(stack, &order, &hashes, existing);
-    let ids = start::run(docker, stack, &plan, files_dir, health_timeout, ev).await?;
+    let ids = start::run(docker, stack, &plan, files_dir, options.health_timeout, ev).await?;
     changed |= ids.values().any(|(_, c)| *c);
     changed |= orphans::remove(docker, &plan.orphans, ev).await?;
-    health::gate(docker, stack, &order, &ids, health_timeout, ev).await?;
+    health::gate(docker, stack, &order, &ids, options.health_timeout, ev).await?;
+    health::hold(docker, stack, &order, &ids, options.min_healthy, ev).await?;
 
     let mut services = Vec::new();
     for name in &order {
@@ -88,7 +104,7 @@ pub async fn converge(
     } else {
         format!("nothing to change: {} service(s) up to date", services.len())
     };
-    Ok(Outcome { summary, services })
+    Ok(Outcome { summary, services, images: images.ids, config_hashes: hashes })
 }
 
 /// A bind mount's source or a build context, as the stack names it.

@@ -65,5 +65,5 @@ pub async fn down(docker: &Docker, project: &str, volumes: bool, ev: &Events) ->
         containers.len(),
         if volumes { " and the volumes" } else { "; volumes kept" }
     );
-    Ok(Outcome { summary, services: Vec::new() })
+    Ok(Outcome { summary, ..Default::default() })
 }

@@ -30,6 +30,8 @@ pub struct DeployOptions {
     pub health_timeout: u32,
     /// Secrets a rotation is changing (`secrets rotate`; empty otherwise).
     pub rotating: Vec<String>,
+    /// Batches, failures tolerated, rollback and minimum healthy time.
+    pub rollout: crate::rollout::RolloutOptions,
 }
 
 /// What `deploy` did: per host, and the stack model it deployed (for the
@@ -87,6 +89,20 @@ pub async fn deploy(
             .unwrap_or_default(),
         setup.targets.len()
     ));
+
+    let deploy_id = crate::rollout::deploy_id();
+    if loaded.is_some() {
+        report.info(&format!("deploy {deploy_id}{}", match opts.rollout.serial {
+            Some(n) => format!(
+                ": {n} host(s) per batch, each healthy before the next{}",
+                match opts.rollout.max_fail(setup.targets.len()) {
+                    0 => String::new(),
+                    m => format!(", up to {m} failed host(s)"),
+                }
+            ),
+            None => String::new(),
+        }));
+    }
 
     // 1. Every agent up to date, and what each host holds of the project's
     //    secrets; connections stay open.
@@ -172,6 +188,9 @@ pub async fn deploy(
                         rotating: opts.rotating.clone(),
                         // With several hosts, each image is built once.
                         images: prepared.ok.len() > 1,
+                        min_healthy_seconds: opts.rollout.min_healthy_seconds(),
+                        no_rollback: opts.rollout.no_rollback,
+                        deploy_id: deploy_id.clone(),
                     };
                     (Some((plan, resolved.values)), Some(model.stack))
                 }
@@ -179,14 +198,85 @@ pub async fn deploy(
         }
     };
 
+    // 3–5, per batch of the rollout (one batch without --serial): each
+    // host's secrets, Docker and files; the images its hosts lack; then
+    // the stack, healthy before the next batch starts. Hosts of a batch
+    // after one that failed beyond --max-fail are left as they are.
+    let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    let plan = Arc::new(plan);
+    let mut failed = prepared.failed;
+    let mut waiting: BTreeMap<String, PreparedHost> = prepared.ok.into_iter().collect();
+    let order: Vec<String> = match &layout {
+        Some(layout) => layout.waves_of(&waiting.keys().cloned().collect::<Vec<_>>()).concat(),
+        None => setup.targets.iter().filter(|t| waiting.contains_key(&t.name)).map(|t| t.name.clone()).collect(),
+    };
+    let batches = crate::rollout::batches(&order, opts.rollout.serial);
+    let allowed = opts.rollout.max_fail(setup.targets.len());
+    let sources = ImageSources::default();
+    let mut hosts = HostResults { ok: Vec::new(), failed: Vec::new() };
+    let mut stopped: Option<(usize, String)> = None;
+    for (i, batch) in batches.iter().enumerate() {
+        let items: Vec<(String, PreparedHost)> =
+            batch.iter().map(|n| (n.clone(), waiting.remove(n).expect("each host is in one batch"))).collect();
+        if let Some((after, why)) = &stopped {
+            for (name, (host, _)) in items {
+                host.close().await;
+                failed.push((name.clone(), ControllerError::RolloutStopped { host: name, batch: *after, failed: why.clone() }));
+            }
+            continue;
+        }
+        if batches.len() > 1 {
+            report.info(&format!("batch {}/{}: {}", i + 1, batches.len(), batch.join(", ")));
+        }
+        let failed_before = failed.len() + hosts.failed.len();
+        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, items, batches.len() > 1, &mut failed).await;
+        hosts.ok.extend(done.ok);
+        hosts.failed.extend(done.failed);
+        let failed_now: Vec<String> = hosts.failed.iter().chain(failed.iter()).map(|(n, _)| n.clone()).collect();
+        if batches.len() > 1 && failed_now.len() > allowed {
+            let in_batch: Vec<&String> = failed_now.iter().filter(|n| batch.contains(n)).collect();
+            if failed_now.len() > failed_before {
+                let names: Vec<&str> = in_batch.iter().map(|s| s.as_str()).collect();
+                stopped = Some((i + 1, names.join(", ")));
+                report.warn(&format!(
+                    "batch {} failed on {} ({} host(s) failed, --max-fail allows {allowed}): the rollout stops; later batches are left as they are",
+                    i + 1,
+                    names.join(", "),
+                    failed_now.len()
+                ));
+            }
+        }
+    }
+    sources.close_all().await;
+    hosts.failed.append(&mut failed);
+    hosts.sort_by_targets(&setup.targets);
+    Ok(DeployReport { hosts, stack })
+}
+
+/// One batch of the rollout: each host's secrets, Docker and files; the
+/// images its hosts lack (from `sources`, which it extends, or built once
+/// here); then each host's stack, in waves when the stack is split
+/// between hosts (a host after those running what its services depend
+/// on). `failed` collects the hosts that fail before their converge.
+#[allow(clippy::too_many_arguments)]
+async fn roll_batch(
+    setup: &Setup,
+    report: &Arc<dyn Report>,
+    targets: &BTreeMap<String, Target>,
+    plan: &Arc<Option<(StackPlan, BTreeMap<String, String>)>>,
+    layout: &Option<crate::placement::Layout>,
+    stack: &Option<Stack>,
+    sources: &ImageSources,
+    items: Vec<(String, PreparedHost)>,
+    rolling: bool,
+    failed: &mut Vec<(String, ControllerError)>,
+) -> HostResults<DeployOutcome> {
     // 3. Per host: the secrets it lacks, Docker and the stack's files (and,
     //    deploying to several hosts, which of its images the host has).
-    let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
-    let items = prepared.ok.into_iter().map(|(name, prepared)| (targets[&name].clone(), prepared)).collect();
-    let plan = Arc::new(plan);
+    let items = items.into_iter().map(|(name, prepared)| (targets[&name].clone(), prepared)).collect();
     let staging = plan.clone();
     let mut staged =
-        per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (mut host, held), ctx, progress| {
+        per_host_with(items, setup.forks, &setup.ctx, report, move |target, (mut host, held), ctx, progress| {
             let plan = staging.clone();
             async move {
                 let Some((plan, secrets)) = plan.as_ref() else { return Ok((host, None)) };
@@ -205,25 +295,24 @@ pub async fn deploy(
         })
         .await;
     staged.sort_by_targets(&setup.targets);
-    let mut failed = prepared.failed;
     failed.append(&mut staged.failed);
 
     // 4. Images some host lacks: built once, where no host has them,
     //    before any host converges (see `crate::images`).
-    let sources = match plan.as_ref() {
-        Some((p, _)) if p.images => {
-            let (ready, sources) = build_images(setup, &report, p, staged.ok, &mut failed).await;
-            staged.ok = ready;
-            Some(sources)
+    if let Some((p, _)) = plan.as_ref().as_ref().filter(|(p, _)| p.images) {
+        let (ready, built) = build_images(setup, report, p, staged.ok, sources, failed).await;
+        sources.extend(&built);
+        staged.ok = ready;
+        if rolling {
+            // Later batches may load from these hosts what they have.
+            sources.extend(&holders(&mut staged.ok));
         }
-        _ => None,
-    };
+    }
 
     // 5. Per host: its images from their sources, then the stack; in
-    //    waves when the stack is split between hosts (a host after those
-    //    running what its services depend on).
+    //    waves when the stack is split between hosts.
     let names: Vec<String> = staged.ok.iter().map(|(n, _)| n.clone()).collect();
-    let waves = match &layout {
+    let waves = match layout {
         Some(layout) => layout.waves_of(&names),
         None => vec![names],
     };
@@ -234,13 +323,14 @@ pub async fn deploy(
         for name in wave {
             let item = waiting.remove(&name).expect("each host is in one wave");
             // A host whose services depend on a failed host's does not start.
-            let broken = layout.as_ref().and_then(|l| failed_provider(l, &stack, &name, &hosts.failed, &failed));
+            let broken = layout.as_ref().and_then(|l| failed_provider(l, stack, &name, &hosts.failed, failed));
             match broken {
                 Some(e) => {
                     // Other hosts may still load images from it.
-                    match sources.as_ref().filter(|s| s.is_source(&name)) {
-                        Some(s) => s.keep_open(item.0.transport()),
-                        None => item.0.close().await,
+                    if sources.is_source(&name) {
+                        sources.keep_open(item.0.transport());
+                    } else {
+                        item.0.close().await;
                     }
                     failed.push((name, e));
                 }
@@ -250,23 +340,31 @@ pub async fn deploy(
         let shared = sources.clone();
         let plan = plan.clone();
         let mut done =
-            per_host_with(items, setup.forks, &setup.ctx, &report, move |target, (host, staged), ctx, progress| {
+            per_host_with(items, setup.forks, &setup.ctx, report, move |target, (host, staged), ctx, progress| {
                 let (plan, sources) = (plan.clone(), shared.clone());
                 async move {
+                    let shipping = plan.as_ref().as_ref().is_some_and(|(p, _)| p.images);
                     let stack = plan.as_ref().as_ref().map(|(p, _)| (p, staged));
-                    host.finish(&target, &ctx, stack, sources.as_ref(), &progress).await
+                    host.finish(&target, &ctx, stack, shipping.then_some(&sources), &progress).await
                 }
             })
             .await;
         hosts.ok.append(&mut done.ok);
         hosts.failed.append(&mut done.failed);
     }
-    if let Some(sources) = sources {
-        sources.close_all().await;
+    hosts
+}
+
+/// Every image the staged hosts have, as a source (for later batches).
+fn holders(staged: &mut [(String, StagedHost)]) -> ImageSources {
+    let mut out = std::collections::HashMap::new();
+    for (name, (host, s)) in staged.iter_mut() {
+        for image in s.iter().flat_map(|s| s.images.iter()).filter(|i| !i.id.is_empty()) {
+            out.entry((image.tag.clone(), image.context_hash.clone()))
+                .or_insert_with(|| Ok(images::Source::new(name, host.client(), image.id.clone(), false)));
+        }
     }
-    hosts.failed.append(&mut failed);
-    hosts.sort_by_targets(&setup.targets);
-    Ok(DeployReport { hosts, stack })
+    ImageSources::new(out)
 }
 
 /// Why `host` cannot be deployed: a host running a service that one of
@@ -297,6 +395,10 @@ fn failed_provider(
     None
 }
 
+/// A host with its agent current and what it holds of the project's
+/// secrets, its connection open.
+type PreparedHost = (bootstrap::Prepared, BTreeMap<String, String>);
+
 /// A staged host, with its connection open.
 type StagedHost = (bootstrap::Prepared, Option<stack::Staged>);
 
@@ -309,13 +411,14 @@ async fn build_images(
     report: &Arc<dyn Report>,
     plan: &StackPlan,
     staged: Vec<(String, StagedHost)>,
+    earlier: &ImageSources,
     failed: &mut Vec<(String, ControllerError)>,
 ) -> (Vec<(String, StagedHost)>, ImageSources) {
     let reports: Vec<(String, Vec<ImageState>)> = staged
         .iter()
         .map(|(name, (_, s))| (name.clone(), s.as_ref().map(|s| s.images.clone()).unwrap_or_default()))
         .collect();
-    let assignment = Arc::new(images::assign(&reports));
+    let assignment = Arc::new(images::assign(&reports, &earlier.available()));
     let (builders, mut ready): (Vec<_>, Vec<_>) =
         staged.into_iter().partition(|(name, _)| assignment.builds.contains_key(name));
     let mut built: BTreeMap<String, Vec<ImageState>> = BTreeMap::new();

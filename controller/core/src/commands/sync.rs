@@ -26,6 +26,9 @@ pub async fn sync(
         holder: stack::holder(),
         sync_only: true,
         rotating: Vec::new(),
+        min_healthy_seconds: 0,
+        no_rollback: false,
+        deploy_id: String::new(),
         images: false,
     });
     Ok(per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
