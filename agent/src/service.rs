@@ -583,6 +583,7 @@ impl Agent for AgentService {
                 operator: r.operator,
                 action: r.action,
                 deploy_id: r.deploy_id,
+                confirmed_by: r.confirmed_by,
                 summary: r.summary,
                 images: r.images.into_iter().collect(),
                 config_hashes: r.config_hashes.into_iter().collect(),

@@ -843,6 +843,21 @@ impl TestEnv {
     /// to stop first); commands that act on "this machine" run inside a
     /// test host instead (see `cli.rs`).
     pub fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> CtlRun {
+        let mut cmd = self.ctl_command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("mlopsctl runs");
+        CtlRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The `mlopsctl` command [`Self::ctl`] runs, to spawn it (a test that
+    /// kills it mid-way); the same rule on naming a target holds.
+    pub fn ctl_command(&self, args: &[&str]) -> Command {
         let targeted = args.iter().any(|a| matches!(*a, "--host" | "-i" | "--inventory"))
             || args.iter().any(|a| a.starts_with("--host=") || a.starts_with("--inventory="));
         let informational = args.iter().any(|a| matches!(*a, "--help" | "-h" | "--version" | "-V"));
@@ -862,15 +877,7 @@ impl TestEnv {
         if let Some(exporter) = &self.exporter {
             cmd.env("MLOPS_AIRFLOW_EXPORTER_BINARY", exporter);
         }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("mlopsctl runs");
-        CtlRun {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        cmd
     }
 
     /// `mlopsctl deploy` of `stack` to `hosts` (as root, JSON output, a

@@ -33,6 +33,9 @@ use super::{Action, EngineError, Events, Outcome, confine};
 /// Revisions kept per project.
 pub const KEEP: usize = 10;
 
+/// Deploy ids kept per revision in [`Record::confirmed_by`].
+pub const CONFIRMED_KEPT: usize = 20;
+
 /// The repository of the tags that keep revisions' images.
 const KEPT_REPO: &str = "mlops-kept";
 
@@ -46,6 +49,11 @@ pub struct Record {
     pub action: String,
     #[serde(default)]
     pub deploy_id: String,
+    /// Later deploys that found the host as this revision has it (newest
+    /// last, at most [`CONFIRMED_KEPT`]): `rollback --to-deploy` finds it by
+    /// their ids too.
+    #[serde(default)]
+    pub confirmed_by: Vec<String>,
     pub summary: String,
     /// The stack model (JSON) the converge was given.
     pub stack_json: String,
@@ -106,6 +114,31 @@ impl Revisions {
         Ok(self.list(project)?.pop())
     }
 
+    /// Notes on the newest revision that deploy `deploy_id` found the host
+    /// as it is (see [`Record::confirmed_by`]).
+    pub fn confirm(&self, project: &str, deploy_id: &str) -> Result<(), EngineError> {
+        let _held = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(mut newest) = self.list_locked(project)?.pop() else { return Ok(()) };
+        if deploy_id.is_empty() || newest.deploy_id == deploy_id || newest.confirmed_by.iter().any(|d| d == deploy_id) {
+            return Ok(());
+        }
+        newest.confirmed_by.push(deploy_id.to_string());
+        let extra = newest.confirmed_by.len().saturating_sub(CONFIRMED_KEPT);
+        newest.confirmed_by.drain(..extra);
+        self.write_locked(project, &newest)
+    }
+
+    fn write_locked(&self, project: &str, record: &Record) -> Result<(), EngineError> {
+        let dir = self.project_dir(project);
+        confine::private_dir(&self.dir).map_err(EngineError::io_at("creating", &self.dir))?;
+        confine::private_dir(&dir).map_err(EngineError::io_at("creating", &dir))?;
+        let handle = std::fs::File::open(&dir).map_err(EngineError::io_at("opening", &dir))?;
+        let name = format!("{}.json", record.number);
+        let bytes = serde_json::to_vec(record).expect("serializable");
+        confine::write_file(handle.as_fd(), OsStr::new(&name), &mut bytes.as_slice(), 0o600)
+            .map_err(EngineError::io_at("writing", &dir.join(&name)))
+    }
+
     /// Records `record` as the newest revision (its number is assigned
     /// here) and drops the oldest beyond [`KEEP`]. Returns the number and
     /// the revisions now kept.
@@ -113,14 +146,8 @@ impl Revisions {
         let _held = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut kept = self.list_locked(project)?;
         record.number = kept.last().map_or(1, |r| r.number + 1);
+        self.write_locked(project, &record)?;
         let dir = self.project_dir(project);
-        confine::private_dir(&self.dir).map_err(EngineError::io_at("creating", &self.dir))?;
-        confine::private_dir(&dir).map_err(EngineError::io_at("creating", &dir))?;
-        let handle = std::fs::File::open(&dir).map_err(EngineError::io_at("opening", &dir))?;
-        let name = format!("{}.json", record.number);
-        let bytes = serde_json::to_vec(&record).expect("serializable");
-        confine::write_file(handle.as_fd(), OsStr::new(&name), &mut bytes.as_slice(), 0o600)
-            .map_err(EngineError::io_at("writing", &dir.join(&name)))?;
         let number = record.number;
         kept.push(record);
         while kept.len() > KEEP {
@@ -209,6 +236,21 @@ impl Run<'_> {
                 None
             }
         };
+        // A converge that found everything as the newest revision has it
+        // is not a revision of its own.
+        let newest = self.revisions.newest(project).ok().flatten();
+        if action == "deploy"
+            && let Some(newest) = newest
+            && newest.stack_json == stack_json
+            && newest.config_hashes == outcome.config_hashes
+            && newest.images == outcome.images
+            && files.as_ref().is_some_and(|f| *f == newest.files)
+        {
+            if let Err(e) = self.revisions.confirm(project, &self.deploy_id) {
+                tracing::warn!(project, "cannot note the deploy on the revision: {e}");
+            }
+            return;
+        }
         let record = Record {
             unix_ms: super::now_ms(),
             operator: self.operator.clone(),
@@ -235,7 +277,7 @@ impl Run<'_> {
 pub fn pick(kept: &[Record], to: u64, to_deploy: &str) -> Result<Record, EngineError> {
     let numbers = || kept.iter().map(|r| r.number.to_string()).collect::<Vec<_>>().join(", ");
     let found = if !to_deploy.is_empty() {
-        kept.iter().rev().find(|r| r.deploy_id == to_deploy)
+        kept.iter().rev().find(|r| r.deploy_id == to_deploy || r.confirmed_by.iter().any(|d| d == to_deploy))
     } else if to == 0 {
         kept.iter().rev().nth(1)
     } else {
@@ -323,6 +365,9 @@ mod tests {
         // A file cut by a crash is skipped, and numbering goes on after the newest.
         std::fs::write(dir.path().join("revisions/p/99.json"), b"{\"number\": 99, \"summ").unwrap();
         assert_eq!(r.newest("p").unwrap().unwrap().number, KEEP as u64 + 3);
+        r.confirm("p", "d1").unwrap();
+        r.confirm("p", "d1").unwrap();
+        assert_eq!(r.newest("p").unwrap().unwrap().confirmed_by, ["d1"], "once");
         let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions());
         assert_eq!(mode(&dir.path().join("revisions/p")) & 0o777, 0o700);
         assert_eq!(mode(&dir.path().join("revisions/p/5.json")) & 0o777, 0o600);
@@ -335,6 +380,8 @@ mod tests {
         assert_eq!(pick(&kept, 0, "").unwrap().number, 4);
         assert_eq!(pick(&kept, 3, "").unwrap().number, 3);
         assert_eq!(pick(&kept, 0, "b").unwrap().number, 5, "the newest of that deploy");
+        let confirmed = vec![rec(3, "a"), Record { confirmed_by: vec!["c".into()], ..rec(4, "b") }];
+        assert_eq!(pick(&confirmed, 0, "c").unwrap().number, 4, "a deploy that changed nothing names it too");
         let e = pick(&kept, 1, "").unwrap_err().to_string();
         assert!(e.contains("revision 1 is not kept (kept: 3, 4, 5)"), "{e}");
         assert!(pick(&kept[..1], 0, "").unwrap_err().to_string().contains("no revision before the newest"));

@@ -508,7 +508,7 @@ impl Printer {
                         let newest = hist.revisions.last().map(|r| r.number);
                         json!({
                             "host": h,
-                            "revisions": hist.revisions.iter().map(|r| json!({"number": r.number, "current": Some(r.number) == newest, "unix_ms": r.unix_ms, "operator": r.operator, "action": r.action, "deploy_id": r.deploy_id, "summary": r.summary, "images": r.images, "config_hashes": r.config_hashes})).collect::<Vec<_>>(),
+                            "revisions": hist.revisions.iter().map(|r| json!({"number": r.number, "current": Some(r.number) == newest, "unix_ms": r.unix_ms, "operator": r.operator, "action": r.action, "deploy_id": r.deploy_id, "confirmed_by": r.confirmed_by, "summary": r.summary, "images": r.images, "config_hashes": r.config_hashes})).collect::<Vec<_>>(),
                             "entries": hist.entries.iter().map(|e| json!({"unix_ms": e.unix_ms, "operator": e.operator, "cert_sha256": e.cert_sha256, "action": e.action, "outcome": e.outcome, "detail": e.detail})).collect::<Vec<_>>(),
                         })
                     })

@@ -72,8 +72,8 @@ pub enum ControllerError {
     ProviderFailed { host: String, service: String, dependency: String, provider: String },
     /// A rolling deploy stopped before this host's batch: more hosts
     /// failed than `--max-fail` allows. Nothing of the stack was changed here.
-    #[error("{host}: not deployed: the rollout stopped after batch {batch}, where {failed} failed")]
-    RolloutStopped { host: String, batch: usize, failed: String },
+    #[error("{host}: not deployed: the rollout stopped before batch {batch}: {failed} failed, and --max-fail allows {allowed}")]
+    RolloutStopped { host: String, batch: usize, failed: String, allowed: usize },
     /// The host that was to build an image for this one could not.
     #[error("{host}: image {tag} comes from another host of this deploy, which failed: {message}")]
     ImageSource { host: String, tag: String, message: String },

@@ -214,38 +214,35 @@ pub async fn deploy(
     let allowed = opts.rollout.max_fail(setup.targets.len());
     let sources = ImageSources::default();
     let mut hosts = HostResults { ok: Vec::new(), failed: Vec::new() };
+    // Set once more hosts failed than --max-fail allows: (batch, who failed).
     let mut stopped: Option<(usize, String)> = None;
     for (i, batch) in batches.iter().enumerate() {
         let items: Vec<(String, PreparedHost)> =
             batch.iter().map(|n| (n.clone(), waiting.remove(n).expect("each host is in one batch"))).collect();
-        if let Some((after, why)) = &stopped {
+        let failed_so_far: Vec<&str> = hosts.failed.iter().chain(failed.iter()).map(|(n, _)| n.as_str()).collect();
+        if stopped.is_none() && batches.len() > 1 && failed_so_far.len() > allowed {
+            report.warn(&format!(
+                "{} failed, and --max-fail allows {allowed}: the rollout stops before batch {}; later batches are left as they are",
+                failed_so_far.join(", "),
+                i + 1
+            ));
+            stopped = Some((i + 1, failed_so_far.join(", ")));
+        }
+        if let Some((at, why)) = &stopped {
             for (name, (host, _)) in items {
                 host.close().await;
-                failed.push((name.clone(), ControllerError::RolloutStopped { host: name, batch: *after, failed: why.clone() }));
+                let e = ControllerError::RolloutStopped { host: name.clone(), batch: *at, failed: why.clone(), allowed };
+                failed.push((name, e));
             }
             continue;
         }
         if batches.len() > 1 {
             report.info(&format!("batch {}/{}: {}", i + 1, batches.len(), batch.join(", ")));
         }
-        let failed_before = failed.len() + hosts.failed.len();
-        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, items, batches.len() > 1, &mut failed).await;
+        let rolling = batches.len() > 1;
+        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, items, rolling, &mut failed).await;
         hosts.ok.extend(done.ok);
         hosts.failed.extend(done.failed);
-        let failed_now: Vec<String> = hosts.failed.iter().chain(failed.iter()).map(|(n, _)| n.clone()).collect();
-        if batches.len() > 1 && failed_now.len() > allowed {
-            let in_batch: Vec<&String> = failed_now.iter().filter(|n| batch.contains(n)).collect();
-            if failed_now.len() > failed_before {
-                let names: Vec<&str> = in_batch.iter().map(|s| s.as_str()).collect();
-                stopped = Some((i + 1, names.join(", ")));
-                report.warn(&format!(
-                    "batch {} failed on {} ({} host(s) failed, --max-fail allows {allowed}): the rollout stops; later batches are left as they are",
-                    i + 1,
-                    names.join(", "),
-                    failed_now.len()
-                ));
-            }
-        }
     }
     sources.close_all().await;
     hosts.failed.append(&mut failed);
