@@ -19,7 +19,7 @@ use mlops_proto::v1::{
     BuildImagesRequest, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind,
     GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse,
     HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, LoadImageReply,
-    LogChunk, LogsRequest, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest,
+    LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest,
     SaveImageRequest, Secrets, ServiceState, StackAction,
     StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
     SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
@@ -741,6 +741,54 @@ impl Agent for AgentService {
             })
             .collect();
         Ok(Response::new(ImagePlanReply { images }))
+    }
+
+    async fn plan_stack(&self, request: Request<PlanStackRequest>) -> Result<Response<PlanStackReply>, Status> {
+        let req = request.into_inner();
+        if !req.files_root.starts_with("plan-") {
+            return Err(AgentError::InvalidArgument {
+                field: "files_root",
+                message: format!("`{}` is not a plan's scratch tree (`plan-...`)", req.files_root),
+            }
+            .into());
+        }
+        engine::sync::check_root(&req.live_root).map_err(AgentError::from)?;
+        let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
+        let docker = docker::connect(&self.docker_socket).await;
+        let preview = match docker {
+            Ok(docker) => converge::preview::preview(&docker, &stack, &dirs).await,
+            Err(e) => Err(e),
+        };
+        let (sync, root, live) = (self.sync.clone(), req.files_root.clone(), req.live_root.clone());
+        let diff = blocking(move || {
+            let diff = sync.diff(&root, &live);
+            sync.remove_tree(&root)?;
+            diff
+        })
+        .await?;
+        let preview = preview.map_err(AgentError::from)?;
+        let (files_changed, files_removed) = diff;
+        Ok(Response::new(PlanStackReply {
+            services: preview
+                .services
+                .into_iter()
+                .map(|s| PlannedService { service: s.service, action: s.action, reasons: s.reasons })
+                .collect(),
+            orphans: preview.orphans,
+            images: preview
+                .images
+                .into_iter()
+                .map(|s| ImageState {
+                    service: s.service,
+                    tag: s.tag,
+                    context_hash: s.context_hash,
+                    id: s.id.unwrap_or_default(),
+                })
+                .collect(),
+            pulls: preview.pulls,
+            files_changed,
+            files_removed,
+        }))
     }
 
     type BuildImagesStream = BoxStream<StackEvent>;

@@ -17,6 +17,9 @@ pub mod labels {
     pub const SERVICE: &str = "mlops.service";
     /// sha256 of the service's desired state (see the agent's converge).
     pub const CONFIG_HASH: &str = "mlops.config-hash";
+    /// What went into the config hash, in parts (JSON: model, image,
+    /// mounted files, dependencies), so a plan can say which changed.
+    pub const CONFIG_PARTS: &str = "mlops.config-parts";
     /// sha256 of a build's context, Dockerfile, args and target.
     pub const CONTEXT_HASH: &str = "mlops.context-hash";
     pub const MANAGED: &str = "mlops.managed";

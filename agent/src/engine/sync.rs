@@ -279,6 +279,39 @@ impl SyncStore {
         }
     }
 
+    /// How the tree `new` (committed) differs from the tree `live`: files
+    /// (and links) written anew or changed, and removed.
+    pub fn diff(&self, new: &str, live: &str) -> Result<(u32, u32), EngineError> {
+        let new = self.manifest(new)?.unwrap_or_default();
+        let live = self.manifest(live)?.unwrap_or_default();
+        let key = |e: &FileEntry| (e.sha256.clone(), confine::file_mode(e.mode), e.symlink.clone());
+        let live: BTreeMap<&str, _> = live.iter().filter(|e| !e.dir).map(|e| (e.path.as_str(), key(e))).collect();
+        let newer: BTreeMap<&str, _> = new.iter().filter(|e| !e.dir).map(|e| (e.path.as_str(), key(e))).collect();
+        let changed = newer.iter().filter(|(p, k)| live.get(*p) != Some(*k)).count();
+        let removed = live.keys().filter(|p| !newer.contains_key(*p)).count();
+        Ok((changed as u32, removed as u32))
+    }
+
+    /// Removes tree `root` (a plan's scratch tree) and what the store keeps
+    /// about it; its blobs go with the next garbage collection.
+    pub fn remove_tree(&self, root: &str) -> Result<(), EngineError> {
+        check_root(root)?;
+        let tree = self.tree(root);
+        match std::fs::remove_dir_all(&tree) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EngineError::io_at("removing", &tree)(e)),
+        }
+        for path in [self.index_path(root), self.manifest_path(root)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::io_at("removing", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes tree `root` as `files` lists it, from blobs this store holds
     /// (a revision's files: its blobs are kept while it is). Checked and
     /// written exactly as a sync's commit.
@@ -577,6 +610,15 @@ impl SyncStore {
                 // mounted inside its tree: such a directory is left alone.
                 if older_than(f.path().symlink_metadata(), 24 * 3600) && !has_mounts_below(&f.path()) {
                     let _ = std::fs::remove_dir_all(f.path());
+                }
+            }
+        }
+        // A plan's scratch tree left by a plan that was cut off.
+        if let Ok(dir) = std::fs::read_dir(self.base.join("trees")) {
+            for f in dir.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with("plan-") && older_than(f.path().symlink_metadata(), 3600) {
+                    let _ = self.remove_tree(&name);
                 }
             }
         }

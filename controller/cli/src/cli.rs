@@ -107,6 +107,22 @@ pub enum Command {
         #[command(flatten)]
         rollout: RolloutArgs,
     },
+    /// Show per host what `deploy` with the same flags would do, and why; changes nothing.
+    Plan {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Plan as if Docker could not be installed where no engine answers.
+        #[arg(long)]
+        no_docker_install: bool,
+        /// As deploy's --expose.
+        #[arg(long)]
+        expose: bool,
+        /// As deploy's --health-timeout (a deploy's; the plan waits for nothing).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        health_timeout: u32,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+    },
     /// Ask each host's agent how it is (and the stack's services, with --stack or --project).
     Status {
         #[command(flatten)]

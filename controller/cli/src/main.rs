@@ -127,6 +127,18 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
         }
+        Command::Plan { stack, no_docker_install, expose, health_timeout, rollout } => {
+            let opts = DeployOptions {
+                stack: stack.into(),
+                no_stack: false,
+                install_docker: !no_docker_install,
+                expose,
+                health_timeout,
+                rotating: Vec::new(),
+                rollout: rollout.into(),
+            };
+            printer.plan(&commands::plan::plan(&setup, &opts, report).await?)
+        }
         Command::Secrets { command: None, stack, cached } => {
             printer.secrets(&commands::secrets::secrets(&setup, &stack.into(), cached, report).await?)
         }

@@ -19,6 +19,7 @@ use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::history::HostHistory;
+use mlops_controller::commands::plan::PlanReport;
 use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
 use mlops_controller::commands::pki::RotateReport as PkiRotateReport;
 use mlops_controller::commands::rotate::RotateReport;
@@ -567,6 +568,76 @@ impl Printer {
             }
         }
         exit_code(r)
+    }
+
+    pub fn plan(&self, p: &PlanReport) -> i32 {
+        match self.output {
+            Output::Json => {
+                let mut hosts: Vec<serde_json::Value> =
+                    p.hosts.ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
+                hosts.extend(p.hosts.failed.iter().map(|(h, e)| {
+                    json!({"host": h, "ok": false, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})
+                }));
+                self.json(&json!({
+                    "command": "plan",
+                    "project": p.project,
+                    "batches": p.batches,
+                    "generated_secrets": p.generated,
+                    "ok": p.hosts.ok.len(),
+                    "failed": p.hosts.failed.len(),
+                    "hosts": hosts,
+                }));
+            }
+            Output::Text => {
+                let mut out = Vec::new();
+                for (h, o) in &p.hosts.ok {
+                    out.push(format!("{h}{}:", if p.batches > 1 { format!(" (batch {}/{})", o.batch, p.batches) } else { String::new() }));
+                    if o.agent != "running" {
+                        out.push(format!("  agent: {}", neutralise(&o.agent)));
+                    }
+                    if o.docker.contains(' ') || o.docker == "install" {
+                        out.push(format!("  docker: {}", neutralise(&o.docker)));
+                    }
+                    if o.files_changed + o.files_removed > 0 {
+                        out.push(format!(
+                            "  files: {} to write, {} to remove ({} to send)",
+                            o.files_changed,
+                            o.files_removed,
+                            bytes_human(o.bytes_to_send)
+                        ));
+                    }
+                    for i in o.images.iter().filter(|i| i.action != "current") {
+                        let from = i.from.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
+                        out.push(format!("  image {}: {}{from}", i.tag, i.action));
+                    }
+                    for tag in &o.pulls {
+                        out.push(format!("  image {tag}: pull"));
+                    }
+                    for s in &o.services {
+                        let why = if s.reasons.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", s.reasons.iter().map(|r| neutralise(r).into_owned()).collect::<Vec<_>>().join(", "))
+                        };
+                        out.push(format!("  {}: {}{why}", s.service, s.action));
+                    }
+                    for orphan in &o.orphans {
+                        out.push(format!("  {orphan}: remove (no longer in the stack)"));
+                    }
+                }
+                if !p.generated.is_empty() {
+                    out.push(format!("secrets to generate: {}", p.generated.join(", ")));
+                }
+                if !out.is_empty() {
+                    self.stdout(&out.join("\n"));
+                }
+                self.stderr_line(&format!("plan of stack `{}`: nothing was changed; `mlopsctl deploy` with the same flags does this", p.project));
+                if !p.hosts.failed.is_empty() {
+                    self.summarize("plan", &p.hosts);
+                }
+            }
+        }
+        exit_code(&p.hosts)
     }
 
     pub fn rollback(&self, project: &str, r: &HostResults<String>) -> i32 {

@@ -115,3 +115,13 @@ pub fn bytes_human(n: u64) -> String {
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
+
+/// A report that drops everything: for a second read of what was already
+/// reported once (a stack model read again with its secrets).
+pub struct Quiet;
+
+impl Report for Quiet {
+    fn progress(&self, _: &Event) {}
+    fn warn(&self, _: &str) {}
+    fn info(&self, _: &str) {}
+}

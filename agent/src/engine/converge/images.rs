@@ -71,6 +71,7 @@ async fn pin(docker: &Docker, name: &str, tag: &str, id: Option<&String>) -> Res
 }
 
 /// An image the stack builds, as this host has it.
+#[derive(Debug, Clone)]
 pub struct ImageState {
     /// The first service in start order that builds the tag.
     pub service: String,

@@ -19,13 +19,15 @@
 //!    everything else still runs.
 //!
 //! [`status`] reads a project's containers (also for `StackStatus` and
-//! `Logs`); [`down`] removes a project.
+//! `Logs`); [`down`] removes a project; [`preview`] says what a converge
+//! would do, without doing it (`mlopsctl plan`).
 
 pub mod credentials;
 pub mod health;
 pub mod images;
 pub mod orphans;
 pub mod plan;
+pub mod preview;
 pub mod resources;
 pub mod start;
 pub mod status;
@@ -85,8 +87,9 @@ pub async fn converge(
     let images = images::ensure(docker, stack, &order, dirs, options.pinned.as_ref(), ev).await?;
     changed |= images.changed;
     let hashes = plan::config_hashes(stack, &order, &images.ids, files_dir)?;
+    let parts = plan::config_parts(stack, &order, &images.ids, &hashes, files_dir);
     let existing = plan::existing(docker, &stack.project).await?;
-    let plan = plan::plan(stack, &order, &hashes, existing);
+    let plan = plan::plan(stack, &order, &hashes, &parts, existing);
     let ids = start::run(docker, stack, &plan, files_dir, options.health_timeout, ev).await?;
     changed |= ids.values().any(|(_, c)| *c);
     changed |= orphans::remove(docker, &plan.orphans, ev).await?;

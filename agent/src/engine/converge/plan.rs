@@ -34,6 +34,8 @@ pub struct Existing {
     /// Container names, without the leading `/`.
     pub names: Vec<String>,
     pub config_hash: String,
+    /// Its `mlops.config-parts` label (empty from an older agent).
+    pub parts: String,
     /// Docker's state: running, exited, created, ...
     pub state: String,
     /// For an exited container; 0 otherwise.
@@ -57,6 +59,8 @@ pub enum Action {
 pub struct ServicePlan {
     pub service: String,
     pub hash: String,
+    /// What went into `hash` ([`config_parts`]); the new container's label.
+    pub parts: String,
     pub action: Action,
     /// Containers of the service to remove first (old configuration,
     /// duplicates, wrong name).
@@ -132,6 +136,55 @@ pub fn config_hashes(
     Ok(hashes)
 }
 
+/// What went into each service's config hash, in parts (a JSON object:
+/// `model` (the service's model with its networks and volumes), `image`,
+/// `files` (each mounted file's hash), `deps` (each dependency's config
+/// hash); hashes cut to 16 hex digits). Stored on the container, it lets a
+/// plan say which input changed; it decides nothing itself.
+pub fn config_parts(
+    stack: &Stack,
+    order: &[String],
+    image_ids: &BTreeMap<String, String>,
+    hashes: &BTreeMap<String, String>,
+    files_dir: &Path,
+) -> BTreeMap<String, String> {
+    let short = |bytes: &[u8]| hex::encode(&Sha256::digest(bytes)[..8]);
+    let mut out = BTreeMap::new();
+    for name in order {
+        let svc = &stack.services[name];
+        let mut model = svc.clone();
+        model.profiles.clear();
+        let mut text = serde_json::to_string(&model).expect("serializable");
+        for net in stack.service_networks(name) {
+            text.push_str(&format!("\0net={}", stack.network_name(&net)));
+        }
+        let mut files = BTreeMap::new();
+        for m in &svc.volumes {
+            match m.kind {
+                MountKind::Volume if !m.source.is_empty() => {
+                    text.push_str(&format!("\0vol={}", stack.volume_name(&m.source)));
+                }
+                MountKind::Bind => {
+                    if let Some(sha) = hash_source(files_dir, &m.source) {
+                        files.insert(m.source.clone(), sha[..16].to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let deps: BTreeMap<&String, &str> =
+            svc.depends_on.keys().map(|d| (d, hashes.get(d).map_or("", |h| &h[..h.len().min(16)]))).collect();
+        let parts = serde_json::json!({
+            "model": short(text.as_bytes()),
+            "image": short(image_ids.get(name).map_or(&b""[..], |i| i.as_bytes())),
+            "files": files,
+            "deps": deps,
+        });
+        out.insert(name.clone(), parts.to_string());
+    }
+    out
+}
+
 /// The label filter that selects a project's containers, networks, volumes.
 pub fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([("label".to_string(), vec![format!("{}={project}", labels::PROJECT)])])
@@ -159,6 +212,7 @@ pub async fn existing(docker: &Docker, project: &str) -> Result<Vec<Existing>, E
         out.push(Existing {
             service: labels.get(labels::SERVICE).cloned().unwrap_or_default(),
             config_hash: labels.get(labels::CONFIG_HASH).cloned().unwrap_or_default(),
+            parts: labels.get(labels::CONFIG_PARTS).cloned().unwrap_or_default(),
             names: c.names.unwrap_or_default().into_iter().map(|n| n.trim_start_matches('/').to_string()).collect(),
             id,
             state,
@@ -170,7 +224,13 @@ pub async fn existing(docker: &Docker, project: &str) -> Result<Vec<Existing>, E
 
 /// What to do with each service's container, in start order, and which
 /// containers are orphans.
-pub fn plan(stack: &Stack, order: &[String], hashes: &BTreeMap<String, String>, existing: Vec<Existing>) -> Plan {
+pub fn plan(
+    stack: &Stack,
+    order: &[String],
+    hashes: &BTreeMap<String, String>,
+    parts: &BTreeMap<String, String>,
+    existing: Vec<Existing>,
+) -> Plan {
     let mut by_service: BTreeMap<String, Vec<Existing>> = BTreeMap::new();
     for c in existing {
         by_service.entry(c.service.clone()).or_default().push(c);
@@ -196,7 +256,8 @@ pub fn plan(stack: &Stack, order: &[String], hashes: &BTreeMap<String, String>, 
             None if stale.is_empty() => Action::Create,
             None => Action::Recreate,
         };
-        services.push(ServicePlan { service: name.clone(), hash, action, stale });
+        let parts = parts.get(name).cloned().unwrap_or_default();
+        services.push(ServicePlan { service: name.clone(), hash, parts, action, stale });
     }
     Plan { services, orphans: by_service.into_values().flatten().collect() }
 }
@@ -220,6 +281,7 @@ mod tests {
             service: service.into(),
             names: vec![stack.container_name(service)],
             config_hash: hash.into(),
+            parts: String::new(),
             state: state.into(),
             exit_code,
         }
@@ -234,7 +296,7 @@ mod tests {
         let s = stack(&["a", "b"]);
         let order = vec!["a".to_string(), "b".to_string()];
         let found = vec![container(&s, "a", "h1", "running", 0), container(&s, "b", "h2", "running", 0)];
-        let p = plan(&s, &order, &hashes(&[("a", "h1"), ("b", "h2")]), found);
+        let p = plan(&s, &order, &hashes(&[("a", "h1"), ("b", "h2")]), &BTreeMap::new(), found);
         assert!(p.orphans.is_empty());
         for sp in &p.services {
             assert!(matches!(sp.action, Action::Keep { .. }), "{sp:?}");
@@ -247,7 +309,7 @@ mod tests {
         let s = stack(&["a", "b"]);
         let order = vec!["a".to_string(), "b".to_string()];
         let old = container(&s, "a", "old", "running", 0);
-        let p = plan(&s, &order, &hashes(&[("a", "new"), ("b", "h")]), vec![old.clone()]);
+        let p = plan(&s, &order, &hashes(&[("a", "new"), ("b", "h")]), &BTreeMap::new(), vec![old.clone()]);
         assert_eq!(p.services[0].action, Action::Recreate);
         assert_eq!(p.services[0].stale, vec![old.id]);
         assert_eq!(p.services[1].action, Action::Create);
@@ -263,7 +325,7 @@ mod tests {
             container(&s, "web", "h", "exited", 1),
             container(&s, "daemon", "h", "exited", 0),
         ];
-        let p = plan(&s, &order, &hashes(&[("init", "h"), ("web", "h"), ("daemon", "h")]), found);
+        let p = plan(&s, &order, &hashes(&[("init", "h"), ("web", "h"), ("daemon", "h")]), &BTreeMap::new(), found);
         assert!(matches!(p.services[0].action, Action::Keep { .. }), "an init step that exited 0 is done");
         assert!(matches!(&p.services[1].action, Action::Start { was, .. } if was == "exited"), "a failure is retried");
         assert!(
@@ -280,7 +342,7 @@ mod tests {
         let duplicate = Existing { id: "dup".into(), ..keep.clone() };
         let renamed = Existing { id: "renamed".into(), names: vec!["other-name".into()], ..keep.clone() };
         let orphan = container(&s, "gone", "h", "running", 0);
-        let p = plan(&s, &order, &hashes(&[("a", "h")]), vec![keep.clone(), duplicate, renamed, orphan.clone()]);
+        let p = plan(&s, &order, &hashes(&[("a", "h")]), &BTreeMap::new(), vec![keep.clone(), duplicate, renamed, orphan.clone()]);
         assert_eq!(p.services[0].action, Action::Keep { id: keep.id, state: "running".into() });
         let mut stale = p.services[0].stale.clone();
         stale.sort();

@@ -63,7 +63,7 @@ pub async fn run(
                 ids.insert(name.clone(), (id.clone(), true));
             }
             PlanAction::Create | PlanAction::Recreate => {
-                let body = container_body(stack, name, &sp.hash, files_dir)?;
+                let body = container_body(stack, name, &sp.hash, &sp.parts, files_dir)?;
                 let cname = stack.container_name(name);
                 let created = docker
                     .create_container(Some(CreateContainerOptionsBuilder::new().name(&cname).build()), body)
@@ -122,7 +122,13 @@ async fn start_container(docker: &Docker, svc: &Service, service: &str, id: &str
 
 /// The container a service's model describes, labelled with its project,
 /// service and config hash.
-fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Result<ContainerCreateBody, EngineError> {
+fn container_body(
+    stack: &Stack,
+    name: &str,
+    hash: &str,
+    parts: &str,
+    files_dir: &Path,
+) -> Result<ContainerCreateBody, EngineError> {
     let svc: &Service = &stack.services[name];
     // The controller refuses these when it reads the Compose file; the
     // agent checks again, since it is what hands the container the host.
@@ -140,6 +146,9 @@ fn container_body(stack: &Stack, name: &str, hash: &str, files_dir: &Path) -> Re
     labels_map.insert(labels::PROJECT.into(), stack.project.clone());
     labels_map.insert(labels::SERVICE.into(), name.into());
     labels_map.insert(labels::CONFIG_HASH.into(), hash.into());
+    if !parts.is_empty() {
+        labels_map.insert(labels::CONFIG_PARTS.into(), parts.into());
+    }
     labels_map.insert(labels::MANAGED.into(), "true".into());
     let mut binds = Vec::new();
     let mut mounts = Vec::new();
@@ -297,7 +306,7 @@ mod tests {
             expose: vec!["9000/tcp".into()],
             ..Default::default()
         };
-        let body = container_body(&stack_with(svc), "s", "h", Path::new("/nonexistent")).unwrap();
+        let body = container_body(&stack_with(svc), "s", "h", "", Path::new("/nonexistent")).unwrap();
         let hc = body.host_config.unwrap();
         assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
         assert_eq!(hc.readonly_rootfs, Some(true));
@@ -315,10 +324,10 @@ mod tests {
     fn host_access_needs_the_stacks_opt_in() {
         let svc = Service { privileged: true, network_mode: Some("host".into()), ..Default::default() };
         let mut stack = stack_with(svc);
-        let e = container_body(&stack, "s", "h", Path::new("/nonexistent")).unwrap_err().to_string();
+        let e = container_body(&stack, "s", "h", "", Path::new("/nonexistent")).unwrap_err().to_string();
         assert!(e.contains("privileged: true") && e.contains("network_mode: host"), "{e}");
         stack.options.allow_host_access = true;
-        let body = container_body(&stack, "s", "h", Path::new("/nonexistent")).unwrap();
+        let body = container_body(&stack, "s", "h", "", Path::new("/nonexistent")).unwrap();
         let hc = body.host_config.unwrap();
         assert_eq!((hc.privileged, hc.network_mode.as_deref()), (Some(true), Some("host")));
         assert!(body.networking_config.is_none() && body.hostname.is_none());

@@ -163,7 +163,7 @@ pub async fn deploy(
                         ));
                     }
                     crate::secrets::store_cache(&setup.state.path, &project, &resolved.values)?;
-                    let model = stack_opts.load_model_with(&setup.state, &Quiet, &resolved.values)?;
+                    let model = stack_opts.load_model_with(&setup.state, &crate::progress::Quiet, &resolved.values)?;
                     let layout = layout.as_ref().expect("a stack has a layout");
                     let parts = match layout.split {
                         true => setup
@@ -468,13 +468,4 @@ async fn build_images(
     }
     ready.sort_by_key(|(n, _)| setup.targets.iter().position(|t| t.name == *n));
     (ready, ImageSources::new(sources))
-}
-
-/// Warnings were printed when the model was first read.
-struct Quiet;
-
-impl Report for Quiet {
-    fn progress(&self, _: &crate::progress::Event) {}
-    fn warn(&self, _: &str) {}
-    fn info(&self, _: &str) {}
 }

@@ -17,6 +17,7 @@ pub mod history;
 pub mod logs;
 pub mod operator;
 pub mod pki;
+pub mod plan;
 pub mod rollback;
 pub mod rotate;
 pub mod secrets;
