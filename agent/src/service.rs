@@ -487,6 +487,9 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let req = request.into_inner();
         let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
+        if !req.staged_root.is_empty() {
+            engine::sync::check_root(&req.staged_root).map_err(AgentError::from)?;
+        }
         let options = converge::Options {
             rotating: req.rotating.clone(),
             health_timeout: health_timeout(req.health_timeout_seconds),
@@ -515,7 +518,8 @@ impl Agent for AgentService {
                     operator,
                     deploy_id: req.deploy_id.clone(),
                 };
-                run.converge(&req.stack_json, &stack, &req.files_root, &options, rollback, &events).await
+                let staged = (!req.staged_root.is_empty()).then_some(req.staged_root.as_str());
+                run.converge(&req.stack_json, &stack, &req.files_root, staged, &options, rollback, &events).await
             };
             let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge", Some(&locks))).await;
             end.record(&history, &project, &peer, "deploy");
@@ -602,11 +606,18 @@ impl Agent for AgentService {
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
-        let history = self.history.clone();
+        let (history, revisions) = (self.history.clone(), self.revisions.clone());
         tokio::spawn(async move {
             let _guard = guard;
             let (project, volumes) = (req.project.clone(), req.volumes);
-            let work = |events: Events| async move { converge::down(&docker, &req.project, volumes, &events).await };
+            // A stack taken down has no revision to return to: a deploy
+            // that fails later leaves nothing running, as before it.
+            let work = |events: Events| async move {
+                let outcome = converge::down(&docker, &req.project, volumes, &events).await?;
+                revisions.clear(&req.project)?;
+                revisions::keep_images(&docker, &req.project, &[]).await;
+                Ok(outcome)
+            };
             let end = stream_stack_work(work, tx, stop, &project, "down", None).await;
             end.record(&history, &project, &peer, if volumes { "down --volumes" } else { "down" });
         });

@@ -114,6 +114,17 @@ impl Revisions {
         Ok(self.list(project)?.pop())
     }
 
+    /// Forgets every revision of `project` (its stack was taken down).
+    pub fn clear(&self, project: &str) -> Result<(), EngineError> {
+        let _held = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = self.project_dir(project);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EngineError::io_at("removing", &dir)(e)),
+        }
+    }
+
     /// Notes on the newest revision that deploy `deploy_id` found the host
     /// as it is (see [`Record::confirmed_by`]).
     pub fn confirm(&self, project: &str, deploy_id: &str) -> Result<(), EngineError> {
@@ -170,21 +181,38 @@ pub struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Converges `stack` (given as `stack_json`, from tree `files_root`)
-    /// and records the result as the newest revision. When it fails and
-    /// `rollback` is set, the host returns to the newest revision kept
-    /// before it (files, model, images), and the error says so.
+    /// Converges `stack` (given as `stack_json`, from tree `files_root`,
+    /// first written from tree `staged` when given) and records the result
+    /// as the newest revision. When it fails and `rollback` is set, the
+    /// host returns to the newest revision kept before it (files, model,
+    /// images), and the error says so.
+    #[allow(clippy::too_many_arguments)]
     pub async fn converge(
         &self,
         stack_json: &str,
         stack: &Stack,
         files_root: &str,
+        staged: Option<&str>,
         options: &Options,
         rollback: bool,
         ev: &Events,
     ) -> Result<Outcome, EngineError> {
         let previous = self.revisions.newest(&stack.project)?;
-        match converge::converge(self.docker, stack, self.dirs, options, ev).await {
+        let converged = async {
+            if let Some(staged) = staged {
+                let (sync, staged, live) = (self.sync.clone(), staged.to_string(), files_root.to_string());
+                tokio::task::spawn_blocking(move || {
+                    let files = sync.manifest(&staged)?.ok_or_else(|| {
+                        EngineError::NotFound(format!("no files were synced to `{staged}`; sync again"))
+                    })?;
+                    sync.restore(&live, &files)
+                })
+                .await
+                .map_err(|e| EngineError::io("writing the stack's files")(std::io::Error::other(e)))??;
+            }
+            converge::converge(self.docker, stack, self.dirs, options, ev).await
+        };
+        match converged.await {
             Ok(outcome) => {
                 let action = if options.rotating.is_empty() { "deploy" } else { "secrets rotate" };
                 self.record(stack_json, &stack.project, files_root, action, &outcome).await;
@@ -362,6 +390,9 @@ mod tests {
         assert_eq!(all.first().unwrap().number, 4);
         assert_eq!(all.last().unwrap().summary, format!("run {}", KEEP + 3));
         assert!(r.list("q").unwrap().is_empty(), "per project");
+        r.record("q", Record::default()).unwrap();
+        r.clear("q").unwrap();
+        assert!(r.list("q").unwrap().is_empty() && r.newest("p").unwrap().is_some(), "cleared, that project only");
         // A file cut by a crash is skipped, and numbering goes on after the newest.
         std::fs::write(dir.path().join("revisions/p/99.json"), b"{\"number\": 99, \"summ").unwrap();
         assert_eq!(r.newest("p").unwrap().unwrap().number, KEEP as u64 + 3);

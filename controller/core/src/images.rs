@@ -221,7 +221,7 @@ pub struct ImageOutcome {
 /// `ImagePlan` on this host: the stack's images, current or not.
 pub async fn plan(conn: &mut AgentConn, plan: &StackPlan) -> Result<Vec<ImageState>, ControllerError> {
     let host = conn.host().to_string();
-    let request = ImagePlanRequest { stack_json: plan.stack_json_for(&host), files_root: plan.files_root() };
+    let request = ImagePlanRequest { stack_json: plan.stack_json_for(&host), files_root: plan.staged_root() };
     Ok(conn
         .raw()
         .image_plan(request)
@@ -242,7 +242,7 @@ pub async fn build(
     let build = BuildImagesRequest {
         stack_json: plan.stack_json_for(&host),
         holder: plan.holder.clone(),
-        files_root: plan.files_root(),
+        files_root: plan.staged_root(),
         tags,
     };
     let stream = conn

@@ -58,6 +58,14 @@ impl StackPlan {
     pub fn files_root(&self) -> String {
         files_root(&self.project)
     }
+
+    /// Where a deploy syncs the new files: a tree no container mounts,
+    /// written into [`Self::files_root`] by the converge itself (see
+    /// `ConvergeRequest.staged_root`). `mlopsctl sync` writes the stack's
+    /// tree directly.
+    pub fn staged_root(&self) -> String {
+        if self.sync_only { self.files_root() } else { format!("staged-{}", self.project) }
+    }
 }
 
 /// The agent tree holding a project's files.
@@ -192,7 +200,7 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
         }
     }
 
-    let sync = sync(conn, &plan.files_root(), &plan.tree).await?;
+    let sync = sync(conn, &plan.staged_root(), &plan.tree).await?;
     progress.step(Step::Synced {
         files: sync.files,
         written: sync.written,
@@ -235,6 +243,7 @@ pub async fn converge(
         stack_json: plan.stack_json_for(&host),
         holder: plan.holder.clone(),
         files_root: plan.files_root(),
+        staged_root: plan.staged_root(),
         health_timeout_seconds: plan.health_timeout_seconds,
         rotating: plan.rotating.clone(),
         min_healthy_seconds: plan.min_healthy_seconds,
