@@ -518,7 +518,8 @@ impl Agent for AgentService {
                     operator,
                     deploy_id: req.deploy_id.clone(),
                 };
-                let staged = (!req.staged_root.is_empty()).then_some(req.staged_root.as_str());
+                let staged =
+                    (!req.staged_root.is_empty()).then_some((req.staged_root.as_str(), req.staged_digest.as_str()));
                 run.converge(&req.stack_json, &stack, &req.files_root, staged, &options, rollback, &events).await
             };
             let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge", Some(&locks))).await;
@@ -533,11 +534,8 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let req = request.into_inner();
         check_project(&req.project)?;
-        let revisions = self.revisions.clone();
-        let project = req.project.clone();
-        let kept = blocking(move || revisions.list(&project)).await?;
-        let target = revisions::pick(&kept, req.to, &req.to_deploy).map_err(AgentError::from)?;
-        let (_, dirs) = self.stack_of(&target.stack_json, &target.files_root)?;
+        // The revision's own tree replaces `files` (see `Run::restore`).
+        let dirs = self.project_dirs(&req.project, &format!("stack-{}", req.project));
         let options = converge::Options {
             health_timeout: health_timeout(req.health_timeout_seconds),
             min_healthy: Duration::from_secs(u64::from(req.min_healthy_seconds)),
@@ -551,6 +549,17 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             let project = req.project.clone();
             let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            // Picked under the lock: a converge its controller left may
+            // have recorded a revision while this waited.
+            let listed = revisions.list(&project);
+            let target = match listed.and_then(|kept| Ok((revisions::pick(&kept, req.to, &req.to_deploy)?, kept))) {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = tx.send(Err(stack_status(e, &project))).await;
+                    return;
+                }
+            };
+            let (target, kept) = target;
             let operator = peer.operator.clone();
             let number = target.number;
             let work = |events: Events| async move {
@@ -562,7 +571,14 @@ impl Agent for AgentService {
                     operator,
                     deploy_id: target.deploy_id.clone(),
                 };
-                let mut outcome = run.restore(&target, &options, &events).await?;
+                let mut outcome = match run.restore(&target, &options, &events).await {
+                    Ok(outcome) => outcome,
+                    // Half-way is no place to stay: back to what ran.
+                    Err(e) => match kept.last().filter(|newest| newest.number != target.number) {
+                        Some(newest) => return Err(run.back_to(newest, e, &options, &events).await),
+                        None => return Err(e),
+                    },
+                };
                 let action = format!("rollback to {}", target.number);
                 outcome.summary = format!("back on revision {}: {}", target.number, outcome.summary);
                 run.record(&target.stack_json, &req.project, &target.files_root, &action, &outcome).await;
@@ -602,13 +618,13 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let req = request.into_inner();
         check_project(&req.project)?;
-        let guard = self.locks.acquire(&req.project, &req.holder).map_err(AgentError::from)?;
+        let pending = self.locks.try_acquire(&req.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let stop = self.shutdown.clone();
-        let (history, revisions) = (self.history.clone(), self.revisions.clone());
+        let (history, revisions, locks) = (self.history.clone(), self.revisions.clone(), self.locks.clone());
         tokio::spawn(async move {
-            let _guard = guard;
+            let Some(_guard) = lock_after_orphan(pending, &locks, &req.project, &req.holder, &tx).await else { return };
             let (project, volumes) = (req.project.clone(), req.volumes);
             // A stack taken down has no revision to return to: a deploy
             // that fails later leaves nothing running, as before it.
@@ -810,13 +826,13 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::BuildImagesStream>, Status> {
         let req = request.into_inner();
         let (stack, dirs) = self.stack_of(&req.stack_json, &req.files_root)?;
-        let guard = self.locks.acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
+        let pending = self.locks.try_acquire(&stack.project, &req.holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let (tx, rx) = mpsc::channel(64);
-        let stop = self.shutdown.clone();
+        let (stop, locks) = (self.shutdown.clone(), self.locks.clone());
         tokio::spawn(async move {
-            let _guard = guard;
             let project = stack.project.clone();
+            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
             let tags = req.tags;
             let work = |events: Events| async move {
                 converge::images::build_tags(&docker, &stack, &tags, &dirs, &events).await
@@ -1087,12 +1103,18 @@ impl AgentService {
         })?;
         check_project(&stack.project)?;
         engine::sync::check_root(files_root)?;
-        let dirs = converge::StackDirs {
+        let dirs = self.project_dirs(&stack.project, files_root);
+        Ok((stack, dirs))
+    }
+
+    /// Where a project's files (tree `files_root`), temporary files and
+    /// credentials record are; both names checked by the caller.
+    fn project_dirs(&self, project: &str, files_root: &str) -> converge::StackDirs {
+        converge::StackDirs {
             files: self.sync.tree(files_root),
             work: self.sync.work_dir(),
-            credentials: self.state_dir.join("credentials").join(format!("{}.json", stack.project)),
-        };
-        Ok((stack, dirs))
+            credentials: self.state_dir.join("credentials").join(format!("{project}.json")),
+        }
     }
 }
 
@@ -1123,7 +1145,13 @@ async fn lock_after_orphan(
         ev.set_action(StackAction::Waiting);
         let _ = tx.try_send(Ok(ev));
     };
-    match locks.acquire_after_orphan(project, holder, ORPHAN_PATIENCE, waiting).await {
+    let acquired = tokio::select! {
+        acquired = locks.acquire_after_orphan(project, holder, ORPHAN_PATIENCE, waiting) => acquired,
+        // Its own controller went away while it waited: nothing was done,
+        // and nothing is left to finish alone.
+        () = tx.closed() => return None,
+    };
+    match acquired {
         Ok(g) => Some(g),
         Err(e) => {
             let _ = tx.send(Err(stack_status(e, project))).await;

@@ -55,6 +55,17 @@ pub fn bundle_sha256(bundle: &v1::InstallBundle) -> String {
     hex::encode(Sha256::digest(judged.encode_to_vec()))
 }
 
+/// The sha256 of a sync manifest's entries, in order (the protobuf
+/// encoding of the manifest without its root): a converge checks that the
+/// staged tree it writes the stack's files from holds what its deploy
+/// synced (`ConvergeRequest.staged_digest`).
+pub fn manifest_digest(entries: &[v1::SyncEntry]) -> String {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let manifest = v1::SyncManifest { root: String::new(), entries: entries.to_vec() };
+    hex::encode(Sha256::digest(manifest.encode_to_vec()))
+}
+
 /// Whether `name` can name a secret: a shell-style variable name
 /// (`[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes), as Compose interpolation
 /// reads it. The controller checks `x-mlops.secrets` with it and the agent

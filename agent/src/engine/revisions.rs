@@ -99,11 +99,15 @@ impl Revisions {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(EngineError::io_at("reading", &dir)(e)),
         };
+        // Only `<n>.json` (a temporary file a crash left is not one), and
+        // only when it says it is revision n.
         let mut out: Vec<Record> = entries
             .flatten()
-            .filter(|f| f.file_name().to_str().is_some_and(|n| n.ends_with(".json")))
-            .filter_map(|f| std::fs::read(f.path()).ok())
-            .filter_map(|b| serde_json::from_slice::<Record>(&b).ok())
+            .filter_map(|f| {
+                let n: u64 = f.file_name().to_str()?.strip_suffix(".json")?.parse().ok()?;
+                let r = serde_json::from_slice::<Record>(&std::fs::read(f.path()).ok()?).ok()?;
+                (r.number == n).then_some(r)
+            })
             .collect();
         out.sort_by_key(|r| r.number);
         Ok(out)
@@ -182,33 +186,47 @@ pub struct Run<'a> {
 
 impl Run<'_> {
     /// Converges `stack` (given as `stack_json`, from tree `files_root`,
-    /// first written from tree `staged` when given) and records the result
-    /// as the newest revision. When it fails and `rollback` is set, the
-    /// host returns to the newest revision kept before it (files, model,
-    /// images), and the error says so.
+    /// first written from tree `staged` when given, which must hold what
+    /// `staged_digest` says) and records the result as the newest
+    /// revision. What the converge refuses up front is refused before the
+    /// stack's files are written. When it fails later and `rollback` is
+    /// set, the host returns to the newest revision kept before it (files,
+    /// model, images), and the error says so.
     #[allow(clippy::too_many_arguments)]
     pub async fn converge(
         &self,
         stack_json: &str,
         stack: &Stack,
         files_root: &str,
-        staged: Option<&str>,
+        staged: Option<(&str, &str)>,
         options: &Options,
         rollback: bool,
         ev: &Events,
     ) -> Result<Outcome, EngineError> {
         let previous = self.revisions.newest(&stack.project)?;
+        let staged_files = match staged {
+            Some((root, digest)) => {
+                let files = self.sync.manifest(root)?.ok_or_else(|| {
+                    EngineError::NotFound(format!("no files were synced to `{root}`; deploy again"))
+                })?;
+                let entries: Vec<mlops_proto::v1::SyncEntry> = files.iter().map(Into::into).collect();
+                if !digest.is_empty() && mlops_proto::manifest_digest(&entries) != digest {
+                    return Err(EngineError::bad_request(
+                        "staged_digest",
+                        format!("`{root}` no longer holds the files this deploy synced (another deploy synced since); nothing was changed, deploy again"),
+                    ));
+                }
+                converge::precheck(self.docker, stack, &self.sync.tree(root), self.dirs, &options.rotating).await?;
+                Some(files)
+            }
+            None => None,
+        };
         let converged = async {
-            if let Some(staged) = staged {
-                let (sync, staged, live) = (self.sync.clone(), staged.to_string(), files_root.to_string());
-                tokio::task::spawn_blocking(move || {
-                    let files = sync.manifest(&staged)?.ok_or_else(|| {
-                        EngineError::NotFound(format!("no files were synced to `{staged}`; sync again"))
-                    })?;
-                    sync.restore(&live, &files)
-                })
-                .await
-                .map_err(|e| EngineError::io("writing the stack's files")(std::io::Error::other(e)))??;
+            if let Some(files) = staged_files {
+                let (sync, live) = (self.sync.clone(), files_root.to_string());
+                tokio::task::spawn_blocking(move || sync.restore(&live, &files))
+                    .await
+                    .map_err(|e| EngineError::io("writing the stack's files")(std::io::Error::other(e)))??;
             }
             converge::converge(self.docker, stack, self.dirs, options, ev).await
         };
@@ -222,20 +240,26 @@ impl Run<'_> {
             Err(e @ (EngineError::Locked { .. } | EngineError::NoEngine { .. })) => Err(e),
             Err(e) => match previous.filter(|_| rollback) {
                 None => Err(e),
-                Some(previous) => {
-                    let revision = previous.number;
-                    ev.say("", Action::RollingBack, format!("returning to revision {revision}: {e}")).await;
-                    let mut options = options.clone();
-                    options.rotating.clear();
-                    let rollback_error = self.restore(&previous, &options, ev).await.err().map(|e| e.to_string());
-                    Err(EngineError::RolledBack { cause: Box::new(e), revision, rollback_error })
-                }
+                Some(previous) => Err(self.back_to(&previous, e, options, ev).await),
             },
         }
     }
 
+    /// After `cause`, the host returns to `revision`; the error says how
+    /// that went.
+    pub async fn back_to(&self, revision: &Record, cause: EngineError, options: &Options, ev: &Events) -> EngineError {
+        let number = revision.number;
+        ev.say("", Action::RollingBack, format!("returning to revision {number}: {cause}")).await;
+        let mut options = options.clone();
+        options.rotating.clear();
+        let rollback_error = self.restore(revision, &options, ev).await.err().map(|e| e.to_string());
+        EngineError::RolledBack { cause: Box::new(cause), revision: number, rollback_error }
+    }
+
     /// Brings the project back to `revision`: its files written again from
-    /// the blobs kept, its model converged with its images by ID.
+    /// the blobs kept, its model converged with its images by ID. What can
+    /// be checked first (the model, its images, its credentials against
+    /// the data) is, before any file is written.
     pub async fn restore(&self, revision: &Record, options: &Options, ev: &Events) -> Result<Outcome, EngineError> {
         if !revision.files_kept {
             return Err(EngineError::NotFound(format!(
@@ -245,6 +269,17 @@ impl Run<'_> {
         }
         let stack: Stack = serde_json::from_str(&revision.stack_json)
             .map_err(|e| EngineError::bad_request("revision", format!("revision {}: {e}", revision.number)))?;
+        for (service, id) in &revision.images {
+            if self.docker.inspect_image(id).await.is_err() {
+                return Err(EngineError::NotFound(format!(
+                    "revision {}: the image of service `{service}` ({id}) is no longer on this host; deploy instead",
+                    revision.number
+                )));
+            }
+        }
+        stack.start_order().map_err(|m| EngineError::bad_request("revision", m))?;
+        super::converge::credentials::check_and_record(self.docker, &stack, &self.dirs.credentials, &options.rotating)
+            .await?;
         let (sync, root, files) = (self.sync.clone(), revision.files_root.clone(), revision.files.clone());
         tokio::task::spawn_blocking(move || sync.restore(&root, &files))
             .await
@@ -328,8 +363,19 @@ pub fn pick(kept: &[Record], to: u64, to_deploy: &str) -> Result<Record, EngineE
 /// The tag that keeps image `id` for `project`'s revisions.
 fn kept_tag(project: &str, id: &str) -> Option<String> {
     let hex = id.strip_prefix("sha256:").filter(|h| h.len() >= 32)?;
-    // A tag is at most 128 characters: `r` + 32 + `.` + the project.
-    Some(format!("r{}.{}", &hex[..32], project).chars().take(128).collect())
+    Some(format!("r{}.{}", &hex[..32], tag_suffix(project)))
+}
+
+/// The project as the end of a tag (at most 128 characters: `r` + 32 +
+/// `.` + this): itself when it fits, else a hash of it, so two long names
+/// never share their tags.
+fn tag_suffix(project: &str) -> String {
+    use sha2::Digest;
+    if project.len() <= 128 - 34 {
+        project.to_string()
+    } else {
+        format!("h{}", hex::encode(&sha2::Sha256::digest(project.as_bytes())[..16]))
+    }
 }
 
 /// Tags every image the `kept` revisions use, and removes the tags of
@@ -347,7 +393,7 @@ pub async fn keep_images(docker: &Docker, project: &str, kept: &[Record]) {
             .into_iter()
             .flat_map(|i| i.repo_tags)
             .filter_map(|t| t.strip_prefix(&format!("{KEPT_REPO}:")).map(str::to_string))
-            .filter(|t| t.len() > 34 && &t[33..34] == "." && t[34..] == *project.chars().take(128 - 34).collect::<String>())
+            .filter(|t| t.len() > 34 && &t[33..34] == "." && t[34..] == tag_suffix(project))
             .collect(),
         Err(e) => {
             tracing::warn!(project, "cannot list the images kept for revisions: {e}");
@@ -393,8 +439,12 @@ mod tests {
         r.record("q", Record::default()).unwrap();
         r.clear("q").unwrap();
         assert!(r.list("q").unwrap().is_empty() && r.newest("p").unwrap().is_some(), "cleared, that project only");
-        // A file cut by a crash is skipped, and numbering goes on after the newest.
+        // A file cut by a crash is skipped, so is a temporary file it left,
+        // and numbering goes on after the newest.
         std::fs::write(dir.path().join("revisions/p/99.json"), b"{\"number\": 99, \"summ").unwrap();
+        let whole = std::fs::read(dir.path().join("revisions/p/5.json")).unwrap();
+        std::fs::write(dir.path().join("revisions/p/.mlops-tmp.ab.1.json"), &whole).unwrap();
+        assert_eq!(r.list("p").unwrap().len(), KEEP);
         assert_eq!(r.newest("p").unwrap().unwrap().number, KEEP as u64 + 3);
         r.confirm("p", "d1").unwrap();
         r.confirm("p", "d1").unwrap();
@@ -426,6 +476,7 @@ mod tests {
         assert_eq!(t, format!("r{}.my_proj-1", "ab".repeat(16)));
         assert!(t.len() <= 128);
         assert!(kept_tag("p", "not-an-id").is_none());
-        assert!(kept_tag(&"x".repeat(200), &id).unwrap().len() == 128);
+        let long = kept_tag(&"x".repeat(200), &id).unwrap();
+        assert!(long.len() <= 128 && long != kept_tag(&format!("{}y", "x".repeat(199)), &id).unwrap());
     }
 }

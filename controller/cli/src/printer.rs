@@ -137,12 +137,21 @@ impl Printer {
     /// The per-host results of a command as JSON: `ok`, `failed` and one
     /// entry per host with its result or its error and hint.
     fn report_json<R: serde::Serialize>(&self, command: &str, r: &HostResults<R>) {
+        self.report_json_with(command, r, json!({}));
+    }
+
+    /// [`Self::report_json`] with the fields of `extra` added at the top.
+    fn report_json_with<R: serde::Serialize>(&self, command: &str, r: &HostResults<R>, extra: serde_json::Value) {
         let mut hosts: Vec<serde_json::Value> =
             r.ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
         hosts.extend(
             r.failed.iter().map(|(h, e)| json!({"host": h, "ok": false, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})),
         );
-        self.json(&json!({"command": command, "ok": r.ok.len(), "failed": r.failed.len(), "hosts": hosts}));
+        let mut out = json!({"command": command, "ok": r.ok.len(), "failed": r.failed.len(), "hosts": hosts});
+        if let (Some(out), serde_json::Value::Object(extra)) = (out.as_object_mut(), extra) {
+            out.extend(extra);
+        }
+        self.json(&out);
     }
 
     /// The closing lines on stderr: every failed host, with cause and hint.
@@ -162,7 +171,7 @@ impl Printer {
 
     pub fn deploy(&self, r: &DeployReport, targets: &[Target]) -> i32 {
         match self.output {
-            Output::Json => self.report_json("deploy", &r.hosts),
+            Output::Json => self.report_json_with("deploy", &r.hosts, json!({"phases": r.phases})),
             Output::Text => {
                 if !r.hosts.ok.is_empty() {
                     let rows: Vec<Vec<String>> = r.hosts.ok.iter().map(|(_, o)| agent_row(o)).collect();
@@ -198,6 +207,11 @@ impl Printer {
                             ));
                         }
                     }
+                }
+                if r.phases.len() > 1 {
+                    let phases: Vec<String> =
+                        r.phases.iter().map(|p| format!("{} {:.1} s", p.name, p.ms as f64 / 1000.0)).collect();
+                    self.stderr_line(&format!("time: {}", phases.join(", ")));
                 }
                 self.summarize("deploy", &r.hosts);
             }
@@ -572,22 +586,11 @@ impl Printer {
 
     pub fn plan(&self, p: &PlanReport) -> i32 {
         match self.output {
-            Output::Json => {
-                let mut hosts: Vec<serde_json::Value> =
-                    p.hosts.ok.iter().map(|(h, o)| json!({"host": h, "ok": true, "result": o})).collect();
-                hosts.extend(p.hosts.failed.iter().map(|(h, e)| {
-                    json!({"host": h, "ok": false, "error": mlops_controller::client::error_chain(e), "hint": e.hint()})
-                }));
-                self.json(&json!({
-                    "command": "plan",
-                    "project": p.project,
-                    "batches": p.batches,
-                    "generated_secrets": p.generated,
-                    "ok": p.hosts.ok.len(),
-                    "failed": p.hosts.failed.len(),
-                    "hosts": hosts,
-                }));
-            }
+            Output::Json => self.report_json_with(
+                "plan",
+                &p.hosts,
+                json!({"project": p.project, "batches": p.batches, "generated_secrets": p.generated}),
+            ),
             Output::Text => {
                 let mut out = Vec::new();
                 for (h, o) in &p.hosts.ok {

@@ -69,9 +69,13 @@ impl RolloutOptions {
         self.min_healthy_seconds.unwrap_or(if self.serial.is_some() { 10 } else { 0 })
     }
 
-    /// Failed hosts allowed among `total`.
+    /// Failed hosts allowed among `total`: a share is rounded down, so
+    /// `10%` of 3 hosts allows none (never more than the share says).
     pub fn max_fail(&self, total: usize) -> usize {
-        self.max_fail.unwrap_or(Count::Hosts(0)).of(total)
+        match self.max_fail.unwrap_or(Count::Hosts(0)) {
+            Count::Hosts(n) => n,
+            Count::Percent(p) => total * usize::from(p) / 100,
+        }
     }
 }
 
@@ -85,14 +89,18 @@ pub fn batches(hosts: &[String], serial: Option<Count>) -> Vec<Vec<String>> {
     hosts.chunks(size).map(<[String]>::to_vec).collect()
 }
 
+/// Four hex digits that tell apart two runs started in the same second.
+pub fn salt() -> String {
+    use sha2::Digest;
+    let now = time::OffsetDateTime::now_utc();
+    let digest = sha2::Sha256::digest(format!("{} {}", now.unix_timestamp_nanos(), std::process::id()));
+    hex::encode(&digest[..2])
+}
+
 /// An id for one deploy over many hosts, kept with each host's revision
 /// (`mlopsctl rollback --to-deploy ID`): the UTC time and a random suffix.
 pub fn deploy_id() -> String {
-    use sha2::Digest;
     let now = time::OffsetDateTime::now_utc();
-    // Two deploys started in the same second are told apart.
-    let salt = sha2::Sha256::digest(format!("{} {}", now.unix_timestamp_nanos(), std::process::id()));
-    let suffix = &salt[..2];
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z-{}",
         now.year(),
@@ -101,7 +109,7 @@ pub fn deploy_id() -> String {
         now.hour(),
         now.minute(),
         now.second(),
-        hex::encode(suffix)
+        salt()
     )
 }
 
@@ -146,6 +154,8 @@ mod tests {
         assert_eq!(o.min_healthy_seconds(), 10);
         o.max_fail = Some(Count::Percent(30));
         assert_eq!(o.max_fail(10), 3);
+        o.max_fail = Some(Count::Percent(10));
+        assert_eq!(o.max_fail(3), 0, "a share of failures rounds down");
         let id = deploy_id();
         assert!(id.len() == 21 && id.as_bytes()[8] == b'T' && id.contains("Z-"), "{id}");
     }

@@ -244,6 +244,7 @@ pub async fn converge(
         holder: plan.holder.clone(),
         files_root: plan.files_root(),
         staged_root: plan.staged_root(),
+        staged_digest: if plan.sync_only { String::new() } else { mlops_proto::manifest_digest(&plan.tree.entries) },
         health_timeout_seconds: plan.health_timeout_seconds,
         rotating: plan.rotating.clone(),
         min_healthy_seconds: plan.min_healthy_seconds,

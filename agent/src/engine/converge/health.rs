@@ -184,8 +184,16 @@ pub async fn hold(
         let state = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
         let (st, restarts) = (state.state.unwrap_or_default(), state.restart_count.unwrap_or(0));
         if st.running != Some(true) {
-            // Completed (gate accepted it): nothing to watch.
-            continue;
+            // Completed, as a service nothing restarts may: nothing to
+            // watch. Anything else stopped since the gate looked.
+            let completed = st.status.map(|s| s.to_string()).as_deref() == Some("exited")
+                && st.exit_code == Some(0)
+                && completes(svc);
+            if completed {
+                continue;
+            }
+            let logs = tail_logs(docker, id, 5).await;
+            return Err(EngineError::Exited { service: name.clone(), code: st.exit_code.unwrap_or(0), logs });
         }
         let started = st.started_at.as_deref().and_then(rfc3339_ms).unwrap_or_else(now_ms);
         watched.push((name.clone(), id.clone(), started, restarts));
@@ -209,7 +217,7 @@ pub async fn hold(
         if now_ms() >= until {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(250).min(Duration::from_millis(until - now_ms()))).await;
+        tokio::time::sleep(Duration::from_millis(250).min(Duration::from_millis(until.saturating_sub(now_ms())))).await;
     }
 }
 

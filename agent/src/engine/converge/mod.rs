@@ -110,6 +110,21 @@ pub async fn converge(
     Ok(Outcome { summary, services, images: images.ids, config_hashes: hashes })
 }
 
+/// What converge refuses before it touches anything: bind mounts nested in
+/// another service's writable one (their sources read from `files_dir`),
+/// a dependency cycle, credentials that differ from those of existing data.
+pub async fn precheck(
+    docker: &Docker,
+    stack: &Stack,
+    files_dir: &Path,
+    dirs: &StackDirs,
+    rotating: &[String],
+) -> Result<(), EngineError> {
+    check_nested_binds(stack, files_dir)?;
+    stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
+    credentials::check_and_record(docker, stack, &dirs.credentials, rotating).await
+}
+
 /// A bind mount's source or a build context, as the stack names it.
 enum Source<'a> {
     /// `./x` or `x`: inside the stack's synced tree, resolved beneath it.

@@ -39,6 +39,34 @@ pub struct DeployOptions {
 pub struct DeployReport {
     pub hosts: HostResults<DeployOutcome>,
     pub stack: Option<Stack>,
+    /// How long each phase took, in order (`agents`, `secrets`, then per
+    /// batch `stage`, `images`, `converge`).
+    pub phases: Vec<Phase>,
+}
+
+/// A phase of a deploy and its wall time.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Phase {
+    pub name: String,
+    pub ms: u64,
+}
+
+/// Records phases as they end.
+struct Clock {
+    phases: Vec<Phase>,
+    since: std::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock { phases: Vec::new(), since: std::time::Instant::now() }
+    }
+
+    fn lap(&mut self, name: impl Into<String>) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.phases.push(Phase { name: name.into(), ms });
+        self.since = std::time::Instant::now();
+    }
 }
 
 pub async fn deploy(
@@ -104,6 +132,7 @@ pub async fn deploy(
         }));
     }
 
+    let mut clock = Clock::new();
     // 1. Every agent up to date, and what each host holds of the project's
     //    secrets; connections stay open.
     let bundles = Arc::new(bundles);
@@ -127,6 +156,7 @@ pub async fn deploy(
     })
     .await;
 
+    clock.lap("agents");
     // 2. The secrets, decided from what the hosts hold. When they cannot
     //    be, every host fails with the reason and nothing more is done.
     let mut prepared = prepared;
@@ -147,7 +177,7 @@ pub async fn deploy(
                     }
                     prepared.failed.sort_by_key(|(n, _)| setup.targets.iter().position(|t| t.name == *n));
                     let hosts = HostResults { ok: Vec::new(), failed: prepared.failed };
-                    return Ok(DeployReport { hosts, stack: None });
+                    return Ok(DeployReport { hosts, stack: None, phases: clock.phases });
                 }
                 Ok(resolved) => {
                     if !resolved.generated.is_empty() {
@@ -204,6 +234,7 @@ pub async fn deploy(
     // after one that failed beyond --max-fail are left as they are.
     let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let plan = Arc::new(plan);
+    clock.lap("secrets");
     let mut failed = prepared.failed;
     let mut waiting: BTreeMap<String, PreparedHost> = prepared.ok.into_iter().collect();
     let order: Vec<String> = match &layout {
@@ -240,14 +271,26 @@ pub async fn deploy(
             report.info(&format!("batch {}/{}: {}", i + 1, batches.len(), batch.join(", ")));
         }
         let rolling = batches.len() > 1;
-        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, items, rolling, &mut failed).await;
+        let label = if rolling { format!("batch {}: ", i + 1) } else { String::new() };
+        let batch = Batch { items, rolling, label };
+        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, batch, &mut failed, &mut clock)
+            .await;
         hosts.ok.extend(done.ok);
         hosts.failed.extend(done.failed);
     }
     sources.close_all().await;
     hosts.failed.append(&mut failed);
     hosts.sort_by_targets(&setup.targets);
-    Ok(DeployReport { hosts, stack })
+    Ok(DeployReport { hosts, stack, phases: clock.phases })
+}
+
+/// The hosts of one batch, and how its phases are named.
+struct Batch {
+    items: Vec<(String, PreparedHost)>,
+    /// One of several batches (hosts of later batches may load images
+    /// from this one's).
+    rolling: bool,
+    label: String,
 }
 
 /// One batch of the rollout: each host's secrets, Docker and files; the
@@ -264,10 +307,11 @@ async fn roll_batch(
     layout: &Option<crate::placement::Layout>,
     stack: &Option<Stack>,
     sources: &ImageSources,
-    items: Vec<(String, PreparedHost)>,
-    rolling: bool,
+    batch: Batch,
     failed: &mut Vec<(String, ControllerError)>,
+    clock: &mut Clock,
 ) -> HostResults<DeployOutcome> {
+    let Batch { items, rolling, label } = batch;
     // 3. Per host: the secrets it lacks, Docker and the stack's files (and,
     //    deploying to several hosts, which of its images the host has).
     let items = items.into_iter().map(|(name, prepared)| (targets[&name].clone(), prepared)).collect();
@@ -294,6 +338,7 @@ async fn roll_batch(
     staged.sort_by_targets(&setup.targets);
     failed.append(&mut staged.failed);
 
+    clock.lap(format!("{label}stage"));
     // 4. Images some host lacks: built once, where no host has them,
     //    before any host converges (see `crate::images`).
     if let Some((p, _)) = plan.as_ref().as_ref().filter(|(p, _)| p.images) {
@@ -306,6 +351,7 @@ async fn roll_batch(
         }
     }
 
+    clock.lap(format!("{label}images"));
     // 5. Per host: its images from their sources, then the stack; in
     //    waves when the stack is split between hosts.
     let names: Vec<String> = staged.ok.iter().map(|(n, _)| n.clone()).collect();
@@ -349,6 +395,7 @@ async fn roll_batch(
         hosts.ok.append(&mut done.ok);
         hosts.failed.append(&mut done.failed);
     }
+    clock.lap(format!("{label}converge"));
     hosts
 }
 

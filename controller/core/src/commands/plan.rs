@@ -189,11 +189,27 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
     .await;
     planned.sort_by_targets(&setup.targets);
 
-    // 4. Where each image would come from, as deploy decides it.
-    let reports: Vec<(String, Vec<ImageState>)> = planned.ok.iter().map(|(n, (_, i))| (n.clone(), i.clone())).collect();
-    let assignment = images::assign(&reports, &Default::default());
+    // 4. Where each image would come from, as deploy decides it: batch by
+    //    batch, an image a host of an earlier batch has (or got) comes from
+    //    there, else from a host of this batch that has it, else it is
+    //    built by the first host of this batch that lacks it.
+    let reports: BTreeMap<String, Vec<ImageState>> =
+        planned.ok.iter().map(|(n, (_, i))| (n.clone(), i.clone())).collect();
     let order: Vec<String> = layout.waves_of(&planned.ok.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()).concat();
     let batches = crate::rollout::batches(&order, opts.rollout.serial);
+    let mut source_of: BTreeMap<images::ImageKey, String> = BTreeMap::new();
+    for batch in &batches {
+        let these: Vec<(String, Vec<ImageState>)> = batch.iter().map(|n| (n.clone(), reports[n].clone())).collect();
+        let available = source_of.keys().cloned().collect();
+        let assignment = images::assign(&these, &available);
+        source_of.extend(assignment.source_of);
+        // After its batch, a host has every image of its part.
+        for (host, states) in &these {
+            for i in states {
+                source_of.entry((i.tag.clone(), i.context_hash.clone())).or_insert_with(|| host.clone());
+            }
+        }
+    }
     let mut hosts = HostResults { ok: Vec::new(), failed: probed.failed };
     hosts.failed.append(&mut planned.failed);
     for (name, (mut host, states)) in planned.ok {
@@ -202,7 +218,7 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
             .iter()
             .map(|i| {
                 let key = (i.tag.clone(), i.context_hash.clone());
-                let source = assignment.source_of.get(&key);
+                let source = source_of.get(&key);
                 let (action, from) = match source {
                     _ if !i.id.is_empty() => ("current", None),
                     Some(s) if *s == name => ("build", None),
@@ -280,7 +296,7 @@ async fn preview(
         let what = if plan.install_docker { "install" } else { "none answers (and --no-docker-install)" };
         return Ok((fresh(plan, host, "running".into(), what), fresh_images(plan, host)));
     };
-    let scratch = format!("plan-{}-{:x}", plan.project, std::process::id());
+    let scratch = format!("plan-{}-{:x}-{}", plan.project, std::process::id(), crate::rollout::salt());
     let sync = stack::sync(conn, &scratch, &plan.tree).await?;
     let request = PlanStackRequest { stack_json: plan.stack_json_for(host), files_root: scratch, live_root: plan.files_root() };
     let reply = conn.raw().plan_stack(request).await.map_err(|s| rpc("PlanStack", s))?.into_inner();
