@@ -19,8 +19,8 @@ use mlops_proto::v1::{
     BuildImagesRequest, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind,
     GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse,
     HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, LoadImageReply,
-    LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest,
-    SaveImageRequest, Secrets, ServiceState, StackAction,
+    LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision,
+    RevisionsReply, RevisionsRequest, RollbackRequest, SaveImageRequest, Secrets, ServiceState, StackAction,
     StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
     SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
 };

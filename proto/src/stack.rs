@@ -98,12 +98,27 @@ pub struct Placement {
     /// when some host of the stack does not run it).
     #[serde(default)]
     pub remote_ports: BTreeMap<String, Vec<u16>>,
+    /// Services Prometheus scrapes wherever they run: service → its
+    /// metrics port and the file (in the stack directory) the controller
+    /// writes its targets to, in Prometheus's `file_sd` format: one target
+    /// per host running it (by its instance name) when the stack is split
+    /// between hosts, the service's own name otherwise.
+    #[serde(default)]
+    pub scrape: BTreeMap<String, Scrape>,
 }
 
 impl Placement {
     pub fn is_empty(&self) -> bool {
-        self.roles.is_empty() && self.every_host.is_empty() && self.remote_ports.is_empty()
+        self.roles.is_empty() && self.every_host.is_empty() && self.remote_ports.is_empty() && self.scrape.is_empty()
     }
+}
+
+/// One service of [`Placement::scrape`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scrape {
+    pub port: u16,
+    /// Relative to the stack directory.
+    pub file: String,
 }
 
 /// One role of [`Placement`].

@@ -59,7 +59,13 @@ async fn each_phase_of_converge_works_on_its_own() {
 
     // 3. The plan for an empty project creates everything; nothing ran yet.
     let hashes = plan::config_hashes(&stack, &order, &built.ids, dir.path()).unwrap();
-    let first = plan::plan(&stack, &order, &hashes, &Default::default(), plan::existing(&engine, &stack.project).await.unwrap());
+    let first = plan::plan(
+        &stack,
+        &order,
+        &hashes,
+        &Default::default(),
+        plan::existing(&engine, &stack.project).await.unwrap(),
+    );
     assert!(first.services.iter().all(|s| s.action == PlanAction::Create), "{first:?}");
     assert_eq!(host.docker(&["ps", "-aq", "--filter", &label]), "", "planning changes nothing");
 
@@ -80,7 +86,13 @@ async fn each_phase_of_converge_works_on_its_own() {
     assert!(e.contains("is no longer on this host"), "{e}");
 
     // The same model again: every container is kept.
-    let second = plan::plan(&stack, &order, &hashes, &Default::default(), plan::existing(&engine, &stack.project).await.unwrap());
+    let second = plan::plan(
+        &stack,
+        &order,
+        &hashes,
+        &Default::default(),
+        plan::existing(&engine, &stack.project).await.unwrap(),
+    );
     for s in &second.services {
         assert!(matches!(&s.action, PlanAction::Keep { id, .. } if *id == ids[&s.service].0), "{s:?}");
     }
@@ -90,7 +102,13 @@ async fn each_phase_of_converge_works_on_its_own() {
     smaller.services.remove("web");
     let order = smaller.start_order().unwrap();
     let hashes = plan::config_hashes(&smaller, &order, &built.ids, dir.path()).unwrap();
-    let third = plan::plan(&smaller, &order, &hashes, &Default::default(), plan::existing(&engine, &stack.project).await.unwrap());
+    let third = plan::plan(
+        &smaller,
+        &order,
+        &hashes,
+        &Default::default(),
+        plan::existing(&engine, &stack.project).await.unwrap(),
+    );
     assert_eq!(third.orphans.iter().map(|o| o.service.as_str()).collect::<Vec<_>>(), ["web"]);
     assert!(orphans::remove(&engine, &third.orphans, &ev).await.unwrap());
     assert_eq!(host.docker(&["ps", "-aq", "--filter", &format!("id={}", ids["web"].0)]), "");

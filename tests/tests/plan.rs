@@ -126,7 +126,8 @@ fn plan_changes_nothing_and_deploy_does_what_it_said() {
         let live = h.path(&format!("/var/lib/mlops-agent/trees/stack-{project}/db.conf"));
         assert_eq!(std::fs::read_to_string(live).unwrap(), "size=1\n", "the stack's tree is untouched");
         let trees = std::fs::read_dir(h.path("/var/lib/mlops-agent/trees")).unwrap();
-        let scratch: Vec<_> = trees.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("plan-")).collect();
+        let scratch: Vec<_> =
+            trees.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("plan-")).collect();
         assert!(scratch.is_empty(), "the scratch tree is removed");
     }
     let after: Vec<String> = hosts.iter().map(|h| containers(h, &project)).collect();

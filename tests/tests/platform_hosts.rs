@@ -10,7 +10,8 @@
 //! hosts' addresses; a DAG task runs on pl-b's Celery worker and the API
 //! server on pl-a returns its log (fetched from pl-b's log server); the
 //! `spark_pi` DAG succeeds with its driver in pl-b's worker and executors
-//! on pl-b and pl-c.
+//! on pl-b and pl-c; Prometheus on pl-a scrapes the node exporter of every
+//! host.
 //!
 //! Grafana is left out (`--skip grafana`): no registry here. Slow (the
 //! platform's images are built once, then shipped); run in CI.
@@ -140,4 +141,22 @@ fn the_platform_spans_hosts_by_inventory_group() {
     let log = api(&a, &tok, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{id}/taskInstances/{task}/logs/1"), None);
     let text = log.to_string();
     assert!(text.contains("Pi is roughly"), "the log, from pl-b's log server: {text}");
+
+    // Prometheus on pl-a scrapes every host's node exporter, each by its
+    // instance name, published on its host's inventory address only.
+    let bound = c.docker(&["port", &format!("{PROJECT}-node-exporter-1"), "9100"]);
+    assert_eq!(bound.trim(), format!("{}:9100", c.addr), "{bound}");
+    wait_for("every host's node exporter to be up in Prometheus", Duration::from_secs(120), || {
+        let (code, text) = a.curl(&["http://127.0.0.1:19001/api/v1/targets?state=active"]);
+        let targets: Value = serde_json::from_str(&text).ok()?;
+        let up: Vec<String> = targets["data"]["activeTargets"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["labels"]["job"] == "node" && t["health"] == "up")
+            .filter_map(|t| t["labels"]["host"].as_str().map(str::to_string))
+            .collect();
+        let mut up = up;
+        up.sort();
+        (code == 200 && up == [a.name.clone(), b.name.clone(), c.name.clone()]).then_some(())
+    });
 }

@@ -178,7 +178,8 @@ fn a_host_down_or_a_controller_killed_mid_rollout_leaves_every_host_on_a_revisio
     let dir = stack.path().display().to_string();
     let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
     let rollout = |extra: &[&str]| {
-        let mut args = vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
+        let mut args =
+            vec!["deploy", "--identity", &key, "--stack", &dir, "--health-timeout", "60", "--output", "json"];
         for s in &specs {
             args.extend(["--host", s.as_str()]);
         }

@@ -136,7 +136,8 @@ mod tests {
             drop(g);
         };
         let mut told = String::new();
-        let (got, ()) = tokio::join!(locks.acquire_after_orphan("p", "bob", patience, |h| told = h.to_string()), release);
+        let (got, ()) =
+            tokio::join!(locks.acquire_after_orphan("p", "bob", patience, |h| told = h.to_string()), release);
         assert!(got.is_ok());
         assert_eq!(told, "alice");
         assert_eq!(locks.holder("p").as_deref(), Some("bob"));

@@ -206,14 +206,17 @@ impl Run<'_> {
         let previous = self.revisions.newest(&stack.project)?;
         let staged_files = match staged {
             Some((root, digest)) => {
-                let files = self.sync.manifest(root)?.ok_or_else(|| {
-                    EngineError::NotFound(format!("no files were synced to `{root}`; deploy again"))
-                })?;
+                let files = self
+                    .sync
+                    .manifest(root)?
+                    .ok_or_else(|| EngineError::NotFound(format!("no files were synced to `{root}`; deploy again")))?;
                 let entries: Vec<mlops_proto::v1::SyncEntry> = files.iter().map(Into::into).collect();
                 if !digest.is_empty() && mlops_proto::manifest_digest(&entries) != digest {
                     return Err(EngineError::bad_request(
                         "staged_digest",
-                        format!("`{root}` no longer holds the files this deploy synced (another deploy synced since); nothing was changed, deploy again"),
+                        format!(
+                            "`{root}` no longer holds the files this deploy synced (another deploy synced since); nothing was changed, deploy again"
+                        ),
                     ));
                 }
                 converge::precheck(self.docker, stack, &self.sync.tree(root), self.dirs, &options.rotating).await?;
@@ -388,18 +391,19 @@ pub async fn keep_images(docker: &Docker, project: &str, kept: &[Record]) {
         .filter_map(|id| kept_tag(project, id).map(|t| (t, id.clone())))
         .collect();
     let filters = std::collections::HashMap::from([("reference".to_string(), vec![KEPT_REPO.to_string()])]);
-    let have: BTreeSet<String> = match docker.list_images(Some(ListImagesOptionsBuilder::new().filters(&filters).build())).await {
-        Ok(images) => images
-            .into_iter()
-            .flat_map(|i| i.repo_tags)
-            .filter_map(|t| t.strip_prefix(&format!("{KEPT_REPO}:")).map(str::to_string))
-            .filter(|t| t.len() > 34 && &t[33..34] == "." && t[34..] == tag_suffix(project))
-            .collect(),
-        Err(e) => {
-            tracing::warn!(project, "cannot list the images kept for revisions: {e}");
-            return;
-        }
-    };
+    let have: BTreeSet<String> =
+        match docker.list_images(Some(ListImagesOptionsBuilder::new().filters(&filters).build())).await {
+            Ok(images) => images
+                .into_iter()
+                .flat_map(|i| i.repo_tags)
+                .filter_map(|t| t.strip_prefix(&format!("{KEPT_REPO}:")).map(str::to_string))
+                .filter(|t| t.len() > 34 && &t[33..34] == "." && t[34..] == tag_suffix(project))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(project, "cannot list the images kept for revisions: {e}");
+                return;
+            }
+        };
     for (tag, id) in &wanted {
         if have.contains(tag) {
             continue;

@@ -80,9 +80,21 @@ fn main() -> Result<()> {
     for &n in &sizes {
         let some: Vec<&TestHost> = hosts.iter().take(n).collect();
         let (first, _) = deploy(&some, &[])?;
-        println!("first deploy of {n} hosts (agents installed, Docker, files, image built once and shipped): {:.1} s", first.as_secs_f64());
-        let noop: Vec<Duration> = (0..runs).map(|_| deploy(&some, &[]).map(|(d, _)| d)).collect::<Result<_>>()?;
+        println!(
+            "first deploy of {n} hosts (agents installed, Docker, files, image built once and shipped): {:.1} s",
+            first.as_secs_f64()
+        );
+        let mut last = None;
+        let mut noop = Vec::new();
+        for _ in 0..runs {
+            let (took, run) = deploy(&some, &[])?;
+            noop.push(took);
+            last = Some(run);
+        }
         report(&format!("no-op deploy of a stack, {n} hosts"), &noop, if n <= 20 { "0.5 s" } else { "1 s" });
+        if let Some(run) = last {
+            print_phases(&run);
+        }
     }
 
     // A changed service rolled over 6 hosts, 2 at a time.
@@ -90,9 +102,15 @@ fn main() -> Result<()> {
     stack.write_compose(&compose(2))?;
     let (took, run) = deploy(&six, &["--serial", "2", "--min-healthy-time", "0"])?;
     println!("changed service over 6 hosts in batches of 2: {:.2} s", took.as_secs_f64());
+    print_phases(&run);
+    Ok(())
+}
+
+/// The phases the deploy reported (`phases` in its JSON).
+fn print_phases(run: &CtlRun) {
     let json = run.json();
     for phase in json["phases"].as_array().into_iter().flatten() {
-        println!("  {:<28} {:>8.2} s", phase["name"].as_str().unwrap_or("?"), phase["ms"].as_u64().unwrap_or(0) as f64 / 1000.0);
+        let secs = phase["ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        println!("  {:<28} {secs:>8.2} s", phase["name"].as_str().unwrap_or("?"));
     }
-    Ok(())
 }

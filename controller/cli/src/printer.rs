@@ -19,9 +19,9 @@ use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::history::HostHistory;
-use mlops_controller::commands::plan::PlanReport;
 use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
 use mlops_controller::commands::pki::RotateReport as PkiRotateReport;
+use mlops_controller::commands::plan::PlanReport;
 use mlops_controller::commands::rotate::RotateReport;
 use mlops_controller::commands::secrets::SecretsReport;
 use mlops_controller::commands::state::Moved;
@@ -594,7 +594,10 @@ impl Printer {
             Output::Text => {
                 let mut out = Vec::new();
                 for (h, o) in &p.hosts.ok {
-                    out.push(format!("{h}{}:", if p.batches > 1 { format!(" (batch {}/{})", o.batch, p.batches) } else { String::new() }));
+                    out.push(format!(
+                        "{h}{}:",
+                        if p.batches > 1 { format!(" (batch {}/{})", o.batch, p.batches) } else { String::new() }
+                    ));
                     if o.agent != "running" {
                         out.push(format!("  agent: {}", neutralise(&o.agent)));
                     }
@@ -620,7 +623,10 @@ impl Printer {
                         let why = if s.reasons.is_empty() {
                             String::new()
                         } else {
-                            format!(" ({})", s.reasons.iter().map(|r| neutralise(r).into_owned()).collect::<Vec<_>>().join(", "))
+                            format!(
+                                " ({})",
+                                s.reasons.iter().map(|r| neutralise(r).into_owned()).collect::<Vec<_>>().join(", ")
+                            )
                         };
                         out.push(format!("  {}: {}{why}", s.service, s.action));
                     }
@@ -634,7 +640,10 @@ impl Printer {
                 if !out.is_empty() {
                     self.stdout(&out.join("\n"));
                 }
-                self.stderr_line(&format!("plan of stack `{}`: nothing was changed; `mlopsctl deploy` with the same flags does this", p.project));
+                self.stderr_line(&format!(
+                    "plan of stack `{}`: nothing was changed; `mlopsctl deploy` with the same flags does this",
+                    p.project
+                ));
                 if !p.hosts.failed.is_empty() {
                     self.summarize("plan", &p.hosts);
                 }

@@ -475,12 +475,11 @@ impl Parser<'_> {
                     format!("x-mlops.placement: service `{name}` is in no role and not in every_host; name its place"),
                 ));
             }
-            for service in placement.remote_ports.keys() {
+            let listed = placement.remote_ports.keys().map(|s| ("remote_ports", s));
+            for (what, service) in listed.chain(placement.scrape.keys().map(|s| ("scrape", s))) {
                 if !stack.services.contains_key(service) && !self.all_services.contains(service) {
-                    let at = self.placement_at.get(&format!("remote_ports {service}"));
-                    return Err(
-                        self.err_at(at, format!("x-mlops.placement.remote_ports: `{service}` is not a service"))
-                    );
+                    let at = self.placement_at.get(&format!("{what} {service}"));
+                    return Err(self.err_at(at, format!("x-mlops.placement.{what}: `{service}` is not a service")));
                 }
             }
         }
@@ -669,6 +668,49 @@ impl Parser<'_> {
                         }
                         self.placement_at.insert(format!("remote_ports {service}"), sk.clone());
                         p.remote_ports.insert(service, ports);
+                    }
+                }
+                "scrape" => {
+                    for (sk, sv) in self.map(v, "x-mlops.placement.scrape")? {
+                        let service = sk.as_key().unwrap_or_default();
+                        let mut scrape = mlops_proto::stack::Scrape::default();
+                        for (fk, fv) in self.map(sv, "a scraped service")? {
+                            match fk.as_key().unwrap_or_default().as_str() {
+                                "port" => {
+                                    let text = self.string(fv, "port")?;
+                                    scrape.port = match text.parse::<u16>() {
+                                        Ok(port) if port > 0 => port,
+                                        _ => return Err(self.err(fv, format!("`{text}` is not a port number"))),
+                                    };
+                                }
+                                "file" => {
+                                    let file = self.string(fv, "file")?;
+                                    let inside = !file.is_empty()
+                                        && std::path::Path::new(&file)
+                                            .components()
+                                            .all(|c| matches!(c, std::path::Component::Normal(_)));
+                                    if !inside {
+                                        return Err(self.err(
+                                            fv,
+                                            format!(
+                                                "`{file}` is not a path inside the stack directory (relative, no `..`)"
+                                            ),
+                                        ));
+                                    }
+                                    scrape.file = file;
+                                }
+                                other => {
+                                    self.warn(fk, format!("unknown key `{other}` in a scraped service is ignored"));
+                                }
+                            }
+                        }
+                        if scrape.port == 0 || scrape.file.is_empty() {
+                            return Err(
+                                self.err(sv, format!("x-mlops.placement.scrape.{service} needs `port` and `file`"))
+                            );
+                        }
+                        self.placement_at.insert(format!("scrape {service}"), sk.clone());
+                        p.scrape.insert(service, scrape);
                     }
                 }
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops.placement is ignored")),
@@ -1337,6 +1379,7 @@ pub fn skip_services(stack: &mut Stack, skip: &[String]) -> Result<(), String> {
     }
     placement.every_host.retain(|s| !skip.contains(s));
     placement.remote_ports.retain(|s, _| !skip.contains(s));
+    placement.scrape.retain(|s, _| !skip.contains(s));
     if stack.services.is_empty() {
         return Err("--skip leaves no service".into());
     }

@@ -353,6 +353,11 @@ fn placement_names_services_once_each() {
     let placement = ok(&good).stack.options.placement;
     assert!(placement.roles["db"].single && !placement.roles["web"].single);
     assert_eq!(placement.remote_ports["db"], [5432]);
+    let scraped = format!(
+        "x-mlops:\n  placement:\n    every_host: [db, web]\n    scrape: {{db: {{port: 9, file: m/t.json}}}}\n{base}"
+    );
+    let scrape = &ok(&scraped).stack.options.placement.scrape["db"];
+    assert_eq!((scrape.port, scrape.file.as_str()), (9, "m/t.json"));
     let cases = [
         ("roles: {db: {services: [db]}}", "service `web` is in no role"),
         ("roles: {db: {services: [db, web]}, web: {services: [web]}}", "`web` is in role db and in role web"),
@@ -362,6 +367,17 @@ fn placement_names_services_once_each() {
             "`99999` is not a port",
         ),
         ("roles: {\"a b\": {services: [db, web]}}", "is not an inventory group name"),
+        (
+            "every_host: [db, web]\n    scrape: {nope: {port: 1, file: t.json}}",
+            "placement.scrape: `nope` is not a service",
+        ),
+        ("every_host: [db, web]\n    scrape: {db: {port: 0, file: t.json}}", "`0` is not a port number"),
+        (
+            "every_host: [db, web]\n    scrape: {db: {port: 9, file: ../t.json}}",
+            "not a path inside the stack directory",
+        ),
+        ("every_host: [db, web]\n    scrape: {db: {port: 9, file: /t.json}}", "not a path inside the stack directory"),
+        ("every_host: [db, web]\n    scrape: {db: {file: t.json}}", "scrape.db needs `port` and `file`"),
     ];
     for (placement, message) in cases {
         let text = format!("x-mlops:\n  placement:\n    {placement}\n{base}");

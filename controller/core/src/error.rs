@@ -72,7 +72,9 @@ pub enum ControllerError {
     ProviderFailed { host: String, service: String, dependency: String, provider: String },
     /// A rolling deploy stopped before this host's batch: more hosts
     /// failed than `--max-fail` allows. Nothing of the stack was changed here.
-    #[error("{host}: not deployed: the rollout stopped before batch {batch}: {failed} failed, and --max-fail allows {allowed}")]
+    #[error(
+        "{host}: not deployed: the rollout stopped before batch {batch}: {failed} failed, and --max-fail allows {allowed}"
+    )]
     RolloutStopped { host: String, batch: usize, failed: String, allowed: usize },
     /// The host that was to build an image for this one could not.
     #[error("{host}: image {tag} comes from another host of this deploy, which failed: {message}")]

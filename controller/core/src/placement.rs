@@ -246,16 +246,49 @@ fn address_given(host: &Target) -> Result<IpAddr, ControllerError> {
     })
 }
 
-/// Services with `remote_ports` in a role of several hosts.
+/// Services with `remote_ports` in a role of several hosts, or on every
+/// host: each host's is reached by its own instance name.
 fn instanced(stack: &Stack) -> BTreeSet<String> {
     let p = &stack.options.placement;
     p.roles
         .values()
         .filter(|r| !r.single)
         .flat_map(|r| r.services.iter())
+        .chain(p.every_host.iter())
         .filter(|s| p.remote_ports.contains_key(*s) && stack.services.contains_key(*s))
         .cloned()
         .collect()
+}
+
+/// The `file_sd` targets of each scraped service (`x-mlops.placement.scrape`):
+/// (file, JSON). Split between hosts, one target group per host running a
+/// service, by its instance name when it has one (a `host` label names the
+/// host); else the service by its name.
+pub fn scrape_targets(stack: &Stack, layout: &Layout) -> Vec<(String, String)> {
+    let instanced = instanced(stack);
+    let mut out = Vec::new();
+    for (service, scrape) in &stack.options.placement.scrape {
+        if !stack.services.contains_key(service) {
+            continue;
+        }
+        let groups: Vec<serde_json::Value> = if layout.split && instanced.contains(service) {
+            layout
+                .hosts_of(service)
+                .into_iter()
+                .map(|h| {
+                    serde_json::json!({
+                        "targets": [format!("{}:{}", instance_name(service, h), scrape.port)],
+                        "labels": {"host": h},
+                    })
+                })
+                .collect()
+        } else {
+            vec![serde_json::json!({"targets": [format!("{service}:{}", scrape.port)]})]
+        };
+        let text = serde_json::to_string_pretty(&groups).expect("serializable") + "\n";
+        out.push((scrape.file.clone(), text));
+    }
+    out
 }
 
 /// `<service>-<host>`, as a host name: lowercase letters, digits and `-`,
@@ -324,8 +357,10 @@ pub fn render(stack: &Stack, layout: &Layout, host: &str) -> Stack {
                 }
             }
         }
+        // Other hosts reach it: some host lacks it, or each host's own is
+        // reached by its instance name (Prometheus scraping every host).
         if let (Some(ports), Some(ip)) = (stack.options.placement.remote_ports.get(name), layout.addresses.get(host))
-            && lacking(name)
+            && (lacking(name) || instanced.contains(name))
         {
             for &port in ports {
                 let p = Port {
@@ -453,6 +488,42 @@ volumes:
         let a = render(&s, &l, "a");
         assert!(a.services["web"].extra_hosts.contains(&"worker-b:10.0.0.2".to_string()));
         assert_eq!(instance_name("airflow-worker", "Worker01.example.com"), "airflow-worker-worker01-example-com");
+    }
+
+    #[test]
+    fn every_hosts_scraped_service_is_published_and_listed_by_instance_name() {
+        let mut s = stack();
+        s.options.placement.remote_ports.insert("exporter".into(), vec![9100]);
+        s.options
+            .placement
+            .scrape
+            .insert("exporter".into(), mlops_proto::stack::Scrape { port: 9100, file: "targets/exporter.json".into() });
+        let one = place(&s, &[host("a", "10.0.0.1", &[])]).unwrap();
+        let files = scrape_targets(&s, &one);
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, "targets/exporter.json");
+        let groups: serde_json::Value = serde_json::from_str(&files[0].1).unwrap();
+        assert_eq!(groups, serde_json::json!([{"targets": ["exporter:9100"]}]), "one host: by service name");
+        assert!(render(&s, &one, "a").services["exporter"].ports.is_empty(), "one host: nothing published");
+
+        let hosts = [host("a", "10.0.0.1", &["db", "web"]), host("b", "10.0.0.2", &["workers"])];
+        let l = place(&s, &hosts).unwrap();
+        let groups: serde_json::Value = serde_json::from_str(&scrape_targets(&s, &l)[0].1).unwrap();
+        assert_eq!(
+            groups,
+            serde_json::json!([
+                {"targets": ["exporter-a:9100"], "labels": {"host": "a"}},
+                {"targets": ["exporter-b:9100"], "labels": {"host": "b"}},
+            ])
+        );
+        for (h, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+            let rendered = render(&s, &l, h);
+            let ports = &rendered.services["exporter"].ports;
+            assert_eq!(ports.len(), 1, "{h}: {ports:?}");
+            assert_eq!((ports[0].host_ip.as_str(), ports[0].host_port), (ip, Some(9100)), "inventory address only");
+        }
+        let a = render(&s, &l, "a");
+        assert!(a.services["exporter"].extra_hosts.contains(&"exporter-b:10.0.0.2".to_string()));
     }
 
     #[test]

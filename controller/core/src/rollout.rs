@@ -137,9 +137,10 @@ mod tests {
 
     #[test]
     fn hosts_are_cut_in_order_and_a_batch_is_never_empty() {
-        assert_eq!(batches(&names(5), Some(Count::Hosts(2))), vec![names(2), vec!["h3".into(), "h4".into()], vec![
-            "h5".to_string()
-        ]]);
+        assert_eq!(
+            batches(&names(5), Some(Count::Hosts(2))),
+            vec![names(2), vec!["h3".into(), "h4".into()], vec!["h5".to_string()]]
+        );
         assert_eq!(batches(&names(3), None), vec![names(3)]);
         assert_eq!(batches(&names(3), Some(Count::Percent(0))).len(), 3, "0% is one host per batch");
         assert_eq!(batches(&names(3), Some(Count::Hosts(0))).len(), 3);

@@ -181,8 +181,9 @@ impl LocalTree {
             }
             parent = p.parent();
         }
+        let replaced: u64 = self.entries.iter().filter(|e| e.path == rel).map(|e| e.size).sum();
         self.entries.retain(|e| e.path != rel);
-        self.total_bytes += size;
+        self.total_bytes = self.total_bytes - replaced + size;
         self.sources.insert(sha.clone(), source.to_path_buf());
         self.entries.push(SyncEntry { path: rel.to_string(), size, mode, sha256: sha, ..Default::default() });
         self.entries.sort_by(|a, b| a.path.cmp(&b.path));

@@ -208,8 +208,7 @@ pub async fn hold(
             let inspect = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
             let st = inspect.state.clone().unwrap_or_default();
             let now_started = st.started_at.as_deref().and_then(rfc3339_ms).unwrap_or(*started);
-            if st.running != Some(true) || inspect.restart_count.unwrap_or(0) != *restarts || now_started != *started
-            {
+            if st.running != Some(true) || inspect.restart_count.unwrap_or(0) != *restarts || now_started != *started {
                 let logs = tail_logs(docker, id, 5).await;
                 return Err(EngineError::Exited { service: name.clone(), code: st.exit_code.unwrap_or(0), logs });
             }

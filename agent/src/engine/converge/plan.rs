@@ -342,7 +342,13 @@ mod tests {
         let duplicate = Existing { id: "dup".into(), ..keep.clone() };
         let renamed = Existing { id: "renamed".into(), names: vec!["other-name".into()], ..keep.clone() };
         let orphan = container(&s, "gone", "h", "running", 0);
-        let p = plan(&s, &order, &hashes(&[("a", "h")]), &BTreeMap::new(), vec![keep.clone(), duplicate, renamed, orphan.clone()]);
+        let p = plan(
+            &s,
+            &order,
+            &hashes(&[("a", "h")]),
+            &BTreeMap::new(),
+            vec![keep.clone(), duplicate, renamed, orphan.clone()],
+        );
         assert_eq!(p.services[0].action, Action::Keep { id: keep.id, state: "running".into() });
         let mut stale = p.services[0].stale.clone();
         stale.sort();

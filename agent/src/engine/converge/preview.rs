@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use bollard::Docker;
 use mlops_proto::stack::Stack;
 
+use super::StackDirs;
 use super::images::{self, ImageState};
 use super::plan::{self, Action};
-use super::StackDirs;
 use crate::engine::EngineError;
 
 /// One service's fate.
@@ -147,12 +147,10 @@ mod tests {
         let same = why(old, old, "sha256:x");
         assert_eq!(same, ["its configuration changed"]);
         let new = r#"{"model":"b","image":"j","files":{"./x.conf":"2"},"deps":{"db":"d2"}}"#;
-        assert_eq!(why(old, new, "(new image of t)"), [
-            "config",
-            "image (built or pulled first)",
-            "file ./x.conf",
-            "dependency `db` is replaced"
-        ]);
+        assert_eq!(
+            why(old, new, "(new image of t)"),
+            ["config", "image (built or pulled first)", "file ./x.conf", "dependency `db` is replaced"]
+        );
         assert_eq!(why("", new, "i"), ["its configuration changed (its container predates config parts)"]);
     }
 }

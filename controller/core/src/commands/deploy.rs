@@ -84,10 +84,10 @@ pub async fn deploy(
     }
     // Read (and checked) before any host is touched; its secrets are
     // stand-ins until the hosts have been asked for theirs.
-    let loaded = if opts.no_stack { None } else { Some(stack_opts.load(&setup.state, report.as_ref())?) };
+    let mut loaded = if opts.no_stack { None } else { Some(stack_opts.load(&setup.state, report.as_ref())?) };
     // Where each service runs: checked against the whole inventory now.
-    let layout = match &loaded {
-        Some(l) => Some(crate::placement::place(&l.stack, &setup.all_hosts)?),
+    let layout = match loaded.as_mut() {
+        Some(l) => Some(l.place(&setup.all_hosts, &setup.state)?),
         None => None,
     };
     if let Some(layout) = layout.as_ref().filter(|l| l.split) {
@@ -120,16 +120,19 @@ pub async fn deploy(
 
     let deploy_id = crate::rollout::deploy_id();
     if loaded.is_some() {
-        report.info(&format!("deploy {deploy_id}{}", match opts.rollout.serial {
-            Some(n) => format!(
-                ": {n} host(s) per batch, each healthy before the next{}",
-                match opts.rollout.max_fail(setup.targets.len()) {
-                    0 => String::new(),
-                    m => format!(", up to {m} failed host(s)"),
-                }
-            ),
-            None => String::new(),
-        }));
+        report.info(&format!(
+            "deploy {deploy_id}{}",
+            match opts.rollout.serial {
+                Some(n) => format!(
+                    ": {n} host(s) per batch, each healthy before the next{}",
+                    match opts.rollout.max_fail(setup.targets.len()) {
+                        0 => String::new(),
+                        m => format!(", up to {m} failed host(s)"),
+                    }
+                ),
+                None => String::new(),
+            }
+        ));
     }
 
     let mut clock = Clock::new();
@@ -262,7 +265,8 @@ pub async fn deploy(
         if let Some((at, why)) = &stopped {
             for (name, (host, _)) in items {
                 host.close().await;
-                let e = ControllerError::RolloutStopped { host: name.clone(), batch: *at, failed: why.clone(), allowed };
+                let e =
+                    ControllerError::RolloutStopped { host: name.clone(), batch: *at, failed: why.clone(), allowed };
                 failed.push((name, e));
             }
             continue;
@@ -273,8 +277,9 @@ pub async fn deploy(
         let rolling = batches.len() > 1;
         let label = if rolling { format!("batch {}: ", i + 1) } else { String::new() };
         let batch = Batch { items, rolling, label };
-        let done = roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, batch, &mut failed, &mut clock)
-            .await;
+        let done =
+            roll_batch(setup, &report, &targets, &plan, &layout, &stack, &sources, batch, &mut failed, &mut clock)
+                .await;
         hosts.ok.extend(done.ok);
         hosts.failed.extend(done.failed);
     }

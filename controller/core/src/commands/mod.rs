@@ -250,3 +250,31 @@ pub struct LoadedStack {
     pub stack: mlops_proto::stack::Stack,
     pub tree: Arc<LocalTree>,
 }
+
+impl LoadedStack {
+    /// Where each service runs among `all_hosts` (see [`crate::placement`]),
+    /// with the files that depend on it (`x-mlops.placement.scrape`
+    /// targets) written into the state directory and put in the tree.
+    pub fn place(
+        &mut self,
+        all_hosts: &[mlops_inventory::Target],
+        state: &StateDir,
+    ) -> Result<crate::placement::Layout, ControllerError> {
+        let layout = crate::placement::place(&self.stack, all_hosts)?;
+        let generated = crate::placement::scrape_targets(&self.stack, &layout);
+        if !generated.is_empty() {
+            let dir = state.path.join("generated").join(&self.stack.project);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ControllerError::Local(format!("cannot create {}: {e}", dir.display())))?;
+            let mut tree = (*self.tree).clone();
+            for (file, text) in generated {
+                let local = dir.join(file.replace('/', "__"));
+                std::fs::write(&local, text)
+                    .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", local.display())))?;
+                tree.add_file(&file, &local, 0o644)?;
+            }
+            self.tree = Arc::new(tree);
+        }
+        Ok(layout)
+    }
+}

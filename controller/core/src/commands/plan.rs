@@ -96,8 +96,8 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
     if opts.expose {
         stack_opts.vars.push(("MLOPS_BIND_ADDRESS".into(), "0.0.0.0".into()));
     }
-    let loaded = stack_opts.load(&setup.state, report.as_ref())?;
-    let layout = crate::placement::place(&loaded.stack, &setup.all_hosts)?;
+    let mut loaded = stack_opts.load(&setup.state, report.as_ref())?;
+    let layout = loaded.place(&setup.all_hosts, &setup.state)?;
     let project = loaded.stack.project.clone();
 
     // 1. Each host's agent, if it answers, and the secrets it holds.
@@ -283,8 +283,12 @@ async fn preview(
 ) -> Result<(HostPlan, Vec<ImageState>), ControllerError> {
     let name = conn.host().to_string();
     let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&name, call, &s);
-    let mut stream =
-        conn.raw().ensure_docker(EnsureDockerRequest { install: false }).await.map_err(|s| rpc("EnsureDocker", s))?.into_inner();
+    let mut stream = conn
+        .raw()
+        .ensure_docker(EnsureDockerRequest { install: false })
+        .await
+        .map_err(|s| rpc("EnsureDocker", s))?
+        .into_inner();
     let mut docker = None;
     while let Some(p) = stream.next().await {
         let p = p.map_err(|s| rpc("EnsureDocker", s))?;
@@ -298,7 +302,8 @@ async fn preview(
     };
     let scratch = format!("plan-{}-{:x}-{}", plan.project, std::process::id(), crate::rollout::salt());
     let sync = stack::sync(conn, &scratch, &plan.tree).await?;
-    let request = PlanStackRequest { stack_json: plan.stack_json_for(host), files_root: scratch, live_root: plan.files_root() };
+    let request =
+        PlanStackRequest { stack_json: plan.stack_json_for(host), files_root: scratch, live_root: plan.files_root() };
     let reply = conn.raw().plan_stack(request).await.map_err(|s| rpc("PlanStack", s))?.into_inner();
     let host_plan = HostPlan {
         agent: "running".into(),

@@ -15,7 +15,9 @@ pub async fn sync(
     opts: &StackOptions,
     report: Arc<dyn Report>,
 ) -> Result<HostResults<SyncOutcome>, ControllerError> {
-    let loaded = opts.load(&setup.state, report.as_ref())?;
+    let mut loaded = opts.load(&setup.state, report.as_ref())?;
+    // The files placement generates (scrape targets) go too.
+    loaded.place(&setup.all_hosts, &setup.state)?;
     let plan = Arc::new(StackPlan {
         project: loaded.stack.project.clone(),
         stack_json: String::new(),
