@@ -873,6 +873,9 @@ impl TestEnv {
             .env("USER", "root")
             .env("MLOPS_STATE_DIR", &self.state)
             .env("MLOPS_AGENT_BINARY", &self.agent)
+            // Never this machine's engine as a source of images: a test
+            // that wants one names a test host's (`ctl_with`).
+            .env("DOCKER_HOST", format!("unix://{}/no-docker-engine.sock", self.home.display()))
             .stdin(Stdio::null());
         if let Some(exporter) = &self.exporter {
             cmd.env("MLOPS_AIRFLOW_EXPORTER_BINARY", exporter);

@@ -102,3 +102,70 @@ fn an_image_is_built_on_one_host_and_shipped_to_the_others() {
         assert_eq!(image_id(h, &tag), new_id, "the running image stays: {}", h.name);
     }
 }
+
+/// A stack that pulls its image (`image:` without `build:`).
+const PULLED: &str = r#"
+name: "{project}"
+services:
+  app:
+    image: "{project}-pulled:1"
+    command: ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
+"#;
+
+/// An image the stack pulls and no host has comes from the controller
+/// machine's own Docker engine (how a user with a registry supplies
+/// Grafana to hosts without one). Here a test host's engine stands in for
+/// it, named by DOCKER_HOST: the tests never use this machine's engine.
+#[test]
+fn an_image_no_host_has_comes_from_the_controller_machines_engine() {
+    let env = TestEnv::new().unwrap();
+    let (local, h1, h2) =
+        (env.docker_host("loc0").unwrap(), env.docker_host("loc1").unwrap(), env.docker_host("loc2").unwrap());
+    let stack = TestStack::new(PULLED).unwrap();
+    let tag = format!("{}-pulled:1", stack.project);
+    local.docker(&["build", "-q", "-t", &tag, &stack.path().join("img").display().to_string()]);
+    let id = image_id(&local, &tag);
+    let engine = format!("unix://{}", local.docker_socket().display());
+    let (key, dir) = (env.key.display().to_string(), stack.path().display().to_string());
+    let run = |command: &str, hosts: &[&TestHost], extra: &[&str]| {
+        let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+        let mut args = vec![command, "--identity", &key, "--stack", &dir, "--output", "json"];
+        if command == "deploy" {
+            args.extend(["--health-timeout", "60"]);
+        }
+        for s in &specs {
+            args.extend(["--host", s.as_str()]);
+        }
+        args.extend(extra);
+        env.ctl_with(&args, &[("DOCKER_HOST", engine.as_str())])
+    };
+
+    // 1. Told not to, the host pulls it, and there is no registry here:
+    //    the deploy fails naming the image; nothing was taken from the engine.
+    let refused = run("deploy", &[&h2], &["--no-local-images"]).expect_code(1);
+    assert!(refused.stdout.contains(&tag) || refused.stderr.contains(&tag), "{}", refused.stderr);
+    assert!(h2.docker_result(&["image", "inspect", &tag]).is_err(), "h2 has no {tag}");
+
+    // 2. One host: plan says it comes from this machine's engine, and the
+    //    deploy streams it from there (the host checks the ID it loaded).
+    let plan = run("plan", &[&h1], &[]).expect_code(0).json();
+    let planned = &plan["hosts"][0]["result"]["images"][0];
+    assert_eq!((planned["tag"].as_str(), planned["action"].as_str()), (Some(tag.as_str()), Some("ship")), "{plan:#}");
+    assert_eq!(planned["from"], "this machine's Docker engine");
+    let one = run("deploy", &[&h1], &[]).expect_code(0);
+    let got = arrivals(&one);
+    assert_eq!(got[0].0, "shipped", "{got:?}");
+    assert_eq!(got[0].1["from"], "this machine's Docker engine");
+    assert!(got[0].1["bytes"].as_u64().unwrap() > 500_000, "a busybox image: {:#}", got[0].1);
+    assert!(one.stderr.contains("shipped from this machine's Docker engine"), "{}", one.stderr);
+    assert_eq!(image_id(&h1, &tag), id);
+
+    // 3. Two hosts: a host of the deploy has it now, so h2 gets it from h1
+    //    rather than from this machine; h1 receives nothing.
+    let two = run("deploy", &[&h1, &h2], &[]).expect_code(0);
+    let got = arrivals(&two);
+    assert_eq!(got[0].0, "current", "{got:?}");
+    assert_eq!((got[1].0.as_str(), got[1].1["from"].as_str()), ("shipped", Some(h1.spec("root").as_str())), "{got:?}");
+    assert_eq!(image_id(&h2, &tag), id);
+    assert!(!h2.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={}", stack.project)]).is_empty());
+}

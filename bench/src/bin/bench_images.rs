@@ -70,6 +70,7 @@ fn main() -> Result<()> {
         no_rollback: false,
         deploy_id: String::new(),
         images: true,
+        local_images: false,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -104,6 +104,9 @@ pub enum Command {
         /// Re-key agents that another controller installed (they stop trusting it); without this they are left alone.
         #[arg(long)]
         take_over: bool,
+        /// Never take images from this machine's Docker engine (by default an `image:` no host has is shipped from it when it has it; DOCKER_HOST, unix:// only, names it).
+        #[arg(long)]
+        no_local_images: bool,
         #[command(flatten)]
         rollout: RolloutArgs,
     },
@@ -120,6 +123,9 @@ pub enum Command {
         /// As deploy's --health-timeout (a deploy's; the plan waits for nothing).
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         health_timeout: u32,
+        /// As deploy's --no-local-images.
+        #[arg(long)]
+        no_local_images: bool,
         #[command(flatten)]
         rollout: RolloutArgs,
     },

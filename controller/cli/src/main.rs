@@ -114,7 +114,16 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
-        Command::Deploy { stack, no_stack, no_docker_install, expose, health_timeout, take_over: _, rollout } => {
+        Command::Deploy {
+            stack,
+            no_stack,
+            no_docker_install,
+            expose,
+            health_timeout,
+            take_over: _,
+            no_local_images,
+            rollout,
+        } => {
             let opts = DeployOptions {
                 stack: stack.into(),
                 no_stack,
@@ -122,12 +131,13 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 expose,
                 health_timeout,
                 rotating: Vec::new(),
+                local_images: !no_local_images,
                 rollout: rollout.into(),
             };
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
         }
-        Command::Plan { stack, no_docker_install, expose, health_timeout, rollout } => {
+        Command::Plan { stack, no_docker_install, expose, health_timeout, no_local_images, rollout } => {
             let opts = DeployOptions {
                 stack: stack.into(),
                 no_stack: false,
@@ -135,6 +145,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 expose,
                 health_timeout,
                 rotating: Vec::new(),
+                local_images: !no_local_images,
                 rollout: rollout.into(),
             };
             printer.plan(&commands::plan::plan(&setup, &opts, report).await?)
@@ -150,6 +161,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 expose,
                 health_timeout,
                 rotating: Vec::new(),
+                local_images: false,
                 rollout: Default::default(),
             };
             printer.rotated(&commands::rotate::rotate(&setup, &opts, &name, report).await?)

@@ -11,6 +11,11 @@
 //! controller holds an image whole); a host that already has the image ID
 //! under another name is only tagged (`TagImage`), and nothing is sent.
 //!
+//! An image the stack pulls (`image:` without `build:`) that some host
+//! lacks comes from a host that has it, else from this machine's own
+//! Docker engine when it has it (see [`crate::local_engine`]), else each
+//! host pulls it in its converge.
+//!
 //! An image is the same on two hosts when its build context hashes the
 //! same there (the agent computes it from the synced files, exactly as
 //! converge does); a host whose context differs (another CA bundle, say)
@@ -30,6 +35,7 @@ use tonic::transport::Channel;
 
 use crate::ControllerError;
 use crate::client::AgentConn;
+use crate::local_engine::LocalEngine;
 use crate::progress::{Progress, Step, bytes_human};
 use crate::stack::StackPlan;
 use crate::transport::SharedTransport;
@@ -38,8 +44,20 @@ use crate::transport::SharedTransport;
 /// (each is a `docker save` on it).
 const SAVES_PER_SOURCE: usize = 3;
 
-/// An image: its tag and the hash of its build context.
+/// The most bytes of a tarball in one `ImageChunk` (as agents send them).
+const CHUNK: usize = 1 << 20;
+
+/// An image: its tag and the hash of its build context (empty for a
+/// pulled one).
 pub type ImageKey = (String, String);
+
+/// The source named for an image from this machine's Docker engine.
+pub const LOCAL: &str = "(this machine)";
+
+/// Whether an [`ImageState`] is of an image the stack pulls.
+pub fn pulled(image: &ImageState) -> bool {
+    image.context_hash.is_empty()
+}
 
 /// Which host each missing image comes from, and who builds what.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -55,7 +73,14 @@ pub struct Assignment {
 /// comes from the first host that has it, else is built by the first
 /// host that lacks it; one in `available` (a host of an earlier batch of
 /// the rollout has it) comes from there, and is neither built nor assigned.
-pub fn assign(reports: &[(String, Vec<ImageState>)], available: &BTreeSet<ImageKey>) -> Assignment {
+/// A pulled image no host has comes from this machine's engine ([`LOCAL`])
+/// when `local` (its tags there) holds it, else from nowhere (each host
+/// pulls it).
+pub fn assign(
+    reports: &[(String, Vec<ImageState>)],
+    available: &BTreeSet<ImageKey>,
+    local: &BTreeSet<String>,
+) -> Assignment {
     let mut out = Assignment::default();
     let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
     for (_, images) in reports {
@@ -67,6 +92,8 @@ pub fn assign(reports: &[(String, Vec<ImageState>)], available: &BTreeSet<ImageK
             let holder = reports.iter().find(|(_, has)| has.iter().any(|i| !i.id.is_empty() && key(i) == k));
             let source = match holder {
                 Some((host, _)) => host.clone(),
+                None if pulled(image) && local.contains(&k.0) => LOCAL.to_string(),
+                None if pulled(image) => continue,
                 None => {
                     let builder = reports
                         .iter()
@@ -81,6 +108,33 @@ pub fn assign(reports: &[(String, Vec<ImageState>)], available: &BTreeSet<ImageK
         }
     }
     out
+}
+
+/// This machine's engine and the IDs it has of the pulled images that
+/// some host lacks and no host (nor an earlier batch) has; `None` when
+/// there are none or no engine answers.
+pub async fn local_supply(
+    reports: &[(String, Vec<ImageState>)],
+    available: &BTreeSet<ImageKey>,
+) -> Option<(LocalEngine, BTreeMap<String, String>)> {
+    let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
+    let all = || reports.iter().flat_map(|(_, images)| images.iter());
+    let wanted: BTreeSet<String> = all()
+        .filter(|i| pulled(i) && i.id.is_empty() && !available.contains(&key(i)))
+        .filter(|i| !all().any(|h| !h.id.is_empty() && key(h) == key(i)))
+        .map(|i| i.tag.clone())
+        .collect();
+    if wanted.is_empty() {
+        return None;
+    }
+    let engine = LocalEngine::connect().await?;
+    let mut ids = BTreeMap::new();
+    for tag in wanted {
+        if let Some(id) = engine.image_id(&tag).await {
+            ids.insert(tag, id);
+        }
+    }
+    Some((engine, ids))
 }
 
 /// The answer to "where does this image come from", shared by the hosts
@@ -102,17 +156,42 @@ struct Inner {
 
 #[derive(Clone)]
 pub struct Source {
+    /// A host of the deploy, or [`LOCAL`].
     host: String,
-    client: AgentClient<Channel>,
+    origin: Origin,
     id: String,
     /// Built for this deploy (else the host had it).
     built: bool,
     saves: Arc<Semaphore>,
 }
 
+/// Where a source's tarball is read from.
+#[derive(Clone)]
+enum Origin {
+    /// A host's agent (`SaveImage`).
+    Agent(AgentClient<Channel>),
+    /// This machine's engine.
+    Local(LocalEngine),
+}
+
 impl Source {
     pub fn new(host: &str, client: AgentClient<Channel>, id: String, built: bool) -> Source {
-        Source { host: host.to_string(), client, id, built, saves: Arc::new(Semaphore::new(SAVES_PER_SOURCE)) }
+        let saves = Arc::new(Semaphore::new(SAVES_PER_SOURCE));
+        Source { host: host.to_string(), origin: Origin::Agent(client), id, built, saves }
+    }
+
+    /// Image `id` from this machine's engine.
+    pub fn local(engine: LocalEngine, id: String) -> Source {
+        let saves = Arc::new(Semaphore::new(SAVES_PER_SOURCE));
+        Source { host: LOCAL.to_string(), origin: Origin::Local(engine), id, built: false, saves }
+    }
+
+    /// How the report names where it comes from.
+    fn name(&self) -> &str {
+        match self.origin {
+            Origin::Agent(_) => &self.host,
+            Origin::Local(_) => crate::local_engine::NAME,
+        }
     }
 }
 
@@ -278,6 +357,8 @@ pub async fn fetch(
             Some(Err(message)) => {
                 return Err(ControllerError::ImageSource { host, tag, message: message.clone() });
             }
+            // Pulled in the converge (no host nor this machine has it).
+            None if pulled(image) => continue,
             None => {
                 let message = "no host of this deploy has it or built it".to_string();
                 return Err(ControllerError::ImageSource { host, tag, message });
@@ -299,10 +380,16 @@ pub async fn fetch(
         if tagged {
             progress.step(Step::Image {
                 tag: tag.clone(),
-                detail: format!("as on {}; this host has its ID, nothing sent", source.host),
+                detail: format!("as on {}; this host has its ID, nothing sent", source.name()),
             });
             let ms = started.elapsed().as_millis() as u64;
-            out.push(ImageOutcome { tag, arrival: Arrival::Tagged, from: Some(source.host.clone()), bytes: 0, ms });
+            out.push(ImageOutcome {
+                tag,
+                arrival: Arrival::Tagged,
+                from: Some(source.name().to_string()),
+                bytes: 0,
+                ms,
+            });
             continue;
         }
         let (bytes, ms) = ship(conn, source, &tag).await?;
@@ -310,13 +397,13 @@ pub async fn fetch(
             tag: tag.clone(),
             detail: format!(
                 "shipped from {}: {} in {:.1} s ({}/s)",
-                source.host,
+                source.name(),
                 bytes_human(bytes),
                 ms as f64 / 1000.0,
                 bytes_human((bytes as f64 / (ms.max(1) as f64 / 1000.0)) as u64)
             ),
         });
-        out.push(ImageOutcome { tag, arrival: Arrival::Shipped, from: Some(source.host.clone()), bytes, ms });
+        out.push(ImageOutcome { tag, arrival: Arrival::Shipped, from: Some(source.name().to_string()), bytes, ms });
     }
     Ok(out)
 }
@@ -327,26 +414,47 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
     let host = conn.host().to_string();
     let _permit = source.saves.acquire().await.expect("never closed");
     let started = Instant::now();
-    let mut from = source.client.clone();
-    let save = SaveImageRequest { tag: tag.to_string(), id: source.id.clone() };
     // What goes wrong on the source is not this host's connection
     // breaking: no retry here, the error names the source.
-    let from_source = |s: tonic::Status| ControllerError::ImageSource {
-        host: host.clone(),
-        tag: tag.to_string(),
-        message: crate::client::error_chain(&ControllerError::from_status(&source.host, "SaveImage", &s)),
+    let (to, what, from) = (host.clone(), tag.to_string(), source.host.clone());
+    let failed = move |message: String| ControllerError::ImageSource { host: to.clone(), tag: what.clone(), message };
+    let from_source = {
+        let failed = failed.clone();
+        move |s: tonic::Status| {
+            failed(crate::client::error_chain(&ControllerError::from_status(&from, "SaveImage", &s)))
+        }
     };
-    let mut tarball = from.save_image(save).await.map_err(from_source)?.into_inner();
+    type Tarball =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<prost::bytes::Bytes, ControllerError>> + Send>>;
+    let mut tarball: Tarball = match &source.origin {
+        Origin::Agent(client) => {
+            let save = SaveImageRequest { tag: tag.to_string(), id: source.id.clone() };
+            let stream = client.clone().save_image(save).await.map_err(from_source.clone())?.into_inner();
+            Box::pin(stream.map(move |c| c.map(|c| c.data).map_err(&from_source)))
+        }
+        Origin::Local(engine) => {
+            // The tag may have moved since it was looked up: what is
+            // loaded is checked against the ID on the host's side.
+            let local = move |e: String| failed(format!("{}: {e}", crate::local_engine::NAME));
+            Box::pin(engine.save(tag).map(move |c| c.map_err(&local)))
+        }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let first = ImageChunk { tag: tag.to_string(), id: source.id.clone(), data: Default::default() };
     tx.send(first).await.expect("the receiver is here");
     // A failed save must fail the load, not end it early: the load call is
     // dropped (cancelled) when forwarding returns an error.
+    let (chunk_tag, chunk_id) = (tag.to_string(), source.id.clone());
     let forward = async move {
-        while let Some(chunk) = tarball.next().await {
-            let chunk = chunk.map_err(from_source)?;
-            if tx.send(chunk).await.is_err() {
-                break;
+        while let Some(data) = tarball.next().await {
+            let mut rest = data?;
+            // The engine's pieces can be larger than a gRPC message may be.
+            while !rest.is_empty() {
+                let data = rest.split_to(rest.len().min(CHUNK));
+                let chunk = ImageChunk { tag: chunk_tag.clone(), id: chunk_id.clone(), data };
+                if tx.send(chunk).await.is_err() {
+                    return Ok(());
+                }
             }
         }
         Ok::<_, ControllerError>(())
@@ -377,7 +485,7 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "sha256:pg")]),
             ("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")]),
         ];
-        let a = assign(&reports, &BTreeSet::new());
+        let a = assign(&reports, &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(a.builds, BTreeMap::from([("a".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("pg".into(), "h2".into())], "b", "b has it: nobody builds it");
@@ -391,23 +499,37 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", "")]),
             ("c".to_string(), vec![state("py", "other", "")]),
         ];
-        let a = assign(&reports, &BTreeSet::new());
+        let a = assign(&reports, &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("py".into(), "other".into())], "c");
     }
 
     #[test]
+    fn a_pulled_image_comes_from_a_host_else_this_machine_else_is_pulled() {
+        let reports = vec![
+            ("a".to_string(), vec![state("grafana", "", ""), state("redis", "", "sha256:r"), state("x", "", "")]),
+            ("b".to_string(), vec![state("grafana", "", ""), state("redis", "", ""), state("x", "", "")]),
+        ];
+        let local = BTreeSet::from(["grafana".to_string(), "redis".to_string()]);
+        let a = assign(&reports, &BTreeSet::new(), &local);
+        assert!(a.builds.is_empty(), "a pulled image is never built: {a:?}");
+        assert_eq!(a.source_of[&("grafana".into(), String::new())], LOCAL);
+        assert_eq!(a.source_of[&("redis".into(), String::new())], "a", "a host that has it first");
+        assert!(!a.source_of.contains_key(&("x".into(), String::new())), "no source: each host pulls it");
+    }
+
+    #[test]
     fn nothing_missing_nothing_to_do() {
         let reports = vec![("a".to_string(), vec![state("py", "h1", "sha256:1")])];
-        assert_eq!(assign(&reports, &BTreeSet::new()), Assignment::default());
+        assert_eq!(assign(&reports, &BTreeSet::new(), &BTreeSet::new()), Assignment::default());
     }
 
     #[test]
     fn an_image_an_earlier_batch_has_is_neither_built_nor_reassigned() {
         let reports = vec![("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")])];
         let earlier = BTreeSet::from([("py".to_string(), "h1".to_string())]);
-        let a = assign(&reports, &earlier);
+        let a = assign(&reports, &earlier, &BTreeSet::new());
         assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["pg".to_string()])]));
         assert!(!a.source_of.contains_key(&("py".into(), "h1".into())));
     }

@@ -30,6 +30,7 @@ pub mod commands;
 pub mod error;
 pub mod fanout;
 pub mod images;
+pub mod local_engine;
 pub mod placement;
 pub mod progress;
 pub mod rollout;

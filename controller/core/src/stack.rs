@@ -40,6 +40,9 @@ pub struct StackPlan {
     /// shipped to the others (see [`crate::images`]); else each host builds
     /// its own.
     pub images: bool,
+    /// An `image:` no host has may be shipped from this machine's Docker
+    /// engine (see [`crate::local_engine`]).
+    pub local_images: bool,
     /// Seconds a changed service without a health check must keep running.
     pub min_healthy_seconds: u32,
     /// A failed converge leaves the host as it failed (else it returns to
@@ -207,7 +210,14 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
         removed: sync.removed,
         bytes: sync.uploaded_bytes,
     });
-    let images = if plan.images && !plan.sync_only { crate::images::plan(conn, plan).await? } else { Vec::new() };
+    let images = match (plan.images, plan.local_images) {
+        _ if plan.sync_only => Vec::new(),
+        (true, _) => crate::images::plan(conn, plan).await?,
+        // One host: only its pulled images may come from elsewhere (this
+        // machine's engine); it builds its own in the converge.
+        (false, true) => crate::images::plan(conn, plan).await?.into_iter().filter(crate::images::pulled).collect(),
+        (false, false) => Vec::new(),
+    };
     Ok(Staged { docker_version, sync, images })
 }
 

@@ -70,28 +70,38 @@ async fn pin(docker: &Docker, name: &str, tag: &str, id: Option<&String>) -> Res
     Ok(id.clone())
 }
 
-/// An image the stack builds, as this host has it.
+/// An image of the stack, as this host has it.
 #[derive(Debug, Clone)]
 pub struct ImageState {
-    /// The first service in start order that builds the tag.
+    /// The first service in start order that uses the tag.
     pub service: String,
     pub tag: String,
+    /// The hash of its build context; empty for an `image:` (pulled) one.
     pub context_hash: String,
-    /// The image of `tag` when it was built from this context; else `None`.
+    /// The image of `tag` when it was built from this context (any image
+    /// of `tag`, for a pulled one); else `None`.
     pub id: Option<String>,
 }
 
-/// Every image the stack builds (one per tag), with its context hash
-/// here and whether the image of that tag was built from it.
+/// Every image of the stack (one per tag, in start order): those it
+/// builds with their context hash here and whether the image of that tag
+/// was built from it, those it pulls (`image:` without `build:`, not by
+/// digest) with the ID this host has of each.
 pub async fn states(docker: &Docker, stack: &Stack, dirs: &super::StackDirs) -> Result<Vec<ImageState>, EngineError> {
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
     let mut out: Vec<ImageState> = Vec::new();
     for name in &order {
-        if stack.services[name].build.is_none() {
-            continue;
-        }
         let tag = stack.image_of(name);
         if out.iter().any(|s| s.tag == tag) {
+            continue;
+        }
+        if stack.services[name].build.is_none() {
+            // A pulled image: the controller may ship it from a host (or
+            // its own engine) that has it. By digest, it is pulled.
+            if !tag.contains('@') {
+                let id = docker.inspect_image(&tag).await.ok().and_then(|i| i.id);
+                out.push(ImageState { service: name.clone(), tag, context_hash: String::new(), id });
+            }
             continue;
         }
         let ctx = context(stack, name, dirs).await?;

@@ -54,7 +54,7 @@ pub async fn preview(docker: &Docker, stack: &Stack, dirs: &StackDirs) -> Result
     for name in &order {
         let tag = stack.image_of(name);
         let id = match &stack.services[name].build {
-            Some(_) => images.iter().find(|i| i.tag == tag).and_then(|i| i.id.clone()),
+            Some(_) => images.iter().find(|i| i.tag == tag && !i.context_hash.is_empty()).and_then(|i| i.id.clone()),
             None => match docker.inspect_image(&tag).await {
                 Ok(i) => i.id,
                 Err(_) => {

@@ -32,6 +32,9 @@ pub struct DeployOptions {
     pub rotating: Vec<String>,
     /// Batches, failures tolerated, rollback and minimum healthy time.
     pub rollout: crate::rollout::RolloutOptions,
+    /// An `image:` no host has may come from this machine's Docker engine
+    /// (see [`crate::local_engine`]).
+    pub local_images: bool,
 }
 
 /// What `deploy` did: per host, and the stack model it deployed (for the
@@ -221,6 +224,7 @@ pub async fn deploy(
                         rotating: opts.rotating.clone(),
                         // With several hosts, each image is built once.
                         images: prepared.ok.len() > 1,
+                        local_images: local_images(opts, setup, &model.stack),
                         min_healthy_seconds: opts.rollout.min_healthy_seconds(),
                         no_rollback: opts.rollout.no_rollback,
                         deploy_id: deploy_id.clone(),
@@ -346,7 +350,7 @@ async fn roll_batch(
     clock.lap(format!("{label}stage"));
     // 4. Images some host lacks: built once, where no host has them,
     //    before any host converges (see `crate::images`).
-    if let Some((p, _)) = plan.as_ref().as_ref().filter(|(p, _)| p.images) {
+    if let Some((p, _)) = plan.as_ref().as_ref().filter(|(p, _)| p.images || p.local_images) {
         let (ready, built) = build_images(setup, report, p, staged.ok, sources, failed).await;
         sources.extend(&built);
         staged.ok = ready;
@@ -391,7 +395,7 @@ async fn roll_batch(
             per_host_with(items, setup.forks, &setup.ctx, report, move |target, (host, staged), ctx, progress| {
                 let (plan, sources) = (plan.clone(), shared.clone());
                 async move {
-                    let shipping = plan.as_ref().as_ref().is_some_and(|(p, _)| p.images);
+                    let shipping = plan.as_ref().as_ref().is_some_and(|(p, _)| p.images || p.local_images);
                     let stack = plan.as_ref().as_ref().map(|(p, _)| (p, staged));
                     host.finish(&target, &ctx, stack, shipping.then_some(&sources), &progress).await
                 }
@@ -467,7 +471,13 @@ async fn build_images(
         .iter()
         .map(|(name, (_, s))| (name.clone(), s.as_ref().map(|s| s.images.clone()).unwrap_or_default()))
         .collect();
-    let assignment = Arc::new(images::assign(&reports, &earlier.available()));
+    let available = earlier.available();
+    let local = match plan.local_images {
+        true => images::local_supply(&reports, &available).await,
+        false => None,
+    };
+    let local_tags = local.as_ref().map(|(_, ids)| ids.keys().cloned().collect()).unwrap_or_default();
+    let assignment = Arc::new(images::assign(&reports, &available, &local_tags));
     let (builders, mut ready): (Vec<_>, Vec<_>) =
         staged.into_iter().partition(|(name, _)| assignment.builds.contains_key(name));
     let mut built: BTreeMap<String, Vec<ImageState>> = BTreeMap::new();
@@ -499,6 +509,10 @@ async fn build_images(
     }
     let mut sources = std::collections::HashMap::new();
     for (key, from) in &assignment.source_of {
+        if let (images::LOCAL, Some((engine, ids))) = (from.as_str(), &local) {
+            sources.insert(key.clone(), Ok(images::Source::local(engine.clone(), ids[&key.0].clone())));
+            continue;
+        }
         let source = match ready.iter_mut().find(|(name, _)| name == from) {
             Some((name, (host, staged))) => {
                 let was_built = built.contains_key(name.as_str()) && assignment.builds[name.as_str()].contains(&key.0);
@@ -520,4 +534,12 @@ async fn build_images(
     }
     ready.sort_by_key(|(n, _)| setup.targets.iter().position(|t| t.name == *n));
     (ready, ImageSources::new(sources))
+}
+
+/// Whether an `image:` no host has may come from this machine's engine:
+/// allowed, the stack pulls some image, and no host is this machine.
+pub(crate) fn local_images(opts: &DeployOptions, setup: &Setup, stack: &Stack) -> bool {
+    opts.local_images
+        && stack.services.values().any(|s| s.build.is_none())
+        && !setup.targets.iter().any(|t| matches!(t.connection, mlops_inventory::Connection::Local))
 }

@@ -167,6 +167,7 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         sync_only: false,
         rotating: Vec::new(),
         images: true,
+        local_images: false,
         min_healthy_seconds: 0,
         no_rollback: false,
         deploy_id: String::new(),
@@ -197,11 +198,18 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         planned.ok.iter().map(|(n, (_, i))| (n.clone(), i.clone())).collect();
     let order: Vec<String> = layout.waves_of(&planned.ok.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()).concat();
     let batches = crate::rollout::batches(&order, opts.rollout.serial);
+    // Pulled images no host has: from this machine's engine if it has them.
+    let all: Vec<(String, Vec<ImageState>)> = reports.iter().map(|(n, i)| (n.clone(), i.clone())).collect();
+    let local = match crate::commands::deploy::local_images(opts, setup, &model.stack) {
+        true => images::local_supply(&all, &Default::default()).await.map(|(_, ids)| ids.into_keys().collect()),
+        false => None,
+    };
+    let local = local.unwrap_or_default();
     let mut source_of: BTreeMap<images::ImageKey, String> = BTreeMap::new();
     for batch in &batches {
         let these: Vec<(String, Vec<ImageState>)> = batch.iter().map(|n| (n.clone(), reports[n].clone())).collect();
         let available = source_of.keys().cloned().collect();
-        let assignment = images::assign(&these, &available);
+        let assignment = images::assign(&these, &available, &local);
         source_of.extend(assignment.source_of);
         // After its batch, a host has every image of its part.
         for (host, states) in &these {
@@ -221,8 +229,10 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
                 let source = source_of.get(&key);
                 let (action, from) = match source {
                     _ if !i.id.is_empty() => ("current", None),
+                    Some(s) if s == images::LOCAL => ("ship", Some(crate::local_engine::NAME.to_string())),
                     Some(s) if *s == name => ("build", None),
                     Some(s) => ("ship", Some(s.clone())),
+                    None if images::pulled(i) => ("pull", None),
                     None => ("build", None),
                 };
                 PlannedImage { tag: i.tag.clone(), action: action.into(), from }
@@ -268,9 +278,17 @@ fn fresh_images(plan: &StackPlan, host: &str) -> Vec<ImageState> {
     let mut out: Vec<ImageState> = Vec::new();
     for name in stack.start_order().unwrap_or_default() {
         let tag = stack.image_of(&name);
-        if stack.services[&name].build.is_some() && !out.iter().any(|i| i.tag == tag) {
-            out.push(ImageState { service: name, tag, context_hash: "(not known yet)".into(), id: String::new() });
+        if out.iter().any(|i| i.tag == tag) {
+            continue;
         }
+        // A pulled image keeps its empty context hash: another host or
+        // this machine's engine may supply it.
+        let context_hash = match stack.services[&name].build.is_some() {
+            true => "(not known yet)".to_string(),
+            false if tag.contains('@') => continue,
+            false => String::new(),
+        };
+        out.push(ImageState { service: name, tag, context_hash, id: String::new() });
     }
     out
 }

@@ -32,6 +32,7 @@ pub async fn sync(
         no_rollback: false,
         deploy_id: String::new(),
         images: false,
+        local_images: false,
     });
     Ok(per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
         let plan = plan.clone();
