@@ -147,20 +147,34 @@ where
     result
 }
 
-/// The uid owning the other end of a loopback TCP connection: the socket
-/// in `/proc/net/tcp` whose local address is `peer` and remote address is
-/// ours. `None` when it is not found (not loopback, or gone already).
-fn peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return None };
+/// The uid owning the other end of each of `peers` (loopback TCP
+/// connections to `local`): the socket in `/proc/net/tcp` whose local
+/// address is the peer and remote address is ours. A peer not found (not
+/// loopback, or gone already) has none. One read of the table for all:
+/// reading it walks the kernel's whole connection table, milliseconds on
+/// a big machine, so it is read only when handshakes pile up.
+fn peer_uids(peers: &[SocketAddr], local: SocketAddr) -> Vec<Option<u32>> {
     // The kernel prints an IPv4 address as the hex of its in-memory (network
     // order) u32 read as a native integer, and the port as plain hex.
     let hex = |a: &std::net::SocketAddrV4| format!("{:08X}:{:04X}", u32::from_ne_bytes(a.ip().octets()), a.port());
-    let (want_local, want_remote) = (hex(&peer), hex(&local));
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 7 && f[1] == want_local && f[2] == want_remote).then(|| f[7].parse().ok()).flatten()
-    })
+    let SocketAddr::V4(local) = local else { return vec![None; peers.len()] };
+    let want_remote = hex(&local);
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return vec![None; peers.len()] };
+    let owners: std::collections::HashMap<&str, u32> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 7 && f[2] == want_remote).then(|| Some((f[1], f[7].parse().ok()?))).flatten()
+        })
+        .collect();
+    peers
+        .iter()
+        .map(|p| match p {
+            SocketAddr::V4(p) => owners.get(hex(p).as_str()).copied(),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
 }
 
 async fn accept_loop(
@@ -171,11 +185,13 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut handshakes = tokio::task::JoinSet::new();
-    // Pending handshakes of connections from other users, oldest first.
+    // Pending handshakes, oldest first, with who connected once known.
     // Connections of root and the operator (the controller's tunnels come
     // from their sshd sessions) are not counted, so other local users can
-    // crowd out only each other.
-    let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = std::collections::VecDeque::new();
+    // crowd out only each other. Owners are looked up only once the cap is
+    // reached (see `peer_uids`).
+    let mut pending: std::collections::VecDeque<(tokio::task::AbortHandle, SocketAddr)> =
+        std::collections::VecDeque::new();
     let local_addr = listener.local_addr().ok();
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::new()));
     let mut evicted: u64 = 0;
@@ -197,14 +213,26 @@ async fn accept_loop(
                 let conns = conns.clone();
                 // sshd forwards the controller's bytes with Nagle on; see mlops_proto::net.
                 let tcp = QuickAck::new(tcp);
-                let trusted = local_addr
-                    .and_then(|local| peer_uid(peer, local))
-                    .is_some_and(|uid| trusted_uids.contains(&uid));
-                if !trusted && pending.len() >= MAX_HANDSHAKES && let Some(oldest) = pending.pop_front() {
-                    oldest.abort();
-                    evicted += 1;
-                    if evicted.is_power_of_two() {
-                        tracing::warn!(evicted, "too many TLS handshakes at once; dropping the oldest (idle connections?)");
+                let mut trusted = false;
+                if pending.len() >= MAX_HANDSHAKES && let Some(local) = local_addr {
+                    // Crowded: who are they? Trusted ones leave the queue
+                    // (never dropped), then the oldest other one goes.
+                    let peers: Vec<SocketAddr> =
+                        std::iter::once(peer).chain(pending.iter().map(|(_, p)| *p)).collect();
+                    let owners = peer_uids(&peers, local);
+                    let is_trusted = |uid: Option<u32>| uid.is_some_and(|u| trusted_uids.contains(&u));
+                    trusted = is_trusted(owners[0]);
+                    let mut owners = owners[1..].iter();
+                    pending.retain(|_| !owners.next().is_some_and(|uid| is_trusted(*uid)));
+                    if !trusted && pending.len() >= MAX_HANDSHAKES && let Some((oldest, _)) = pending.pop_front() {
+                        oldest.abort();
+                        evicted += 1;
+                        if evicted.is_power_of_two() {
+                            tracing::warn!(
+                                evicted,
+                                "too many TLS handshakes at once; dropping the oldest (idle connections?)"
+                            );
+                        }
                     }
                 }
                 let refusals = refusals.clone();
@@ -225,7 +253,7 @@ async fn accept_loop(
                     refusals.lock().expect("not poisoned").refused(peer, &why);
                 });
                 if !trusted {
-                    pending.push_back(handle);
+                    pending.push_back((handle, peer));
                 }
             }
             Some(done) = handshakes.join_next_with_id(), if !handshakes.is_empty() => {
@@ -233,7 +261,7 @@ async fn accept_loop(
                     Ok((id, ())) => *id,
                     Err(e) => e.id(),
                 };
-                pending.retain(|h| h.id() != id);
+                pending.retain(|(h, _)| h.id() != id);
             }
         }
     }
@@ -264,7 +292,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_conn, peer) = listener.accept().unwrap();
-        let uid = peer_uid(peer, listener.local_addr().unwrap());
-        assert_eq!(uid, Some(rustix::process::geteuid().as_raw()));
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let uids = peer_uids(&[peer, gone], listener.local_addr().unwrap());
+        assert_eq!(uids, [Some(rustix::process::geteuid().as_raw()), None]);
     }
 }

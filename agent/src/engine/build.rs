@@ -74,7 +74,7 @@ pub fn pack_with(
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
     let walk = Walk { root: dir.path(), ignore: &ignore, dockerfile };
-    walk.dir(dir.fd(), Path::new(""), 0, &mut builder)?;
+    walk.dir(dir.fd(), Path::new(""), 0, &mut Out::Tar(&mut builder))?;
     for (name, data) in extra {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
@@ -94,6 +94,130 @@ pub fn pack_with(
     Ok(Context { tar, hash: hex::encode(h.finalize()), dockerfile_text })
 }
 
+/// The hash [`pack_with`] would give, without packing when nothing in the
+/// context changed since it was last packed: a walk that only looks at
+/// each entry's metadata (device, inode, size, mode, mtime and ctime, which
+/// every write changes and no one but root can set back) finds the hash of
+/// an earlier pack. A no-op deploy asks this for every built image twice
+/// (`ImagePlan`, then the converge); reading, packing and hashing every
+/// file each time was most of the agent's work in it.
+pub fn context_hash(
+    dir: &Tree,
+    dockerfile: &str,
+    args: &BTreeMap<String, String>,
+    target: Option<&str>,
+    extra: &[(String, Vec<u8>)],
+) -> Result<String, EngineError> {
+    use std::sync::{LazyLock, Mutex};
+    static KNOWN: LazyLock<Mutex<BTreeMap<String, String>>> = LazyLock::new(Default::default);
+    let stamp = stamp(dir, dockerfile, args, target, extra)?;
+    if let Some(stamp) = &stamp
+        && let Some(hash) = KNOWN.lock().expect("not poisoned").get(stamp)
+    {
+        return Ok(hash.clone());
+    }
+    let hash = pack_with(dir, dockerfile, args, target, extra)?.hash;
+    if let Some(stamp) = stamp {
+        let mut known = KNOWN.lock().expect("not poisoned");
+        // A few contexts per stack; a stale entry is only a miss.
+        if known.len() >= 512 {
+            known.clear();
+        }
+        known.insert(stamp, hash.clone());
+    }
+    Ok(hash)
+}
+
+/// A hash of what [`pack_with`] would read, by metadata; `None` when some
+/// file changed within the last 2 s (a write in the same clock tick as the
+/// walk could leave its times as they were: such a context is packed).
+fn stamp(
+    dir: &Tree,
+    dockerfile: &str,
+    args: &BTreeMap<String, String>,
+    target: Option<&str>,
+    extra: &[(String, Vec<u8>)],
+) -> Result<Option<String>, EngineError> {
+    let ignore_text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
+    };
+    let ignore = Ignore::parse(&String::from_utf8_lossy(&ignore_text))
+        .map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(dir.path().as_os_str().as_bytes());
+    field(&ignore_text);
+    field(dockerfile.as_bytes());
+    for (k, v) in args {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    field(target.unwrap_or("").as_bytes());
+    for (name, data) in extra {
+        field(name.as_bytes());
+        field(&Sha256::digest(data));
+    }
+    let mut stamp = Stamp { hash: Sha256::new(), racy: false, now: std::time::SystemTime::now() };
+    let walk = Walk { root: dir.path(), ignore: &ignore, dockerfile };
+    walk.dir(dir.fd(), Path::new(""), 0, &mut Out::Stamp(&mut stamp))?;
+    if stamp.racy {
+        return Ok(None);
+    }
+    h.update(stamp.hash.finalize());
+    Ok(Some(hex::encode(h.finalize())))
+}
+
+/// What a [`Walk`] makes: the context's tar, or its [`stamp`].
+enum Out<'a> {
+    Tar(&'a mut tar::Builder<Vec<u8>>),
+    Stamp(&'a mut Stamp),
+}
+
+struct Stamp {
+    hash: Sha256,
+    /// A file changed within the last 2 s.
+    racy: bool,
+    now: std::time::SystemTime,
+}
+
+impl Stamp {
+    fn entry(&mut self, kind: &[u8], path: &Path, rest: &[i64]) {
+        let path = path.as_os_str().as_bytes();
+        self.hash.update(kind);
+        self.hash.update((path.len() as u64).to_le_bytes());
+        self.hash.update(path);
+        for v in rest {
+            self.hash.update(v.to_le_bytes());
+        }
+    }
+
+    fn file(&mut self, path: &Path, meta: &std::fs::Metadata) {
+        use std::os::unix::fs::MetadataExt;
+        let changed = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime().max(0) as u64);
+        let recent = |t: std::time::SystemTime| self.now.duration_since(t).map_or(true, |d| d.as_secs() < 2);
+        if recent(changed) || recent(mtime) {
+            self.racy = true;
+        }
+        let fields = [
+            meta.dev() as i64,
+            meta.ino() as i64,
+            meta.size() as i64,
+            i64::from(meta.mode()),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        ];
+        self.entry(b"f", path, &fields);
+    }
+}
+
 /// One walk over a context: entries in path order (a directory before
 /// what it holds, names byte-sorted), each opened from its parent's handle
 /// without following links.
@@ -104,13 +228,7 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn dir(
-        &self,
-        dir: BorrowedFd<'_>,
-        rel: &Path,
-        depth: usize,
-        out: &mut tar::Builder<Vec<u8>>,
-    ) -> Result<(), EngineError> {
+    fn dir(&self, dir: BorrowedFd<'_>, rel: &Path, depth: usize, out: &mut Out<'_>) -> Result<(), EngineError> {
         let io = |p: &Path| {
             let at = self.root.join(p);
             move |e: std::io::Error| EngineError::io_at("packing", &at)(e)
@@ -134,9 +252,17 @@ impl Walk<'_> {
                     if !excluded {
                         let meta =
                             std::fs::File::from(sub.try_clone().map_err(io(&child))?).metadata().map_err(io(&child))?;
-                        let mut header = tar::Header::new_gnu();
-                        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
-                        out.append_data(&mut header, &child, std::io::empty()).map_err(io(&child))?;
+                        match out {
+                            Out::Tar(out) => {
+                                let mut header = tar::Header::new_gnu();
+                                header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+                                out.append_data(&mut header, &child, std::io::empty()).map_err(io(&child))?;
+                            }
+                            Out::Stamp(stamp) => {
+                                use std::os::unix::fs::MetadataExt;
+                                stamp.entry(b"d", &child, &[i64::from(meta.mode())]);
+                            }
+                        }
                     }
                     // Walked even when excluded: `!` rules may re-include below it.
                     self.dir(sub.as_fd(), &child, depth + 1, out)?;
@@ -150,6 +276,13 @@ impl Walk<'_> {
                     if !meta.is_file() {
                         continue;
                     }
+                    let out = match out {
+                        Out::Tar(out) => out,
+                        Out::Stamp(stamp) => {
+                            stamp.file(&child, &meta);
+                            continue;
+                        }
+                    };
                     let mut data = Vec::with_capacity(meta.len() as usize);
                     std::io::Read::read_to_end(&mut std::io::Read::take(&file, meta.len()), &mut data)
                         .map_err(io(&child))?;
@@ -165,6 +298,14 @@ impl Walk<'_> {
                     let target =
                         rustix::fs::readlinkat(dir, name.as_os_str(), Vec::new()).map_err(|e| io(&child)(e.into()))?;
                     let target = std::ffi::OsStr::from_bytes(target.as_bytes());
+                    let out = match out {
+                        Out::Tar(out) => out,
+                        Out::Stamp(stamp) => {
+                            stamp.entry(b"l", &child, &[]);
+                            stamp.hash.update(target.as_bytes());
+                            continue;
+                        }
+                    };
                     let mut header = tar::Header::new_gnu();
                     header.set_entry_type(tar::EntryType::Symlink);
                     header.set_mode(0o755);
@@ -522,6 +663,46 @@ mod tests {
         assert_ne!(pack(&t(), "Dockerfile", &BTreeMap::new(), None).unwrap().hash, one.hash);
         let args = [("X".to_string(), "1".to_string())].into();
         assert_ne!(pack(&t(), "Dockerfile", &args, None).unwrap().hash, one.hash);
+    }
+
+    #[test]
+    fn a_context_hash_is_remembered_until_anything_in_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a.txt"), "aaaa").unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", d.join("link")).unwrap();
+        let t = || Tree::open(d).unwrap();
+        let none = BTreeMap::new();
+        let packed = |args: &BTreeMap<String, String>| pack(&t(), "Dockerfile", args, None).unwrap().hash;
+        let hashed = |args: &BTreeMap<String, String>| context_hash(&t(), "Dockerfile", args, None, &[]).unwrap();
+        // Files written just now are packed every time (their times could
+        // still change within the clock tick); older ones are remembered.
+        assert!(stamp(&t(), "Dockerfile", &none, None, &[]).unwrap().is_none(), "racy: not remembered");
+        assert_eq!(hashed(&none), packed(&none));
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert!(stamp(&t(), "Dockerfile", &none, None, &[]).unwrap().is_some());
+        assert_eq!(hashed(&none), packed(&none));
+        assert_eq!(hashed(&none), packed(&none), "from memory, the same");
+        let args = BTreeMap::from([("X".to_string(), "1".to_string())]);
+        assert_eq!(hashed(&args), packed(&args));
+        std::fs::remove_file(d.join("link")).unwrap();
+        std::os::unix::fs::symlink("Dockerfile", d.join("link")).unwrap();
+        assert_eq!(hashed(&none), packed(&none), "a link that points elsewhere");
+        // Rewritten in place with the same size and its mtime set back:
+        // its ctime still tells, once it is old enough to be remembered.
+        let before = std::fs::metadata(d.join("sub/a.txt")).unwrap().modified().unwrap();
+        std::fs::write(d.join("sub/a.txt"), "bbbb").unwrap();
+        let f = std::fs::File::options().write(true).open(d.join("sub/a.txt")).unwrap();
+        f.set_modified(before).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(hashed(&none), packed(&none), "a rewritten file is packed again");
+        let extra = [("x".to_string(), b"1".to_vec())];
+        assert_eq!(
+            context_hash(&t(), "Dockerfile", &none, None, &extra).unwrap(),
+            pack_with(&t(), "Dockerfile", &none, None, &extra).unwrap().hash
+        );
     }
 }
 #[cfg(test)]

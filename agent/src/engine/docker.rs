@@ -14,13 +14,79 @@ pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
 /// A connection to the engine at `socket`, at the API version the engine
 /// speaks (bollard would otherwise ask for a newer one and every call would
-/// fail on an older engine).
+/// fail on an older engine). The version comes from `/_ping`'s headers:
+/// bollard's `negotiate_version` asks `/version`, for which dockerd runs
+/// `runc --version` and `docker-init --version` and asks containerd, every
+/// time (most of a no-op deploy's cost on the engine's side).
 pub async fn connect(socket: &Path) -> Result<Docker, EngineError> {
     let no_engine = |message: String| EngineError::NoEngine { socket: socket.display().to_string(), message };
-    let docker = Docker::connect_with_unix(&socket.to_string_lossy(), 600, bollard::API_DEFAULT_VERSION)
-        .map_err(|e| no_engine(e.to_string()))?;
-    let docker = docker.negotiate_version().await.map_err(|e| no_engine(e.to_string()))?;
-    Ok(docker)
+    let ping = ping(socket).await.map_err(no_engine)?;
+    let ours = bollard::API_DEFAULT_VERSION;
+    let version = match parse_api_version(&ping.api_version) {
+        Some((major, minor)) if (major, minor) < (ours.major_version, ours.minor_version) => {
+            bollard::ClientVersion { major_version: major, minor_version: minor }
+        }
+        _ => *ours,
+    };
+    Docker::connect_with_unix(&socket.to_string_lossy(), 600, &version).map_err(|e| no_engine(e.to_string()))
+}
+
+/// What `/_ping` says about the engine: its version (`Server` header) and
+/// API version (`Api-Version`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ping {
+    pub server_version: String,
+    pub api_version: String,
+}
+
+/// `GET /_ping` over the socket, by hand (bollard's `ping` drops the
+/// headers), within 5 s.
+pub async fn ping(socket: &Path) -> Result<Ping, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
+        stream.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n").await.map_err(|e| e.to_string())?;
+        // The answer is a few headers and "OK"; more than 16 KiB is not an engine.
+        let mut answer = Vec::new();
+        stream.take(16 * 1024).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+        parse_ping(&String::from_utf8_lossy(&answer))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{}: no answer within 5 s", socket.display())),
+    }
+}
+
+fn parse_ping(answer: &str) -> Result<Ping, String> {
+    let mut lines = answer.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("/_ping answered `{}`", status.chars().take(80).collect::<String>()));
+    }
+    let mut ping = Ping::default();
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "api-version" => ping.api_version = value.to_string(),
+            // `Docker/20.10.24+dfsg1 (linux)`
+            "server" => {
+                if let Some(v) = value.strip_prefix("Docker/") {
+                    ping.server_version = v.split_whitespace().next().unwrap_or_default().to_string();
+                }
+            }
+            _ => {}
+        }
+    }
+    if ping.api_version.is_empty() {
+        return Err("/_ping answered without an Api-Version header: not a Docker engine?".into());
+    }
+    Ok(ping)
+}
+
+fn parse_api_version(v: &str) -> Option<(usize, usize)> {
+    let (major, minor) = v.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Whether an engine answers, and what it is.
@@ -33,8 +99,25 @@ pub struct EngineStatus {
     pub error: String,
 }
 
-/// What `GET /version` says, or why there is no answer.
+/// Whether an engine answers and what it is, from `/_ping` (or, for an
+/// engine that names no version there, `GET /version`), or why there is
+/// no answer.
 pub async fn status(socket: &Path) -> EngineStatus {
+    match ping(socket).await {
+        Ok(p) if !p.server_version.is_empty() => {
+            return EngineStatus {
+                available: true,
+                version: p.server_version,
+                api_version: p.api_version,
+                error: String::new(),
+            };
+        }
+        Ok(_) => {}
+        Err(message) => {
+            let error = EngineError::NoEngine { socket: socket.display().to_string(), message }.to_string();
+            return EngineStatus { available: false, error, ..Default::default() };
+        }
+    }
     let attempt = async {
         let docker = connect(socket).await?;
         let v = docker.version().await?;
@@ -210,4 +293,21 @@ async fn run_streaming_inner(program: &str, args: &[&str], report: &Reporter) ->
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ping_names_the_engine_and_its_api_version() {
+        let answer = "HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\nDocker-Experimental: false\r\nServer: Docker/20.10.24+dfsg1 (linux)\r\n\r\nOK";
+        let p = parse_ping(answer).unwrap();
+        assert_eq!((p.server_version.as_str(), p.api_version.as_str()), ("20.10.24+dfsg1", "1.41"));
+        assert_eq!(parse_api_version(&p.api_version), Some((1, 41)));
+        assert!(parse_ping("HTTP/1.0 404 Not Found\r\n\r\n").unwrap_err().contains("404"));
+        assert!(parse_ping("HTTP/1.0 200 OK\r\nServer: nginx\r\n\r\nOK").unwrap_err().contains("Api-Version"));
+        assert!(parse_ping("").is_err());
+        assert_eq!(parse_api_version("1.x"), None);
+    }
 }

@@ -5,6 +5,12 @@
 //! rolled over 6 hosts in batches of 2, with the deploy's own phase times.
 //! Prints figures; asserts nothing about time.
 //!
+//! Every host shares this machine's CPUs: the no-op stack checks health
+//! every 10 s (a check every second on 50 containers keeps a 2-core
+//! machine ~40 % busy at rest, which is no controller's cost); the machine's
+//! CPU at rest and during the no-op, and the CPU time per command, are
+//! printed to show where the time goes.
+//!
 //! Build first: `cargo build --release -p mlopsctl -p mlops-agent -p mlops-bench`.
 //! Runs as root (network namespaces). `--hosts 20,50` and `--runs 5` change
 //! the sizes.
@@ -15,8 +21,9 @@ use anyhow::{Context, Result, bail};
 use mlops_bench::report;
 use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack};
 
-/// One service with a health check; VERSION changes between rollouts.
-fn compose(version: u32) -> String {
+/// One service with a health check every `interval` seconds; VERSION
+/// changes between rollouts.
+fn compose(version: u32, interval: u32) -> String {
     format!(
         r#"
 name: "{{project}}"
@@ -27,7 +34,7 @@ services:
     environment: {{VERSION: "{version}"}}
     healthcheck:
       test: ["CMD", "true"]
-      interval: 1s
+      interval: {interval}s
 "#
     )
 }
@@ -57,7 +64,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let hosts: Vec<TestHost> = (0..most).map(|i| env.docker_host(&format!("br{i}"))).collect::<Result<_>>()?;
     println!("{most} test hosts with their own Docker engine up in {:.1} s", started.elapsed().as_secs_f64());
-    let stack = TestStack::new(&compose(1))?;
+    let stack = TestStack::new(&compose(1, 10))?;
     let deploy = |hosts: &[&TestHost], extra: &[&str]| -> Result<(Duration, CtlRun)> {
         let key = env.key.display().to_string();
         let dir = stack.path().display().to_string();
@@ -86,20 +93,45 @@ fn main() -> Result<()> {
         );
         let mut last = None;
         let mut noop = Vec::new();
+        let mut busy = Vec::new();
+        // The machine at rest with these hosts up, for comparison.
+        let (rest_before, idle_before) = (cpu_by_command(), cpu_jiffies()?);
+        std::thread::sleep(Duration::from_secs(2));
+        let (rest, idle_after) = (cpu_by_command(), cpu_jiffies()?);
+        println!(
+            "  machine CPU busy at rest: {:.0} %",
+            (idle_after.0 - idle_before.0) as f64 / ((idle_after.1 - idle_before.1) as f64).max(1.0) * 100.0
+        );
+        let _ = (rest_before, rest);
+        let mut by_command = Vec::new();
         for _ in 0..runs {
+            let procs = cpu_by_command();
+            let before = cpu_jiffies()?;
             let (took, run) = deploy(&some, &[])?;
+            let after = cpu_jiffies()?;
+            by_command = diff_by_command(&procs, &cpu_by_command());
+            // Share of the machine's CPUs busy during the run: near 100 %
+            // means the no-op is bound by CPU (every host's sshd, agent and
+            // dockerd share this machine), not by round trips.
+            busy.push((after.0 - before.0) as f64 / ((after.1 - before.1) as f64).max(1.0) * 100.0);
             noop.push(took);
             last = Some(run);
         }
+        busy.sort_by(f64::total_cmp);
+        println!("  machine CPU busy during the no-op: median {:.0} %", busy[busy.len() / 2]);
+        let shown: Vec<String> =
+            by_command.iter().take(8).map(|(c, ms)| format!("{c} {:.2} s", *ms as f64 / 1000.0)).collect();
+        println!("  CPU time during the last no-op, by command: {}", shown.join(", "));
         report(&format!("no-op deploy of a stack, {n} hosts"), &noop, if n <= 20 { "0.5 s" } else { "1 s" });
         if let Some(run) = last {
             print_phases(&run);
+            print_hosts(&run);
         }
     }
 
     // A changed service rolled over 6 hosts, 2 at a time.
     let six: Vec<&TestHost> = hosts.iter().take(6).collect();
-    stack.write_compose(&compose(2))?;
+    stack.write_compose(&compose(2, 1))?;
     let (took, run) = deploy(&six, &["--serial", "2", "--min-healthy-time", "0"])?;
     println!("changed service over 6 hosts in batches of 2: {:.2} s", took.as_secs_f64());
     print_phases(&run);
@@ -113,4 +145,72 @@ fn print_phases(run: &CtlRun) {
         let secs = phase["ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!("  {:<28} {secs:>8.2} s", phase["name"].as_str().unwrap_or("?"));
     }
+}
+
+/// (busy, total) jiffies of every CPU, from /proc/stat.
+fn cpu_jiffies() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Per host: how long connecting (SSH) took and the whole host, as the
+/// deploy's JSON reports them (median and slowest).
+fn print_hosts(run: &CtlRun) {
+    let json = run.json();
+    let mut connect = Vec::new();
+    let mut total = Vec::new();
+    for h in json["hosts"].as_array().into_iter().flatten() {
+        connect.push(h["result"]["connect_ms"].as_u64().unwrap_or(0));
+        total.push(h["result"]["total_ms"].as_u64().unwrap_or(0));
+    }
+    connect.sort_unstable();
+    total.sort_unstable();
+    if let (Some(c), Some(t)) = (connect.get(connect.len() / 2), total.get(total.len() / 2)) {
+        let (cm, tm) = (connect.last().unwrap_or(c), total.last().unwrap_or(t));
+        println!("  per host: SSH connect median {c} ms (slowest {cm}), whole host median {t} ms (slowest {tm})");
+    }
+}
+
+/// CPU milliseconds (user + system) per live process: pid → (command, ms).
+fn cpu_by_command() -> std::collections::HashMap<u32, (String, u64)> {
+    let tick = 1000 / 100; // USER_HZ is 100 on Linux
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // comm is in parentheses and may hold spaces: split after the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let comm = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        // Fields 14-17 (utime, stime, and cutime, cstime of reaped
+        // children: sshd's per-connection processes, this bench's
+        // mlopsctl), counted from the state field (3).
+        let ms = (11..15).filter_map(|i| rest.get(i)?.parse::<u64>().ok()).sum::<u64>() * tick;
+        out.insert(pid, (comm, ms));
+    }
+    out
+}
+
+/// CPU used between two samples, summed per command, most first. A
+/// process that started and ended between them counts under its parent
+/// (mlopsctl under this bench, `mlops-bench-rol`).
+fn diff_by_command(
+    before: &std::collections::HashMap<u32, (String, u64)>,
+    after: &std::collections::HashMap<u32, (String, u64)>,
+) -> Vec<(String, u64)> {
+    let mut sums: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for (pid, (comm, ms)) in after {
+        let was = before.get(pid).filter(|(c, _)| c == comm).map_or(0, |(_, m)| *m);
+        *sums.entry(comm.clone()).or_default() += ms.saturating_sub(was);
+    }
+    // Kernel workers rename themselves as they go: their times cannot be told apart.
+    let mut v: Vec<(String, u64)> = sums.into_iter().filter(|(c, ms)| *ms > 0 && !c.starts_with("kworker")).collect();
+    v.sort_by_key(|(_, ms)| std::cmp::Reverse(*ms));
+    v
 }

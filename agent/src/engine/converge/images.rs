@@ -104,17 +104,17 @@ pub async fn states(docker: &Docker, stack: &Stack, dirs: &super::StackDirs) -> 
             }
             continue;
         }
-        let ctx = context(stack, name, dirs).await?;
+        let hash = context_hash(stack, name, dirs).await?;
         let id = docker
             .inspect_image(&tag)
             .await
             .ok()
             .filter(|i| {
                 let labels = i.config.as_ref().and_then(|c| c.labels.as_ref());
-                labels.and_then(|l| l.get(labels::CONTEXT_HASH)).is_some_and(|h| *h == ctx.hash)
+                labels.and_then(|l| l.get(labels::CONTEXT_HASH)).is_some_and(|h| *h == hash)
             })
             .and_then(|i| i.id);
-        out.push(ImageState { service: name.clone(), tag, context_hash: ctx.hash, id });
+        out.push(ImageState { service: name.clone(), tag, context_hash: hash, id });
     }
     Ok(out)
 }
@@ -152,9 +152,23 @@ pub async fn build_tags(
     Ok(crate::engine::Outcome { summary, ..Default::default() })
 }
 
-/// The packed build context of service `name` (its hash decides whether
-/// the image is current).
+/// The hash of service `name`'s build context (it decides whether the
+/// image is current), packed only when something in it changed.
+async fn context_hash(stack: &Stack, name: &str, dirs: &super::StackDirs) -> Result<String, EngineError> {
+    packed(stack, name, dirs, true).await.map(|(hash, _)| hash)
+}
+
+/// The packed build context of service `name`.
 async fn context(stack: &Stack, name: &str, dirs: &super::StackDirs) -> Result<build::Context, EngineError> {
+    packed(stack, name, dirs, false).await.map(|(_, ctx)| ctx.expect("packed"))
+}
+
+async fn packed(
+    stack: &Stack,
+    name: &str,
+    dirs: &super::StackDirs,
+    hash_only: bool,
+) -> Result<(String, Option<build::Context>), EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
     let dir = open_context(&dirs.files, &b.context, &format!("services.{name}.build.context"))
         .map_err(|e| e.in_service(name))?;
@@ -166,10 +180,15 @@ async fn context(stack: &Stack, name: &str, dirs: &super::StackDirs) -> Result<b
     } else {
         Vec::new()
     };
-    tokio::task::spawn_blocking(move || build::pack_with(&dir, &dockerfile, &args, target.as_deref(), &extra))
-        .await
-        .map_err(|e| EngineError::io("packing the build context")(std::io::Error::other(e)))?
-        .map_err(|e| e.in_service(name))
+    tokio::task::spawn_blocking(move || match hash_only {
+        true => build::context_hash(&dir, &dockerfile, &args, target.as_deref(), &extra).map(|h| (h, None)),
+        false => {
+            build::pack_with(&dir, &dockerfile, &args, target.as_deref(), &extra).map(|c| (c.hash.clone(), Some(c)))
+        }
+    })
+    .await
+    .map_err(|e| EngineError::io("packing the build context")(std::io::Error::other(e)))?
+    .map_err(|e| e.in_service(name))
 }
 
 async fn build_if_changed(
@@ -182,17 +201,18 @@ async fn build_if_changed(
     changed: &mut bool,
 ) -> Result<String, EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
-    let ctx = context(stack, name, dirs).await?;
+    let hash = context_hash(stack, name, dirs).await?;
     let existing = docker.inspect_image(tag).await.ok();
     let current = existing
         .as_ref()
         .and_then(|i| i.config.as_ref())
         .and_then(|c| c.labels.as_ref())
         .and_then(|l| l.get(labels::CONTEXT_HASH))
-        .is_some_and(|h| *h == ctx.hash);
+        .is_some_and(|h| *h == hash);
     if current {
         return Ok(existing.and_then(|i| i.id).unwrap_or_default());
     }
+    let ctx = context(stack, name, dirs).await?;
     ev.say(name, Action::BuildStarted, tag).await;
     let say = ev.progress_sink(name);
     for base in build::base_images(&ctx.dockerfile_text, &b.args) {
