@@ -9,7 +9,10 @@
 //! The engines are two test hosts' own dockerd (never this machine's).
 //! The agents run on loopback ports (mutual TLS, no SSH), and the baseline
 //! pipe has no SSH either: both sides move the same bytes between the same
-//! engines. Build first: `cargo build --release -p mlops-agent -p mlops-bench`.
+//! engines. Then the same image over SSH, as users move it: a deploy by
+//! mlopsctl to two more test hosts (sshd, agents installed by it) against
+//! `ssh a docker save | ssh b docker load`.
+//! Build first: `cargo build --release -p mlopsctl -p mlops-agent -p mlops-bench`.
 //! `MLOPS_BENCH_IMAGE_MB` sets the image's size (default 256).
 
 use std::collections::HashMap;
@@ -24,7 +27,7 @@ use mlops_controller::progress::Progress;
 use mlops_controller::stack::{self, StackPlan};
 use mlops_controller::sync::{HashCache, scan};
 use mlops_controller::transport::Transport;
-use mlops_e2e::{LocalAgent, TestHost, TestStack};
+use mlops_e2e::{LocalAgent, TestEnv, TestHost, TestStack};
 use mlops_pki::Ca;
 
 const ROUNDS: usize = 3;
@@ -155,8 +158,104 @@ fn main() -> Result<()> {
             }
         }
         mlops_bench::report("host already has the image ID: tagged, 0 bytes sent", &tagged, "nothing sent");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    over_ssh(&dir, &tag)
+}
+
+/// The same image between two test hosts over SSH, as users move it: a
+/// deploy by mlopsctl (built on one host, streamed from its agent through
+/// both SSH tunnels and this controller into the other's engine; the
+/// receiving host's figures from the deploy's JSON) against
+/// `ssh a docker save | ssh b docker load`, the same bytes through this
+/// machine too.
+fn over_ssh(stack: &TestStack, tag: &str) -> Result<()> {
+    let target = mlops_bench::target_dir();
+    let (mlopsctl, agent) = (target.join("release/mlopsctl"), target.join("release/mlops-agent"));
+    if !mlopsctl.exists() {
+        bail!("{} does not exist\n  hint: cargo build --release -p mlopsctl -p mlops-agent", mlopsctl.display());
+    }
+    stack.write_compose(
+        "name: \"{project}\"\nservices:\n  app:\n    build: ./img\n    command: [\"/bin/busybox\", \"sleep\", \"3600\"]\n",
+    )?;
+    let env = TestEnv::with_binaries(&mlopsctl, &agent)?;
+    let (a, b) = (env.docker_host("bench-ssh-a")?, env.docker_host("bench-ssh-b")?);
+    let (key, dir) = (env.key.display().to_string(), stack.path().display().to_string());
+    let deploy = |hosts: &[&TestHost]| -> Result<serde_json::Value> {
+        let specs: Vec<String> = hosts.iter().map(|h| h.spec("root")).collect();
+        let mut args = vec!["deploy", "--identity", &key, "--stack", &dir, "--output", "json"];
+        for s in &specs {
+            args.extend(["--host", s.as_str()]);
+        }
+        let run = env.ctl(&args);
+        if run.code != 0 {
+            bail!("deploy failed ({}):\n{}", run.code, run.stderr);
+        }
+        Ok(run.json())
+    };
+    // Nothing of the stack on b: its container, the image and the tags
+    // that keep it for revisions.
+    let clear = |h: &TestHost| -> Result<()> {
+        for id in h.docker_result(&["ps", "-aq"])?.split_whitespace() {
+            h.docker_result(&["rm", "-f", id])?;
+        }
+        for id in h.docker_result(&["images", "-q", "--filter", "reference=mlops-kept"])?.split_whitespace() {
+            let _ = h.docker_result(&["rmi", "-f", id]);
+        }
+        let _ = h.docker_result(&["rmi", "-f", tag]);
         Ok(())
-    })
+    };
+    deploy(&[&a])?;
+    let ssh = |h: &TestHost, command: String| {
+        format!(
+            "ssh -T -i {} -p {} -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} root@{} '{command}'",
+            env.key.display(),
+            h.port,
+            env.known_hosts.display(),
+            h.addr
+        )
+    };
+    let pipe = format!(
+        "{} | {}",
+        ssh(&a, format!("docker -H unix://{} save {tag}", a.docker_socket().display())),
+        ssh(&b, format!("docker -H unix://{} load -q", b.docker_socket().display()))
+    );
+    let (mut ours, mut theirs, mut size) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..ROUNDS {
+        clear(&b)?;
+        let json = deploy(&[&a, &b])?;
+        let host = json["hosts"].as_array().into_iter().flatten().find(|h| h["host"] == b.spec("root"));
+        let image = host.map(|h| h["result"]["stack"]["images"][0].clone()).unwrap_or_default();
+        if image["arrival"] != "shipped" {
+            bail!("expected the image shipped to b, got {image}");
+        }
+        size = image["bytes"].as_u64().unwrap_or(0);
+        ours.push(Duration::from_millis(image["ms"].as_u64().unwrap_or(0)));
+
+        clear(&b)?;
+        let start = Instant::now();
+        let status = std::process::Command::new("sh").args(["-c", &pipe]).status()?;
+        theirs.push(start.elapsed());
+        if !status.success() {
+            bail!("`{pipe}` failed");
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    mlops_bench::report("over SSH: shipped by a deploy (agent -> SSH -> mlopsctl -> SSH -> agent)", &ours, ">= the ssh pipe");
+    mlops_bench::report("over SSH: ssh a docker save | ssh b docker load", &theirs, "baseline");
+    let (o, t) = (median(&mut ours), median(&mut theirs));
+    let mbs = |d: &Duration| size as f64 / 1e6 / d.as_secs_f64();
+    println!(
+        "over SSH: {:.1} MB; deploy {:.0} MB/s, ssh pipe {:.0} MB/s; throughput deploy / pipe = {:.2} (target >= 1)",
+        size as f64 / 1e6,
+        mbs(&o),
+        mbs(&t),
+        t.as_secs_f64() / o.as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The largest resident set seen of each process, sampled every 10 ms.
