@@ -214,12 +214,15 @@ async fn accept_loop(
                 // sshd forwards the controller's bytes with Nagle on; see mlops_proto::net.
                 let tcp = QuickAck::new(tcp);
                 let mut trusted = false;
-                if pending.len() >= MAX_HANDSHAKES && let Some(local) = local_addr {
+                if pending.len() >= MAX_HANDSHAKES {
                     // Crowded: who are they? Trusted ones leave the queue
                     // (never dropped), then the oldest other one goes.
                     let peers: Vec<SocketAddr> =
                         std::iter::once(peer).chain(pending.iter().map(|(_, p)| *p)).collect();
-                    let owners = peer_uids(&peers, local);
+                    let owners = match local_addr {
+                        Some(local) => peer_uids(&peers, local),
+                        None => vec![None; peers.len()],
+                    };
                     let is_trusted = |uid: Option<u32>| uid.is_some_and(|u| trusted_uids.contains(&u));
                     trusted = is_trusted(owners[0]);
                     let mut owners = owners[1..].iter();

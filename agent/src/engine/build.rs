@@ -60,6 +60,8 @@ pub fn pack_with(
     target: Option<&str>,
     extra: &[(String, Vec<u8>)],
 ) -> Result<Context, EngineError> {
+    #[cfg(test)]
+    tests::PACKS.with(|n| n.set(n.get() + 1));
     let ignore_text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -97,35 +99,43 @@ pub fn pack_with(
 /// The hash [`pack_with`] would give, without packing when nothing in the
 /// context changed since it was last packed: a walk that only looks at
 /// each entry's metadata (device, inode, size, mode, mtime and ctime, which
-/// every write changes and no one but root can set back) finds the hash of
-/// an earlier pack. A no-op deploy asks this for every built image twice
+/// a write changes and no one but root can set back) finds the hash of an
+/// earlier pack. A no-op deploy asks this for every built image twice
 /// (`ImagePlan`, then the converge); reading, packing and hashing every
-/// file each time was most of the agent's work in it.
+/// file each time was most of the agent's work in it. On a miss the packed
+/// context comes too (a build needs it).
+///
+/// What it misses: a write through a shared memory mapping of a file
+/// (a container with a writable bind mount into the tree) may leave the
+/// times as they were until the page is written back; such a change is
+/// not built in until something else in the context changes. The stack's
+/// tree is the agent's own, and containers that write into it are the
+/// stack's own choice.
 pub fn context_hash(
     dir: &Tree,
     dockerfile: &str,
     args: &BTreeMap<String, String>,
     target: Option<&str>,
     extra: &[(String, Vec<u8>)],
-) -> Result<String, EngineError> {
+) -> Result<(String, Option<Context>), EngineError> {
     use std::sync::{LazyLock, Mutex};
     static KNOWN: LazyLock<Mutex<BTreeMap<String, String>>> = LazyLock::new(Default::default);
     let stamp = stamp(dir, dockerfile, args, target, extra)?;
     if let Some(stamp) = &stamp
         && let Some(hash) = KNOWN.lock().expect("not poisoned").get(stamp)
     {
-        return Ok(hash.clone());
+        return Ok((hash.clone(), None));
     }
-    let hash = pack_with(dir, dockerfile, args, target, extra)?.hash;
+    let packed = pack_with(dir, dockerfile, args, target, extra)?;
     if let Some(stamp) = stamp {
         let mut known = KNOWN.lock().expect("not poisoned");
         // A few contexts per stack; a stale entry is only a miss.
         if known.len() >= 512 {
             known.clear();
         }
-        known.insert(stamp, hash.clone());
+        known.insert(stamp, packed.hash.clone());
     }
-    Ok(hash)
+    Ok((packed.hash.clone(), Some(packed)))
 }
 
 /// A hash of what [`pack_with`] would read, by metadata; `None` when some
@@ -198,10 +208,13 @@ impl Stamp {
 
     fn file(&mut self, path: &Path, meta: &std::fs::Metadata) {
         use std::os::unix::fs::MetadataExt;
-        let changed = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.ctime().max(0) as u64);
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime().max(0) as u64);
-        let recent = |t: std::time::SystemTime| self.now.duration_since(t).map_or(true, |d| d.as_secs() < 2);
-        if recent(changed) || recent(mtime) {
+        let at = |secs: i64, nanos: i64| {
+            std::time::UNIX_EPOCH + std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+        };
+        let recent = |t: std::time::SystemTime| {
+            self.now.duration_since(t).map_or(true, |d| d < std::time::Duration::from_secs(2))
+        };
+        if recent(at(meta.ctime(), meta.ctime_nsec())) || recent(at(meta.mtime(), meta.mtime_nsec())) {
             self.racy = true;
         }
         let fields = [
@@ -301,7 +314,7 @@ impl Walk<'_> {
                     let out = match out {
                         Out::Tar(out) => out,
                         Out::Stamp(stamp) => {
-                            stamp.entry(b"l", &child, &[]);
+                            stamp.entry(b"l", &child, &[target.len() as i64]);
                             stamp.hash.update(target.as_bytes());
                             continue;
                         }
@@ -665,6 +678,11 @@ mod tests {
         assert_ne!(pack(&t(), "Dockerfile", &args, None).unwrap().hash, one.hash);
     }
 
+    thread_local! {
+        /// Packs made by this test's thread.
+        pub static PACKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     #[test]
     fn a_context_hash_is_remembered_until_anything_in_it_changes() {
         let dir = tempfile::tempdir().unwrap();
@@ -676,7 +694,8 @@ mod tests {
         let t = || Tree::open(d).unwrap();
         let none = BTreeMap::new();
         let packed = |args: &BTreeMap<String, String>| pack(&t(), "Dockerfile", args, None).unwrap().hash;
-        let hashed = |args: &BTreeMap<String, String>| context_hash(&t(), "Dockerfile", args, None, &[]).unwrap();
+        let hashed = |args: &BTreeMap<String, String>| context_hash(&t(), "Dockerfile", args, None, &[]).unwrap().0;
+        let packs = || PACKS.with(std::cell::Cell::get);
         // Files written just now are packed every time (their times could
         // still change within the clock tick); older ones are remembered.
         assert!(stamp(&t(), "Dockerfile", &none, None, &[]).unwrap().is_none(), "racy: not remembered");
@@ -684,7 +703,12 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         assert!(stamp(&t(), "Dockerfile", &none, None, &[]).unwrap().is_some());
         assert_eq!(hashed(&none), packed(&none));
-        assert_eq!(hashed(&none), packed(&none), "from memory, the same");
+        let before = packs();
+        let remembered = hashed(&none);
+        assert_eq!(packs(), before, "an unchanged context is not packed again");
+        assert_eq!(remembered, packed(&none), "from memory, the same");
+        let (_, ctx) = context_hash(&t(), "Dockerfile", &none, None, &[]).unwrap();
+        assert!(ctx.is_none(), "a hit has nothing packed");
         let args = BTreeMap::from([("X".to_string(), "1".to_string())]);
         assert_eq!(hashed(&args), packed(&args));
         std::fs::remove_file(d.join("link")).unwrap();
@@ -699,10 +723,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         assert_eq!(hashed(&none), packed(&none), "a rewritten file is packed again");
         let extra = [("x".to_string(), b"1".to_vec())];
-        assert_eq!(
-            context_hash(&t(), "Dockerfile", &none, None, &extra).unwrap(),
-            pack_with(&t(), "Dockerfile", &none, None, &extra).unwrap().hash
-        );
+        let (hash, ctx) = context_hash(&t(), "Dockerfile", &none, None, &extra).unwrap();
+        assert_eq!(hash, pack_with(&t(), "Dockerfile", &none, None, &extra).unwrap().hash);
+        assert_eq!(ctx.map(|c| c.hash), Some(hash), "a miss brings the packed context");
     }
 }
 #[cfg(test)]

@@ -46,9 +46,18 @@ pub async fn ping(socket: &Path) -> Result<Ping, String> {
     let attempt = async {
         let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
         stream.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n").await.map_err(|e| e.to_string())?;
-        // The answer is a few headers and "OK"; more than 16 KiB is not an engine.
+        // The answer is a few headers and "OK"; only the headers matter
+        // (read up to their end, in case the other side keeps the
+        // connection open); more than 16 KiB of them is not an engine.
         let mut answer = Vec::new();
-        stream.take(16 * 1024).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2048];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.len() < 16 * 1024 {
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
         parse_ping(&String::from_utf8_lossy(&answer))
     };
     match tokio::time::timeout(Duration::from_secs(5), attempt).await {

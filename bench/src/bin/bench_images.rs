@@ -244,7 +244,11 @@ fn over_ssh(stack: &TestStack, tag: &str) -> Result<()> {
         v.sort();
         v[v.len() / 2]
     };
-    mlops_bench::report("over SSH: shipped by a deploy (agent -> SSH -> mlopsctl -> SSH -> agent)", &ours, ">= the ssh pipe");
+    mlops_bench::report(
+        "over SSH: shipped by a deploy (agent -> SSH -> mlopsctl -> SSH -> agent)",
+        &ours,
+        ">= the ssh pipe",
+    );
     mlops_bench::report("over SSH: ssh a docker save | ssh b docker load", &theirs, "baseline");
     let (o, t) = (median(&mut ours), median(&mut theirs));
     let mbs = |d: &Duration| size as f64 / 1e6 / d.as_secs_f64();

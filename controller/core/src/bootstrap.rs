@@ -415,6 +415,11 @@ impl Prepared {
     }
 
     /// The connection to the host, for keeping it open after this.
+    /// The host's architecture, as its agent reports it (`x86_64`, ...).
+    pub fn arch(&self) -> &str {
+        &self.facts.arch
+    }
+
     pub fn transport(&self) -> SharedTransport {
         self.transport.clone()
     }

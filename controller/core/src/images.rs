@@ -110,31 +110,64 @@ pub fn assign(
     out
 }
 
+/// What [`local_supply`] found in this machine's engine.
+pub struct LocalSupply {
+    pub engine: LocalEngine,
+    /// Tag → ID, of the images it supplies.
+    pub ids: BTreeMap<String, String>,
+    /// Images it has but cannot supply: (tag, why).
+    pub unfit: Vec<(String, String)>,
+}
+
 /// This machine's engine and the IDs it has of the pulled images that
-/// some host lacks and no host (nor an earlier batch) has; `None` when
-/// there are none or no engine answers.
+/// some host lacks and no host (nor an earlier batch) has, each for a
+/// Linux of the architecture of every host lacking it (`arch_of`: host →
+/// `uname -m`; a host not in it is not checked); `None` when there are
+/// none or no engine answers.
 pub async fn local_supply(
     reports: &[(String, Vec<ImageState>)],
     available: &BTreeSet<ImageKey>,
-) -> Option<(LocalEngine, BTreeMap<String, String>)> {
+    arch_of: &BTreeMap<String, String>,
+) -> Option<LocalSupply> {
     let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
     let all = || reports.iter().flat_map(|(_, images)| images.iter());
-    let wanted: BTreeSet<String> = all()
-        .filter(|i| pulled(i) && i.id.is_empty() && !available.contains(&key(i)))
-        .filter(|i| !all().any(|h| !h.id.is_empty() && key(h) == key(i)))
-        .map(|i| i.tag.clone())
-        .collect();
+    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for (host, images) in reports {
+        for i in images.iter().filter(|i| pulled(i) && i.id.is_empty() && !available.contains(&key(i))) {
+            if !all().any(|h| !h.id.is_empty() && key(h) == key(i)) {
+                wanted.entry(i.tag.clone()).or_default().insert(host);
+            }
+        }
+    }
     if wanted.is_empty() {
         return None;
     }
     let engine = LocalEngine::connect().await?;
-    let mut ids = BTreeMap::new();
-    for tag in wanted {
-        if let Some(id) = engine.image_id(&tag).await {
-            ids.insert(tag, id);
+    let (mut ids, mut unfit) = (BTreeMap::new(), Vec::new());
+    for (tag, hosts) in wanted {
+        let Some(image) = engine.image(&tag).await else { continue };
+        match unfit_for(&image, &hosts, arch_of) {
+            Some(why) => unfit.push((tag, why)),
+            None => {
+                ids.insert(tag, image.id);
+            }
         }
     }
-    Some((engine, ids))
+    Some(LocalSupply { engine, ids, unfit })
+}
+
+/// Why `image` cannot run on one of `hosts`: not Linux, or another
+/// architecture than the host's (a host not in `arch_of` is not checked).
+fn unfit_for(
+    image: &crate::local_engine::LocalImage,
+    hosts: &BTreeSet<&str>,
+    arch_of: &BTreeMap<String, String>,
+) -> Option<String> {
+    let (host, arch) = hosts
+        .iter()
+        .filter_map(|h| arch_of.get(*h).map(|a| (*h, crate::local_engine::docker_arch(a))))
+        .find(|(_, arch)| image.os != "linux" || image.arch != *arch)?;
+    Some(format!("it is {}/{}, {host} is linux/{arch}", image.os, image.arch))
 }
 
 /// The answer to "where does this image come from", shared by the hosts
@@ -354,6 +387,11 @@ pub async fn fetch(
         let found = sources.inner.sources.lock().expect("not poisoned").get(&key).cloned();
         let source = match &found {
             Some(Ok(source)) => source,
+            // A pulled image whose source failed: the converge pulls it.
+            Some(Err(message)) if pulled(image) => {
+                progress.step(Step::Image { tag, detail: format!("no source ({message}); pulled instead") });
+                continue;
+            }
             Some(Err(message)) => {
                 return Err(ControllerError::ImageSource { host, tag, message: message.clone() });
             }
@@ -392,7 +430,20 @@ pub async fn fetch(
             });
             continue;
         }
-        let (bytes, ms) = ship(conn, source, &tag).await?;
+        let (bytes, ms) = match ship(conn, source, &tag).await {
+            Ok(done) => done,
+            // Pulled where it could not be shipped (the converge pulls it
+            // when the host still lacks it).
+            Err(e) if pulled(image) => {
+                let why = crate::client::error_chain(&e);
+                progress.step(Step::Image {
+                    tag,
+                    detail: format!("not shipped from {}: {why}; pulled instead", source.name()),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         progress.step(Step::Image {
             tag: tag.clone(),
             detail: format!(
@@ -517,6 +568,22 @@ mod tests {
         assert_eq!(a.source_of[&("grafana".into(), String::new())], LOCAL);
         assert_eq!(a.source_of[&("redis".into(), String::new())], "a", "a host that has it first");
         assert!(!a.source_of.contains_key(&("x".into(), String::new())), "no source: each host pulls it");
+    }
+
+    #[test]
+    fn an_image_from_this_machine_must_fit_every_host_that_lacks_it() {
+        let image = |os: &str, arch: &str| crate::local_engine::LocalImage {
+            id: "sha256:x".into(),
+            os: os.into(),
+            arch: arch.into(),
+        };
+        let arch_of = BTreeMap::from([("a".to_string(), "x86_64".to_string()), ("b".into(), "aarch64".into())]);
+        let a = BTreeSet::from(["a"]);
+        assert_eq!(unfit_for(&image("linux", "amd64"), &a, &arch_of), None);
+        assert_eq!(unfit_for(&image("linux", "amd64"), &BTreeSet::from(["unknown"]), &arch_of), None);
+        let why = unfit_for(&image("linux", "amd64"), &BTreeSet::from(["a", "b"]), &arch_of).unwrap();
+        assert_eq!(why, "it is linux/amd64, b is linux/arm64");
+        assert!(unfit_for(&image("windows", "amd64"), &a, &arch_of).unwrap().contains("windows/amd64"));
     }
 
     #[test]

@@ -28,12 +28,38 @@ pub struct LocalEngine {
 }
 
 /// The socket `DOCKER_HOST` names (only `unix://`), else the default;
-/// `None` when `DOCKER_HOST` names another kind of engine.
+/// `None` when `DOCKER_HOST` names another kind of engine. Docker CLI
+/// contexts (`docker context use`, `DOCKER_CONTEXT`) are not read: set
+/// `DOCKER_HOST` to such an engine's socket.
 pub fn socket() -> Option<PathBuf> {
-    match std::env::var("DOCKER_HOST") {
-        Ok(v) if !v.is_empty() => v.strip_prefix("unix://").map(PathBuf::from),
+    socket_from(std::env::var("DOCKER_HOST").ok().as_deref())
+}
+
+fn socket_from(docker_host: Option<&str>) -> Option<PathBuf> {
+    match docker_host {
+        Some(v) if !v.is_empty() => v.strip_prefix("unix://").map(PathBuf::from),
         _ => Some(PathBuf::from("/var/run/docker.sock")),
     }
+}
+
+/// Docker's name for an architecture `uname -m` names.
+pub fn docker_arch(uname: &str) -> &str {
+    match uname {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "armv7l" | "armv6l" | "arm" => "arm",
+        "i686" | "i386" | "x86" => "386",
+        "powerpc64le" | "ppc64le" => "ppc64le",
+        other => other,
+    }
+}
+
+/// An image in the engine: its ID and platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalImage {
+    pub id: String,
+    pub os: String,
+    pub arch: String,
 }
 
 impl LocalEngine {
@@ -52,13 +78,39 @@ impl LocalEngine {
         Some(LocalEngine { docker, socket })
     }
 
-    /// The ID of the image `tag` here, if there is one.
-    pub async fn image_id(&self, tag: &str) -> Option<String> {
-        self.docker.inspect_image(tag).await.ok().and_then(|i| i.id)
+    /// The image `tag` here, if there is one (within 10 s).
+    pub async fn image(&self, tag: &str) -> Option<LocalImage> {
+        let inspect = tokio::time::timeout(Duration::from_secs(10), self.docker.inspect_image(tag)).await.ok()?.ok()?;
+        Some(LocalImage {
+            id: inspect.id?,
+            os: inspect.os.unwrap_or_default(),
+            arch: inspect.architecture.unwrap_or_default(),
+        })
     }
 
     /// `tag` as a `docker save` tarball stream (`/images/get`).
     pub fn save(&self, tag: &str) -> impl Stream<Item = Result<prost::bytes::Bytes, String>> + Send + use<> {
         self.docker.export_images(&[tag]).map(|r| r.map_err(|e| e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_unix_socket_is_used() {
+        assert_eq!(socket_from(None), Some(PathBuf::from("/var/run/docker.sock")));
+        assert_eq!(socket_from(Some("")), Some(PathBuf::from("/var/run/docker.sock")));
+        assert_eq!(socket_from(Some("unix:///run/user/1000/docker.sock")), Some("/run/user/1000/docker.sock".into()));
+        assert_eq!(socket_from(Some("tcp://10.0.0.1:2376")), None);
+        assert_eq!(socket_from(Some("ssh://me@box")), None);
+    }
+
+    #[test]
+    fn architectures_by_docker_names() {
+        assert_eq!(docker_arch("x86_64"), "amd64");
+        assert_eq!(docker_arch("aarch64"), "arm64");
+        assert_eq!(docker_arch("s390x"), "s390x");
     }
 }

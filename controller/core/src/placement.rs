@@ -17,13 +17,16 @@
 //!   are;
 //! - `remote_ports` of its services are published on the host's inventory
 //!   address only (never on every address), and only when some host of the
-//!   stack does not run the service itself;
-//! - a service with `remote_ports` in a role of several hosts has one
-//!   instance per host, each with its own host name, `<service>-<host>`
-//!   (the container's name for itself; also in `MLOPS_INSTANCE`), which
-//!   every other host resolves to that host's address: a Spark worker
-//!   advertises it to its master, a Celery worker records it for the API
-//!   server to fetch task logs from;
+//!   stack does not run the service itself or the service has an instance
+//!   per host;
+//! - a service with `remote_ports` in a role of several hosts, or in
+//!   `every_host`, has one instance per host, each with its own host name,
+//!   `<service>-<host>` (the container's name for itself; also in
+//!   `MLOPS_INSTANCE`), which every other host resolves to that host's
+//!   address: a Spark worker advertises it to its master, a Celery worker
+//!   records it for the API server to fetch task logs from, Prometheus
+//!   scrapes each host's node exporter by it ([`scrape_targets`] writes the
+//!   `file_sd` targets of `x-mlops.placement.scrape`);
 //! - every service of a host that others reach has the host's address in
 //!   `MLOPS_HOST_ADDRESS` (what a Spark driver tells its executors);
 //! - volumes only its services use.
@@ -165,11 +168,15 @@ pub fn place(stack: &Stack, hosts: &[Target]) -> Result<Layout, ControllerError>
         }
     }
 
-    // Addresses of the hosts whose services others use.
+    // Addresses of the hosts whose services others use: one some host
+    // lacks, or an instance of its own that others reach by name (an
+    // `every_host` service with `remote_ports`, such as a scraped exporter).
+    let instanced = instanced(stack);
     for host in hosts {
-        let serves_others = layout.services[&host.name]
-            .iter()
-            .any(|s| layout.services.values().any(|other| !other.contains(s)) && !every_host.contains(s));
+        let serves_others = layout.services[&host.name].iter().any(|s| {
+            (layout.services.values().any(|other| !other.contains(s)) && !every_host.contains(s))
+                || instanced.contains(s)
+        });
         if serves_others {
             layout.addresses.insert(host.name.clone(), address_of(host)?);
         }
@@ -524,6 +531,15 @@ volumes:
         }
         let a = render(&s, &l, "a");
         assert!(a.services["exporter"].extra_hosts.contains(&"exporter-b:10.0.0.2".to_string()));
+
+        // A host left with the exporter only (its role's services skipped)
+        // is still reached at its address.
+        mlops_compose::skip_services(&mut s, &["worker".into()]).unwrap();
+        let l = place(&s, &hosts).unwrap();
+        assert_eq!(l.services["b"], BTreeSet::from(["exporter".to_string()]));
+        let b = render(&s, &l, "b");
+        assert_eq!(b.services["exporter"].ports[0].host_ip, "10.0.0.2", "{:?}", b.services["exporter"].ports);
+        assert!(render(&s, &l, "a").services["exporter"].extra_hosts.contains(&"exporter-b:10.0.0.2".to_string()));
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub async fn states(docker: &Docker, stack: &Stack, dirs: &super::StackDirs) -> 
             }
             continue;
         }
-        let hash = context_hash(stack, name, dirs).await?;
+        let (hash, _) = context_hash(stack, name, dirs).await?;
         let id = docker
             .inspect_image(&tag)
             .await
@@ -153,9 +153,14 @@ pub async fn build_tags(
 }
 
 /// The hash of service `name`'s build context (it decides whether the
-/// image is current), packed only when something in it changed.
-async fn context_hash(stack: &Stack, name: &str, dirs: &super::StackDirs) -> Result<String, EngineError> {
-    packed(stack, name, dirs, true).await.map(|(hash, _)| hash)
+/// image is current), packed only when something in it changed (and then
+/// the packed context too).
+async fn context_hash(
+    stack: &Stack,
+    name: &str,
+    dirs: &super::StackDirs,
+) -> Result<(String, Option<build::Context>), EngineError> {
+    packed(stack, name, dirs, true).await
 }
 
 /// The packed build context of service `name`.
@@ -181,7 +186,7 @@ async fn packed(
         Vec::new()
     };
     tokio::task::spawn_blocking(move || match hash_only {
-        true => build::context_hash(&dir, &dockerfile, &args, target.as_deref(), &extra).map(|h| (h, None)),
+        true => build::context_hash(&dir, &dockerfile, &args, target.as_deref(), &extra),
         false => {
             build::pack_with(&dir, &dockerfile, &args, target.as_deref(), &extra).map(|c| (c.hash.clone(), Some(c)))
         }
@@ -201,7 +206,7 @@ async fn build_if_changed(
     changed: &mut bool,
 ) -> Result<String, EngineError> {
     let b = stack.services[name].build.as_ref().expect("a build service");
-    let hash = context_hash(stack, name, dirs).await?;
+    let (hash, packed) = context_hash(stack, name, dirs).await?;
     let existing = docker.inspect_image(tag).await.ok();
     let current = existing
         .as_ref()
@@ -212,7 +217,10 @@ async fn build_if_changed(
     if current {
         return Ok(existing.and_then(|i| i.id).unwrap_or_default());
     }
-    let ctx = context(stack, name, dirs).await?;
+    let ctx = match packed {
+        Some(ctx) => ctx,
+        None => context(stack, name, dirs).await?,
+    };
     ev.say(name, Action::BuildStarted, tag).await;
     let say = ev.progress_sink(name);
     for base in build::base_images(&ctx.dockerfile_text, &b.args) {

@@ -473,10 +473,16 @@ async fn build_images(
         .collect();
     let available = earlier.available();
     let local = match plan.local_images {
-        true => images::local_supply(&reports, &available).await,
+        true => {
+            let arch_of = staged.iter().map(|(name, (host, _))| (name.clone(), host.arch().to_string())).collect();
+            images::local_supply(&reports, &available, &arch_of).await
+        }
         false => None,
     };
-    let local_tags = local.as_ref().map(|(_, ids)| ids.keys().cloned().collect()).unwrap_or_default();
+    for (tag, why) in local.iter().flat_map(|l| l.unfit.iter()) {
+        report.warn(&format!("{tag} in {} is not shipped ({why}); hosts pull it", crate::local_engine::NAME));
+    }
+    let local_tags = local.as_ref().map(|l| l.ids.keys().cloned().collect()).unwrap_or_default();
     let assignment = Arc::new(images::assign(&reports, &available, &local_tags));
     let (builders, mut ready): (Vec<_>, Vec<_>) =
         staged.into_iter().partition(|(name, _)| assignment.builds.contains_key(name));
@@ -509,8 +515,8 @@ async fn build_images(
     }
     let mut sources = std::collections::HashMap::new();
     for (key, from) in &assignment.source_of {
-        if let (images::LOCAL, Some((engine, ids))) = (from.as_str(), &local) {
-            sources.insert(key.clone(), Ok(images::Source::local(engine.clone(), ids[&key.0].clone())));
+        if let (images::LOCAL, Some(l)) = (from.as_str(), &local) {
+            sources.insert(key.clone(), Ok(images::Source::local(l.engine.clone(), l.ids[&key.0].clone())));
             continue;
         }
         let source = match ready.iter_mut().find(|(name, _)| name == from) {

@@ -268,9 +268,16 @@ impl LoadedStack {
                 .map_err(|e| ControllerError::Local(format!("cannot create {}: {e}", dir.display())))?;
             let mut tree = (*self.tree).clone();
             for (file, text) in generated {
-                let local = dir.join(file.replace('/', "__"));
-                std::fs::write(&local, text)
-                    .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", local.display())))?;
+                // Named by content and never rewritten in place: runs that
+                // overlap (a plan beside a deploy) each upload what they hashed.
+                use sha2::Digest;
+                let local = dir.join(format!("{}.json", hex::encode(sha2::Sha256::digest(text.as_bytes()))));
+                if !local.exists() {
+                    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), crate::rollout::salt()));
+                    std::fs::write(&tmp, &text)
+                        .and_then(|()| std::fs::rename(&tmp, &local))
+                        .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", local.display())))?;
+                }
                 tree.add_file(&file, &local, 0o644)?;
             }
             self.tree = Arc::new(tree);

@@ -89,6 +89,8 @@ struct Probe {
     conn: Option<(SharedTransport, AgentConn)>,
     agent: String,
     held: BTreeMap<String, String>,
+    /// `uname -m`, when the agent answers.
+    arch: Option<String>,
 }
 
 pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) -> Result<PlanReport, ControllerError> {
@@ -107,7 +109,10 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         async move {
             match bootstrap::connect_agent(&target, &ctx).await {
                 Ok((transport, mut conn)) => match crate::secrets::held_by(&mut conn, &project).await {
-                    Ok(held) => Ok(Probe { conn: Some((transport, conn)), agent: "running".into(), held }),
+                    Ok(held) => {
+                        let arch = conn.facts().await.ok().map(|f| f.arch);
+                        Ok(Probe { conn: Some((transport, conn)), agent: "running".into(), held, arch })
+                    }
                     Err(e) => {
                         transport.close().await;
                         Err(e)
@@ -117,9 +122,10 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
                     conn: None,
                     agent: format!("upgrade (it speaks API level {level}; this needs {needed})"),
                     held: BTreeMap::new(),
+                    arch: None,
                 }),
                 Err(ControllerError::AgentUnreachable { message, .. }) => {
-                    Ok(Probe { conn: None, agent: format!("install ({message})"), held: BTreeMap::new() })
+                    Ok(Probe { conn: None, agent: format!("install ({message})"), held: BTreeMap::new(), arch: None })
                 }
                 Err(e) => Err(e),
             }
@@ -173,6 +179,9 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         deploy_id: String::new(),
     });
 
+    let archs: BTreeMap<String, String> =
+        probed.ok.iter().filter_map(|(n, p)| Some((n.clone(), p.arch.clone()?))).collect();
+
     // 3. Per host: Docker, the files in a scratch tree, the agent's preview.
     let targets: BTreeMap<String, Target> = setup.targets.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let items = probed.ok.into_iter().map(|(name, probe)| (targets[&name].clone(), probe)).collect();
@@ -201,7 +210,7 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
     // Pulled images no host has: from this machine's engine if it has them.
     let all: Vec<(String, Vec<ImageState>)> = reports.iter().map(|(n, i)| (n.clone(), i.clone())).collect();
     let local = match crate::commands::deploy::local_images(opts, setup, &model.stack) {
-        true => images::local_supply(&all, &Default::default()).await.map(|(_, ids)| ids.into_keys().collect()),
+        true => images::local_supply(&all, &Default::default(), &archs).await.map(|l| l.ids.into_keys().collect()),
         false => None,
     };
     let local = local.unwrap_or_default();

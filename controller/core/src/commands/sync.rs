@@ -16,8 +16,11 @@ pub async fn sync(
     report: Arc<dyn Report>,
 ) -> Result<HostResults<SyncOutcome>, ControllerError> {
     let mut loaded = opts.load(&setup.state, report.as_ref())?;
-    // The files placement generates (scrape targets) go too.
-    loaded.place(&setup.all_hosts, &setup.state)?;
+    // The files placement generates (scrape targets) go too; a sync of
+    // files does not need the inventory to place the stack.
+    if let Err(e) = loaded.place(&setup.all_hosts, &setup.state) {
+        report.warn(&format!("files that depend on where services run (scrape targets) are left out: {e}"));
+    }
     let plan = Arc::new(StackPlan {
         project: loaded.stack.project.clone(),
         stack_json: String::new(),
