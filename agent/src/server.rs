@@ -185,11 +185,11 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut handshakes = tokio::task::JoinSet::new();
-    // Pending handshakes, oldest first, with who connected once known.
-    // Connections of root and the operator (the controller's tunnels come
-    // from their sshd sessions) are not counted, so other local users can
-    // crowd out only each other. Owners are looked up only once the cap is
-    // reached (see `peer_uids`).
+    // Pending handshakes, oldest first, with where they come from. Once the
+    // cap is reached their owners are looked up (see `peer_uids`) and those
+    // of root and the operator (the controller's tunnels come from their
+    // sshd sessions) leave the queue, so other local users can crowd out
+    // only each other.
     let mut pending: std::collections::VecDeque<(tokio::task::AbortHandle, SocketAddr)> =
         std::collections::VecDeque::new();
     let local_addr = listener.local_addr().ok();

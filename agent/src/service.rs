@@ -867,7 +867,7 @@ impl Agent for AgentService {
                     Some(Ok(bytes)) => {
                         let mut rest = bytes;
                         while !rest.is_empty() {
-                            let piece = rest.split_to(rest.len().min(IMAGE_CHUNK));
+                            let piece = rest.split_to(rest.len().min(mlops_proto::IMAGE_CHUNK));
                             let chunk = ImageChunk { data: piece, ..Default::default() };
                             if tx.send(Ok(chunk)).await.is_err() {
                                 return;
@@ -1086,11 +1086,6 @@ impl End {
     }
 }
 
-/// Who made the call (see [`Peer`]); unknown for a call without TLS
-/// (tests that serve the handlers directly).
-/// The largest piece of an image in one `ImageChunk`.
-const IMAGE_CHUNK: usize = 1 << 20;
-
 impl AgentService {
     /// The stack model of a request, checked, and where its files are.
     fn stack_of(
@@ -1165,6 +1160,8 @@ fn health_timeout(seconds: u32) -> Duration {
     Duration::from_secs(if seconds == 0 { 300 } else { u64::from(seconds) })
 }
 
+/// Who made the call (see [`Peer`]); unknown for a call without TLS
+/// (tests that serve the handlers directly).
 fn peer<T>(request: &Request<T>) -> Peer {
     request.extensions().get::<Peer>().cloned().unwrap_or_default()
 }

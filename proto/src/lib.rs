@@ -30,6 +30,10 @@ pub mod v1 {
 /// the host to its newest revision), minimum healthy time.
 pub const API_LEVEL: u32 = 6;
 
+/// The largest piece of an image tarball in one `ImageChunk` (agents and
+/// the controller both cut to it).
+pub const IMAGE_CHUNK: usize = 1 << 20;
+
 /// sha256 (hex) of what makes an agent's configuration current for a
 /// controller: the CAs it trusts and its port. The controller hashes the
 /// bundle it sends; the agent rebuilds the bundle from the configuration

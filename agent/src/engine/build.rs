@@ -62,13 +62,7 @@ pub fn pack_with(
 ) -> Result<Context, EngineError> {
     #[cfg(test)]
     tests::PACKS.with(|n| n.set(n.get() + 1));
-    let ignore_text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
-    };
-    let ignore = Ignore::parse(&ignore_text)
-        .map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    let (_, ignore) = read_ignore(dir)?;
     let dockerfile_text =
         dir.read(Path::new(dockerfile), MAX_TEXT).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| {
             failed("", format!("cannot read Dockerfile {}/{dockerfile}: {e}", dir.path().display()), "")
@@ -94,6 +88,18 @@ pub fn pack_with(
     }
     h.update(format!("\0target={}", target.unwrap_or("")).as_bytes());
     Ok(Context { tar, hash: hex::encode(h.finalize()), dockerfile_text })
+}
+
+/// The context's `.dockerignore` (empty when it has none) and its rules.
+fn read_ignore(dir: &Tree) -> Result<(Vec<u8>, Ignore), EngineError> {
+    let text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
+    };
+    let ignore = Ignore::parse(&String::from_utf8_lossy(&text))
+        .map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    Ok((text, ignore))
 }
 
 /// The hash [`pack_with`] would give, without packing when nothing in the
@@ -148,13 +154,7 @@ fn stamp(
     target: Option<&str>,
     extra: &[(String, Vec<u8>)],
 ) -> Result<Option<String>, EngineError> {
-    let ignore_text = match dir.read(Path::new(".dockerignore"), MAX_TEXT) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(failed("", format!("{}/.dockerignore: {e}", dir.path().display()), "")),
-    };
-    let ignore = Ignore::parse(&String::from_utf8_lossy(&ignore_text))
-        .map_err(|e| failed("", format!("{}/.dockerignore: {e}", dir.path().display()), ""))?;
+    let (ignore_text, ignore) = read_ignore(dir)?;
     let mut h = Sha256::new();
     let mut field = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_le_bytes());

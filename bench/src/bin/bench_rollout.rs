@@ -95,14 +95,9 @@ fn main() -> Result<()> {
         let mut noop = Vec::new();
         let mut busy = Vec::new();
         // The machine at rest with these hosts up, for comparison.
-        let (rest_before, idle_before) = (cpu_by_command(), cpu_jiffies()?);
+        let idle_before = cpu_jiffies()?;
         std::thread::sleep(Duration::from_secs(2));
-        let (rest, idle_after) = (cpu_by_command(), cpu_jiffies()?);
-        println!(
-            "  machine CPU busy at rest: {:.0} %",
-            (idle_after.0 - idle_before.0) as f64 / ((idle_after.1 - idle_before.1) as f64).max(1.0) * 100.0
-        );
-        let _ = (rest_before, rest);
+        println!("  machine CPU busy at rest: {:.0} %", busy_percent(idle_before, cpu_jiffies()?));
         let mut by_command = Vec::new();
         for _ in 0..runs {
             let procs = cpu_by_command();
@@ -113,7 +108,7 @@ fn main() -> Result<()> {
             // Share of the machine's CPUs busy during the run: near 100 %
             // means the no-op is bound by CPU (every host's sshd, agent and
             // dockerd share this machine), not by round trips.
-            busy.push((after.0 - before.0) as f64 / ((after.1 - before.1) as f64).max(1.0) * 100.0);
+            busy.push(busy_percent(before, after));
             noop.push(took);
             last = Some(run);
         }
@@ -145,6 +140,11 @@ fn print_phases(run: &CtlRun) {
         let secs = phase["ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!("  {:<28} {secs:>8.2} s", phase["name"].as_str().unwrap_or("?"));
     }
+}
+
+/// The share of the machine's CPU time busy between two [`cpu_jiffies`].
+fn busy_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    (after.0 - before.0) as f64 / ((after.1 - before.1) as f64).max(1.0) * 100.0
 }
 
 /// (busy, total) jiffies of every CPU, from /proc/stat.

@@ -303,6 +303,15 @@ impl Parser<'_> {
         }
     }
 
+    /// A port number (1-65535) at `node`.
+    fn port_number(&self, node: &Node, what: &str) -> R<u16> {
+        let text = self.string(node, what)?;
+        match text.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(self.err(node, format!("`{text}` is not a port number"))),
+        }
+    }
+
     fn opt_string(&self, node: &Node, what: &str) -> R<Option<String>> {
         if node.value == Value::Null { Ok(None) } else { self.string(node, what).map(Some) }
     }
@@ -660,11 +669,7 @@ impl Parser<'_> {
                             _ => return Err(self.err(sv, "remote_ports: a list of port numbers per service")),
                         };
                         for item in &items {
-                            let text = self.string(item, "a port")?;
-                            match text.parse::<u16>() {
-                                Ok(port) if port > 0 => ports.push(port),
-                                _ => return Err(self.err(item, format!("`{text}` is not a port number"))),
-                            }
+                            ports.push(self.port_number(item, "a port")?);
                         }
                         self.placement_at.insert(format!("remote_ports {service}"), sk.clone());
                         p.remote_ports.insert(service, ports);
@@ -676,13 +681,7 @@ impl Parser<'_> {
                         let mut scrape = mlops_proto::stack::Scrape::default();
                         for (fk, fv) in self.map(sv, "a scraped service")? {
                             match fk.as_key().unwrap_or_default().as_str() {
-                                "port" => {
-                                    let text = self.string(fv, "port")?;
-                                    scrape.port = match text.parse::<u16>() {
-                                        Ok(port) if port > 0 => port,
-                                        _ => return Err(self.err(fv, format!("`{text}` is not a port number"))),
-                                    };
-                                }
+                                "port" => scrape.port = self.port_number(fv, "port")?,
                                 "file" => {
                                     let file = self.string(fv, "file")?;
                                     let inside = !file.is_empty()

@@ -44,9 +44,6 @@ use crate::transport::SharedTransport;
 /// (each is a `docker save` on it).
 const SAVES_PER_SOURCE: usize = 3;
 
-/// The most bytes of a tarball in one `ImageChunk` (as agents send them).
-const CHUNK: usize = 1 << 20;
-
 /// An image: its tag and the hash of its build context (empty for a
 /// pulled one).
 pub type ImageKey = (String, String);
@@ -501,7 +498,7 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
             let mut rest = data?;
             // The engine's pieces can be larger than a gRPC message may be.
             while !rest.is_empty() {
-                let data = rest.split_to(rest.len().min(CHUNK));
+                let data = rest.split_to(rest.len().min(mlops_proto::IMAGE_CHUNK));
                 let chunk = ImageChunk { tag: chunk_tag.clone(), id: chunk_id.clone(), data };
                 if tx.send(chunk).await.is_err() {
                     return Ok(());

@@ -24,7 +24,6 @@ pub const NAME: &str = "this machine's Docker engine";
 #[derive(Clone)]
 pub struct LocalEngine {
     docker: Docker,
-    pub socket: PathBuf,
 }
 
 /// The socket `DOCKER_HOST` names (only `unix://`), else the default;
@@ -75,7 +74,7 @@ impl LocalEngine {
             docker.negotiate_version().await.ok()
         };
         let docker = tokio::time::timeout(Duration::from_secs(3), attempt).await.ok().flatten()?;
-        Some(LocalEngine { docker, socket })
+        Some(LocalEngine { docker })
     }
 
     /// The image `tag` here, if there is one (within 10 s).
