@@ -16,13 +16,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::{Stream, StreamExt};
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    BuildImagesRequest, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, Failure, FailureKind,
-    GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse,
-    HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, LoadImageReply,
-    LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision,
-    RevisionsReply, RevisionsRequest, RollbackRequest, SaveImageRequest, Secrets, ServiceState, StackAction,
-    StackEvent, StackStatusReply, StackStatusRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport,
-    SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
+    BuildImagesRequest, DataChunk, DataSource, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest,
+    ExportDataRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent,
+    HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply,
+    ImagePlanRequest, ImageState, ImportDataReply, LoadImageReply, LogChunk, LogsRequest, PlanStackReply,
+    PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest,
+    RollbackRequest, SaveImageRequest, Secrets, ServiceState, StackAction, StackEvent, StackStatusReply,
+    StackStatusRequest, StopServicesReply, StopServicesRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan,
+    SyncReport, SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -909,6 +910,161 @@ impl Agent for AgentService {
         Ok(Response::new(TagImageReply { present }))
     }
 
+    async fn stop_services(
+        &self,
+        request: Request<StopServicesRequest>,
+    ) -> Result<Response<StopServicesReply>, Status> {
+        let peer = peer(&request);
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let _guard = self.locks.acquire(&req.project, &req.holder).map_err(AgentError::from)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let timeout = Duration::from_secs(if req.timeout_seconds == 0 { 10 } else { u64::from(req.timeout_seconds) });
+        let record = self.state_dir.join("stopped").join(format!("{}.json", req.project));
+        let stopped = engine::volumes::stop(&docker, &req.project, &req.services, timeout, &record)
+            .await
+            .map_err(|e| stack_status(e, &req.project))?;
+        let (history, project) = (self.history.clone(), req.project.clone());
+        let detail = format!("stopped {}", if stopped.is_empty() { "nothing".into() } else { stopped.join(", ") });
+        blocking(move || {
+            history.record(&project, &peer, "stop", "ok", &detail);
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(StopServicesReply { stopped }))
+    }
+
+    type ExportDataStream = BoxStream<DataChunk>;
+
+    async fn export_data(
+        &self,
+        request: Request<ExportDataRequest>,
+    ) -> Result<Response<Self::ExportDataStream>, Status> {
+        let source = request.into_inner().source.unwrap_or_default();
+        check_source(&source)?;
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let project = source.project.clone();
+        let data: Pin<Box<dyn Stream<Item = Result<bytes::Bytes, EngineError>> + Send>> = if source.volume.is_empty() {
+            let env = source.env.into_iter().collect();
+            Box::pin(
+                engine::volumes::exec_out(&docker, &project, &source.service, source.command, &env)
+                    .await
+                    .map_err(|e| stack_status(e, &project))?,
+            )
+        } else {
+            Box::pin(
+                engine::volumes::export(&docker, &project, &source.volume)
+                    .await
+                    .map_err(|e| stack_status(e, &project))?,
+            )
+        };
+        // Few messages in flight: the data streams at the pace the
+        // receiving host writes it.
+        let (tx, rx) = mpsc::channel(4);
+        let mut stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            use sha2::Digest;
+            let (mut hash, mut total) = (sha2::Sha256::new(), 0u64);
+            let mut data = data;
+            loop {
+                let next = tokio::select! {
+                    next = data.next() => next,
+                    _ = stop.changed() => {
+                        let _ = tx.send(Err(AgentError::ShuttingDown.into())).await;
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok(mut rest)) => {
+                        hash.update(&rest);
+                        total += rest.len() as u64;
+                        while !rest.is_empty() {
+                            let piece = rest.split_to(rest.len().min(mlops_proto::IMAGE_CHUNK));
+                            if tx.send(Ok(DataChunk { data: piece, ..Default::default() })).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(stack_status(e, &project))).await;
+                        return;
+                    }
+                    None => {
+                        let end = DataChunk {
+                            end: true,
+                            sha256: hex::encode(hash.finalize()),
+                            bytes: total,
+                            ..Default::default()
+                        };
+                        let _ = tx.send(Ok(end)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn import_data(
+        &self,
+        request: Request<tonic::Streaming<DataChunk>>,
+    ) -> Result<Response<ImportDataReply>, Status> {
+        let peer = peer(&request);
+        let mut chunks = request.into_inner();
+        let first = chunks.message().await?.ok_or(AgentError::InvalidArgument {
+            field: "target",
+            message: "the stream ended before its first chunk".into(),
+        })?;
+        let target = first.target.clone().unwrap_or_default();
+        check_source(&target)?;
+        let project = target.project.clone();
+        let piece = |c: DataChunk| {
+            if c.end {
+                engine::volumes::Piece::End { sha256: c.sha256, bytes: c.bytes }
+            } else {
+                engine::volumes::Piece::Data(c.data)
+            }
+        };
+        let head = futures::stream::once(async move { Ok::<_, Status>(first) });
+        let checked = engine::volumes::Checked::new(Box::pin(head.chain(chunks).map(move |c| c.map(piece))));
+        let arrived = checked.result();
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        let (exit_code, output, what) = if target.volume.is_empty() {
+            let env = target.env.into_iter().collect();
+            let (code, output) =
+                engine::volumes::exec_in(&docker, &project, &target.service, target.command, &env, checked)
+                    .await
+                    .map_err(|e| stack_status(e, &project))?;
+            (code, output, format!("data into a command in {}", target.service))
+        } else {
+            let holder = format!("an import into volume {} by {}", target.volume, peer.operator);
+            let _guard = self.locks.acquire(&project, &holder).map_err(AgentError::from)?;
+            let revisions = self.revisions.clone();
+            let p = project.clone();
+            let kept = blocking(move || Ok(revisions.newest(&p)?.map(|r| r.images.into_values().collect()))).await?;
+            engine::volumes::import(&docker, &project, &target.volume, kept.unwrap_or_default(), checked)
+                .await
+                .map_err(|e| stack_status(e, &project))?;
+            (0, String::new(), format!("volume {}", target.volume))
+        };
+        // The engine may end its side without reading to the end marker.
+        let Some((bytes, sha256)) = arrived.lock().expect("not poisoned").clone() else {
+            return Err(stack_status(
+                EngineError::bad_request("data", format!("{what}: the stream was not read to its end marker")),
+                &project,
+            ));
+        };
+        let (history, p) = (self.history.clone(), project.clone());
+        let detail = format!("imported {bytes} bytes: {what} (sha256 {})", &sha256[..12]);
+        let outcome = if exit_code == 0 { "ok" } else { "failed" };
+        blocking(move || {
+            history.record(&p, &peer, "import", outcome, &detail);
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(ImportDataReply { bytes, sha256, exit_code, output: tail(&output, 16 * 1024) }))
+    }
+
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
         let req = request.into_inner();
         check_project(&req.project)?;
@@ -926,6 +1082,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
         .await
         .map_err(|e| Status::from(AgentError::Internal(format!("a file task failed: {e}"))))?
         .map_err(Status::from)
+}
+
+/// A data source or target names a project and either a volume or a
+/// service and command.
+fn check_source(source: &DataSource) -> Result<(), AgentError> {
+    check_project(&source.project)?;
+    match (source.volume.is_empty(), source.service.is_empty() || source.command.is_empty()) {
+        (false, true) | (true, false) => Ok(()),
+        _ => Err(AgentError::InvalidArgument {
+            field: "source",
+            message: "name a volume, or a service and a command (not both)".into(),
+        }),
+    }
 }
 
 fn check_project(project: &str) -> Result<(), AgentError> {
@@ -1109,6 +1278,8 @@ impl AgentService {
             files: self.sync.tree(files_root),
             work: self.sync.work_dir(),
             credentials: self.state_dir.join("credentials").join(format!("{project}.json")),
+            // As `stop_services` writes it.
+            stopped: self.state_dir.join("stopped").join(format!("{project}.json")),
         }
     }
 }

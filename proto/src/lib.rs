@@ -28,7 +28,9 @@ pub mod v1 {
 /// `TagImage` (images built once and shipped between hosts).
 /// Level 6: revisions (`Revisions`, `Rollback`; a failed converge returns
 /// the host to its newest revision), minimum healthy time.
-pub const API_LEVEL: u32 = 6;
+/// Level 7: `StopServices`, `ExportData`, `ImportData` (a project's data
+/// moves between hosts: `migrate`).
+pub const API_LEVEL: u32 = 7;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and
 /// the controller both cut to it).

@@ -50,6 +50,7 @@ async fn each_phase_of_converge_works_on_its_own() {
         files: dir.path().to_path_buf(),
         work: work.path().join("tmp"),
         credentials: work.path().join("credentials.json"),
+        stopped: work.path().join("stopped.json"),
     };
     let built = images::ensure(&engine, &stack, &order, &dirs, None, &ev).await.unwrap();
     assert!(built.changed);

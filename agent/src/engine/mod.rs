@@ -13,6 +13,8 @@
 //! - [`exec`]: a command in a running service's container (secret rotation).
 //! - [`ship`]: images out of and into the engine as tarball streams
 //!   (images built once, shipped to the other hosts).
+//! - [`volumes`]: a project's data leaving and arriving (`migrate`):
+//!   volumes and command output as checked streams, services stopped.
 //! - [`revisions`]: what each successful converge brought a project to,
 //!   kept so the host can return to it.
 //!
@@ -31,6 +33,7 @@ pub mod lock;
 pub mod revisions;
 pub mod ship;
 pub mod sync;
+pub mod volumes;
 pub mod watch;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -216,6 +216,38 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 20)]
         last: u32,
     },
+    /// Move the stack with its data to another host: deploy it there, stop it here, move every named volume, start it there healthy; the old host is kept stopped (or removed with --decommission).
+    Migrate {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// The host the stack runs on: an inventory name, or USER@HOST[:PORT].
+        #[arg(long, value_name = "HOST")]
+        from: String,
+        /// The host it moves to: an inventory name, or USER@HOST[:PORT].
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// Print the steps and what would move; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Once the stack runs healthy on the new host, remove it, its volumes and the agent from the old one.
+        #[arg(long)]
+        decommission: bool,
+        /// Seconds each service gets to stop (SIGTERM) before it is killed.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        stop_timeout: u32,
+        /// Seconds each service may take to become healthy on the new host.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        health_timeout: u32,
+        /// Fail instead of installing Docker on the new host when no engine answers.
+        #[arg(long)]
+        no_docker_install: bool,
+        /// As deploy's --expose, on the new host.
+        #[arg(long)]
+        expose: bool,
+        /// As deploy's --no-local-images.
+        #[arg(long)]
+        no_local_images: bool,
+    },
     /// Return each host to a revision its agent keeps: the one before the newest, or --to N, or --to-deploy ID.
     Rollback {
         #[command(flatten)]

@@ -105,6 +105,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
     let needs_binary = matches!(
         cli.command,
         Command::Deploy { .. }
+            | Command::Migrate { .. }
             | Command::Pki { .. }
             | Command::Operator { .. }
             | Command::Secrets { command: Some(_), .. }
@@ -217,6 +218,42 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             };
             let (project, r) = commands::rollback::rollback(&setup, &stack.into(), &to, report).await?;
             printer.rollback(&project, &r)
+        }
+        Command::Migrate {
+            stack,
+            from,
+            to,
+            dry_run,
+            decommission,
+            stop_timeout,
+            health_timeout,
+            no_docker_install,
+            expose,
+            no_local_images,
+        } => {
+            let opts = commands::migrate::MigrateOptions {
+                stack: stack.into(),
+                from,
+                to,
+                dry_run,
+                decommission,
+                stop_timeout,
+                health_timeout,
+                install_docker: !no_docker_install,
+                expose,
+                local_images: !no_local_images,
+            };
+            match commands::migrate::migrate(&setup, &opts, report).await {
+                Ok(r) => printer.migrate(&r),
+                // Bad flags, inventory or stack: nothing was done (exit 2).
+                Err(
+                    e @ (ControllerError::Usage { .. }
+                    | ControllerError::Inventory(_)
+                    | ControllerError::Compose(_)
+                    | ControllerError::StateDir { .. }),
+                ) => return Err(e),
+                Err(e) => printer.migrate_failed(&e),
+            }
         }
         Command::Operator { .. } | Command::State { .. } => unreachable!("handled before the hosts are resolved"),
     })

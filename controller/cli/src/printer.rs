@@ -19,6 +19,7 @@ use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::history::HostHistory;
+use mlops_controller::commands::migrate::MigrateReport;
 use mlops_controller::commands::operator::{Added, Joined, Listing, Removed};
 use mlops_controller::commands::pki::RotateReport as PkiRotateReport;
 use mlops_controller::commands::plan::PlanReport;
@@ -663,6 +664,61 @@ impl Printer {
             }
         }
         exit_code(r)
+    }
+
+    pub fn migrate(&self, r: &MigrateReport) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"command": "migrate", "ok": true, "result": r})),
+            Output::Text => {
+                for s in &r.steps {
+                    let took = if r.dry_run { String::new() } else { format!(" ({:.1} s)", s.ms as f64 / 1000.0) };
+                    self.stdout(&format!("{}: {}{took}", s.step, neutralise(&s.detail)));
+                }
+                for v in &r.volumes {
+                    let when = if v.earlier { ", by an earlier attempt" } else { "" };
+                    self.stdout(&format!(
+                        "  volume {}: {} in {:.1} s{when}, sha256 {}",
+                        v.volume,
+                        bytes_human(v.bytes),
+                        v.ms as f64 / 1000.0,
+                        v.sha256
+                    ));
+                }
+                if r.dry_run {
+                    self.stderr_line(&format!("migrate --dry-run: nothing was changed on {} or {}", r.from, r.to));
+                } else {
+                    self.stdout(&neutralise(&r.inventory));
+                    self.stderr_line(&format!(
+                        "migrate: stack `{}` moved from {} to {}; it did not serve for {:.1} s{}",
+                        r.project,
+                        r.from,
+                        r.to,
+                        r.downtime_ms as f64 / 1000.0,
+                        if r.decommissioned {
+                            format!("; {} decommissioned", r.from)
+                        } else {
+                            format!("; {} is stopped and intact", r.from)
+                        }
+                    ));
+                }
+            }
+        }
+        0
+    }
+
+    /// A migration that stopped: what went wrong (the old host was started
+    /// again when it had been stopped; the warnings above say so).
+    pub fn migrate_failed(&self, e: &ControllerError) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({
+                "command": "migrate",
+                "ok": false,
+                "error": mlops_controller::client::error_chain(e),
+                "hint": e.hint(),
+            })),
+            Output::Text => self.stderr_line(&render_error(e, "")),
+        }
+        EXIT_HOST_FAILED
     }
 
     pub fn ui_opened(&self, opened: &UiOpened) {

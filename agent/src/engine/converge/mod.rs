@@ -18,7 +18,8 @@
 //! 6. [`health`]: every health check passes, one-shots have succeeded,
 //!    everything else still runs.
 //!
-//! [`status`] reads a project's containers (also for `StackStatus` and
+//! [`stopped`] remembers the containers `StopServices` stopped, for the
+//! plan to start them again. [`status`] reads a project's containers (also for `StackStatus` and
 //! `Logs`); [`down`] removes a project; [`preview`] says what a converge
 //! would do, without doing it (`mlopsctl plan`).
 
@@ -31,6 +32,7 @@ pub mod preview;
 pub mod resources;
 pub mod start;
 pub mod status;
+pub mod stopped;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,8 @@ pub struct StackDirs {
     /// The record of the credentials its volumes' data was made with (see
     /// [`credentials`]).
     pub credentials: PathBuf,
+    /// The containers `StopServices` stopped (see [`stopped`]).
+    pub stopped: PathBuf,
 }
 
 /// How a converge is carried out (beyond the model).
@@ -88,9 +92,15 @@ pub async fn converge(
     changed |= images.changed;
     let hashes = plan::config_hashes(stack, &order, &images.ids, files_dir)?;
     let parts = plan::config_parts(stack, &order, &images.ids, &hashes, files_dir);
-    let existing = plan::existing(docker, &stack.project).await?;
+    let mut existing = plan::existing(docker, &stack.project).await?;
+    let held = stopped::read(&dirs.stopped);
+    for c in existing.iter_mut() {
+        c.stopped = held.contains(&c.id);
+    }
     let plan = plan::plan(stack, &order, &hashes, &parts, existing);
     let ids = start::run(docker, stack, &plan, files_dir, options.health_timeout, ev).await?;
+    // Every container it stopped runs again or was replaced.
+    stopped::clear(&dirs.stopped);
     changed |= ids.values().any(|(_, c)| *c);
     changed |= orphans::remove(docker, &plan.orphans, ev).await?;
     health::gate(docker, stack, &order, &ids, options.health_timeout, ev).await?;

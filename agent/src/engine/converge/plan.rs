@@ -40,6 +40,9 @@ pub struct Existing {
     pub state: String,
     /// For an exited container; 0 otherwise.
     pub exit_code: i64,
+    /// Stopped by `StopServices` (see [`super::stopped`]), not exited by
+    /// itself: a service that may complete is not done, it runs again.
+    pub stopped: bool,
 }
 
 /// What to do with one service's container.
@@ -217,6 +220,7 @@ pub async fn existing(docker: &Docker, project: &str) -> Result<Vec<Existing>, E
             id,
             state,
             exit_code,
+            stopped: false,
         });
     }
     Ok(out)
@@ -249,7 +253,10 @@ pub fn plan(
             stale.extend(keep.drain(1..).map(|c| c.id));
         }
         let action = match keep.pop() {
-            Some(c) if c.state == "running" || (c.state == "exited" && c.exit_code == 0 && completes(svc)) => {
+            Some(c)
+                if c.state == "running"
+                    || (c.state == "exited" && c.exit_code == 0 && completes(svc) && !c.stopped) =>
+            {
                 Action::Keep { id: c.id, state: c.state }
             }
             Some(c) => Action::Start { id: c.id, was: c.state },
@@ -284,6 +291,7 @@ mod tests {
             parts: String::new(),
             state: state.into(),
             exit_code,
+            stopped: false,
         }
     }
 
@@ -325,8 +333,13 @@ mod tests {
             container(&s, "web", "h", "exited", 1),
             container(&s, "daemon", "h", "exited", 0),
         ];
-        let p = plan(&s, &order, &hashes(&[("init", "h"), ("web", "h"), ("daemon", "h")]), &BTreeMap::new(), found);
+        let p =
+            plan(&s, &order, &hashes(&[("init", "h"), ("web", "h"), ("daemon", "h")]), &BTreeMap::new(), found.clone());
         assert!(matches!(p.services[0].action, Action::Keep { .. }), "an init step that exited 0 is done");
+        let mut stopped = found;
+        stopped[0].stopped = true;
+        let q = plan(&s, &order, &hashes(&[("init", "h"), ("web", "h"), ("daemon", "h")]), &BTreeMap::new(), stopped);
+        assert!(matches!(q.services[0].action, Action::Start { .. }), "one stopped by StopServices is not done");
         assert!(matches!(&p.services[1].action, Action::Start { was, .. } if was == "exited"), "a failure is retried");
         assert!(
             matches!(p.services[2].action, Action::Start { .. }),

@@ -69,7 +69,11 @@ pub async fn preview(docker: &Docker, stack: &Stack, dirs: &StackDirs) -> Result
     }
     let hashes = plan::config_hashes(stack, &order, &ids, &dirs.files)?;
     let parts = plan::config_parts(stack, &order, &ids, &hashes, &dirs.files);
-    let existing = plan::existing(docker, &stack.project).await?;
+    let mut existing = plan::existing(docker, &stack.project).await?;
+    let held = super::stopped::read(&dirs.stopped);
+    for c in existing.iter_mut() {
+        c.stopped = held.contains(&c.id);
+    }
     let old_parts: BTreeMap<String, String> = existing
         .iter()
         .filter(|c| c.names.contains(&stack.container_name(&c.service)))

@@ -77,6 +77,19 @@ pub async fn deploy(
     opts: &DeployOptions,
     report: Arc<dyn Report>,
 ) -> Result<DeployReport, ControllerError> {
+    deploy_with(setup, opts, report, ImageSources::default()).await
+}
+
+/// [`deploy`] with images that hosts outside the deploy supply (`migrate`:
+/// the host the stack leaves); the hosts of the deploy load them from
+/// there instead of building them.
+pub async fn deploy_with(
+    setup: &Setup,
+    opts: &DeployOptions,
+    report: Arc<dyn Report>,
+    sources: ImageSources,
+) -> Result<DeployReport, ControllerError> {
+    let seeded = !sources.available().is_empty();
     // Certificates are issued before the fan-out: the CA directory is
     // written by one task only.
     let bundles = Bundle::for_targets(&setup.state, &setup.targets)?;
@@ -222,8 +235,9 @@ pub async fn deploy(
                         holder: stack::holder(),
                         sync_only: false,
                         rotating: opts.rotating.clone(),
-                        // With several hosts, each image is built once.
-                        images: prepared.ok.len() > 1,
+                        // With several hosts, each image is built once; a
+                        // host outside the deploy may have them.
+                        images: prepared.ok.len() > 1 || seeded,
                         local_images: local_images(opts, setup, &model.stack),
                         min_healthy_seconds: opts.rollout.min_healthy_seconds(),
                         no_rollback: opts.rollout.no_rollback,
@@ -250,7 +264,6 @@ pub async fn deploy(
     };
     let batches = crate::rollout::batches(&order, opts.rollout.serial);
     let allowed = opts.rollout.max_fail(setup.targets.len());
-    let sources = ImageSources::default();
     let mut hosts = HostResults { ok: Vec::new(), failed: Vec::new() };
     // Set once more hosts failed than --max-fail allows: (batch, who failed).
     let mut stopped: Option<(usize, String)> = None;

@@ -15,6 +15,7 @@ pub mod deploy;
 pub mod down;
 pub mod history;
 pub mod logs;
+pub mod migrate;
 pub mod operator;
 pub mod pki;
 pub mod plan;
@@ -74,6 +75,8 @@ pub struct Setup {
     pub state: Arc<StateDir>,
     pub ctx: Arc<Context>,
     pub forks: usize,
+    /// `~/.ssh/config` (or `--ssh-config`), for hosts named after setup.
+    pub ssh_config: SshConfig,
 }
 
 impl Setup {
@@ -119,7 +122,31 @@ impl Setup {
             our_cas_pem: state.all_cas_pem()?,
             state: Some(state.clone()),
         };
-        Ok(Setup { targets, all_hosts, state, ctx: Arc::new(ctx), forks: g.forks.max(1) })
+        Ok(Setup { targets, all_hosts, state, ctx: Arc::new(ctx), forks: g.forks.max(1), ssh_config })
+    }
+}
+
+impl Setup {
+    /// A host by its inventory (or `--host`) name, else `spec` read as
+    /// `[USER@]HOST[:PORT]`.
+    pub fn host(&self, spec: &str) -> Result<Target, ControllerError> {
+        if let Some(t) = self.all_hosts.iter().find(|t| t.name == spec) {
+            return Ok(t.clone());
+        }
+        let mut found = mlops_inventory::target::targets_from_specs(&[spec.to_string()], &self.ssh_config)?;
+        Ok(found.remove(0))
+    }
+
+    /// The same setup acting on `targets` only (placement among them too).
+    pub fn only(&self, targets: Vec<Target>) -> Setup {
+        Setup {
+            all_hosts: targets.clone(),
+            targets,
+            state: self.state.clone(),
+            ctx: self.ctx.clone(),
+            forks: self.forks,
+            ssh_config: self.ssh_config.clone(),
+        }
     }
 }
 

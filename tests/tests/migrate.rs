@@ -1,0 +1,266 @@
+//! `mlopsctl migrate`: a stack and its volume data move from one test host
+//! to another (each with its own sshd and Docker engine, the real agent and
+//! CLI); the old host is kept stopped and intact; a migration killed
+//! during the transfer is finished by running it again; a new host that
+//! fails at the switch gets the old one started again.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack};
+
+/// `db` keeps its data in a volume and counts its starts there; `web`
+/// depends on it being healthy and publishes a port (on loopback).
+const STACK: &str = r#"
+name: "{project}"
+services:
+  db:
+    build: ./img
+    command: ["sh", "-c", "echo start >> /data/boots; trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumes: ["data:/data"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/data/boots"]
+      interval: 1s
+      retries: 30
+  web:
+    build: ./img
+    command: ["sh", "-c", "trap 'exit 0' TERM; httpd -f -p 8080 & wait"]
+    ports: ["127.0.0.1:18380:8080"]
+    depends_on:
+      db: {condition: service_healthy}
+volumes:
+  data: {}
+"#;
+
+fn container(host: &TestHost, project: &str, service: &str) -> String {
+    let filter = |k: &str, v: &str| format!("label=mlops.{k}={v}");
+    host.docker(&["ps", "-aq", "--filter", &filter("project", project), "--filter", &filter("service", service)])
+        .trim()
+        .to_string()
+}
+
+fn state(host: &TestHost, id: &str) -> String {
+    host.docker(&["inspect", "-f", "{{.State.Status}}", id])
+}
+
+/// Every file of the volume as `db` sees it: path, owner, mode, link
+/// target or sha256 (the same listing on both hosts means the same data).
+fn listing(host: &TestHost, project: &str) -> String {
+    let db = container(host, project, "db");
+    let script = "cd /data && find . ! -name boots | sort | while read -r f; do \
+        if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
+        elif [ -d \"$f\" ]; then echo \"$f dir $(stat -c '%u:%g %a' \"$f\")\"; \
+        else echo \"$f $(stat -c '%u:%g %a' \"$f\") $(sha256sum < \"$f\" | cut -c1-64)\"; fi; done";
+    host.docker(&["exec", &db, "sh", "-c", script])
+}
+
+/// Fills A's volume: rows, owners, modes, a link, a directory, and
+/// `megabytes` of data that does not compress.
+fn fill(host: &TestHost, project: &str, megabytes: u32) {
+    let db = container(host, project, "db");
+    let script = format!(
+        "set -e; cd /data; for i in $(seq 1 1000); do echo row-$i; done > rows; \
+         mkdir -p deep/er; chmod 0750 deep; chown 1234:4321 deep; \
+         echo secret > deep/er/key; chmod 0600 deep/er/key; chown 999:999 deep/er/key; \
+         ln -sf ../rows deep/link; ln -sf /etc/passwd outside-link; \
+         head -c $(({megabytes} * 1048576)) /dev/urandom > blob"
+    );
+    host.docker(&["exec", &db, "sh", "-c", &script]);
+}
+
+fn migrate_args(env: &TestEnv, stack: &TestStack, a: &str, b: &str) -> Vec<String> {
+    [
+        "migrate",
+        "--identity",
+        &env.key.display().to_string(),
+        "--stack",
+        &stack.path().display().to_string(),
+        "--host",
+        a,
+        "--host",
+        b,
+        "--from",
+        a,
+        "--to",
+        b,
+        "--health-timeout",
+        "60",
+        "--stop-timeout",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn migrate(env: &TestEnv, stack: &TestStack, a: &TestHost, b: &TestHost, extra: &[&str]) -> CtlRun {
+    let (sa, sb) = (a.spec("root"), b.spec("root"));
+    let mut args = migrate_args(env, stack, &sa, &sb);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    env.ctl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Runs a migration and, once its stderr shows `line`, calls `then`;
+/// returns the run.
+fn migrate_until(
+    env: &TestEnv,
+    stack: &TestStack,
+    a: &TestHost,
+    b: &TestHost,
+    line: &str,
+    then: impl FnOnce(&mut std::process::Child),
+) -> (Option<i32>, String) {
+    let (sa, sb) = (a.spec("root"), b.spec("root"));
+    let args = migrate_args(env, stack, &sa, &sb);
+    let mut child = env
+        .ctl_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let mut l = String::new();
+        if stderr.read_line(&mut l).unwrap() == 0 || Instant::now() > deadline {
+            panic!("`{line}` never came:\n{seen}");
+        }
+        seen.push_str(&l);
+        if l.contains(line) {
+            break;
+        }
+    }
+    then(&mut child);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    seen.push_str(&rest);
+    (child.wait().unwrap().code(), seen)
+}
+
+#[test]
+fn a_stack_moves_with_its_volume_data_and_the_old_host_is_kept_stopped() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("mig-a").unwrap(), env.docker_host("mig-b").unwrap());
+    let stack = TestStack::new(STACK).unwrap();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    fill(&a, &project, 24);
+    let before = listing(&a, &project);
+    assert!(before.contains("./deep/er/key 999:999 600") && before.contains("./deep dir 1234:4321 750"), "{before}");
+
+    // A dry run changes nothing.
+    let dry = migrate(&env, &stack, &a, &b, &["--dry-run"]).expect_code(0);
+    assert!(dry.stdout.contains("transfer: move volume(s)"), "{}", dry.stdout);
+    assert_eq!(state(&a, &container(&a, &project, "db")), "running");
+    assert!(b.docker(&["ps", "-aq"]).is_empty(), "nothing on b after a dry run");
+
+    let run = migrate(&env, &stack, &a, &b, &["--output", "json"]).expect_code(0);
+    let json = run.json();
+    let result = &json["result"];
+    let steps: Vec<&str> = result["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["inspect", "deploy", "quiesce", "transfer", "switch"], "{json:#}");
+    let volume = &result["volumes"][0];
+    assert_eq!(volume["volume"], format!("{project}_data"));
+    assert!(volume["bytes"].as_u64().unwrap() > 24 << 20, "{volume:#}");
+    assert!(result["downtime_ms"].as_u64().unwrap() > 0);
+    assert!(result["inventory"].as_str().unwrap().contains(&b.spec("root")), "{json:#}");
+
+    // B serves the same data, owners, modes and links; its db started
+    // once more on it (its own first start went with its empty volume).
+    assert_eq!(listing(&b, &project), before);
+    let boots = |h: &TestHost| h.docker(&["exec", &container(h, &project, "db"), "cat", "/data/boots"]);
+    assert_eq!(boots(&b).lines().count(), 2, "A's start and B's: {}", boots(&b));
+    for service in ["db", "web"] {
+        assert_eq!(state(&b, &container(&b, &project, service)), "running", "{service} on b");
+        // A's containers are stopped, not removed.
+        assert_eq!(state(&a, &container(&a, &project, service)), "exited", "{service} on a");
+    }
+    // A's volume still holds its data.
+    let kept = a.docker(&["cp", &format!("{}:/data/rows", container(&a, &project, "db")), "-"]);
+    assert!(kept.contains("row-1000"), "A keeps its data");
+    assert!(!env.state.join("migrations").join(format!("{project}.json")).exists(), "no record left");
+
+    // Moving it again would put A's old data over B's: refused.
+    let again = migrate(&env, &stack, &a, &b, &[]).expect_code(2);
+    assert!(again.stderr.contains("runs no service on") && again.stderr.contains("hint:"), "{}", again.stderr);
+
+    // Back to A, which is then decommissioned... from B's side: B's stack
+    // moves to A and B loses its stack, volumes and agent.
+    let back = migrate(&env, &stack, &b, &a, &["--decommission"]).expect_code(0);
+    assert!(back.stderr.contains("decommissioned"), "{}", back.stderr);
+    assert_eq!(listing(&a, &project), before);
+    assert_eq!(boots(&a).lines().count(), 3, "{}", boots(&a));
+    assert!(b.docker(&["ps", "-aq", "--filter", &format!("label=mlops.project={project}")]).is_empty());
+    assert!(!b.docker(&["volume", "ls", "-q"]).contains(&project), "B's volumes are gone");
+    assert!(!b.path("/usr/local/lib/mlops-agent/mlops-agent").exists(), "B's agent is gone");
+    assert!(!b.path("/etc/mlops-agent/tls/server.key").exists());
+}
+
+#[test]
+fn an_interrupted_migration_is_finished_by_running_it_again() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("mig-c").unwrap(), env.docker_host("mig-d").unwrap());
+    let stack = TestStack::new(STACK).unwrap();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    fill(&a, &project, 300);
+    let before = listing(&a, &project);
+
+    // Killed while the volume streams.
+    let (code, seen) = migrate_until(&env, &stack, &a, &b, "moving volume", |child| {
+        std::thread::sleep(Duration::from_millis(700));
+        child.kill().unwrap();
+    });
+    assert_eq!(code, None, "killed:\n{seen}");
+    assert!(env.state.join("migrations").join(format!("{project}.json")).exists(), "the record stays");
+    assert_eq!(state(&a, &container(&a, &project, "db")), "exited", "A stays stopped: {seen}");
+
+    let run = migrate(&env, &stack, &a, &b, &[]).expect_code(0);
+    assert!(run.stderr.contains("resuming the migration"), "{}", run.stderr);
+    assert_eq!(listing(&b, &project), before);
+    assert_eq!(state(&b, &container(&b, &project, "web")), "running");
+    assert_eq!(state(&a, &container(&a, &project, "db")), "exited");
+}
+
+#[test]
+fn a_new_host_that_fails_at_the_switch_gets_the_old_one_started_again() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("mig-e").unwrap(), env.docker_host("mig-f").unwrap());
+    let stack = TestStack::new(STACK).unwrap();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    fill(&a, &project, 200);
+    let before = listing(&a, &project);
+
+    // While the volume streams, another process takes B's port for `web`:
+    // the switch on B fails.
+    let mut squatter = None;
+    let (code, seen) = migrate_until(&env, &stack, &a, &b, "moving volume", |_| {
+        squatter = Some(
+            b.command_inside("python3")
+                .args([
+                    "-c",
+                    "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 18380)); s.listen(); time.sleep(600)",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    });
+    if let Some(mut s) = squatter {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    assert_eq!(code, Some(1), "{seen}");
+    assert!(seen.contains("starting stack") && seen.contains("18380"), "{seen}");
+    // A runs again, healthy, with its data; nothing is left half-done.
+    for service in ["db", "web"] {
+        assert_eq!(state(&a, &container(&a, &project, service)), "running", "{service} on a:\n{seen}");
+    }
+    assert_eq!(listing(&a, &project), before);
+    assert!(!env.state.join("migrations").join(format!("{project}.json")).exists());
+}
