@@ -78,6 +78,68 @@ pub struct StackOptions {
     /// Which services run on which hosts of an inventory (by group).
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
     pub placement: Placement,
+    /// What `mlopsctl migrate` does beyond stopping the services and moving
+    /// every named volume.
+    #[serde(default, skip_serializing_if = "Migration::is_empty")]
+    pub migrate: Migration,
+}
+
+/// `x-mlops.migrate`: the steps a stack's move to another host needs
+/// beyond stopping its services and streaming its named volumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Services stopped first on the old host (gracefully, within the stop
+    /// timeout) and not started on the new one until the switch: those
+    /// that do work on their own (schedulers, workers).
+    #[serde(default)]
+    pub hold: Vec<String>,
+    /// A PostgreSQL database moved by dump and restore (`pg_dumpall` of the
+    /// quiesced database, roles included, into `psql`) instead of as a
+    /// volume, and verified by row counts of every table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Database>,
+    /// Volumes (their keys) moved only when asked (`--with-metrics`).
+    #[serde(default)]
+    pub optional: Vec<String>,
+    /// Airflow's steps: the paused set kept, the admin's login and a DAG
+    /// run checked on the new host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub airflow: Option<AirflowMigration>,
+}
+
+impl Migration {
+    pub fn is_empty(&self) -> bool {
+        self == &Migration::default()
+    }
+}
+
+/// [`Migration::database`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Database {
+    /// The service running PostgreSQL (its `psql` and `pg_dumpall` are used).
+    pub service: String,
+    /// Its data volume (a key of `volumes`): not streamed.
+    pub volume: String,
+    /// The superuser the dump and restore run as (over the local socket).
+    pub user: String,
+    /// The database the checks run in.
+    pub database: String,
+    /// Named queries whose answers must be the same on both hosts before
+    /// the switch.
+    #[serde(default)]
+    pub verify: BTreeMap<String, String>,
+}
+
+/// [`Migration::airflow`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AirflowMigration {
+    /// The API server's service: the Airflow CLI runs in it, and the login
+    /// and a DAG run are checked through its API (`127.0.0.1:8080`).
+    pub service: String,
+    /// The admin's user name, and the secret (of `x-mlops.secrets`) with
+    /// its password.
+    pub admin_user: String,
+    pub admin_password: String,
 }
 
 /// `x-mlops.placement`: the stack's roles, each a set of services that an

@@ -257,6 +257,12 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         run_dag(&host, &tok, "example_etl");
     }
 
+    // The platform moves to another host with its data, and back: DAG run
+    // history, task logs, variables, the paused set and the admin's
+    // password arrive; a new DAG run succeeds there; the old host is kept
+    // stopped and intact, then decommissioned on the way back.
+    migrate_there_and_back(&env, &host, &password, &as_deployed);
+
     // Operator B joins with a bundle from A and deploys from its own
     // machine: nothing is re-keyed or recreated, its second deploy changes
     // nothing either, and both see the same secrets. Once A removes B, the
@@ -323,6 +329,103 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let tok = token(&host, &password).expect("the same admin password");
     run_dag(&host, &tok, "example_etl");
     ctl(&["status"]).expect_code(1);
+}
+
+/// What a platform holds that a migration must carry: every DAG run (id
+/// and state), each DAG's paused flag, the `load` task's log of the
+/// newest successful example_etl run, the probe variable.
+fn platform_state(host: &TestHost, password: &str) -> (Vec<(String, String)>, Vec<(String, bool)>, String, Value) {
+    let tok = token(host, password).expect("the admin's password works");
+    let runs = api(host, &tok, "GET", "/api/v2/dags/~/dagRuns?limit=1000&order_by=id", None);
+    let runs: Vec<(String, String)> = runs["dag_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["dag_run_id"].as_str().unwrap().to_string(), r["state"].as_str().unwrap().to_string()))
+        .collect();
+    let dags = api(host, &tok, "GET", "/api/v2/dags?limit=1000", None);
+    let mut paused: Vec<(String, bool)> = dags["dags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["dag_id"].as_str().unwrap().to_string(), d["is_paused"].as_bool().unwrap()))
+        .collect();
+    paused.sort();
+    let etl = api(host, &tok, "GET", "/api/v2/dags/example_etl/dagRuns?state=success&order_by=-id&limit=1", None);
+    let run = etl["dag_runs"][0]["dag_run_id"].as_str().expect("a successful example_etl run").to_string();
+    let log =
+        api(host, &tok, "GET", &format!("/api/v2/dags/example_etl/dagRuns/{run}/taskInstances/load/logs/1"), None);
+    let log = log["content"].to_string();
+    let variable = api(host, &tok, "GET", "/api/v2/variables/mlops_e2e_probe", None)["value"].clone();
+    (runs, paused, log, variable)
+}
+
+/// `mlopsctl migrate` from `a` to a new host and back (see the caller).
+fn migrate_there_and_back(env: &TestEnv, a: &TestHost, password: &str, as_deployed: &[&str]) {
+    let b = env.docker_host("platform-b").unwrap();
+    let key = env.key.display().to_string();
+    let (sa, sb) = (a.spec("root"), b.spec("root"));
+    let migrate = |from: &str, to: &str, extra: &[&str]| {
+        let mut args = vec!["--identity", key.as_str(), "--host", sa.as_str(), "--host", sb.as_str(), "migrate"];
+        args.extend(["--from", from, "--to", to]);
+        args.extend_from_slice(as_deployed);
+        args.extend_from_slice(extra);
+        let run = env.ctl(&args);
+        if run.code != 0 {
+            eprintln!(
+                "{}
+agent log of {}:
+{}
+agent log of {}:
+{}",
+                run.stderr,
+                a.name,
+                a.agent_log(),
+                b.name,
+                b.agent_log()
+            );
+        }
+        run
+    };
+    let before = platform_state(a, password);
+    assert!(before.2.contains("sum of squares"), "the task's own output is in its log: {}", before.2);
+    let started = Instant::now();
+    let moved = migrate(&sa, &sb, &["--output", "json"]).expect_code(0).json();
+    eprintln!("platform migrated in {:.0} s: {:#}", started.elapsed().as_secs_f64(), moved["result"]["steps"]);
+    let result = &moved["result"];
+    let steps: Vec<&str> = result["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["inspect", "deploy", "quiesce", "transfer", "verify", "switch"]);
+    let verify = result["steps"][4]["detail"].as_str().unwrap();
+    assert!(verify.contains("row counts of every table equal") && verify.contains("alembic_version equal"), "{verify}");
+    assert!(
+        verify.contains("dag runs equal") && verify.contains("logs in") && verify.contains("listed there"),
+        "{verify}"
+    );
+    assert!(result["database"]["bytes"].as_u64().unwrap() > 100_000, "{result:#}");
+    let volumes: Vec<&str> =
+        result["volumes"].as_array().unwrap().iter().map(|v| v["volume"].as_str().unwrap()).collect();
+    assert_eq!(volumes, [format!("{PROJECT}_airflow-logs"), format!("{PROJECT}_redis-data")]);
+
+    // B has everything A had; A is stopped, its data kept.
+    let after = platform_state(&b, password);
+    assert_eq!(after.0, before.0, "every DAG run, with its state");
+    assert_eq!(after.1, before.1, "the paused set");
+    assert!(after.2.contains("sum of squares"), "the task log: {}", after.2);
+    assert_eq!(after.3, before.3, "the encrypted variable reads back (same Fernet key)");
+    let tok = token(&b, password).unwrap();
+    run_dag(&b, &tok, "example_etl");
+    let running = a.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}")]);
+    assert!(running.is_empty(), "A is stopped: {running}");
+    assert!(a.docker(&["volume", "ls", "-q"]).contains(&format!("{PROJECT}_postgres-data")), "A keeps its data");
+
+    // Back to A (its images and stopped containers are there), B decommissioned.
+    let back = migrate(&sb, &sa, &["--decommission"]).expect_code(0);
+    assert!(back.stderr.contains("decommissioned"), "{}", back.stderr);
+    let home = platform_state(a, password);
+    assert_eq!(home.0.len(), before.0.len() + 1, "A has B's new run too");
+    assert_eq!(home.1, before.1);
+    assert!(b.docker(&["ps", "-aq"]).is_empty() && !b.docker(&["volume", "ls", "-q"]).contains(PROJECT));
+    assert!(!b.path("/usr/local/lib/mlops-agent/mlops-agent").exists(), "B's agent is gone");
 }
 
 /// Triggers a run of `dag` and waits for it to succeed.

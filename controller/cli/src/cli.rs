@@ -247,6 +247,9 @@ pub enum Command {
         /// As deploy's --no-local-images.
         #[arg(long)]
         no_local_images: bool,
+        /// Also move the metrics' volumes (Prometheus's and Grafana's data: `x-mlops.migrate.optional`).
+        #[arg(long)]
+        with_metrics: bool,
     },
     /// Return each host to a revision its agent keeps: the one before the newest, or --to N, or --to-deploy ID.
     Rollback {

@@ -230,6 +230,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             no_docker_install,
             expose,
             no_local_images,
+            with_metrics,
         } => {
             let opts = commands::migrate::MigrateOptions {
                 stack: stack.into(),
@@ -242,6 +243,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 install_docker: !no_docker_install,
                 expose,
                 local_images: !no_local_images,
+                with_metrics,
             };
             match commands::migrate::migrate(&setup, &opts, report).await {
                 Ok(r) => printer.migrate(&r),

@@ -674,6 +674,15 @@ impl Printer {
                     let took = if r.dry_run { String::new() } else { format!(" ({:.1} s)", s.ms as f64 / 1000.0) };
                     self.stdout(&format!("{}: {}{took}", s.step, neutralise(&s.detail)));
                 }
+                if let Some(d) = &r.database {
+                    self.stdout(&format!(
+                        "  {}: {} in {:.1} s, sha256 {}",
+                        d.volume,
+                        bytes_human(d.bytes),
+                        d.ms as f64 / 1000.0,
+                        d.sha256
+                    ));
+                }
                 for v in &r.volumes {
                     let when = if v.earlier { ", by an earlier attempt" } else { "" };
                     self.stdout(&format!(

@@ -157,6 +157,7 @@ pub fn parse(
         warnings: Vec::new(),
         rotate_at: BTreeMap::new(),
         placement_at: BTreeMap::new(),
+        migrate_at: None,
         all_services: std::collections::BTreeSet::new(),
     };
     let root = p.interpolate_tree(root)?;
@@ -192,6 +193,9 @@ struct Parser<'a> {
     /// Where each part of `x-mlops.placement` is (`role NAME`,
     /// `every_host`, `remote_ports SERVICE`).
     placement_at: BTreeMap<String, Node>,
+    /// Where `x-mlops.migrate` is, for errors found once the services and
+    /// volumes are known.
+    migrate_at: Option<Node>,
     /// Every service of the file, in an enabled profile or not.
     all_services: std::collections::BTreeSet<String>,
 }
@@ -492,6 +496,30 @@ impl Parser<'_> {
                 }
             }
         }
+        if let Some(at) = &self.migrate_at {
+            let m = &stack.options.migrate;
+            let services =
+                m.hold.iter().chain(m.database.iter().map(|d| &d.service)).chain(m.airflow.iter().map(|a| &a.service));
+            for service in services {
+                // A service of a profile that is off is no error: it is not deployed.
+                if !stack.services.contains_key(service) && !self.all_services.contains(service) {
+                    return Err(self.err(at, format!("x-mlops.migrate: no service `{service}` in the stack")));
+                }
+            }
+            for volume in m.optional.iter().chain(m.database.iter().map(|d| &d.volume)) {
+                if !stack.volumes.contains_key(volume) {
+                    return Err(self.err(at, format!("x-mlops.migrate: no volume `{volume}` in the stack")));
+                }
+            }
+            if let Some(a) = &m.airflow
+                && !stack.options.secrets.contains(&a.admin_password)
+            {
+                return Err(self.err(
+                    at,
+                    format!("x-mlops.migrate.airflow: `{}` is not one of x-mlops.secrets", a.admin_password),
+                ));
+            }
+        }
         for (secret, rotation) in &stack.options.rotate {
             for hook in rotation.before.iter().chain(&rotation.after) {
                 if !stack.services.contains_key(&hook.service) {
@@ -616,6 +644,10 @@ impl Parser<'_> {
                     }
                 }
                 "placement" => o.placement = self.placement(v)?,
+                "migrate" => {
+                    o.migrate = self.migration(v)?;
+                    self.migrate_at = Some(v.clone());
+                }
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
         }
@@ -719,6 +751,66 @@ impl Parser<'_> {
     }
 
     /// A rotation step: `service`, `command` (a list) and `stdin`.
+    /// `x-mlops.migrate`: `hold` (services), `database` (`service`,
+    /// `volume`, `user`, `database`, `verify`: name → query), `optional`
+    /// (volumes), `airflow` (`service`, `admin_user`, `admin_password`).
+    /// Names are checked against the stack in `validate`.
+    fn migration(&mut self, node: &Node) -> R<mlops_proto::stack::Migration> {
+        let mut m = mlops_proto::stack::Migration::default();
+        for (k, v) in self.map(node, "x-mlops.migrate")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "hold" => m.hold = self.string_list(v, "x-mlops.migrate.hold")?,
+                "optional" => m.optional = self.string_list(v, "x-mlops.migrate.optional")?,
+                "database" => {
+                    let mut d = mlops_proto::stack::Database::default();
+                    for (fk, fv) in self.map(v, "x-mlops.migrate.database")? {
+                        match fk.as_key().unwrap_or_default().as_str() {
+                            "service" => d.service = self.string(fv, "service")?,
+                            "volume" => d.volume = self.string(fv, "volume")?,
+                            "user" => d.user = self.string(fv, "user")?,
+                            "database" => d.database = self.string(fv, "database")?,
+                            "verify" => {
+                                for (qk, qv) in self.map(fv, "x-mlops.migrate.database.verify")? {
+                                    d.verify.insert(qk.as_key().unwrap_or_default(), self.string(qv, "a query")?);
+                                }
+                            }
+                            other => {
+                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.database is ignored"))
+                            }
+                        }
+                    }
+                    if d.service.is_empty() || d.volume.is_empty() || d.user.is_empty() || d.database.is_empty() {
+                        return Err(
+                            self.err(v, "x-mlops.migrate.database needs `service`, `volume`, `user` and `database`")
+                        );
+                    }
+                    m.database = Some(d);
+                }
+                "airflow" => {
+                    let mut a = mlops_proto::stack::AirflowMigration::default();
+                    for (fk, fv) in self.map(v, "x-mlops.migrate.airflow")? {
+                        match fk.as_key().unwrap_or_default().as_str() {
+                            "service" => a.service = self.string(fv, "service")?,
+                            "admin_user" => a.admin_user = self.string(fv, "admin_user")?,
+                            "admin_password" => a.admin_password = self.string(fv, "admin_password")?,
+                            other => {
+                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.airflow is ignored"))
+                            }
+                        }
+                    }
+                    if a.service.is_empty() || a.admin_user.is_empty() || a.admin_password.is_empty() {
+                        return Err(
+                            self.err(v, "x-mlops.migrate.airflow needs `service`, `admin_user` and `admin_password`")
+                        );
+                    }
+                    m.airflow = Some(a);
+                }
+                other => self.warn(k, format!("unknown key `{other}` in x-mlops.migrate is ignored")),
+            }
+        }
+        Ok(m)
+    }
+
     fn hook(&mut self, node: &Node, what: &str) -> R<mlops_proto::stack::Hook> {
         let mut hook = mlops_proto::stack::Hook::default();
         for (k, v) in self.map(node, &format!("x-mlops.rotate {what}"))? {

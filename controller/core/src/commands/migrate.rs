@@ -24,15 +24,15 @@
 //! newest revision, health-gated) and the command fails: A keeps its data
 //! until B is verified.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use mlops_inventory::Target;
 use mlops_proto::v1::{
-    DataChunk, DataSource, ExportDataRequest, ImagePlanRequest, PutSecretsRequest, RevisionsRequest, RollbackRequest,
-    StackStatusRequest, StopServicesRequest,
+    DataChunk, DataSource, ExecRequest, ExportDataRequest, ImagePlanRequest, PutSecretsRequest, RevisionsRequest,
+    RollbackRequest, StackStatusRequest, StopServicesRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
@@ -62,6 +62,8 @@ pub struct MigrateOptions {
     pub install_docker: bool,
     pub expose: bool,
     pub local_images: bool,
+    /// Also move the volumes `x-mlops.migrate.optional` names (metrics).
+    pub with_metrics: bool,
 }
 
 /// What a migration did.
@@ -73,6 +75,8 @@ pub struct MigrateReport {
     /// Each step, in order, with its wall time.
     pub steps: Vec<StepTime>,
     pub volumes: Vec<VolumeMove>,
+    /// The database, by dump and restore (`x-mlops.migrate.database`).
+    pub database: Option<VolumeMove>,
     /// Milliseconds from the quiesce to B healthy: how long the stack did
     /// not serve.
     pub downtime_ms: u64,
@@ -113,6 +117,13 @@ struct Record {
     a_running: Vec<String>,
     /// Volumes moved (and checked) while A stayed stopped.
     volumes: Vec<VolumeMove>,
+    /// Airflow: the DAGs that were not paused on A (recorded before A's
+    /// are paused; restored on B at the switch, or on A when it starts again).
+    #[serde(default)]
+    unpaused: Option<Vec<String>>,
+    /// B holds A's data, checked: what is left is the switch.
+    #[serde(default)]
+    verified: bool,
 }
 
 impl Record {
@@ -141,6 +152,65 @@ impl Record {
     }
 }
 
+/// What the stack's `x-mlops.migrate` asks for, reduced to what this
+/// model has (services skipped or in profiles that are off drop out).
+struct Plan {
+    /// Held services, in the order they stop (dependents first).
+    hold: Vec<String>,
+    /// Every other service, dependents first, without the database's.
+    rest: Vec<String>,
+    database: Option<mlops_proto::stack::Database>,
+    airflow: Option<(mlops_proto::stack::AirflowMigration, String)>,
+    /// The Docker names of the volumes streamed.
+    volumes: Vec<String>,
+    deploy: DeployOptions,
+    /// The deploy that runs all but the held services.
+    deploy_unheld: DeployOptions,
+}
+
+impl Plan {
+    fn new(
+        model: &mlops_proto::stack::Stack,
+        opts: &MigrateOptions,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Plan, ControllerError> {
+        let m = &model.options.migrate;
+        let mut order = model.start_order().map_err(|e| ControllerError::usage(e, None))?;
+        order.reverse();
+        let database = m.database.clone().filter(|d| model.services.contains_key(&d.service));
+        let hold: Vec<String> = order.iter().filter(|s| m.hold.contains(s)).cloned().collect();
+        let rest = order
+            .iter()
+            .filter(|s| !hold.contains(s) && database.as_ref().is_none_or(|d| &d.service != *s))
+            .cloned()
+            .collect();
+        let airflow = m.airflow.clone().filter(|a| model.services.contains_key(&a.service)).map(|a| {
+            let password = secrets.get(&a.admin_password).cloned().unwrap_or_default();
+            (a, password)
+        });
+        let volumes = model
+            .volumes
+            .iter()
+            .filter(|(k, v)| !v.external && database.as_ref().is_none_or(|d| &d.volume != *k))
+            .filter(|(k, _)| opts.with_metrics || !m.optional.contains(k))
+            .map(|(k, _)| model.volume_name(k))
+            .collect();
+        let deploy = DeployOptions {
+            stack: opts.stack.clone(),
+            no_stack: false,
+            install_docker: opts.install_docker,
+            expose: opts.expose,
+            health_timeout: opts.health_timeout,
+            rotating: Vec::new(),
+            rollout: Default::default(),
+            local_images: opts.local_images,
+        };
+        let mut deploy_unheld = deploy.clone();
+        deploy_unheld.stack.skip.extend(hold.iter().cloned());
+        Ok(Plan { hold, rest, database, airflow, volumes, deploy, deploy_unheld })
+    }
+}
+
 /// Runs the migration (see the module docs). `Err` for what stops it
 /// before or after A was stopped (A then started again).
 pub async fn migrate(
@@ -157,7 +227,7 @@ pub async fn migrate(
         ));
     }
     let record_path = Record::path(setup, &project);
-    let mut record = match Record::load(&record_path)? {
+    let record = match Record::load(&record_path)? {
         Some(r) if r.from != a.name || r.to != b.name => {
             return Err(ControllerError::usage(
                 format!(
@@ -174,85 +244,179 @@ pub async fn migrate(
         }
         Some(r) => {
             report.info(&format!(
-                "resuming the migration of stack `{project}` from {} to {} ({} volume(s) already moved)",
+                "resuming the migration of stack `{project}` from {} to {} ({} volume(s) already moved{})",
                 a.name,
                 b.name,
-                r.volumes.len()
+                r.volumes.len(),
+                if r.verified { ", verified" } else { "" }
             ));
             r
         }
         None => Record { from: a.name.clone(), to: b.name.clone(), ..Default::default() },
     };
-    let mut out = MigrateReport {
+    let out = MigrateReport {
         project: project.clone(),
         from: a.name.clone(),
         to: b.name.clone(),
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let mut clock = Instant::now();
-    let mut lap = |out: &mut MigrateReport, step: &str, detail: String| {
-        out.steps.push(StepTime { step: step.into(), ms: clock.elapsed().as_millis() as u64, detail });
-        clock = Instant::now();
-    };
 
     // A: its agent current, what it runs and holds.
     let bundles = Bundle::for_targets(&setup.state, &[a.clone(), b.clone()])?;
     let progress_a = Progress::new(Some(report.clone()), &a.name);
-    let mut host_a = bootstrap::prepare_host(&a, &setup.ctx, &bundles[&a.name], &progress_a).await?;
-    let result = async {
-        let services = status(&mut host_a.conn, &project).await?;
-        if services.is_empty() {
-            return Err(ControllerError::usage(
-                format!("stack `{project}` has no containers on {}: there is nothing to migrate", a.name),
-                Some("name the stack with --stack (or --project) as it was deployed, and the host it runs on with --from"),
-            ));
+    let host_a = bootstrap::prepare_host(&a, &setup.ctx, &bundles[&a.name], &progress_a).await?;
+    let mut run = Run {
+        setup,
+        opts,
+        report: report.clone(),
+        project,
+        a,
+        b,
+        record,
+        record_path,
+        out,
+        clock: Instant::now(),
+        host_a,
+        quiesced: None,
+        paused: None,
+    };
+    let result = run.steps(&bundles).await;
+    let Run { mut host_a, mut out, record_path, a, project, paused, .. } = run;
+    match result {
+        Ok(()) => {}
+        Err((e, false)) => {
+            host_a.close().await;
+            return Err(e);
         }
-        let secrets = crate::secrets::held_by(&mut host_a.conn, &project).await?;
-        let model = opts.stack.load_model_with(&setup.state, &crate::progress::Quiet, &secrets)?;
-        let volumes: Vec<String> =
-            model.stack.volumes.iter().filter(|(_, v)| !v.external).map(|(k, _)| model.stack.volume_name(k)).collect();
-        let order = model.stack.start_order().map_err(|m| ControllerError::usage(m, None))?;
+        Err((e, true)) => {
+            // A was stopped: it runs again as it was, whatever B's state.
+            report.warn(&format!("the migration stopped: {e}; starting stack `{project}` on {} again", a.name));
+            match restart(&mut host_a.conn, &a.name, &project, opts, paused, &progress_a).await {
+                Ok(()) => {
+                    // Nothing of A is stopped by this migration any more.
+                    let _ = std::fs::remove_file(&record_path);
+                }
+                Err(r) => report.warn(&format!("{} could not be started again: {r}", a.name)),
+            }
+            host_a.close().await;
+            return Err(e);
+        }
+    }
+    if opts.dry_run {
+        host_a.close().await;
+        return Ok(out);
+    }
+    report.info(&out.inventory);
+    host_a.close().await;
+    if opts.decommission {
+        let clock = Instant::now();
+        let only_a = setup.only(vec![a.clone()]);
+        let (_, down) = super::down::down(&only_a, &opts.stack, true, report.clone()).await?;
+        if let Some((_, e)) = down.failed.into_iter().next() {
+            return Err(e);
+        }
+        let gone = super::uninstall::uninstall(&only_a, false, report.clone()).await;
+        if let Some((_, e)) = gone.failed.into_iter().next() {
+            return Err(e);
+        }
+        out.decommissioned = true;
+        out.steps.push(StepTime {
+            step: "decommission".into(),
+            ms: clock.elapsed().as_millis() as u64,
+            detail: format!("stack `{project}`, its volumes and the agent removed from {}", a.name),
+        });
+    }
+    let _ = std::fs::remove_file(&record_path);
+    Ok(out)
+}
+
+/// One migration under way.
+struct Run<'a> {
+    setup: &'a Setup,
+    opts: &'a MigrateOptions,
+    report: Arc<dyn Report>,
+    project: String,
+    a: Target,
+    b: Target,
+    record: Record,
+    record_path: PathBuf,
+    out: MigrateReport,
+    clock: Instant,
+    host_a: bootstrap::Prepared,
+    /// When A's stack stopped serving.
+    quiesced: Option<Instant>,
+    /// A's DAGs this migration paused, to unpause when A starts again.
+    paused: Option<(mlops_proto::stack::AirflowMigration, Vec<String>)>,
+}
+
+/// An error, and whether A was stopped by then (and must start again).
+type StepError = (ControllerError, bool);
+
+impl Run<'_> {
+    fn lap(&mut self, step: &str, detail: String) {
+        self.out.steps.push(StepTime { step: step.into(), ms: self.clock.elapsed().as_millis() as u64, detail });
+        self.clock = Instant::now();
+    }
+
+    fn save(&self) -> Result<(), ControllerError> {
+        self.record.save(&self.record_path)
+    }
+
+    async fn steps(&mut self, bundles: &BTreeMap<String, Bundle>) -> Result<(), StepError> {
+        let before = |e: ControllerError| (e, false);
+        let (a, b, project) = (self.a.clone(), self.b.clone(), self.project.clone());
+        let services = status(&mut self.host_a.conn, &project).await.map_err(before)?;
+        if services.is_empty() {
+            return Err(before(ControllerError::usage(
+                format!("stack `{project}` has no containers on {}: there is nothing to migrate", a.name),
+                Some(
+                    "name the stack with --stack (or --project) as it was deployed, and the host it runs on with --from",
+                ),
+            )));
+        }
+        let secrets = crate::secrets::held_by(&mut self.host_a.conn, &project).await.map_err(before)?;
+        let model =
+            self.opts.stack.load_model_with(&self.setup.state, &crate::progress::Quiet, &secrets).map_err(before)?;
+        let plan = Plan::new(&model.stack, self.opts, &secrets.clone().into_iter().collect()).map_err(before)?;
         let running: Vec<String> =
             services.iter().filter(|s| s.state == "running").map(|s| s.service.clone()).collect();
-        if running.is_empty() && !record.a_stopped {
+        if running.is_empty() && !self.record.a_stopped {
             // What a finished migration leaves behind: moving it again
             // would put old data over the new host's.
-            return Err(ControllerError::usage(
+            return Err(before(ControllerError::usage(
                 format!("stack `{project}` runs no service on {}: it may have been moved already", a.name),
                 Some(&format!(
                     "migrate moves a running stack; to move {}'s data anyway, start the stack there first (`mlopsctl deploy`)",
                     a.name
                 )),
-            ));
+            )));
         }
-        lap(&mut out, "inspect", format!("{} service(s), {} running, {} volume(s)", services.len(), running.len(), volumes.len()));
-        if opts.dry_run {
-            out.steps.extend(dry_run_steps(&a, &b, &project, &running, &volumes, opts));
-            return Ok(None);
+        self.lap(
+            "inspect",
+            format!(
+                "{} service(s), {} running, {} volume(s) to stream",
+                services.len(),
+                running.len(),
+                plan.volumes.len()
+            ),
+        );
+        if self.opts.dry_run {
+            let steps = dry_run_steps(&a, &b, &project, &running, &plan, self.opts);
+            self.out.steps.extend(steps);
+            return Ok(());
         }
 
-        let deploy_opts = DeployOptions {
-            stack: opts.stack.clone(),
-            no_stack: false,
-            install_docker: opts.install_docker,
-            expose: opts.expose,
-            health_timeout: opts.health_timeout,
-            rotating: Vec::new(),
-            rollout: Default::default(),
-            local_images: opts.local_images,
-        };
-        let only_b = setup.only(vec![b.clone()]);
-        if record.a_stopped && record.b_deployed {
+        // 1. B deployed (held services left out), healthy, with A's secrets and images.
+        let only_b = self.setup.only(vec![b.clone()]);
+        if self.record.a_stopped && self.record.b_deployed {
             // B was deployed before A stopped; its containers may be gone
             // with a half-moved volume, and come back at the switch.
-            lap(&mut out, "deploy", format!("done by the earlier attempt on {}", b.name));
-            return Ok(Some((volumes, order, running, deploy_opts, only_b)));
-        }
-        // 1. B deployed, healthy, with A's secrets and images.
-        let progress_b = Progress::new(Some(report.clone()), &b.name);
-        {
-            let mut host_b = bootstrap::prepare_host(&b, &setup.ctx, &bundles[&b.name], &progress_b).await?;
+            self.lap("deploy", format!("done by the earlier attempt on {}", b.name));
+        } else {
+            let progress_b = Progress::new(Some(self.report.clone()), &b.name);
+            let mut host_b =
+                bootstrap::prepare_host(&b, &self.setup.ctx, &bundles[&b.name], &progress_b).await.map_err(before)?;
             let put = PutSecretsRequest {
                 project: project.clone(),
                 values: secrets.clone().into_iter().collect(),
@@ -260,11 +424,12 @@ pub async fn migrate(
             };
             let held = host_b.conn.raw().put_secrets(put).await;
             host_b.close().await;
-            let held = held.map_err(|s| ControllerError::from_status(&b.name, "PutSecrets", &s))?.into_inner().values;
+            let held =
+                held.map_err(|s| before(ControllerError::from_status(&b.name, "PutSecrets", &s)))?.into_inner().values;
             let differ: Vec<&str> =
                 secrets.iter().filter(|(k, v)| held.get(*k) != Some(*v)).map(|(k, _)| k.as_str()).collect();
             if !differ.is_empty() {
-                return Err(ControllerError::usage(
+                return Err(before(ControllerError::usage(
                     format!(
                         "{} holds other values of {} for stack `{project}` than {} (it ran the stack before)",
                         b.name,
@@ -275,141 +440,264 @@ pub async fn migrate(
                         "the stack's data from {} would not open with them on {1}; remove the old deployment from {1} first (`mlopsctl down --volumes` and `mlopsctl secrets` there), or migrate to another host",
                         a.name, b.name
                     )),
-                ));
+                )));
             }
+            let seed = image_sources(&mut self.host_a, &a.name, &model.stack, &project).await.map_err(before)?;
+            let deployed_b = deploy::deploy_with(&only_b, &plan.deploy_unheld, self.report.clone(), seed).await;
+            deployed(deployed_b.map_err(before)?, &b.name).map_err(before)?;
+            self.record.b_deployed = true;
+            self.save().map_err(before)?;
+            let held = if plan.hold.is_empty() { String::new() } else { format!("; held: {}", plan.hold.join(", ")) };
+            self.lap("deploy", format!("stack `{project}` healthy on {}{held}", b.name));
         }
-        let seed = image_sources(&mut host_a, &a.name, &model.stack, &project).await?;
-        deployed(deploy::deploy_with(&only_b, &deploy_opts, report.clone(), seed).await?, &b.name)?;
-        record.b_deployed = true;
-        record.save(&record_path)?;
-        lap(&mut out, "deploy", format!("stack `{project}` healthy on {}", b.name));
-        Ok(Some((volumes, order, running, deploy_opts, only_b)))
+
+        // From here A is (being) stopped: any failure starts it again.
+        let after = |e: ControllerError| (e, true);
+        self.quiesced = Some(Instant::now());
+        self.steps_after_quiesce(&plan, &only_b).await.map_err(after)?;
+        self.out.downtime_ms = self.quiesced.map_or(0, |q| q.elapsed().as_millis() as u64);
+        self.out.inventory = inventory_change(&a, &b);
+        Ok(())
     }
-    .await;
-    let (volumes, order, running, deploy_opts, only_b) = match result {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            host_a.close().await;
-            return Ok(out);
-        }
-        Err(e) => {
-            host_a.close().await;
-            return Err(e);
-        }
-    };
 
-    // 2.–4., A stopped: any failure from here starts A again.
-    let quiesced = Instant::now();
-    let moved = async {
-        let mut conn_b = connect(&b, setup).await?;
-        let stopped_b = stop(&mut conn_b, &b.name, &project, &[], opts.stop_timeout).await?;
-        let mut dependents_first = order.clone();
-        dependents_first.reverse();
-        let stopped_a = stop(&mut host_a.conn, &a.name, &project, &dependents_first, opts.stop_timeout).await?;
-        if !record.a_stopped {
-            record.a_stopped = true;
-            record.a_running = running.clone();
-        } else if !stopped_a.is_empty() {
-            // A ran again since the last run: what was moved is stale.
-            report.warn(&format!("{} ran again since the last attempt: every volume is moved again", a.name));
-            record.volumes.clear();
-        }
-        record.save(&record_path)?;
-        lap(
-            &mut out,
-            "quiesce",
-            format!("stopped on {}: {}; on {}: {}", a.name, list(&stopped_a), b.name, list(&stopped_b)),
-        );
-
-        for volume in &volumes {
-            if let Some(done) = record.volumes.iter().find(|v| &v.volume == volume) {
-                out.volumes.push(VolumeMove { earlier: true, ..done.clone() });
-                continue;
-            }
-            let source = DataSource { project: project.clone(), volume: volume.clone(), ..Default::default() };
-            report.info(&format!("{}: moving volume {volume} to {}", a.name, b.name));
-            let started = Instant::now();
-            match pipe(&mut host_a.conn, &a.name, &mut conn_b, &b.name, source.clone(), source).await {
-                Ok((bytes, sha256)) => {
-                    let m = VolumeMove {
-                        volume: volume.clone(),
-                        bytes,
-                        sha256,
-                        ms: started.elapsed().as_millis() as u64,
-                        earlier: false,
-                    };
-                    report.info(&format!(
-                        "{}: volume {volume}: {} in {:.1} s, sha256 {} checked",
-                        b.name,
-                        bytes_human(bytes),
-                        m.ms as f64 / 1000.0,
-                        &m.sha256[..12]
-                    ));
-                    record.volumes.push(m.clone());
-                    record.save(&record_path)?;
-                    out.volumes.push(m);
-                }
-                Err(e @ ControllerError::Agent { .. })
-                    if e.failure_kind() == Some(mlops_proto::v1::FailureKind::NotFound)
-                        && matches!(&e, ControllerError::Agent { call: "ExportData", .. }) =>
-                {
-                    report.info(&format!(
-                        "{}: volume {volume} does not exist there (never used): nothing to move",
-                        a.name
-                    ));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+    async fn steps_after_quiesce(&mut self, plan: &Plan, only_b: &Setup) -> Result<(), ControllerError> {
+        let (a, b, project) = (self.a.clone(), self.b.clone(), self.project.clone());
+        let mut conn_b = connect(&b, self.setup).await?;
+        let result = self.move_and_switch(plan, only_b, &mut conn_b).await;
         conn_b.close().await;
-        let total: u64 = out.volumes.iter().filter(|v| !v.earlier).map(|v| v.bytes).sum();
-        let detail = format!("{} volume(s), {} moved", out.volumes.len(), bytes_human(total));
-        lap(&mut out, "transfer", detail);
-
-        // 4. B runs the moved data, healthy.
-        deployed(deploy::deploy(&only_b, &deploy_opts, report.clone()).await?, &b.name)?;
-        lap(&mut out, "switch", format!("stack `{project}` healthy on {} with the moved data", b.name));
-        Ok::<_, ControllerError>(())
-    }
-    .await;
-    if let Err(e) = moved {
-        report.warn(&format!("the migration stopped: {e}; starting stack `{project}` on {} again", a.name));
-        let restarted = restart(&mut host_a.conn, &a.name, &project, opts, &progress_a).await;
-        host_a.close().await;
-        return Err(match restarted {
-            Ok(()) => {
-                // Nothing of A is stopped by this migration any more.
-                let _ = std::fs::remove_file(&record_path);
-                e
-            }
-            Err(r) => {
-                report.warn(&format!("{} could not be started again: {r}", a.name));
-                e
-            }
-        });
-    }
-    out.downtime_ms = quiesced.elapsed().as_millis() as u64;
-    out.inventory = inventory_change(&a, &b);
-    report.info(&out.inventory);
-
-    if opts.decommission {
-        let only_a = setup.only(vec![a.clone()]);
-        host_a.close().await;
-        let (_, down) = super::down::down(&only_a, &opts.stack, true, report.clone()).await?;
-        if let Some((_, e)) = down.failed.into_iter().next() {
-            return Err(e);
+        result?;
+        // A stopped entirely: its database too, now that B serves.
+        if let Some(d) = &plan.database {
+            stop(&mut self.host_a.conn, &a.name, &project, std::slice::from_ref(&d.service), self.opts.stop_timeout)
+                .await?;
         }
-        let gone = super::uninstall::uninstall(&only_a, false, report.clone()).await;
-        if let Some((_, e)) = gone.failed.into_iter().next() {
-            return Err(e);
-        }
-        out.decommissioned = true;
-        lap(&mut out, "decommission", format!("stack `{project}`, its volumes and the agent removed from {}", a.name));
-    } else {
-        host_a.close().await;
+        Ok(())
     }
-    let _ = std::fs::remove_file(&record_path);
-    Ok(out)
+
+    async fn move_and_switch(
+        &mut self,
+        plan: &Plan,
+        only_b: &Setup,
+        conn_b: &mut Connected,
+    ) -> Result<(), ControllerError> {
+        let (a, b, project) = (self.a.clone(), self.b.clone(), self.project.clone());
+        let timeout = self.opts.stop_timeout;
+        if !self.record.verified {
+            // 2. Quiesce: what does work stops first, then the rest of A
+            //    and of B (their databases keep running for the copy).
+            if !self.record.a_stopped {
+                self.record.a_stopped = true;
+                self.record.a_running = status(&mut self.host_a.conn, &project)
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.state == "running")
+                    .map(|s| s.service)
+                    .collect();
+                self.save()?;
+            }
+            if let (Some((af, _)), Some(d)) = (&plan.airflow, &plan.database) {
+                if self.record.unpaused.is_none() {
+                    let unpaused = sql(&mut self.host_a.conn, &a.name, &project, d, UNPAUSED).await?;
+                    self.record.unpaused = Some(unpaused.lines().map(str::to_string).collect());
+                    self.save()?;
+                }
+                let unpaused = self.record.unpaused.clone().unwrap_or_default();
+                self.paused = Some((af.clone(), unpaused.clone()));
+                if !unpaused.is_empty() && self.record.a_running.contains(&af.service) {
+                    airflow(&mut self.host_a.conn, &a.name, &project, af, &["dags", "pause"], &unpaused).await?;
+                    self.report.info(&format!("{}: paused {} DAG(s): {}", a.name, unpaused.len(), unpaused.join(", ")));
+                }
+                let busy = sql(&mut self.host_a.conn, &a.name, &project, d, RUNNING_TASKS).await.unwrap_or_default();
+                if !busy.trim().is_empty() {
+                    self.report.info(&format!(
+                        "{}: waiting up to {timeout} s for running task(s) to finish: {}",
+                        a.name,
+                        busy.lines().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            let stopped_held = stop(&mut self.host_a.conn, &a.name, &project, &plan.hold, timeout).await?;
+            if let (Some(_), Some(d)) = (&plan.airflow, &plan.database) {
+                let busy = sql(&mut self.host_a.conn, &a.name, &project, d, RUNNING_TASKS).await.unwrap_or_default();
+                if !busy.trim().is_empty() {
+                    self.report.warn(&format!(
+                        "{}: still running when the workers stopped after {timeout} s (Airflow handles them as it does any worker lost mid-task): {}",
+                        a.name,
+                        busy.lines().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            let stopped_rest = stop(&mut self.host_a.conn, &a.name, &project, &plan.rest, timeout).await?;
+            if self.record.b_deployed
+                && !self.record.volumes.is_empty()
+                && !(stopped_held.is_empty() && stopped_rest.is_empty())
+            {
+                // A ran again since the last attempt: what was moved is stale.
+                self.report.warn(&format!("{} ran again since the last attempt: everything is moved again", a.name));
+                self.record.volumes.clear();
+                self.save()?;
+            }
+            let keep_db: Vec<String> = plan.database.iter().map(|d| d.service.clone()).collect();
+            let b_all = status(conn_b, &project).await?;
+            let b_rest: Vec<String> =
+                b_all.iter().map(|s| s.service.clone()).filter(|s| !keep_db.contains(s)).collect();
+            let stopped_b = stop(conn_b, &b.name, &project, &b_rest, timeout).await?;
+            let mut stopped_a = stopped_held;
+            stopped_a.extend(stopped_rest);
+            self.lap(
+                "quiesce",
+                format!("stopped on {}: {}; on {}: {}", a.name, list(&stopped_a), b.name, list(&stopped_b)),
+            );
+
+            // 3. Transfer: the database by dump and restore, the volumes as streams.
+            let mut verified = Vec::new();
+            if let Some(d) = &plan.database {
+                let started = Instant::now();
+                self.report
+                    .info(&format!("{}: dumping database `{}` (roles included) into {}", a.name, d.service, b.name));
+                let dump = DataSource {
+                    project: project.clone(),
+                    service: d.service.clone(),
+                    command: vec![
+                        "pg_dumpall".into(),
+                        "--clean".into(),
+                        "--if-exists".into(),
+                        format!("--username={}", d.user),
+                    ],
+                    ..Default::default()
+                };
+                let restore = DataSource {
+                    project: project.clone(),
+                    service: d.service.clone(),
+                    command: vec![
+                        "psql".into(),
+                        "-X".into(),
+                        "-q".into(),
+                        format!("--username={}", d.user),
+                        "-d".into(),
+                        "postgres".into(),
+                    ],
+                    ..Default::default()
+                };
+                let reply = pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, dump, restore).await?;
+                restore_errors(&reply.output, &d.user, reply.exit_code)
+                    .map_err(|m| ControllerError::Local(format!("{}: restoring the database failed: {m}", b.name)))?;
+                self.report.info(&format!(
+                    "{}: database restored: {} in {:.1} s, sha256 {} checked",
+                    b.name,
+                    bytes_human(reply.bytes),
+                    started.elapsed().as_secs_f64(),
+                    &reply.sha256[..12]
+                ));
+                self.out.database = Some(VolumeMove {
+                    volume: format!("database in `{}`", d.service),
+                    bytes: reply.bytes,
+                    sha256: reply.sha256,
+                    ms: started.elapsed().as_millis() as u64,
+                    earlier: false,
+                });
+            }
+            for volume in &plan.volumes {
+                if let Some(done) = self.record.volumes.iter().find(|v| &v.volume == volume) {
+                    self.out.volumes.push(VolumeMove { earlier: true, ..done.clone() });
+                    continue;
+                }
+                let source = DataSource { project: project.clone(), volume: volume.clone(), ..Default::default() };
+                self.report.info(&format!("{}: moving volume {volume} to {}", a.name, b.name));
+                let started = Instant::now();
+                match pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, source.clone(), source).await {
+                    Ok(reply) => {
+                        let m = VolumeMove {
+                            volume: volume.clone(),
+                            bytes: reply.bytes,
+                            sha256: reply.sha256,
+                            ms: started.elapsed().as_millis() as u64,
+                            earlier: false,
+                        };
+                        self.report.info(&format!(
+                            "{}: volume {volume}: {} in {:.1} s, sha256 {} checked",
+                            b.name,
+                            bytes_human(m.bytes),
+                            m.ms as f64 / 1000.0,
+                            &m.sha256[..12]
+                        ));
+                        self.record.volumes.push(m.clone());
+                        self.save()?;
+                        self.out.volumes.push(m);
+                    }
+                    Err(e @ ControllerError::Agent { call: "ExportData", .. })
+                        if e.failure_kind() == Some(mlops_proto::v1::FailureKind::NotFound) =>
+                    {
+                        self.report.info(&format!(
+                            "{}: volume {volume} does not exist there (never used): nothing to move",
+                            a.name
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let total: u64 = self.out.volumes.iter().filter(|v| !v.earlier).map(|v| v.bytes).sum::<u64>()
+                + self.out.database.as_ref().map_or(0, |d| d.bytes);
+            let detail = format!(
+                "{} volume(s){}, {} moved",
+                self.out.volumes.len(),
+                if plan.database.is_some() { " and the database" } else { "" },
+                bytes_human(total)
+            );
+            self.lap("transfer", detail);
+
+            // 4. Verify before switching.
+            if let Some(d) = &plan.database {
+                let mut checks = vec![("row counts of every table".to_string(), ROW_COUNTS.to_string())];
+                checks.extend(d.verify.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for (name, query) in checks {
+                    let here = sql(&mut self.host_a.conn, &a.name, &project, d, &query).await?;
+                    let there = sql(conn_b, &b.name, &project, d, &query).await?;
+                    if here != there {
+                        let differ: Vec<String> = diff_lines(&here, &there);
+                        return Err(ControllerError::Local(format!(
+                            "verification failed: {name} differ between {} and {}: {}",
+                            a.name,
+                            b.name,
+                            differ.join("; ")
+                        )));
+                    }
+                    let n = here.lines().count();
+                    verified.push(format!("{name} equal ({n} line(s))"));
+                }
+            }
+            if let (Some((af, password)), Some(d)) = (&plan.airflow, &plan.database) {
+                let last = sql(&mut self.host_a.conn, &a.name, &project, d, LAST_RUN).await?;
+                // B's API server up (the held services still held), then
+                // the admin's login and A's newest DAG run through it.
+                deployed(deploy::deploy(only_b, &plan.deploy_unheld, self.report.clone()).await?, &b.name)?;
+                let seen = api_check(conn_b, &b.name, &project, af, password, last.trim()).await?;
+                verified.push(format!("{} logs in on {}{seen}", af.admin_user, b.name));
+            }
+            if plan.database.is_none() {
+                verified.push("every volume's sha256 and length checked on arrival".into());
+            }
+            self.record.verified = true;
+            self.save()?;
+            self.lap("verify", verified.join("; "));
+        }
+
+        // 5. Switch: the paused set as it was, then everything on B.
+        if let (Some((af, _)), Some(unpaused)) = (&plan.airflow, &self.record.unpaused)
+            && !unpaused.is_empty()
+        {
+            airflow(conn_b, &b.name, &project, af, &["dags", "unpause"], unpaused).await?;
+        }
+        deployed(deploy::deploy(only_b, &plan.deploy, self.report.clone()).await?, &b.name)?;
+        let unpaused = self
+            .record
+            .unpaused
+            .as_ref()
+            .map(|u| format!("; unpaused as on {}: {}", a.name, list(u)))
+            .unwrap_or_default();
+        self.lap("switch", format!("stack `{project}` healthy on {} with the moved data{unpaused}", b.name));
+        Ok(())
+    }
 }
 
 fn list(names: &[String]) -> String {
@@ -422,19 +710,45 @@ fn dry_run_steps(
     b: &Target,
     project: &str,
     running: &[String],
-    volumes: &[String],
+    plan: &Plan,
     opts: &MigrateOptions,
 ) -> Vec<StepTime> {
     let step = |s: &str, d: String| StepTime { step: s.into(), ms: 0, detail: d };
+    let held = if plan.hold.is_empty() {
+        String::new()
+    } else {
+        format!(" (held until the switch: {})", plan.hold.join(", "))
+    };
+    let mut transfer = Vec::new();
+    if let Some(d) = &plan.database {
+        transfer.push(format!("database in `{}` by pg_dumpall into psql (roles included)", d.service));
+    }
+    if !plan.volumes.is_empty() {
+        transfer.push(format!("volume(s) {}", plan.volumes.join(", ")));
+    }
+    let mut verify = vec![];
+    if plan.database.is_some() {
+        verify.push("row counts of every table and the stack's checks equal on both hosts".to_string());
+    }
+    if let Some((af, _)) = &plan.airflow {
+        verify.push(format!("{} logs in on {} and A's newest DAG run is listed there", af.admin_user, b.name));
+    }
+    if verify.is_empty() {
+        verify.push("every volume's sha256 and length on arrival".into());
+    }
     vec![
         step(
             "deploy",
-            format!("deploy stack `{project}` on {} with {}'s secrets and images; wait until healthy", b.name, a.name),
+            format!(
+                "deploy stack `{project}` on {} with {}'s secrets and images{held}; wait until healthy",
+                b.name, a.name
+            ),
         ),
         step(
             "quiesce",
             format!(
-                "stop {} on {} (dependents first, {} s each before SIGKILL)",
+                "{}stop {} on {} (held services first; {} s each before SIGKILL)",
+                if plan.airflow.is_some() { "record which DAGs are unpaused and pause them; " } else { "" },
                 list(running),
                 a.name,
                 if opts.stop_timeout == 0 { 10 } else { opts.stop_timeout }
@@ -442,12 +756,9 @@ fn dry_run_steps(
         ),
         step(
             "transfer",
-            if volumes.is_empty() {
-                "no named volumes".into()
-            } else {
-                format!("move volume(s) {}", volumes.join(", "))
-            },
+            if transfer.is_empty() { "nothing to move".into() } else { format!("move {}", transfer.join("; ")) },
         ),
+        step("verify", verify.join("; ")),
         step("switch", format!("start stack `{project}` on {} with the moved data; wait until healthy", b.name)),
         step(
             "after",
@@ -555,7 +866,7 @@ async fn pipe(
     to_host: &str,
     source: DataSource,
     target: DataSource,
-) -> Result<(u64, String), ControllerError> {
+) -> Result<mlops_proto::v1::ImportDataReply, ControllerError> {
     let mut stream = from
         .raw()
         .export_data(ExportDataRequest { source: Some(source) })
@@ -586,7 +897,7 @@ async fn pipe(
             .map_err(|s| ControllerError::from_status(to_host, "ImportData", &s))
     };
     let ((), reply) = tokio::try_join!(forward, import)?;
-    Ok((reply.bytes, reply.sha256))
+    Ok(reply)
 }
 
 /// Starts A's stack again as it was: its newest revision, health-gated.
@@ -595,6 +906,7 @@ async fn restart(
     host: &str,
     project: &str,
     opts: &MigrateOptions,
+    paused: Option<(mlops_proto::stack::AirflowMigration, Vec<String>)>,
     progress: &Progress,
 ) -> Result<(), ControllerError> {
     let reply = conn.raw().revisions(RevisionsRequest { project: project.to_string() }).await;
@@ -611,7 +923,183 @@ async fn restart(
     };
     let events = conn.raw().rollback(request).await.map_err(|s| ControllerError::from_status(host, "Rollback", &s))?;
     stack::follow(host, "Rollback", events.into_inner(), progress).await?;
+    if let Some((af, unpaused)) = paused.filter(|(_, u)| !u.is_empty()) {
+        airflow(conn, host, project, &af, &["dags", "unpause"], &unpaused).await?;
+    }
     Ok(())
+}
+
+/// The DAGs not paused, one per line.
+const UNPAUSED: &str = "SELECT dag_id FROM dag WHERE NOT is_paused ORDER BY 1";
+/// Task instances running, one per line.
+const RUNNING_TASKS: &str =
+    "SELECT dag_id || '.' || task_id || ' (' || run_id || ')' FROM task_instance WHERE state = 'running' ORDER BY 1";
+/// The newest DAG run: its DAG and run id.
+const LAST_RUN: &str = "SELECT dag_id || ' ' || run_id FROM dag_run ORDER BY id DESC LIMIT 1";
+/// Every table of the live schema (read from the database: the set changes
+/// between versions) with its row count, one per line.
+const ROW_COUNTS: &str = "SELECT table_schema || '.' || table_name || ' ' || \
+    (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, '')))[1]::text \
+    FROM information_schema.tables WHERE table_type = 'BASE TABLE' \
+    AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1";
+
+/// Runs `query` with psql in the database's service; its rows, one per
+/// line, columns joined by `|`.
+async fn sql(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    d: &mlops_proto::stack::Database,
+    query: &str,
+) -> Result<String, ControllerError> {
+    let request = ExecRequest {
+        project: project.to_string(),
+        service: d.service.clone(),
+        command: ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", &d.user, "-d", &d.database]
+            .map(String::from)
+            .to_vec(),
+        stdin: format!("{query};\n").into_bytes(),
+        timeout_seconds: 300,
+        purpose: "migrate".into(),
+        ..Default::default()
+    };
+    let reply =
+        conn.raw().exec(request).await.map_err(|s| ControllerError::from_status(host, "Exec", &s))?.into_inner();
+    if reply.exit_code != 0 {
+        return Err(ControllerError::Local(format!(
+            "{host}: a query in `{}` failed (exit {}): {}",
+            d.service,
+            reply.exit_code,
+            reply.output.trim()
+        )));
+    }
+    Ok(reply.output)
+}
+
+/// Runs `airflow ARGS --treat-dag-id-as-regex -y REGEX` in the API
+/// server's service, REGEX matching exactly `dags`.
+async fn airflow(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    af: &mlops_proto::stack::AirflowMigration,
+    args: &[&str],
+    dags: &[String],
+) -> Result<(), ControllerError> {
+    let escaped: Vec<String> = dags.iter().map(|d| regex_escape(d)).collect();
+    let mut command: Vec<String> = std::iter::once("airflow").chain(args.iter().copied()).map(String::from).collect();
+    command.extend(["--treat-dag-id-as-regex".into(), "-y".into(), format!("^({})$", escaped.join("|"))]);
+    let request = ExecRequest {
+        project: project.to_string(),
+        service: af.service.clone(),
+        command,
+        timeout_seconds: 300,
+        purpose: "migrate".into(),
+        ..Default::default()
+    };
+    let reply =
+        conn.raw().exec(request).await.map_err(|s| ControllerError::from_status(host, "Exec", &s))?.into_inner();
+    if reply.exit_code != 0 {
+        return Err(ControllerError::Local(format!(
+            "{host}: `airflow {}` failed (exit {}): {}",
+            args.join(" "),
+            reply.exit_code,
+            reply.output.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A DAG id as a regular expression that matches only itself.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if !c.is_ascii_alphanumeric() && c != '_' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Logs in on the API server as the admin (password in the environment,
+/// never on the command line) and, when `run` names one (`DAG RUN_ID`),
+/// reads that DAG run through the API. Returns what it saw, for the report.
+async fn api_check(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    af: &mlops_proto::stack::AirflowMigration,
+    password: &str,
+    run: &str,
+) -> Result<String, ControllerError> {
+    const SCRIPT: &str = r#"
+import json, os, urllib.parse as p, urllib.request as u
+base = "http://127.0.0.1:8080"
+body = json.dumps({"username": os.environ["MLOPS_USER"], "password": os.environ["MLOPS_PASSWORD"]}).encode()
+req = u.Request(base + "/auth/token", data=body, headers={"Content-Type": "application/json"})
+token = json.load(u.urlopen(req, timeout=30))["access_token"]
+run = os.environ.get("MLOPS_RUN", "")
+if run:
+    dag, run_id = run.split(" ", 1)
+    url = base + "/api/v2/dags/" + p.quote(dag, safe="") + "/dagRuns/" + p.quote(run_id, safe="")
+    got = json.load(u.urlopen(u.Request(url, headers={"Authorization": "Bearer " + token}), timeout=30))
+    print(got["dag_id"], got["dag_run_id"], got["state"])
+print("login ok")
+"#;
+    let env = [("MLOPS_USER", af.admin_user.as_str()), ("MLOPS_PASSWORD", password), ("MLOPS_RUN", run)];
+    let request = ExecRequest {
+        project: project.to_string(),
+        service: af.service.clone(),
+        command: vec!["python".into(), "-c".into(), SCRIPT.into()],
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        timeout_seconds: 120,
+        purpose: "migrate".into(),
+        ..Default::default()
+    };
+    let reply =
+        conn.raw().exec(request).await.map_err(|s| ControllerError::from_status(host, "Exec", &s))?.into_inner();
+    if reply.exit_code != 0 || !reply.output.contains("login ok") {
+        return Err(ControllerError::Local(format!(
+            "verification failed on {host}: the admin's login{} through the API failed: {}",
+            if run.is_empty() { String::new() } else { format!(" or DAG run `{run}`") },
+            reply.output.trim()
+        )));
+    }
+    Ok(match reply.output.lines().next().filter(|_| !run.is_empty()) {
+        Some(line) => format!("; DAG run {line} listed there"),
+        None => String::new(),
+    })
+}
+
+/// What psql reported while restoring a `pg_dumpall --clean` script:
+/// errors other than those such a script makes by design (it recreates the
+/// role it runs as, and cannot drop it) fail the restore.
+fn restore_errors(output: &str, user: &str, exit_code: i64) -> Result<(), String> {
+    let benign = [format!("role \"{user}\" already exists"), "current user cannot be dropped".to_string()];
+    let errors: Vec<&str> =
+        output.lines().filter(|l| l.contains("ERROR:") && !benign.iter().any(|b| l.contains(b.as_str()))).collect();
+    if exit_code != 0 || !errors.is_empty() {
+        return Err(format!(
+            "psql exited {exit_code}{}",
+            if errors.is_empty() { String::new() } else { format!(": {}", errors.join("; ")) }
+        ));
+    }
+    Ok(())
+}
+
+/// The lines of `a` and `b` that differ (at most 10), as `a → b`.
+fn diff_lines(a: &str, b: &str) -> Vec<String> {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut out = Vec::new();
+    for i in 0..la.len().max(lb.len()) {
+        let (x, y) = (la.get(i).copied().unwrap_or("(none)"), lb.get(i).copied().unwrap_or("(none)"));
+        if x != y {
+            out.push(format!("{x} → {y}"));
+        }
+    }
+    out.truncate(10);
+    out
 }
 
 /// The one-line change that points the inventory at B.
@@ -627,5 +1115,73 @@ fn inventory_change(a: &Target, b: &Target) -> String {
             a.name,
             if a.groups.is_empty() { "none".to_string() } else { a.groups.join(", ") }
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The platform's own `x-mlops.migrate`, as a migration plans it.
+    #[test]
+    fn the_platform_holds_its_schedulers_and_workers_and_dumps_its_database() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../platform");
+        let secrets: BTreeMap<String, String> =
+            mlops_compose::preflight(&dir, None).unwrap().1.into_iter().map(|s| (s, "x".repeat(20))).collect();
+        let options = mlops_compose::LoadOptions { project: None, env: secrets.clone(), profiles: Vec::new() };
+        let loaded = mlops_compose::load(&dir, &options).unwrap();
+        let opts = MigrateOptions {
+            stack: StackOptions::default(),
+            from: "a".into(),
+            to: "b".into(),
+            dry_run: false,
+            decommission: false,
+            stop_timeout: 60,
+            health_timeout: 300,
+            install_docker: true,
+            expose: false,
+            local_images: true,
+            with_metrics: false,
+        };
+        let plan = Plan::new(&loaded.stack, &opts, &secrets.clone().into_iter().collect()).unwrap();
+        // Dependents first: the workers before the scheduler they need.
+        assert_eq!(plan.hold.len(), 4, "{:?}", plan.hold);
+        let at = |s: &str| plan.hold.iter().position(|h| h == s).unwrap();
+        assert!(at("airflow-worker") < at("airflow-scheduler"), "{:?}", plan.hold);
+        assert_eq!(plan.database.as_ref().unwrap().service, "postgres");
+        assert!(!plan.rest.contains(&"postgres".to_string()) && plan.rest.contains(&"airflow-apiserver".to_string()));
+        assert!(plan.rest.iter().position(|s| s == "airflow-apiserver") < plan.rest.iter().position(|s| s == "redis"));
+        let p = loaded.stack.project.clone();
+        assert_eq!(plan.volumes, vec![format!("{p}_airflow-logs"), format!("{p}_redis-data")]);
+        assert_eq!(plan.deploy_unheld.stack.skip.len(), 4);
+        let (af, password) = plan.airflow.unwrap();
+        assert_eq!((af.admin_user.as_str(), password.len()), ("admin", 20));
+
+        let metrics =
+            Plan::new(&loaded.stack, &MigrateOptions { with_metrics: true, ..opts }, &HashMap::new()).unwrap();
+        assert_eq!(metrics.volumes.len(), 4, "{:?}", metrics.volumes);
+    }
+
+    #[test]
+    fn dag_ids_match_only_themselves() {
+        assert_eq!(regex_escape("etl.daily-v2"), "etl\\.daily\\-v2");
+        assert_eq!(regex_escape("spark_pi"), "spark_pi");
+    }
+
+    #[test]
+    fn a_restore_fails_on_errors_other_than_those_pg_dumpall_makes_by_design() {
+        let by_design = "psql:<stdin>:14: ERROR:  current user cannot be dropped\n\
+                         psql:<stdin>:22: ERROR:  role \"postgres\" already exists\n";
+        assert!(restore_errors(by_design, "postgres", 0).is_ok());
+        let real =
+            format!("{by_design}psql:<stdin>:90: ERROR:  database \"airflow\" is being accessed by other users\n");
+        let e = restore_errors(&real, "postgres", 0).unwrap_err();
+        assert!(e.contains("being accessed") && !e.contains("cannot be dropped"), "{e}");
+        assert!(restore_errors("", "postgres", 2).is_err());
+    }
+
+    #[test]
+    fn differing_lines_are_named() {
+        assert_eq!(diff_lines("a 1\nb 2\n", "a 1\nb 3\nc 0\n"), ["b 2 → b 3", "(none) → c 0"]);
     }
 }
