@@ -160,7 +160,7 @@ fn a_stack_moves_with_its_volume_data_and_the_old_host_is_kept_stopped() {
     let json = run.json();
     let result = &json["result"];
     let steps: Vec<&str> = result["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["inspect", "deploy", "quiesce", "transfer", "switch"], "{json:#}");
+    assert_eq!(steps, ["inspect", "deploy", "quiesce", "transfer", "verify", "switch"], "{json:#}");
     let volume = &result["volumes"][0];
     assert_eq!(volume["volume"], format!("{project}_data"));
     assert!(volume["bytes"].as_u64().unwrap() > 24 << 20, "{volume:#}");
@@ -263,4 +263,36 @@ fn a_new_host_that_fails_at_the_switch_gets_the_old_one_started_again() {
     }
     assert_eq!(listing(&a, &project), before);
     assert!(!env.state.join("migrations").join(format!("{project}.json")).exists());
+}
+
+/// A host named by an inventory is pointed at its new machine in place:
+/// its `ansible_host` rewritten, every other line (comments included) kept.
+#[test]
+fn the_inventory_entry_is_pointed_at_the_new_host() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("mig-g").unwrap(), env.docker_host("mig-h").unwrap());
+    let stack = TestStack::new(STACK).unwrap();
+    let text = format!(
+        "# our one box\nall:\n  vars:\n    ansible_user: root\n  hosts:\n    box:   # the old machine\n      ansible_host: {}\n      mlops_note: kept\n",
+        a.addr
+    );
+    let inv = env.write("inventory.yml", &text).unwrap();
+    let (key, dir, inv_path) =
+        (env.key.display().to_string(), stack.path().display().to_string(), inv.display().to_string());
+    let base = ["--identity", key.as_str(), "-i", inv_path.as_str()];
+    let stack_arg = ["--stack", dir.as_str()];
+    env.ctl(&[&base[..], &["deploy", "--health-timeout", "60"], &stack_arg[..]].concat()).expect_code(0);
+    let to = b.spec("root");
+    let migrate = ["migrate", "--from", "box", "--to", to.as_str(), "--health-timeout", "60"];
+    let run = env.ctl(&[&base[..], &migrate[..], &stack_arg[..]].concat());
+    let run = run.expect_code(0);
+    assert!(run.stdout.contains("host box now points at"), "{}", run.stdout);
+    let edited = std::fs::read_to_string(&inv).unwrap();
+    assert_eq!(edited, text.replace(&format!("ansible_host: {}", a.addr), &format!("ansible_host: {}", b.addr)));
+    // The inventory now reaches the stack on B.
+    let status = env.ctl(&[&base[..], &["status", "--output", "json"], &stack_arg[..]].concat()).expect_code(0).json();
+    let services = status["hosts"][0]["services"].as_array().cloned().unwrap_or_default();
+    assert!(services.iter().all(|s| s["state"] == "running") && !services.is_empty(), "{status:#}");
+    assert_eq!(status["hosts"][0]["address"].as_str().map(|a| a.contains(&b.addr)), Some(true), "{status:#}");
+    assert_eq!(state(&b, &container(&b, &stack.project, "db")), "running");
 }

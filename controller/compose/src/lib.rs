@@ -775,7 +775,7 @@ impl Parser<'_> {
                                 }
                             }
                             other => {
-                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.database is ignored"))
+                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.database is ignored"));
                             }
                         }
                     }
@@ -794,7 +794,7 @@ impl Parser<'_> {
                             "admin_user" => a.admin_user = self.string(fv, "admin_user")?,
                             "admin_password" => a.admin_password = self.string(fv, "admin_password")?,
                             other => {
-                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.airflow is ignored"))
+                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.airflow is ignored"));
                             }
                         }
                     }

@@ -113,6 +113,8 @@ pub struct Probe {
     pub ca_pem: Option<String>,
     /// The revocation list the installed agent enforces (PEM), if any.
     pub crl_pem: Option<String>,
+    /// The host's glibc (`getconf GNU_LIBC_VERSION`: `2.36`), when it has one.
+    pub glibc: Option<String>,
 }
 
 fn probe_script() -> String {
@@ -132,6 +134,7 @@ if [ "$(id -u)" = 0 ]; then ca=$(base64 -w0 {ca} 2>/dev/null); else ca=$(sudo -n
 if [ "$(id -u)" = 0 ]; then crl=$(base64 -w0 {crl} 2>/dev/null); else crl=$(sudo -n base64 -w0 {crl} 2>/dev/null); fi
 [ -n "$crl" ] && echo "crl=$crl"
 if [ -d /run/systemd/system ]; then echo manager=systemd; else echo manager=daemon; fi
+echo "glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null | sed -n 's/^glibc //p')"
 "#,
         bin = layout::BINARY,
         bundle = layout::INSTALL_HASH,
@@ -158,6 +161,7 @@ impl Probe {
                 "binary" if !v.is_empty() => p.binary_sha256 = Some(v),
                 "bundle" if !v.is_empty() => p.bundle_sha256 = Some(v),
                 "manager" => p.service_manager = v,
+                "glibc" if !v.is_empty() => p.glibc = Some(v),
                 "ca" | "crl" => {
                     use base64::Engine;
                     let text = base64::engine::general_purpose::STANDARD
@@ -694,6 +698,18 @@ fn check_probe(probe: &Probe, target: &Target, binary: Option<&AgentBinary>) -> 
             host,
             host_arch: probe.arch.clone(),
             binary_arch: binary.arch.to_string(),
+        });
+    }
+    if let Some(binary) = binary
+        && let Some(needed) = &binary.glibc
+        && let Some(have) = &probe.glibc
+        && crate::agent_binary::version_lt(have, needed)
+    {
+        return Err(ControllerError::GlibcTooOld {
+            host,
+            have: have.clone(),
+            needed: needed.clone(),
+            path: binary.path.clone(),
         });
     }
     let user = target.user().map_or_else(|| std::env::var("USER").unwrap_or_default(), str::to_string);

@@ -27,6 +27,9 @@ pub enum ControllerError {
     AgentBinaryFormat { path: PathBuf },
     #[error("{host} runs {host_arch}, but the agent binary is built for {binary_arch}")]
     ArchMismatch { host: String, host_arch: String, binary_arch: String },
+    /// A dynamically linked agent needs a newer glibc than the host has.
+    #[error("{host} has glibc {have}, but the agent binary `{}` is dynamically linked and needs glibc {needed}", path.display())]
+    GlibcTooOld { host: String, have: String, needed: String, path: PathBuf },
     #[error("{host} runs `{os}`; the agent supports Linux only")]
     UnsupportedOs { host: String, os: String },
     #[error("sudo on {host} asks {user} for a password; mlopsctl needs passwordless sudo to install the agent")]
@@ -159,12 +162,13 @@ impl ControllerError {
     /// A suggestion for the user, printed as `hint:`.
     pub fn hint(&self) -> Option<String> {
         Some(match self {
-            ControllerError::AgentBinaryNotFound { .. } => "build it with `cargo build --release -p mlops-agent`, or pass --agent-binary PATH (or set MLOPS_AGENT_BINARY)".into(),
+            ControllerError::AgentBinaryNotFound { .. } => "build it with `cargo agent-static` (static: any glibc), or pass --agent-binary PATH (or set MLOPS_AGENT_BINARY)".into(),
             ControllerError::ArtifactNotFound { name, variable, .. } => format!(
                 "build it with `cargo {}-static` (it runs in a FROM scratch image, so it must be static), or set {variable}",
                 name.trim_start_matches("mlops-airflow-").trim_start_matches("mlops-")
             ),
             ControllerError::AgentBinaryFormat { .. } | ControllerError::ArchMismatch { .. } => "pass --agent-binary with an agent built for the host's CPU (`cargo build --release -p mlops-agent --target <arch>-unknown-linux-gnu`)".into(),
+            ControllerError::GlibcTooOld { .. } => "build the static agent, which runs on any x86_64 Linux whatever its glibc: `cargo agent-static` (mlopsctl then finds it without flags), or pass --agent-binary with a static build".into(),
             ControllerError::SudoNeedsPassword { user, .. } => format!("allow it with a sudoers line such as `{user} ALL=(ALL) NOPASSWD: ALL` (in /etc/sudoers.d/), or connect as root"),
             ControllerError::NoSudo { .. } => "install sudo on the host and allow the user passwordless sudo, or connect as root".into(),
             ControllerError::Revoked { .. } => "this controller's operator was removed (`mlopsctl operator remove`); ask an operator to add you again (`mlopsctl operator add`), then join with the new bundle in a new state directory".into(),

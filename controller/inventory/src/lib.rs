@@ -4,9 +4,11 @@
 //! - [`pattern`]: `--limit` host patterns.
 //! - [`ssh_config`]: the parts of `~/.ssh/config` that pick address, user, port and keys.
 //! - [`target`]: all of the above resolved into [`Target`]s.
+//! - [`edit`]: a host of a YAML inventory pointed at another machine, in place.
 
 use std::path::PathBuf;
 
+pub mod edit;
 pub mod inventory;
 pub mod pattern;
 pub mod ssh_config;

@@ -112,9 +112,8 @@ struct Record {
     to: String,
     /// B was deployed and healthy (before A was stopped).
     b_deployed: bool,
-    /// A's services were stopped by this migration: which ran before.
+    /// A's services were (being) stopped by this migration.
     a_stopped: bool,
-    a_running: Vec<String>,
     /// Volumes moved (and checked) while A stayed stopped.
     volumes: Vec<VolumeMove>,
     /// Airflow: the DAGs that were not paused on A (recorded before A's
@@ -280,9 +279,10 @@ pub async fn migrate(
         host_a,
         quiesced: None,
         paused: None,
+        rekey: None,
     };
     let result = run.steps(&bundles).await;
-    let Run { mut host_a, mut out, record_path, a, project, paused, .. } = run;
+    let Run { mut host_a, mut out, record_path, a, project, paused, rekey, .. } = run;
     match result {
         Ok(()) => {}
         Err((e, false)) => {
@@ -290,8 +290,20 @@ pub async fn migrate(
             return Err(e);
         }
         Err((e, true)) => {
-            // A was stopped: it runs again as it was, whatever B's state.
+            // A was stopped: it runs again as it was. B stops first, so that
+            // its copy (its schedulers, if the switch began) never runs
+            // beside A.
             report.warn(&format!("the migration stopped: {e}; starting stack `{project}` on {} again", a.name));
+            let b = setup.host(&opts.to)?;
+            match connect(&b, setup).await {
+                Ok(mut conn_b) => {
+                    if let Err(s) = stop(&mut conn_b, &b.name, &project, &[], opts.stop_timeout).await {
+                        report.warn(&format!("{}: its copy of the stack could not be stopped: {s}", b.name));
+                    }
+                    conn_b.close().await;
+                }
+                Err(c) => report.warn(&format!("{}: its copy of the stack could not be stopped: {c}", b.name)),
+            }
             match restart(&mut host_a.conn, &a.name, &project, opts, paused, &progress_a).await {
                 Ok(()) => {
                     // Nothing of A is stopped by this migration any more.
@@ -309,6 +321,20 @@ pub async fn migrate(
     }
     report.info(&out.inventory);
     host_a.close().await;
+    if let Some(target) = rekey {
+        let rekeyed = async {
+            let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&target))?;
+            let progress = Progress::new(Some(report.clone()), &target.name);
+            bootstrap::prepare_host(&target, &setup.ctx, &bundles[&target.name], &progress).await?.close().await;
+            Ok::<_, ControllerError>(())
+        };
+        if let Err(e) = rekeyed.await {
+            report.warn(&format!(
+                "{}: its agent could not be keyed as `{}` ({e}); `mlopsctl deploy -i INVENTORY --limit {}` does it",
+                opts.to, target.name, target.name
+            ));
+        }
+    }
     if opts.decommission {
         let clock = Instant::now();
         let only_a = setup.only(vec![a.clone()]);
@@ -348,6 +374,8 @@ struct Run<'a> {
     quiesced: Option<Instant>,
     /// A's DAGs this migration paused, to unpause when A starts again.
     paused: Option<(mlops_proto::stack::AirflowMigration, Vec<String>)>,
+    /// B under A's inventory name, once the inventory points it there.
+    rekey: Option<Target>,
 }
 
 /// An error, and whether A was stopped by then (and must start again).
@@ -381,6 +409,23 @@ impl Run<'_> {
         let plan = Plan::new(&model.stack, self.opts, &secrets.clone().into_iter().collect()).map_err(before)?;
         let running: Vec<String> =
             services.iter().filter(|s| s.state == "running").map(|s| s.service.clone()).collect();
+        let missing: Vec<&str> = model
+            .stack
+            .services
+            .keys()
+            .filter(|name| !services.iter().any(|s| &&s.service == name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            // Part of a stack split between hosts, or deployed with other
+            // flags: moving it would start the rest on B too.
+            return Err(before(ControllerError::usage(
+                format!("{} runs only part of stack `{project}`: not {}", a.name, missing.join(", ")),
+                Some(
+                    "migrate moves a stack that runs whole on one host; name it as it was deployed (--skip, --profile), or move roles of a split stack by changing the inventory and deploying",
+                ),
+            )));
+        }
         if running.is_empty() && !self.record.a_stopped {
             // What a finished migration leaves behind: moving it again
             // would put old data over the new host's.
@@ -456,7 +501,14 @@ impl Run<'_> {
         self.quiesced = Some(Instant::now());
         self.steps_after_quiesce(&plan, &only_b).await.map_err(after)?;
         self.out.downtime_ms = self.quiesced.map_or(0, |q| q.elapsed().as_millis() as u64);
-        self.out.inventory = inventory_change(&a, &b);
+        let (change, edited) = inventory_change(&a, &b, &self.setup.ssh_config);
+        self.out.inventory = change;
+        if edited {
+            // The inventory's name for A now means B: B's agent is keyed
+            // under it (its certificate names the host), or the next
+            // command would refuse it.
+            self.rekey = Some(Target { connection: b.connection.clone(), ..a.clone() });
+        }
         Ok(())
     }
 
@@ -487,12 +539,6 @@ impl Run<'_> {
             //    and of B (their databases keep running for the copy).
             if !self.record.a_stopped {
                 self.record.a_stopped = true;
-                self.record.a_running = status(&mut self.host_a.conn, &project)
-                    .await?
-                    .into_iter()
-                    .filter(|s| s.state == "running")
-                    .map(|s| s.service)
-                    .collect();
                 self.save()?;
             }
             if let (Some((af, _)), Some(d)) = (&plan.airflow, &plan.database) {
@@ -503,7 +549,13 @@ impl Run<'_> {
                 }
                 let unpaused = self.record.unpaused.clone().unwrap_or_default();
                 self.paused = Some((af.clone(), unpaused.clone()));
-                if !unpaused.is_empty() && self.record.a_running.contains(&af.service) {
+                // Paused through the API server's CLI while it runs (an
+                // earlier attempt may have paused them and stopped it).
+                let api_runs = status(&mut self.host_a.conn, &project)
+                    .await?
+                    .iter()
+                    .any(|s| s.service == af.service && s.state == "running");
+                if !unpaused.is_empty() && api_runs {
                     airflow(&mut self.host_a.conn, &a.name, &project, af, &["dags", "pause"], &unpaused).await?;
                     self.report.info(&format!("{}: paused {} DAG(s): {}", a.name, unpaused.len(), unpaused.join(", ")));
                 }
@@ -1102,18 +1154,38 @@ fn diff_lines(a: &str, b: &str) -> Vec<String> {
     out
 }
 
-/// The one-line change that points the inventory at B.
-fn inventory_change(a: &Target, b: &Target) -> String {
-    match (a.origin.as_str(), b.origin.as_str()) {
-        ("--host", _) => {
-            format!("stack now served by {}: use `--host {}` where you used `--host {}`", b.name, b.name, a.name)
+/// Points the inventory at B: A's entry edited in place when A comes from
+/// a YAML inventory and B is named by address (see
+/// [`mlops_inventory::edit`]); otherwise the change to make, in one line.
+fn inventory_change(a: &Target, b: &Target, ssh: &mlops_inventory::SshConfig) -> (String, bool) {
+    let from_inventory = a.origin.rsplit_once(':').and_then(|(p, l)| Some((p, l.parse::<usize>().ok()?)));
+    match (from_inventory, &b.connection, b.origin.as_str()) {
+        (Some((path, line)), mlops_inventory::Connection::Ssh { address, port, user, .. }, "--host") => {
+            let to = mlops_inventory::edit::NewAddress { address: address.clone(), port: *port, user: user.clone() };
+            match mlops_inventory::edit::point_host_at(std::path::Path::new(path), line, &a.name, &to, ssh) {
+                Ok(()) => (format!("inventory {path}: host {} now points at {user}@{address}:{port}", a.name), true),
+                Err(why) => (
+                    format!(
+                        "inventory {path}: point host {} at {user}@{address}:{port} (ansible_host: {address}, ansible_port: {port}, ansible_user: {user}); not edited: {why}",
+                        a.name
+                    ),
+                    false,
+                ),
+            }
         }
-        (origin, _) => format!(
-            "inventory {origin}: stack now served by {}; put {} in {}'s groups ({}) in place of it",
-            b.name,
-            b.name,
-            a.name,
-            if a.groups.is_empty() { "none".to_string() } else { a.groups.join(", ") }
+        (Some((path, _)), _, _) => (
+            format!(
+                "inventory {path}: stack now served by {}; put {} in {}'s groups ({}) in place of it",
+                b.name,
+                b.name,
+                a.name,
+                if a.groups.is_empty() { "none".to_string() } else { a.groups.join(", ") }
+            ),
+            false,
+        ),
+        (None, _, _) => (
+            format!("stack now served by {}: use `--host {}` where you used `--host {}`", b.name, b.name, a.name),
+            false,
         ),
     }
 }
@@ -1143,7 +1215,7 @@ mod tests {
             local_images: true,
             with_metrics: false,
         };
-        let plan = Plan::new(&loaded.stack, &opts, &secrets.clone().into_iter().collect()).unwrap();
+        let plan = Plan::new(&loaded.stack, &opts, &secrets.into_iter().collect()).unwrap();
         // Dependents first: the workers before the scheduler they need.
         assert_eq!(plan.hold.len(), 4, "{:?}", plan.hold);
         let at = |s: &str| plan.hold.iter().position(|h| h == s).unwrap();
