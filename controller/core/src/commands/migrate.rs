@@ -297,7 +297,7 @@ pub async fn migrate(
             let b = setup.host(&opts.to)?;
             match connect(&b, setup).await {
                 Ok(mut conn_b) => {
-                    if let Err(s) = stop(&mut conn_b, &b.name, &project, &[], opts.stop_timeout).await {
+                    if let Err(s) = stop(&mut conn_b, &b.name, &project, None, opts.stop_timeout).await {
                         report.warn(&format!("{}: its copy of the stack could not be stopped: {s}", b.name));
                     }
                     conn_b.close().await;
@@ -520,8 +520,14 @@ impl Run<'_> {
         result?;
         // A stopped entirely: its database too, now that B serves.
         if let Some(d) = &plan.database {
-            stop(&mut self.host_a.conn, &a.name, &project, std::slice::from_ref(&d.service), self.opts.stop_timeout)
-                .await?;
+            stop(
+                &mut self.host_a.conn,
+                &a.name,
+                &project,
+                Some(std::slice::from_ref(&d.service)),
+                self.opts.stop_timeout,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -568,7 +574,7 @@ impl Run<'_> {
                     ));
                 }
             }
-            let stopped_held = stop(&mut self.host_a.conn, &a.name, &project, &plan.hold, timeout).await?;
+            let stopped_held = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.hold), timeout).await?;
             if let (Some(_), Some(d)) = (&plan.airflow, &plan.database) {
                 let busy = sql(&mut self.host_a.conn, &a.name, &project, d, RUNNING_TASKS).await.unwrap_or_default();
                 if !busy.trim().is_empty() {
@@ -579,7 +585,7 @@ impl Run<'_> {
                     ));
                 }
             }
-            let stopped_rest = stop(&mut self.host_a.conn, &a.name, &project, &plan.rest, timeout).await?;
+            let stopped_rest = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.rest), timeout).await?;
             if self.record.b_deployed
                 && !self.record.volumes.is_empty()
                 && !(stopped_held.is_empty() && stopped_rest.is_empty())
@@ -593,7 +599,7 @@ impl Run<'_> {
             let b_all = status(conn_b, &project).await?;
             let b_rest: Vec<String> =
                 b_all.iter().map(|s| s.service.clone()).filter(|s| !keep_db.contains(s)).collect();
-            let stopped_b = stop(conn_b, &b.name, &project, &b_rest, timeout).await?;
+            let stopped_b = stop(conn_b, &b.name, &project, Some(&b_rest), timeout).await?;
             let mut stopped_a = stopped_held;
             stopped_a.extend(stopped_rest);
             self.lap(
@@ -870,16 +876,22 @@ async fn status(conn: &mut AgentConn, project: &str) -> Result<Vec<mlops_proto::
     Ok(reply.map_err(|s| ControllerError::from_status(&host, "StackStatus", &s))?.into_inner().services)
 }
 
+/// Stops `services` (in that order; `None`: all of the project's at once);
+/// the services stopped.
 async fn stop(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
-    services: &[String],
+    services: Option<&[String]>,
     timeout: u32,
 ) -> Result<Vec<String>, ControllerError> {
+    // The agent reads an empty list as all of them.
+    if services.is_some_and(<[String]>::is_empty) {
+        return Ok(Vec::new());
+    }
     let request = StopServicesRequest {
         project: project.to_string(),
-        services: services.to_vec(),
+        services: services.map(<[String]>::to_vec).unwrap_or_default(),
         timeout_seconds: timeout,
         holder: stack::holder(),
     };
