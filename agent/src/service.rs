@@ -940,8 +940,17 @@ impl Agent for AgentService {
         &self,
         request: Request<ExportDataRequest>,
     ) -> Result<Response<Self::ExportDataStream>, Status> {
+        let peer = peer(&request);
         let source = request.into_inner().source.unwrap_or_default();
         check_source(&source)?;
+        let what = if source.volume.is_empty() {
+            format!("the output of a command in {}", source.service)
+        } else {
+            format!("volume {}", source.volume)
+        };
+        // No deploy starts the project's services while its data leaves.
+        let holder = format!("an export of {what} by {}", peer.operator);
+        let guard = self.locks.acquire(&source.project, &holder).map_err(AgentError::from)?;
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let project = source.project.clone();
         let data: Pin<Box<dyn Stream<Item = Result<bytes::Bytes, EngineError>> + Send>> = if source.volume.is_empty() {
@@ -962,7 +971,9 @@ impl Agent for AgentService {
         // receiving host writes it.
         let (tx, rx) = mpsc::channel(4);
         let mut stop = self.shutdown.clone();
+        let history = self.history.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             use sha2::Digest;
             let (mut hash, mut total) = (sha2::Sha256::new(), 0u64);
             let mut data = data;
@@ -990,13 +1001,13 @@ impl Agent for AgentService {
                         return;
                     }
                     None => {
-                        let end = DataChunk {
-                            end: true,
-                            sha256: hex::encode(hash.finalize()),
-                            bytes: total,
-                            ..Default::default()
-                        };
+                        let sha256 = hex::encode(hash.finalize());
+                        let detail = format!("exported {total} bytes: {what} (sha256 {})", &sha256[..12]);
+                        let end = DataChunk { end: true, sha256, bytes: total, ..Default::default() };
                         let _ = tx.send(Ok(end)).await;
+                        let p = project.clone();
+                        let _ = tokio::task::spawn_blocking(move || history.record(&p, &peer, "export", "ok", &detail))
+                            .await;
                         return;
                     }
                 }

@@ -70,7 +70,10 @@ pub async fn stop(
     }
     let running: Vec<_> = all
         .into_iter()
-        .filter(|c| c.state == "running" && (services.is_empty() || services.contains(&c.service)))
+        .filter(|c| {
+            matches!(c.state.as_str(), "running" | "restarting")
+                && (services.is_empty() || services.contains(&c.service))
+        })
         .collect();
     let ids: Vec<String> = running.iter().map(|c| c.id.clone()).collect();
     super::converge::stopped::add(record, &ids).map_err(EngineError::io_at("recording what is stopped in", record))?;
@@ -444,7 +447,8 @@ async fn users_of(docker: &Docker, name: &str) -> Result<Vec<User>, EngineError>
                     .map(|n| n.trim_start_matches('/').to_string())
                     .unwrap_or_default(),
                 project: labels.get(labels::PROJECT).cloned().unwrap_or_default(),
-                running: c.state.is_some_and(|s| s.to_string() == "running"),
+                // A restarting or paused container writes again any time.
+                running: c.state.is_some_and(|s| matches!(s.to_string().as_str(), "running" | "restarting" | "paused")),
                 image: c.image_id.unwrap_or_default(),
             }
         })

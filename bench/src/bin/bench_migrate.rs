@@ -32,7 +32,7 @@ x-mlops:
       # As light as the platform's own checks (alembic_version, a checksum
       # over DAG runs): the row counts of every table are checked anyway.
       verify:
-        newest row: SELECT max(id) FROM t
+        newest row: SELECT max(id) FROM public.t
 services:
   postgres:
     build: {context: ./postgres, args: {BASE_IMAGE: "debian:bookworm-slim"}}

@@ -1,7 +1,7 @@
 //! Pointing an inventory host at another machine (`mlopsctl migrate`): its
 //! `ansible_host`, `ansible_port` and `ansible_user` in the YAML file
-//! changed in place, every other byte of the file (comments, order,
-//! quoting) kept.
+//! changed in place (and `mlops_address` when it named the old machine),
+//! every other byte of the file (comments, order, quoting) kept.
 //!
 //! Only a host written in block style (`name:` then its variables, one per
 //! line, indented) is edited; anything else (a flow mapping, variables that
@@ -134,6 +134,19 @@ fn edit(text: &str, line: usize, name: &str, current: &NewAddress, to: &NewAddre
             None => added.push(format!("{}{var}: {value}\n", " ".repeat(child))),
         }
     }
+    // `mlops_address` (the address other hosts use) follows when it named
+    // the old machine.
+    for i in at + 1..end {
+        let l = lines[i];
+        if l.len() - l.trim_start().len() == child
+            && let Some(v) = l.trim_start().strip_prefix("mlops_address:")
+            && v.trim() == current.address
+            && current.address != to.address
+        {
+            let newline = if l.ends_with('\n') { "\n" } else { "" };
+            out[i] = format!("{}mlops_address: {}{newline}", " ".repeat(child), to.address);
+        }
+    }
     if !added.is_empty() {
         if !out[at].ends_with('\n') {
             out[at].push('\n');
@@ -179,8 +192,8 @@ all:
         assert_eq!(
             text,
             INV.replace(
-                "          ansible_host: 10.0.0.5\n",
-                "          ansible_port: 2222\n          ansible_host: 10.0.0.9\n"
+                "          ansible_host: 10.0.0.5\n          mlops_address: 10.0.0.5\n",
+                "          ansible_port: 2222\n          ansible_host: 10.0.0.9\n          mlops_address: 10.0.0.9\n"
             )
         );
         // A host with no variables gets its block.

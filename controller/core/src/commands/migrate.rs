@@ -8,21 +8,29 @@
 //! 1. **Deploy on B**: the agent, Docker, the stack's files and images
 //!    (loaded from A's engine where A has them, else built), with A's
 //!    secrets (stored on B before anything runs there), healthy.
-//! 2. **Quiesce**: B's services and then A's are stopped (Docker's stop:
-//!    SIGTERM, then SIGKILL after `--stop-timeout`), dependents first.
-//!    A's containers and volumes stay.
-//! 3. **Transfer**: every named volume of the stack streams from A's agent
-//!    through this controller into B's (`ExportData` into `ImportData`),
-//!    checked by sha256 and length at B; a volume already moved is not
-//!    moved again unless A ran again since.
-//! 4. **Switch**: B's stack converges again (its moved volumes mounted)
-//!    and must be healthy; then the inventory entry changes (printed).
-//!    A stays stopped and intact, unless `--decommission` removes its
-//!    stack, volumes and agent.
+//! 2. **Quiesce** (every run, A may have run again since the last): with
+//!    `x-mlops.migrate.airflow`, the DAGs not paused are recorded (once)
+//!    and paused; A's held services stop first, then the rest but its
+//!    database (Docker's stop: SIGTERM, then SIGKILL after
+//!    `--stop-timeout`), dependents first; then B's. Containers and
+//!    volumes stay. If A had to be stopped again after an earlier attempt
+//!    moved data, everything is moved again.
+//! 3. **Transfer**: the database by `pg_dumpall` into `psql`, every other
+//!    named volume streamed from A's agent through this controller into
+//!    B's (`ExportData` into `ImportData`), checked by sha256 and length
+//!    at B; a volume already moved is not moved again.
+//! 4. **Verify**: row counts of every table and the stack's checks equal
+//!    on both hosts; Airflow's admin login and A's newest DAG run on B.
+//! 5. **Switch**: the paused set restored on B, B's whole stack converged
+//!    and healthy; A's database stopped; the inventory entry pointed at B
+//!    (edited in place when it can be, else printed). A stays stopped and
+//!    intact, unless `--decommission` removes its stack, volumes and agent.
 //!
-//! When a step after the quiesce fails, A is started again as it was (its
-//! newest revision, health-gated) and the command fails: A keeps its data
-//! until B is verified.
+//! When a step after the quiesce and before the switch succeeded fails, B
+//! is stopped and then A started again as it was (its newest revision,
+//! health-gated, its paused set), and the command fails: A keeps its data
+//! until B is verified. If B cannot be stopped, A is left stopped (the two
+//! must not run side by side) and the record stays for the next run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -295,14 +303,21 @@ pub async fn migrate(
             // beside A.
             report.warn(&format!("the migration stopped: {e}; starting stack `{project}` on {} again", a.name));
             let b = setup.host(&opts.to)?;
-            match connect(&b, setup).await {
+            let b_stopped = match connect(&b, setup).await {
                 Ok(mut conn_b) => {
-                    if let Err(s) = stop(&mut conn_b, &b.name, &project, None, opts.stop_timeout).await {
-                        report.warn(&format!("{}: its copy of the stack could not be stopped: {s}", b.name));
-                    }
+                    let stopped = stop(&mut conn_b, &b.name, &project, None, opts.stop_timeout).await;
                     conn_b.close().await;
+                    stopped.map(|_| ())
                 }
-                Err(c) => report.warn(&format!("{}: its copy of the stack could not be stopped: {c}", b.name)),
+                Err(c) => Err(c),
+            };
+            if let Err(s) = b_stopped {
+                report.warn(&format!(
+                    "{}: its copy of the stack could not be stopped ({s}); {} is left stopped so that the two never run side by side: run this migration again, or stop {} and deploy to {}",
+                    b.name, a.name, b.name, a.name
+                ));
+                host_a.close().await;
+                return Err(e);
             }
             match restart(&mut host_a.conn, &a.name, &project, opts, paused, &progress_a).await {
                 Ok(()) => {
@@ -382,6 +397,15 @@ struct Run<'a> {
 type StepError = (ControllerError, bool);
 
 impl Run<'_> {
+    /// Says which task instances run on A, if any (`warn`: as a warning).
+    async fn tasks_running(&mut self, d: &mlops_proto::stack::Database, why: &str, warn: bool) {
+        let busy = sql(&mut self.host_a.conn, &self.a.name, &self.project, d, RUNNING_TASKS).await.unwrap_or_default();
+        if !busy.trim().is_empty() {
+            let text = format!("{}: {why}: {}", self.a.name, busy.lines().collect::<Vec<_>>().join(", "));
+            if warn { self.report.warn(&text) } else { self.report.info(&text) }
+        }
+    }
+
     fn lap(&mut self, step: &str, detail: String) {
         self.out.steps.push(StepTime { step: step.into(), ms: self.clock.elapsed().as_millis() as u64, detail });
         self.clock = Instant::now();
@@ -424,6 +448,30 @@ impl Run<'_> {
                 Some(
                     "migrate moves a stack that runs whole on one host; name it as it was deployed (--skip, --profile), or move roles of a split stack by changing the inventory and deploying",
                 ),
+            )));
+        }
+        let extra: Vec<&str> =
+            services.iter().map(|s| s.service.as_str()).filter(|s| !model.stack.services.contains_key(*s)).collect();
+        if !extra.is_empty() {
+            return Err(before(ControllerError::usage(
+                format!(
+                    "{} runs services of stack `{project}` that this model leaves out: {}",
+                    a.name,
+                    extra.join(", ")
+                ),
+                Some("name the stack as it was deployed (--skip, --profile): their data would stay behind"),
+            )));
+        }
+        let unmoved: Vec<&String> =
+            if self.opts.with_metrics { Vec::new() } else { model.stack.options.migrate.optional.iter().collect() };
+        if self.opts.decommission && !unmoved.is_empty() {
+            return Err(before(ControllerError::usage(
+                format!(
+                    "--decommission would remove volume(s) {} from {}, which move only with --with-metrics",
+                    unmoved.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                    a.name
+                ),
+                Some("add --with-metrics, or decommission the old host yourself once you no longer need them"),
             )));
         }
         if running.is_empty() && !self.record.a_stopped {
@@ -518,16 +566,13 @@ impl Run<'_> {
         let result = self.move_and_switch(plan, only_b, &mut conn_b).await;
         conn_b.close().await;
         result?;
-        // A stopped entirely: its database too, now that B serves.
+        // A stopped entirely: its database too, now that B serves. B is
+        // live from here: a failure is a warning, never a return to A.
         if let Some(d) = &plan.database {
-            stop(
-                &mut self.host_a.conn,
-                &a.name,
-                &project,
-                Some(std::slice::from_ref(&d.service)),
-                self.opts.stop_timeout,
-            )
-            .await?;
+            let only = Some(std::slice::from_ref(&d.service));
+            if let Err(e) = stop(&mut self.host_a.conn, &a.name, &project, only, self.opts.stop_timeout).await {
+                self.report.warn(&format!("{}: its database could not be stopped ({e}); stop it by hand", a.name));
+            }
         }
         Ok(())
     }
@@ -540,68 +585,61 @@ impl Run<'_> {
     ) -> Result<(), ControllerError> {
         let (a, b, project) = (self.a.clone(), self.b.clone(), self.project.clone());
         let timeout = self.opts.stop_timeout;
+        // 2. Quiesce, on every run: A may have run again since an earlier
+        //    attempt (then what was moved is stale, verification included).
+        if !self.record.a_stopped {
+            self.record.a_stopped = true;
+            self.save()?;
+        }
+        if let (Some((af, _)), Some(d)) = (&plan.airflow, &plan.database) {
+            if self.record.unpaused.is_none() {
+                let listed = sql(&mut self.host_a.conn, &a.name, &project, d, UNPAUSED).await?;
+                let (ids, odd): (Vec<String>, Vec<String>) =
+                    listed.lines().map(str::to_string).partition(|id| is_dag_id(id));
+                if !odd.is_empty() {
+                    self.report.warn(&format!("{}: ignored DAG ids that are not Airflow's: {odd:?}", a.name));
+                }
+                self.record.unpaused = Some(ids);
+                self.save()?;
+            }
+            let unpaused = self.record.unpaused.clone().unwrap_or_default();
+            self.paused = Some((af.clone(), unpaused.clone()));
+            // Paused through the API server's CLI while it runs (an
+            // earlier attempt may have paused them and stopped it).
+            let api_runs = status(&mut self.host_a.conn, &project)
+                .await?
+                .iter()
+                .any(|s| s.service == af.service && s.state == "running");
+            if !unpaused.is_empty() && api_runs {
+                airflow(&mut self.host_a.conn, &a.name, &project, af, &["dags", "pause"], &unpaused).await?;
+                self.report.info(&format!("{}: paused {} DAG(s): {}", a.name, unpaused.len(), unpaused.join(", ")));
+            }
+            self.tasks_running(d, &format!("waiting up to {timeout} s for running task(s) to finish"), false).await;
+        }
+        let stopped_held = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.hold), timeout).await?;
+        if let (Some(_), Some(d)) = (&plan.airflow, &plan.database) {
+            let why = format!(
+                "still running when the workers stopped after {timeout} s (Airflow handles them as it does any worker lost mid-task)"
+            );
+            self.tasks_running(d, &why, true).await;
+        }
+        let stopped_rest = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.rest), timeout).await?;
+        let ran_again = !(stopped_held.is_empty() && stopped_rest.is_empty());
+        if ran_again && (self.record.verified || !self.record.volumes.is_empty()) {
+            self.report.warn(&format!("{} ran again since the last attempt: everything is moved again", a.name));
+            self.record.volumes.clear();
+            self.record.verified = false;
+            self.save()?;
+        }
+        let mut stopped_a = stopped_held;
+        stopped_a.extend(stopped_rest);
         if !self.record.verified {
-            // 2. Quiesce: what does work stops first, then the rest of A
-            //    and of B (their databases keep running for the copy).
-            if !self.record.a_stopped {
-                self.record.a_stopped = true;
-                self.save()?;
-            }
-            if let (Some((af, _)), Some(d)) = (&plan.airflow, &plan.database) {
-                if self.record.unpaused.is_none() {
-                    let unpaused = sql(&mut self.host_a.conn, &a.name, &project, d, UNPAUSED).await?;
-                    self.record.unpaused = Some(unpaused.lines().map(str::to_string).collect());
-                    self.save()?;
-                }
-                let unpaused = self.record.unpaused.clone().unwrap_or_default();
-                self.paused = Some((af.clone(), unpaused.clone()));
-                // Paused through the API server's CLI while it runs (an
-                // earlier attempt may have paused them and stopped it).
-                let api_runs = status(&mut self.host_a.conn, &project)
-                    .await?
-                    .iter()
-                    .any(|s| s.service == af.service && s.state == "running");
-                if !unpaused.is_empty() && api_runs {
-                    airflow(&mut self.host_a.conn, &a.name, &project, af, &["dags", "pause"], &unpaused).await?;
-                    self.report.info(&format!("{}: paused {} DAG(s): {}", a.name, unpaused.len(), unpaused.join(", ")));
-                }
-                let busy = sql(&mut self.host_a.conn, &a.name, &project, d, RUNNING_TASKS).await.unwrap_or_default();
-                if !busy.trim().is_empty() {
-                    self.report.info(&format!(
-                        "{}: waiting up to {timeout} s for running task(s) to finish: {}",
-                        a.name,
-                        busy.lines().collect::<Vec<_>>().join(", ")
-                    ));
-                }
-            }
-            let stopped_held = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.hold), timeout).await?;
-            if let (Some(_), Some(d)) = (&plan.airflow, &plan.database) {
-                let busy = sql(&mut self.host_a.conn, &a.name, &project, d, RUNNING_TASKS).await.unwrap_or_default();
-                if !busy.trim().is_empty() {
-                    self.report.warn(&format!(
-                        "{}: still running when the workers stopped after {timeout} s (Airflow handles them as it does any worker lost mid-task): {}",
-                        a.name,
-                        busy.lines().collect::<Vec<_>>().join(", ")
-                    ));
-                }
-            }
-            let stopped_rest = stop(&mut self.host_a.conn, &a.name, &project, Some(&plan.rest), timeout).await?;
-            if self.record.b_deployed
-                && !self.record.volumes.is_empty()
-                && !(stopped_held.is_empty() && stopped_rest.is_empty())
-            {
-                // A ran again since the last attempt: what was moved is stale.
-                self.report.warn(&format!("{} ran again since the last attempt: everything is moved again", a.name));
-                self.record.volumes.clear();
-                self.save()?;
-            }
+            // B's copy stops too, but for its database.
             let keep_db: Vec<String> = plan.database.iter().map(|d| d.service.clone()).collect();
             let b_all = status(conn_b, &project).await?;
             let b_rest: Vec<String> =
                 b_all.iter().map(|s| s.service.clone()).filter(|s| !keep_db.contains(s)).collect();
             let stopped_b = stop(conn_b, &b.name, &project, Some(&b_rest), timeout).await?;
-            let mut stopped_a = stopped_held;
-            stopped_a.extend(stopped_rest);
             self.lap(
                 "quiesce",
                 format!("stopped on {}: {}; on {}: {}", a.name, list(&stopped_a), b.name, list(&stopped_b)),
@@ -627,6 +665,10 @@ impl Run<'_> {
                 let restore = DataSource {
                     project: project.clone(),
                     service: d.service.clone(),
+                    // Only warnings and errors: notices (`... does not
+                    // exist, skipping`) would crowd errors out of the
+                    // output kept.
+                    env: [("PGOPTIONS".to_string(), "-c client_min_messages=warning".to_string())].into(),
                     command: vec![
                         "psql".into(),
                         "-X".into(),
@@ -993,13 +1035,16 @@ async fn restart(
     Ok(())
 }
 
+/// The search path of every check (`PGOPTIONS`): the system catalog only;
+/// tables are named with their schema.
+const SAFE_PATH: &str = "-c search_path=pg_catalog,pg_temp";
 /// The DAGs not paused, one per line.
-const UNPAUSED: &str = "SELECT dag_id FROM dag WHERE NOT is_paused ORDER BY 1";
+const UNPAUSED: &str = "SELECT dag_id FROM public.dag WHERE NOT is_paused ORDER BY 1";
 /// Task instances running, one per line.
-const RUNNING_TASKS: &str =
-    "SELECT dag_id || '.' || task_id || ' (' || run_id || ')' FROM task_instance WHERE state = 'running' ORDER BY 1";
+const RUNNING_TASKS: &str = "SELECT dag_id || '.' || task_id || ' (' || run_id || ')' FROM public.task_instance \
+    WHERE state IN ('running', 'restarting') ORDER BY 1";
 /// The newest DAG run: its DAG and run id.
-const LAST_RUN: &str = "SELECT dag_id || ' ' || run_id FROM dag_run ORDER BY id DESC LIMIT 1";
+const LAST_RUN: &str = "SELECT dag_id || ' ' || run_id FROM public.dag_run ORDER BY id DESC LIMIT 1";
 /// Every table of the live schema (read from the database: the set changes
 /// between versions) with its row count, one per line.
 const ROW_COUNTS: &str = "SELECT table_schema || '.' || table_name || ' ' || \
@@ -1023,9 +1068,12 @@ async fn sql(
             .map(String::from)
             .to_vec(),
         stdin: format!("{query};\n").into_bytes(),
+        // Run as the superuser in a database another role owns: nothing
+        // that role created (in `public`, or a schema named after the
+        // superuser) is found by an unqualified name.
+        env: [("PGOPTIONS".to_string(), SAFE_PATH.to_string())].into(),
         timeout_seconds: 300,
         purpose: "migrate".into(),
-        ..Default::default()
     };
     let reply =
         conn.raw().exec(request).await.map_err(|s| ControllerError::from_status(host, "Exec", &s))?.into_inner();
@@ -1072,6 +1120,12 @@ async fn airflow(
         )));
     }
     Ok(())
+}
+
+/// Whether `id` is a DAG id as Airflow allows them (letters, digits, `_`,
+/// `.`, `-`): anything else read from the database is not acted on.
+fn is_dag_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 250 && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 /// A DAG id as a regular expression that matches only itself.
