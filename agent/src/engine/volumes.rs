@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{
-    ContainerCreateBody, ExecConfig, HostConfig, Mount, MountType, MountVolumeOptions, VolumeCreateRequest,
-};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, MountVolumeOptions, VolumeCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, ListContainersOptionsBuilder,
     RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
@@ -49,9 +47,6 @@ const HELPER_MOUNT: &str = "/mlops-volume";
 /// Marks helper containers, so that one left by a killed agent is found
 /// and removed.
 const HELPER_LABEL: &str = "mlops.volume-helper";
-
-/// Output of a command kept for errors: the end says the most.
-const KEEP: usize = 16 * 1024;
 
 /// Stops the running containers of `project` (only `services`, in that
 /// order, when given; else all at once), first recorded in `record` (see
@@ -201,11 +196,11 @@ pub async fn exec_out(
     command: Vec<String>,
     env: &BTreeMap<String, String>,
 ) -> Result<impl Stream<Item = Result<Bytes, EngineError>> + use<>, EngineError> {
-    let exec = create_exec(docker, project, service, command, env, false).await?;
+    let exec = super::exec::create(docker, project, service, command, env, false).await?;
     let StartExecResults::Attached { mut output, .. } =
         docker.start_exec(&exec, Some(StartExecOptions { detach: false, tty: false, output_capacity: None })).await?
     else {
-        return Err(detached());
+        return Err(super::exec::detached());
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, EngineError>>(4);
     let (docker, service) = (docker.clone(), service.to_string());
@@ -220,7 +215,7 @@ pub async fn exec_out(
                         return;
                     }
                 }
-                Ok(other) => keep_tail(&mut errors, &other.into_bytes()),
+                Ok(other) => super::exec::keep_tail(&mut errors, &other.into_bytes()),
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
@@ -258,11 +253,11 @@ pub async fn exec_in<S>(
 where
     S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
 {
-    let exec = create_exec(docker, project, service, command, env, true).await?;
+    let exec = super::exec::create(docker, project, service, command, env, true).await?;
     let StartExecResults::Attached { mut output, input: mut stdin } =
         docker.start_exec(&exec, Some(StartExecOptions { detach: false, tty: false, output_capacity: None })).await?
     else {
-        return Err(detached());
+        return Err(super::exec::detached());
     };
     // Output is read while input is written: a command that writes much
     // would otherwise block on a full pipe and never read the rest.
@@ -270,7 +265,7 @@ where
         let mut text: Vec<u8> = Vec::new();
         while let Some(frame) = output.next().await {
             match frame {
-                Ok(f) => keep_tail(&mut text, &f.into_bytes()),
+                Ok(f) => super::exec::keep_tail(&mut text, &f.into_bytes()),
                 Err(e) => return Err(EngineError::from(e)),
             }
         }
@@ -546,48 +541,6 @@ impl Drop for Helper {
                     docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
             });
         }
-    }
-}
-
-async fn create_exec(
-    docker: &Docker,
-    project: &str,
-    service: &str,
-    command: Vec<String>,
-    env: &BTreeMap<String, String>,
-    stdin: bool,
-) -> Result<String, EngineError> {
-    if command.is_empty() {
-        return Err(EngineError::bad_request("command", "an empty command"));
-    }
-    let container = existing(docker, project)
-        .await?
-        .into_iter()
-        .find(|c| c.service == service && c.state == "running")
-        .ok_or_else(|| EngineError::NotFound(format!("stack `{project}` has no running service `{service}` here")))?;
-    let config = ExecConfig {
-        cmd: Some(command),
-        env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-        attach_stdin: Some(stdin),
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        ..Default::default()
-    };
-    Ok(docker.create_exec(&container.id, config).await?.id)
-}
-
-fn detached() -> EngineError {
-    EngineError::Io {
-        what: "the engine detached the command".into(),
-        path: String::new(),
-        source: std::io::Error::other("detached"),
-    }
-}
-
-fn keep_tail(text: &mut Vec<u8>, more: &[u8]) {
-    text.extend_from_slice(more);
-    if text.len() > 2 * KEEP {
-        text.drain(..text.len() - KEEP);
     }
 }
 
