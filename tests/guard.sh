@@ -57,6 +57,13 @@ snapshot() {
       fi
     done
     ss -Hltn "sport = :$AGENT_PORT" | awk -v port="$AGENT_PORT" '{print "listening on agent port " port ": " $4}'
+    # libvirt, which the VM tier uses: its domains, networks and pools must
+    # be the same after the suite (the tier removes all it made).
+    if virsh -c qemu:///system version >/dev/null 2>&1; then
+      virsh -q -c qemu:///system list --all --name | sed '/^$/d; s/^/libvirt domain /'
+      virsh -q -c qemu:///system net-list --all --name | sed '/^$/d; s/^/libvirt network /'
+      virsh -q -c qemu:///system pool-list --all --name | sed '/^$/d; s/^/libvirt pool /'
+    fi
     # Under systemd the agent has no pidfile: its unit's process and start.
     if [ -d /run/systemd/system ]; then
       systemctl show -p MainPID -p ActiveEnterTimestamp mlops-agent.service 2>/dev/null | sed 's/^/agent unit /'

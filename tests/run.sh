@@ -2,7 +2,8 @@
 # Runs the whole test suite on a Debian machine: installs what the tests
 # drive for real (OpenSSH's sshd, sudo, iproute2 for network namespaces,
 # docker.io for the test hosts' own engines, busybox-static for test
-# images, curl, debootstrap), then `cargo test --workspace`, inside a guard.
+# images, curl, debootstrap; Vagrant, vagrant-libvirt, libvirt and QEMU for
+# the VM tier), then `cargo test --workspace`, inside a guard.
 #
 # The guard: the tests act only on test hosts of their own (network and
 # mount namespaces, each with its own sshd, agent directories and dockerd).
@@ -48,11 +49,24 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # here so that no test host installs a package on this machine.
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
+# The VM tier (tests/tests/vm.rs): Vagrant with libvirt, QEMU, qemu-img
+# for the boxes it builds.
+command -v vagrant >/dev/null 2>&1 || missing+=(vagrant)
+[ -d /usr/share/rubygems-integration/all/gems ] && ls /usr/share/rubygems-integration/all/gems | grep -q '^vagrant-libvirt-' || missing+=(vagrant-libvirt)
+command -v libvirtd >/dev/null 2>&1 || missing+=(libvirt-daemon-system)
+command -v virsh >/dev/null 2>&1 || missing+=(libvirt-clients)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  # qemu-utils from the release's own suite: a newer one (from backports)
+  # declares that it breaks the release's qemu-system (seen on CI images).
+  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  missing+=(qemu-system-x86 "qemu-utils/$codename")
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  apt-get install -y -q --no-install-recommends --allow-downgrades "${missing[@]}"
 fi
 
 # This machine's own engine is needed only for the guard's sentinel (the
@@ -70,11 +84,32 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null 2>&1 || { echo "error: dockerd did not start; see /var/log/dockerd.log" >&2; tail -20 /var/log/dockerd.log >&2; exit 2; }
 fi
 
+# libvirtd for the VM tier, started here when none answers (no systemd as
+# PID 1 on CI machines) and stopped at the end; a running one is used as it
+# is (the tier makes a pool, networks and domains of its own, and removes them).
+started_libvirt=
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  echo "starting libvirtd and virtlogd (for the VM tier; stopped at the end)"
+  virtlogd -d
+  libvirtd -d
+  started_libvirt=1
+  for _ in $(seq 1 40); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  virsh -c qemu:///system version >/dev/null 2>&1 || { echo "error: libvirtd did not start" >&2; exit 2; }
+fi
+
 work=$(mktemp -d)
 sentinel="mlops-guard-$$"
 cleanup() {
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work"
+  if [ -n "$started_libvirt" ]; then
+    for daemon in libvirtd virtlogd; do
+      [ -f "/run/$daemon.pid" ] && kill "$(cat "/run/$daemon.pid")" 2>/dev/null || true
+    done
+  fi
   if [ -n "$started_engine" ]; then
     kill "$started_engine" 2>/dev/null || true
     for _ in $(seq 1 40); do kill -0 "$started_engine" 2>/dev/null || break; sleep 0.5; done
@@ -105,6 +140,11 @@ awk '/^     Running / { name = $2; if (name == "unittests") { name = $NF; gsub(/
      /^test result:/ && name != "" { for (i = 1; i <= NF; i++) if ($i == "in") t = $(i+1); printf "time: %s: %s\n", name, t; name = "" }' "$work/log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) s += $i } }
      END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$work/log"
+# The VM tier's steps (its test's output is captured when it passes).
+vm_times=${CARGO_TARGET_DIR:-target}/tmp/vm-tier-times.txt
+if [ -f "$vm_times" ] && [ "$(stat -c %Y "$vm_times")" -ge "${suite_started%.*}" ]; then
+  sed 's/^vm-time: /time: vm tier: /' "$vm_times"
+fi
 echo "time: whole run: $(( $(date +%s) - started )) s"
 if [ "$guard" != 0 ]; then
   echo "summary: the guard failed: the tests changed this machine's own engine or agent (see above)" >&2

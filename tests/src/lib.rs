@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 pub mod airflow;
 pub mod fuzz;
+pub mod vagrant;
 
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
@@ -109,6 +110,26 @@ pub fn bins() -> &'static Bins {
             exporter: target.join("x86_64-unknown-linux-gnu/debug/mlops-airflow-exporter"),
             workspace,
         }
+    })
+}
+
+/// The agent users ship: `cargo agent-static` (release, static, LTO'd).
+/// For the VM tier, whose guests run under software emulation, where the
+/// debug build moves an image at under 1 MB/s; and whose Debian 11 guest
+/// has an older glibc than this machine. Built once per process, on first use.
+pub fn release_static_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let b = bins();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(&cargo)
+            .args(["agent-static", "--quiet"])
+            .current_dir(&b.workspace)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "`cargo agent-static` failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| b.workspace.join("target"), PathBuf::from);
+        target.join("x86_64-unknown-linux-gnu/release/mlops-agent")
     })
 }
 

@@ -153,6 +153,15 @@ fn a_stack_moves_with_its_volume_data_and_the_old_host_is_kept_stopped() {
     // A dry run changes nothing.
     let dry = migrate(&env, &stack, &a, &b, &["--dry-run"]).expect_code(0);
     assert!(dry.stdout.contains("transfer: move volume(s)"), "{}", dry.stdout);
+    // Sizes, read on A: the 24 MB of data in the volume, and an estimate.
+    let size: f64 = dry
+        .stdout
+        .split(&format!("{project}_data ("))
+        .nth(1)
+        .and_then(|r| r.split(" MB)").next())
+        .map_or(0.0, |n| n.parse().unwrap_or(0.0));
+    assert!((25.0..27.0).contains(&size), "{}", dry.stdout);
+    assert!(dry.stdout.contains("estimate:") && dry.stdout.contains("to move: about"), "{}", dry.stdout);
     assert_eq!(state(&a, &container(&a, &project, "db")), "running");
     assert!(b.docker(&["ps", "-aq"]).is_empty(), "nothing on b after a dry run");
 

@@ -193,9 +193,21 @@ pub async fn ensure(
         )));
     }
     if which("dockerd").is_none() {
-        report.say("installing docker.io from the OS repository").await;
+        let mut packages = vec!["docker.io"];
+        // Debian's kernel enables AppArmor, and dockerd then refuses to
+        // create any container unless `apparmor_parser` loads its default
+        // profile; the `apparmor` package is only a Recommends of docker.io
+        // (seen on a minimal Debian 12 VM).
+        let apparmor =
+            std::fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|v| v.trim() == "Y");
+        if apparmor && which("apparmor_parser").is_none() {
+            packages.push("apparmor");
+        }
+        report.say(format!("installing {} from the OS repository", packages.join(" and "))).await;
         run_streaming("apt-get", &["update", "-q"], report).await?;
-        run_streaming("apt-get", &["install", "-y", "-q", "--no-install-recommends", "docker.io"], report).await?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&packages);
+        run_streaming("apt-get", &args, report).await?;
     }
     let systemd = Path::new("/run/systemd/system").is_dir();
     if systemd {

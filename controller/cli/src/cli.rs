@@ -226,7 +226,7 @@ pub enum Command {
         /// The host it moves to: an inventory name, or USER@HOST[:PORT].
         #[arg(long, value_name = "HOST")]
         to: String,
-        /// Print the steps and what would move; change nothing.
+        /// Print the steps, the sizes of what would move (read on the old host) and an estimate of the transfer time; change nothing.
         #[arg(long)]
         dry_run: bool,
         /// Once the stack runs healthy on the new host, remove it, its volumes and the agent from the old one.

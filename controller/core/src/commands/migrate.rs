@@ -495,7 +495,8 @@ impl Run<'_> {
             ),
         );
         if self.opts.dry_run {
-            let steps = dry_run_steps(&a, &b, &project, &running, &plan, self.opts);
+            let sizes = sizes(&mut self.host_a.conn, &project, &model.stack, &plan, &running).await;
+            let steps = dry_run_steps(&a, &b, &project, &running, &plan, &sizes, self.opts);
             self.out.steps.extend(steps);
             return Ok(());
         }
@@ -804,6 +805,91 @@ fn list(names: &[String]) -> String {
     if names.is_empty() { "nothing running".into() } else { names.join(", ") }
 }
 
+/// The rate the estimate of `--dry-run` assumes for the transfer (dump and
+/// restore, volume streams): what `mlops-bench-migrate` measured end to
+/// end, agent to controller to agent over SSH (44 MB/s for streams; a
+/// 1 GB dump restored at about the same). Slower links and disks take
+/// longer.
+const ESTIMATE_BYTES_PER_SECOND: f64 = 40e6;
+
+/// What `--dry-run` reports A holds: the database's size on disk (every
+/// database, as `pg_database_size` counts it; the dump is smaller, without
+/// indexes) and each streamed volume's, by `du` in a running service that
+/// mounts it. `None` where that cannot be read (no such service running,
+/// no `du` in its image).
+#[derive(Debug, Default)]
+struct Sizes {
+    /// Set when the stack has a database to move.
+    database: Option<Option<u64>>,
+    volumes: Vec<(String, Option<u64>)>,
+}
+
+impl Sizes {
+    fn known(&self) -> u64 {
+        self.database.flatten().unwrap_or(0) + self.volumes.iter().filter_map(|(_, s)| *s).sum::<u64>()
+    }
+
+    fn unknown(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        if self.database == Some(None) {
+            names.push("the database");
+        }
+        names.extend(self.volumes.iter().filter(|(_, s)| s.is_none()).map(|(v, _)| v.as_str()));
+        names
+    }
+}
+
+async fn sizes(
+    conn: &mut AgentConn,
+    project: &str,
+    model: &mlops_proto::stack::Stack,
+    plan: &Plan,
+    running: &[String],
+) -> Sizes {
+    let mut out = Sizes::default();
+    if let Some(d) = &plan.database {
+        let q = "SELECT sum(pg_database_size(datname))::bigint FROM pg_catalog.pg_database";
+        out.database = Some(if running.contains(&d.service) {
+            sql(conn, "", project, d, q).await.ok().and_then(|o| o.trim().parse().ok())
+        } else {
+            None
+        });
+    }
+    for volume in &plan.volumes {
+        let key = model.volumes.keys().find(|k| &model.volume_name(k) == volume);
+        let mount = key.and_then(|k| {
+            model.services.iter().filter(|(name, _)| running.contains(name)).find_map(|(name, s)| {
+                s.volumes
+                    .iter()
+                    .find(|m| m.kind == mlops_proto::stack::MountKind::Volume && &m.source == k)
+                    .map(|m| (name.clone(), m.target.clone()))
+            })
+        });
+        let mut size = None;
+        if let Some((service, target)) = mount {
+            let request = ExecRequest {
+                project: project.to_string(),
+                service,
+                command: vec!["du".into(), "-sk".into(), target],
+                timeout_seconds: 120,
+                purpose: "migrate".into(),
+                ..Default::default()
+            };
+            if let Ok(reply) = conn.raw().exec(request).await {
+                let reply = reply.into_inner();
+                let kib = reply.output.split_whitespace().next().and_then(|n| n.parse::<u64>().ok());
+                size = kib.filter(|_| reply.exit_code == 0).map(|k| k * 1024);
+            }
+        }
+        out.volumes.push((volume.clone(), size));
+    }
+    out
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
 /// What the migration would do, for `--dry-run`.
 fn dry_run_steps(
     a: &Target,
@@ -811,6 +897,7 @@ fn dry_run_steps(
     project: &str,
     running: &[String],
     plan: &Plan,
+    sizes: &Sizes,
     opts: &MigrateOptions,
 ) -> Vec<StepTime> {
     let step = |s: &str, d: String| StepTime { step: s.into(), ms: 0, detail: d };
@@ -819,13 +906,27 @@ fn dry_run_steps(
     } else {
         format!(" (held until the switch: {})", plan.hold.join(", "))
     };
+    let size = |s: Option<u64>| s.map_or_else(|| "size unknown".to_string(), megabytes);
     let mut transfer = Vec::new();
     if let Some(d) = &plan.database {
-        transfer.push(format!("database in `{}` by pg_dumpall into psql (roles included)", d.service));
+        transfer.push(format!(
+            "database in `{}` ({} on disk) by pg_dumpall into psql (roles included)",
+            d.service,
+            size(sizes.database.flatten())
+        ));
     }
-    if !plan.volumes.is_empty() {
-        transfer.push(format!("volume(s) {}", plan.volumes.join(", ")));
+    if !sizes.volumes.is_empty() {
+        let each: Vec<String> = sizes.volumes.iter().map(|(v, s)| format!("{v} ({})", size(*s))).collect();
+        transfer.push(format!("volume(s) {}", each.join(", ")));
     }
+    let unknown = sizes.unknown();
+    let estimate = format!(
+        "{} to move: about {:.0} s at {:.0} MB/s (mlops-bench-migrate's rate; the stop timeouts, B's deploy, which may install Docker and ship images, and the health waits come on top){}",
+        megabytes(sizes.known()),
+        sizes.known() as f64 / ESTIMATE_BYTES_PER_SECOND,
+        ESTIMATE_BYTES_PER_SECOND / 1e6,
+        if unknown.is_empty() { String::new() } else { format!("; not counted: {}", unknown.join(", ")) }
+    );
     let mut verify = vec![];
     if plan.database.is_some() {
         verify.push("row counts of every table and the stack's checks equal on both hosts".to_string());
@@ -868,6 +969,7 @@ fn dry_run_steps(
                 format!("leave {} stopped and intact", a.name)
             },
         ),
+        step("estimate", estimate),
     ]
 }
 

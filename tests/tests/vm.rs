@@ -1,0 +1,388 @@
+//! The VM tier: real Debian VMs (Vagrant, libvirt, QEMU) with systemd and
+//! no Docker, a stateful stack on them, and the move from one to the other.
+//!
+//! `vm1` (Debian 12) gets the agent as a systemd unit and Docker from apt,
+//! both by `mlopsctl deploy`; the unit brings the agent back after
+//! `kill -9`; another agent build replaces it in place. Rows written through the
+//! stack's service then move with `mlopsctl migrate` to `vm2` (Debian 11:
+//! glibc 2.31, so only the static agent runs there), first interrupted by
+//! killing the controller during the transfer, then re-run to success; the
+//! rows are served on `vm2` and `vm1` is left stopped with its volume. The
+//! stack moves back with `--decommission`, which removes it, its volume and
+//! the agent from `vm2`; the agent is then uninstalled from `vm1`.
+//!
+//! The stack's one image (PostgreSQL 15 and busybox, from debootstrap) is
+//! made on a namespace test host's engine and shipped to the VMs over the
+//! agent channel, as a user's locally built image is. Each step's time is
+//! printed (`vm-time:` lines) for the tier's time report.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mlops_e2e::vagrant::VmTier;
+use mlops_e2e::{CtlRun, TestEnv, TestHost, TestStack, bins, release_static_agent};
+
+const IMAGE: &str = "mlops-vmstack:1";
+
+/// `db` is PostgreSQL with its data in a volume; `app` serves the rows
+/// over HTTP (busybox httpd, CGI through psql) and writes them.
+const STACK: &str = r#"
+name: "{project}"
+services:
+  db:
+    image: mlops-vmstack:1
+    user: postgres
+    environment:
+      PGDATA: /var/lib/postgresql/data/pg
+    command:
+      - sh
+      - -c
+      - >-
+        test -s "$$PGDATA/PG_VERSION" || { initdb -D "$$PGDATA" -U postgres --auth=trust >/dev/null &&
+        echo 'host all all all trust' >> "$$PGDATA/pg_hba.conf"; };
+        exec postgres -D "$$PGDATA" -c listen_addresses='*' -c jit=off
+    volumes: ["pgdata:/var/lib/postgresql/data"]
+    healthcheck:
+      test: ["CMD", "pg_isready", "-h", "127.0.0.1", "-U", "postgres"]
+      interval: 2s
+      retries: 90
+  app:
+    image: mlops-vmstack:1
+    command: ["busybox", "httpd", "-f", "-p", "8080", "-h", "/srv"]
+    ports: ["${MLOPS_BIND_ADDRESS:-127.0.0.1}:18480:8080"]
+    depends_on:
+      db: {condition: service_healthy}
+    healthcheck:
+      test: ["CMD", "busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/cgi-bin/rows"]
+      interval: 2s
+      retries: 90
+volumes:
+  pgdata: {}
+x-mlops:
+  migrate:
+    database:
+      service: db
+      volume: pgdata
+      user: postgres
+      database: postgres
+      verify:
+        items: SELECT md5(coalesce(string_agg(id || ':' || body, ',' ORDER BY id), '')) FROM public.items
+"#;
+
+/// The CGI scripts `app` serves: `add?N` inserts N rows, `rows` prints
+/// the count and a checksum over all of them.
+const CGI_ADD: &str = r#"#!/bin/sh
+n=${QUERY_STRING:-1}
+case "$n" in *[!0-9]*) n=1 ;; esac
+echo "Content-Type: text/plain"; echo
+psql -h db -U postgres -qAt -v ON_ERROR_STOP=1 -c "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, body text NOT NULL)" \
+  -c "INSERT INTO items (body) SELECT md5(random()::text) || repeat('x', 100) FROM generate_series(1, $n)" 2>&1
+"#;
+const CGI_ROWS: &str = r#"#!/bin/sh
+echo "Content-Type: text/plain"; echo
+psql -h db -U postgres -qAt -c "SELECT count(*) || ' ' || md5(coalesce(string_agg(id || ':' || body, ',' ORDER BY id), '')) FROM items" 2>&1
+"#;
+
+/// Each step's time: printed, and kept in `target/tmp/vm-tier-times.txt`,
+/// which `tests/run.sh` prints after the suite (a passing test's output is
+/// captured).
+fn step(name: &str, since: Instant) {
+    record(&format!("vm-time: {name}: {:.0} s", since.elapsed().as_secs_f64()));
+}
+
+fn record(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-tier-times.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// The stack's image, made on `build`'s engine: a debootstrap tree with
+/// PostgreSQL 15 and busybox (LLVM, used only by PostgreSQL's JIT, docs
+/// and locales left out, to keep it small), imported.
+fn make_image(build: &TestHost) {
+    let dir = tempfile::Builder::new().prefix("mlops-vmstack-").tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mirror = Command::new("sh")
+        .args([
+            "-c",
+            "grep -h '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -1",
+        ])
+        .output()
+        .unwrap();
+    let mirror = String::from_utf8_lossy(&mirror.stdout).trim().to_string();
+    let mirror = if mirror.is_empty() { "http://deb.debian.org/debian".to_string() } else { mirror };
+    let out = Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=postgresql-15,busybox-static", "bookworm"])
+        .arg(&root)
+        .arg(&mirror)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debootstrap: {}", String::from_utf8_lossy(&out.stdout));
+    let script = format!(
+        "set -e; cd {root}; rm -rf usr/lib/llvm-* usr/lib/x86_64-linux-gnu/libLLVM* usr/lib/x86_64-linux-gnu/libz3.so* \
+         usr/lib/postgresql/15/lib/llvmjit* usr/lib/postgresql/15/lib/bitcode usr/share/doc usr/share/man usr/share/locale var/cache/apt/* var/lib/apt/lists/*; \
+         mkdir -p srv/cgi-bin var/lib/postgresql/data; chroot . chown postgres:postgres var/lib/postgresql/data; \
+         chmod 755 srv/cgi-bin",
+        root = root.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (name, text) in [("add", CGI_ADD), ("rows", CGI_ROWS)] {
+        let p = root.join("srv/cgi-bin").join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let mut tar = Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).stdout(Stdio::piped()).spawn().unwrap();
+    let out = Command::new("docker")
+        .env("DOCKER_HOST", format!("unix://{}", build.docker_socket().display()))
+        .env("DOCKER_CONFIG", dir.path().join("cli"))
+        .args([
+            "import",
+            "-c",
+            "ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ])
+        .args(["-c", "ENV LANG=C.UTF-8", "-", IMAGE])
+        .stdin(tar.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of the image tree failed");
+    assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+    record(&format!(
+        "vm-image: {}",
+        build.docker(&["image", "ls", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}", IMAGE])
+    ));
+}
+
+struct Tier<'a> {
+    env: &'a TestEnv,
+    vms: &'a VmTier,
+    inventory: String,
+    stack: String,
+    docker_host: String,
+}
+
+impl Tier<'_> {
+    fn ctl(&self, args: &[&str], agent: &Path) -> CtlRun {
+        self.env.ctl_with(&self.args(args), &self.envs(agent))
+    }
+
+    /// A command without a stack (`agent uninstall`).
+    fn ctl_hosts(&self, args: &[&str], agent: &Path) -> CtlRun {
+        let mut all = vec!["--identity", self.env.key.to_str().unwrap(), "-i", &self.inventory];
+        all.extend_from_slice(args);
+        self.env.ctl_with(&all, &self.envs(agent))
+    }
+
+    fn args<'b>(&'b self, args: &[&'b str]) -> Vec<&'b str> {
+        let mut all = vec!["--identity", self.env.key.to_str().unwrap(), "-i", &self.inventory];
+        all.extend_from_slice(args);
+        all.extend(["--stack", &self.stack]);
+        all
+    }
+
+    fn envs<'b>(&'b self, agent: &'b Path) -> Vec<(&'b str, &'b str)> {
+        vec![("MLOPS_AGENT_BINARY", agent.to_str().unwrap()), ("DOCKER_HOST", &self.docker_host)]
+    }
+
+    /// `script` on `vm` as `vagrant`: its stdout, or a panic with stderr.
+    fn on(&self, vm: &str, script: &str) -> String {
+        let out = self.vms.ssh(vm, &self.env.key, &self.env.known_hosts, script);
+        assert!(
+            out.status.success(),
+            "on {vm}: {script}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn http(&self, vm: &str, path: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "120"])
+            .arg(format!("http://{}:18480{path}", self.vms.address(vm)))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "GET {path} on {vm}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The project's containers on `vm`: `service state` lines, sorted.
+    fn containers(&self, vm: &str, project: &str) -> String {
+        self.on(
+            vm,
+            &format!(
+                "sudo docker ps -a --filter label=mlops.project={project} --format '{{{{.Label \"mlops.service\"}}}} {{{{.State}}}}' | sort"
+            ),
+        )
+    }
+
+    fn agent_pid(&self, vm: &str) -> String {
+        self.on(vm, "sudo systemctl show -p MainPID --value mlops-agent.service")
+    }
+}
+
+#[test]
+fn a_stack_moves_between_real_vms_with_its_rows() {
+    let started = Instant::now();
+    let _ = std::fs::remove_file(Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-tier-times.txt"));
+    let b = bins();
+    // The VMs come up while the image is made and the agent built.
+    let workspace = b.workspace.clone();
+    let vms = std::thread::spawn(move || VmTier::start(&workspace));
+    let env = TestEnv::new().unwrap();
+    let build = env.docker_host("vmbuild").unwrap();
+    let t = Instant::now();
+    make_image(&build);
+    step("the stack's image (debootstrap, import)", t);
+    let agent = release_static_agent().to_path_buf();
+    let vms = vms.join().unwrap().unwrap();
+    for (what, secs) in &vms.timings {
+        record(&format!("vm-time: {what}: {secs:.0} s"));
+    }
+    step("ready (boxes, VMs, image, agent)", started);
+
+    for vm in ["vm1", "vm2"] {
+        let line = vms.admit(vm, &env.public_key).unwrap();
+        env.add_known_host(&line).unwrap();
+    }
+    let stack = TestStack::new(STACK).unwrap();
+    let project = stack.project.clone();
+    let inventory_text = format!(
+        "# The VM tier's hosts.\nall:\n  vars:\n    ansible_user: vagrant\n  hosts:\n    vm1:\n      ansible_host: {}\n    vm2:\n      ansible_host: {}\n",
+        vms.address("vm1"),
+        vms.address("vm2")
+    );
+    let inventory = env.write("inventory.yml", &inventory_text).unwrap();
+    let tier = Tier {
+        env: &env,
+        vms: &vms,
+        inventory: inventory.display().to_string(),
+        stack: stack.path().display().to_string(),
+        docker_host: format!("unix://{}", build.docker_socket().display()),
+    };
+    let glibc = tier.on("vm2", "ldd --version | head -1");
+    assert!(glibc.ends_with("2.31"), "vm2 is Debian 11: {glibc}");
+
+    // vm2's glibc is older than the dynamically linked agent needs: refused
+    // before anything is installed, with a hint.
+    let refused = tier.ctl(&["deploy", "--limit", "vm2"], &b.agent).expect_code(1);
+    assert!(refused.stderr.contains("glibc") && refused.stderr.contains("hint:"), "{}", refused.stderr);
+    assert_eq!(tier.on("vm2", "test -e /usr/local/lib/mlops-agent/mlops-agent && echo yes || echo no"), "no");
+    for vm in ["vm1", "vm2"] {
+        assert_eq!(tier.on(vm, "command -v dockerd || echo none"), "none", "the box has no Docker");
+    }
+
+    // 1. Deploy to vm1, bare: the agent as a systemd unit, Docker from apt,
+    // the image shipped over the agent channel.
+    let t = Instant::now();
+    let run = tier.ctl(&["deploy", "--limit", "vm1", "--expose", "--health-timeout", "600"], &agent).expect_code(0);
+    step("deploy to bare vm1 (Docker from apt, image shipped)", t);
+    assert!(run.stderr.contains("installing docker.io"), "{}", run.stderr);
+    assert!(run.stderr.contains("mlops-vmstack:1: shipped from"), "{}", run.stderr);
+    assert_eq!(tier.on("vm1", "sudo systemctl is-active mlops-agent.service"), "active");
+    assert_eq!(tier.on("vm1", "sudo systemctl is-enabled mlops-agent.service"), "enabled");
+    assert_eq!(tier.on("vm1", "dpkg-query -W -f '${Status}' docker.io"), "install ok installed");
+    assert_eq!(tier.containers("vm1", &project), "app running\ndb running");
+
+    // 2. systemd brings the agent back after kill -9.
+    let pid = tier.agent_pid("vm1");
+    tier.on("vm1", &format!("sudo kill -9 {pid}"));
+    vms.wait("systemd restarts the agent", Duration::from_secs(60), || {
+        let now = tier.agent_pid("vm1");
+        now != pid && now != "0" && tier.on("vm1", "sudo systemctl is-active mlops-agent.service || true") == "active"
+    })
+    .unwrap();
+    tier.ctl(&["status", "--limit", "vm1"], &agent).expect_code(0);
+
+    // 3. Another agent build (this machine's dynamically linked debug one:
+    // vm1's glibc is new enough) replaces it in place; the migration below
+    // puts the release build back the same way.
+    let hash = |vm: &str| tier.on(vm, "sudo sha256sum /usr/local/lib/mlops-agent/mlops-agent | cut -c1-64");
+    assert_eq!(hash("vm1"), mlops_e2e::sha256_file(&agent).unwrap());
+    let t = Instant::now();
+    let run = tier.ctl(&["deploy", "--limit", "vm1", "--expose", "--health-timeout", "600"], &b.agent).expect_code(0);
+    step("agent upgraded in place", t);
+    assert_eq!(hash("vm1"), mlops_e2e::sha256_file(&b.agent).unwrap(), "{}", run.stderr);
+    assert_eq!(tier.on("vm1", "sudo systemctl is-active mlops-agent.service"), "active");
+    assert_eq!(tier.containers("vm1", &project), "app running\ndb running", "the stack kept running");
+
+    // 4. Rows, written through the service.
+    for _ in 0..4 {
+        tier.http("vm1", "/cgi-bin/add?50000");
+    }
+    let rows = tier.http("vm1", "/cgi-bin/rows");
+    assert!(rows.starts_with("200000 "), "{rows}");
+
+    // 5. The move, interrupted: the controller is killed during the transfer.
+    let t = Instant::now();
+    let migrate =
+        ["migrate", "--from", "vm1", "--to", "vm2", "--expose", "--health-timeout", "600", "--stop-timeout", "10"];
+    let mut cmd = env.ctl_command(&tier.args(&migrate));
+    for (k, v) in tier.envs(&agent) {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        if stderr.read_line(&mut l).unwrap() == 0 {
+            panic!("the migration ended before its transfer:\n{seen}");
+        }
+        seen.push_str(&l);
+        if l.contains("dumping database") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    step("migrate vm1 → vm2, until killed during the transfer", t);
+    assert!(env.state.join("migrations").join(format!("{project}.json")).exists(), "{seen}");
+    // A stays stopped (its database runs only to be dumped).
+    assert!(tier.containers("vm1", &project).starts_with("app exited\n"), "{seen}");
+
+    // 6. Re-run: it resumes and finishes.
+    let t = Instant::now();
+    let run = tier.ctl(&migrate, &agent);
+    let run = run.expect_code(0);
+    step("migrate vm1 → vm2, re-run to success", t);
+    assert!(run.stderr.contains("resuming the migration"), "{}", run.stderr);
+    assert_eq!(tier.http("vm2", "/cgi-bin/rows"), rows, "every row arrived and vm2 serves it");
+    assert_eq!(tier.on("vm2", "dpkg-query -W -f '${Status}' docker.io"), "install ok installed");
+    assert_eq!(tier.on("vm2", "sudo systemctl is-active mlops-agent.service"), "active");
+    // vm1 is stopped, with its volume.
+    assert_eq!(tier.containers("vm1", &project), "app exited\ndb exited");
+    assert_eq!(tier.on("vm1", &format!("sudo docker volume ls -q | grep -c '^{project}_pgdata$' || true")), "1");
+    // Both are inventory hosts: the inventory is left as it is, and the
+    // change to make is printed.
+    assert_eq!(std::fs::read_to_string(&inventory).unwrap(), inventory_text);
+    assert!(run.stdout.contains("stack now served by vm2"), "{}", run.stdout);
+
+    // 7. Back to vm1, with --decommission: vm2 ends with nothing of ours.
+    let t = Instant::now();
+    let run = tier.ctl(
+        &["migrate", "--from", "vm2", "--to", "vm1", "--expose", "--health-timeout", "600", "--decommission"],
+        &agent,
+    );
+    let run = run.expect_code(0);
+    step("migrate vm2 → vm1 --decommission", t);
+    assert_eq!(tier.http("vm1", "/cgi-bin/rows"), rows, "{}", run.stderr);
+    assert_eq!(tier.containers("vm2", &project), "");
+    assert_eq!(tier.on("vm2", &format!("sudo docker volume ls -q | grep -c '^{project}_' || true")), "0");
+    assert_eq!(tier.on("vm2", "test -e /usr/local/lib/mlops-agent/mlops-agent && echo yes || echo no"), "no");
+    assert_eq!(tier.on("vm2", "sudo systemctl cat mlops-agent.service >/dev/null 2>&1 && echo yes || echo no"), "no");
+
+    // 8. Uninstalled from vm1: the unit and the binary go, the stack runs on.
+    let run = tier.ctl_hosts(&["agent", "uninstall", "--limit", "vm1"], &agent);
+    run.expect_code(0);
+    assert_eq!(tier.on("vm1", "sudo systemctl cat mlops-agent.service >/dev/null 2>&1 && echo yes || echo no"), "no");
+    assert_eq!(tier.on("vm1", "pgrep -x mlops-agent >/dev/null && echo yes || echo no"), "no");
+    assert_eq!(tier.containers("vm1", &project), "app running\ndb running");
+    step("the whole VM tier", started);
+}
