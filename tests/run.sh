@@ -52,10 +52,13 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 # The VM tier (tests/tests/vm.rs): Vagrant with libvirt, QEMU, qemu-img
 # for the boxes it builds.
 command -v vagrant >/dev/null 2>&1 || missing+=(vagrant)
-[ -d /usr/share/rubygems-integration/all/gems ] && ls /usr/share/rubygems-integration/all/gems | grep -q '^vagrant-libvirt-' || missing+=(vagrant-libvirt)
+compgen -G '/usr/share/rubygems-integration/all/gems/vagrant-libvirt-*' >/dev/null || missing+=(vagrant-libvirt)
 command -v libvirtd >/dev/null 2>&1 || missing+=(libvirt-daemon-system)
 command -v virsh >/dev/null 2>&1 || missing+=(libvirt-clients)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+if ! command -v qemu-img >/dev/null 2>&1 && command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  missing+=(qemu-utils)
+fi
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   # qemu-utils from the release's own suite: a newer one (from backports)
   # declares that it breaks the release's qemu-system (seen on CI images).
@@ -66,7 +69,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends --allow-downgrades "${missing[@]}"
+  # --no-remove: never take a package away to make room for these.
+  apt-get install -y -q --no-install-recommends --allow-downgrades --no-remove "${missing[@]}"
 fi
 
 # This machine's own engine is needed only for the guard's sentinel (the
@@ -84,24 +88,9 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null 2>&1 || { echo "error: dockerd did not start; see /var/log/dockerd.log" >&2; tail -20 /var/log/dockerd.log >&2; exit 2; }
 fi
 
-# libvirtd for the VM tier, started here when none answers (no systemd as
-# PID 1 on CI machines) and stopped at the end; a running one is used as it
-# is (the tier makes a pool, networks and domains of its own, and removes them).
-started_libvirt=
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-  echo "starting libvirtd and virtlogd (for the VM tier; stopped at the end)"
-  virtlogd -d
-  libvirtd -d
-  started_libvirt=1
-  for _ in $(seq 1 40); do
-    virsh -c qemu:///system version >/dev/null 2>&1 && break
-    sleep 0.5
-  done
-  virsh -c qemu:///system version >/dev/null 2>&1 || { echo "error: libvirtd did not start" >&2; exit 2; }
-fi
-
 work=$(mktemp -d)
 sentinel="mlops-guard-$$"
+started_libvirt=
 cleanup() {
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work"
@@ -116,6 +105,21 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+# libvirtd for the VM tier, started here when none answers (no systemd as
+# PID 1 on CI machines) and stopped at the end; a running one is used as it
+# is (the tier makes a pool, networks and domains of its own, and removes them).
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  echo "starting libvirtd and virtlogd (for the VM tier; stopped at the end)"
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  libvirtd -d
+  started_libvirt=1
+  for _ in $(seq 1 40); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  virsh -c qemu:///system version >/dev/null 2>&1 || { echo "error: libvirtd did not start" >&2; exit 2; }
+fi
+
 tests/guard.sh sentinel-up "$sentinel"
 tests/guard.sh snapshot "$work/before"
 suite_started=$(date +%s.%N)

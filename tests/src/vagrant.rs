@@ -40,9 +40,13 @@ impl VmTier {
     /// Builds both boxes, adds them to the tier's own Vagrant home and
     /// brings both VMs up (in parallel: both boot at once).
     pub fn start(workspace: &Path) -> Result<VmTier> {
-        for (tool, package) in
-            [("vagrant", "vagrant vagrant-libvirt"), ("virsh", "libvirt-clients"), ("qemu-img", "qemu-utils")]
-        {
+        for (tool, package) in [
+            ("vagrant", "vagrant vagrant-libvirt"),
+            ("virsh", "libvirt-clients"),
+            ("qemu-img", "qemu-utils"),
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("debootstrap", "debootstrap"),
+        ] {
             ensure!(
                 Command::new("sh")
                     .args(["-c", &format!("command -v {tool}")])
@@ -61,7 +65,8 @@ impl VmTier {
                 String::from_utf8_lossy(&Command::new("ip").args(["-4", "route"]).output()?.stdout).into_owned();
             ensure!(!routes.contains(&format!("{net}.")), "{net}.0/24 is in use on this machine; the VM tier needs it");
         }
-        let dir = tempfile::Builder::new().prefix("mlops-vm-").tempdir()?;
+        // Under /var/tmp: boxes and disks take gigabytes, and /tmp may be RAM.
+        let dir = tempfile::Builder::new().prefix("mlops-vm-").tempdir_in("/var/tmp")?;
         // libvirt's QEMU runs as its own user: it must reach the box's
         // kernel and the pool's disks in here.
         set_mode(dir.path(), 0o755)?;
@@ -86,9 +91,17 @@ impl VmTier {
                     .spawn()
             })
             .collect::<Result<_, _>>()?;
-        for b in builds {
-            let out = b.wait_with_output()?;
-            ensure!(out.status.success(), "vagrant/build-box.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        // Every build is waited for before any failure is reported: none
+        // may run on in a directory that is being removed.
+        let outs: Vec<_> = builds.into_iter().map(|b| b.wait_with_output()).collect();
+        for (suite, out) in ["bookworm", "bullseye"].iter().zip(outs) {
+            let out = out?;
+            ensure!(
+                out.status.success(),
+                "vagrant/build-box.sh {suite} failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         tier.timings.push(("build both boxes".into(), t.elapsed().as_secs_f64()));
 
@@ -167,7 +180,8 @@ impl VmTier {
     /// [`VmTier::admit`]; much faster than `vagrant ssh`).
     pub fn ssh(&self, vm: &str, key: &Path, known_hosts: &Path, script: &str) -> Output {
         Command::new("ssh")
-            .args(["-i", &key.display().to_string()])
+            // Not root's own SSH configuration or agent keys.
+            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-i", &key.display().to_string()])
             .args(["-o", &format!("UserKnownHostsFile={}", known_hosts.display())])
             .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
             .arg(format!("vagrant@{}", self.address(vm)))

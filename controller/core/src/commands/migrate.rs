@@ -870,9 +870,9 @@ async fn sizes(
             let request = ExecRequest {
                 project: project.to_string(),
                 service,
-                command: vec!["du".into(), "-sk".into(), target],
+                command: vec!["du".into(), "-skx".into(), target],
                 timeout_seconds: 120,
-                purpose: "migrate".into(),
+                purpose: "migrate --dry-run (sizes)".into(),
                 ..Default::default()
             };
             if let Ok(reply) = conn.raw().exec(request).await {
@@ -920,13 +920,17 @@ fn dry_run_steps(
         transfer.push(format!("volume(s) {}", each.join(", ")));
     }
     let unknown = sizes.unknown();
-    let estimate = format!(
-        "{} to move: about {:.0} s at {:.0} MB/s (mlops-bench-migrate's rate; the stop timeouts, B's deploy, which may install Docker and ship images, and the health waits come on top){}",
-        megabytes(sizes.known()),
-        sizes.known() as f64 / ESTIMATE_BYTES_PER_SECOND,
-        ESTIMATE_BYTES_PER_SECOND / 1e6,
-        if unknown.is_empty() { String::new() } else { format!("; not counted: {}", unknown.join(", ")) }
-    );
+    let estimate = if sizes.known() == 0 && !unknown.is_empty() {
+        format!("none: no size could be read on {} ({})", a.name, unknown.join(", "))
+    } else {
+        format!(
+            "{} to move: about {:.0} s at {:.0} MB/s (mlops-bench-migrate's rate; the stop timeouts, B's deploy, which may install Docker and ship images, and the health waits come on top){}",
+            megabytes(sizes.known()),
+            sizes.known() as f64 / ESTIMATE_BYTES_PER_SECOND,
+            ESTIMATE_BYTES_PER_SECOND / 1e6,
+            if unknown.is_empty() { String::new() } else { format!("; not counted: {}", unknown.join(", ")) }
+        )
+    };
     let mut verify = vec![];
     if plan.database.is_some() {
         verify.push("row counts of every table and the stack's checks equal on both hosts".to_string());
