@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The guard around the test suite: what this machine's own Docker engine
-# and its own mlops agent hold must be exactly the same after the suite as
+# and its own mlops agent hold (and libvirt's domains, networks and pools,
+# which the VM tier uses) must be exactly the same after the suite as
 # before it. The tests run on test hosts with their own engines and agent
 # directories; a test that reached the machine's engine or agent (left a
 # container, removed a volume, restarted a service, wrote an agent file)
@@ -99,7 +100,7 @@ compare() {
   echo "error: the tests changed this machine's own Docker engine or agent:" >&2
   LC_ALL=C comm -23 "$before" "$after" | sed 's/^/  before only: /' >&2
   LC_ALL=C comm -13 "$before" "$after" | sed 's/^/  after only:  /' >&2
-  echo "  hint: a test must act only on its own test hosts (mlops_e2e::TestHost), never on this machine's engine or agent" >&2
+  echo "  hint: a test must act only on its own test hosts (mlops_e2e::TestHost), never on this machine's engine or agent; the VM tier removes every libvirt object it made (mlops_e2e::vagrant::VmTier)" >&2
   return 1
 }
 

@@ -91,13 +91,15 @@ fi
 work=$(mktemp -d)
 sentinel="mlops-guard-$$"
 started_libvirt=
+started_virtlogd=
 cleanup() {
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work"
-  if [ -n "$started_libvirt" ]; then
-    for daemon in libvirtd virtlogd; do
-      [ -f "/run/$daemon.pid" ] && kill "$(cat "/run/$daemon.pid")" 2>/dev/null || true
-    done
+  if [ -n "$started_libvirt" ] && [ -f /run/libvirtd.pid ]; then
+    kill "$(cat /run/libvirtd.pid)" 2>/dev/null || true
+  fi
+  if [ -n "$started_virtlogd" ] && [ -f /run/virtlogd.pid ]; then
+    kill "$(cat /run/virtlogd.pid)" 2>/dev/null || true
   fi
   if [ -n "$started_engine" ]; then
     kill "$started_engine" 2>/dev/null || true
@@ -110,7 +112,10 @@ trap cleanup EXIT
 # is (the tier makes a pool, networks and domains of its own, and removes them).
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   echo "starting libvirtd and virtlogd (for the VM tier; stopped at the end)"
-  pgrep -x virtlogd >/dev/null || virtlogd -d
+  if ! pgrep -x virtlogd >/dev/null; then
+    virtlogd -d
+    started_virtlogd=1
+  fi
   libvirtd -d
   started_libvirt=1
   for _ in $(seq 1 40); do
@@ -151,7 +156,7 @@ if [ -f "$vm_times" ] && [ "$(stat -c %Y "$vm_times")" -ge "${suite_started%.*}"
 fi
 echo "time: whole run: $(( $(date +%s) - started )) s"
 if [ "$guard" != 0 ]; then
-  echo "summary: the guard failed: the tests changed this machine's own engine or agent (see above)" >&2
+  echo "summary: the guard failed: the tests changed this machine's own engine, agent or libvirt objects (see above)" >&2
   exit 1
 fi
 exit "$status"

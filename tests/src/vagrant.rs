@@ -86,6 +86,7 @@ impl VmTier {
                 Command::new(workspace.join("vagrant/build-box.sh"))
                     .arg(suite)
                     .arg(tier.dir.path().join("boxes"))
+                    .arg(debian_mirror())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -226,6 +227,26 @@ impl Drop for VmTier {
         virsh(&["pool-destroy", &self.name]);
         virsh(&["pool-undefine", &self.name]);
     }
+}
+
+/// The Debian mirror this machine's apt uses (the first `URIs:` of its
+/// deb822 sources that is not a security mirror), for the boxes and the
+/// stack's image; Debian's own when none is found.
+pub fn debian_mirror() -> String {
+    let sources = std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sources"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect::<Vec<_>>();
+    sources
+        .iter()
+        .flat_map(|s| s.lines())
+        .filter_map(|l| l.strip_prefix("URIs:"))
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|u| !u.contains("security"))
+        .map_or_else(|| "http://deb.debian.org/debian".to_string(), |u| u.trim_end_matches('/').to_string())
 }
 
 fn virsh(args: &[&str]) -> Output {

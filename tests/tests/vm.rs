@@ -107,15 +107,7 @@ fn record(line: &str) {
 fn make_image(build: &TestHost) {
     let dir = tempfile::Builder::new().prefix("mlops-vmstack-").tempdir().unwrap();
     let root = dir.path().join("root");
-    let mirror = Command::new("sh")
-        .args([
-            "-c",
-            "grep -h '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -1",
-        ])
-        .output()
-        .unwrap();
-    let mirror = String::from_utf8_lossy(&mirror.stdout).trim().to_string();
-    let mirror = if mirror.is_empty() { "http://deb.debian.org/debian".to_string() } else { mirror };
+    let mirror = mlops_e2e::vagrant::debian_mirror();
     let out = Command::new("debootstrap")
         .args(["--variant=minbase", "--include=postgresql-15,busybox-static", "bookworm"])
         .arg(&root)

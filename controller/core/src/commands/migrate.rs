@@ -495,7 +495,7 @@ impl Run<'_> {
             ),
         );
         if self.opts.dry_run {
-            let sizes = sizes(&mut self.host_a.conn, &project, &model.stack, &plan, &running).await;
+            let sizes = sizes(&mut self.host_a.conn, &a.name, &project, &model.stack, &plan, &running).await;
             let steps = dry_run_steps(&a, &b, &project, &running, &plan, &sizes, self.opts);
             self.out.steps.extend(steps);
             return Ok(());
@@ -841,6 +841,7 @@ impl Sizes {
 
 async fn sizes(
     conn: &mut AgentConn,
+    host: &str,
     project: &str,
     model: &mlops_proto::stack::Stack,
     plan: &Plan,
@@ -850,7 +851,7 @@ async fn sizes(
     if let Some(d) = &plan.database {
         let q = "SELECT sum(pg_database_size(datname))::bigint FROM pg_catalog.pg_database";
         out.database = Some(if running.contains(&d.service) {
-            sql(conn, "", project, d, q).await.ok().and_then(|o| o.trim().parse().ok())
+            sql(conn, host, project, d, q).await.ok().and_then(|o| o.trim().parse().ok())
         } else {
             None
         });
