@@ -15,7 +15,10 @@
 # it was.
 #
 # Needs root: the end-to-end tests create network namespaces and mounts.
-# Extra arguments go to `cargo test` (e.g. `tests/run.sh -p mlops-e2e --test stack`).
+# Without arguments it runs everything, the VM tier (package tests/vm) in
+# the background beside the namespace tiers. Extra arguments select what
+# `cargo test` runs instead (e.g. `tests/run.sh -p mlops-e2e --test stack`,
+# or `tests/run.sh -p mlops-vm-tier` for the VM tier alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +52,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # here so that no test host installs a package on this machine.
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
-# The VM tier (tests/tests/vm.rs): Vagrant with libvirt, QEMU, qemu-img
+# The VM tier (tests/vm): Vagrant with libvirt, QEMU, qemu-img
 # for the boxes it builds.
 command -v vagrant >/dev/null 2>&1 || missing+=(vagrant)
 compgen -G '/usr/share/rubygems-integration/all/gems/vagrant-libvirt-*' >/dev/null || missing+=(vagrant-libvirt)
@@ -92,7 +95,11 @@ work=$(mktemp -d)
 sentinel="mlops-guard-$$"
 started_libvirt=
 started_virtlogd=
+vm_job=
 cleanup() {
+  # Interrupted while the VM tier runs in the background: stop it (its VMs
+  # are then left for the guard to name).
+  if [ -n "$vm_job" ]; then kill -- "-$vm_job" 2>/dev/null || true; fi
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work"
   if [ -n "$started_libvirt" ] && [ -f /run/libvirtd.pid ]; then
@@ -131,10 +138,37 @@ suite_started=$(date +%s.%N)
 phase "setup (packages, engine, guard)"
 
 set +e
-cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$work/log"
-status=${PIPESTATUS[0]}
+if [ $# -gt 0 ]; then
+  # A selection (e.g. `-p mlops-e2e --test stack`): run as asked.
+  cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$work/log"
+  status=${PIPESTATUS[0]}
+  phase "build and tests"
+else
+  # The whole suite. Everything is built first (every test binary, and the
+  # release agent the VM tier ships), so that the two runs below only run.
+  # The VM tier (its own package) runs in the background beside the
+  # namespace tiers: one after the other they would take over an hour.
+  # Its output is printed when both have ended.
+  { cargo test --workspace --locked --no-run && cargo agent-static --locked; } 2>&1 | tee "$work/log"
+  status=${PIPESTATUS[0]}
+  phase "build"
+  if [ "$status" = 0 ]; then
+    setsid cargo test -p mlops-vm-tier --locked --no-fail-fast >"$work/vm-log" 2>&1 < /dev/null &
+    vm_job=$!
+    cargo test --workspace --exclude mlops-vm-tier --locked --no-fail-fast 2>&1 | tee -a "$work/log"
+    status=${PIPESTATUS[0]}
+    phase "namespace tiers (the VM tier running beside them)"
+    wait "$vm_job"
+    vm_status=$?
+    vm_job=
+    echo "== the VM tier (tests/vm), run beside the namespace tiers:"
+    cat "$work/vm-log"
+    cat "$work/vm-log" >> "$work/log"
+    phase "the VM tier's remainder, after the namespace tiers ended"
+    [ "$status" != 0 ] || status=$vm_status
+  fi
+fi
 set -e
-phase "build and tests"
 
 guard=0
 tests/guard.sh snapshot "$work/after"

@@ -155,11 +155,13 @@ fn sh(script: &str) -> Result<Output> {
 fn ensure_network() -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
+        // -w: other test processes (the VM tier runs beside the others)
+        // and libvirt change the tables too.
         let script = r#"set -e
-iptables -t nat -C POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE 2>/dev/null \
-  || iptables -t nat -A POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE
-iptables -C FORWARD -s 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -s 10.213.0.0/16 -j ACCEPT
-iptables -C FORWARD -d 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -I FORWARD -d 10.213.0.0/16 -j ACCEPT
+iptables -w -t nat -C POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE 2>/dev/null \
+  || iptables -w -t nat -A POSTROUTING -s 10.213.0.0/16 ! -d 10.213.0.0/16 -j MASQUERADE
+iptables -w -C FORWARD -s 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -w -I FORWARD -s 10.213.0.0/16 -j ACCEPT
+iptables -w -C FORWARD -d 10.213.0.0/16 -j ACCEPT 2>/dev/null || iptables -w -I FORWARD -d 10.213.0.0/16 -j ACCEPT
 sysctl -qw net.ipv4.ip_forward=1
 "#;
         sh(script).map(drop).map_err(|e| e.to_string())
@@ -764,12 +766,56 @@ pub struct TestEnv {
     pub agent: PathBuf,
     /// The static exporter the platform stack injects.
     pub exporter: Option<PathBuf>,
+    /// How long one `mlopsctl` run may take before [`Self::ctl`] kills it
+    /// and fails (10 minutes unless a test that deploys the platform, or
+    /// works in VMs, gives itself more).
+    pub ctl_deadline: Duration,
 }
 
 /// A target for commands expected to fail before they reach any host:
 /// a loopback port where nothing listens, so that even if one went further
 /// it would reach nothing.
 pub const NO_HOST: &str = "root@127.0.0.1:1";
+
+/// Runs `cmd` to its end with its output captured, or kills it once
+/// `deadline` has passed: then its exit code is -1 and its stderr ends
+/// with a line that says so. A command that hangs fails its own test
+/// instead of holding the whole suite until CI's limit (CI once lost a run
+/// to a `status` that waited 80 minutes).
+pub fn output_within(cmd: &mut Command, deadline: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the command starts");
+    // Read both pipes while waiting: a child that fills one would block.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let started = Instant::now();
+    let (status, killed) = loop {
+        if let Some(status) = child.try_wait().expect("the command can be waited for") {
+            break (status, false);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            break (child.wait().expect("the killed command is reaped"), true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let mut stderr = stderr.join().unwrap_or_default();
+    if killed {
+        let line = format!("\n[the test harness killed this command after {} s: it hung]\n", deadline.as_secs());
+        stderr.extend_from_slice(line.as_bytes());
+    }
+    Output { status, stdout, stderr }
+}
 
 /// What a run of `mlopsctl` produced.
 #[derive(Debug)]
@@ -822,6 +868,7 @@ impl TestEnv {
             mlopsctl: mlopsctl.to_path_buf(),
             agent: agent.to_path_buf(),
             exporter: None,
+            ctl_deadline: Duration::from_secs(10 * 60),
         })
     }
 
@@ -868,7 +915,7 @@ impl TestEnv {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = cmd.output().expect("mlopsctl runs");
+        let out = output_within(&mut cmd, self.ctl_deadline);
         CtlRun {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

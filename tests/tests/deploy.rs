@@ -147,6 +147,33 @@ fn an_agent_that_died_is_restarted_on_deploy() {
 }
 
 #[test]
+fn a_frozen_agent_is_reported_not_waited_for() {
+    let mut env = TestEnv::new().unwrap();
+    let host = env.host("frozen").unwrap();
+    let spec = host.spec("root");
+    env.ctl_key(&["deploy", "--no-stack", "--host", &spec]).expect_code(0);
+    let pid = host.agent_pid().unwrap();
+    // Stopped, not dead: the kernel still accepts connections on its port,
+    // and nothing ever answers them. `status` must say so and end (bounded
+    // by the connect timeout and the first call's), never wait.
+    env.ctl_deadline = std::time::Duration::from_secs(120);
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on the agent process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let out = env.ctl_key(&["status", "--host", &spec, "--output", "json"]);
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let json = out.expect_code(1).json();
+    assert!(json["hosts"][0]["error"].as_str().unwrap().contains("does not answer"), "{json:#}");
+    env.ctl_key(&["status", "--host", &spec]).expect_code(0);
+}
+
+#[test]
 fn unknown_host_key_is_refused_unless_accepted() {
     let env = TestEnv::new().unwrap();
     let host = TestHost::start_on_port("unk", 2222).unwrap();

@@ -100,7 +100,9 @@ impl CommandLines {
 
 #[test]
 fn the_platform_comes_up_works_and_keeps_its_history() {
-    let env = TestEnv::new().unwrap();
+    let mut env = TestEnv::new().unwrap();
+    // Deploying the platform builds its images: more than the default deadline.
+    env.ctl_deadline = std::time::Duration::from_secs(40 * 60);
     let host = env.docker_host("platform").unwrap();
     let key = env.key.display().to_string();
     let spec = host.spec("root");

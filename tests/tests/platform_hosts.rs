@@ -40,7 +40,9 @@ fn inventory(env: &TestEnv, a: &TestHost, b: &TestHost, c: &TestHost) -> String 
 
 #[test]
 fn the_platform_spans_hosts_by_inventory_group() {
-    let env = TestEnv::new().unwrap();
+    let mut env = TestEnv::new().unwrap();
+    // Deploying the platform builds its images: more than the default deadline.
+    env.ctl_deadline = std::time::Duration::from_secs(40 * 60);
     let (a, b, c) =
         (env.docker_host("pl-a").unwrap(), env.docker_host("pl-b").unwrap(), env.docker_host("pl-c").unwrap());
     let inv = inventory(&env, &a, &b, &c);

@@ -178,7 +178,9 @@ fn over_ssh(stack: &TestStack, tag: &str) -> Result<()> {
     stack.write_compose(
         "name: \"{project}\"\nservices:\n  app:\n    build: ./img\n    command: [\"/bin/busybox\", \"sleep\", \"3600\"]\n",
     )?;
-    let env = TestEnv::with_binaries(&mlopsctl, &agent)?;
+    let mut env = TestEnv::with_binaries(&mlopsctl, &agent)?;
+    // Builds and ships images of several hundred MB.
+    env.ctl_deadline = std::time::Duration::from_secs(30 * 60);
     let (a, b) = (env.docker_host("bench-ssh-a")?, env.docker_host("bench-ssh-b")?);
     let (key, dir) = (env.key.display().to_string(), stack.path().display().to_string());
     let deploy = |hosts: &[&TestHost]| -> Result<serde_json::Value> {

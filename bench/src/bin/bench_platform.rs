@@ -35,6 +35,8 @@ fn main() -> Result<()> {
         }
     }
     let mut env = TestEnv::with_binaries(&ctl, &agent)?;
+    // A first deploy builds every image of the platform.
+    env.ctl_deadline = std::time::Duration::from_secs(60 * 60);
     env.exporter = Some(exporter);
     let host = env.docker_host("bench-platform")?;
     let (key, spec) = (env.key.display().to_string(), host.spec("root"));

@@ -22,6 +22,15 @@ use crate::ControllerError;
 use crate::state::cert_name;
 use crate::transport::SharedTransport;
 
+/// How long a call that a live agent answers at once (`Hello`,
+/// `GetFacts`) may take before the connection counts as broken.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// An idle connection is pinged this often...
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+/// ...and closed, failing its calls, when a ping is not answered in this
+/// time (generous: an agent in a VM under emulation can be slow).
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The client side of mTLS, built once per run and shared by all hosts.
 #[derive(Clone)]
 pub struct ClientTls {
@@ -192,6 +201,13 @@ impl AgentConn {
         // The URI only names the HTTP/2 authority; the connector decides where bytes go.
         let channel = Endpoint::from_static("http://mlops-agent")
             .connect_timeout(std::time::Duration::from_secs(10))
+            // A connection whose far end went away without a word (a lost
+            // EOF somewhere in SSH, TLS or HTTP/2; CI once saw `status`
+            // wait forever on an agent that had refused it) fails every
+            // call on it within a minute, however long the call may run.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             // A failure travels in the trailers: room for it (the agent caps
             // what it sends far below this).
             .http2_max_header_list_size(64 * 1024)
@@ -219,17 +235,37 @@ impl AgentConn {
         Ok(AgentConn { host, client: AgentClient::new(channel.clone()), channel, revoked: revoked_flag })
     }
 
+    /// The first call on a connection; answered at once by a live agent,
+    /// so it is bounded by [`ANSWER_TIMEOUT`].
     pub async fn hello(&mut self) -> Result<HelloResponse, ControllerError> {
         let req = HelloRequest { api_level: mlops_proto::API_LEVEL, controller_version: crate::VERSION.to_string() };
-        self.client.hello(req).await.map(tonic::Response::into_inner).map_err(|s| self.rpc("Hello", &s))
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, self.client.hello(req)).await;
+        self.bounded("Hello", answer)
     }
 
+    /// The host's facts; bounded like [`Self::hello`].
     pub async fn facts(&mut self) -> Result<HostFacts, ControllerError> {
-        self.client
-            .get_facts(GetFactsRequest {})
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.rpc("GetFacts", &s))
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, self.client.get_facts(GetFactsRequest {})).await;
+        self.bounded("GetFacts", answer)
+    }
+
+    fn bounded<T>(
+        &self,
+        call: &'static str,
+        answer: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
+    ) -> Result<T, ControllerError> {
+        match answer {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(self.rpc(call, &status)),
+            Err(_) if self.revoked.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(ControllerError::Revoked { host: self.host.clone() })
+            }
+            Err(_) => Err(ControllerError::Transport {
+                host: self.host.clone(),
+                call,
+                message: format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()),
+            }),
+        }
     }
 
     /// The host's name, for messages.

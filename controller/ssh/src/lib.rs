@@ -532,8 +532,12 @@ impl Session {
     }
 
     /// Ends the session politely.
+    /// Says goodbye to the server, for at most five seconds: a session
+    /// whose peer stopped reading must not hold the command up (the
+    /// connection goes with the process anyway).
     pub async fn close(&self) {
-        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+        let goodbye = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), goodbye).await;
     }
 
     pub fn is_closed(&self) -> bool {

@@ -228,7 +228,9 @@ fn a_stack_moves_between_real_vms_with_its_rows() {
     // joined and the tier it made dropped, which removes the VMs.)
     let (env, build, agent, vms) = std::thread::scope(|scope| {
         let vms = scope.spawn(|| VmTier::start(&b.workspace));
-        let env = TestEnv::new().unwrap();
+        let mut env = TestEnv::new().unwrap();
+        // Under emulation a deploy installs Docker with apt and ships images slowly.
+        env.ctl_deadline = std::time::Duration::from_secs(40 * 60);
         let build = env.docker_host("vmbuild").unwrap();
         let t = Instant::now();
         make_image(&build);
