@@ -460,16 +460,27 @@ impl Agent for AgentService {
     ) -> Result<Response<SyncUploadReply>, Status> {
         let mut chunks = request.into_inner();
         let mut reply = SyncUploadReply::default();
-        while let Some(chunk) = chunks.message().await? {
-            let store = self.sync.clone();
-            let len = chunk.data.len() as u64;
-            let done =
-                blocking(move || store.write_chunk(&chunk.sync_id, &chunk.sha256, chunk.offset, &chunk.data)).await?;
-            reply.bytes += len;
-            if done {
-                reply.blobs += 1;
+        let received = async {
+            while let Some(chunk) = chunks.message().await? {
+                let store = self.sync.clone();
+                let len = chunk.data.len() as u64;
+                let done =
+                    blocking(move || store.write_chunk(&chunk.sync_id, &chunk.sha256, chunk.offset, &chunk.data))
+                        .await?;
+                reply.bytes += len;
+                if done {
+                    reply.blobs += 1;
+                }
             }
+            Ok::<(), Status>(())
         }
+        .await;
+        // The blobs stored, flushed at once (also those of an upload cut
+        // short: a later sync keeps them).
+        let store = self.sync.clone();
+        let flushed = blocking(move || store.flush_blobs()).await;
+        received?;
+        flushed?;
         Ok(Response::new(reply))
     }
 

@@ -6,7 +6,8 @@
 //! moment. So nothing here resolves a path string afresh: every operation
 //! starts from an open directory handle and moves one component at a time.
 //!
-//! - Writing ([`ensure_dir`], [`write_file`], [`put_symlink`],
+//! - Writing ([`ensure_dir`], [`write_file`], [`put_symlink`], their halves
+//!   [`write_temp`], [`temp_symlink`] and [`replace`], and
 //!   [`remove_all_at`]) never follows a symlink: each component is opened
 //!   with `O_NOFOLLOW`, a symlink where a directory should be is replaced,
 //!   and a handle already open keeps pointing at the directory it opened even
@@ -344,6 +345,22 @@ pub fn fresh_dir(parent: &Path, prefix: &str) -> io::Result<PathBuf> {
 /// following a link) with `mode`, fsynced, then renamed over whatever was
 /// there (a directory there is removed first).
 pub fn write_file(dir: BorrowedFd<'_>, name: &OsStr, contents: &mut dyn Read, mode: u32) -> io::Result<()> {
+    let tmp = write_temp(dir, name, contents, mode, true)?;
+    replace(dir, &tmp, name)
+}
+
+/// The first half of [`write_file`]: `contents` in a fresh file with an
+/// unguessable name beside `name` (`O_EXCL`, never following a link), its
+/// name returned; fsynced only with `sync` (a caller writing many files
+/// flushes them all at once with `syncfs` before it renames them into
+/// place with [`replace`]).
+pub fn write_temp(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    contents: &mut dyn Read,
+    mode: u32,
+    sync: bool,
+) -> io::Result<OsString> {
     let tmp = temp_name(name);
     let fd = rustix::fs::openat(
         dir,
@@ -356,22 +373,32 @@ pub fn write_file(dir: BorrowedFd<'_>, name: &OsStr, contents: &mut dyn Read, mo
     let written = io::copy(contents, &mut file)
         .and_then(|_| file.flush())
         .and_then(|()| normalise(file.as_fd(), mode))
-        .and_then(|()| file.sync_all());
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) });
     if let Err(e) = written {
         let _ = rustix::fs::unlinkat(dir, tmp.as_os_str(), AtFlags::empty());
         return Err(e);
     }
-    replace(dir, &tmp, name)
+    Ok(tmp)
 }
 
 /// Makes `name` in `dir` a symlink to `target` (by rename, so atomically).
 pub fn put_symlink(dir: BorrowedFd<'_>, name: &OsStr, target: &str) -> io::Result<()> {
-    let tmp = temp_name(name);
-    rustix::fs::symlinkat(target, dir, tmp.as_os_str()).map_err(errno)?;
+    let tmp = temp_symlink(dir, name, target)?;
     replace(dir, &tmp, name)
 }
 
-fn replace(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
+/// The first half of [`put_symlink`]: the link under an unguessable name
+/// beside `name`, returned.
+pub fn temp_symlink(dir: BorrowedFd<'_>, name: &OsStr, target: &str) -> io::Result<OsString> {
+    let tmp = temp_name(name);
+    rustix::fs::symlinkat(target, dir, tmp.as_os_str()).map_err(errno)?;
+    Ok(tmp)
+}
+
+/// Renames `tmp` (made by [`write_temp`] or [`temp_symlink`]) over `name`
+/// in `dir` (a directory there is removed first); `tmp` is removed when
+/// the rename fails.
+pub fn replace(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
     if kind_at(dir, name)? == Some(FileType::Directory) {
         remove_all_at(dir, name)?;
     }

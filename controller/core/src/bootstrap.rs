@@ -209,6 +209,8 @@ pub struct DeployOutcome {
     pub stack: Option<StackOutcome>,
     pub connect_ms: u64,
     pub total_ms: u64,
+    /// Where the time went, step by step.
+    pub timings: crate::stack::HostTimings,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -289,6 +291,8 @@ pub struct Prepared {
     pub conn: AgentConn,
     started: Instant,
     connect_ms: u64,
+    /// The connection's steps so far; a deploy adds its own.
+    pub timings: crate::stack::HostTimings,
     uploaded: bool,
     installed: Option<String>,
     hello: HelloResponse,
@@ -307,10 +311,16 @@ pub async fn prepare_host(
     let transport: SharedTransport = Arc::new(open_transport(target, ctx).await?);
     let connect_ms = started.elapsed().as_millis() as u64;
     progress.step(Step::Connected);
+    let checking = Instant::now();
     match ensure_agent(target, ctx, bundle, progress, transport.clone()).await {
         Ok((uploaded, installed, hello, facts, conn)) => {
             progress.step(Step::Ready { agent_version: hello.agent_version.clone() });
-            Ok(Prepared { transport, conn, started, connect_ms, uploaded, installed, hello, facts })
+            let timings = crate::stack::HostTimings {
+                ssh_ms: connect_ms,
+                agent_ms: checking.elapsed().as_millis() as u64,
+                ..Default::default()
+            };
+            Ok(Prepared { transport, conn, started, connect_ms, timings, uploaded, installed, hello, facts })
         }
         Err(e) => {
             transport.close().await;
@@ -361,6 +371,9 @@ impl Prepared {
             None => self.close().await,
         }
         let stack = stack?;
+        let mut timings = stack.as_ref().map(|s| s.timings).unwrap_or_default();
+        (timings.ssh_ms, timings.agent_ms, timings.secrets_ms) =
+            (self.timings.ssh_ms, self.timings.agent_ms, self.timings.secrets_ms);
         Ok(DeployOutcome {
             host: target.name.clone(),
             address: target.display_address(),
@@ -371,6 +384,7 @@ impl Prepared {
             stack,
             connect_ms: self.connect_ms,
             total_ms: self.started.elapsed().as_millis() as u64,
+            timings,
         })
     }
 

@@ -83,6 +83,36 @@ pub fn holder() -> String {
     format!("mlopsctl {user}@{host} pid {}", std::process::id())
 }
 
+/// Where a host's deploy spent its time, in milliseconds per step (the
+/// profile `mlops-bench-ansible --phases` prints). Steps a deploy did not
+/// take stay 0.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct HostTimings {
+    /// SSH connect, key exchange and authentication.
+    pub ssh_ms: u64,
+    /// The agent checked (and uploaded, installed, restarted when needed),
+    /// through to its TLS `Hello` and facts.
+    pub agent_ms: u64,
+    /// The project's secrets the host lacked, stored on it.
+    pub secrets_ms: u64,
+    /// `EnsureDocker`.
+    pub docker_ms: u64,
+    /// `SyncBegin`: the manifest sent, the missing blobs answered.
+    pub manifest_ms: u64,
+    /// `SyncUpload`: the missing blobs sent.
+    pub upload_ms: u64,
+    /// `SyncCommit`: the staged tree swapped in.
+    pub commit_ms: u64,
+    /// `ImagePlan`, and images fetched from other hosts.
+    pub images_ms: u64,
+    /// `Converge`: the agent's Docker work (builds, containers, health).
+    pub converge_ms: u64,
+}
+
+fn ms_since(t: std::time::Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SyncOutcome {
     pub files: usize,
@@ -92,6 +122,9 @@ pub struct SyncOutcome {
     pub removed: u32,
     pub unchanged: u32,
     pub path: String,
+    /// `SyncBegin`, `SyncUpload` and `SyncCommit`.
+    #[serde(skip)]
+    pub took_ms: [u64; 3],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,14 +166,20 @@ pub struct StackOutcome {
     /// several hosts; empty otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<crate::images::ImageOutcome>,
+    /// The staging and converge steps on this host (the connection's
+    /// steps are 0 here; the deploy's outcome fills them in).
+    pub timings: HostTimings,
 }
 
 /// Syncs `tree` into agent tree `root`, sending only what the agent lacks.
 pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Result<SyncOutcome, ControllerError> {
     let host = conn.host().to_string();
     let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
+    let started = std::time::Instant::now();
     let plan = conn.raw().sync_begin(tree.manifest(root)).await.map_err(|s| rpc("SyncBegin", s))?.into_inner();
     let mut out = SyncOutcome { files: tree.entries.iter().filter(|e| !e.is_dir).count(), ..Default::default() };
+    out.took_ms[0] = ms_since(started);
+    let started = std::time::Instant::now();
     if !plan.missing.is_empty() {
         let chunks = tree.chunks(plan.sync_id.clone(), plan.missing.clone());
         let reply = conn
@@ -152,6 +191,8 @@ pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Re
         out.uploaded_blobs = reply.blobs;
         out.uploaded_bytes = reply.bytes;
     }
+    out.took_ms[1] = ms_since(started);
+    let started = std::time::Instant::now();
     let report = conn
         .raw()
         .sync_commit(SyncCommitRequest { sync_id: plan.sync_id })
@@ -162,6 +203,7 @@ pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Re
     out.removed = report.removed;
     out.unchanged = report.unchanged;
     out.path = report.path;
+    out.took_ms[2] = ms_since(started);
     Ok(out)
 }
 
@@ -173,6 +215,8 @@ pub struct Staged {
     pub sync: SyncOutcome,
     /// `ImagePlan`'s answer, when the deploy shares images between hosts.
     pub images: Vec<mlops_proto::v1::ImageState>,
+    /// Docker, the files and the image plan (the other steps are 0).
+    pub timings: HostTimings,
 }
 
 /// Docker, then the files; then, when the deploy ships images between
@@ -181,6 +225,8 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
     let host = conn.host().to_string();
     let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
 
+    let mut timings = HostTimings::default();
+    let started = std::time::Instant::now();
     let mut docker_version = String::new();
     if !plan.sync_only {
         let mut stream = conn
@@ -203,13 +249,16 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
         }
     }
 
+    timings.docker_ms = ms_since(started);
     let sync = sync(conn, &plan.staged_root(), &plan.tree).await?;
+    [timings.manifest_ms, timings.upload_ms, timings.commit_ms] = sync.took_ms;
     progress.step(Step::Synced {
         files: sync.files,
         written: sync.written,
         removed: sync.removed,
         bytes: sync.uploaded_bytes,
     });
+    let started = std::time::Instant::now();
     let images = match (plan.images, plan.local_images) {
         _ if plan.sync_only => Vec::new(),
         (true, _) => crate::images::plan(conn, plan).await?,
@@ -218,7 +267,8 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
         (false, true) => crate::images::plan(conn, plan).await?.into_iter().filter(crate::images::pulled).collect(),
         (false, false) => Vec::new(),
     };
-    Ok(Staged { docker_version, sync, images })
+    timings.images_ms = ms_since(started);
+    Ok(Staged { docker_version, sync, images, timings })
 }
 
 /// The stack on a staged host: its images from the hosts that have them
@@ -242,12 +292,17 @@ pub async fn converge(
             services: Vec::new(),
             changed: 0,
             images: Vec::new(),
+            timings: staged.timings,
         });
     }
+    let mut timings = staged.timings;
+    let started = std::time::Instant::now();
     let images = match sources {
         Some(sources) => crate::images::fetch(conn, &staged.images, sources, progress).await?,
         None => Vec::new(),
     };
+    timings.images_ms += ms_since(started);
+    let started = std::time::Instant::now();
 
     let request = mlops_proto::v1::ConvergeRequest {
         stack_json: plan.stack_json_for(&host),
@@ -263,6 +318,7 @@ pub async fn converge(
     };
     let stream = conn.raw().converge(request).await.map_err(|s| rpc("Converge", s))?.into_inner();
     let done = follow(&host, "Converge", stream, progress).await?;
+    timings.converge_ms = ms_since(started);
     let services: Vec<ServiceOutcome> = done.services.into_iter().map(ServiceOutcome::from).collect();
     let changed = services.iter().filter(|s| s.changed).count();
     Ok(StackOutcome {
@@ -273,6 +329,7 @@ pub async fn converge(
         changed,
         summary: done.detail,
         images,
+        timings,
     })
 }
 

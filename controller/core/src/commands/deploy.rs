@@ -42,8 +42,9 @@ pub struct DeployOptions {
 pub struct DeployReport {
     pub hosts: HostResults<DeployOutcome>,
     pub stack: Option<Stack>,
-    /// How long each phase took, in order (`agents`, `secrets`, then per
-    /// batch `stage`, `images`, `converge`).
+    /// How long each phase took, in order (`load`: the stack read and its
+    /// files hashed; `agents`, `secrets`, then per batch `stage`, `images`,
+    /// `converge`).
     pub phases: Vec<Phase>,
 }
 
@@ -90,6 +91,7 @@ pub async fn deploy_with(
     sources: ImageSources,
 ) -> Result<DeployReport, ControllerError> {
     let seeded = !sources.available().is_empty();
+    let mut clock = Clock::new();
     // Certificates are issued before the fan-out: the CA directory is
     // written by one task only.
     let bundles = Bundle::for_targets(&setup.state, &setup.targets)?;
@@ -133,6 +135,9 @@ pub async fn deploy_with(
             .unwrap_or_default(),
         setup.targets.len()
     ));
+    if loaded.is_some() {
+        clock.lap("load");
+    }
 
     let deploy_id = crate::rollout::deploy_id();
     if loaded.is_some() {
@@ -151,7 +156,6 @@ pub async fn deploy_with(
         ));
     }
 
-    let mut clock = Clock::new();
     // 1. Every agent up to date, and what each host holds of the project's
     //    secrets; connections stay open.
     let bundles = Arc::new(bundles);
@@ -343,7 +347,10 @@ async fn roll_batch(
             let plan = staging.clone();
             async move {
                 let Some((plan, secrets)) = plan.as_ref() else { return Ok((host, None)) };
-                let staged = match crate::secrets::complete_on(&mut host.conn, &plan.project, &held, secrets).await {
+                let started = std::time::Instant::now();
+                let completed = crate::secrets::complete_on(&mut host.conn, &plan.project, &held, secrets).await;
+                host.timings.secrets_ms = started.elapsed().as_millis() as u64;
+                let staged = match completed {
                     Ok(()) => host.stage(&target, &ctx, plan, &progress).await,
                     Err(e) => Err(e),
                 };
