@@ -52,6 +52,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # here so that no test host installs a package on this machine.
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
+# The bench crate (built by `cargo test --workspace`) draws its report's
+# plots with plotters, which links fontconfig and needs one TrueType font.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists fontconfig 2>/dev/null || missing+=(libfontconfig1-dev)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 # The VM tier (tests/vm): Vagrant with libvirt, QEMU, qemu-img
 # for the boxes it builds.
 command -v vagrant >/dev/null 2>&1 || missing+=(vagrant)
