@@ -2,8 +2,10 @@
 # Runs the whole test suite on a Debian machine: installs what the tests
 # drive for real (OpenSSH's sshd, sudo, iproute2 for network namespaces,
 # docker.io for the test hosts' own engines, busybox-static for test
-# images, curl, debootstrap; Vagrant, vagrant-libvirt, libvirt and QEMU for
-# the VM tier), then `cargo test --workspace`, inside a guard.
+# images, curl, debootstrap, python3-venv for the inventory tests'
+# ansible-core, fontconfig for the bench crate's plots; Vagrant,
+# vagrant-libvirt, libvirt and QEMU for the VM tier), then
+# `cargo test --workspace`, inside a guard.
 #
 # The guard: the tests act only on test hosts of their own (network and
 # mount namespaces, each with its own sshd, agent directories and dockerd).
@@ -57,6 +59,10 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists fontconfig 2>/dev/null || missing+=(libfontconfig1-dev)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# The inventory tests compare mlopsctl with ansible-inventory, installed
+# from PyPI into a virtualenv of their own.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 # The VM tier (tests/vm): Vagrant with libvirt, QEMU, qemu-img
 # for the boxes it builds.
 command -v vagrant >/dev/null 2>&1 || missing+=(vagrant)

@@ -238,6 +238,7 @@ pub fn targets() -> Vec<Target> {
     vec![
         Target { name: "compose", seeds: compose_seeds(), run: compose },
         Target { name: "inventory", seeds: inventory_seeds(), run: inventory },
+        Target { name: "inventory (INI)", seeds: vec![INI_INVENTORY.to_string()], run: inventory_ini },
         Target { name: "ssh_config", seeds: vec![SSH_CONFIG.to_string()], run: ssh_config },
         Target { name: "known_hosts", seeds: vec![KNOWN_HOSTS.to_string()], run: known_hosts },
         Target { name: "sync manifest", seeds: vec![MANIFEST.to_string()], run: manifest },
@@ -258,6 +259,8 @@ fn inventory_seeds() -> Vec<String> {
         "all:\n  vars: {ansible_user: root}\n  children:\n    web:\n      hosts:\n        web[01:03].example: {ansible_port: 2222}\n    db:\n      hosts: {db1: {ansible_host: 10.0.0.1}}\n      children: {web: {}}\n".to_string(),
     ]
 }
+
+const INI_INVENTORY: &str = "bastion ansible_host=192.0.2.1\n[web]\nweb[01:03]:2222 a=1 b='x y' c=[1,{'k':None}] # c\n\n[web:vars]\nretries=3\nflag=True\n; note\n[all:children]\nweb\n[db:children]\nweb\n[db]\n";
 
 const SSH_CONFIG: &str = "Host web*\n  HostName 10.0.0.%h\n  User deploy\n  Port 2222\n  IdentityFile ~/.ssh/id_web\n\nHost *\n  User root\n  IdentityFile ~/.ssh/id_ed25519\nMatch host x\n  User y\n";
 
@@ -290,8 +293,18 @@ fn compose(text: &str) -> Outcome {
 }
 
 fn inventory(text: &str) -> Outcome {
+    inventory_as(text, "inventory.yml")
+}
+
+/// A file without a known extension: YAML when it is a YAML mapping, else
+/// INI (most of what the fuzzer makes goes the INI way).
+fn inventory_ini(text: &str) -> Outcome {
+    inventory_as(text, "hosts")
+}
+
+fn inventory_as(text: &str, name: &str) -> Outcome {
     use mlops_inventory::InventoryError as E;
-    match mlops_inventory::inventory::Inventory::parse(text, Path::new("inventory.yml")) {
+    match mlops_inventory::inventory::Inventory::parse(text, Path::new(name)) {
         Ok(inv) => {
             // What the commands do next with an inventory.
             let _ = mlops_inventory::pattern::select(&inv, "all:!web:&db");
@@ -305,7 +318,7 @@ fn inventory(text: &str) -> Outcome {
                 E::Yaml { message, .. } => message.contains("line"),
                 // Names the groups that form it.
                 E::Cycle { cycle, .. } => !cycle.is_empty(),
-                E::Read { .. } | E::Limit { .. } | E::HostSpec { .. } => false,
+                E::Read { .. } | E::Limit { .. } | E::HostSpec { .. } | E::Script { .. } | E::Source { .. } => false,
             };
             if placed { Outcome::Refused } else { Outcome::Unplaced(e.to_string()) }
         }

@@ -127,3 +127,56 @@ fn deploy_without_hosts_targets_this_machine() {
     let status: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(status["hosts"][0]["agent"]["pid"], host.agent_pid().unwrap());
 }
+
+/// `mlopsctl config` prints the platform as it will run, secrets masked,
+/// and what it prints is a Compose file that `config` reads back into the
+/// same thing; `--services` names what runs; a bad file is the positioned
+/// error a deploy would give, without reaching any host.
+#[test]
+fn config_prints_a_compose_file_that_reads_back_the_same() {
+    let env = TestEnv::new().unwrap();
+    let first = env.ctl(&["config", "--skip", "grafana", "--host", NO_HOST]).expect_code(0).stdout;
+    assert!(first.contains("airflow-scheduler:"), "{first}");
+    assert!(first.contains("********"), "secrets are masked: {first}");
+    let again_dir = env.dir.path().join("again");
+    std::fs::create_dir_all(&again_dir).unwrap();
+    std::fs::write(again_dir.join("compose.yaml"), &first).unwrap();
+    let second = env.ctl(&["config", "--stack", again_dir.to_str().unwrap(), "--host", NO_HOST]).expect_code(0).stdout;
+    assert_eq!(first, second, "the printed file means what was read");
+
+    let json = env.ctl(&["config", "--output", "json", "--host", NO_HOST]).expect_code(0).stdout;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(json["services"]["grafana"].is_object(), "--skip applies only when given");
+    let names = env.ctl(&["config", "--services", "--skip", "grafana", "--host", NO_HOST]).expect_code(0).stdout;
+    assert!(names.lines().any(|l| l == "postgres") && !names.lines().any(|l| l == "grafana"), "{names}");
+
+    let bad = env.write("bad.yaml", "services:\n  web:\n    image: x\n    ports: [\"80:99999\"]\n").unwrap();
+    let out = env.ctl(&["config", "--stack", bad.to_str().unwrap(), "--host", NO_HOST]).expect_code(2);
+    assert_eq!(
+        normalize(&env, &out.stderr),
+        "error: $TMP/bad.yaml:4:13: port `80:99999`: `99999` is not a port number\n"
+    );
+}
+
+/// Completion scripts that their shell reads without error, and a man page
+/// per command, from the same definitions as the command line itself.
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    let env = TestEnv::new().unwrap();
+    for (shell, check) in [("bash", "bash"), ("zsh", ""), ("fish", "")] {
+        let script = env.ctl(&["completions", shell, "--host", NO_HOST]).expect_code(0).stdout;
+        assert!(script.contains("migrate") && script.contains("inventory"), "{shell}: {script}");
+        if !check.is_empty() {
+            let path = env.write(&format!("completion.{shell}"), &script).unwrap();
+            let status = std::process::Command::new(check).arg("-n").arg(&path).status().unwrap();
+            assert!(status.success(), "{check} -n rejects the {shell} completion script");
+        }
+    }
+    let dir = env.dir.path().join("man1");
+    let out = env.ctl(&["man", "--out", dir.to_str().unwrap(), "--host", NO_HOST]).expect_code(0).stdout;
+    assert!(out.contains("man pages written to"), "{out}");
+    let page = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.1"))).unwrap_or_default();
+    assert!(page("mlopsctl").contains(".TH mlopsctl 1"), "{}", page("mlopsctl"));
+    assert!(page("mlopsctl-deploy").contains("health"), "{}", page("mlopsctl-deploy"));
+    assert!(page("mlopsctl-operator-add").contains(".TH mlopsctl-operator-add 1"), "{}", page("mlopsctl-operator-add"));
+}

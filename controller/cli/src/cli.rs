@@ -25,7 +25,7 @@ pub struct Global {
     /// A host to act on, as [USER@]HOST[:PORT] (repeatable). `local` means this machine.
     #[arg(long = "host", value_name = "USER@HOST[:PORT]", global = true)]
     pub hosts: Vec<String>,
-    /// An Ansible YAML inventory.
+    /// An Ansible inventory: YAML, INI, `ansible-inventory --list` JSON, a script, or a directory of them.
     #[arg(short = 'i', long, value_name = "FILE", global = true)]
     pub inventory: Option<PathBuf>,
     /// Only inventory hosts matching this pattern (names, groups, `*` globs, `!x`, `&x`).
@@ -129,6 +129,14 @@ pub enum Command {
         #[command(flatten)]
         rollout: RolloutArgs,
     },
+    /// Print the stack as mlopsctl will run it, like `docker compose config`: interpolated, anchors and merges expanded, env_file merged, profiles and --skip applied, secrets masked; Compose YAML (JSON with --output json) that reads back into the same model. Contacts no host; a bad Compose file is the positioned error (exit 2) a deploy would give.
+    Config {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Only the names of the services that would run, one per line.
+        #[arg(long)]
+        services: bool,
+    },
     /// Ask each host's agent how it is (and the stack's services, with --stack or --project).
     Status {
         #[command(flatten)]
@@ -207,6 +215,19 @@ pub enum Command {
     State {
         #[command(subcommand)]
         command: StateCommand,
+    },
+    /// Print the inventory (-i, with --limit) as mlopsctl reads it, in the JSON `ansible-inventory --list` prints: any form Ansible reads (YAML, INI, --list JSON, a script, a directory), group_vars/ and host_vars/ applied; each host's connection variables checked as a deploy checks them.
+    Inventory,
+    /// Print a shell completion script, e.g. `mlopsctl completions bash > /etc/bash_completion.d/mlopsctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mlopsctl(1) and one per command, mlopsctl-deploy(1) and so on) into DIR.
+    Man {
+        /// Where to write them, e.g. /usr/local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// The revisions each host keeps of the stack, and what was done to it, when, and by which operator.
     History {
@@ -440,6 +461,10 @@ mod tests {
             "secrets rotate POSTGRES_PASSWORD --project p",
             "ui airflow --port 1",
             "status",
+            "config --services --profile debug --skip x",
+            "inventory --limit web",
+            "completions zsh",
+            "man --out d",
             "sync",
             "down --volumes",
             "watch",

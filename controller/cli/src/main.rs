@@ -100,6 +100,39 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             let to = operator::seal_to(&seal.recipient, seal.passphrase_file.as_deref())?;
             return Ok(printer.state_moved("exported", &commands::state::export(&state, &to, out)?));
         }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "mlopsctl", &mut out);
+            printer.stdout(&String::from_utf8_lossy(&out));
+            return Ok(0);
+        }
+        Command::Man { out } => {
+            let written = man_pages(out)?;
+            printer.stdout(&format!("{written} man pages written to {}", out.display()));
+            return Ok(0);
+        }
+        Command::Inventory => {
+            let Some(path) = cli.global.inventory.as_deref() else {
+                return Err(ControllerError::usage(
+                    "`mlopsctl inventory` prints an inventory, but no --inventory was given",
+                    Some("add -i FILE (a YAML, INI or JSON inventory, a script or a directory)"),
+                ));
+            };
+            if !cli.global.hosts.is_empty() {
+                return Err(ControllerError::usage(
+                    "`mlopsctl inventory` prints the inventory; --host names hosts outside it",
+                    Some("drop --host (use --limit to select hosts of the inventory)"),
+                ));
+            }
+            let ssh_config_path = cli
+                .global
+                .ssh_config
+                .clone()
+                .unwrap_or_else(|| mlops_inventory::ssh_config::home_dir().join(".ssh/config"));
+            let ssh_config = mlops_inventory::SshConfig::load(&ssh_config_path);
+            printer.json(&mlops_inventory::list_json(path, cli.global.limit.as_deref(), &ssh_config)?);
+            return Ok(0);
+        }
         _ => {}
     }
     let needs_binary = matches!(
@@ -173,6 +206,18 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
             };
             let p = printer.clone();
             commands::ui::ui(&setup, &stack.into(), &name, port, report.as_ref(), |o| p.ui_opened(o), shutdown).await?;
+            0
+        }
+        Command::Config { stack, services } => {
+            let resolved = commands::config::config(&setup, &stack.into(), report.as_ref())?;
+            if services {
+                let names: Vec<&str> = resolved.stack.services.keys().map(String::as_str).collect();
+                printer.stdout(&names.join("\n"));
+            } else if cli.global.output == cli::Output::Json {
+                printer.json(&resolved.document);
+            } else {
+                printer.stdout(&mlops_compose::emit::to_yaml(&resolved.document));
+            }
             0
         }
         Command::Status { stack } => printer.status(&commands::status::status(&setup, &stack.into(), report).await?),
@@ -257,6 +302,45 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                 Err(e) => printer.migrate_failed(&e),
             }
         }
-        Command::Operator { .. } | Command::State { .. } => unreachable!("handled before the hosts are resolved"),
+        Command::Operator { .. }
+        | Command::State { .. }
+        | Command::Inventory
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
+            unreachable!("handled before the hosts are resolved")
+        }
     })
+}
+
+/// Writes mlopsctl(1) and a page per command (`mlopsctl-deploy(1)`, and
+/// `mlopsctl-operator-add(1)` for nested ones) into `dir`, each through a
+/// temporary file renamed into place; returns how many.
+fn man_pages(dir: &std::path::Path) -> Result<usize, ControllerError> {
+    fn write(dir: &std::path::Path, cmd: &clap::Command, name: &str, count: &mut usize) -> Result<(), ControllerError> {
+        let cmd = cmd.clone().name(name.to_string());
+        let mut page = Vec::new();
+        let io = |e: std::io::Error| {
+            ControllerError::Local(format!("cannot write the man page of {name} in {}: {e}", dir.display()))
+        };
+        clap_mangen::Man::new(cmd.clone()).render(&mut page).map_err(io)?;
+        let path = dir.join(format!("{name}.1"));
+        let tmp = dir.join(format!(".{name}.1.tmp"));
+        std::fs::write(&tmp, &page).and_then(|()| std::fs::rename(&tmp, &path)).map_err(io)?;
+        *count += 1;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            write(dir, sub, &format!("{name}-{}", sub.get_name()), count)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        ControllerError::usage(
+            format!("cannot create `{}`: {e}", dir.display()),
+            Some("--out names a directory to write the pages into"),
+        )
+    })?;
+    let mut count = 0;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    write(dir, &cmd, "mlopsctl", &mut count)?;
+    Ok(count)
 }

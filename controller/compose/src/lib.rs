@@ -17,6 +17,7 @@ use mlops_proto::stack::{
 };
 use mlops_yaml::{Node, Value};
 
+pub mod emit;
 pub mod interpolate;
 
 /// Names tried, in order, when a directory is given.
@@ -1381,8 +1382,10 @@ impl Parser<'_> {
                                         "cpus" => {
                                             limits.cpus = Some(
                                                 self.string(lv, "cpus")?
-                                                    .parse()
-                                                    .map_err(|_| self.err(lv, "cpus must be a number"))?,
+                                                    .parse::<f64>()
+                                                    .ok()
+                                                    .filter(|c| c.is_finite() && *c > 0.0)
+                                                    .ok_or_else(|| self.err(lv, "cpus must be a positive number"))?,
                                             );
                                         }
                                         "memory" => {

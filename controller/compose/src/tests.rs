@@ -386,3 +386,112 @@ fn placement_names_services_once_each() {
         assert!(e.contains("compose.yaml:"), "positioned: {e}");
     }
 }
+
+/// `emit` then `parse` gives the model back: the text `mlopsctl config`
+/// prints is a Compose file that means what was read.
+fn round_trips(text: &str, dir: &Path, profiles: &[&str]) -> Stack {
+    let (_, secrets) = preflight_text(text);
+    let env: BTreeMap<String, String> = secrets.into_iter().map(|n| (n.clone(), format!("v$lue-of-{n}"))).collect();
+    let opts = LoadOptions { profiles: profiles.iter().map(|p| p.to_string()).collect(), ..Default::default() };
+    let first = parse(text, Path::new("compose.yaml"), dir, &env, &opts).unwrap().stack;
+    let yaml = emit::to_yaml(&emit::to_compose(&first));
+    let again = parse(&yaml, Path::new("config.yaml"), dir, &env, &opts)
+        .unwrap_or_else(|e| panic!("the emitted file does not parse: {e}\n{yaml}"))
+        .stack;
+    assert_eq!(first, again, "emitted:\n{yaml}");
+    // And once more: the canonical spelling is a fixed point.
+    assert_eq!(yaml, emit::to_yaml(&emit::to_compose(&again)));
+    first
+}
+
+/// The `x-mlops.secrets` names of Compose text (what `preflight` reads
+/// from a file).
+fn preflight_text(text: &str) -> (String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("compose.yaml");
+    std::fs::write(&path, text).unwrap();
+    preflight(&path, Some("p")).unwrap()
+}
+
+#[test]
+fn the_platform_round_trips_through_its_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../platform");
+    let text = std::fs::read_to_string(dir.join("compose.yaml")).unwrap();
+    let stack = round_trips(&text, &dir, &[]);
+    assert!(stack.services.len() > 10, "the whole platform: {:?}", stack.services.keys());
+    assert!(!stack.options.secrets.is_empty());
+}
+
+#[test]
+fn what_airflow_s_style_of_compose_file_uses_round_trips() {
+    // The features Airflow's published docker-compose.yaml leans on:
+    // an anchored common block merged into services and extended,
+    // `$$` escapes, defaults in interpolation, a multi-line script as a
+    // command, profiles, conditions, and a healthcheck of each form.
+    let text = r#"
+x-common: &common
+  image: ${IMAGE:-apache/airflow:3.0.0}
+  environment: &env
+    AIRFLOW__CORE__EXECUTOR: CeleryExecutor
+    AIRFLOW__CORE__FERNET_KEY: ''
+    LOAD_EXAMPLES: 'true'
+    PORT: "8080"
+    RATIO: "1.0"
+  volumes:
+    - ${PROJ_DIR:-.}/dags:/opt/airflow/dags
+    - ./logs:/opt/airflow/logs:ro
+  user: "${UID:-50000}:0"
+  depends_on: &deps
+    redis: {condition: service_healthy}
+services:
+  redis:
+    image: redis:7.2-bookworm
+    expose: [6379]
+    healthcheck:
+      test: ["CMD", "redis-cli", "ping"]
+      interval: 10s
+      timeout: 30s
+      retries: 50
+      start_period: 1m30s
+    restart: always
+  api:
+    <<: *common
+    command: api-server --port 8080
+    ports: ["127.0.0.1:8080:8080", "9090/udp"]
+    healthcheck:
+      test: ["CMD-SHELL", 'airflow jobs check --hostname "$${HOSTNAME}"']
+    deploy: {resources: {limits: {cpus: "1.5", memory: 512m}}}
+    ulimits: {nofile: {soft: 1024, hard: 2048}, nproc: 64}
+    shm_size: 64m
+    stop_grace_period: 1m
+    extra_hosts: ["db.local:10.0.0.2"]
+  init:
+    <<: *common
+    entrypoint: /bin/bash
+    command:
+      - -c
+      - |
+        export AIRFLOW_UID=$$(id -u)
+        echo "done: ${UID:-none}" # not a YAML comment
+    environment:
+      <<: *env
+      _AIRFLOW_DB_MIGRATE: 'true'
+    depends_on:
+      <<: *deps
+  cli:
+    <<: *common
+    profiles: [debug]
+    healthcheck: {disable: true}
+volumes:
+  data: {}
+  outside: {external: true, name: shared-data}
+networks:
+  back: {driver: bridge}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let without = round_trips(text, dir.path(), &[]);
+    assert!(!without.services.contains_key("cli"));
+    let with = round_trips(text, dir.path(), &["debug"]);
+    assert_eq!(with.services["cli"].healthcheck.as_ref().unwrap().test, ["NONE"]);
+    assert_eq!(with.services["init"].command.as_ref().unwrap()[1].lines().next(), Some("export AIRFLOW_UID=$(id -u)"));
+}

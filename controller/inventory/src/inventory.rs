@@ -1,15 +1,22 @@
-//! Ansible's YAML inventory format, read into groups and hosts with their
-//! effective variables.
+//! The inventory model: groups (with children and variables), hosts (with
+//! variables and where they were written), and each host's effective
+//! variables by Ansible's precedence; and Ansible's YAML inventory format.
 //!
-//! The format: a top-level mapping of group names (`all` and any others,
-//! which are implicitly children of `all`); each group may hold `hosts`
-//! (host name to a mapping of host variables, or nothing), `vars` and
-//! `children` (group name to a group). Host names may carry `:port` and
-//! numeric ranges (`web[01:03]`).
+//! The YAML format: a top-level mapping of group names (`all` and any
+//! others); each group may hold `hosts` (host name to a mapping of host
+//! variables, or nothing), `vars` and `children` (group name to a group).
+//! Host names may carry `:port` and numeric ranges (`web[01:03]`). The other
+//! forms (INI, `ansible-inventory --list` JSON, scripts, directories) and
+//! `group_vars/` and `host_vars/` are read in [`crate::sources`]; they all
+//! fill this model through the same few calls, and [`Inventory::finish`]
+//! settles it as Ansible does: a group no other group holds is a child of
+//! `all`, a host in no group but `all` is in `ungrouped`.
 //!
-//! Variable precedence follows Ansible: `all` first, then other groups by
-//! depth (parents before children, groups of one depth by name), then the
-//! host's own variables.
+//! Variable precedence follows Ansible (lowest first): the inventory's `all`
+//! variables; the inventory's variables of the host's other groups, by depth
+//! (parents before children), then `ansible_group_priority`, then name;
+//! `group_vars/all`; `group_vars/` of the other groups in that order; the
+//! host's inventory variables; `host_vars/`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,26 +27,46 @@ use mlops_yaml::{Node, Value};
 /// A parsed inventory.
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
-    /// Where it came from, for error messages.
+    /// What the user named (a file or a directory), for messages.
     pub path: PathBuf,
+    /// Every file read; variables and hosts name theirs by index.
+    files: Vec<PathBuf>,
+    /// The file being read, for [`Inventory::invalid`].
+    current: usize,
     groups: BTreeMap<String, Group>,
     /// Hosts in the order they first appear.
     host_order: Vec<String>,
     hosts: BTreeMap<String, HostDef>,
 }
 
+/// A variable and the file it was written in.
+#[derive(Debug, Clone)]
+pub(crate) struct Var {
+    pub name: String,
+    pub value: Node,
+    pub file: usize,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Group {
-    vars: Vec<(String, Node)>,
+    /// Variables from the inventory itself.
+    vars: Vec<Var>,
+    /// Variables from `group_vars/`.
+    dir_vars: Vec<Var>,
+    /// `ansible_group_priority` (1 when unset).
+    priority: Option<i64>,
     children: BTreeSet<String>,
     hosts: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct HostDef {
-    vars: Vec<(String, Node)>,
-    /// Line where the host was first named.
+    vars: Vec<Var>,
+    /// Variables from `host_vars/`.
+    dir_vars: Vec<Var>,
+    /// Line and file where the host was first named.
     line: usize,
+    file: usize,
 }
 
 /// A host with its effective variables.
@@ -50,82 +77,201 @@ pub struct InventoryHost {
     pub groups: Vec<String>,
     /// Effective variables after precedence; each with the line it came from.
     pub vars: BTreeMap<String, Node>,
+    /// The file each effective variable was written in.
+    pub var_files: BTreeMap<String, PathBuf>,
+    /// Where the host was first named: file and line.
+    pub file: PathBuf,
     pub line: usize,
 }
 
 const GROUP_KEYS: [&str; 3] = ["hosts", "vars", "children"];
 
 impl Inventory {
-    /// Reads and parses an inventory file.
+    /// Reads an inventory in any of the forms Ansible reads: a YAML, INI
+    /// or `ansible-inventory --list` JSON file, an executable script, or a
+    /// directory of them, with `group_vars/` and `host_vars/` beside it.
     pub fn load(path: &Path) -> Result<Self, InventoryError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| InventoryError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        crate::sources::load(path)
     }
 
-    /// Parses inventory text; `path` is only used in messages.
+    /// Parses inventory text in the form its name and content say (YAML,
+    /// INI or `--list` JSON; no script is run, no `group_vars/` read);
+    /// `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, InventoryError> {
-        let root: Node = if text.trim().is_empty() {
-            Node { value: Value::Null, line: 1, column: 1 }
-        } else {
-            serde_saphyr::from_str(text).map_err(|e| InventoryError::Yaml {
-                path: path.to_path_buf(),
-                // The parser's text starts with its own `error: ` and calls
-                // the source `<input>`; name the file instead.
-                message: e.to_string().trim_start_matches("error: ").replace("<input>", &path.display().to_string()),
-            })?
-        };
+        let mut inv = Inventory::empty(path);
+        crate::sources::read_text(&mut inv, text, path)?;
+        inv.finish()?;
+        Ok(inv)
+    }
+
+    /// An inventory with only `all` and `ungrouped`, as Ansible starts.
+    pub(crate) fn empty(path: &Path) -> Self {
         let mut inv = Inventory { path: path.to_path_buf(), ..Default::default() };
         inv.groups.insert("all".into(), Group::default());
+        inv.groups.insert("ungrouped".into(), Group::default());
+        inv
+    }
+
+    /// Registers a file about to be read; errors found from now on name it.
+    pub(crate) fn begin_file(&mut self, path: &Path) -> usize {
+        let i = match self.files.iter().position(|f| f == path) {
+            Some(i) => i,
+            None => {
+                self.files.push(path.to_path_buf());
+                self.files.len() - 1
+            }
+        };
+        self.current = i;
+        i
+    }
+
+    pub(crate) fn current_file(&self) -> &Path {
+        self.files.get(self.current).map_or(self.path.as_path(), PathBuf::as_path)
+    }
+
+    pub(crate) fn invalid_at(&self, line: usize, column: usize, message: &str, hint: &str) -> InventoryError {
+        InventoryError::Invalid {
+            path: self.current_file().to_path_buf(),
+            line,
+            column,
+            message: message.to_string(),
+            hint: (!hint.is_empty()).then(|| hint.to_string()),
+        }
+    }
+
+    fn invalid(&self, node: &Node, message: &str, hint: &str) -> InventoryError {
+        self.invalid_at(node.line, node.column, message, hint)
+    }
+
+    pub(crate) fn declare_group(&mut self, name: &str) {
+        self.groups.entry(name.to_string()).or_default();
+    }
+
+    pub(crate) fn add_child(&mut self, parent: &str, child: &str) {
+        self.declare_group(child);
+        self.groups.entry(parent.to_string()).or_default().children.insert(child.to_string());
+    }
+
+    /// Adds host `name` to `group` (first naming it at `line` of the
+    /// current file).
+    pub(crate) fn add_host(&mut self, group: &str, name: &str, line: usize) {
+        let file = self.current;
+        self.hosts.entry(name.to_string()).or_insert_with(|| HostDef { line, file, ..Default::default() });
+        if !self.host_order.iter().any(|h| h == name) {
+            self.host_order.push(name.to_string());
+        }
+        self.groups.entry(group.to_string()).or_default().hosts.insert(name.to_string());
+    }
+
+    pub(crate) fn set_host_var(&mut self, host: &str, name: String, value: Node) {
+        let file = self.current;
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.vars.push(Var { name, value, file });
+        }
+    }
+
+    pub(crate) fn set_host_dir_var(&mut self, host: &str, name: String, value: Node) {
+        let file = self.current;
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.dir_vars.push(Var { name, value, file });
+        }
+    }
+
+    /// A group variable from the inventory; `ansible_group_priority` sets
+    /// the group's priority instead, as in Ansible.
+    pub(crate) fn set_group_var(&mut self, group: &str, name: String, value: Node) -> Result<(), InventoryError> {
+        if name == "ansible_group_priority" {
+            let priority = match &value.value {
+                Value::Int(i) => Some(*i),
+                Value::Str(s) => s.trim().parse().ok(),
+                _ => None,
+            };
+            let priority = priority.ok_or_else(|| {
+                self.invalid(
+                    &value,
+                    &format!("group `{group}`: `ansible_group_priority` must be a whole number"),
+                    "groups of one depth apply their variables by priority, lowest first (default 1)",
+                )
+            })?;
+            self.groups.entry(group.to_string()).or_default().priority = Some(priority);
+            return Ok(());
+        }
+        let file = self.current;
+        self.groups.entry(group.to_string()).or_default().vars.push(Var { name, value, file });
+        Ok(())
+    }
+
+    pub(crate) fn set_group_dir_var(&mut self, group: &str, name: String, value: Node) {
+        let file = self.current;
+        if let Some(g) = self.groups.get_mut(group) {
+            g.dir_vars.push(Var { name, value, file });
+        }
+    }
+
+    /// Settles the inventory as Ansible does once every source is read:
+    /// groups no other group holds become children of `all`; hosts in no
+    /// group but `all` are in `ungrouped`, and only those; no cycles.
+    pub(crate) fn finish(&mut self) -> Result<(), InventoryError> {
+        let held: BTreeSet<String> = self.groups.values().flat_map(|g| g.children.iter().cloned()).collect();
+        let orphans: Vec<String> = self.groups.keys().filter(|g| *g != "all" && !held.contains(*g)).cloned().collect();
+        for g in orphans {
+            self.add_child("all", &g);
+        }
+        self.check_cycles()?;
+        let mut grouped = BTreeSet::new();
+        for (name, g) in &self.groups {
+            if name != "all" && name != "ungrouped" {
+                grouped.extend(g.hosts.iter().cloned());
+            }
+        }
+        // Hosts held through a child group count too.
+        let all_hosts: Vec<String> = self.host_order.clone();
+        let ungrouped = self.groups.get_mut("ungrouped").expect("always there");
+        for h in all_hosts {
+            if grouped.contains(&h) {
+                ungrouped.hosts.remove(&h);
+            } else {
+                ungrouped.hosts.insert(h);
+            }
+        }
+        Ok(())
+    }
+
+    /// Names every file this inventory was read from (for `group_vars/`
+    /// errors and variable origins).
+    pub(crate) fn file(&self, i: usize) -> &Path {
+        self.files.get(i).map_or(self.path.as_path(), PathBuf::as_path)
+    }
+
+    /// Reads Ansible's YAML inventory form from a parsed document.
+    pub(crate) fn read_yaml(&mut self, root: &Node) -> Result<(), InventoryError> {
         let entries = match &root.value {
             Value::Map(entries) => entries,
             Value::Null => {
-                return Err(inv.invalid(
-                    &root,
+                return Err(self.invalid(
+                    root,
                     "the inventory is empty",
                     "an inventory starts with `all:` (or another group name) at the top level",
                 ));
             }
             _ => {
-                return Err(inv.invalid(
-                    &root,
+                return Err(self.invalid(
+                    root,
                     &format!("expected a mapping of group names at the top level, found {}", root.kind()),
                     "an inventory starts with `all:` (or another group name) at the top level",
                 ));
             }
         };
         for (key, value) in entries {
-            let name = inv.group_name(key)?;
-            if name != "all" {
-                inv.groups.get_mut("all").expect("all exists").children.insert(name.clone());
-            }
-            inv.read_group(&name, value, 0)?;
+            let name = self.group_name(key)?;
+            self.read_group(&name, value, 0)?;
         }
-        inv.check_cycles()?;
-        Ok(inv)
+        Ok(())
     }
 
-    fn invalid(&self, node: &Node, message: &str, hint: &str) -> InventoryError {
-        InventoryError::Invalid {
-            path: self.path.clone(),
-            line: node.line,
-            column: node.column,
-            message: message.to_string(),
-            hint: (!hint.is_empty()).then(|| hint.to_string()),
-        }
-    }
-
-    fn group_name(&self, key: &Node) -> Result<String, InventoryError> {
+    pub(crate) fn group_name(&self, key: &Node) -> Result<String, InventoryError> {
         let name = key.as_key().ok_or_else(|| self.invalid(key, "a group name must be a string", ""))?;
-        if name.is_empty()
-            || name.chars().any(|c| c.is_whitespace() || matches!(c, ':' | ',' | '!' | '&' | '*' | '?' | '[' | ']'))
-        {
-            return Err(self.invalid(
-                key,
-                &format!("`{name}` is not a valid group name"),
-                "group names are letters, digits, `_`, `-` and `.`",
-            ));
-        }
+        check_group_name(&name).map_err(|(message, hint)| self.invalid(key, &message, hint))?;
         Ok(name)
     }
 
@@ -133,7 +279,7 @@ impl Inventory {
         if depth > 64 {
             return Err(self.invalid(node, "groups nest more than 64 levels deep", ""));
         }
-        self.groups.entry(name.to_string()).or_default();
+        self.declare_group(name);
         let entries = match &node.value {
             Value::Null => return Ok(()),
             Value::Map(entries) => entries,
@@ -150,8 +296,9 @@ impl Inventory {
             match field.as_str() {
                 "hosts" => self.read_hosts(name, value)?,
                 "vars" => {
-                    let vars = self.read_vars(value, &format!("vars of group `{name}`"))?;
-                    self.groups.get_mut(name).expect("inserted above").vars.extend(vars);
+                    for (k, v) in self.read_vars(value, &format!("vars of group `{name}`"))? {
+                        self.set_group_var(name, k, v)?;
+                    }
                 }
                 "children" => match &value.value {
                     Value::Null => {}
@@ -165,7 +312,7 @@ impl Inventory {
                                     "every group is already a child of `all`",
                                 ));
                             }
-                            self.groups.get_mut(name).expect("inserted above").children.insert(child.clone());
+                            self.add_child(name, &child);
                             self.read_group(&child, cvalue, depth + 1)?;
                         }
                     }
@@ -216,37 +363,41 @@ impl Inventory {
         };
         for (key, value) in entries {
             let raw = key.as_key().ok_or_else(|| self.invalid(key, "a host name must be a string", ""))?;
-            let (pattern, port) =
-                split_host_port(&raw).map_err(|m| self.invalid(key, &m, "write `name:PORT` or set `ansible_port`"))?;
-            let names = expand_ranges(&pattern)
-                .map_err(|m| self.invalid(key, &m, "a range looks like `web[01:10]` or `db[a:c]`"))?;
-            let mut vars = self.read_vars(value, &format!("host `{raw}`"))?;
-            if let Some(port) = port {
-                vars.insert(
-                    0,
-                    (
-                        "ansible_port".into(),
-                        Node { value: Value::Int(port.into()), line: key.line, column: key.column },
-                    ),
-                );
-            }
-            for name in names {
-                if name.is_empty() {
-                    return Err(self.invalid(key, "empty host name", ""));
+            let names = self.host_pattern(&raw, key.line, key.column)?;
+            let vars = self.read_vars(value, &format!("host `{raw}`"))?;
+            for (name, port) in names {
+                self.add_host(group, &name, key.line);
+                if let Some(port) = port {
+                    let node = Node { value: Value::Int(port.into()), line: key.line, column: key.column };
+                    self.set_host_var(&name, "ansible_port".into(), node);
                 }
-                let host =
-                    self.hosts.entry(name.clone()).or_insert_with(|| HostDef { vars: Vec::new(), line: key.line });
-                host.vars.extend(vars.iter().cloned());
-                if !self.host_order.contains(&name) {
-                    self.host_order.push(name.clone());
+                for (k, v) in &vars {
+                    self.set_host_var(&name, k.clone(), v.clone());
                 }
-                self.groups.get_mut(group).expect("group exists").hosts.insert(name);
             }
         }
         Ok(())
     }
 
-    fn read_vars(&self, node: &Node, whose: &str) -> Result<Vec<(String, Node)>, InventoryError> {
+    /// A host pattern (`name`, `name:port`, `web[01:03]`) as the hosts it
+    /// names, each with the port it carries.
+    pub(crate) fn host_pattern(
+        &self,
+        raw: &str,
+        line: usize,
+        column: usize,
+    ) -> Result<Vec<(String, Option<u16>)>, InventoryError> {
+        let (pattern, port) = split_host_port(raw)
+            .map_err(|m| self.invalid_at(line, column, &m, "write `name:PORT` or set `ansible_port`"))?;
+        let names = expand_ranges(&pattern)
+            .map_err(|m| self.invalid_at(line, column, &m, "a range looks like `web[01:10]` or `db[a:c]`"))?;
+        if names.iter().any(String::is_empty) {
+            return Err(self.invalid_at(line, column, "empty host name", ""));
+        }
+        Ok(names.into_iter().map(|n| (n, port)).collect())
+    }
+
+    pub(crate) fn read_vars(&self, node: &Node, whose: &str) -> Result<Vec<(String, Node)>, InventoryError> {
         match &node.value {
             Value::Null => Ok(Vec::new()),
             Value::Map(entries) => entries
@@ -264,21 +415,49 @@ impl Inventory {
         }
     }
 
+    /// Refuses a cycle of groups, naming it. Depth-first with three
+    /// colours and an explicit stack: linear in groups and links, and a long
+    /// chain of groups does not exhaust the call stack.
     fn check_cycles(&self) -> Result<(), InventoryError> {
-        fn visit(inv: &Inventory, name: &str, stack: &mut Vec<String>) -> Result<(), String> {
-            if let Some(pos) = stack.iter().position(|g| g == name) {
-                let mut cycle = stack[pos..].to_vec();
-                cycle.push(name.to_string());
-                return Err(cycle.join(" -> "));
-            }
-            stack.push(name.to_string());
-            for child in &inv.groups[name].children {
-                visit(inv, child, stack)?;
-            }
-            stack.pop();
-            Ok(())
+        #[derive(Clone, Copy, PartialEq)]
+        enum Colour {
+            White,
+            Grey,
+            Black,
         }
-        visit(self, "all", &mut Vec::new()).map_err(|cycle| InventoryError::Cycle { path: self.path.clone(), cycle })
+        let mut colour: BTreeMap<&str, Colour> = self.groups.keys().map(|g| (g.as_str(), Colour::White)).collect();
+        let roots = std::iter::once("all").chain(self.groups.keys().map(String::as_str));
+        for root in roots {
+            if colour[root] != Colour::White {
+                continue;
+            }
+            // The path from the root, each group with its children still to visit.
+            let mut path: Vec<(&str, std::collections::btree_set::Iter<'_, String>)> =
+                vec![(root, self.groups[root].children.iter())];
+            colour.insert(root, Colour::Grey);
+            while let Some((_, children)) = path.last_mut() {
+                match children.next().map(String::as_str) {
+                    Some(child) => match colour.get(child).copied().unwrap_or(Colour::Black) {
+                        Colour::White => {
+                            colour.insert(child, Colour::Grey);
+                            path.push((child, self.groups[child].children.iter()));
+                        }
+                        Colour::Grey => {
+                            let start = path.iter().position(|(g, _)| *g == child).unwrap_or(0);
+                            let mut cycle: Vec<&str> = path[start..].iter().map(|(g, _)| *g).collect();
+                            cycle.push(child);
+                            return Err(InventoryError::Cycle { path: self.path.clone(), cycle: cycle.join(" -> ") });
+                        }
+                        Colour::Black => {}
+                    },
+                    None => {
+                        let (done, _) = path.pop().expect("not empty");
+                        colour.insert(done, Colour::Black);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Group names, sorted.
@@ -319,51 +498,138 @@ impl Inventory {
         out
     }
 
-    /// The depth of each group below `all` (its longest path), which orders
-    /// variable precedence.
+    /// The depth of each group below `all` (its longest path from it),
+    /// which orders variable precedence: children after their parents, in
+    /// one pass over the groups in topological order.
     fn depths(&self) -> BTreeMap<&str, usize> {
-        // The graph is acyclic (checked at parse time), so this ends.
-        let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut stack = vec![("all", 0usize)];
-        while let Some((g, d)) = stack.pop() {
-            if depth.get(g).is_some_and(|old| *old >= d) && g != "all" {
-                continue;
+        // Kahn's order over the (acyclic, checked when settled) graph.
+        let mut parents_left: BTreeMap<&str, usize> = self.groups.keys().map(|g| (g.as_str(), 0)).collect();
+        for g in self.groups.values() {
+            for c in &g.children {
+                *parents_left.entry(c.as_str()).or_default() += 1;
             }
-            depth.insert(g, d);
-            for child in &self.groups[g].children {
-                stack.push((child.as_str(), d + 1));
+        }
+        let mut ready: Vec<&str> = parents_left.iter().filter(|(_, n)| **n == 0).map(|(g, _)| *g).collect();
+        let mut depth: BTreeMap<&str, usize> = ready.iter().map(|g| (*g, 0)).collect();
+        while let Some(g) = ready.pop() {
+            let d = depth[g];
+            for c in self.groups.get(g).map(|g| &g.children).into_iter().flatten() {
+                let c = c.as_str();
+                let slot = depth.entry(c).or_default();
+                *slot = (*slot).max(d + 1);
+                let left = parents_left.get_mut(c).expect("every group counted");
+                *left -= 1;
+                if *left == 0 {
+                    ready.push(c);
+                }
             }
         }
         depth
+    }
+
+    /// The groups host `name` is in, directly or through children (`all`
+    /// left out): its direct groups and their ancestors.
+    fn groups_of(&self, name: &str) -> BTreeSet<&str> {
+        let mut parents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (g, group) in &self.groups {
+            for c in &group.children {
+                parents.entry(c.as_str()).or_default().push(g.as_str());
+            }
+        }
+        let mut out = BTreeSet::new();
+        let mut work: Vec<&str> =
+            self.groups.iter().filter(|(_, g)| g.hosts.contains(name)).map(|(g, _)| g.as_str()).collect();
+        while let Some(g) = work.pop() {
+            if out.insert(g) {
+                work.extend(parents.get(g).into_iter().flatten().copied());
+            }
+        }
+        out.remove("all");
+        out
     }
 
     /// A host with its effective variables, or `None` when not in the inventory.
     pub fn host(&self, name: &str) -> Option<InventoryHost> {
         let def = self.hosts.get(name)?;
         let depths = self.depths();
-        let mut groups: Vec<&str> = self
-            .groups
-            .keys()
-            .map(String::as_str)
-            .filter(|g| *g == "all" || self.hosts_of_group(g).contains(name))
-            .collect();
-        groups.sort_by_key(|g| (depths.get(g).copied().unwrap_or(0), *g));
+        let mut groups: Vec<&str> = self.groups_of(name).into_iter().collect();
+        groups.sort_by_key(|g| (depths.get(g).copied().unwrap_or(0), self.groups[*g].priority.unwrap_or(1), *g));
+        let all = &self.groups["all"];
+        let layers = std::iter::once(&all.vars)
+            .chain(groups.iter().map(|g| &self.groups[*g].vars))
+            .chain(std::iter::once(&all.dir_vars))
+            .chain(groups.iter().map(|g| &self.groups[*g].dir_vars))
+            .chain([&def.vars, &def.dir_vars]);
         let mut vars = BTreeMap::new();
-        for g in &groups {
-            for (k, v) in &self.groups[*g].vars {
-                vars.insert(k.clone(), v.clone());
-            }
-        }
-        for (k, v) in &def.vars {
-            vars.insert(k.clone(), v.clone());
+        let mut var_files = BTreeMap::new();
+        for var in layers.flatten() {
+            vars.insert(var.name.clone(), var.value.clone());
+            var_files.insert(var.name.clone(), self.file(var.file).to_path_buf());
         }
         Some(InventoryHost {
             name: name.to_string(),
-            groups: groups.into_iter().map(str::to_string).collect(),
+            groups: std::iter::once("all").chain(groups).map(str::to_string).collect(),
             vars,
+            var_files,
+            file: self.file(def.file).to_path_buf(),
             line: def.line,
         })
     }
+
+    /// The inventory as `ansible-inventory --list` prints it, for `hosts`
+    /// (the selected ones): `_meta.hostvars` with each host's effective
+    /// variables (hosts without any left out), `all` with its children,
+    /// and each group with its hosts and children (empty keys and groups
+    /// left out).
+    pub fn to_list_json(&self, hosts: &[String]) -> serde_json::Value {
+        use serde_json::{Map, Value as J, json};
+        let selected: BTreeSet<&str> = hosts.iter().map(String::as_str).collect();
+        let mut out = Map::new();
+        for (name, g) in &self.groups {
+            let mut entry = Map::new();
+            if name != "all" {
+                let hs: Vec<&str> = self
+                    .host_order
+                    .iter()
+                    .filter(|h| g.hosts.contains(*h) && selected.contains(h.as_str()))
+                    .map(String::as_str)
+                    .collect();
+                if !hs.is_empty() {
+                    entry.insert("hosts".into(), json!(hs));
+                }
+            }
+            if !g.children.is_empty() {
+                entry.insert("children".into(), json!(g.children));
+            }
+            if !entry.is_empty() {
+                out.insert(name.clone(), J::Object(entry));
+            }
+        }
+        let mut hostvars = Map::new();
+        for h in self.host_order.iter().filter(|h| selected.contains(h.as_str())) {
+            let host = self.host(h).expect("a host of this inventory");
+            if !host.vars.is_empty() {
+                hostvars.insert(h.clone(), host.vars.iter().map(|(k, v)| (k.clone(), v.to_json())).collect());
+            }
+        }
+        out.insert("_meta".into(), json!({ "hostvars": hostvars }));
+        J::Object(out)
+    }
+}
+
+/// Ansible's rule for group names as mlopsctl enforces it: no whitespace
+/// and none of the characters host patterns give a meaning to. `Err` holds
+/// the message and a hint.
+pub(crate) fn check_group_name(name: &str) -> Result<(), (String, &'static str)> {
+    if name.is_empty()
+        || name.chars().any(|c| c.is_whitespace() || matches!(c, ':' | ',' | '!' | '&' | '*' | '?' | '[' | ']'))
+    {
+        return Err((
+            format!("`{name}` is not a valid group name"),
+            "group names are letters, digits, `_`, `-` and `.`",
+        ));
+    }
+    Ok(())
 }
 
 /// `host:2222` → (`host`, Some(2222)). IPv6 literals in brackets keep their colons.

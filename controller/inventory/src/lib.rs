@@ -1,6 +1,10 @@
 //! Which hosts to act on, and how to reach them.
 //!
-//! - [`inventory`]: Ansible's YAML inventory (groups, children, vars, ranges).
+//! - [`inventory`]: the inventory model (groups, children, vars, precedence)
+//!   and Ansible's YAML form.
+//! - [`sources`]: every other form Ansible reads (INI in [`ini`], with its
+//!   Python values in [`pylit`]; `ansible-inventory --list` JSON; scripts;
+//!   directories) and `group_vars/` / `host_vars/`.
 //! - [`pattern`]: `--limit` host patterns.
 //! - [`ssh_config`]: the parts of `~/.ssh/config` that pick address, user, port and keys.
 //! - [`target`]: all of the above resolved into [`Target`]s.
@@ -9,8 +13,11 @@
 use std::path::PathBuf;
 
 pub mod edit;
+mod ini;
 pub mod inventory;
 pub mod pattern;
+pub mod pylit;
+mod sources;
 pub mod ssh_config;
 pub mod target;
 pub use mlops_yaml as yaml;
@@ -37,6 +44,10 @@ pub enum InventoryError {
     Limit { path: PathBuf, pattern: String, message: String },
     #[error("--host `{spec}`: {message}")]
     HostSpec { spec: String, message: String },
+    #[error("inventory script `{}` {args}: {message}", path.display())]
+    Script { path: PathBuf, args: String, message: String },
+    #[error("{}: {message}", path.display())]
+    Source { path: PathBuf, message: String, hint: String },
 }
 
 impl InventoryError {
@@ -44,7 +55,7 @@ impl InventoryError {
     pub fn hint(&self) -> Option<String> {
         match self {
             InventoryError::Read { .. } => {
-                Some("pass the path of an Ansible YAML inventory with -i/--inventory".into())
+                Some("pass an Ansible inventory with -i/--inventory: a YAML, INI or `ansible-inventory --list` JSON file, a script, or a directory of them".into())
             }
             InventoryError::Yaml { .. } => {
                 Some("check the indentation around that line: YAML nests by spaces (tabs are not allowed)".into())
@@ -59,6 +70,12 @@ impl InventoryError {
             InventoryError::HostSpec { .. } => {
                 Some("write --host USER@HOST[:PORT], e.g. --host root@10.0.0.5:22".into())
             }
+            InventoryError::Source { hint, .. } => Some(hint.clone()),
+            InventoryError::Script { path, .. } => Some(format!(
+                "run it yourself: `{} --list` must print JSON as `ansible-inventory --list` does; \
+                 a static inventory file must not be an executable starting with `#!`",
+                path.display()
+            )),
         }
     }
 }
@@ -70,9 +87,30 @@ pub fn load_targets(
     ssh: &SshConfig,
 ) -> Result<Vec<Target>, InventoryError> {
     let inv = Inventory::load(path)?;
+    let names = select(&inv, limit)?;
+    target::targets_from_inventory(&inv, &names, ssh)
+}
+
+/// The inventory at `path` as `ansible-inventory --list` prints it, for
+/// the hosts `limit` selects, after checking that each of them resolves to
+/// a connection target as a deploy would resolve it.
+pub fn list_json(
+    path: &std::path::Path,
+    limit: Option<&str>,
+    ssh: &SshConfig,
+) -> Result<serde_json::Value, InventoryError> {
+    let inv = Inventory::load(path)?;
+    let names = select(&inv, limit)?;
+    target::targets_from_inventory(&inv, &names, ssh)?;
+    Ok(inv.to_list_json(&names))
+}
+
+/// The hosts `limit` selects (all without one), in inventory order; an
+/// error when there are none.
+pub fn select(inv: &Inventory, limit: Option<&str>) -> Result<Vec<String>, InventoryError> {
     let names = match limit {
-        Some(pattern) => pattern::select(&inv, pattern).map_err(|message| InventoryError::Limit {
-            path: path.to_path_buf(),
+        Some(pattern) => pattern::select(inv, pattern).map_err(|message| InventoryError::Limit {
+            path: inv.path.clone(),
             pattern: pattern.to_string(),
             message,
         })?,
@@ -80,12 +118,15 @@ pub fn load_targets(
     };
     if names.is_empty() {
         return Err(InventoryError::Invalid {
-            path: path.to_path_buf(),
+            path: inv.path.clone(),
             line: 1,
             column: 1,
             message: "the inventory has no hosts".into(),
-            hint: Some("add hosts under `all: hosts:` or a group's `hosts:`".into()),
+            hint: Some(
+                "add hosts: in YAML under `all: hosts:` or a group's `hosts:`, in INI one per line under `[group]`"
+                    .into(),
+            ),
         });
     }
-    target::targets_from_inventory(&inv, &names, ssh)
+    Ok(names)
 }

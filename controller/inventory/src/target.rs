@@ -169,8 +169,17 @@ pub fn targets_from_inventory(
 
 fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> Result<Target, InventoryError> {
     let var = |key: &str| host.vars.get(key);
+    // The file a variable was written in (an inventory, or a file of
+    // group_vars/ or host_vars/), for messages and relative paths.
+    let file_of = |key: &str| host.var_files.get(key).map_or(inv.path.as_path(), PathBuf::as_path);
     let err = |node: &Node, message: String, hint: &str| InventoryError::Invalid {
-        path: inv.path.clone(),
+        // `node` is one of `host.vars` (every call passes what `var` gave):
+        // its key names the file.
+        path: host
+            .vars
+            .iter()
+            .find(|(_, v)| std::ptr::eq(*v, node))
+            .map_or(inv.path.clone(), |(k, _)| file_of(k).to_path_buf()),
         line: node.line,
         column: node.column,
         message: format!("host `{}`: {message}", host.name),
@@ -256,7 +265,7 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
                 if let Some(path) = string(key)? {
                     let p = expand_tilde(&path);
                     // A relative key path is relative to the inventory, as in Ansible.
-                    let p = if p.is_relative() { inv.path.parent().unwrap_or(Path::new(".")).join(p) } else { p };
+                    let p = if p.is_relative() { file_of(key).parent().unwrap_or(Path::new(".")).join(p) } else { p };
                     identity_files.push(p);
                 }
             }
@@ -283,7 +292,7 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
         agent_port,
         groups: host.groups.clone(),
         vars: host.vars.iter().map(|(k, v)| (k.clone(), v.to_json())).collect(),
-        origin: format!("{}:{}", inv.path.display(), host.line),
+        origin: format!("{}:{}", host.file.display(), host.line),
     })
 }
 

@@ -11,6 +11,7 @@
 //!   progress, warnings and notes through a [`Report`].
 
 pub mod bundle;
+pub mod config;
 pub mod deploy;
 pub mod down;
 pub mod history;
