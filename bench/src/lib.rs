@@ -16,6 +16,15 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from)
 }
 
+/// The release `mlopsctl`, and the agent users ship: the static build
+/// (`cargo agent-static`) when there is one, else the release build.
+pub fn release_binaries() -> (PathBuf, PathBuf) {
+    let target = target_dir();
+    let static_agent = target.join("x86_64-unknown-linux-gnu/release/mlops-agent");
+    let agent = if static_agent.exists() { static_agent } else { target.join("release/mlops-agent") };
+    (target.join("release/mlopsctl"), agent)
+}
+
 /// The agent binary to run: the first argument, else the release build;
 /// an error with the build command when it is missing.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {

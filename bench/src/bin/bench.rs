@@ -30,14 +30,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let target = mlops_bench::target_dir();
-    let static_agent = target.join("x86_64-unknown-linux-gnu/release/mlops-agent");
-    let mut args = Args {
-        mlopsctl: target.join("release/mlopsctl"),
-        agent: if static_agent.exists() { static_agent } else { target.join("release/mlops-agent") },
-        hosts: 20,
-        runs: 10,
-    };
+    let (mlopsctl, agent) = mlops_bench::release_binaries();
+    let mut args = Args { mlopsctl, agent, hosts: 20, runs: 10 };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));

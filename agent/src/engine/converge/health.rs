@@ -50,9 +50,16 @@ pub async fn tail_logs(docker: &Docker, id: &str, n: usize) -> String {
     if lines.is_empty() { "(none)".into() } else { lines.join(" | ") }
 }
 
+/// When the container's newest health check began (Unix ms), if one has run.
+fn last_check_began_ms(state: &bollard::models::ContainerState) -> Option<u64> {
+    state.health.as_ref()?.log.as_ref()?.last()?.start.as_deref().and_then(rfc3339_ms)
+}
+
 /// Waits until `service`'s container meets `condition`; fails fast when it
 /// cannot any more (unhealthy after `grace`, exited), naming the service
-/// and why.
+/// and why. An "unhealthy" that only checks made before this wait began
+/// gave is not final: a container left running may have been fixed since
+/// (a file it checks restored), and its next check says so.
 pub async fn wait_for(
     docker: &Docker,
     service: &str,
@@ -62,6 +69,7 @@ pub async fn wait_for(
     timeout: Duration,
 ) -> Result<(), EngineError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let began = now_ms();
     loop {
         let inspect = docker.inspect_container(id, None::<InspectContainerOptions>).await?;
         let state = inspect.state.unwrap_or_default();
@@ -81,7 +89,8 @@ pub async fn wait_for(
                         .started_at
                         .as_deref()
                         .and_then(rfc3339_ms)
-                        .is_none_or(|t| now_ms() > t + grace.as_millis() as u64) =>
+                        .is_none_or(|t| now_ms() > t + grace.as_millis() as u64)
+                    && last_check_began_ms(&state).is_none_or(|t| t >= began) =>
             {
                 return Err(EngineError::Unhealthy {
                     service: service.to_string(),

@@ -55,17 +55,9 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let target = mlops_bench::target_dir();
-    let static_agent = target.join("x86_64-unknown-linux-gnu/release/mlops-agent");
-    let mut args = Args {
-        mlopsctl: target.join("release/mlopsctl"),
-        agent: if static_agent.exists() { static_agent } else { target.join("release/mlops-agent") },
-        hosts: vec![1, 10, 50],
-        runs: 3,
-        copy_runs: 1,
-        phases: false,
-        render: false,
-    };
+    let (mlopsctl, agent) = mlops_bench::release_binaries();
+    let mut args =
+        Args { mlopsctl, agent, hosts: vec![1, 10, 50], runs: 3, copy_runs: 1, phases: false, render: false };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n  hint: see --help"));
