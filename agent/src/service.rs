@@ -476,9 +476,14 @@ impl Agent for AgentService {
         }
         .await;
         // The blobs stored, flushed at once (also those of an upload cut
-        // short: a later sync keeps them).
-        let store = self.sync.clone();
-        let flushed = blocking(move || store.flush_blobs()).await;
+        // short: a later sync keeps them); an upload that wrote nothing
+        // has nothing to flush.
+        let flushed = if reply.bytes > 0 {
+            let store = self.sync.clone();
+            blocking(move || store.flush_blobs()).await
+        } else {
+            Ok(())
+        };
         received?;
         flushed?;
         Ok(Response::new(reply))

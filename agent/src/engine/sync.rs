@@ -522,6 +522,10 @@ impl SyncStore {
         let mut pending: Vec<(&SyncEntry, std::ffi::OsString)> = Vec::new();
         let written = self.write_pending(&tree, &mut dirs, &entries, &old, &mut index, &mut report, &mut pending);
         let written = written.and_then(|()| {
+            if pending.is_empty() {
+                // Nothing written: nothing to flush.
+                return Ok(());
+            }
             let root = dirs.get(Path::new(""))?;
             rustix::fs::syncfs(root).map_err(|e| EngineError::io_at("flushing", &tree)(e.into()))
         });

@@ -124,12 +124,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
                     Some("drop --host (use --limit to select hosts of the inventory)"),
                 ));
             }
-            let ssh_config_path = cli
-                .global
-                .ssh_config
-                .clone()
-                .unwrap_or_else(|| mlops_inventory::ssh_config::home_dir().join(".ssh/config"));
-            let ssh_config = mlops_inventory::SshConfig::load(&ssh_config_path);
+            let ssh_config = cli.global.options().ssh_config(report.as_ref());
             printer.json(&mlops_inventory::list_json(path, cli.global.limit.as_deref(), &ssh_config)?);
             return Ok(0);
         }

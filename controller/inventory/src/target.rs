@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::InventoryError;
 use crate::inventory::{Inventory, InventoryHost};
 use crate::ssh_config::{SshConfig, expand_tilde};
-use mlops_yaml::{Node, Value};
+use mlops_yaml::Value;
 
 /// Default loopback port of the agent (mirrors `mlops_proto::DEFAULT_AGENT_PORT`).
 pub const DEFAULT_AGENT_PORT: u16 = 7443;
@@ -169,35 +169,31 @@ pub fn targets_from_inventory(
 
 fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> Result<Target, InventoryError> {
     let var = |key: &str| host.vars.get(key);
-    // The file a variable was written in (an inventory, or a file of
-    // group_vars/ or host_vars/), for messages and relative paths.
-    let file_of = |key: &str| host.var_files.get(key).map_or(inv.path.as_path(), PathBuf::as_path);
-    let err = |node: &Node, message: String, hint: &str| InventoryError::Invalid {
-        // `node` is one of `host.vars` (every call passes what `var` gave):
-        // its key names the file.
-        path: host
-            .vars
-            .iter()
-            .find(|(_, v)| std::ptr::eq(*v, node))
-            .map_or(inv.path.clone(), |(k, _)| file_of(k).to_path_buf()),
-        line: node.line,
-        column: node.column,
-        message: format!("host `{}`: {message}", host.name),
-        hint: (!hint.is_empty()).then(|| hint.to_string()),
+    // Variable `key`'s error, at its place: the file it was written in (the
+    // inventory, or a file of group_vars/ or host_vars/), line and column.
+    let err = |key: &str, message: String, hint: &str| {
+        let node = var(key).expect("errors are about variables that are set");
+        InventoryError::Invalid {
+            path: host.var_files.get(key).unwrap_or(&inv.path).clone(),
+            line: node.line,
+            column: node.column,
+            message: format!("host `{}`: {message}", host.name),
+            hint: (!hint.is_empty()).then(|| hint.to_string()),
+        }
     };
     let string = |key: &str| -> Result<Option<String>, InventoryError> {
         match var(key) {
             None => Ok(None),
             Some(node) => match &node.value {
                 Value::Str(s) if s.contains("{{") => Err(err(
-                    node,
+                    key,
                     format!("`{key}` uses a Jinja template, which mlopsctl does not evaluate"),
                     "write the value itself",
                 )),
                 Value::Str(s) => Ok(Some(s.clone())),
                 Value::Int(i) => Ok(Some(i.to_string())),
                 Value::Null => Ok(None),
-                _ => Err(err(node, format!("`{key}` must be a string, found {}", node.kind()), "")),
+                _ => Err(err(key, format!("`{key}` must be a string, found {}", node.kind()), "")),
             },
         }
     };
@@ -213,7 +209,7 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
                 n.and_then(|n| u16::try_from(n).ok())
                     .filter(|p| *p > 0)
                     .map(Some)
-                    .ok_or_else(|| err(node, format!("`{key}` must be a port number (1-65535)"), ""))
+                    .ok_or_else(|| err(key, format!("`{key}` must be a port number (1-65535)"), ""))
             }
         }
     };
@@ -225,7 +221,7 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
                 Value::Str(s) if ["yes", "true", "1", "on"].contains(&s.to_lowercase().as_str()) => Ok(Some(true)),
                 Value::Str(s) if ["no", "false", "0", "off"].contains(&s.to_lowercase().as_str()) => Ok(Some(false)),
                 Value::Int(i) => Ok(Some(*i != 0)),
-                _ => Err(err(node, format!("`{key}` must be true or false"), "")),
+                _ => Err(err(key, format!("`{key}` must be true or false"), "")),
             },
         }
     };
@@ -237,9 +233,8 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
     if let Some(method) = string("ansible_become_method")?
         && method != "sudo"
     {
-        let node = var("ansible_become_method").expect("present");
         return Err(err(
-            node,
+            "ansible_become_method",
             format!("become method `{method}` is not supported"),
             "mlopsctl uses passwordless sudo for non-root users",
         ));
@@ -248,9 +243,8 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
         && let Some(u) = string("ansible_become_user")?
         && u != "root"
     {
-        let node = var("ansible_become_user").expect("present");
         return Err(err(
-            node,
+            "ansible_become_user",
             format!("`ansible_become_user: {u}`: the agent must be installed as root"),
             "remove ansible_become_user or set it to root",
         ));
@@ -264,8 +258,9 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
             for key in ["ansible_ssh_private_key_file", "ansible_private_key_file"] {
                 if let Some(path) = string(key)? {
                     let p = expand_tilde(&path);
-                    // A relative key path is relative to the inventory, as in Ansible.
-                    let p = if p.is_relative() { file_of(key).parent().unwrap_or(Path::new(".")).join(p) } else { p };
+                    // A relative key path is relative to the inventory file
+                    // that names the host.
+                    let p = if p.is_relative() { host.file.parent().unwrap_or(Path::new(".")).join(p) } else { p };
                     identity_files.push(p);
                 }
             }
@@ -278,9 +273,8 @@ fn target_from_host(inv: &Inventory, host: &InventoryHost, ssh: &SshConfig) -> R
             }
         }
         Some(other) => {
-            let node = var("ansible_connection").expect("present");
             return Err(err(
-                node,
+                "ansible_connection",
                 format!("connection type `{other}` is not supported"),
                 "use `ssh` (the default) or `local`",
             ));

@@ -80,17 +80,26 @@ pub struct Setup {
     pub ssh_config: SshConfig,
 }
 
+impl GlobalOptions {
+    /// `~/.ssh/config` (or `--ssh-config`), its warnings sent to `report`.
+    pub fn ssh_config(&self, report: &dyn Report) -> SshConfig {
+        let path =
+            self.ssh_config.clone().unwrap_or_else(|| mlops_inventory::ssh_config::home_dir().join(".ssh/config"));
+        let config = SshConfig::load(&path);
+        for w in &config.warnings {
+            report.warn(&format!("{}: {w}", path.display()));
+        }
+        config
+    }
+}
+
 impl Setup {
     /// Resolves the targets (no host at all means this machine), opens the
     /// state directory and its CA, and, when `needs_binary`, finds the agent
     /// binary. Warnings (about `~/.ssh/config`) go to `report`.
     pub fn new(g: &GlobalOptions, needs_binary: bool, report: &dyn Report) -> Result<Self, ControllerError> {
         let home = mlops_inventory::ssh_config::home_dir();
-        let ssh_config_path = g.ssh_config.clone().unwrap_or_else(|| home.join(".ssh/config"));
-        let ssh_config = SshConfig::load(&ssh_config_path);
-        for w in &ssh_config.warnings {
-            report.warn(&format!("{}: {w}", ssh_config_path.display()));
-        }
+        let ssh_config = g.ssh_config(report);
         let targets = resolve_targets(g, &ssh_config)?;
         let all_hosts = match &g.limit {
             Some(_) => {
