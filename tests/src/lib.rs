@@ -591,7 +591,7 @@ LogLevel VERBOSE
         self.dir.path().join("docker.sock")
     }
 
-    fn docker_command(&self, args: &[&str]) -> Command {
+    pub fn docker_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("docker");
         cmd.args(args)
             .env("DOCKER_HOST", format!("unix://{}", self.docker_socket().display()))
@@ -915,6 +915,31 @@ impl TestEnv {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let out = output_within(&mut cmd, self.ctl_deadline);
+        CtlRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `mlopsctl` as [`Self::ctl`] does, but on a terminal, as a
+    /// person would (a pseudo-terminal from util-linux's `script`): what the
+    /// terminal showed, stderr and stdout together, is in `stdout`.
+    pub fn ctl_on_terminal(&self, args: &[&str]) -> CtlRun {
+        let inner = self.ctl_command(args);
+        let quote = |a: &std::ffi::OsStr| format!("'{}'", a.to_string_lossy().replace('\'', r"'\''"));
+        let line: Vec<String> = std::iter::once(inner.get_program()).chain(inner.get_args()).map(quote).collect();
+        let mut cmd = Command::new("script");
+        // -e: its exit code is mlopsctl's; -f: nothing held back; the
+        // transcript file is not wanted (stdout has it all).
+        cmd.args(["-q", "-e", "-f", "-c", &line.join(" "), "/dev/null"]).env_clear().stdin(Stdio::null());
+        for (k, v) in inner.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("TERM", "xterm-256color");
         let out = output_within(&mut cmd, self.ctl_deadline);
         CtlRun {
             code: out.status.code().unwrap_or(-1),

@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use mlops_e2e::{SUDO_PASSWORD_USER, SUDO_USER, TestEnv, TestHost, bins, sha256_file};
+use mlops_e2e::{SUDO_PASSWORD_USER, SUDO_USER, TestEnv, TestHost, TestStack, bins, sha256_file};
 use serde_json::Value;
 
 /// A process that exists and is not a zombie (the test machine's PID 1
@@ -74,6 +74,62 @@ fn deploy_one_host_then_redeploy_uploads_nothing() {
     let s = host_result(&status, &spec);
     assert_eq!(s["reachable"], true);
     assert_eq!(s["agent"]["version"], env!("CARGO_PKG_VERSION"));
+}
+
+/// The run logs of `env`'s state directory for `command`, oldest first.
+fn run_logs(env: &TestEnv, command: &str) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> =
+        fs::read_dir(env.state.join("logs")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    logs.retain(|p: &std::path::PathBuf| p.to_string_lossy().contains(&format!("-{command}-")));
+    logs.sort();
+    logs
+}
+
+#[test]
+fn progress_is_live_on_a_terminal_plain_with_v_and_every_run_is_logged() {
+    let env = TestEnv::new().unwrap();
+    let host = env.docker_host("live").unwrap();
+    let spec = host.spec("root");
+    let key = env.key.display().to_string();
+    let stack =
+        TestStack::new("name: \"{project}\"\nservices:\n  web:\n    build: ./img\n    command: [sleep, infinity]\n")
+            .unwrap();
+    let dir = stack.path().display().to_string();
+    let deploy = ["--identity", key.as_str(), "--host", spec.as_str(), "deploy", "--stack", dir.as_str()];
+
+    // On a terminal: live lines redrawn in place (cursor movements), the
+    // host marked done; not a line per event.
+    let live = env.ctl_on_terminal(&deploy);
+    assert_eq!(live.code, 0, "{}", live.stdout);
+    assert!(live.stdout.contains('✓'), "the host's line ends marked done: {}", live.stdout);
+    assert!(live.stdout.contains("\x1b["), "lines are redrawn: {}", live.stdout);
+    // Every line is in the run's log all the same, time-stamped.
+    let logs = run_logs(&env, "deploy");
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let log = fs::read_to_string(&logs[0]).unwrap();
+    for line in ["connecting to", "ready: agent", "files synced", "web: "] {
+        assert!(log.contains(line), "`{line}` in the log: {log}");
+    }
+    assert!(log.lines().all(|l| l.starts_with("20") && l.contains("Z ")), "{log}");
+
+    // -v: a plain line per event, as without a terminal.
+    let plain = env.ctl_on_terminal(&[&deploy[..], &["-v"]].concat());
+    assert_eq!(plain.code, 0, "{}", plain.stdout);
+    assert!(!plain.stdout.contains('✓') && plain.stdout.contains("connecting to"), "{}", plain.stdout);
+    assert!(!plain.stdout.contains("the full log"), "a run that succeeded names no log");
+    assert_eq!(run_logs(&env, "deploy").len(), 2);
+
+    // A run that fails names its log, where the failure is too.
+    let mut down = host;
+    down.stop_sshd();
+    let failed = env.ctl(&deploy).expect_code(1);
+    let path = failed
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("the full log of this run: "))
+        .unwrap_or_else(|| panic!("the log's path is printed: {}", failed.stderr));
+    let log = fs::read_to_string(path).unwrap();
+    assert!(log.contains("FAILED") && log.contains("error: deploy failed on 1 of 1 host(s)"), "{log}");
 }
 
 #[test]

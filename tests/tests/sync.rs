@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mlops_controller::client::{AgentConn, ClientTls};
+use mlops_controller::progress::Progress;
 use mlops_controller::stack;
 use mlops_controller::sync::{HashCache, LocalTree, scan};
 use mlops_controller::transport::Transport;
@@ -106,12 +107,12 @@ proptest! {
             for files in [&first, &second] {
                 write_tree(&local, files);
                 let tree = scan_dir(&local);
-                let out = stack::sync(&mut conn, "prop", &tree).await.unwrap();
+                let out = stack::sync(&mut conn, "prop", &tree, &Progress::silent("prop")).await.unwrap();
                 prop_assert_eq!(snapshot(&local), snapshot(&remote));
                 prop_assert_eq!(out.files, tree.entries.iter().filter(|e| !e.is_dir).count());
             }
             // Nothing changed: nothing sent, nothing written.
-            let again = stack::sync(&mut conn, "prop", &scan_dir(&local)).await.unwrap();
+            let again = stack::sync(&mut conn, "prop", &scan_dir(&local), &Progress::silent("prop")).await.unwrap();
             prop_assert_eq!((again.uploaded_bytes, again.written, again.removed), (0, 0, 0));
             Ok(())
         })?;
@@ -126,7 +127,7 @@ async fn an_interrupted_sync_leaves_the_old_tree_and_the_next_one_completes_it()
     let local = src.path().join("t");
     let old: BTreeMap<String, (Vec<u8>, bool)> = [("keep.txt".to_string(), (b"old".to_vec(), false))].into();
     write_tree(&local, &old);
-    stack::sync(&mut conn, "intr", &scan_dir(&local)).await.unwrap();
+    stack::sync(&mut conn, "intr", &scan_dir(&local), &Progress::silent("intr")).await.unwrap();
     let remote = f.agent.state.join("trees/intr");
     let before = snapshot(&remote);
 
@@ -144,7 +145,7 @@ async fn an_interrupted_sync_leaves_the_old_tree_and_the_next_one_completes_it()
     assert_eq!(snapshot(&remote), before, "the tree did not change");
 
     // The next sync sends only what is missing and completes the tree.
-    let out = stack::sync(&mut conn, "intr", &tree).await.unwrap();
+    let out = stack::sync(&mut conn, "intr", &tree, &Progress::silent("intr")).await.unwrap();
     assert_eq!(out.uploaded_blobs, 6, "the 4 blobs already sent are not sent again");
     assert_eq!(snapshot(&remote), snapshot(&local));
 }

@@ -82,7 +82,7 @@ fn main() -> Result<()> {
         let mut a = AgentConn::connect(Arc::new(Transport::local()), agent_a.port, &tls).await?;
         let mut b = AgentConn::connect(Arc::new(Transport::local()), agent_b.port, &tls).await?;
         for conn in [&mut a, &mut b] {
-            stack::sync(conn, &plan.staged_root(), &plan.tree).await?;
+            stack::sync(conn, &plan.staged_root(), &plan.tree, &progress).await?;
         }
         let start = Instant::now();
         let built = images::build(&mut a, &plan, vec![tag.clone()], &progress).await?;

@@ -63,7 +63,7 @@ async fn bench_sync(conn: &mut AgentConn) -> Result<()> {
     let start = Instant::now();
     let tree = Arc::new(scan(&tree_dir, &mut cache)?);
     let scanned = start.elapsed();
-    let out = stack::sync(conn, "bench-sync", &tree).await?;
+    let out = stack::sync(conn, "bench-sync", &tree, &quiet()).await?;
     let cold = start.elapsed();
     println!(
         "sync cold: {} files, {:.1} MB: {:.0} ms (hashing and scan {:.0} ms; {} blobs uploaded)",
@@ -79,7 +79,7 @@ async fn bench_sync(conn: &mut AgentConn) -> Result<()> {
         std::fs::write(&changed, vec![round; 50_000])?;
         let start = Instant::now();
         let tree = Arc::new(scan(&tree_dir, &mut cache)?);
-        let out = stack::sync(conn, "bench-sync", &tree).await?;
+        let out = stack::sync(conn, "bench-sync", &tree, &quiet()).await?;
         warm.push(start.elapsed().as_secs_f64() * 1000.0);
         if out.written != 1 || out.uploaded_blobs != 1 {
             bail!("expected one file to change, got {out:?}");
@@ -103,7 +103,7 @@ async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Res
     let loaded = mlops_compose::load(stack_dir.path(), &mlops_compose::LoadOptions::default())?;
     let tree = Arc::new(scan(&loaded.dir, &mut HashCache::default())?);
     let root = stack::files_root(&loaded.stack.project);
-    stack::sync(conn, &root, &tree).await?;
+    stack::sync(conn, &root, &tree, &quiet()).await?;
     let request = ConvergeRequest {
         stack_json: serde_json::to_string(&loaded.stack)?,
         holder: "mlops-bench-stack".into(),
@@ -168,4 +168,9 @@ async fn bench_converge_and_health(conn: &mut AgentConn, host: &TestHost) -> Res
     }
     report("health transition, Docker event to controller", &mut latencies, "1 s");
     Ok(())
+}
+
+/// No progress events: the bench times the sync, not a display.
+fn quiet() -> mlops_controller::progress::Progress {
+    mlops_controller::progress::Progress::silent("bench")
 }

@@ -58,6 +58,9 @@ pub struct Global {
     /// Output format of the result (progress always goes to stderr).
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
+    /// Every progress line as it happens (on a terminal the default is one live line per host).
+    #[arg(short = 'v', long, global = true)]
+    pub verbose: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,11 +11,14 @@
 //!   state directory or agent binary.
 
 mod cli;
+mod live;
 mod printer;
+mod runlog;
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use mlops_controller::ControllerError;
 use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsOptions, operator};
 use mlops_controller::progress::Report;
@@ -34,12 +37,23 @@ fn main() {
         let mut seed = [0u8; 16];
         let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut seed);
     });
-    let cli = cli::Cli::parse();
+    let matches = Cli::command().get_matches();
+    // The subcommand's name, for the run's log.
+    let command = matches.subcommand_name().unwrap_or("mlopsctl").to_string();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Live lines only where a person watches: stderr a terminal that can
+    // redraw, and no -v.
+    let live = !cli.global.verbose
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("TERM").is_some_and(|t| !t.is_empty() && t != "dumb");
+    let printer = Arc::new(Printer::new(cli.global.output, live));
+    // Diagnostics go through the printer too: above live lines, and into the run's log.
+    let diagnostics = printer.clone();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MLOPS_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_writer(move || DiagnosticLine { printer: diagnostics.clone(), text: Vec::new() })
         .init();
-    let printer = Arc::new(Printer::new(cli.global.output));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -47,18 +61,46 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    let code = runtime.block_on(run(cli, printer.clone())).unwrap_or_else(|e| {
+    let code = runtime.block_on(run(cli, &command, printer.clone())).unwrap_or_else(|e| {
         printer.error(&anyhow::Error::new(e));
         EXIT_USAGE
     });
+    printer.finish(code);
     // Tasks still holding SSH sessions are not awaited past this point.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }
 
+/// One `tracing` event, written whole to the printer's stderr when dropped.
+struct DiagnosticLine {
+    printer: Arc<Printer>,
+    text: Vec<u8>,
+}
+
+impl std::io::Write for DiagnosticLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for DiagnosticLine {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.text);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            self.printer.info(text);
+        }
+    }
+}
+
 /// Runs the command; an `Err` is a usage or configuration error (exit 2),
 /// host failures are in the returned exit code.
-async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
+async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlops_controller::ControllerError> {
     let report: Arc<dyn Report> = printer.clone();
     // What acts on the state directory alone, before any host is resolved
     // (a join or an import must find no CA there, not one made by opening it).
@@ -141,6 +183,7 @@ async fn run(cli: Cli, printer: Arc<Printer>) -> Result<i32, mlops_controller::C
     let mut options = cli.global.options();
     options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
+    printer.open_log(&setup.state.path, command);
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
         Command::Deploy {

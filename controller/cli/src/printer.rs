@@ -1,7 +1,9 @@
 //! All output goes through the [`Printer`]: progress lines, warnings and
 //! errors to stderr, results to stdout (tables, or JSON with `--output
 //! json`). It is the library's [`Report`] for progress, and renders what
-//! each command returns.
+//! each command returns. Progress is one plain line per event, or, on a
+//! terminal without `-v`, one live line per host ([`crate::live`]); either
+//! way every line also goes to the run's log ([`crate::runlog`]).
 //!
 //! Errors print as uv does:
 //! ```text
@@ -11,8 +13,8 @@
 //! ```
 
 use std::io::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use mlops_controller::ControllerError;
@@ -37,6 +39,8 @@ use mlops_ssh::SshError;
 use serde_json::json;
 
 use crate::cli::Output;
+use crate::live::{Live, State};
+use crate::runlog::RunLog;
 
 /// Exit code: some host failed.
 pub const EXIT_HOST_FAILED: i32 = 1;
@@ -49,11 +53,15 @@ pub struct Printer {
     lock: Mutex<()>,
     /// Width of the host column in progress lines.
     width: AtomicUsize,
+    /// Live lines per host, on a terminal.
+    live: Option<Live>,
+    /// The run's log, once the command acts on hosts.
+    log: OnceLock<RunLog>,
 }
 
 impl Report for Printer {
     fn progress(&self, event: &Event) {
-        self.progress_line(event);
+        self.progress_event(event);
     }
 
     fn warn(&self, message: &str) {
@@ -66,8 +74,46 @@ impl Report for Printer {
 }
 
 impl Printer {
-    pub fn new(output: Output) -> Self {
-        Printer { output, lock: Mutex::new(()), width: AtomicUsize::new(4) }
+    /// `live`: one live line per host instead of a line per event (for a
+    /// terminal).
+    pub fn new(output: Output, live: bool) -> Self {
+        Printer {
+            output,
+            lock: Mutex::new(()),
+            width: AtomicUsize::new(4),
+            live: live.then(Live::new),
+            log: OnceLock::new(),
+        }
+    }
+
+    /// Keeps a log of this run (`command`) in the state directory; a log
+    /// that cannot be made is a warning, not a failure.
+    pub fn open_log(&self, state: &std::path::Path, command: &str) {
+        match RunLog::create(state, command) {
+            Ok(log) => {
+                let _ = self.log.set(log);
+            }
+            Err(e) => self.warn(&format!("no log of this run is kept: cannot write to {}/logs: {e}", state.display())),
+        }
+    }
+
+    /// The end of the run: the live lines stay as they are, and after a
+    /// failure the log's path is printed.
+    pub fn finish(&self, code: i32) {
+        self.settle();
+        if code != 0
+            && let Some(log) = self.log.get()
+        {
+            self.stderr_line(&format!("the full log of this run: {}", log.path().display()));
+        }
+    }
+
+    /// Ends the live display before results or a closing summary print.
+    fn settle(&self) {
+        if let Some(live) = &self.live {
+            let _guard = self.lock.lock().expect("not poisoned");
+            live.settle();
+        }
     }
 
     /// Aligns progress lines to the longest host name.
@@ -76,12 +122,20 @@ impl Printer {
     }
 
     fn stderr_line(&self, line: &str) {
+        let line = neutralise(line);
+        if let Some(log) = self.log.get() {
+            log.line(&line);
+        }
         let _guard = self.lock.lock().expect("not poisoned");
-        let _ = writeln!(std::io::stderr().lock(), "{}", neutralise(line));
+        if self.live.as_ref().is_some_and(|live| live.println(&line)) {
+            return;
+        }
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
     }
 
     /// Result text or JSON on stdout.
     pub fn stdout(&self, text: &str) {
+        self.settle();
         let _guard = self.lock.lock().expect("not poisoned");
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(neutralise(text).as_bytes());
@@ -94,9 +148,47 @@ impl Printer {
         self.stdout(&serde_json::to_string_pretty(value).expect("serializable"));
     }
 
-    /// One progress line per host step.
-    fn progress_line(&self, event: &Event) {
-        let what = match &event.step {
+    /// A host's step: its plain line (to stderr, or to the live line of
+    /// the host), and to the log.
+    fn progress_event(&self, event: &Event) {
+        let width = self.width.load(Ordering::Relaxed);
+        let text = Self::step_text(&event.step).map(|t| neutralise(&t).into_owned());
+        let line = text.as_ref().map(|what| format!("  {:width$}  {:>6}  {what}", event.host, secs(event.elapsed)));
+        // After the result printed (`logs -f` goes on), plain lines again.
+        let Some(live) = self.live.as_ref().filter(|live| !live.is_settled()) else {
+            if let Some(line) = line {
+                self.stderr_line(&line);
+            }
+            return;
+        };
+        if let (Some(log), Some(line)) = (self.log.get(), &line) {
+            log.line(line);
+        }
+        let shown = match &event.step {
+            Step::Transfer { what, .. } => neutralise(what).into_owned(),
+            _ => String::new(),
+        };
+        let state = match (&event.step, &text) {
+            (Step::Transfer { done, total, .. }, _) => State::Transfer { what: &shown, done: *done, total: *total },
+            (Step::Done, _) => State::Done,
+            (Step::Failed { .. }, Some(text)) => State::Failed(text),
+            (_, Some(text)) => State::Step(text),
+            (_, None) => return,
+        };
+        let _guard = self.lock.lock().expect("not poisoned");
+        live.update(&event.host, &format!("{:width$}", event.host), &state);
+    }
+
+    /// Prints an error with its causes and hint.
+    pub fn error(&self, err: &anyhow::Error) {
+        self.settle();
+        self.stderr_line(&render_error(err.as_ref(), ""));
+    }
+
+    /// A step as its plain line says it; `None` for what is only the state
+    /// of a live line.
+    fn step_text(step: &Step) -> Option<String> {
+        Some(match step {
             Step::Connecting { address } => format!("connecting to {address}"),
             Step::Connected => "connected".into(),
             Step::Probed { os, arch, service_manager } => format!("{os} {arch}, {service_manager}"),
@@ -125,14 +217,9 @@ impl Printer {
             Step::Image { tag, detail } => format!("image {tag}: {detail}"),
             Step::Retry { message } => format!("retry: {message}"),
             Step::Failed { message } => format!("FAILED: {message}"),
-        };
-        let width = self.width.load(Ordering::Relaxed);
-        self.stderr_line(&format!("  {:width$}  {:>6}  {what}", event.host, secs(event.elapsed)));
-    }
-
-    /// Prints an error with its causes and hint.
-    pub fn error(&self, err: &anyhow::Error) {
-        self.stderr_line(&render_error(err.as_ref(), ""));
+            // The state of a live line, not a line of its own.
+            Step::Transfer { .. } | Step::Done => return None,
+        })
     }
 
     /// The per-host results of a command as JSON: `ok`, `failed` and one
@@ -157,6 +244,7 @@ impl Printer {
 
     /// The closing lines on stderr: every failed host, with cause and hint.
     fn summarize<R>(&self, what: &str, r: &HostResults<R>) {
+        self.settle();
         if r.failed.is_empty() {
             self.stderr_line(&format!("{what}: {} host(s) succeeded", r.ok.len()));
             return;
@@ -754,6 +842,8 @@ impl Printer {
     /// A piece of a service's output, on our stdout or stderr as the
     /// container wrote it; with several hosts each line is prefixed.
     pub fn log_chunk(&self, host: &str, stream: &str, data: &[u8], prefix: bool) {
+        // Containers' output is the result: it prints below the hosts' lines.
+        self.settle();
         let _guard = self.lock.lock().expect("not poisoned");
         use std::io::IsTerminal;
         let (mut out, terminal): (Box<dyn Write>, bool) = if stream == "stderr" {

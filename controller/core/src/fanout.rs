@@ -102,8 +102,9 @@ where
         let fut = task(target, item, ctx.clone(), progress.clone());
         async move {
             let r = fut.await;
-            if let Err(e) = &r {
-                progress.step(Step::Failed { message: e.to_string() });
+            match &r {
+                Ok(_) => progress.step(Step::Done),
+                Err(e) => progress.step(Step::Failed { message: e.to_string() }),
             }
             r
         }

@@ -427,7 +427,7 @@ pub async fn fetch(
             });
             continue;
         }
-        let (bytes, ms) = match ship(conn, source, &tag).await {
+        let (bytes, ms) = match ship(conn, source, &tag, progress).await {
             Ok(done) => done,
             // Pulled where it could not be shipped (the converge pulls it
             // when the host still lacks it).
@@ -456,9 +456,14 @@ pub async fn fetch(
     Ok(out)
 }
 
-/// Streams `tag` from `source` into this host's engine; bytes and
-/// milliseconds.
-async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, u64), ControllerError> {
+/// Streams `tag` from `source` into this host's engine (the bytes reported
+/// to `progress` as they go); bytes and milliseconds.
+async fn ship(
+    conn: &mut AgentConn,
+    source: &Source,
+    tag: &str,
+    progress: &Progress,
+) -> Result<(u64, u64), ControllerError> {
     let host = conn.host().to_string();
     let _permit = source.saves.acquire().await.expect("never closed");
     let started = Instant::now();
@@ -493,9 +498,12 @@ async fn ship(conn: &mut AgentConn, source: &Source, tag: &str) -> Result<(u64, 
     // A failed save must fail the load, not end it early: the load call is
     // dropped (cancelled) when forwarding returns an error.
     let (chunk_tag, chunk_id) = (tag.to_string(), source.id.clone());
+    // The size of an image's tarball is known only once it is made.
+    let mut meter = crate::progress::TransferMeter::new(progress, format!("image {tag} from {}", source.name()), None);
     let forward = async move {
         while let Some(data) = tarball.next().await {
             let mut rest = data?;
+            meter.add(rest.len() as u64);
             // The engine's pieces can be larger than a gRPC message may be.
             while !rest.is_empty() {
                 let data = rest.split_to(rest.len().min(mlops_proto::IMAGE_CHUNK));

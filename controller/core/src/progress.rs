@@ -1,6 +1,8 @@
 //! What commands tell the user while they work: per-host progress events,
 //! warnings and notes. They go to a [`Report`], which the CLI implements
-//! with its printer.
+//! with its printer (plain lines, or one live line per host on a
+//! terminal). [`TransferMeter`] turns a stream of bytes sent into
+//! [`Step::Transfer`] events, a few per second at most.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,9 +64,27 @@ pub enum Step {
     Retry {
         message: String,
     },
+    /// Bytes of `what` sent so far, of `total` when known: for a live
+    /// progress bar, not a line of its own.
+    Transfer {
+        what: String,
+        done: u64,
+        total: Option<u64>,
+    },
     Failed {
         message: String,
     },
+    /// This host's part of the command's current step ended well (another
+    /// step may follow).
+    Done,
+}
+
+impl Step {
+    /// Steps that are not lines of their own in plain output: the state of
+    /// a live line.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Step::Transfer { .. } | Step::Done)
+    }
 }
 
 /// Where a command's progress, warnings and notes go.
@@ -101,6 +121,41 @@ impl Progress {
 
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+}
+
+/// Counts the bytes of one transfer and reports them as
+/// [`Step::Transfer`]: at the start, then at most every 200 ms (a transfer
+/// moves thousands of chunks; a terminal needs a few updates a second).
+/// The step that follows the transfer says how it ended.
+pub struct TransferMeter {
+    progress: Progress,
+    what: String,
+    total: Option<u64>,
+    done: u64,
+    last: std::time::Instant,
+}
+
+impl TransferMeter {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    pub fn new(progress: &Progress, what: impl Into<String>, total: Option<u64>) -> Self {
+        let last = std::time::Instant::now();
+        let meter = TransferMeter { progress: progress.clone(), what: what.into(), total, done: 0, last };
+        meter.emit();
+        meter
+    }
+
+    pub fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.last.elapsed() >= Self::EVERY {
+            self.last = std::time::Instant::now();
+            self.emit();
+        }
+    }
+
+    fn emit(&self) {
+        self.progress.step(Step::Transfer { what: self.what.clone(), done: self.done, total: self.total });
     }
 }
 

@@ -171,8 +171,14 @@ pub struct StackOutcome {
     pub timings: HostTimings,
 }
 
-/// Syncs `tree` into agent tree `root`, sending only what the agent lacks.
-pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Result<SyncOutcome, ControllerError> {
+/// Syncs `tree` into agent tree `root`, sending only what the agent lacks
+/// (its bytes reported to `progress` as they go).
+pub async fn sync(
+    conn: &mut AgentConn,
+    root: &str,
+    tree: &Arc<LocalTree>,
+    progress: &Progress,
+) -> Result<SyncOutcome, ControllerError> {
     let host = conn.host().to_string();
     let rpc = |call: &'static str, s: tonic::Status| ControllerError::from_status(&host, call, &s);
     let started = std::time::Instant::now();
@@ -181,13 +187,20 @@ pub async fn sync(conn: &mut AgentConn, root: &str, tree: &Arc<LocalTree>) -> Re
     out.took_ms[0] = ms_since(started);
     let started = std::time::Instant::now();
     if !plan.missing.is_empty() {
+        // Each missing blob is sent once, however many files share it.
+        let missing: std::collections::HashSet<&String> = plan.missing.iter().collect();
+        let mut sizes: std::collections::HashMap<&String, u64> = std::collections::HashMap::new();
+        for e in tree.entries.iter().filter(|e| missing.contains(&e.sha256)) {
+            sizes.insert(&e.sha256, e.size);
+        }
+        let total = sizes.values().sum::<u64>();
+        let mut meter = crate::progress::TransferMeter::new(progress, "files", Some(total));
         let chunks = tree.chunks(plan.sync_id.clone(), plan.missing.clone());
-        let reply = conn
-            .raw()
-            .sync_upload(tokio_stream::wrappers::ReceiverStream::new(chunks))
-            .await
-            .map_err(|s| rpc("SyncUpload", s))?
-            .into_inner();
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |c| {
+            meter.add(c.data.len() as u64);
+            c
+        });
+        let reply = conn.raw().sync_upload(chunks).await.map_err(|s| rpc("SyncUpload", s))?.into_inner();
         out.uploaded_blobs = reply.blobs;
         out.uploaded_bytes = reply.bytes;
     }
@@ -250,7 +263,7 @@ pub async fn stage(conn: &mut AgentConn, plan: &StackPlan, progress: &Progress) 
     }
 
     timings.docker_ms = ms_since(started);
-    let sync = sync(conn, &plan.staged_root(), &plan.tree).await?;
+    let sync = sync(conn, &plan.staged_root(), &plan.tree, progress).await?;
     [timings.manifest_ms, timings.upload_ms, timings.commit_ms] = sync.took_ms;
     progress.step(Step::Synced {
         files: sync.files,

@@ -328,7 +328,8 @@ async fn preview(
         return Ok((fresh(plan, host, "running".into(), what), fresh_images(plan, host)));
     };
     let scratch = format!("plan-{}-{:x}-{}", plan.project, std::process::id(), crate::rollout::salt());
-    let sync = stack::sync(conn, &scratch, &plan.tree).await?;
+    // A plan's scratch upload is not progress the user asked for.
+    let sync = stack::sync(conn, &scratch, &plan.tree, &crate::progress::Progress::silent(host)).await?;
     let request =
         PlanStackRequest { stack_json: plan.stack_json_for(host), files_root: scratch, live_root: plan.files_root() };
     let reply = conn.raw().plan_stack(request).await.map_err(|s| rpc("PlanStack", s))?.into_inner();
