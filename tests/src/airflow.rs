@@ -56,3 +56,25 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Optio
         std::thread::sleep(Duration::from_secs(2));
     }
 }
+
+/// The logs of the failed tasks of `dag`'s run `run` (every try), to show
+/// why a run failed.
+pub fn failed_task_logs(host: &TestHost, token: &str, dag: &str, run: &str) -> String {
+    let tis = api(host, token, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{run}/taskInstances"), None);
+    let mut out = String::new();
+    for ti in tis["task_instances"].as_array().into_iter().flatten().filter(|t| t["state"] == "failed") {
+        let task = ti["task_id"].as_str().unwrap_or_default();
+        for attempt in 1..=ti["try_number"].as_u64().unwrap_or(1).max(1) {
+            let path = format!("/api/v2/dags/{dag}/dagRuns/{run}/taskInstances/{task}/logs/{attempt}");
+            let log = api(host, token, "GET", &path, None);
+            let lines: Vec<String> = match &log["content"] {
+                Value::Array(items) => {
+                    items.iter().map(|i| i["event"].as_str().map_or_else(|| i.to_string(), str::to_string)).collect()
+                }
+                other => vec![other.to_string()],
+            };
+            out.push_str(&format!("--- {dag} {run} {task} try {attempt}:\n{}\n", lines.join("\n")));
+        }
+    }
+    out
+}

@@ -1,12 +1,19 @@
 //! The MLOps platform, deployed by the real mlopsctl over SSH to a test host
 //! with its own Docker engine, and then used: DAGs run
-//! through the REST API, a Spark job runs on the cluster, Prometheus scrapes
+//! through the REST API, Spark jobs run on the cluster (one reads and
+//! writes PostgreSQL over JDBC), Prometheus scrapes
 //! everything, every dashboard query returns data, a synced DAG appears
-//! without a restart, the run history survives `down` + `deploy`, the
+//! without a restart, so does a jar synced to `spark/jars/` (the next job's
+//! driver and executors see it), the run history survives `down` +
+//! `deploy`, the
 //! database's and broker's passwords and the Fernet key are rotated with
 //! DAG runs succeeding after each (and an encrypted variable still read),
+//! the `mlflow` profile is added (nothing running is recreated; a DAG
+//! trains a model and the run, its parameters, metrics and model are read
+//! back through MLflow's REST API; Prometheus scrapes the server),
 //! the platform moves to a second test host with its data (`mlopsctl
-//! migrate`: run history, task logs, variables, paused set, password),
+//! migrate`: run history, task logs, variables, paused set, password,
+//! MLflow's runs and artifacts),
 //! and there another controller takes the platform over keeping its
 //! passwords.
 //!
@@ -23,12 +30,53 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlops_e2e::airflow::{api, token, wait_for};
+use mlops_e2e::airflow::{api, failed_task_logs, token, wait_for};
 use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 use serde_json::{Value, json};
 
 const PROMETHEUS: &str = "http://127.0.0.1:19001";
 const SPARK: &str = "http://127.0.0.1:18080";
+const MLFLOW: &str = "http://127.0.0.1:15000";
+
+/// A Spark job that finds `mlops_probe.txt` (in a jar synced to
+/// `spark/jars/`) on the class path of its driver and of every executor
+/// task (`reflect` runs per row, on the executors; the row's own id in the
+/// name keeps Spark from computing it once on the driver).
+const JAR_PROBE_JOB: &str = r#"import sys
+from pyspark.sql import SparkSession
+
+spark = SparkSession.builder.getOrCreate()
+driver = spark.sparkContext._jvm.java.lang.ClassLoader.getSystemResource("mlops_probe.txt")
+rows = spark.range(0, 4, 1, 4).selectExpr(
+    "reflect('java.lang.ClassLoader', 'getSystemResource', "
+    "concat('mlops_probe', substr(cast(id AS string), 1, 0), '.txt')) AS url"
+).collect()
+urls = [r.url for r in rows]
+print("driver:", driver, "executors:", urls)
+sys.exit(0 if driver is not None and all(u and u != "null" for u in urls) else 1)
+"#;
+
+const JAR_PROBE_DAG: &str = r#"from datetime import datetime
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import dag
+
+
+@dag(schedule=None, start_date=datetime(2024, 1, 1), catchup=False)
+def jar_probe():
+    BashOperator(
+        task_id="probe",
+        bash_command=(
+            "spark-submit --master spark://spark-master:7077 "
+            "--conf spark.driver.host=$(hostname) --conf spark.driver.bindAddress=0.0.0.0 "
+            "--conf spark.driver.port=7079 --conf spark.blockManager.port=7089 "
+            "--conf spark.app.name=mlops-jar-probe /opt/spark/jobs/jar_probe.py"
+        ),
+    )
+
+
+jar_probe()
+"#;
 
 /// The project name: not the default `mlops`, so that nothing here could
 /// be taken for a user's platform.
@@ -140,19 +188,23 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert!(token(&host, "admin").is_none(), "admin/admin is refused");
     let tok = token(&host, &password).expect("the generated password works");
 
-    // Both example DAGs run to success through the REST API.
-    for dag in ["example_etl", "spark_pi"] {
+    // The example DAGs run to success through the REST API.
+    let examples = ["example_etl", "spark_pi", "spark_jdbc"];
+    for dag in examples {
         api(&host, &tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
     }
-    wait_for("both DAG runs to succeed", Duration::from_secs(600), || {
+    wait_for("the example DAG runs to succeed", Duration::from_secs(600), || {
         let runs = api(&host, &tok, "GET", "/api/v2/dags/~/dagRuns", None);
         let states: Vec<(String, String)> = runs["dag_runs"]
             .as_array()?
             .iter()
             .map(|r| (r["dag_id"].as_str().unwrap_or("").to_string(), r["state"].as_str().unwrap_or("").to_string()))
             .collect();
-        assert!(!states.iter().any(|(_, s)| s == "failed"), "a DAG run failed: {states:?}");
-        (states.iter().filter(|(_, s)| s == "success").count() == 2).then_some(())
+        if let Some(failed) = runs["dag_runs"].as_array()?.iter().find(|r| r["state"] == "failed") {
+            let (dag, id) = (failed["dag_id"].as_str().unwrap(), failed["dag_run_id"].as_str().unwrap());
+            panic!("a DAG run failed: {states:?}\n{}", failed_task_logs(&host, &tok, dag, id));
+        }
+        (states.iter().filter(|(_, s)| s == "success").count() == examples.len()).then_some(())
     });
     // No secret was ever on a command line, during the deploy, the health
     // checks and the DAG runs.
@@ -173,7 +225,15 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
 
     let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
-    assert!(spark["completedapps"].as_array().unwrap().iter().any(|a| a["name"] == "mlops-spark-pi"), "{spark}");
+    for app in ["mlops-spark-pi", "mlops-jdbc-summary"] {
+        assert!(spark["completedapps"].as_array().unwrap().iter().any(|a| a["name"] == app), "{app}: {spark}");
+    }
+    // The JDBC job read `dag_run` and wrote its aggregate back: its own
+    // run (running then) at least is counted.
+    let summary = "select count(*) || ' ' || sum(runs) from mlops_examples.dag_run_summary";
+    let summary = host.docker(&["exec", &pg, "psql", "-U", "postgres", "-d", "airflow", "-tAc", summary]);
+    let counts: Vec<u32> = summary.split(' ').filter_map(|n| n.parse().ok()).collect();
+    assert!(counts.len() == 2 && counts.iter().all(|&n| n >= 1), "rows and runs in the summary: `{summary}`");
 
     // Prometheus: every target up, the exporter's series present, and every
     // dashboard query answers with data.
@@ -219,6 +279,30 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         dags["dags"].as_array()?.iter().any(|d| d["dag_id"] == "synced_later").then_some(())
     });
     eprintln!("synced DAG listed after {:.1} s", start.elapsed().as_secs_f64());
+
+    // A jar dropped into spark/jars/ and synced: the next Spark job sees it
+    // on its driver's and executors' class path, with nothing restarted.
+    let jar = bundle.path().join("spark/jars/mlops-probe.jar");
+    let zipped = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.writestr('mlops_probe.txt', 'probe')",
+        ])
+        .arg(&jar)
+        .status()
+        .expect("python3 (installed by tests/run.sh) makes the jar");
+    assert!(zipped.success());
+    std::fs::write(bundle.path().join("spark/jobs/jar_probe.py"), JAR_PROBE_JOB).unwrap();
+    std::fs::write(bundle.path().join("airflow/dags/jar_probe.py"), JAR_PROBE_DAG).unwrap();
+    let synced = ctl(&["sync", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--output", "json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(synced["hosts"][0]["result"]["written"], 3, "the jar, the job and the DAG: {synced}");
+    wait_for("the jar probe DAG to be listed", Duration::from_secs(60), || {
+        let dags = api(&host, &tok, "GET", "/api/v2/dags", None);
+        dags["dags"].as_array()?.iter().any(|d| d["dag_id"] == "jar_probe").then_some(())
+    });
+    run_dag(&host, &tok, "jar_probe");
     let after = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
     assert_eq!(before, after, "no container was restarted or replaced");
 
@@ -260,6 +344,56 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         let variable = api(&host, &tok, "GET", "/api/v2/variables/mlops_e2e_probe", None);
         assert_eq!(variable["value"], "kept through rotations", "after rotating {name}");
         run_dag(&host, &tok, "example_etl");
+    }
+
+    // The mlflow profile joins the running platform: its three services
+    // start, nothing that ran is recreated. A DAG trains a model on the ML
+    // worker and MLflow's REST API gives back the run, its parameters and
+    // metrics and the model's files; Prometheus scrapes the server.
+    let ids = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
+    let command_lines = CommandLines::sample();
+    let as_deployed = [&as_deployed[..], &["--profile", "mlflow"]].concat();
+    let run = ctl(&[&["deploy"], &as_deployed[..], &["--output", "json"]].concat());
+    if run.code != 0 {
+        eprintln!("agent log:\n{}", host.agent_log());
+    }
+    let run = run.expect_code(0).json();
+    let now = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
+    for id in ids.lines() {
+        assert!(now.lines().any(|l| l == id), "container {id} was recreated by adding the profile: {run:#}");
+    }
+    let services = run["hosts"][0]["result"]["stack"]["services"].as_array().unwrap();
+    for name in ["mlflow", "airflow-worker-ml"] {
+        let s = services.iter().find(|s| s["service"] == name).unwrap_or_else(|| panic!("{name}: {run:#}"));
+        assert!(s["state"] == "running" && s["health"] == "healthy", "{s}");
+    }
+    let sql = "select rolname || '=' || rolsuper || ' ' || (select datname from pg_database where datname = 'mlflow') from pg_roles where rolname = 'mlflow'";
+    assert_eq!(host.docker(&["exec", &pg, "psql", "-U", "postgres", "-tAc", sql]), "mlflow=false mlflow");
+    let tok = token(&host, &password).unwrap();
+    run_dag(&host, &tok, "mlflow_train");
+    let mlflow_run = mlflow_run(&host);
+    eprintln!("MLflow run {} read back", mlflow_run["info"]["run_id"]);
+    let params: Vec<&str> =
+        mlflow_run["data"]["params"].as_array().unwrap().iter().map(|p| p["key"].as_str().unwrap()).collect();
+    assert!(params.contains(&"C") && params.contains(&"max_iter"), "{mlflow_run:#}");
+    let accuracy = mlflow_run["data"]["metrics"].as_array().unwrap().iter().find(|m| m["key"] == "accuracy").unwrap();
+    assert!(accuracy["value"].as_f64().unwrap() > 0.8, "{mlflow_run:#}");
+    let model_files = mlflow_model_files(&host, &mlflow_run);
+    assert!(model_files.contains(&"MLmodel".to_string()), "{model_files:?}");
+    wait_for("Prometheus to scrape MLflow", Duration::from_secs(120), || {
+        let up = prom_query(&host, "up{job=\"mlflow\"}");
+        (up.len() == 1 && up[0]["value"][1] == "1").then_some(())
+    });
+    assert!(!prom_query(&host, "mlflow_http_request_total").is_empty(), "MLflow's request metrics");
+    // Neither its setup, its server nor the training put a secret on a
+    // command line (MLFLOW_DB_PASSWORD, new here, included).
+    let (lines, _) = command_lines.finish();
+    assert!(lines.iter().any(|l| l.contains("mlflow.server")), "the sampler saw the tracking server");
+    let secrets = ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
+    for (name, value) in secrets["secrets"].as_object().unwrap() {
+        if let Some(line) = lines.iter().find(|l| l.contains(value.as_str().unwrap())) {
+            panic!("secret {name} was on a command line: {line}");
+        }
     }
 
     // The platform moves to another host with its data: DAG run history,
@@ -325,7 +459,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
             ctl = env.mlopsctl.display()
         )
     };
-    let deploy = format!("deploy --skip grafana --project {PROJECT} --stack {dir} --health-timeout 900");
+    let deploy =
+        format!("deploy --skip grafana --profile mlflow --project {PROJECT} --stack {dir} --health-timeout 900");
     let refused = host.command_inside("sh").args(["-c", &readme(&deploy)]).output().unwrap();
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -402,6 +537,8 @@ agent log of {}:
         run
     };
     let before = platform_state(a, password);
+    let mlflow_before = mlflow_run(a);
+    let files_before = mlflow_model_files(a, &mlflow_before);
     assert!(before.2.contains("sum of squares"), "the task's own output is in its log: {}", before.2);
     let started = Instant::now();
     let moved = migrate(&sa, &sb, &["--output", "json"]).expect_code(0).json();
@@ -418,7 +555,10 @@ agent log of {}:
     assert!(result["database"]["bytes"].as_u64().unwrap() > 100_000, "{result:#}");
     let volumes: Vec<&str> =
         result["volumes"].as_array().unwrap().iter().map(|v| v["volume"].as_str().unwrap()).collect();
-    assert_eq!(volumes, [format!("{PROJECT}_airflow-logs"), format!("{PROJECT}_redis-data")]);
+    let mut volumes = volumes.clone();
+    volumes.sort_unstable();
+    let moved = ["airflow-logs", "mlflow-artifacts", "redis-data"].map(|v| format!("{PROJECT}_{v}"));
+    assert_eq!(volumes, moved, "every named volume but the metrics' (no --with-metrics)");
 
     // B has everything A had; A is stopped, its data kept.
     let after = platform_state(&b, password);
@@ -426,6 +566,10 @@ agent log of {}:
     assert_eq!(after.1, before.1, "the paused set");
     assert!(after.2.contains("sum of squares"), "the task log: {}", after.2);
     assert_eq!(after.3, before.3, "the encrypted variable reads back (same Fernet key)");
+    // MLflow's run (its database) and its model's files (its volume) too.
+    let mlflow_after = mlflow_run(&b);
+    assert_eq!(mlflow_after["info"], mlflow_before["info"]);
+    assert_eq!(mlflow_model_files(&b, &mlflow_after), files_before);
     let tok = token(&b, password).unwrap();
     run_dag(&b, &tok, "example_etl");
     let running = a.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}")]);
@@ -435,6 +579,44 @@ agent log of {}:
     b
 }
 
+/// MLflow's REST API on `host`: `method` `path` with `body`, as JSON.
+fn mlflow_api(host: &TestHost, method: &str, path: &str, body: Option<Value>) -> Value {
+    let url = format!("{MLFLOW}{path}");
+    let mut args = vec!["-X", method, url.as_str()];
+    let body = body.map(|b| b.to_string());
+    if let Some(b) = &body {
+        args.extend(["-H", "Content-Type: application/json", "--data", b.as_str()]);
+    }
+    let (code, text) = host.curl(&args);
+    assert_eq!(code, 200, "{method} {path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The newest run of the example experiment, finished, through MLflow's REST API.
+fn mlflow_run(host: &TestHost) -> Value {
+    let experiment =
+        mlflow_api(host, "GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=mlops-example", None);
+    let id = experiment["experiment"]["experiment_id"].as_str().unwrap().to_string();
+    let body = json!({"experiment_ids": [id], "max_results": 1, "order_by": ["attributes.start_time DESC"]});
+    let runs = mlflow_api(host, "POST", "/api/2.0/mlflow/runs/search", Some(body));
+    let run = runs["runs"][0].clone();
+    assert_eq!(run["info"]["status"], "FINISHED", "{runs:#}");
+    run
+}
+
+/// The files of the model `run` logged, listed by the server that stores them.
+fn mlflow_model_files(host: &TestHost, run: &Value) -> Vec<String> {
+    let model = run["outputs"]["model_outputs"][0]["model_id"].as_str().unwrap_or_else(|| panic!("a model: {run:#}"));
+    let model = mlflow_api(host, "GET", &format!("/api/2.0/mlflow/logged-models/{model}"), None);
+    let uri = model["model"]["info"]["artifact_uri"].as_str().unwrap();
+    let path = uri.strip_prefix("mlflow-artifacts:/").unwrap_or_else(|| panic!("proxied artifacts: {uri}"));
+    let listed = mlflow_api(host, "GET", &format!("/api/2.0/mlflow-artifacts/artifacts?path={path}"), None);
+    let mut files: Vec<String> =
+        listed["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().to_string()).collect();
+    files.sort();
+    files
+}
+
 /// Triggers a run of `dag` and waits for it to succeed.
 fn run_dag(host: &TestHost, tok: &str, dag: &str) {
     let created = api(host, tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
@@ -442,7 +624,9 @@ fn run_dag(host: &TestHost, tok: &str, dag: &str) {
     let started = Instant::now();
     wait_for(&format!("{dag} run {id} to succeed"), Duration::from_secs(600), || {
         let run = api(host, tok, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{id}"), None);
-        assert_ne!(run["state"], "failed", "{dag} run failed: {run}");
+        if run["state"] == "failed" {
+            panic!("{dag} run failed: {run}\n{}", failed_task_logs(host, tok, dag, &id));
+        }
         (run["state"] == "success").then_some(())
     });
     eprintln!("{dag} run succeeded in {:.0} s", started.elapsed().as_secs_f64());

@@ -8,7 +8,7 @@
 //! silently dropped; `x-*` keys are extensions and pass quietly. Invalid
 //! input is a [`ComposeError`] with file, line and column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use mlops_proto::stack::{
@@ -158,6 +158,7 @@ pub fn parse(
         warnings: Vec::new(),
         rotate_at: BTreeMap::new(),
         placement_at: BTreeMap::new(),
+        ui_at: BTreeMap::new(),
         migrate_at: None,
         all_services: std::collections::BTreeSet::new(),
     };
@@ -194,6 +195,8 @@ struct Parser<'a> {
     /// Where each part of `x-mlops.placement` is (`role NAME`,
     /// `every_host`, `remote_ports SERVICE`).
     placement_at: BTreeMap<String, Node>,
+    /// Where each `x-mlops.ui` entry is, by name.
+    ui_at: BTreeMap<String, Node>,
     /// Where `x-mlops.migrate` is, for errors found once the services and
     /// volumes are known.
     migrate_at: Option<Node>,
@@ -435,6 +438,7 @@ impl Parser<'_> {
         })?;
         let services_node = services_node.ok_or_else(|| self.err(root, "no `services:` in the Compose file"))?;
         let mut positions = BTreeMap::new();
+        let mut off_volumes: BTreeSet<String> = BTreeSet::new();
         for (sk, sv) in self.map(&services_node, "services")? {
             let sname = sk.as_key().unwrap_or_default();
             if sname.is_empty() || !sname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
@@ -446,6 +450,8 @@ impl Parser<'_> {
             let svc = self.service(&sname, sv)?;
             self.all_services.insert(sname.clone());
             if !svc.profiles.is_empty() && !svc.profiles.iter().any(|p| options.profiles.contains(p)) {
+                off_volumes
+                    .extend(svc.volumes.iter().filter(|m| m.kind == MountKind::Volume).map(|m| m.source.clone()));
                 continue;
             }
             positions.insert(sname.clone(), sk.clone());
@@ -454,7 +460,18 @@ impl Parser<'_> {
         if stack.services.is_empty() {
             return Err(self.err(&services_node, "the stack has no services (with the enabled profiles)"));
         }
+        // Named volumes only services of profiles that are off use are not
+        // made (nor moved by migrate), as Compose does.
+        for volume in off_volumes {
+            let used = stack.services.values().flat_map(|s| &s.volumes).any(|m| m.source == volume);
+            if !used {
+                stack.volumes.remove(&volume);
+            }
+        }
         self.validate(&stack, &positions)?;
+        // What names services of profiles that are off names nothing.
+        let present: BTreeSet<String> = stack.services.keys().cloned().collect();
+        forget_services(&mut stack, &|s| !present.contains(s));
         Ok(stack)
     }
 
@@ -495,6 +512,14 @@ impl Parser<'_> {
                     let at = self.placement_at.get(&format!("{what} {service}"));
                     return Err(self.err_at(at, format!("x-mlops.placement.{what}: `{service}` is not a service")));
                 }
+            }
+        }
+        for (name, ui) in &stack.options.ui {
+            if !stack.services.contains_key(&ui.service) && !self.all_services.contains(&ui.service) {
+                return Err(self.err_at(
+                    self.ui_at.get(name),
+                    format!("x-mlops.ui `{name}`: no service `{}` in the stack", ui.service),
+                ));
             }
         }
         if let Some(at) = &self.migrate_at {
@@ -625,7 +650,9 @@ impl Parser<'_> {
                                 other => self.warn(fk, format!("unknown key `{other}` in x-mlops.ui is ignored")),
                             }
                         }
-                        o.ui.insert(uk.as_key().unwrap_or_default(), ui);
+                        let name = uk.as_key().unwrap_or_default();
+                        self.ui_at.insert(name.clone(), uk.clone());
+                        o.ui.insert(name, ui);
                     }
                 }
                 "rotate" => {
@@ -1466,18 +1493,26 @@ pub fn skip_services(stack: &mut Stack, skip: &[String]) -> Result<(), String> {
         }
     }
     stack.services.retain(|name, _| !skip.contains(name));
-    stack.options.ui.retain(|_, ui| !skip.contains(&ui.service));
-    let placement = &mut stack.options.placement;
-    for role in placement.roles.values_mut() {
-        role.services.retain(|s| !skip.contains(s));
-    }
-    placement.every_host.retain(|s| !skip.contains(s));
-    placement.remote_ports.retain(|s, _| !skip.contains(s));
-    placement.scrape.retain(|s, _| !skip.contains(s));
+    forget_services(stack, &|s| skip.iter().any(|k| k == s));
     if stack.services.is_empty() {
         return Err("--skip leaves no service".into());
     }
     Ok(())
+}
+
+/// Drops what `x-mlops` says about services that are `gone` (skipped, or
+/// in profiles that are off): their UIs, places, ports, scrape targets and
+/// holds. A role left without services is no role (see placement).
+fn forget_services(stack: &mut Stack, gone: &dyn Fn(&str) -> bool) {
+    stack.options.ui.retain(|_, ui| !gone(&ui.service));
+    let placement = &mut stack.options.placement;
+    for role in placement.roles.values_mut() {
+        role.services.retain(|s| !gone(s));
+    }
+    placement.every_host.retain(|s| !gone(s));
+    placement.remote_ports.retain(|s, _| !gone(s));
+    placement.scrape.retain(|s, _| !gone(s));
+    stack.options.migrate.hold.retain(|s| !gone(s));
 }
 
 /// Compose's project name rules: lowercase letters, digits, `-`, `_`.

@@ -176,6 +176,19 @@ fn profiles_select_services() {
 }
 
 #[test]
+fn a_ui_is_listed_only_with_its_service() {
+    let text = "x-mlops:\n  ui:\n    a: {service: a, port: 1}\n    dbg: {service: dbg, port: 2}\nservices:\n  a:\n    image: x\n  dbg:\n    image: y\n    profiles: [debug]\n";
+    assert_eq!(ok(text).stack.options.ui.keys().collect::<Vec<_>>(), ["a"], "the profile is off");
+    let env = BTreeMap::new();
+    let opts = LoadOptions { project: Some("p".into()), profiles: vec!["debug".into()], ..Default::default() };
+    let l = parse(text, Path::new("c.yaml"), Path::new("."), &env, &opts).unwrap();
+    assert_eq!(l.stack.options.ui.len(), 2);
+    let typo = text.replace("{service: dbg", "{service: dgb");
+    let e = parse_with(&typo, &[]).unwrap_err().to_string();
+    assert!(e.contains(":4:") && e.contains("x-mlops.ui `dbg`: no service `dgb`"), "{e}");
+}
+
+#[test]
 fn load_reads_dotenv_and_env_files() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -238,6 +251,30 @@ fn the_platform_bundle_parses_without_warnings() {
             assert!(!arg.contains("generated-"), "{name}: a secret on the command line: {arg}");
         }
     }
+    // The mlflow profile: off, nothing of it; on, its services (hardened,
+    // no secret on a command line), its UI.
+    assert!(
+        !l.stack.services.keys().any(|s| s.contains("mlflow") || s.ends_with("-ml")),
+        "{:?}",
+        l.stack.services.keys()
+    );
+    assert!(!o.ui.contains_key("mlflow"));
+    assert!(!l.stack.volumes.contains_key("mlflow-artifacts"), "a volume of the profile's alone is not made");
+    assert!(!o.placement.roles["airflow"].services.contains(&"airflow-worker-ml".to_string()));
+    let env = secrets.iter().map(|s| (s.clone(), format!("generated-{s}"))).collect();
+    let ml = load(&dir, &LoadOptions { env, profiles: vec!["mlflow".into()], ..Default::default() }).unwrap();
+    assert!(ml.warnings.is_empty(), "{:?}", ml.warnings);
+    assert_eq!(ml.stack.options.ui["mlflow"].port, 15000);
+    assert!(ml.stack.volumes.contains_key("mlflow-artifacts"));
+    for name in ["mlflow-init", "mlflow", "airflow-worker-ml"] {
+        let svc = &ml.stack.services[name];
+        assert_eq!(svc.cap_drop, ["ALL"], "{name}");
+        for arg in svc.command.iter().flatten() {
+            assert!(!arg.contains("generated-"), "{name}: a secret on the command line: {arg}");
+        }
+    }
+    assert_eq!(ml.stack.services["mlflow"].build.as_ref().unwrap().target.as_deref(), Some("ml"));
+    assert_eq!(l.stack.services["airflow-worker"].build.as_ref().unwrap().target.as_deref(), Some("airflow"));
     let mut stack = l.stack.clone();
     skip_services(&mut stack, &["grafana".into()]).unwrap();
     assert!(!stack.options.ui.contains_key("grafana"));
@@ -420,6 +457,8 @@ fn the_platform_round_trips_through_its_config() {
     let stack = round_trips(&text, &dir, &[]);
     assert!(stack.services.len() > 10, "the whole platform: {:?}", stack.services.keys());
     assert!(!stack.options.secrets.is_empty());
+    let with_mlflow = round_trips(&text, &dir, &["mlflow"]);
+    assert_eq!(with_mlflow.services.len(), stack.services.len() + 3);
 }
 
 #[test]

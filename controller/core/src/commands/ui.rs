@@ -41,7 +41,7 @@ pub async fn ui(
                 loaded.stack.project,
                 loaded.stack.options.ui.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
-            None,
+            Some("the UI of a service in a Compose profile is there with that profile only: add --profile NAME as deployed (e.g. `--profile mlflow`)"),
         )
     })?;
     let [target] = setup.targets.as_slice() else {
