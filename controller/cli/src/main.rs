@@ -183,7 +183,10 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
     let mut options = cli.global.options();
     options.take_over = matches!(cli.command, Command::Deploy { take_over: true, .. });
     let setup = Setup::new(&options, needs_binary, report.as_ref())?;
-    printer.open_log(&setup.state.path, command);
+    // `config` reads the stack and prints it: no host, nothing to log.
+    if !matches!(cli.command, Command::Config { .. }) {
+        printer.open_log(&setup.state.path, command);
+    }
     printer.set_targets(&setup.targets);
     Ok(match cli.command {
         Command::Deploy {
