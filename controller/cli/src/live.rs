@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// A host at work: its spinner, time and step.
+const RUNNING: &str = "  {prefix} {spinner:.cyan} {elapsed:>4}  {wide_msg}";
+
 /// How often a running host's spinner turns (and its elapsed time counts).
 const TICK: Duration = Duration::from_millis(120);
 
@@ -79,8 +82,9 @@ impl Live {
         let index = match bars.iter().position(|l| l.host == host) {
             Some(i) => i,
             None => {
-                let bar = self.multi.add(ProgressBar::new(0));
-                bar.set_prefix(label.to_string());
+                // Styled before it is added: added, it draws at once.
+                let bar = ProgressBar::new(0).with_style(style(RUNNING)).with_prefix(label.to_string());
+                let bar = self.multi.add(bar);
                 bars.push(Line { host: host.to_string(), bar, last: String::new(), ticking: false });
                 bars.len() - 1
             }
@@ -89,32 +93,34 @@ impl Live {
         line.tick(matches!(state, State::Step(_) | State::Transfer { .. }));
         let bar = &line.bar;
         match state {
+            // The style first (setting it draws nothing), then what
+            // draws: no frame shows a new style with the old message.
             State::Step(text) => {
-                bar.set_style(style("  {prefix} {spinner:.cyan} {elapsed:>4}  {wide_msg}"));
+                bar.set_style(style(RUNNING));
                 bar.set_message(text.to_string());
                 line.last = text.to_string();
             }
             State::Transfer { what, done, total } => {
                 let template = match total {
                     Some(_) => {
-                        "  {prefix} {spinner:.cyan} {elapsed:>4}  {msg} [{bar:24.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec}"
+                        "  {prefix} {spinner:.cyan} {elapsed:>4}  {msg} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec}"
                     }
-                    None => "  {prefix} {spinner:.cyan} {elapsed:>4}  {msg} {bytes} {binary_bytes_per_sec}",
+                    None => "  {prefix} {spinner:.cyan} {elapsed:>4}  {bytes} {binary_bytes_per_sec}  {wide_msg}",
                 };
                 bar.set_style(style(template));
+                bar.set_message(format!("sending {what}"));
                 if let Some(total) = total {
                     bar.set_length(*total);
                 }
                 bar.set_position(*done);
-                bar.set_message(format!("sending {what}"));
             }
             // The time is written in: a line that is done no longer counts.
             State::Done => {
-                bar.set_style(style("  {prefix} {msg}"));
+                bar.set_style(style("  {prefix} {wide_msg}"));
                 bar.set_message(format!("✓ {:>4}  {}", crate::printer::secs(bar.elapsed()), line.last));
             }
             State::Failed(text) => {
-                bar.set_style(style("  {prefix} {msg:.red}"));
+                bar.set_style(style("  {prefix} {wide_msg:.red}"));
                 bar.set_message(format!("✗ {:>4}  {text}", crate::printer::secs(bar.elapsed())));
             }
         }
@@ -141,9 +147,15 @@ impl Live {
         if self.settled.swap(true, Ordering::Relaxed) {
             return;
         }
-        for line in self.bars.lock().expect("not poisoned").iter_mut() {
+        let mut bars = self.bars.lock().expect("not poisoned");
+        for line in bars.iter_mut() {
             line.tick(false);
             line.bar.abandon();
+        }
+        // The last line is left without its newline: what prints next
+        // starts below it, not after it.
+        if !bars.is_empty() {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"\n");
         }
     }
 }
