@@ -591,6 +591,7 @@ LogLevel VERBOSE
         self.dir.path().join("docker.sock")
     }
 
+    /// The docker CLI, set to talk to this host's engine, with `args`.
     pub fn docker_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("docker");
         cmd.args(args)
