@@ -320,6 +320,10 @@ pub struct Service {
     pub init: Option<bool>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ulimits: BTreeMap<String, Ulimit>,
+    /// Compose `logging`: the container's log driver and its options (such
+    /// as rotation: `max-size`, `max-file`); Docker's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Logging>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shm_size: Option<i64>,
     /// How long `stop` waits before SIGKILL.
@@ -466,6 +470,16 @@ impl Service {
         }
         out
     }
+}
+
+/// A container's log driver (Docker's `--log-driver`/`--log-opt`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logging {
+    /// Empty: the engine's default driver, with `options`.
+    #[serde(default)]
+    pub driver: String,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -482,3 +482,54 @@ fn an_image_no_registry_supplies_is_named_with_the_way_out() {
     assert!(hint.contains("--skip grafana"), "{hint}");
     assert!(run.stderr.contains("grafana: pulling 127.0.0.1:9/grafana:1"), "{}", run.stderr);
 }
+
+/// Compose `logging` reaches the engine: a container that writes about a
+/// megabyte a second keeps its log under the cap its rotation sets (two
+/// files of 64 KiB), and `mlopsctl logs` still reads it.
+#[test]
+fn a_chatty_container_s_log_stays_under_its_rotation_cap() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "s9");
+    let stack = TestStack::new(
+        r#"
+name: "{project}"
+services:
+  chatty:
+    build: ./img
+    command: [sh, -c, "while :; do echo 'a line of about a hundred bytes, written as fast as the shell can, again and again and again'; done"]
+    logging:
+      driver: json-file
+      options: {max-size: 64k, max-file: "2"}
+"#,
+    )
+    .unwrap();
+    deploy(&env, &host, &stack, &[]).expect_code(0);
+    let container = format!("{}-chatty-1", stack.project);
+    let config = host.docker(&["inspect", "--format", "{{json .HostConfig.LogConfig}}", &container]);
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["Type"], "json-file", "{config}");
+    assert_eq!(config["Config"]["max-size"], "64k", "{config}");
+    let log_path = std::path::PathBuf::from(host.docker(&["inspect", "--format", "{{.LogPath}}", &container]));
+    let dir = log_path.parent().unwrap();
+    let name = log_path.file_name().unwrap().to_string_lossy().into_owned();
+    // Long enough for an unrotated log to grow far past the cap.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let sizes = || -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    };
+    let total = sizes();
+    assert!(total > 0, "the container writes to its log");
+    // Two files of 64 KiB, and what one write can add past the cap.
+    assert!(total <= 2 * 64 * 1024 + 16 * 1024, "{total} bytes of log kept");
+    let key = env.key.display().to_string();
+    let spec = host.spec("root");
+    let logs = env
+        .ctl(&["logs", "chatty", "--tail", "3", "--project", &stack.project, "--identity", &key, "--host", &spec])
+        .expect_code(0);
+    assert!(logs.stdout.lines().count() >= 1 && logs.stdout.contains("a line of about"), "{}", logs.stdout);
+}

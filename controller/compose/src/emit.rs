@@ -223,6 +223,16 @@ fn service(svc: &Service) -> Value {
     if let Some(init) = svc.init {
         put("init", json!(init));
     }
+    if let Some(logging) = &svc.logging {
+        let mut l = serde_json::Map::new();
+        if !logging.driver.is_empty() {
+            l.insert("driver".into(), json!(logging.driver));
+        }
+        if !logging.options.is_empty() {
+            l.insert("options".into(), json!(logging.options));
+        }
+        put("logging", serde_json::Value::Object(l));
+    }
     if !svc.ulimits.is_empty() {
         let limits = svc.ulimits.iter().map(|(k, u)| (k.clone(), json!({ "soft": u.soft, "hard": u.hard })));
         put("ulimits", limits.collect());

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use mlops_proto::stack::{
-    Build, Condition, Healthcheck, Limits, Mount, MountKind, Network, Port, Service, Stack, StackOptions, Ulimit,
-    Volume,
+    Build, Condition, Healthcheck, Limits, Logging, Mount, MountKind, Network, Port, Service, Stack, StackOptions,
+    Ulimit, Volume,
 };
 use mlops_yaml::{Node, Value};
 
@@ -207,7 +207,7 @@ struct Parser<'a> {
 type R<T> = Result<T, ComposeError>;
 
 /// The service keys mlopsctl acts on (named in the unknown-key warning).
-const SERVICE_KEYS: [&str; 33] = [
+const SERVICE_KEYS: [&str; 34] = [
     "image",
     "build",
     "command",
@@ -240,6 +240,7 @@ const SERVICE_KEYS: [&str; 33] = [
     "shm_size",
     "extra_hosts",
     "hostname",
+    "logging",
     "x-*",
 ];
 
@@ -1002,6 +1003,7 @@ impl Parser<'_> {
                     }
                 }
                 "ulimits" => svc.ulimits = self.ulimits(v)?,
+                "logging" => svc.logging = Some(self.logging(v)?),
                 "shm_size" => {
                     let s = self.string(v, "shm_size")?;
                     svc.shm_size = Some(
@@ -1353,6 +1355,33 @@ impl Parser<'_> {
     }
 
     /// `ulimits`: `name: N` or `name: {soft: N, hard: M}`.
+    /// `logging: {driver: NAME, options: {KEY: VALUE}}`: the driver's name
+    /// goes to the engine as it is, so it must look like one.
+    fn logging(&self, node: &Node) -> R<Logging> {
+        let mut out = Logging::default();
+        for (k, v) in self.map(node, "logging")? {
+            match k.as_key().unwrap_or_default().as_str() {
+                "driver" => {
+                    let driver = self.string(v, "logging.driver")?;
+                    let valid = !driver.is_empty()
+                        && driver
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'));
+                    if !valid {
+                        return Err(self.err(
+                            v,
+                            format!("logging.driver `{driver}` is not a log driver's name (e.g. local, json-file)"),
+                        ));
+                    }
+                    out.driver = driver;
+                }
+                "options" => out.options = self.key_values(v, "logging.options", false)?,
+                other => return Err(self.err(k, format!("logging: unknown key `{other}` (driver, options)"))),
+            }
+        }
+        Ok(out)
+    }
+
     fn ulimits(&self, node: &Node) -> R<BTreeMap<String, Ulimit>> {
         let mut out = BTreeMap::new();
         let number = |n: &Node| -> R<i64> {

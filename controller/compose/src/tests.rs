@@ -176,6 +176,26 @@ fn profiles_select_services() {
 }
 
 #[test]
+fn logging_is_read_checked_and_printed_back() {
+    let text = "services:\n  a:\n    image: x\n    logging:\n      driver: local\n      options: {max-size: 10m, max-file: 3}\n";
+    let l = ok(text);
+    let logging = l.stack.services["a"].logging.clone().unwrap();
+    assert_eq!(logging.driver, "local");
+    assert_eq!(logging.options["max-size"], "10m");
+    assert_eq!(logging.options["max-file"], "3", "a number is taken as Compose takes it");
+    let dir = tempfile::tempdir().unwrap();
+    round_trips(text, dir.path(), &[]);
+    for (bad, says) in [
+        ("logging: {driver: \"a b\"}", ":4:23: logging.driver `a b` is not a log driver's name"),
+        ("logging: {drivre: local}", ":4:15: logging: unknown key `drivre`"),
+    ] {
+        let text = format!("services:\n  a:\n    image: x\n    {bad}\n");
+        let e = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+}
+
+#[test]
 fn a_ui_is_listed_only_with_its_service() {
     let text = "x-mlops:\n  ui:\n    a: {service: a, port: 1}\n    dbg: {service: dbg, port: 2}\nservices:\n  a:\n    image: x\n  dbg:\n    image: y\n    profiles: [debug]\n";
     assert_eq!(ok(text).stack.options.ui.keys().collect::<Vec<_>>(), ["a"], "the profile is off");

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, Mount as DockerMount, MountType,
-    NetworkConnectRequest, NetworkingConfig, PortBinding, ResourcesUlimits, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, HostConfigLogConfig, Mount as DockerMount,
+    MountType, NetworkConnectRequest, NetworkingConfig, PortBinding, ResourcesUlimits, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{CreateContainerOptionsBuilder, StartContainerOptions};
 use mlops_proto::stack::{Condition, MountKind, Service, Stack, labels};
@@ -257,6 +258,11 @@ fn container_body(
                     .collect()
             }),
             init: svc.init,
+            // No driver named: the engine's default driver, with the options.
+            log_config: svc.logging.as_ref().map(|l| HostConfigLogConfig {
+                typ: (!l.driver.is_empty()).then(|| l.driver.clone()),
+                config: Some(l.options.clone().into_iter().collect()),
+            }),
             ulimits: (!svc.ulimits.is_empty()).then(|| {
                 svc.ulimits
                     .iter()
