@@ -14,8 +14,31 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A host at work: its spinner, time and step.
-const RUNNING: &str = "  {prefix} {spinner:.cyan} {elapsed:>4}  {wide_msg}";
+/// The looks of a line, parsed once (a build sends a step per output line).
+struct Styles {
+    /// A host at work: its spinner, time and step.
+    running: ProgressStyle,
+    /// Bytes sent, of a known total.
+    sending: ProgressStyle,
+    /// Bytes sent, total unknown.
+    streaming: ProgressStyle,
+    done: ProgressStyle,
+    failed: ProgressStyle,
+}
+
+impl Styles {
+    fn new() -> Self {
+        Styles {
+            running: style("  {prefix} {spinner:.cyan} {elapsed:>4}  {wide_msg}"),
+            sending: style(
+                "  {prefix} {spinner:.cyan} {elapsed:>4}  {msg} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+            ),
+            streaming: style("  {prefix} {spinner:.cyan} {elapsed:>4}  {bytes} {binary_bytes_per_sec}  {wide_msg}"),
+            done: style("  {prefix} {wide_msg}"),
+            failed: style("  {prefix} {wide_msg:.red}"),
+        }
+    }
+}
 
 /// How often a running host's spinner turns (and its elapsed time counts).
 const TICK: Duration = Duration::from_millis(120);
@@ -49,6 +72,7 @@ pub struct Live {
     bars: Mutex<Vec<Line>>,
     /// Once the result is printed, no line is live any more.
     settled: AtomicBool,
+    styles: Styles,
 }
 
 /// What a host's line shows.
@@ -69,6 +93,7 @@ impl Live {
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10)),
             bars: Mutex::new(Vec::new()),
             settled: AtomicBool::new(false),
+            styles: Styles::new(),
         }
     }
 
@@ -83,7 +108,7 @@ impl Live {
             Some(i) => i,
             None => {
                 // Styled before it is added: added, it draws at once.
-                let bar = ProgressBar::new(0).with_style(style(RUNNING)).with_prefix(label.to_string());
+                let bar = ProgressBar::new(0).with_style(self.styles.running.clone()).with_prefix(label.to_string());
                 let bar = self.multi.add(bar);
                 bars.push(Line { host: host.to_string(), bar, last: String::new(), ticking: false });
                 bars.len() - 1
@@ -96,18 +121,13 @@ impl Live {
             // The style first (setting it draws nothing), then what
             // draws: no frame shows a new style with the old message.
             State::Step(text) => {
-                bar.set_style(style(RUNNING));
+                bar.set_style(self.styles.running.clone());
                 bar.set_message(text.to_string());
                 line.last = text.to_string();
             }
             State::Transfer { what, done, total } => {
-                let template = match total {
-                    Some(_) => {
-                        "  {prefix} {spinner:.cyan} {elapsed:>4}  {msg} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec}"
-                    }
-                    None => "  {prefix} {spinner:.cyan} {elapsed:>4}  {bytes} {binary_bytes_per_sec}  {wide_msg}",
-                };
-                bar.set_style(style(template));
+                let style = if total.is_some() { &self.styles.sending } else { &self.styles.streaming };
+                bar.set_style(style.clone());
                 bar.set_message(format!("sending {what}"));
                 if let Some(total) = total {
                     bar.set_length(*total);
@@ -116,11 +136,11 @@ impl Live {
             }
             // The time is written in: a line that is done no longer counts.
             State::Done => {
-                bar.set_style(style("  {prefix} {wide_msg}"));
+                bar.set_style(self.styles.done.clone());
                 bar.set_message(format!("✓ {:>4}  {}", crate::printer::secs(bar.elapsed()), line.last));
             }
             State::Failed(text) => {
-                bar.set_style(style("  {prefix} {wide_msg:.red}"));
+                bar.set_style(self.styles.failed.clone());
                 bar.set_message(format!("✗ {:>4}  {text}", crate::printer::secs(bar.elapsed())));
             }
         }

@@ -164,12 +164,12 @@ impl Printer {
         if let (Some(log), Some(line)) = (self.log.get(), &line) {
             log.line(line);
         }
-        let shown = match &event.step {
-            Step::Transfer { what, .. } => neutralise(what).into_owned(),
-            _ => String::new(),
-        };
+        let shown;
         let state = match (&event.step, &text) {
-            (Step::Transfer { done, total, .. }, _) => State::Transfer { what: &shown, done: *done, total: *total },
+            (Step::Transfer { what, done, total }, _) => {
+                shown = neutralise(what).into_owned();
+                State::Transfer { what: &shown, done: *done, total: *total }
+            }
             (Step::Done, _) => State::Done,
             (Step::Failed { .. }, Some(text)) => State::Failed(text),
             (_, Some(text)) => State::Step(text),

@@ -1354,7 +1354,6 @@ impl Parser<'_> {
         Ok(caps)
     }
 
-    /// `ulimits`: `name: N` or `name: {soft: N, hard: M}`.
     /// `logging: {driver: NAME, options: {KEY: VALUE}}`: the driver's name
     /// goes to the engine as it is, so it must look like one.
     fn logging(&self, node: &Node) -> R<Logging> {
@@ -1382,6 +1381,7 @@ impl Parser<'_> {
         Ok(out)
     }
 
+    /// `ulimits`: `name: N` or `name: {soft: N, hard: M}`.
     fn ulimits(&self, node: &Node) -> R<BTreeMap<String, Ulimit>> {
         let mut out = BTreeMap::new();
         let number = |n: &Node| -> R<i64> {

@@ -79,14 +79,6 @@ pub enum Step {
     Done,
 }
 
-impl Step {
-    /// Steps that are not lines of their own in plain output: the state of
-    /// a live line.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Step::Transfer { .. } | Step::Done)
-    }
-}
-
 /// Where a command's progress, warnings and notes go.
 pub trait Report: Send + Sync {
     fn progress(&self, event: &Event);

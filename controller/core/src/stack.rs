@@ -189,10 +189,8 @@ pub async fn sync(
     if !plan.missing.is_empty() {
         // Each missing blob is sent once, however many files share it.
         let missing: std::collections::HashSet<&String> = plan.missing.iter().collect();
-        let mut sizes: std::collections::HashMap<&String, u64> = std::collections::HashMap::new();
-        for e in tree.entries.iter().filter(|e| missing.contains(&e.sha256)) {
-            sizes.insert(&e.sha256, e.size);
-        }
+        let sizes: std::collections::HashMap<&String, u64> =
+            tree.entries.iter().filter(|e| missing.contains(&e.sha256)).map(|e| (&e.sha256, e.size)).collect();
         let total = sizes.values().sum::<u64>();
         let mut meter = crate::progress::TransferMeter::new(progress, "files", Some(total));
         let chunks = tree.chunks(plan.sync_id.clone(), plan.missing.clone());
