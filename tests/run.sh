@@ -103,6 +103,12 @@ if ! docker version >/dev/null 2>&1; then
 fi
 
 work=$(mktemp -d)
+# The run's image depot (see image_depot in tests/src/lib.rs): the
+# platform's images, built by the first test that deploys it, are loaded
+# by the later ones instead of built again. Gigabytes: under /var/tmp, as
+# /tmp may be RAM.
+depot=$(mktemp -d /var/tmp/mlops-test-images-XXXXXX)
+export MLOPS_TEST_IMAGE_DEPOT="$depot"
 sentinel="mlops-guard-$$"
 started_libvirt=
 started_virtlogd=
@@ -112,7 +118,7 @@ cleanup() {
   # are then left for the guard to name).
   if [ -n "$vm_job" ]; then kill -- "-$vm_job" 2>/dev/null || true; fi
   tests/guard.sh sentinel-down "$sentinel"
-  rm -rf "$work"
+  rm -rf "$work" "$depot"
   if [ -n "$started_libvirt" ] && [ -f /run/libvirtd.pid ]; then
     kill "$(cat /run/libvirtd.pid)" 2>/dev/null || true
   fi
@@ -150,8 +156,11 @@ phase "setup (packages, engine, guard)"
 
 set +e
 if [ $# -gt 0 ]; then
-  # A selection (e.g. `-p mlops-e2e --test stack`): run as asked.
-  cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$work/log"
+  # A selection (e.g. `-p mlops-e2e --test stack`): run as asked. No
+  # --workspace here: it would override `-p` (`-p mlops-vm-tier` alone
+  # ran every package); without `-p`, this virtual workspace runs all
+  # its members anyway.
+  cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$work/log"
   status=${PIPESTATUS[0]}
   phase "build and tests"
 else
@@ -200,6 +209,13 @@ if [ -f "$vm_times" ] && [ "$(stat -c %Y "$vm_times")" -ge "${suite_started%.*}"
   sed 's/^vm-time: /time: vm tier: /' "$vm_times"
 fi
 echo "time: whole run: $(( $(date +%s) - started )) s"
+# Each failing test's last lines, last: a log read from its end (or cut
+# in its middle) still shows why each failed, not only that it did.
+awk '/^---- .* stdout ----$/ { if (name != "") flush(); name = $2; n = 0; next }
+     name != "" && (/^failures:$/ || /^---- /) { flush(); name = "" }
+     name != "" { buf[n++] = $0 }
+     function flush(  i, from) { from = n > 40 ? n - 40 : 0; printf "== failed: %s (its last %d lines)\n", name, n - from; for (i = from; i < n; i++) print buf[i] }
+     END { if (name != "") flush() }' "$work/log"
 if [ "$guard" != 0 ]; then
   echo "summary: the guard failed: the tests changed this machine's own engine, agent or libvirt objects (see above)" >&2
   exit 1

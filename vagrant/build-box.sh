@@ -3,9 +3,10 @@
 # places where no box can be downloaded (no Vagrant Cloud, no registry; only
 # a Debian mirror).
 #
-#   vagrant/build-box.sh bookworm|bullseye OUT_DIR [MIRROR]
+#   vagrant/build-box.sh [--with-docker] bookworm|bullseye OUT_DIR [MIRROR]
 #
-# writes OUT_DIR/mlops-<suite>.box; add it with
+# writes OUT_DIR/mlops-<suite>.box (mlops-<suite>-docker.box with
+# --with-docker); add it with
 #   vagrant box add --name mlops/<suite> OUT_DIR/mlops-<suite>.box
 #
 # The box is what a standard Debian box is, and nothing more: a minimal
@@ -13,7 +14,9 @@
 # OpenSSH, sudo, and the user `vagrant` (passwordless sudo, Vagrant's
 # well-known insecure key, which `vagrant up` replaces with a key of its
 # own). No Docker, no agent: installing those is what the tests watch
-# mlopsctl do.
+# mlopsctl do. `--with-docker` adds Debian's docker.io (enabled, started at
+# boot): a host that runs Docker already, whose engine the agent uses as it
+# is (the VM tier's vm2, which saves installing it under emulation).
 #
 # The disk is a bare ext4 file system (made with `mkfs.ext4 -d`, which needs
 # no loop device) with no partition table and no boot loader, so the box
@@ -25,10 +28,15 @@
 # root, debootstrap and qemu-utils (qemu-img). About 1.5 minutes per box.
 set -euo pipefail
 
+with_docker=
+if [ "${1:-}" = --with-docker ]; then
+  with_docker=1
+  shift
+fi
 suite=${1:-}
 out=${2:-}
 if [ -z "$suite" ] || [ -z "$out" ]; then
-  echo "usage: $0 bookworm|bullseye OUT_DIR [MIRROR]" >&2
+  echo "usage: $0 [--with-docker] bookworm|bullseye OUT_DIR [MIRROR]" >&2
   exit 2
 fi
 case "$suite" in
@@ -97,6 +105,15 @@ chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-ins
   echo "error: installing the kernel in the $suite tree failed (the log's end is above)" >&2
   exit 1
 }
+if [ -n "$with_docker" ]; then
+  echo "box $suite: docker.io"
+  chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    docker.io apparmor >"$work/docker.log" 2>&1 || {
+    tail -30 "$work/docker.log" >&2
+    echo "error: installing docker.io in the $suite tree failed (the log's end is above)" >&2
+    exit 1
+  }
+fi
 chroot "$root" apt-get clean
 umount "$root/proc"
 rm -f "$root/usr/sbin/policy-rc.d"
@@ -169,6 +186,7 @@ Vagrant.configure("2") do |config|
   end
 end
 EOF
-tar -C "$box" -cf "$work/mlops-$suite.box" metadata.json Vagrantfile box.img vmlinuz initrd.img
-mv "$work/mlops-$suite.box" "$out/mlops-$suite.box"
-echo "box $suite: $out/mlops-$suite.box ($(du -h "$out/mlops-$suite.box" | cut -f1))"
+name=mlops-$suite${with_docker:+-docker}.box
+tar -C "$box" -cf "$work/$name" metadata.json Vagrantfile box.img vmlinuz initrd.img
+mv "$work/$name" "$out/$name"
+echo "box $suite: $out/$name ($(du -h "$out/$name" | cut -f1))"

@@ -113,6 +113,20 @@ pub fn bins() -> &'static Bins {
     })
 }
 
+/// The run's image depot: images built once in a run (the platform's, by
+/// the first test that deploys it) wait there, saved, for the tests after
+/// it, which load them into their own hosts' engines instead of building
+/// them again ([`TestHost::deposit_images`], [`TestHost::stock_images`]).
+/// `tests/run.sh` sets `MLOPS_TEST_IMAGE_DEPOT` to a directory of its own,
+/// removed after the run; without it every test builds its own.
+///
+/// A stocked image is used only where its build context hashes the same as
+/// the deploy's (the agent's check, as for any image a host has), so a set
+/// from an older bundle is rebuilt, never run.
+pub fn image_depot() -> Option<PathBuf> {
+    std::env::var_os("MLOPS_TEST_IMAGE_DEPOT").filter(|d| !d.is_empty()).map(PathBuf::from)
+}
+
 /// The agent users ship: `cargo agent-static` (release, static, LTO'd).
 /// For the VM tier, whose guests run under software emulation, where the
 /// debug build moves an image at under 1 MB/s; and whose Debian 11 guest
@@ -621,6 +635,40 @@ LogLevel VERBOSE
     /// [`TestHost::docker_result`], panicking on failure.
     pub fn docker(&self, args: &[&str]) -> String {
         self.docker_result(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Puts `tags` (built on this host) into the run's image depot, unless
+    /// it holds them already: one `docker save` of all of them, so their
+    /// shared layers are written once. See [`image_depot`].
+    pub fn deposit_images(&self, set: &str, tags: &[&str]) -> Result<()> {
+        let Some(depot) = image_depot() else { return Ok(()) };
+        let file = depot.join(format!("{set}.tar"));
+        if file.exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(&depot)?;
+        let partial = depot.join(format!(".{set}.tar.{}", std::process::id()));
+        let out = self
+            .docker_command(&[&["save", "-o", partial.to_str().context("depot path")?], tags].concat())
+            .output()
+            .context("cannot run the docker CLI")?;
+        if !out.status.success() {
+            let _ = fs::remove_file(&partial);
+            bail!("docker save {} on {}: {}", tags.join(" "), self.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        // Whole or not at all: a run killed mid-save leaves no set.
+        fs::rename(&partial, &file)?;
+        Ok(())
+    }
+
+    /// Loads image set `set` from the run's depot into this host's engine;
+    /// false when the depot has no such set (the deploy then builds).
+    pub fn stock_images(&self, set: &str) -> Result<bool> {
+        let Some(file) = image_depot().map(|d| d.join(format!("{set}.tar"))).filter(|f| f.exists()) else {
+            return Ok(false);
+        };
+        self.docker_result(&["load", "-q", "-i", file.to_str().context("depot path")?])?;
+        Ok(true)
     }
 
     /// Lets `public_key` log in as `user`.

@@ -5,7 +5,9 @@
 //! - `pl-b`: airflow_workers and spark_workers (the only Celery worker);
 //! - `pl-c`: spark_workers.
 //!
-//! Checked: each image is built once (on pl-a) and shipped to the others;
+//! Checked: each image comes from pl-a (built there, or loaded from the
+//! run's image depot when the platform test built it earlier in the run)
+//! and is shipped to the others;
 //! the Spark master lists two ALIVE workers, one per worker host, at their
 //! hosts' addresses; a DAG task runs on pl-b's Celery worker and the API
 //! server on pl-a returns its log (fetched from pl-b's log server); the
@@ -14,7 +16,7 @@
 //! host.
 //!
 //! Grafana is left out (`--skip grafana`): no registry here. Slow (the
-//! platform's images are built once, then shipped); run in CI.
+//! platform's images are built, or loaded, once, then shipped); run in CI.
 
 use std::time::Duration;
 
@@ -46,6 +48,10 @@ fn the_platform_spans_hosts_by_inventory_group() {
     let (a, b, c) =
         (env.docker_host("pl-a").unwrap(), env.docker_host("pl-b").unwrap(), env.docker_host("pl-c").unwrap());
     let inv = inventory(&env, &a, &b, &c);
+    // Built once per run (tests/platform.rs builds them on a new engine).
+    if a.stock_images("platform").unwrap() {
+        eprintln!("pl-a: the platform's images loaded from the run's depot");
+    }
     let key = env.key.display().to_string();
     let run = env.ctl(&[
         "deploy",
@@ -73,7 +79,7 @@ fn the_platform_spans_hosts_by_inventory_group() {
         json["hosts"].as_array().unwrap().iter().find(|r| r["host"] == h.name.as_str()).unwrap()["result"].clone()
     };
 
-    // Built once, on pl-a; shipped to the others.
+    // From pl-a (built or stocked there); shipped to the others.
     for h in [&b, &c] {
         let images = result(h)["stack"]["images"].as_array().cloned().unwrap_or_default();
         assert!(!images.is_empty(), "{}: {:#}", h.name, result(h));

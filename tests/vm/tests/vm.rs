@@ -1,11 +1,13 @@
 //! The VM tier: real Debian VMs (Vagrant, libvirt, QEMU) with systemd and
 //! no Docker, a stateful stack on them, and the move from one to the other.
 //!
-//! `vm1` (Debian 12) gets the agent as a systemd unit and Docker from apt,
-//! both by `mlopsctl deploy`; the unit brings the agent back after
+//! `vm1` (Debian 12, bare) gets the agent as a systemd unit and Docker from
+//! apt, both by `mlopsctl deploy`; the unit brings the agent back after
 //! `kill -9`; another agent build replaces it in place. Rows written through the
 //! stack's service then move with `mlopsctl migrate` to `vm2` (Debian 11:
-//! glibc 2.31, so only the static agent runs there), first interrupted by
+//! glibc 2.31, so only the static agent runs there; Docker from its box, used
+//! as it is: a second apt install under emulation would add minutes and
+//! test nothing new), first interrupted by
 //! killing the controller during the transfer, then re-run to success; the
 //! rows are served on `vm2` and `vm1` is left stopped with its volume. The
 //! stack moves back with `--decommission`, which removes it, its volume and
@@ -102,8 +104,10 @@ fn record(line: &str) {
 }
 
 /// The stack's image, made on `build`'s engine: a debootstrap tree with
-/// PostgreSQL 15 and busybox (LLVM, used only by PostgreSQL's JIT, docs
-/// and locales left out, to keep it small), imported.
+/// PostgreSQL 15 and busybox, imported. Left out to keep it small (it is
+/// shipped between emulated VMs, at a few hundred KiB/s): LLVM (used only by
+/// PostgreSQL's JIT), the cluster the package made, Perl, glibc's locale
+/// sources and iconv modules, docs and dpkg's records.
 fn make_image(build: &TestHost) {
     let dir = tempfile::Builder::new().prefix("mlops-vmstack-").tempdir().unwrap();
     let root = dir.path().join("root");
@@ -117,7 +121,9 @@ fn make_image(build: &TestHost) {
     assert!(out.status.success(), "debootstrap: {}", String::from_utf8_lossy(&out.stdout));
     let script = format!(
         "set -e; cd {root}; rm -rf usr/lib/llvm-* usr/lib/x86_64-linux-gnu/libLLVM* usr/lib/x86_64-linux-gnu/libz3.so* \
-         usr/lib/postgresql/15/lib/llvmjit* usr/lib/postgresql/15/lib/bitcode usr/share/doc usr/share/man usr/share/locale var/cache/apt/* var/lib/apt/lists/*; \
+         usr/lib/postgresql/15/lib/llvmjit* usr/lib/postgresql/15/lib/bitcode usr/share/doc usr/share/man usr/share/locale var/cache/apt/* var/lib/apt/lists/* \
+         var/lib/postgresql/15 etc/postgresql usr/share/i18n usr/share/perl usr/lib/x86_64-linux-gnu/perl usr/lib/x86_64-linux-gnu/gconv \
+         usr/lib/x86_64-linux-gnu/libperl.so* var/lib/dpkg/info var/cache/debconf; \
          mkdir -p srv/cgi-bin var/lib/postgresql/data; chroot . chown postgres:postgres var/lib/postgresql/data; \
          chmod 755 srv/cgi-bin",
         root = root.display()
@@ -270,9 +276,8 @@ fn a_stack_moves_between_real_vms_with_its_rows() {
     let refused = tier.ctl(&["deploy", "--limit", "vm2"], &b.agent).expect_code(1);
     assert!(refused.stderr.contains("glibc") && refused.stderr.contains("hint:"), "{}", refused.stderr);
     assert_eq!(tier.on("vm2", "test -e /usr/local/lib/mlops-agent/mlops-agent && echo yes || echo no"), "no");
-    for vm in ["vm1", "vm2"] {
-        assert_eq!(tier.on(vm, "test -e /usr/sbin/dockerd && echo yes || echo no"), "no", "the box has no Docker");
-    }
+    assert_eq!(tier.on("vm1", "test -e /usr/sbin/dockerd && echo yes || echo no"), "no", "vm1's box has no Docker");
+    assert_eq!(tier.on("vm2", "sudo systemctl is-active docker.service"), "active", "vm2's box runs Docker");
 
     // 1. Deploy to vm1, bare: the agent as a systemd unit, Docker from apt,
     // the image shipped over the agent channel.
@@ -351,7 +356,7 @@ fn a_stack_moves_between_real_vms_with_its_rows() {
     step("migrate vm1 → vm2, re-run to success", t);
     assert!(run.stderr.contains("resuming the migration"), "{}", run.stderr);
     assert_eq!(tier.http("vm2", "/cgi-bin/rows"), rows, "every row arrived and vm2 serves it");
-    assert_eq!(tier.on("vm2", "dpkg-query -W -f '${Status}' docker.io"), "install ok installed");
+    assert!(seen.contains("vm2") && !seen.contains("installing docker.io"), "vm2's own engine was used:\n{seen}");
     assert_eq!(tier.on("vm2", "sudo systemctl is-active mlops-agent.service"), "active");
     // vm1 is stopped, with its volume.
     assert_eq!(tier.containers("vm1", &project), "app exited\ndb exited");
