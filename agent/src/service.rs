@@ -144,6 +144,10 @@ fn engine_failure(engine: &EngineError, f: &mut Failure) -> FailureKind {
             f.path.clone_from(path);
             FailureKind::Io
         }
+        EngineError::DiskFull { service, path, free, floor } => {
+            (f.service, f.path, f.output) = (service.clone(), path.clone(), format!("{free} {floor}"));
+            FailureKind::DiskFull
+        }
         EngineError::CredentialChanged { service, variable, volume, secrets } => {
             (f.service, f.field, f.path, f.output) =
                 (service.clone(), variable.clone(), volume.clone(), secrets.join(","));
@@ -217,6 +221,9 @@ fn stack_event(e: engine::Event) -> StackEvent {
 fn docker_status(s: docker::EngineStatus) -> DockerStatus {
     DockerStatus { available: s.available, version: s.version, api_version: s.api_version, error: s.error }
 }
+
+/// How long one image load or volume import may take (see `load_image`).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// What the handlers need to know about this agent process.
 #[derive(Clone, Debug)]
@@ -298,6 +305,24 @@ impl AgentService {
     fn uptime(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
+
+    /// Docker's data directory's file system and what Docker's data takes;
+    /// `None` when no engine answers.
+    async fn docker_disk(&self) -> Option<mlops_proto::v1::DockerDisk> {
+        let docker = docker::connect(&self.docker_socket).await.ok()?;
+        let root = docker.info().await.ok()?.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".to_string());
+        let (total_bytes, available_bytes) = facts::disk(std::path::Path::new(&root));
+        let mut disk =
+            mlops_proto::v1::DockerDisk { root_dir: root, total_bytes, available_bytes, ..Default::default() };
+        match docker::disk_usage(&self.docker_socket).await {
+            Ok((images, containers, volumes, cache)) => {
+                (disk.images_bytes, disk.containers_bytes, disk.volumes_bytes, disk.build_cache_bytes) =
+                    (images, containers, volumes, cache);
+            }
+            Err(e) => disk.error = e,
+        }
+        Some(disk)
+    }
 }
 
 /// sha256 of this process's executable, read through `/proc/self/exe` so
@@ -339,9 +364,13 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn get_facts(&self, _: Request<GetFactsRequest>) -> Result<Response<HostFacts>, Status> {
+    async fn get_facts(&self, request: Request<GetFactsRequest>) -> Result<Response<HostFacts>, Status> {
         let (memory_total_bytes, memory_available_bytes) = facts::memory();
         let (disk_total_bytes, disk_available_bytes) = facts::disk(&self.state_dir);
+        let docker_disk = match request.into_inner().docker_disk {
+            true => self.docker_disk().await,
+            false => None,
+        };
         Ok(Response::new(HostFacts {
             agent_version: crate::VERSION.to_string(),
             api_level: mlops_proto::API_LEVEL,
@@ -358,6 +387,7 @@ impl Agent for AgentService {
             agent_uptime_seconds: self.uptime(),
             host_uptime_seconds: facts::host_uptime(),
             service_manager: self.service_manager.clone(),
+            docker_disk,
         }))
     }
 
@@ -512,6 +542,7 @@ impl Agent for AgentService {
             health_timeout: health_timeout(req.health_timeout_seconds),
             min_healthy: Duration::from_secs(u64::from(req.min_healthy_seconds)),
             pinned: None,
+            build_floor: req.min_free_bytes,
         };
         // A rotation changes data before it converges: the revision before
         // it no longer fits that data, so a failed rotation is not undone
@@ -850,9 +881,9 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             let project = stack.project.clone();
             let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
-            let tags = req.tags;
+            let (tags, floor) = (req.tags, req.min_free_bytes);
             let work = |events: Events| async move {
-                converge::images::build_tags(&docker, &stack, &tags, &dirs, &events).await
+                converge::images::build_tags(&docker, &stack, &tags, &dirs, floor, &events).await
             };
             // Not in the history: the deploy it belongs to is.
             let _ = Box::pin(stream_stack_work(work, tx, stop, &project, "image build", None)).await;
@@ -911,7 +942,12 @@ impl Agent for AgentService {
             field: "tag",
             message: "the stream ended before its first chunk".into(),
         })?;
-        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        // The engine answers `/images/load` only once it has read and
+        // unpacked the whole tarball: a big image on a slow disk takes
+        // longer than the client's usual bound (seen: 250 MB into an
+        // emulated VM). The stream itself ends the load if the controller
+        // goes away.
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?.with_timeout(LOAD_TIMEOUT);
         let (tag, id) = (first.tag, first.id);
         let head = futures::stream::once(async move { Ok::<_, Status>(first.data) });
         let tarball = head.chain(chunks.map(|c| c.map(|c| c.data)));
@@ -1055,7 +1091,9 @@ impl Agent for AgentService {
         let head = futures::stream::once(async move { Ok::<_, Status>(first) });
         let checked = engine::volumes::Checked::new(Box::pin(head.chain(chunks).map(move |c| c.map(piece))));
         let arrived = checked.result();
-        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
+        // A volume's archive is answered once it is all unpacked: as an
+        // image load (see `load_image`), longer than the usual bound.
+        let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?.with_timeout(LOAD_TIMEOUT);
         let (exit_code, output, what) = if target.volume.is_empty() {
             let env = target.env.into_iter().collect();
             let (code, output) =

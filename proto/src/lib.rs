@@ -86,6 +86,19 @@ pub fn is_variable_name(name: &str) -> bool {
 /// Default loopback port the agent listens on.
 pub const DEFAULT_AGENT_PORT: u16 = 7443;
 
+/// `n` bytes as people read them: `512 B`, `1.5 KiB`, `3.2 GiB` (binary
+/// units, one decimal), the same on both sides of the wire.
+pub fn bytes_human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
 /// Where the agent lives on a host. Shared because the controller's probe
 /// (a shell script run over SSH before the agent may exist) reads the same
 /// paths the agent writes.
@@ -128,6 +141,7 @@ pub mod failure {
             FailureKind::BadRequest => Code::InvalidArgument,
             FailureKind::NotFound => Code::NotFound,
             FailureKind::StackLocked | FailureKind::CredentialChanged => Code::FailedPrecondition,
+            FailureKind::DiskFull => Code::ResourceExhausted,
             FailureKind::EngineUnreachable | FailureKind::ShuttingDown => Code::Unavailable,
             FailureKind::Timeout => Code::DeadlineExceeded,
             FailureKind::DockerInstallFailed

@@ -52,9 +52,9 @@ async fn each_phase_of_converge_works_on_its_own() {
         credentials: work.path().join("credentials.json"),
         stopped: work.path().join("stopped.json"),
     };
-    let built = images::ensure(&engine, &stack, &order, &dirs, None, &ev).await.unwrap();
+    let built = images::ensure(&engine, &stack, &order, &dirs, None, 0, &ev).await.unwrap();
     assert!(built.changed);
-    let again = images::ensure(&engine, &stack, &order, &dirs, None, &ev).await.unwrap();
+    let again = images::ensure(&engine, &stack, &order, &dirs, None, 0, &ev).await.unwrap();
     assert!(!again.changed, "an unchanged context is not rebuilt");
     assert_eq!(built.ids, again.ids);
 
@@ -79,11 +79,11 @@ async fn each_phase_of_converge_works_on_its_own() {
     health::hold(&engine, &stack, &order, &ids, Duration::from_secs(1), &ev).await.unwrap();
 
     // Images by ID (a kept revision's): the same IDs, nothing built.
-    let pinned = images::ensure(&engine, &stack, &order, &dirs, Some(&built.ids), &ev).await.unwrap();
+    let pinned = images::ensure(&engine, &stack, &order, &dirs, Some(&built.ids), 0, &ev).await.unwrap();
     assert_eq!((pinned.ids.clone(), pinned.changed), (built.ids.clone(), false));
     let mut gone = built.ids.clone();
     gone.values_mut().for_each(|id| *id = format!("sha256:{}", "0".repeat(64)));
-    let e = images::ensure(&engine, &stack, &order, &dirs, Some(&gone), &ev).await.unwrap_err().to_string();
+    let e = images::ensure(&engine, &stack, &order, &dirs, Some(&gone), 0, &ev).await.unwrap_err().to_string();
     assert!(e.contains("is no longer on this host"), "{e}");
 
     // The same model again: every container is kept.

@@ -177,6 +177,14 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert!(s["health"] == "healthy" || s["health"] == "", "{s}");
     }
     assert!(services.iter().filter(|s| s["health"] == "healthy").count() >= 10, "every component is health-checked");
+    // Built here, on a new engine (the project's label names them; the
+    // kept revision's tags aside): the run's later platform tests load
+    // these instead of building them again.
+    let label = format!("label=mlops.project={PROJECT}");
+    let built = host.docker(&["images", "--filter", &label, "--format", "{{.Repository}}:{{.Tag}}"]);
+    let built: Vec<&str> = built.lines().filter(|t| !t.starts_with("mlops-kept:") && !t.contains("<none>")).collect();
+    assert!(built.contains(&"mlops-python:latest"), "the images were built here: {built:?}");
+    host.deposit_images("platform", &built).unwrap();
 
     // Generated credentials: they work, admin/admin does not.
     let secrets = ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
@@ -204,7 +212,9 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
             let (dag, id) = (failed["dag_id"].as_str().unwrap(), failed["dag_run_id"].as_str().unwrap());
             panic!("a DAG run failed: {states:?}\n{}", failed_task_logs(&host, &tok, dag, id));
         }
-        (states.iter().filter(|(_, s)| s == "success").count() == examples.len()).then_some(())
+        // (mlops_maintenance, daily, has its first run beside them.)
+        let done = states.iter().filter(|(d, s)| examples.contains(&d.as_str()) && s == "success").count();
+        (done == examples.len()).then_some(())
     });
     // No secret was ever on a command line, during the deploy, the health
     // checks and the DAG runs.
@@ -345,6 +355,53 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert_eq!(variable["value"], "kept through rotations", "after rotating {name}");
         run_dag(&host, &tok, "example_etl");
     }
+
+    // Retention: the maintenance DAG deletes what is older than .env's
+    // ages (30 days of logs, 90 of history) and keeps what is newer. A log
+    // file 45 days old and one of now; an example_etl run that started 120
+    // days ago, and the newer ones.
+    let worker = format!("{PROJECT}-airflow-worker-1");
+    let logs = "/opt/airflow/logs/mlops-e2e-retention";
+    host.docker(&[
+        "exec",
+        &worker,
+        "sh",
+        "-c",
+        &format!("mkdir -p {logs} && echo old > {logs}/old.log && touch -d '45 days ago' {logs}/old.log && echo new > {logs}/new.log"),
+    ]);
+    let etl = api(&host, &tok, "GET", "/api/v2/dags/example_etl/dagRuns?order_by=start_date", None);
+    let etl: Vec<String> =
+        etl["dag_runs"].as_array().unwrap().iter().map(|r| r["dag_run_id"].as_str().unwrap().to_string()).collect();
+    assert!(etl.len() >= 4, "example_etl ran at the start and after each rotation: {etl:?}");
+    let old_run = &etl[0];
+    let backdate = format!(
+        "update dag_run set start_date = start_date - interval '120 days' where dag_id = 'example_etl' and run_id = '{old_run}'"
+    );
+    host.docker(&["exec", &pg, "psql", "-U", "postgres", "-d", "airflow", "-tAc", &backdate]);
+    run_dag(&host, &tok, "mlops_maintenance");
+    let files = host.docker(&["exec", &worker, "sh", "-c", &format!("ls {logs}")]);
+    assert_eq!(files, "new.log", "the old log went, the new one stayed");
+    let (code, _) = host.curl(&[
+        &format!("http://127.0.0.1:28080/api/v2/dags/example_etl/dagRuns/{old_run}"),
+        "-H",
+        &format!("Authorization: Bearer {tok}"),
+    ]);
+    assert_eq!(code, 404, "the run older than 90 days was removed");
+    let kept = api(&host, &tok, "GET", "/api/v2/dags/example_etl/dagRuns", None);
+    let kept: Vec<&str> =
+        kept["dag_runs"].as_array().unwrap().iter().map(|r| r["dag_run_id"].as_str().unwrap()).collect();
+    assert_eq!(kept.len(), etl.len() - 1, "the newer runs stay: {kept:?}");
+    // What was removed was exported first, and no archive table is left.
+    let exported = host.docker(&[
+        "exec",
+        &worker,
+        "sh",
+        "-c",
+        "cat /opt/airflow/logs/db-archive/*/_airflow_deleted__dag_run__*.csv",
+    ]);
+    assert!(exported.contains(old_run.as_str()), "the removed run, exported: {exported}");
+    let archives = "select count(*) from pg_tables where tablename like '\\_airflow\\_deleted\\_\\_%'";
+    assert_eq!(host.docker(&["exec", &pg, "psql", "-U", "postgres", "-d", "airflow", "-tAc", archives]), "0");
 
     // The mlflow profile joins the running platform: its three services
     // start, nothing that ran is recreated. A DAG trains a model on the ML

@@ -533,3 +533,87 @@ services:
         .expect_code(0);
     assert!(logs.stdout.lines().count() >= 1 && logs.stdout.contains("a line of about"), "{}", logs.stdout);
 }
+
+/// Disk pressure. A build below the free-space floor is refused before it
+/// starts, naming the service, Docker's data directory and the floor,
+/// with the way out. `status` shows that directory's free space and what
+/// Docker's data takes. Once no kept revision uses an image of the stack
+/// (`down` forgets the revisions) and it is tagged by nothing, the agent
+/// removes it; a dangling image that is not the stack's stays.
+#[test]
+fn builds_stop_at_the_free_space_floor_status_shows_the_disk_and_stale_images_go() {
+    let env = TestEnv::new().unwrap();
+    let host = stack_host(&env, "disk");
+    let stack =
+        TestStack::new("name: \"{project}\"\nservices:\n  web:\n    build: ./img\n    command: [sleep, infinity]\n")
+            .unwrap();
+    let (key, dir, spec) = (env.key.display().to_string(), stack.path().display().to_string(), host.spec("root"));
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["--identity", key.as_str(), "--host", spec.as_str()];
+        all.extend_from_slice(args);
+        env.ctl(&all)
+    };
+    let ours = || -> Vec<String> {
+        let label = format!("label=mlops.project={}", stack.project);
+        let mut ids: Vec<String> =
+            host.docker(&["images", "-q", "--no-trunc", "--filter", &label]).lines().map(str::to_string).collect();
+        // One line per tag: a kept revision's tag names an image twice.
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+
+    // 1000 TiB: more than any test machine has.
+    let refused = ctl(&["deploy", "--stack", &dir, "--min-free-space", "1000T"]).expect_code(1);
+    for part in ["service `web`", "free in", "(Docker's data), below the", "floor for image builds", "--min-free-space"]
+    {
+        assert!(refused.stderr.contains(part), "`{part}` in:\n{}", refused.stderr);
+    }
+    assert!(ours().is_empty(), "nothing was built");
+    let bad = ctl(&["deploy", "--stack", &dir, "--min-free-space", "lots"]).expect_code(2);
+    assert!(bad.stderr.contains("expected a size such as 5G"), "{}", bad.stderr);
+
+    // Under the default floor (5 GiB) it builds; a second revision moves the tag.
+    ctl(&["deploy", "--stack", &dir]).expect_code(0);
+    let first = ours();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let dockerfile = stack.path().join("img/Dockerfile");
+    let mut text = std::fs::read_to_string(&dockerfile).unwrap();
+    text.push_str("RUN [\"/bin/busybox\", \"touch\", \"/second\"]\n");
+    std::fs::write(&dockerfile, text).unwrap();
+    ctl(&["deploy", "--stack", &dir]).expect_code(0);
+    let both = ours();
+    assert_eq!(both.len(), 2, "the first image stays for the kept revision: {both:?}");
+
+    let status = ctl(&["status", "--output", "json"]).expect_code(0).json();
+    let disk = &status["hosts"][0]["facts"]["docker_disk"];
+    assert!(disk["root_dir"].as_str().unwrap().ends_with("/docker"), "{disk:#}");
+    assert!(
+        disk["available_bytes"].as_u64().unwrap() > 0
+            && disk["total_bytes"].as_u64() > disk["available_bytes"].as_u64()
+    );
+    assert!(disk["images_bytes"].as_u64().unwrap() > 0, "{disk:#}");
+    let text = ctl(&["status"]).expect_code(0);
+    assert!(text.stdout.contains("DOCKER DATA") && text.stdout.contains("BUILD CACHE"), "{}", text.stdout);
+
+    // Somebody else's dangling image: imported twice under one tag.
+    let scratch = tempfile::tempdir().unwrap();
+    for n in ["1", "2"] {
+        let tar = scratch.path().join(format!("{n}.tar"));
+        std::fs::write(scratch.path().join("f"), n).unwrap();
+        let out = std::process::Command::new("tar")
+            .args(["-C", scratch.path().to_str().unwrap(), "-cf", tar.to_str().unwrap(), "f"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        host.docker(&["import", tar.to_str().unwrap(), "someone-else:1"]);
+    }
+    let theirs = host.docker(&["images", "-q", "--no-trunc", "--filter", "dangling=true"]);
+    assert_eq!(theirs.lines().count(), 1, "{theirs}");
+
+    ctl(&["down", "--stack", &dir]).expect_code(0);
+    let left = ours();
+    assert_eq!(left.len(), 1, "the stale image went, the current one stayed: {left:?}");
+    assert!(both.contains(&left[0]) && !first.contains(&left[0]), "{left:?} {first:?}");
+    assert_eq!(host.docker(&["images", "-q", "--no-trunc", "--filter", "dangling=true"]), theirs, "theirs stays");
+}

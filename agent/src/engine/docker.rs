@@ -66,6 +66,47 @@ pub async fn ping(socket: &Path) -> Result<Ping, String> {
     }
 }
 
+/// What Docker's data takes, from `GET /system/df` (by hand: bollard
+/// reads the newer API's shape of it, which API 1.41 engines do not send),
+/// within 20 s: (images' layers, containers' writable layers, volumes,
+/// build cache), in bytes.
+pub async fn disk_usage(socket: &Path) -> Result<(u64, u64, u64, u64), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
+        // HTTP/1.0: the engine closes the connection after a body that is
+        // not chunked.
+        stream.write_all(b"GET /v1.41/system/df HTTP/1.0\r\nHost: docker\r\n\r\n").await.map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        // A report of many thousands of images stays far below this.
+        (&mut stream).take(64 << 20).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+        parse_disk_usage(&answer)
+    };
+    tokio::time::timeout(Duration::from_secs(20), attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("{}: /system/df gave no answer within 20 s", socket.display())))
+}
+
+fn parse_disk_usage(answer: &[u8]) -> Result<(u64, u64, u64, u64), String> {
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").ok_or("/system/df: no complete answer")?;
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("/system/df answered `{}`", status.chars().take(80).collect::<String>()));
+    }
+    let df: serde_json::Value =
+        serde_json::from_slice(&answer[split + 4..]).map_err(|e| format!("/system/df: not JSON: {e}"))?;
+    let sum = |list: &str, size: &dyn Fn(&serde_json::Value) -> Option<i64>| -> u64 {
+        df[list].as_array().map_or(0, |items| items.iter().filter_map(size).map(|n| n.max(0) as u64).sum())
+    };
+    let images = df["LayersSize"].as_i64().unwrap_or(0).max(0) as u64;
+    let containers = sum("Containers", &|c| c["SizeRw"].as_i64());
+    // -1: the engine did not measure it (a volume of another driver).
+    let volumes = sum("Volumes", &|v| v["UsageData"]["Size"].as_i64());
+    let build_cache = sum("BuildCache", &|b| b["Size"].as_i64());
+    Ok((images, containers, volumes, build_cache))
+}
+
 fn parse_ping(answer: &str) -> Result<Ping, String> {
     let mut lines = answer.split("\r\n");
     let status = lines.next().unwrap_or_default();
@@ -330,5 +371,15 @@ mod tests {
         assert!(parse_ping("HTTP/1.0 200 OK\r\nServer: nginx\r\n\r\nOK").unwrap_err().contains("Api-Version"));
         assert!(parse_ping("").is_err());
         assert_eq!(parse_api_version("1.x"), None);
+    }
+
+    #[test]
+    fn disk_usage_sums_what_an_api_1_41_engine_reports() {
+        let body = r#"{"LayersSize":1000,"Images":[{"Size":900}],"Containers":[{"SizeRw":10},{"SizeRw":5}],
+            "Volumes":[{"UsageData":{"Size":300}},{"UsageData":{"Size":-1}}],"BuildCache":null}"#;
+        let answer = format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}");
+        assert_eq!(parse_disk_usage(answer.as_bytes()), Ok((1000, 15, 300, 0)));
+        assert!(parse_disk_usage(b"HTTP/1.0 500 Internal\r\n\r\n{}").unwrap_err().contains("500"));
+        assert!(parse_disk_usage(b"HTTP/1.0 200 OK\r\n").is_err());
     }
 }

@@ -88,6 +88,14 @@ pub enum EngineError {
         Some(e) => format!("returning the host to revision {revision} failed too: {e}"),
     })]
     RolledBack { cause: Box<EngineError>, revision: u64, rollback_error: Option<String> },
+    /// Too little free space in Docker's data directory to start a build.
+    #[error(
+        "{}only {} free in {path} (Docker's data), below the {} floor for image builds; nothing was built",
+        service_prefix(service),
+        mlops_proto::bytes_human(*free),
+        mlops_proto::bytes_human(*floor)
+    )]
+    DiskFull { service: String, path: String, free: u64, floor: u64 },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -128,7 +136,10 @@ impl EngineError {
 
     /// Names the service a build or pull failure belongs to.
     pub fn in_service(mut self, name: &str) -> EngineError {
-        if let EngineError::BuildFailed { service, .. } | EngineError::ImageMissing { service, .. } = &mut self {
+        if let EngineError::BuildFailed { service, .. }
+        | EngineError::ImageMissing { service, .. }
+        | EngineError::DiskFull { service, .. } = &mut self
+        {
             *service = name.to_string();
         }
         self

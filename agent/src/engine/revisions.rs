@@ -12,7 +12,9 @@
 //! images by a tag each (`mlops-kept:r<id>.<project>`), so neither a later
 //! build that moves a service's tag nor `docker image prune` removes an
 //! image a kept revision needs. A revision dropped from the list has its
-//! tags removed (the image itself goes only when nothing else uses it).
+//! tags removed (the image itself goes only when nothing else uses it),
+//! and the project's dangling images (and the build cache under them) are
+//! removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -419,6 +421,43 @@ pub async fn keep_images(docker: &Docker, project: &str, kept: &[Record]) {
         if let Err(e) = docker.remove_image(&format!("{KEPT_REPO}:{tag}"), Some(options), None).await {
             tracing::debug!(project, "kept tag {tag} stays: {e}");
         }
+    }
+    prune_dangling(docker, project).await;
+}
+
+/// Removes the project's dangling images: built here for it (they carry
+/// its label), tagged by nothing (a later build moved the service's tag and
+/// no kept revision tags them) and used by no container (the engine refuses
+/// to remove those). Their untagged parents, the classic builder's cache
+/// of their steps, go with them. Images without the project's label (other
+/// projects', the user's own) are never touched; one the user built FROM
+/// an image of the project inherits its label, and goes too once dangling.
+async fn prune_dangling(docker: &Docker, project: &str) {
+    let filters = std::collections::HashMap::from([
+        ("dangling".to_string(), vec!["true".to_string()]),
+        ("label".to_string(), vec![format!("{}={project}", mlops_proto::stack::labels::PROJECT)]),
+    ]);
+    let images = match docker.list_images(Some(ListImagesOptionsBuilder::new().filters(&filters).build())).await {
+        Ok(images) => images,
+        Err(e) => {
+            tracing::warn!(project, "cannot list the project's dangling images: {e}");
+            return;
+        }
+    };
+    let (mut count, mut bytes) = (0, 0u64);
+    for image in images {
+        let options = RemoveImageOptionsBuilder::new().noprune(false).build();
+        match docker.remove_image(&image.id, Some(options), None).await {
+            Ok(_) => (count, bytes) = (count + 1, bytes + image.size.max(0) as u64),
+            Err(e) => tracing::debug!(project, "dangling image {} stays: {e}", image.id),
+        }
+    }
+    if count > 0 {
+        tracing::info!(
+            project,
+            "removed {count} dangling image(s) of the project ({})",
+            mlops_proto::bytes_human(bytes)
+        );
     }
 }
 

@@ -74,6 +74,7 @@ fn main() -> Result<()> {
         deploy_id: String::new(),
         images: true,
         local_images: false,
+        min_free_bytes: 0,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -110,6 +110,9 @@ pub enum Command {
         /// Never take images from this machine's Docker engine (by default an `image:` no host has is shipped from it when it has it; DOCKER_HOST, unix:// only, names it).
         #[arg(long)]
         no_local_images: bool,
+        /// Refuse to start an image build on a host whose Docker data directory has less free space than this (e.g. 5G, 500M; 0: no floor).
+        #[arg(long, value_name = "SIZE", default_value = "5G", value_parser = parse_size)]
+        min_free_space: u64,
         #[command(flatten)]
         rollout: RolloutArgs,
     },
@@ -129,6 +132,9 @@ pub enum Command {
         /// As deploy's --no-local-images.
         #[arg(long)]
         no_local_images: bool,
+        /// As deploy's --min-free-space.
+        #[arg(long, value_name = "SIZE", default_value = "5G", value_parser = parse_size)]
+        min_free_space: u64,
         #[command(flatten)]
         rollout: RolloutArgs,
     },
@@ -449,6 +455,33 @@ impl From<StackArgs> for mlops_controller::commands::StackOptions {
     }
 }
 
+/// A size as `--min-free-space` takes it: bytes, or with a unit (k, m, g,
+/// t; binary, as Compose's sizes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t
+        .strip_suffix("ib")
+        .or_else(|| t.strip_suffix('b').filter(|r| r.ends_with(['k', 'm', 'g', 't'])))
+        .unwrap_or(&t);
+    let (number, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("`{s}`: expected a size such as 5G, 500M or 0")),
+    };
+    let n: f64 = number.trim().parse().map_err(|_| format!("`{s}`: expected a size such as 5G, 500M or 0"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("`{s}`: a size is not negative"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     /// clap's own consistency checks, and every subcommand parsed once:
@@ -459,7 +492,8 @@ mod tests {
         use clap::{CommandFactory, Parser};
         super::Cli::command().debug_assert();
         let lines = [
-            "deploy --take-over --skip grafana",
+            "deploy --take-over --skip grafana --min-free-space 0",
+            "plan --min-free-space 20G",
             "secrets --cached",
             "secrets rotate POSTGRES_PASSWORD --project p",
             "ui airflow --port 1",
@@ -487,6 +521,20 @@ mod tests {
             if let Err(e) = super::Cli::try_parse_from(argv) {
                 panic!("`{line}`: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn sizes_read_as_compose_writes_them() {
+        use super::parse_size;
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("5G"), Ok(5 << 30));
+        assert_eq!(parse_size("500m"), Ok(500 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2kb"), Ok(2048));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in ["", "G", "5x", "-1G", "five"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
 }

@@ -197,6 +197,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
             health_timeout,
             take_over: _,
             no_local_images,
+            min_free_space,
             rollout,
         } => {
             let opts = DeployOptions {
@@ -208,11 +209,20 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 rotating: Vec::new(),
                 local_images: !no_local_images,
                 rollout: rollout.into(),
+                min_free_space,
             };
             let r = commands::deploy::deploy(&setup, &opts, report).await?;
             printer.deploy(&r, &setup.targets)
         }
-        Command::Plan { stack, no_docker_install, expose, health_timeout, no_local_images, rollout } => {
+        Command::Plan {
+            stack,
+            no_docker_install,
+            expose,
+            health_timeout,
+            no_local_images,
+            min_free_space,
+            rollout,
+        } => {
             let opts = DeployOptions {
                 stack: stack.into(),
                 no_stack: false,
@@ -222,6 +232,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 rotating: Vec::new(),
                 local_images: !no_local_images,
                 rollout: rollout.into(),
+                min_free_space,
             };
             printer.plan(&commands::plan::plan(&setup, &opts, report).await?)
         }
@@ -238,6 +249,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 rotating: Vec::new(),
                 local_images: false,
                 rollout: Default::default(),
+                min_free_space: commands::deploy::DEFAULT_MIN_FREE_SPACE,
             };
             printer.rotated(&commands::rotate::rotate(&setup, &opts, &name, report).await?)
         }
@@ -331,7 +343,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 local_images: !no_local_images,
                 with_metrics,
             };
-            match commands::migrate::migrate(&setup, &opts, report).await {
+            match Box::pin(commands::migrate::migrate(&setup, &opts, report)).await {
                 Ok(r) => printer.migrate(&r),
                 // Bad flags, inventory or stack: nothing was done (exit 2).
                 Err(

@@ -908,6 +908,28 @@ impl Printer {
                     })
                     .collect();
                 self.stdout(&table(&["HOST", "REACHABLE", "AGENT", "UPTIME", "DOCKER", "ERROR"], &rows));
+                // Disk: the file system of Docker's data, and what the data takes.
+                let disks: Vec<Vec<String>> = hosts
+                    .iter()
+                    .filter_map(|h| Some((h.outcome.host.as_str(), h.outcome.facts.as_ref()?.docker_disk.as_ref()?)))
+                    .map(|(host, d)| {
+                        let usage = |n: u64| if d.error.is_empty() { bytes_human(n) } else { "?".into() };
+                        vec![
+                            host.to_string(),
+                            d.root_dir.clone(),
+                            format!("{} of {}", bytes_human(d.available_bytes), bytes_human(d.total_bytes)),
+                            usage(d.images_bytes),
+                            usage(d.containers_bytes),
+                            usage(d.volumes_bytes),
+                            usage(d.build_cache_bytes),
+                        ]
+                    })
+                    .collect();
+                if !disks.is_empty() {
+                    self.stdout("");
+                    let head = ["HOST", "DOCKER DATA", "FREE", "IMAGES", "CONTAINERS", "VOLUMES", "BUILD CACHE"];
+                    self.stdout(&table(&head, &disks));
+                }
                 let listed: Vec<(&str, &ServiceOutcome)> = hosts
                     .iter()
                     .filter_map(|h| match &h.services {

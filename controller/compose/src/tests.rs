@@ -245,6 +245,26 @@ fn helpers() {
     assert_eq!(normalize_project("My Stack!"), Some("mystack".into()));
 }
 
+/// The platform's settings come from its .env; mlopsctl's own environment
+/// wins over it, and a copy of the bundle without it fails naming the
+/// setting and the file.
+#[test]
+fn the_platform_settings_come_from_its_env_file() {
+    let platform = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../platform");
+    let (_, secrets) = preflight(&platform, None).unwrap();
+    let env: BTreeMap<String, String> = secrets.iter().map(|s| (s.clone(), "x".to_string())).collect();
+    let mut set = env.clone();
+    set.insert("MLOPS_LOG_MAX_SIZE".into(), "1m".into());
+    let l = load(&platform, &LoadOptions { env: set, ..Default::default() }).unwrap();
+    assert_eq!(l.stack.services["postgres"].logging.as_ref().unwrap().options["max-size"], "1m");
+    assert_eq!(l.stack.services["postgres"].logging.as_ref().unwrap().options["max-file"], "5", "from .env");
+
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(platform.join("compose.yaml"), copy.path().join("compose.yaml")).unwrap();
+    let err = load(copy.path(), &LoadOptions { env, ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("MLOPS_LOG_MAX_SIZE") && err.contains("set in .env beside compose.yaml"), "{err}");
+}
+
 /// The platform bundle parses cleanly: no warnings, every option understood.
 #[test]
 fn the_platform_bundle_parses_without_warnings() {
@@ -264,7 +284,19 @@ fn the_platform_bundle_parses_without_warnings() {
         assert_eq!(svc.security_opt, ["no-new-privileges:true"], "{name}");
         assert_eq!(svc.cap_drop, ["ALL"], "{name}");
         assert!(svc.host_access().iter().all(|a| a.contains("/proc") || a.contains("/sys")), "{name}");
+        // And its log is rotated, as .env says.
+        let log = svc.logging.as_ref().unwrap_or_else(|| panic!("{name}: its log is not rotated"));
+        assert_eq!(log.driver, "json-file", "{name}");
+        assert_eq!((log.options["max-size"].as_str(), log.options["max-file"].as_str()), ("20m", "5"), "{name}");
     }
+    // Retention: Prometheus's flags and the maintenance DAG's variables.
+    let prometheus = l.stack.services["prometheus"].command.clone().unwrap();
+    for flag in ["--storage.tsdb.retention.time=15d", "--storage.tsdb.retention.size=5GB"] {
+        assert!(prometheus.iter().any(|a| a == flag), "{prometheus:?}");
+    }
+    let worker = &l.stack.services["airflow-worker"].environment;
+    assert_eq!(worker["AIRFLOW_VAR_MLOPS_AIRFLOW_LOG_RETENTION_DAYS"], "30");
+    assert_eq!(worker["AIRFLOW_VAR_MLOPS_AIRFLOW_DB_RETENTION_DAYS"], "90");
     // No generated secret is interpolated into a command line.
     for (name, svc) in &l.stack.services {
         for arg in svc.command.iter().flatten().chain(svc.entrypoint.iter().flatten()) {
@@ -448,7 +480,11 @@ fn placement_names_services_once_each() {
 /// prints is a Compose file that means what was read.
 fn round_trips(text: &str, dir: &Path, profiles: &[&str]) -> Stack {
     let (_, secrets) = preflight_text(text);
-    let env: BTreeMap<String, String> = secrets.into_iter().map(|n| (n.clone(), format!("v$lue-of-{n}"))).collect();
+    let mut env: BTreeMap<String, String> = secrets.into_iter().map(|n| (n.clone(), format!("v$lue-of-{n}"))).collect();
+    // The settings `load` would read beside the file.
+    if let Ok(dotenv) = std::fs::read_to_string(dir.join(".env")) {
+        env.extend(interpolate::parse_dotenv(&dotenv).unwrap());
+    }
     let opts = LoadOptions { profiles: profiles.iter().map(|p| p.to_string()).collect(), ..Default::default() };
     let first = parse(text, Path::new("compose.yaml"), dir, &env, &opts).unwrap().stack;
     let yaml = emit::to_yaml(&emit::to_compose(&first));

@@ -238,6 +238,25 @@ pub struct FactsSummary {
     pub docker_version: String,
     pub docker_error: String,
     pub host_uptime_seconds: u64,
+    /// Docker's data directory and what its data takes (`status` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_disk: Option<DockerDiskSummary>,
+}
+
+/// The file system of Docker's data directory and what Docker's data
+/// takes on it, in bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct DockerDiskSummary {
+    pub root_dir: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub images_bytes: u64,
+    pub containers_bytes: u64,
+    pub volumes_bytes: u64,
+    pub build_cache_bytes: u64,
+    /// Why the usage figures are missing, when they are.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 impl FactsSummary {
@@ -257,6 +276,16 @@ impl FactsSummary {
             docker_version: docker.version,
             docker_error: docker.error,
             host_uptime_seconds: f.host_uptime_seconds,
+            docker_disk: f.docker_disk.as_ref().map(|d| DockerDiskSummary {
+                root_dir: d.root_dir.clone(),
+                total_bytes: d.total_bytes,
+                available_bytes: d.available_bytes,
+                images_bytes: d.images_bytes,
+                containers_bytes: d.containers_bytes,
+                volumes_bytes: d.volumes_bytes,
+                build_cache_bytes: d.build_cache_bytes,
+                error: d.error.clone(),
+            }),
         }
     }
 }
@@ -833,7 +862,7 @@ pub async fn status_host(
     let answer = async {
         let mut conn = AgentConn::connect(transport.clone(), target.agent_port, &ctx.tls).await?;
         let hello = conn.hello().await?;
-        let facts = conn.facts().await?;
+        let facts = conn.facts_with_disk().await?;
         Ok::<_, ControllerError>((hello, facts, conn))
     }
     .await;

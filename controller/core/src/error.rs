@@ -296,6 +296,10 @@ fn kind_hint(f: &Failure) -> Option<String> {
         }
         FailureKind::ShuttingDown => "the agent was stopping (a restart or upgrade); run the command again".into(),
         FailureKind::Io => format!("check `{}` on the host (space, permissions)", f.path),
+        FailureKind::DiskFull => format!(
+            "free space in {} on the host (`mlopsctl status` shows what Docker's data takes; `docker image prune`, `docker builder prune`, or old volumes), or lower the floor with --min-free-space",
+            f.path
+        ),
         _ => return None,
     })
 }
@@ -347,6 +351,7 @@ mod tests {
             FailureKind::EngineUnreachable,
             FailureKind::DockerInstallFailed,
             FailureKind::EngineError,
+            FailureKind::DiskFull,
         ] {
             let e = ControllerError::Agent { host: "h".into(), call: "Converge", failure: Box::new(failure(kind)) };
             assert!(e.hint().is_some(), "{kind:?}");

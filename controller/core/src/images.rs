@@ -353,6 +353,7 @@ pub async fn build(
         holder: plan.holder.clone(),
         files_root: plan.staged_root(),
         tags,
+        min_free_bytes: plan.min_free_bytes,
     };
     let stream = conn
         .raw()

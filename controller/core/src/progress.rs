@@ -152,16 +152,7 @@ impl TransferMeter {
 }
 
 /// `512 B`, `8.0 MiB`: sizes as people read them.
-pub fn bytes_human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
-}
+pub use mlops_proto::bytes_human;
 
 /// A report that drops everything: for a second read of what was already
 /// reported once (a stack model read again with its secrets).

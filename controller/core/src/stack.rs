@@ -50,6 +50,8 @@ pub struct StackPlan {
     pub no_rollback: bool,
     /// This deploy's id, kept with each host's revision.
     pub deploy_id: String,
+    /// Free bytes a host's Docker data directory must have for a build.
+    pub min_free_bytes: u64,
 }
 
 impl StackPlan {
@@ -326,6 +328,7 @@ pub async fn converge(
         min_healthy_seconds: plan.min_healthy_seconds,
         no_rollback: plan.no_rollback,
         deploy_id: plan.deploy_id.clone(),
+        min_free_bytes: plan.min_free_bytes,
     };
     let stream = conn.raw().converge(request).await.map_err(|s| rpc("Converge", s))?.into_inner();
     let done = follow(&host, "Converge", stream, progress).await?;

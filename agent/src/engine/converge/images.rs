@@ -28,6 +28,7 @@ pub async fn ensure(
     order: &[String],
     dirs: &super::StackDirs,
     pinned: Option<&BTreeMap<String, String>>,
+    floor: u64,
     ev: &Events,
 ) -> Result<Images, EngineError> {
     let mut out = Images { ids: BTreeMap::new(), changed: false };
@@ -39,7 +40,7 @@ pub async fn ensure(
             continue;
         }
         let id = match &stack.services[name].build {
-            Some(_) => build_if_changed(docker, stack, name, &tag, dirs, ev, &mut out.changed).await?,
+            Some(_) => build_if_changed(docker, stack, name, &tag, dirs, floor, ev, &mut out.changed).await?,
             None => match docker.inspect_image(&tag).await {
                 Ok(i) => i.id.unwrap_or_default(),
                 Err(_) => {
@@ -53,6 +54,20 @@ pub async fn ensure(
         out.ids.insert(name.clone(), id);
     }
     Ok(out)
+}
+
+/// Fails with [`EngineError::DiskFull`] when Docker's data directory has
+/// less than `floor` bytes free (0: no floor).
+pub async fn check_build_space(docker: &Docker, floor: u64) -> Result<(), EngineError> {
+    if floor == 0 {
+        return Ok(());
+    }
+    let root = docker.info().await?.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".to_string());
+    let (_, free) = crate::facts::disk(Path::new(&root));
+    if free < floor {
+        return Err(EngineError::DiskFull { service: String::new(), path: root, free, floor });
+    }
+    Ok(())
 }
 
 /// The kept image `id` of service `name`, tagged `tag` again (a later
@@ -126,6 +141,7 @@ pub async fn build_tags(
     stack: &Stack,
     tags: &[String],
     dirs: &super::StackDirs,
+    floor: u64,
     ev: &Events,
 ) -> Result<crate::engine::Outcome, EngineError> {
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
@@ -141,7 +157,7 @@ pub async fn build_tags(
         if stack.services[name].build.is_none() || done.contains(&tag) || !tags.contains(&tag) {
             continue;
         }
-        build_if_changed(docker, stack, name, &tag, dirs, ev, &mut changed).await?;
+        build_if_changed(docker, stack, name, &tag, dirs, floor, ev, &mut changed).await?;
         done.push(tag);
     }
     let summary = if changed {
@@ -196,12 +212,14 @@ async fn packed(
     .map_err(|e| e.in_service(name))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn build_if_changed(
     docker: &Docker,
     stack: &Stack,
     name: &str,
     tag: &str,
     dirs: &super::StackDirs,
+    floor: u64,
     ev: &Events,
     changed: &mut bool,
 ) -> Result<String, EngineError> {
@@ -217,6 +235,9 @@ async fn build_if_changed(
     if current {
         return Ok(existing.and_then(|i| i.id).unwrap_or_default());
     }
+    // A build that fills the disk fails half-way and starves what runs
+    // here (PostgreSQL first): refused before it starts.
+    check_build_space(docker, floor).await.map_err(|e| e.in_service(name))?;
     let ctx = match packed {
         Some(ctx) => ctx,
         None => context(stack, name, dirs).await?,

@@ -73,6 +73,9 @@ pub struct Options {
     /// Service to image ID: the images a kept revision ran, used as they
     /// are (nothing built or pulled; see [`images::ensure`]).
     pub pinned: Option<BTreeMap<String, String>>,
+    /// Free bytes Docker's data directory must have for a build to start
+    /// (0: no floor; see [`images::check_build_space`]).
+    pub build_floor: u64,
 }
 
 /// Brings the stack to the model; returns every service's state.
@@ -88,7 +91,7 @@ pub async fn converge(
     let order = stack.start_order().map_err(|m| EngineError::bad_request("stack_json", m))?;
     credentials::check_and_record(docker, stack, &dirs.credentials, &options.rotating).await?;
     let mut changed = resources::ensure(docker, stack, &order, ev).await?;
-    let images = images::ensure(docker, stack, &order, dirs, options.pinned.as_ref(), ev).await?;
+    let images = images::ensure(docker, stack, &order, dirs, options.pinned.as_ref(), options.build_floor, ev).await?;
     changed |= images.changed;
     let hashes = plan::config_hashes(stack, &order, &images.ids, files_dir)?;
     let parts = plan::config_parts(stack, &order, &images.ids, &hashes, files_dir);

@@ -35,7 +35,14 @@ pub struct DeployOptions {
     /// An `image:` no host has may come from this machine's Docker engine
     /// (see [`crate::local_engine`]).
     pub local_images: bool,
+    /// Free bytes Docker's data directory must have on a host for an image
+    /// build to start there (0: no floor).
+    pub min_free_space: u64,
 }
+
+/// `--min-free-space`'s default: the platform's images take about 4 GB,
+/// and a build that fills the disk starves what runs beside it.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 5 << 30;
 
 /// What `deploy` did: per host, and the stack model it deployed (for the
 /// access table).
@@ -246,6 +253,7 @@ pub async fn deploy_with(
                         min_healthy_seconds: opts.rollout.min_healthy_seconds(),
                         no_rollback: opts.rollout.no_rollback,
                         deploy_id: deploy_id.clone(),
+                        min_free_bytes: opts.min_free_space,
                     };
                     (Some((plan, resolved.values)), Some(model.stack))
                 }

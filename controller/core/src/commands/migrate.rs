@@ -211,6 +211,7 @@ impl Plan {
             rotating: Vec::new(),
             rollout: Default::default(),
             local_images: opts.local_images,
+            min_free_space: super::deploy::DEFAULT_MIN_FREE_SPACE,
         };
         let mut deploy_unheld = deploy.clone();
         deploy_unheld.stack.skip.extend(hold.iter().cloned());

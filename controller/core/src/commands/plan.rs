@@ -177,6 +177,7 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         min_healthy_seconds: 0,
         no_rollback: false,
         deploy_id: String::new(),
+        min_free_bytes: opts.min_free_space,
     });
 
     let archs: BTreeMap<String, String> =

@@ -36,6 +36,7 @@ pub async fn sync(
         deploy_id: String::new(),
         images: false,
         local_images: false,
+        min_free_bytes: 0,
     });
     Ok(per_host(&setup.targets, setup.forks, &setup.ctx, &report, move |target, ctx, progress| {
         let plan = plan.clone();
