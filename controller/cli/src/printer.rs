@@ -916,7 +916,7 @@ impl Printer {
                         let usage = |n: u64| if d.error.is_empty() { bytes_human(n) } else { "?".into() };
                         vec![
                             host.to_string(),
-                            d.root_dir.clone(),
+                            neutralise(&d.root_dir).into_owned(),
                             format!("{} of {}", bytes_human(d.available_bytes), bytes_human(d.total_bytes)),
                             usage(d.images_bytes),
                             usage(d.containers_bytes),
@@ -929,6 +929,14 @@ impl Printer {
                     self.stdout("");
                     let head = ["HOST", "DOCKER DATA", "FREE", "IMAGES", "CONTAINERS", "VOLUMES", "BUILD CACHE"];
                     self.stdout(&table(&head, &disks));
+                }
+                for h in hosts {
+                    if let Some(d) = h.outcome.facts.as_ref().and_then(|f| f.docker_disk.as_ref())
+                        && !d.error.is_empty()
+                    {
+                        let why = neutralise(&d.error);
+                        self.stderr_line(&format!("{}: what Docker's data takes is unknown: {why}", h.outcome.host));
+                    }
                 }
                 let listed: Vec<(&str, &ServiceOutcome)> = hosts
                     .iter()
