@@ -455,31 +455,13 @@ impl From<StackArgs> for mlops_controller::commands::StackOptions {
     }
 }
 
-/// A size as `--min-free-space` takes it: bytes, or with a unit (k, m, g,
-/// t; binary, as Compose's sizes).
+/// A size as `--min-free-space` takes it: as Compose writes sizes
+/// ([`mlops_compose::parse_bytes`]), not negative.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t
-        .strip_suffix("ib")
-        .or_else(|| t.strip_suffix('b').filter(|r| r.ends_with(['k', 'm', 'g', 't'])))
-        .unwrap_or(&t);
-    let (number, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => t.split_at(i),
-        None => (t, ""),
-    };
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => return Err(format!("`{s}`: expected a size such as 5G, 500M or 0")),
-    };
-    let n: f64 = number.trim().parse().map_err(|_| format!("`{s}`: expected a size such as 5G, 500M or 0"))?;
-    if !n.is_finite() || n < 0.0 {
-        return Err(format!("`{s}`: a size is not negative"));
+    match mlops_compose::parse_bytes(s) {
+        Some(n) if n >= 0 => Ok(n as u64),
+        _ => Err(format!("`{s}`: expected a size such as 5G, 500M or 0")),
     }
-    Ok((n * (1u64 << shift) as f64) as u64)
 }
 
 #[cfg(test)]

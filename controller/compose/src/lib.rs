@@ -1585,15 +1585,17 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
     (any && num.is_empty()).then_some(total as u64)
 }
 
+/// A size as Compose (Docker's `RAMInBytes`) writes it: bytes, or with a
+/// binary unit `k`, `m`, `g` or `t`, optionally followed by `b` or `ib`
+/// (`512`, `1.5m`, `2g`, `5GiB`); any case.
 pub fn parse_bytes(s: &str) -> Option<i64> {
     let s = s.trim().to_lowercase();
-    let (num, mult) = match s.trim_end_matches('b').chars().last()? {
-        'k' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64),
-        'm' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64 * 1024.0),
-        'g' => (&s[..s.trim_end_matches('b').len() - 1], 1024f64 * 1024.0 * 1024.0),
-        _ => (s.trim_end_matches('b'), 1f64),
+    let s = s.strip_suffix("ib").or_else(|| s.strip_suffix('b')).unwrap_or(&s);
+    let (num, shift) = match s.chars().last().map(|c| "kmgt".find(c))? {
+        Some(unit) => (&s[..s.len() - 1], 10 * (unit + 1)),
+        None => (s, 0),
     };
-    num.parse::<f64>().ok().map(|n| (n * mult) as i64)
+    num.trim().parse::<f64>().ok().filter(|n| n.is_finite()).map(|n| (n * (1u64 << shift) as f64) as i64)
 }
 
 /// Splits like a POSIX shell (quotes and backslashes; no expansion), as

@@ -238,6 +238,11 @@ fn helpers() {
     assert_eq!(parse_bytes("2g"), Some(2 * 1024 * 1024 * 1024));
     assert_eq!(parse_bytes("100"), Some(100));
     assert_eq!(parse_bytes("1.5m"), Some(1_572_864));
+    assert_eq!(parse_bytes("5GiB"), Some(5 << 30));
+    assert_eq!(parse_bytes("1t"), Some(1 << 40));
+    assert_eq!(parse_bytes("2kb"), Some(2048));
+    assert_eq!(parse_bytes("g"), None);
+    assert_eq!(parse_bytes("5x"), None);
     assert_eq!(split_words(r#"a "b c" 'd e' f\ g"#).unwrap(), ["a", "b c", "d e", "f g"]);
     // As Compose splits: `#` starts no comment.
     assert_eq!(split_words("echo a #b 'c #d' x#y").unwrap(), ["echo", "a", "#b", "c #d", "x#y"]);

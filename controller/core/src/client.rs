@@ -245,16 +245,17 @@ impl AgentConn {
 
     /// The host's facts; bounded like [`Self::hello`].
     pub async fn facts(&mut self) -> Result<HostFacts, ControllerError> {
-        let request = GetFactsRequest { docker_disk: false };
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, self.client.get_facts(request)).await;
-        self.bounded("GetFacts", answer)
+        self.get_facts(false).await
     }
 
     /// [`Self::facts`] with what Docker's data takes (`HostFacts.docker_disk`;
     /// slower: the engine reads every image, container and volume).
     pub async fn facts_with_disk(&mut self) -> Result<HostFacts, ControllerError> {
-        let request = GetFactsRequest { docker_disk: true };
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, self.client.get_facts(request)).await;
+        self.get_facts(true).await
+    }
+
+    async fn get_facts(&mut self, docker_disk: bool) -> Result<HostFacts, ControllerError> {
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, self.client.get_facts(GetFactsRequest { docker_disk })).await;
         self.bounded("GetFacts", answer)
     }
 
