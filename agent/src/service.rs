@@ -1096,8 +1096,9 @@ impl Agent for AgentService {
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?.with_timeout(LOAD_TIMEOUT);
         let (exit_code, output, what) = if target.volume.is_empty() {
             let env = target.env.into_iter().collect();
+            let input = engine::volumes::Input { data: checked, trailer: target.input_trailer.into() };
             let (code, output) =
-                engine::volumes::exec_in(&docker, &project, &target.service, target.command, &env, checked)
+                engine::volumes::exec_in(&docker, &project, &target.service, target.command, &env, input)
                     .await
                     .map_err(|e| stack_status(e, &project))?;
             (code, output, format!("data into a command in {}", target.service))
@@ -1153,6 +1154,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
 /// service and command.
 fn check_source(source: &DataSource) -> Result<(), AgentError> {
     check_project(&source.project)?;
+    if source.input_trailer.len() > MAX_INPUT_TRAILER {
+        return Err(AgentError::InvalidArgument {
+            field: "input_trailer",
+            message: format!("{} bytes, more than the {MAX_INPUT_TRAILER} allowed", source.input_trailer.len()),
+        });
+    }
     match (source.volume.is_empty(), source.service.is_empty() || source.command.is_empty()) {
         (false, true) | (true, false) => Ok(()),
         _ => Err(AgentError::InvalidArgument {
@@ -1161,6 +1168,9 @@ fn check_source(source: &DataSource) -> Result<(), AgentError> {
         }),
     }
 }
+
+/// The largest `DataSource.input_trailer`: a line or two a command echoes.
+const MAX_INPUT_TRAILER: usize = 4096;
 
 fn check_project(project: &str) -> Result<(), AgentError> {
     if project.is_empty()

@@ -30,7 +30,9 @@ pub mod v1 {
 /// the host to its newest revision), minimum healthy time.
 /// Level 7: `StopServices`, `ExportData`, `ImportData` (a project's data
 /// moves between hosts: `migrate`).
-pub const API_LEVEL: u32 = 7;
+/// Level 8: `DataSource.input_trailer` (an import into a command proves it
+/// read its input to the end).
+pub const API_LEVEL: u32 = 8;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and
 /// the controller both cut to it).

@@ -160,12 +160,18 @@ fn an_image_no_host_has_comes_from_the_controller_machines_engine() {
     assert!(one.stderr.contains("shipped from this machine's Docker engine"), "{}", one.stderr);
     assert_eq!(image_id(&h1, &tag), id);
 
-    // 3. Two hosts: a host of the deploy has it now, so h2 gets it from h1
-    //    rather than from this machine; h1 receives nothing.
+    // 3. Two hosts: h1 has it now, and so has this machine, the very same
+    //    image: h2 gets it from this machine (h1's engine saves nothing;
+    //    host-to-host shipping is the test above, and `migrate`'s); h1
+    //    receives nothing.
     let two = run("deploy", &[&h1, &h2], &[]).expect_code(0);
     let got = arrivals(&two);
     assert_eq!(got[0].0, "current", "{got:?}");
-    assert_eq!((got[1].0.as_str(), got[1].1["from"].as_str()), ("shipped", Some(h1.spec("root").as_str())), "{got:?}");
+    assert_eq!(
+        (got[1].0.as_str(), got[1].1["from"].as_str()),
+        ("shipped", Some("this machine's Docker engine")),
+        "{got:?}"
+    );
     assert_eq!(image_id(&h2, &tag), id);
     assert!(!h2.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={}", stack.project)]).is_empty());
 }

@@ -237,22 +237,29 @@ pub async fn exec_out(
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// A command's input: `data`, then `trailer` once `data` ended well.
+pub struct Input<S> {
+    pub data: S,
+    pub trailer: Bytes,
+}
+
 /// Runs `command` in `service`'s running container with `input` on its
-/// standard input; its exit code and the last of its output. When `input`
-/// fails part-way, the command's input is closed and the error returned
-/// (the command has seen part of the data: imports must be safe to run
-/// again, which `migrate`'s are).
+/// standard input; its exit code and the last of its output. When the
+/// data fails part-way, the command's input is closed (without the
+/// trailer) and the error returned (the command has seen part of the data:
+/// imports must be safe to run again, which `migrate`'s are).
 pub async fn exec_in<S>(
     docker: &Docker,
     project: &str,
     service: &str,
     command: Vec<String>,
     env: &BTreeMap<String, String>,
-    input: S,
+    input: Input<S>,
 ) -> Result<(i64, String), EngineError>
 where
     S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
 {
+    let Input { data: input, trailer } = input;
     let exec = super::exec::create(docker, project, service, command, env, true).await?;
     let StartExecResults::Attached { mut output, input: mut stdin } =
         docker.start_exec(&exec, Some(StartExecOptions { detach: false, tty: false, output_capacity: None })).await?
@@ -290,6 +297,13 @@ where
                 break;
             }
         }
+    }
+    if failed.is_none()
+        && !trailer.is_empty()
+        && let Err(e) = stdin.write_all(&trailer).await
+    {
+        failed =
+            Some(EngineError::Io { what: format!("writing to `{service}`'s command"), path: String::new(), source: e });
     }
     let _ = stdin.shutdown().await;
     drop(stdin);

@@ -12,9 +12,9 @@
 //! under another name is only tagged (`TagImage`), and nothing is sent.
 //!
 //! An image the stack pulls (`image:` without `build:`) that some host
-//! lacks comes from a host that has it, else from this machine's own
-//! Docker engine when it has it (see [`crate::local_engine`]), else each
-//! host pulls it in its converge.
+//! lacks comes from this machine's own Docker engine when it has it and
+//! no host has it or a host has the same ID (see [`crate::local_engine`]),
+//! else from a host that has it, else each host pulls it in its converge.
 //!
 //! An image is the same on two hosts when its build context hashes the
 //! same there (the agent computes it from the synced files, exactly as
@@ -70,13 +70,15 @@ pub struct Assignment {
 /// comes from the first host that has it, else is built by the first
 /// host that lacks it; one in `available` (a host of an earlier batch of
 /// the rollout has it) comes from there, and is neither built nor assigned.
-/// A pulled image no host has comes from this machine's engine ([`LOCAL`])
-/// when `local` (its tags there) holds it, else from nowhere (each host
-/// pulls it).
+/// A pulled image comes from this machine's engine ([`LOCAL`]) when
+/// `local` (tag → ID there) holds it and no host has it, or a host has the
+/// same ID (then no host's engine is asked for a `docker save`, and the
+/// bytes cross one network instead of two); with no source at all, each
+/// host pulls it.
 pub fn assign(
     reports: &[(String, Vec<ImageState>)],
     available: &BTreeSet<ImageKey>,
-    local: &BTreeSet<String>,
+    local: &BTreeMap<String, String>,
 ) -> Assignment {
     let mut out = Assignment::default();
     let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
@@ -86,10 +88,13 @@ pub fn assign(
             if out.source_of.contains_key(&k) || available.contains(&k) {
                 continue;
             }
-            let holder = reports.iter().find(|(_, has)| has.iter().any(|i| !i.id.is_empty() && key(i) == k));
+            let holder = reports
+                .iter()
+                .find_map(|(host, has)| has.iter().find(|i| !i.id.is_empty() && key(i) == k).map(|i| (host, &i.id)));
             let source = match holder {
+                Some(_) if pulled(image) && local.get(&k.0) == holder.map(|(_, id)| id) => LOCAL.to_string(),
                 Some((host, _)) => host.clone(),
-                None if pulled(image) && local.contains(&k.0) => LOCAL.to_string(),
+                None if pulled(image) && local.contains_key(&k.0) => LOCAL.to_string(),
                 None if pulled(image) => continue,
                 None => {
                     let builder = reports
@@ -117,10 +122,11 @@ pub struct LocalSupply {
 }
 
 /// This machine's engine and the IDs it has of the pulled images that
-/// some host lacks and no host (nor an earlier batch) has, each for a
-/// Linux of the architecture of every host lacking it (`arch_of`: host →
-/// `uname -m`; a host not in it is not checked); `None` when there are
-/// none or no engine answers.
+/// some host lacks and no earlier batch has, each for a Linux of the
+/// architecture of every host lacking it (`arch_of`: host → `uname -m`; a
+/// host not in it is not checked); `None` when there are none or no engine
+/// answers. Those it cannot supply are in `unfit` when no host has them
+/// either (then each host pulls them).
 pub async fn local_supply(
     reports: &[(String, Vec<ImageState>)],
     available: &BTreeSet<ImageKey>,
@@ -128,12 +134,14 @@ pub async fn local_supply(
 ) -> Option<LocalSupply> {
     let key = |i: &ImageState| (i.tag.clone(), i.context_hash.clone());
     let all = || reports.iter().flat_map(|(_, images)| images.iter());
-    let mut wanted: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    // Tag → the hosts lacking it, and whether some host has it.
+    let mut wanted: BTreeMap<String, (BTreeSet<&str>, bool)> = BTreeMap::new();
     for (host, images) in reports {
         for i in images.iter().filter(|i| pulled(i) && i.id.is_empty() && !available.contains(&key(i))) {
-            if !all().any(|h| !h.id.is_empty() && key(h) == key(i)) {
-                wanted.entry(i.tag.clone()).or_default().insert(host);
-            }
+            let held = all().any(|h| !h.id.is_empty() && key(h) == key(i));
+            let entry = wanted.entry(i.tag.clone()).or_default();
+            entry.0.insert(host);
+            entry.1 = held;
         }
     }
     if wanted.is_empty() {
@@ -141,10 +149,11 @@ pub async fn local_supply(
     }
     let engine = LocalEngine::connect().await?;
     let (mut ids, mut unfit) = (BTreeMap::new(), Vec::new());
-    for (tag, hosts) in wanted {
+    for (tag, (hosts, held)) in wanted {
         let Some(image) = engine.image(&tag).await else { continue };
         match unfit_for(&image, &hosts, arch_of) {
-            Some(why) => unfit.push((tag, why)),
+            Some(why) if !held => unfit.push((tag, why)),
+            Some(_) => {}
             None => {
                 ids.insert(tag, image.id);
             }
@@ -542,7 +551,7 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "sha256:pg")]),
             ("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")]),
         ];
-        let a = assign(&reports, &BTreeSet::new(), &BTreeSet::new());
+        let a = assign(&reports, &BTreeSet::new(), &BTreeMap::new());
         assert_eq!(a.builds, BTreeMap::from([("a".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("pg".into(), "h2".into())], "b", "b has it: nobody builds it");
@@ -556,23 +565,39 @@ mod tests {
             ("b".to_string(), vec![state("py", "h1", "")]),
             ("c".to_string(), vec![state("py", "other", "")]),
         ];
-        let a = assign(&reports, &BTreeSet::new(), &BTreeSet::new());
+        let a = assign(&reports, &BTreeSet::new(), &BTreeMap::new());
         assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["py".to_string()])]));
         assert_eq!(a.source_of[&("py".into(), "h1".into())], "a");
         assert_eq!(a.source_of[&("py".into(), "other".into())], "c");
     }
 
     #[test]
-    fn a_pulled_image_comes_from_a_host_else_this_machine_else_is_pulled() {
+    fn a_pulled_image_comes_from_this_machine_when_it_has_the_same_else_a_host_else_is_pulled() {
         let reports = vec![
-            ("a".to_string(), vec![state("grafana", "", ""), state("redis", "", "sha256:r"), state("x", "", "")]),
-            ("b".to_string(), vec![state("grafana", "", ""), state("redis", "", ""), state("x", "", "")]),
+            (
+                "a".to_string(),
+                vec![
+                    state("grafana", "", ""),
+                    state("redis", "", "sha256:r"),
+                    state("pg", "", "sha256:p"),
+                    state("x", "", ""),
+                ],
+            ),
+            (
+                "b".to_string(),
+                vec![state("grafana", "", ""), state("redis", "", ""), state("pg", "", ""), state("x", "", "")],
+            ),
         ];
-        let local = BTreeSet::from(["grafana".to_string(), "redis".to_string()]);
+        let local = BTreeMap::from([
+            ("grafana".to_string(), "sha256:g".to_string()),
+            ("redis".to_string(), "sha256:another".to_string()),
+            ("pg".to_string(), "sha256:p".to_string()),
+        ]);
         let a = assign(&reports, &BTreeSet::new(), &local);
         assert!(a.builds.is_empty(), "a pulled image is never built: {a:?}");
         assert_eq!(a.source_of[&("grafana".into(), String::new())], LOCAL);
-        assert_eq!(a.source_of[&("redis".into(), String::new())], "a", "a host that has it first");
+        assert_eq!(a.source_of[&("redis".into(), String::new())], "a", "this machine's is another image");
+        assert_eq!(a.source_of[&("pg".into(), String::new())], LOCAL, "the same image: no host saves it");
         assert!(!a.source_of.contains_key(&("x".into(), String::new())), "no source: each host pulls it");
     }
 
@@ -595,14 +620,14 @@ mod tests {
     #[test]
     fn nothing_missing_nothing_to_do() {
         let reports = vec![("a".to_string(), vec![state("py", "h1", "sha256:1")])];
-        assert_eq!(assign(&reports, &BTreeSet::new(), &BTreeSet::new()), Assignment::default());
+        assert_eq!(assign(&reports, &BTreeSet::new(), &BTreeMap::new()), Assignment::default());
     }
 
     #[test]
     fn an_image_an_earlier_batch_has_is_neither_built_nor_reassigned() {
         let reports = vec![("c".to_string(), vec![state("py", "h1", ""), state("pg", "h2", "")])];
         let earlier = BTreeSet::from([("py".to_string(), "h1".to_string())]);
-        let a = assign(&reports, &earlier, &BTreeSet::new());
+        let a = assign(&reports, &earlier, &BTreeMap::new());
         assert_eq!(a.builds, BTreeMap::from([("c".to_string(), vec!["pg".to_string()])]));
         assert!(!a.source_of.contains_key(&("py".into(), "h1".into())));
     }

@@ -357,6 +357,9 @@ fn a_stack_moves_between_real_vms_with_its_rows() {
     assert!(run.stderr.contains("resuming the migration"), "{}", run.stderr);
     assert_eq!(tier.http("vm2", "/cgi-bin/rows"), rows, "every row arrived and vm2 serves it");
     assert!(seen.contains("vm2") && !seen.contains("installing docker.io"), "vm2's own engine was used:\n{seen}");
+    // The image vm2 lacked came from the controller machine's engine (it
+    // has the very image vm1 runs), not from a save on vm1.
+    assert!(seen.contains("mlops-vmstack:1: shipped from this machine's Docker engine"), "{seen}");
     assert_eq!(tier.on("vm2", "sudo systemctl is-active mlops-agent.service"), "active");
     // vm1 is stopped, with its volume.
     assert_eq!(tier.containers("vm1", &project), "app exited\ndb exited");

@@ -510,8 +510,8 @@ async fn build_images(
     for (tag, why) in local.iter().flat_map(|l| l.unfit.iter()) {
         report.warn(&format!("{tag} in {} is not shipped ({why}); hosts pull it", crate::local_engine::NAME));
     }
-    let local_tags = local.as_ref().map(|l| l.ids.keys().cloned().collect()).unwrap_or_default();
-    let assignment = Arc::new(images::assign(&reports, &available, &local_tags));
+    let local_ids = local.as_ref().map(|l| l.ids.clone()).unwrap_or_default();
+    let assignment = Arc::new(images::assign(&reports, &available, &local_ids));
     let (builders, mut ready): (Vec<_>, Vec<_>) =
         staged.into_iter().partition(|(name, _)| assignment.builds.contains_key(name));
     let mut built: BTreeMap<String, Vec<ImageState>> = BTreeMap::new();

@@ -537,7 +537,9 @@ impl Run<'_> {
                     )),
                 )));
             }
-            let seed = image_sources(&mut self.host_a, &a.name, &model.stack, &project).await.map_err(before)?;
+            let seed = image_sources(&mut self.host_a, &a.name, &model.stack, &project, self.opts.local_images)
+                .await
+                .map_err(before)?;
             let deployed_b = deploy::deploy_with(&only_b, &plan.deploy_unheld, self.report.clone(), seed).await;
             deployed(deployed_b.map_err(before)?, &b.name).map_err(before)?;
             self.record.b_deployed = true;
@@ -664,6 +666,10 @@ impl Run<'_> {
                     ],
                     ..Default::default()
                 };
+                // psql says it read the dump to its end: with the input cut
+                // short (Docker's exec has been seen to end it early) it
+                // would still exit 0, having committed a COPY cut at a line.
+                let marker = format!("mlops-restore-read-to-its-end-{}", &crate::secrets::generate()[..16]);
                 let restore = DataSource {
                     project: project.clone(),
                     service: d.service.clone(),
@@ -679,11 +685,33 @@ impl Run<'_> {
                         "-d".into(),
                         "postgres".into(),
                     ],
+                    input_trailer: format!("\n\\echo {marker}\n").into_bytes(),
                     ..Default::default()
                 };
-                let reply = pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, dump, restore).await?;
-                restore_errors(&reply.output, &d.user, reply.exit_code)
-                    .map_err(|m| ControllerError::Local(format!("{}: restoring the database failed: {m}", b.name)))?;
+                let mut attempt = 1;
+                let reply = loop {
+                    let reply =
+                        pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, dump.clone(), restore.clone()).await?;
+                    restore_errors(&reply.output, &d.user, reply.exit_code).map_err(|m| {
+                        ControllerError::Local(format!("{}: restoring the database failed: {m}", b.name))
+                    })?;
+                    if reply.output.lines().any(|l| l.trim() == marker) {
+                        break reply;
+                    }
+                    let why = format!(
+                        "{}: psql did not read the dump to its end (the engine closed its input early)",
+                        b.name
+                    );
+                    if attempt == RESTORE_ATTEMPTS {
+                        return Err(ControllerError::Local(format!(
+                            "{why}, {RESTORE_ATTEMPTS} times; nothing was switched"
+                        )));
+                    }
+                    attempt += 1;
+                    // The dump drops and makes again what it restores: a
+                    // second run replaces what the first left.
+                    self.report.warn(&format!("{why}; restoring again (attempt {attempt} of {RESTORE_ATTEMPTS})"));
+                };
                 self.report.info(&format!(
                     "{}: database restored: {} in {:.1} s, sha256 {} checked",
                     b.name,
@@ -1049,12 +1077,15 @@ async fn stop(
     Ok(reply.map_err(|s| ControllerError::from_status(host, "StopServices", &s))?.into_inner().stopped)
 }
 
-/// The stack's images A has, as sources for B.
+/// The stack's images A has, as sources for B: from this machine's engine
+/// when it has the same image (`local`: it may be asked), so that A's
+/// engine saves nothing and the bytes cross one network, not two.
 async fn image_sources(
     host_a: &mut bootstrap::Prepared,
     name: &str,
     stack: &mlops_proto::stack::Stack,
     project: &str,
+    local: bool,
 ) -> Result<ImageSources, ControllerError> {
     let request = ImagePlanRequest {
         stack_json: serde_json::to_string(stack).expect("serializable"),
@@ -1063,11 +1094,22 @@ async fn image_sources(
     let reply = host_a.conn.raw().image_plan(request).await;
     let images = reply.map_err(|s| ControllerError::from_status(name, "ImagePlan", &s))?.into_inner().images;
     let client = host_a.client();
-    let found: HashMap<_, _> = images
-        .into_iter()
-        .filter(|i| !i.id.is_empty())
-        .map(|i| ((i.tag, i.context_hash), Ok(Source::new(name, client.clone(), i.id, false))))
-        .collect();
+    let engine = match local && images.iter().any(|i| crate::images::pulled(i) && !i.id.is_empty()) {
+        true => crate::local_engine::LocalEngine::connect().await,
+        false => None,
+    };
+    let mut found = HashMap::new();
+    for i in images.into_iter().filter(|i| !i.id.is_empty()) {
+        let here = match (&engine, crate::images::pulled(&i)) {
+            (Some(engine), true) => engine.image(&i.tag).await.filter(|l| l.id == i.id).map(|_| engine.clone()),
+            _ => None,
+        };
+        let source = match here {
+            Some(engine) => Source::local(engine, i.id),
+            None => Source::new(name, client.clone(), i.id, false),
+        };
+        found.insert((i.tag, i.context_hash), Ok(source));
+    }
     Ok(ImageSources::new(found))
 }
 
@@ -1142,6 +1184,10 @@ async fn restart(
     }
     Ok(())
 }
+
+/// Restores of the database tried before a migration gives up, when the
+/// engine ends psql's input early.
+const RESTORE_ATTEMPTS: u32 = 3;
 
 /// The search path of every check (`PGOPTIONS`): the system catalog only;
 /// tables are named with their schema.

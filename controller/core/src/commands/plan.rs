@@ -208,10 +208,11 @@ pub async fn plan(setup: &Setup, opts: &DeployOptions, report: Arc<dyn Report>) 
         planned.ok.iter().map(|(n, (_, i))| (n.clone(), i.clone())).collect();
     let order: Vec<String> = layout.waves_of(&planned.ok.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()).concat();
     let batches = crate::rollout::batches(&order, opts.rollout.serial);
-    // Pulled images no host has: from this machine's engine if it has them.
+    // Pulled images: from this machine's engine if it has them (and no
+    // host has them, or has the same).
     let all: Vec<(String, Vec<ImageState>)> = reports.iter().map(|(n, i)| (n.clone(), i.clone())).collect();
     let local = match crate::commands::deploy::local_images(opts, setup, &model.stack) {
-        true => images::local_supply(&all, &Default::default(), &archs).await.map(|l| l.ids.into_keys().collect()),
+        true => images::local_supply(&all, &Default::default(), &archs).await.map(|l| l.ids),
         false => None,
     };
     let local = local.unwrap_or_default();
