@@ -176,7 +176,15 @@ impl Owners {
             Some(SocketAddr::V4(l)) => Some(l),
             _ => None,
         };
-        Owners { local, diag: diag_socket().ok(), table: std::collections::HashMap::new(), read_at: None }
+        // A kernel without the inet_diag handlers answers every lookup
+        // "no such socket" (ENOENT): netlink is used only once it finds
+        // the agent's own listener.
+        let diag = local.and_then(|l| {
+            let fd = diag_socket().ok()?;
+            let any = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+            matches!(diag_uid(&fd, l, any), Ok(Some(_))).then_some(fd)
+        });
+        Owners { local, diag, table: std::collections::HashMap::new(), read_at: None }
     }
 
     /// The kernel prints an IPv4 address as the hex of its in-memory
@@ -249,7 +257,8 @@ fn diag_socket() -> std::io::Result<std::os::fd::OwnedFd> {
 
 /// The uid of the TCP socket whose own address is `client` and whose peer
 /// is `server`, by an exact `SOCK_DIAG_BY_FAMILY` lookup
-/// (`linux/inet_diag.h`); `None` when there is no such socket.
+/// (`linux/inet_diag.h`); `None` when there is no such socket, or only
+/// what is left of one already closed (no inode: the kernel says uid 0).
 fn diag_uid(
     fd: &std::os::fd::OwnedFd,
     client: std::net::SocketAddrV4,
@@ -299,7 +308,7 @@ fn diag_uid(
             // (the same four fields first), then expires, rqueue, wqueue,
             // uid. A listener on the client's port would answer too: the
             // id must be the connection's.
-            if msg[20..20 + 36] != want[..36] {
+            if msg[20..20 + 36] != want[..36] || u32_at(16 + 4 + 48 + 16) == Some(0) {
                 return Ok(None);
             }
             Ok(u32_at(16 + 4 + 48 + 12))

@@ -973,7 +973,7 @@ impl Agent for AgentService {
         let docker = docker::connect(&self.docker_socket).await.map_err(AgentError::from)?;
         let timeout = Duration::from_secs(if req.timeout_seconds == 0 { 10 } else { u64::from(req.timeout_seconds) });
         let record = self.state_dir.join("stopped").join(format!("{}.json", req.project));
-        let stopped = engine::volumes::stop(&docker, &req.project, &req.services, timeout, &record)
+        let stopped = engine::volumes::stop(&docker, &req.project, &req.services, &req.waves, timeout, &record)
             .await
             .map_err(|e| stack_status(e, &req.project))?;
         let (history, project) = (self.history.clone(), req.project.clone());
@@ -995,6 +995,13 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let source = request.into_inner().source.unwrap_or_default();
         check_source(&source)?;
+        if !source.input_trailer.is_empty() {
+            return Err(AgentError::InvalidArgument {
+                field: "input_trailer",
+                message: "an export has no input: a trailer goes with an import into a command".into(),
+            }
+            .into());
+        }
         let what = if source.volume.is_empty() {
             format!("the output of a command in {}", source.service)
         } else {
@@ -1080,6 +1087,13 @@ impl Agent for AgentService {
         })?;
         let target = first.target.clone().unwrap_or_default();
         check_source(&target)?;
+        if !target.volume.is_empty() && !target.input_trailer.is_empty() {
+            return Err(AgentError::InvalidArgument {
+                field: "input_trailer",
+                message: "a volume's archive takes no trailer: it goes with an import into a command".into(),
+            }
+            .into());
+        }
         let project = target.project.clone();
         let piece = |c: DataChunk| {
             if c.end {

@@ -31,7 +31,7 @@ pub mod v1 {
 /// Level 7: `StopServices`, `ExportData`, `ImportData` (a project's data
 /// moves between hosts: `migrate`).
 /// Level 8: `DataSource.input_trailer` (an import into a command proves it
-/// read its input to the end).
+/// read its input to the end), `StopServicesRequest.waves`.
 pub const API_LEVEL: u32 = 8;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and

@@ -2,7 +2,8 @@
 //! to another (each with its own sshd and Docker engine, the real agent and
 //! CLI); the old host is kept stopped and intact; a migration killed
 //! during the transfer is finished by running it again; a new host that
-//! fails at the switch gets the old one started again.
+//! fails at the switch gets the old one started again; a database restore
+//! cut short is done again.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -304,4 +305,99 @@ fn the_inventory_entry_is_pointed_at_the_new_host() {
     assert!(services.iter().all(|s| s["state"] == "running") && !services.is_empty(), "{status:#}");
     assert_eq!(status["hosts"][0]["address"].as_str().map(|a| a.contains(&b.addr)), Some(true), "{status:#}");
     assert_eq!(state(&b, &container(&b, &stack.project, "db")), "running");
+}
+
+/// `db` stands for a PostgreSQL service: its `psql` and `pg_dumpall` are
+/// the stand-ins below (FAKE_PSQL, FAKE_DUMPALL), its "database" the file
+/// /data/db.sql.
+const DB_STACK: &str = r#"
+name: "{project}"
+services:
+  db:
+    build: ./img
+    command: ["sh", "-c", "touch /data/db.sql; trap 'exit 0' TERM; sleep 3600 & wait"]
+    volumes: ["data:/data"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/data/db.sql"]
+      interval: 1s
+      retries: 30
+volumes:
+  data: {}
+x-mlops:
+  migrate:
+    database: {service: db, volume: data, user: postgres, database: postgres}
+"#;
+
+/// A stand-in for `pg_dumpall` (a real PostgreSQL cannot be built for the
+/// namespace tiers in their time): prints the "database".
+const FAKE_DUMPALL: &str = "#!/bin/sh\ncat /data/db.sql\n";
+
+/// A stand-in for `psql`: a check (`-A`, as migrate's checks run it)
+/// answers the count and digest of the database's lines; a restore stores
+/// its input as the database and prints what its `\echo` lines say, as
+/// psql does. It plays a psql whose input the engine ended early, as
+/// Docker's exec was seen to do: when the dump holds `cut-every-restore`
+/// it keeps only the first 200 bytes, and with `cut-one-restore` it does so
+/// once per host (its volume remembers). Either way it exits 0, as psql
+/// does when its input ends at a line inside a COPY.
+const FAKE_PSQL: &str = r#"#!/bin/sh
+data() { grep -v '^\\echo ' /data/db.sql | grep .; }
+case " $* " in
+*" -A "*) cat > /dev/null; echo "public.db $(data | wc -l) $(data | md5sum | cut -c1-32)"; exit 0 ;;
+esac
+cat > /data/.in
+if grep -q cut-every-restore /data/.in || { grep -q cut-one-restore /data/.in && [ ! -e /data/was-cut-once ]; }; then
+  grep -q cut-one-restore /data/.in && touch /data/was-cut-once
+  head -c 200 /data/.in > /data/db.sql
+else
+  cp /data/.in /data/db.sql
+fi
+rm -f /data/.in
+sed -n 's/^\\echo //p' /data/db.sql
+"#;
+
+/// A restore whose input was cut short exits 0 and would leave part of the
+/// data: migrate sees it (psql never echoed the marker sent after the
+/// dump), restores again, and gives up after three attempts, starting A
+/// again; cut once, the second attempt moves every row.
+#[test]
+fn a_restore_cut_short_is_done_again_and_never_switched_to() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("mig-i").unwrap(), env.docker_host("mig-j").unwrap());
+    let stack = TestStack::new(DB_STACK).unwrap();
+    let img = stack.path().join("img");
+    for (name, text) in [("psql", FAKE_PSQL), ("pg_dumpall", FAKE_DUMPALL)] {
+        std::fs::write(img.join(name), text).unwrap();
+        std::fs::set_permissions(img.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let dockerfile = std::fs::read_to_string(img.join("Dockerfile")).unwrap();
+    std::fs::write(img.join("Dockerfile"), format!("{dockerfile}COPY psql pg_dumpall /usr/local/bin/\n")).unwrap();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    let db = container(&a, &project, "db");
+    let rows = |marker: &str| {
+        format!(
+            "set -e; echo '-- {marker}' > /data/db.sql; for i in $(seq 1 3000); do echo \"row $i of the table\"; done >> /data/db.sql"
+        )
+    };
+    a.docker(&["exec", &db, "sh", "-c", &rows("cut-every-restore")]);
+
+    // Cut every time: three restores, then A runs again; nothing switched.
+    let run = migrate(&env, &stack, &a, &b, &[]).expect_code(1);
+    assert_eq!(run.stderr.matches("; restoring again (attempt").count(), 2, "{}", run.stderr);
+    assert!(run.stderr.contains("restoring again (attempt 3 of 3)"), "{}", run.stderr);
+    assert!(run.stderr.contains("3 times; nothing was switched"), "{}", run.stderr);
+    assert_eq!(state(&a, &container(&a, &project, "db")), "running", "A runs again:\n{}", run.stderr);
+    assert!(!env.state.join("migrations").join(format!("{project}.json")).exists());
+
+    // Cut once: the second restore is whole, and B serves every row.
+    a.docker(&["exec", &db, "sh", "-c", &rows("cut-one-restore")]);
+    let want = a.docker(&["exec", &db, "cat", "/data/db.sql"]);
+    let run = migrate(&env, &stack, &a, &b, &[]).expect_code(0);
+    assert!(run.stderr.contains("restoring again (attempt 2 of 3)"), "{}", run.stderr);
+    assert!(!run.stderr.contains("attempt 3 of 3"), "{}", run.stderr);
+    let got =
+        b.docker(&["exec", &container(&b, &project, "db"), "sh", "-c", "grep -v '^\\\\echo ' /data/db.sql | grep ."]);
+    assert_eq!(got.trim_end(), want.trim_end());
+    assert_eq!(got.lines().count(), 3001);
 }

@@ -48,17 +48,25 @@ const HELPER_MOUNT: &str = "/mlops-volume";
 /// and removed.
 const HELPER_LABEL: &str = "mlops.volume-helper";
 
-/// Stops the running containers of `project` (only `services`, in that
-/// order, when given; else all at once), first recorded in `record` (see
-/// [`super::converge::stopped`]) for the next converge to start them.
-/// Returns the services stopped.
+/// Stops the running containers of `project` (only `services` when given:
+/// wave by wave when `waves` gives each its wave, a wave's at once, else
+/// in the order given; all at once when none is named), first recorded in
+/// `record` (see [`super::converge::stopped`]) for the next converge to
+/// start them. Returns the services stopped.
 pub async fn stop(
     docker: &Docker,
     project: &str,
     services: &[String],
+    waves: &[u32],
     timeout: Duration,
     record: &std::path::Path,
 ) -> Result<Vec<String>, EngineError> {
+    if !waves.is_empty() && waves.len() != services.len() {
+        return Err(EngineError::bad_request(
+            "waves",
+            format!("{} waves for {} services: give one per service, or none", waves.len(), services.len()),
+        ));
+    }
     let all = existing(docker, project).await?;
     if let Some(s) = services.iter().find(|s| !all.iter().any(|c| &c.service == *s)) {
         return Err(EngineError::NotFound(format!("stack `{project}` has no service `{s}` here")));
@@ -73,19 +81,25 @@ pub async fn stop(
     let ids: Vec<String> = running.iter().map(|c| c.id.clone()).collect();
     super::converge::stopped::add(record, &ids).map_err(EngineError::io_at("recording what is stopped in", record))?;
     let options = StopContainerOptionsBuilder::new().t(timeout.as_secs().min(i32::MAX as u64) as i32).build();
+    // Each group stops at once, the groups one after another.
+    let groups: Vec<Vec<&str>> = if services.is_empty() {
+        vec![running.iter().map(|c| c.service.as_str()).collect()]
+    } else if waves.is_empty() {
+        services.iter().map(|s| vec![s.as_str()]).collect()
+    } else {
+        let mut by_wave: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+        for (s, w) in services.iter().zip(waves) {
+            by_wave.entry(*w).or_default().push(s);
+        }
+        by_wave.into_values().collect()
+    };
     let mut stopped = Vec::new();
-    if services.is_empty() {
-        let stops = running.iter().map(|c| docker.stop_container(&c.id, Some(options.clone())));
-        for (c, r) in running.iter().zip(futures::future::join_all(stops).await) {
+    for group in groups {
+        let these: Vec<_> = running.iter().filter(|c| group.contains(&c.service.as_str())).collect();
+        let stops = these.iter().map(|c| docker.stop_container(&c.id, Some(options.clone())));
+        for (c, r) in these.iter().zip(futures::future::join_all(stops).await) {
             r?;
             stopped.push(c.service.clone());
-        }
-    } else {
-        for s in services {
-            for c in running.iter().filter(|c| &c.service == s) {
-                docker.stop_container(&c.id, Some(options.clone())).await?;
-                stopped.push(c.service.clone());
-            }
         }
     }
     stopped.sort();

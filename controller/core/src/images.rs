@@ -164,7 +164,7 @@ pub async fn local_supply(
 
 /// Why `image` cannot run on one of `hosts`: not Linux, or another
 /// architecture than the host's (a host not in `arch_of` is not checked).
-fn unfit_for(
+pub(crate) fn unfit_for(
     image: &crate::local_engine::LocalImage,
     hosts: &BTreeSet<&str>,
     arch_of: &BTreeMap<String, String>,
