@@ -68,8 +68,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Optio
     }
 }
 
-/// The logs of the failed tasks of `dag`'s run `run` (every try), to show
-/// why a run failed.
+/// The logs of the failed tasks of `dag`'s run `run` (every try), and the
+/// last lines of the scheduler's and the workers' own logs (a task that
+/// stops answering is failed by the scheduler, and says nothing itself),
+/// to show why a run failed.
 pub fn failed_task_logs(host: &TestHost, token: &str, dag: &str, run: &str) -> String {
     let tis = api(host, token, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{run}/taskInstances"), None);
     let mut out = String::new();
@@ -85,6 +87,17 @@ pub fn failed_task_logs(host: &TestHost, token: &str, dag: &str, run: &str) -> S
                 other => vec![other.to_string()],
             };
             out.push_str(&format!("--- {dag} {run} {task} try {attempt}:\n{}\n", lines.join("\n")));
+        }
+    }
+    for service in ["airflow-scheduler", "airflow-worker", "airflow-apiserver"] {
+        let ids = host.docker_result(&["ps", "-aq", "--filter", &format!("label=mlops.service={service}")]);
+        for id in ids.unwrap_or_default().split_whitespace() {
+            // The CLI writes the container's stderr to its own.
+            let logs = match host.docker_command(&["logs", "--tail", "40", id]).output() {
+                Ok(o) => format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+                Err(e) => e.to_string(),
+            };
+            out.push_str(&format!("--- the last lines of {service} ({id}):\n{logs}\n"));
         }
     }
     out

@@ -441,7 +441,11 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         let up = prom_query(&host, "up{job=\"mlflow\"}");
         (up.len() == 1 && up[0]["value"][1] == "1").then_some(())
     });
-    assert!(!prom_query(&host, "mlflow_http_request_total").is_empty(), "MLflow's request metrics");
+    // A scrape can come before the server counted the requests above (a
+    // run here saw `up` but no counter yet): the next one has them.
+    wait_for("MLflow's request metrics in Prometheus", Duration::from_secs(120), || {
+        (!prom_query(&host, "mlflow_http_request_total").is_empty()).then_some(())
+    });
     // Neither its setup, its server nor the training put a secret on a
     // command line (MLFLOW_DB_PASSWORD, new here, included).
     let (lines, _) = command_lines.finish();

@@ -753,7 +753,7 @@ impl Run<'_> {
                     // errors: those of a cut input, so a reason to restore
                     // again rather than to give up.
                     let why = format!(
-                        "{}: psql did not read the dump to its end (the engine closed its input early){}",
+                        "{}: psql did not read the dump to its end (its input was cut short, or it stopped){}",
                         b.name,
                         errors.err().map(|m| format!("; it said: {m}")).unwrap_or_default()
                     );
