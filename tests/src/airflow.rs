@@ -69,9 +69,9 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Optio
 }
 
 /// The logs of the failed tasks of `dag`'s run `run` (every try), and the
-/// last lines of the scheduler's and the workers' own logs (a task that
-/// stops answering is failed by the scheduler, and says nothing itself),
-/// to show why a run failed.
+/// last lines of the scheduler's, the workers' and the API server's own
+/// logs (a task that stops answering is failed by the scheduler, and says
+/// nothing itself), to show why a run failed.
 pub fn failed_task_logs(host: &TestHost, token: &str, dag: &str, run: &str) -> String {
     let tis = api(host, token, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{run}/taskInstances"), None);
     let mut out = String::new();
