@@ -1021,7 +1021,7 @@ impl Agent for AgentService {
             )
         } else {
             Box::pin(
-                engine::volumes::export(&docker, &project, &source.volume)
+                engine::volumes::export(&docker, &project, &source.volume, source.live)
                     .await
                     .map_err(|e| stack_status(e, &project))?,
             )
@@ -1087,6 +1087,13 @@ impl Agent for AgentService {
         })?;
         let target = first.target.clone().unwrap_or_default();
         check_source(&target)?;
+        if target.live {
+            return Err(AgentError::InvalidArgument {
+                field: "live",
+                message: "an import is never live: a volume's containers are stopped to replace its content".into(),
+            }
+            .into());
+        }
         if !target.volume.is_empty() && !target.input_trailer.is_empty() {
             return Err(AgentError::InvalidArgument {
                 field: "input_trailer",
@@ -1168,6 +1175,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, EngineError> 
 /// service and command.
 fn check_source(source: &DataSource) -> Result<(), AgentError> {
     check_project(&source.project)?;
+    if source.live && source.volume.is_empty() {
+        return Err(AgentError::InvalidArgument {
+            field: "live",
+            message: "`live` is for a volume's export: a command's output is read as it runs anyway".into(),
+        });
+    }
     if source.input_trailer.len() > MAX_INPUT_TRAILER {
         return Err(AgentError::InvalidArgument {
             field: "input_trailer",

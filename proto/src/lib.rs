@@ -32,7 +32,9 @@ pub mod v1 {
 /// moves between hosts: `migrate`).
 /// Level 8: `DataSource.input_trailer` (an import into a command proves it
 /// read its input to the end), `StopServicesRequest.waves`.
-pub const API_LEVEL: u32 = 8;
+/// Level 9: `DataSource.live` (a running stack's volumes exported for a
+/// backup).
+pub const API_LEVEL: u32 = 9;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and
 /// the controller both cut to it).

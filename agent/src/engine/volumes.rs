@@ -109,15 +109,20 @@ pub async fn stop(
 
 /// The whole content of volume `name` (a volume of `project`) as a tar
 /// stream whose entries start with `mlops-volume/`. Refused while a
-/// running container mounts it: the data must be quiet to be copied.
+/// running container mounts it (the data must be quiet to be copied),
+/// unless `live`: then files are copied as they are when read (a backup of
+/// a running stack's logs and artifacts).
 pub async fn export(
     docker: &Docker,
     project: &str,
     name: &str,
+    live: bool,
 ) -> Result<impl Stream<Item = Result<Bytes, EngineError>> + use<>, EngineError> {
     check_owned(docker, project, name).await?;
     let users = users_of(docker, name).await?;
-    refuse_running(name, &users)?;
+    if !live {
+        refuse_running(name, &users)?;
+    }
     let image = helper_image(docker, project, &users).await?;
     let helper = Helper::create(docker, project, name, &image, true).await?;
     let options = DownloadFromContainerOptionsBuilder::new().path(HELPER_MOUNT).build();

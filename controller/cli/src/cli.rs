@@ -281,6 +281,43 @@ pub enum Command {
         #[arg(long)]
         with_metrics: bool,
     },
+    /// Copy the running stack's data from one host (--host, or -i … --limit) to a directory here: its database dump and every named volume, zstd-compressed, with a manifest of lengths, sha256 sums and row counts, and the stack's secrets (0600).
+    Backup {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Where backups go, as DIR/PROJECT/TIME-HOST/ [default: the state directory's backups/].
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Also copy the metrics' volumes (Prometheus's and Grafana's data: `x-mlops.migrate.optional`).
+        #[arg(long)]
+        with_metrics: bool,
+        /// Then remove the oldest backups of the stack from this host beyond N (0: keep all).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep: usize,
+    },
+    /// Bring a backup back onto one host (--host, or -i … --limit), the one it was taken from or another: every file checked first, the data replaced, row counts compared with the dump's, the stack started healthy.
+    Restore {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// The backup's directory, as `mlopsctl backup` printed it.
+        #[arg(value_name = "BACKUP")]
+        backup: PathBuf,
+        /// Seconds each service gets to stop (SIGTERM) before it is killed.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        stop_timeout: u32,
+        /// Seconds each service may take to become healthy.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        health_timeout: u32,
+        /// Fail instead of installing Docker when no engine answers.
+        #[arg(long)]
+        no_docker_install: bool,
+        /// As deploy's --expose.
+        #[arg(long)]
+        expose: bool,
+        /// As deploy's --no-local-images.
+        #[arg(long)]
+        no_local_images: bool,
+    },
     /// Return each host to a revision its agent keeps: the one before the newest, or --to N, or --to-deploy ID.
     Rollback {
         #[command(flatten)]

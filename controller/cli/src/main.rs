@@ -176,6 +176,8 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
         cli.command,
         Command::Deploy { .. }
             | Command::Migrate { .. }
+            | Command::Backup { .. }
+            | Command::Restore { .. }
             | Command::Pki { .. }
             | Command::Operator { .. }
             | Command::Secrets { command: Some(_), .. }
@@ -345,14 +347,40 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
             };
             match Box::pin(commands::migrate::migrate(&setup, &opts, report)).await {
                 Ok(r) => printer.migrate(&r),
-                // Bad flags, inventory or stack: nothing was done (exit 2).
-                Err(
-                    e @ (ControllerError::Usage { .. }
-                    | ControllerError::Inventory(_)
-                    | ControllerError::Compose(_)
-                    | ControllerError::StateDir { .. }),
-                ) => return Err(e),
-                Err(e) => printer.migrate_failed(&e),
+                Err(e) if nothing_done(&e) => return Err(e),
+                Err(e) => printer.failed("migrate", &e),
+            }
+        }
+        Command::Backup { stack, to, with_metrics, keep } => {
+            let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep };
+            match Box::pin(commands::backup::backup(&setup, &opts, report)).await {
+                Ok(r) => printer.backup(&r),
+                Err(e) if nothing_done(&e) => return Err(e),
+                Err(e) => printer.failed("backup", &e),
+            }
+        }
+        Command::Restore {
+            stack,
+            backup,
+            stop_timeout,
+            health_timeout,
+            no_docker_install,
+            expose,
+            no_local_images,
+        } => {
+            let opts = commands::backup::RestoreOptions {
+                stack: stack.into(),
+                from: backup,
+                stop_timeout,
+                health_timeout,
+                install_docker: !no_docker_install,
+                expose,
+                local_images: !no_local_images,
+            };
+            match Box::pin(commands::backup::restore(&setup, &opts, report)).await {
+                Ok(r) => printer.restore(&r),
+                Err(e) if nothing_done(&e) => return Err(e),
+                Err(e) => printer.failed("restore", &e),
             }
         }
         Command::Operator { .. }
@@ -396,4 +424,16 @@ fn man_pages(dir: &std::path::Path) -> Result<usize, ControllerError> {
     cmd.build();
     write(dir, &cmd, "mlopsctl", &mut count)?;
     Ok(count)
+}
+
+/// Bad flags, inventory, stack or backup: nothing was done (exit 2, as
+/// any usage error), unlike a command that failed on its way (exit 1).
+fn nothing_done(e: &ControllerError) -> bool {
+    matches!(
+        e,
+        ControllerError::Usage { .. }
+            | ControllerError::Inventory(_)
+            | ControllerError::Compose(_)
+            | ControllerError::StateDir { .. }
+    )
 }

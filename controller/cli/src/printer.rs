@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
+use mlops_controller::commands::backup::{BackupReport, RestoreReport};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::history::HostHistory;
 use mlops_controller::commands::migrate::MigrateReport;
@@ -803,12 +804,61 @@ impl Printer {
         0
     }
 
-    /// A migration that stopped: what went wrong (the old host was started
-    /// again when it had been stopped; the warnings above say so).
-    pub fn migrate_failed(&self, e: &ControllerError) -> i32 {
+    pub fn backup(&self, r: &BackupReport) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"command": "backup", "ok": true, "result": r})),
+            Output::Text => {
+                let m = &r.manifest;
+                let files = m.database.iter().map(|d| (format!("database in `{}`", d.file.name), &d.file));
+                let files = files.chain(m.volumes.iter().map(|v| (format!("volume {}", v.name), v)));
+                for (what, f) in files {
+                    self.stdout(&format!(
+                        "  {what}: {} ({} compressed), sha256 {}",
+                        bytes_human(f.bytes),
+                        bytes_human(f.file_bytes),
+                        f.sha256
+                    ));
+                }
+                for old in &r.removed {
+                    self.stdout(&format!("  removed the older backup {}", old.display()));
+                }
+                self.stdout(&r.dir.display().to_string());
+                self.stderr_line(&format!(
+                    "backup: stack `{}` on {} copied in {:.1} s",
+                    r.project,
+                    r.host,
+                    r.ms as f64 / 1000.0
+                ));
+            }
+        }
+        0
+    }
+
+    pub fn restore(&self, r: &RestoreReport) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"command": "restore", "ok": true, "result": r})),
+            Output::Text => {
+                for s in &r.steps {
+                    self.stdout(&format!("{}: {} ({:.1} s)", s.step, neutralise(&s.detail), s.ms as f64 / 1000.0));
+                }
+                self.stderr_line(&format!(
+                    "restore: stack `{}` restored on {} from {}",
+                    r.project,
+                    r.host,
+                    r.from.display()
+                ));
+            }
+        }
+        0
+    }
+
+    /// A migration, backup or restore that stopped on its way: what went
+    /// wrong (a migration started the old host again when it had stopped
+    /// it; the warnings above say so).
+    pub fn failed(&self, command: &str, e: &ControllerError) -> i32 {
         match self.output {
             Output::Json => self.json(&json!({
-                "command": "migrate",
+                "command": command,
                 "ok": false,
                 "error": mlops_controller::client::error_chain(e),
                 "hint": e.hint(),

@@ -162,24 +162,24 @@ impl Record {
 /// What the stack's `x-mlops.migrate` asks for, reduced to what this
 /// model has (services skipped or in profiles that are off drop out).
 #[derive(Clone)]
-struct Plan {
+pub(super) struct Plan {
     /// Held services, in the order they stop (dependents first).
-    hold: Vec<String>,
+    pub(super) hold: Vec<String>,
     /// Every other service, dependents first, without the database's.
-    rest: Vec<String>,
-    database: Option<mlops_proto::stack::Database>,
-    airflow: Option<(mlops_proto::stack::AirflowMigration, String)>,
+    pub(super) rest: Vec<String>,
+    pub(super) database: Option<mlops_proto::stack::Database>,
+    pub(super) airflow: Option<(mlops_proto::stack::AirflowMigration, String)>,
     /// The Docker names of the volumes streamed.
-    volumes: Vec<String>,
-    deploy: DeployOptions,
+    pub(super) volumes: Vec<String>,
+    pub(super) deploy: DeployOptions,
     /// The deploy that runs all but the held services.
-    deploy_unheld: DeployOptions,
+    pub(super) deploy_unheld: DeployOptions,
     /// Each service's `depends_on`.
     deps: BTreeMap<String, Vec<String>>,
 }
 
 impl Plan {
-    fn new(
+    pub(super) fn new(
         model: &mlops_proto::stack::Stack,
         opts: &MigrateOptions,
         secrets: &HashMap<String, String>,
@@ -245,7 +245,7 @@ impl Plan {
     /// so dependents stop first and services that do not depend on each
     /// other stop together (one by one, the platform's dozen services took
     /// minutes to stop).
-    fn waves(&self, list: &[String]) -> Vec<u32> {
+    pub(super) fn waves(&self, list: &[String]) -> Vec<u32> {
         let mut wave = vec![0u32; list.len()];
         // At most one pass per service: a chain of n needs n − 1.
         for _ in 0..list.len() {
@@ -559,31 +559,9 @@ impl Run<'_> {
             let progress_b = Progress::new(Some(self.report.clone()), &b.name);
             let mut host_b =
                 bootstrap::prepare_host(&b, &self.setup.ctx, &bundles[&b.name], &progress_b).await.map_err(before)?;
-            let put = PutSecretsRequest {
-                project: project.clone(),
-                values: secrets.clone().into_iter().collect(),
-                ..Default::default()
-            };
-            let held = host_b.conn.raw().put_secrets(put).await;
+            let held = hold_secrets(&mut host_b.conn, &b.name, &project, &secrets, &a.name).await;
             host_b.close().await;
-            let held =
-                held.map_err(|s| before(ControllerError::from_status(&b.name, "PutSecrets", &s)))?.into_inner().values;
-            let differ: Vec<&str> =
-                secrets.iter().filter(|(k, v)| held.get(*k) != Some(*v)).map(|(k, _)| k.as_str()).collect();
-            if !differ.is_empty() {
-                return Err(before(ControllerError::usage(
-                    format!(
-                        "{} holds other values of {} for stack `{project}` than {} (it ran the stack before)",
-                        b.name,
-                        differ.join(", "),
-                        a.name
-                    ),
-                    Some(&format!(
-                        "the stack's data from {} would not open with them on {1}; remove the old deployment from {1} first (`mlopsctl down --volumes` and `mlopsctl secrets` there), or migrate to another host",
-                        a.name, b.name
-                    )),
-                )));
-            }
+            held.map_err(before)?;
             let seed = image_sources(&mut self.host_a, &a.name, &model.stack, &project, self.opts.local_images)
                 .await
                 .map_err(before)?;
@@ -705,67 +683,15 @@ impl Run<'_> {
                 let started = Instant::now();
                 self.report
                     .info(&format!("{}: dumping database `{}` (roles included) into {}", a.name, d.service, b.name));
-                let dump = DataSource {
-                    project: project.clone(),
-                    service: d.service.clone(),
-                    command: vec![
-                        "pg_dumpall".into(),
-                        "--clean".into(),
-                        "--if-exists".into(),
-                        format!("--username={}", d.user),
-                    ],
-                    ..Default::default()
-                };
-                // psql says it read the dump to its end: with the input cut
-                // short (Docker's exec has been seen to end it early) it
-                // would still exit 0, having committed a COPY cut at a line.
-                let marker = format!("mlops-restore-read-to-its-end-{}", &crate::secrets::generate()[..16]);
-                let restore = DataSource {
-                    project: project.clone(),
-                    service: d.service.clone(),
-                    // Only warnings and errors: notices (`... does not
-                    // exist, skipping`) would crowd errors out of the
-                    // output kept.
-                    env: [("PGOPTIONS".to_string(), "-c client_min_messages=warning".to_string())].into(),
-                    command: vec![
-                        "psql".into(),
-                        "-X".into(),
-                        "-q".into(),
-                        format!("--username={}", d.user),
-                        "-d".into(),
-                        "postgres".into(),
-                    ],
-                    input_trailer: format!("\n\\echo {marker}\n").into_bytes(),
-                    ..Default::default()
-                };
+                let dump = dump_source(&project, d);
+                let (restore, marker) = restore_target(&project, d);
                 let mut attempt = 1;
                 let reply = loop {
                     let reply =
                         pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, dump.clone(), restore.clone()).await?;
-                    let errors = restore_errors(&reply.output, &d.user, reply.exit_code);
-                    if reply.output.lines().any(|l| l.trim() == marker) {
-                        errors.map_err(|m| {
-                            ControllerError::Local(format!("{}: restoring the database failed: {m}", b.name))
-                        })?;
+                    if let Some(reply) = restored(self.report.as_ref(), &b.name, d, &marker, reply, &mut attempt)? {
                         break reply;
                     }
-                    // Cut mid-line or mid-statement, psql also reports
-                    // errors: those of a cut input, so a reason to restore
-                    // again rather than to give up.
-                    let why = format!(
-                        "{}: psql did not read the dump to its end (its input was cut short, or it stopped){}",
-                        b.name,
-                        errors.err().map(|m| format!("; it said: {m}")).unwrap_or_default()
-                    );
-                    if attempt == RESTORE_ATTEMPTS {
-                        return Err(ControllerError::Local(format!(
-                            "{why}, {RESTORE_ATTEMPTS} times; nothing was switched"
-                        )));
-                    }
-                    attempt += 1;
-                    // The dump drops and makes again what it restores: a
-                    // second run replaces what the first left.
-                    self.report.warn(&format!("{why}; restoring again (attempt {attempt} of {RESTORE_ATTEMPTS})"));
                 };
                 self.report.info(&format!(
                     "{}: database restored: {} in {:.1} s, sha256 {} checked",
@@ -1063,7 +989,7 @@ fn dry_run_steps(
 }
 
 /// A deploy that failed on its one host, as an error.
-fn deployed(report: deploy::DeployReport, host: &str) -> Result<(), ControllerError> {
+pub(super) fn deployed(report: deploy::DeployReport, host: &str) -> Result<(), ControllerError> {
     match report.hosts.failed.into_iter().next() {
         Some((_, e)) => Err(e),
         None if report.hosts.ok.is_empty() => {
@@ -1073,19 +999,19 @@ fn deployed(report: deploy::DeployReport, host: &str) -> Result<(), ControllerEr
     }
 }
 
-async fn connect(target: &Target, setup: &Setup) -> Result<Connected, ControllerError> {
+pub(super) async fn connect(target: &Target, setup: &Setup) -> Result<Connected, ControllerError> {
     let (transport, conn) = bootstrap::connect_agent(target, &setup.ctx).await?;
     Ok(Connected { transport, conn })
 }
 
 /// A host's agent connection with its transport (closed by [`Self::close`]).
-struct Connected {
+pub(super) struct Connected {
     transport: crate::transport::SharedTransport,
     conn: AgentConn,
 }
 
 impl Connected {
-    async fn close(&self) {
+    pub(super) async fn close(&self) {
         self.transport.close().await;
     }
 }
@@ -1103,7 +1029,10 @@ impl std::ops::DerefMut for Connected {
     }
 }
 
-async fn status(conn: &mut AgentConn, project: &str) -> Result<Vec<mlops_proto::v1::ServiceState>, ControllerError> {
+pub(super) async fn status(
+    conn: &mut AgentConn,
+    project: &str,
+) -> Result<Vec<mlops_proto::v1::ServiceState>, ControllerError> {
     let host = conn.host().to_string();
     let reply = conn.raw().stack_status(StackStatusRequest { project: project.to_string() }).await;
     Ok(reply.map_err(|s| ControllerError::from_status(&host, "StackStatus", &s))?.into_inner().services)
@@ -1111,7 +1040,7 @@ async fn status(conn: &mut AgentConn, project: &str) -> Result<Vec<mlops_proto::
 
 /// Stops `services` (in that order; `None`: all of the project's at once);
 /// the services stopped.
-async fn stop(
+pub(super) async fn stop(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
@@ -1249,6 +1178,110 @@ async fn restart(
     Ok(())
 }
 
+/// `pg_dumpall --clean` of `d`'s server (roles included): what migrate
+/// and backup export.
+pub(super) fn dump_source(project: &str, d: &mlops_proto::stack::Database) -> DataSource {
+    DataSource {
+        project: project.to_string(),
+        service: d.service.clone(),
+        command: vec!["pg_dumpall".into(), "--clean".into(), "--if-exists".into(), format!("--username={}", d.user)],
+        ..Default::default()
+    }
+}
+
+/// Where a `pg_dumpall --clean` script of `d` is restored (psql in its
+/// service) and the marker psql echoes once it has read the script to its
+/// end (see [`restored`]).
+pub(super) fn restore_target(project: &str, d: &mlops_proto::stack::Database) -> (DataSource, String) {
+    // psql says it read the dump to its end: with the input cut short
+    // (Docker's exec has been seen to end it early) it would still exit 0,
+    // having committed a COPY cut at a line.
+    let marker = format!("mlops-restore-read-to-its-end-{}", &crate::secrets::generate()[..16]);
+    let target = DataSource {
+        project: project.to_string(),
+        service: d.service.clone(),
+        // Only warnings and errors: notices (`... does not exist,
+        // skipping`) would crowd errors out of the output kept.
+        env: [("PGOPTIONS".to_string(), "-c client_min_messages=warning".to_string())].into(),
+        command: vec![
+            "psql".into(),
+            "-X".into(),
+            "-q".into(),
+            format!("--username={}", d.user),
+            "-d".into(),
+            "postgres".into(),
+        ],
+        input_trailer: format!("\n\\echo {marker}\n").into_bytes(),
+        ..Default::default()
+    };
+    (target, marker)
+}
+
+/// Judges restore number `attempt` of a dump into [`restore_target`]:
+/// `Some` when psql read it to its end without errors, `None` when it must
+/// be restored again (`attempt` counted up), an error when it failed or
+/// was cut short [`RESTORE_ATTEMPTS`] times.
+pub(super) fn restored(
+    report: &dyn Report,
+    host: &str,
+    d: &mlops_proto::stack::Database,
+    marker: &str,
+    reply: mlops_proto::v1::ImportDataReply,
+    attempt: &mut u32,
+) -> Result<Option<mlops_proto::v1::ImportDataReply>, ControllerError> {
+    let errors = restore_errors(&reply.output, &d.user, reply.exit_code);
+    if reply.output.lines().any(|l| l.trim() == marker) {
+        errors.map_err(|m| ControllerError::Local(format!("{host}: restoring the database failed: {m}")))?;
+        return Ok(Some(reply));
+    }
+    // Cut mid-line or mid-statement, psql also reports errors: those of a
+    // cut input, so a reason to restore again rather than to give up.
+    let why = format!(
+        "{host}: psql did not read the dump to its end (its input was cut short, or it stopped){}",
+        errors.err().map(|m| format!("; it said: {m}")).unwrap_or_default()
+    );
+    if *attempt >= RESTORE_ATTEMPTS {
+        return Err(ControllerError::Local(format!("{why}, {RESTORE_ATTEMPTS} times; nothing was switched")));
+    }
+    *attempt += 1;
+    // The dump drops and makes again what it restores: a second run
+    // replaces what the first left.
+    report.warn(&format!("{why}; restoring again (attempt {attempt} of {RESTORE_ATTEMPTS})"));
+    Ok(None)
+}
+
+/// Stores `secrets` for `project` on `host` before anything of the stack
+/// runs there; refused when the host already holds other values (its data
+/// would not open with `from`'s, nor `from`'s with its).
+pub(super) async fn hold_secrets(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    secrets: &BTreeMap<String, String>,
+    from: &str,
+) -> Result<(), ControllerError> {
+    let put = PutSecretsRequest {
+        project: project.to_string(),
+        values: secrets.clone().into_iter().collect(),
+        ..Default::default()
+    };
+    let held = conn.raw().put_secrets(put).await;
+    let held = held.map_err(|s| ControllerError::from_status(host, "PutSecrets", &s))?.into_inner().values;
+    let differ: Vec<&str> = secrets.iter().filter(|(k, v)| held.get(*k) != Some(*v)).map(|(k, _)| k.as_str()).collect();
+    if !differ.is_empty() {
+        return Err(ControllerError::usage(
+            format!(
+                "{host} holds other values of {} for stack `{project}` than {from} (it ran the stack before)",
+                differ.join(", ")
+            ),
+            Some(&format!(
+                "the stack's data from {from} would not open with them on {host}; remove the old deployment from {host} first (`mlopsctl down --volumes` and `mlopsctl secrets` there), or use another host"
+            )),
+        ));
+    }
+    Ok(())
+}
+
 /// Restores of the database tried before a migration gives up, when the
 /// engine ends psql's input early.
 const RESTORE_ATTEMPTS: u32 = 3;
@@ -1262,17 +1295,17 @@ const UNPAUSED: &str = "SELECT dag_id FROM public.dag WHERE NOT is_paused ORDER 
 const RUNNING_TASKS: &str = "SELECT dag_id || '.' || task_id || ' (' || run_id || ')' FROM public.task_instance \
     WHERE state IN ('running', 'restarting') ORDER BY 1";
 /// The newest DAG run: its DAG and run id.
-const LAST_RUN: &str = "SELECT dag_id || ' ' || run_id FROM public.dag_run ORDER BY id DESC LIMIT 1";
+pub(super) const LAST_RUN: &str = "SELECT dag_id || ' ' || run_id FROM public.dag_run ORDER BY id DESC LIMIT 1";
 /// Every table of the live schema (read from the database: the set changes
 /// between versions) with its row count, one per line.
-const ROW_COUNTS: &str = "SELECT table_schema || '.' || table_name || ' ' || \
+pub(super) const ROW_COUNTS: &str = "SELECT table_schema || '.' || table_name || ' ' || \
     (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, '')))[1]::text \
     FROM information_schema.tables WHERE table_type = 'BASE TABLE' \
     AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1";
 
 /// Runs `query` with psql in the database's service; its rows, one per
 /// line, columns joined by `|`.
-async fn sql(
+pub(super) async fn sql(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
@@ -1361,7 +1394,7 @@ fn regex_escape(text: &str) -> String {
 /// Logs in on the API server as the admin (password in the environment,
 /// never on the command line) and, when `run` names one (`DAG RUN_ID`),
 /// reads that DAG run through the API. Returns what it saw, for the report.
-async fn api_check(
+pub(super) async fn api_check(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
@@ -1425,7 +1458,7 @@ fn restore_errors(output: &str, user: &str, exit_code: i64) -> Result<(), String
 }
 
 /// The lines of `a` and `b` that differ (at most 10), as `a → b`.
-fn diff_lines(a: &str, b: &str) -> Vec<String> {
+pub(super) fn diff_lines(a: &str, b: &str) -> Vec<String> {
     let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
     let mut out = Vec::new();
     for i in 0..la.len().max(lb.len()) {

@@ -10,6 +10,7 @@
 //! - Commands fan out over hosts with [`crate::fanout::per_host`] and report
 //!   progress, warnings and notes through a [`Report`].
 
+pub mod backup;
 pub mod bundle;
 pub mod config;
 pub mod deploy;

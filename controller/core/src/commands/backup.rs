@@ -1,0 +1,939 @@
+//! `mlopsctl backup` and `mlopsctl restore`: a running stack's data copied
+//! to a directory on this machine, and brought back onto the same host or
+//! another one, checked.
+//!
+//! A backup is a directory `<DIR>/<project>/<UTC time>-<host>/` (0700):
+//! - `database.sql.zst`: `pg_dumpall --clean` of `x-mlops.migrate.database`
+//!   (the dump `migrate` streams; each database consistent in itself),
+//!   taken while the stack runs.
+//! - `volume-<name>.tar.zst`: every other named volume `migrate` moves
+//!   (the metrics' with `--with-metrics`), copied live: files as they are
+//!   when read (logs, artifacts and a broker's snapshot are written file by
+//!   file; a database only ever goes by its dump).
+//! - `secrets.json` (0600): the stack's credentials, which the restored
+//!   database's roles and the platform's keys need.
+//! - `manifest.json`: for each file, the length and sha256 of its data and
+//!   of the file, and the rows of every table the dump holds (counted as it
+//!   streams by, so they are the dump's own, not a later query's).
+//!
+//! Everything streams (zstd on a thread of its own, bounded channels): no
+//! dump is ever held whole in memory. The directory is written as
+//! `.<name>.partial`, each file flushed, then renamed: one without that
+//! prefix is whole. `--keep N` then removes the oldest whole backups of
+//! the stack from the same host beyond N.
+//!
+//! A restore checks every file's sha256 before it touches the host, then
+//! does what `migrate` does on its new host: the backup's secrets stored
+//! there, the stack deployed without its held services and stopped but its
+//! database, each volume replaced and the dump restored through psql (again
+//! when psql did not read it to its end), each checked by the agent against
+//! the manifest's sha256 and length; the tables' row counts compared with
+//! the dump's; the whole stack deployed healthy; Airflow's admin login and
+//! newest DAG run read through its API.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mlops_proto::v1::{DataChunk, DataSource, ExportDataRequest, ImportDataReply};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
+
+use super::migrate::{self, MigrateOptions, Plan, StepTime};
+use super::{Setup, StackOptions};
+use crate::ControllerError;
+use crate::bootstrap::{self, Bundle};
+use crate::client::AgentConn;
+use crate::progress::{Progress, Report, bytes_human};
+
+/// The manifest's format; a restore refuses others.
+const FORMAT: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+const SECRETS: &str = "secrets.json";
+const DATABASE_FILE: &str = "database.sql.zst";
+/// zstd's level: about as fast as the network a dump crosses.
+const LEVEL: i32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub stack: StackOptions,
+    /// Default `<state>/backups`.
+    pub to: Option<PathBuf>,
+    /// Also the volumes `x-mlops.migrate.optional` names (metrics).
+    pub with_metrics: bool,
+    /// Whole backups of the stack from this host kept (0: all).
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub stack: StackOptions,
+    /// A backup's directory.
+    pub from: PathBuf,
+    pub stop_timeout: u32,
+    pub health_timeout: u32,
+    pub install_docker: bool,
+    pub expose: bool,
+    pub local_images: bool,
+}
+
+/// What a backup's `manifest.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub project: String,
+    /// The inventory name of the host it was taken from.
+    pub host: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub mlopsctl: String,
+    pub database: Option<DatabaseEntry>,
+    pub volumes: Vec<FileEntry>,
+    /// Volumes the stack declares that did not exist on the host (never
+    /// used): nothing to copy.
+    #[serde(default)]
+    pub absent: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// A volume's Docker name (the database: its service).
+    pub name: String,
+    pub file: String,
+    /// The data: what the agent sent, and a restore sends back.
+    pub bytes: u64,
+    pub sha256: String,
+    /// The compressed file.
+    pub file_bytes: u64,
+    pub file_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseEntry {
+    #[serde(flatten)]
+    pub file: FileEntry,
+    /// The database the checks run in (`x-mlops.migrate.database.database`).
+    pub database: String,
+    /// Per database, per `schema.table`: the rows the dump holds.
+    pub tables: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub project: String,
+    pub host: String,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub ms: u64,
+    /// Older backups removed by `--keep`.
+    pub removed: Vec<PathBuf>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub project: String,
+    pub host: String,
+    pub from: PathBuf,
+    pub steps: Vec<StepTime>,
+}
+
+/// The one host `--host` or `-i … --limit` names.
+fn one_host(setup: &Setup, command: &str) -> Result<mlops_inventory::Target, ControllerError> {
+    match setup.targets.as_slice() {
+        [one] => Ok(one.clone()),
+        many => Err(ControllerError::usage(
+            format!("`mlopsctl {command}` acts on one host; {} are selected", many.len()),
+            Some("name it with --host USER@HOST, or with -i INVENTORY --limit NAME"),
+        )),
+    }
+}
+
+/// A name for a path: the characters a file name keeps, others as `_`.
+fn file_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+}
+
+/// Backs up the stack from the one selected host (see the module docs).
+pub async fn backup(
+    setup: &Setup,
+    opts: &BackupOptions,
+    report: Arc<dyn Report>,
+) -> Result<BackupReport, ControllerError> {
+    let started = Instant::now();
+    let project = opts.stack.project(&setup.state)?;
+    let host = one_host(setup, "backup")?;
+    let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
+    let parent = root.join(&project);
+    make_private_dir(&parent)?;
+
+    let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
+    let progress = Progress::new(Some(report.clone()), &host.name);
+    let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let (date, time) = (
+        format!("{:04}{:02}{:02}", now.year(), u8::from(now.month()), now.day()),
+        format!("{:02}{:02}{:02}", now.hour(), now.minute(), now.second()),
+    );
+    let stamp = format!("{date}T{time}Z");
+    let name = format!("{stamp}-{}", file_safe(&host.name));
+    let partial = parent.join(format!(".{name}.partial"));
+    let result = take(&mut prepared.conn, &host.name, &project, opts, setup, &partial, report.as_ref()).await;
+    prepared.close().await;
+    let mut manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    manifest.created =
+        format!("{}-{}-{}T{}:{}:{}Z", &date[..4], &date[4..6], &date[6..], &time[..2], &time[2..4], &time[4..]);
+    let finished = (|| {
+        write_file(&partial.join(MANIFEST), &serde_json::to_vec_pretty(&manifest).expect("serializable"))?;
+        sync_dir(&partial)?;
+        let dir = parent.join(&name);
+        std::fs::rename(&partial, &dir)?;
+        sync_dir(&parent)?;
+        Ok::<_, std::io::Error>(dir)
+    })();
+    let dir = match finished {
+        Ok(dir) => dir,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(ControllerError::Local(format!("cannot write the backup in {}: {e}", parent.display())));
+        }
+    };
+    let removed = prune(&parent, &host.name, opts.keep, report.as_ref());
+    Ok(BackupReport {
+        project,
+        host: host.name.clone(),
+        dir,
+        manifest,
+        ms: started.elapsed().as_millis() as u64,
+        removed,
+    })
+}
+
+/// Writes the backup's files into `dir` (made here); the manifest, but its
+/// creation time.
+async fn take(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    opts: &BackupOptions,
+    setup: &Setup,
+    dir: &Path,
+    report: &dyn Report,
+) -> Result<Manifest, ControllerError> {
+    let services = migrate::status(conn, project).await?;
+    if !services.iter().any(|s| s.state == "running") {
+        return Err(ControllerError::usage(
+            format!("stack `{project}` runs no service on {host}: there is nothing to back up"),
+            Some("name the stack with --stack (or --project) as it was deployed, and the host it runs on with --host"),
+        ));
+    }
+    let secrets = crate::secrets::held_by(conn, project).await?;
+    let model = opts.stack.load_model_with(&setup.state, &crate::progress::Quiet, &secrets)?;
+    let plan = Plan::new(&model.stack, &plan_options(&opts.stack, opts.with_metrics), &Default::default())?;
+    if let Some(d) = &plan.database
+        && !services.iter().any(|s| s.service == d.service && s.state == "running")
+    {
+        return Err(ControllerError::usage(
+            format!("{host}: the database's service `{}` of stack `{project}` is not running", d.service),
+            Some("a backup dumps the database through it: start the stack (`mlopsctl deploy`) and back up again"),
+        ));
+    }
+    std::fs::create_dir(dir)
+        .and_then(|()| set_mode(dir, 0o700))
+        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))?;
+    write_file(&dir.join(SECRETS), &serde_json::to_vec_pretty(&secrets).expect("serializable"))
+        .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", dir.join(SECRETS).display())))?;
+
+    let mut manifest = Manifest {
+        format: FORMAT,
+        project: project.to_string(),
+        host: host.to_string(),
+        created: String::new(),
+        mlopsctl: crate::VERSION.to_string(),
+        database: None,
+        volumes: Vec::new(),
+        absent: Vec::new(),
+    };
+    if let Some(d) = &plan.database {
+        let clock = Instant::now();
+        report.info(&format!("{host}: dumping database `{}` (roles included)", d.service));
+        let mut tables = DumpTables::default();
+        let file = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, Some(&mut tables)).await?;
+        report.info(&format!(
+            "{host}: database dumped: {} ({} compressed) in {:.1} s, {} table(s)",
+            bytes_human(file.bytes),
+            bytes_human(file.file_bytes),
+            clock.elapsed().as_secs_f64(),
+            tables.counts.get(&d.database).map_or(0, BTreeMap::len)
+        ));
+        manifest.database = Some(DatabaseEntry {
+            file: FileEntry { name: d.service.clone(), ..file },
+            database: d.database.clone(),
+            tables: tables.counts,
+        });
+    }
+    for volume in &plan.volumes {
+        let clock = Instant::now();
+        let source =
+            DataSource { project: project.to_string(), volume: volume.clone(), live: true, ..Default::default() };
+        let file_name = format!("volume-{}.tar.zst", file_safe(volume));
+        match save(conn, host, source, dir, &file_name, None).await {
+            Ok(file) => {
+                report.info(&format!(
+                    "{host}: volume {volume}: {} ({} compressed) in {:.1} s",
+                    bytes_human(file.bytes),
+                    bytes_human(file.file_bytes),
+                    clock.elapsed().as_secs_f64()
+                ));
+                manifest.volumes.push(FileEntry { name: volume.clone(), ..file });
+            }
+            Err(e @ ControllerError::Agent { call: "ExportData", .. })
+                if e.failure_kind() == Some(mlops_proto::v1::FailureKind::NotFound) =>
+            {
+                let _ = std::fs::remove_file(dir.join(&file_name));
+                report.info(&format!("{host}: volume {volume} does not exist there (never used): nothing to copy"));
+                manifest.absent.push(volume.clone());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(manifest)
+}
+
+/// The options [`Plan`] reads, for a backup or a restore (a plan made
+/// for a migration, without one).
+fn plan_options(stack: &StackOptions, with_metrics: bool) -> MigrateOptions {
+    MigrateOptions {
+        stack: stack.clone(),
+        from: String::new(),
+        to: String::new(),
+        dry_run: false,
+        decommission: false,
+        stop_timeout: 60,
+        health_timeout: 300,
+        install_docker: true,
+        expose: false,
+        local_images: true,
+        with_metrics,
+    }
+}
+
+/// Streams `source` from `host` into `dir/file`, zstd-compressed on a
+/// thread of its own (a few chunks in flight: the host sends at the pace
+/// the disk takes it). The entry's sums are checked against the agent's.
+async fn save(
+    conn: &mut AgentConn,
+    host: &str,
+    source: DataSource,
+    dir: &Path,
+    file: &str,
+    mut tables: Option<&mut DumpTables>,
+) -> Result<FileEntry, ControllerError> {
+    let path = dir.join(file);
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|f| set_mode(&path, 0o600).map(|()| f))
+        .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", path.display())))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<prost::bytes::Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
+        let mut encoder = zstd::Encoder::new(Summed::new(std::io::BufWriter::new(output)), LEVEL)?;
+        while let Some(chunk) = rx.blocking_recv() {
+            encoder.write_all(&chunk)?;
+        }
+        let summed = encoder.finish()?;
+        let (inner, bytes, sha256) = summed.done();
+        inner.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
+        Ok((bytes, sha256))
+    });
+    let mut stream = conn
+        .raw()
+        .export_data(ExportDataRequest { source: Some(source) })
+        .await
+        .map_err(|s| ControllerError::from_status(host, "ExportData", &s))?
+        .into_inner();
+    let (mut hasher, mut bytes, mut end) = (Sha256::new(), 0u64, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?;
+        if !chunk.data.is_empty() {
+            hasher.update(&chunk.data);
+            bytes += chunk.data.len() as u64;
+            if let Some(t) = tables.as_deref_mut() {
+                t.feed(&chunk.data);
+            }
+            if tx.send(chunk.data).await.is_err() {
+                break;
+            }
+        }
+        if chunk.end {
+            end = Some((chunk.sha256, chunk.bytes));
+            break;
+        }
+    }
+    drop(tx);
+    let written = writer.await.map_err(|e| ControllerError::Local(format!("the compressing thread failed: {e}")))?;
+    let (file_bytes, file_sha256) =
+        written.map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", path.display())))?;
+    let sha256 = hex::encode(hasher.finalize());
+    match end {
+        Some((sent, length)) if sent == sha256 && length == bytes => {}
+        Some((sent, length)) => {
+            return Err(ControllerError::Local(format!(
+                "{host}: {file} arrived damaged: {bytes} bytes with sha256 {sha256}, sent {length} with {sent}"
+            )));
+        }
+        None => return Err(ControllerError::Local(format!("{host}: the stream of {file} ended before its end"))),
+    }
+    Ok(FileEntry { name: String::new(), file: file.to_string(), bytes, sha256, file_bytes, file_sha256 })
+}
+
+/// A writer that counts and hashes what passes through it.
+struct Summed<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Summed<W> {
+    fn new(inner: W) -> Self {
+        Summed { inner, hasher: Sha256::new(), bytes: 0 }
+    }
+
+    fn done(mut self) -> (W, u64, String) {
+        let _ = self.inner.flush();
+        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for Summed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The rows of each table a plain `pg_dumpall` script holds, counted as it
+/// streams by: in the text format of `COPY … FROM stdin;` each row is one
+/// line (newlines inside values are escaped) until a line `\.`. Only a
+/// line's beginning is kept, so a long row costs no memory.
+#[derive(Debug, Default)]
+struct DumpTables {
+    counts: BTreeMap<String, BTreeMap<String, u64>>,
+    database: String,
+    /// The table whose rows are being read.
+    copying: Option<String>,
+    /// The current line's first bytes.
+    line: Vec<u8>,
+}
+
+/// A line's bytes kept by [`DumpTables`]: enough for any `COPY` or
+/// `\connect` line it reads.
+const LINE_KEPT: usize = 4096;
+
+impl DumpTables {
+    fn feed(&mut self, mut data: &[u8]) {
+        while let Some(i) = data.iter().position(|&b| b == b'\n') {
+            self.keep(&data[..i]);
+            let line = std::mem::take(&mut self.line);
+            self.line_done(&line);
+            data = &data[i + 1..];
+        }
+        self.keep(data);
+    }
+
+    fn keep(&mut self, part: &[u8]) {
+        let room = LINE_KEPT.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&part[..part.len().min(room)]);
+    }
+
+    fn line_done(&mut self, line: &[u8]) {
+        if let Some(table) = &self.copying {
+            if line == b"\\." {
+                self.copying = None;
+            } else {
+                *self.counts.entry(self.database.clone()).or_default().entry(table.clone()).or_default() += 1;
+            }
+            return;
+        }
+        let line = String::from_utf8_lossy(line);
+        if let Some(rest) = line.strip_prefix("\\connect ") {
+            self.database = connect_target(rest);
+        } else if let Some(rest) = line.strip_prefix("COPY ")
+            && line.ends_with(" FROM stdin;")
+        {
+            let table: String = rest.split([' ', '(']).next().unwrap_or_default().replace('"', "");
+            self.counts.entry(self.database.clone()).or_default().entry(table.clone()).or_default();
+            self.copying = Some(table);
+        }
+    }
+}
+
+/// The database a dump's `\connect` line names: `-reuse-previous=on
+/// "dbname='airflow'"` (pg_dumpall 12 and later) or `airflow`.
+fn connect_target(rest: &str) -> String {
+    if let Some((_, after)) = rest.split_once("dbname='") {
+        let mut name = String::new();
+        let mut chars = after.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => name.extend(chars.next()),
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    name.push('\'');
+                }
+                '\'' => break,
+                c => name.push(c),
+            }
+        }
+        return name;
+    }
+    match rest.trim().strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next().unwrap_or_default().to_string(),
+        None => rest.split_whitespace().last().unwrap_or_default().to_string(),
+    }
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), ControllerError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| set_mode(dir, 0o700))
+        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A new file (0600), flushed to disk.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes the oldest whole backups of `parent`'s stack taken from `host`
+/// beyond `keep` (0: none removed); the directories removed. Only
+/// directories named as [`backup`] names them and holding a manifest count.
+fn prune(parent: &Path, host: &str, keep: usize, report: &dyn Report) -> Vec<PathBuf> {
+    if keep == 0 {
+        return Vec::new();
+    }
+    let suffix = format!("-{}", file_safe(host));
+    let mut ours: Vec<PathBuf> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.strip_suffix(&suffix).is_some_and(is_stamp) && p.join(MANIFEST).is_file()
+        })
+        .collect();
+    // The names start with the time: their order is the backups'.
+    ours.sort();
+    let excess = ours.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for old in ours.into_iter().take(excess) {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => removed.push(old),
+            Err(e) => report.warn(&format!("cannot remove the old backup {}: {e}", old.display())),
+        }
+    }
+    removed
+}
+
+/// `YYYYMMDDTHHMMSSZ`.
+fn is_stamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b.iter().enumerate().all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
+}
+
+/// Reads a backup's manifest and checks every file it names: present, of
+/// its length and sha256.
+fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), ControllerError> {
+    let damaged = |what: String| {
+        ControllerError::usage(
+            format!("backup {}: {what}", dir.display()),
+            Some("restore from another backup (`ls` the stack's backup directory); this one cannot be trusted"),
+        )
+    };
+    let text = std::fs::read(dir.join(MANIFEST)).map_err(|e| {
+        ControllerError::usage(
+            format!("{} cannot be read: {e}", dir.join(MANIFEST).display()),
+            Some("name a backup's directory, as `mlopsctl backup` printed it"),
+        )
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| damaged(format!("{MANIFEST} is not a backup's manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(ControllerError::usage(
+            format!("backup {} has format {}; this mlopsctl reads format {FORMAT}", dir.display(), manifest.format),
+            Some(&format!("restore it with the mlopsctl that wrote it ({})", manifest.mlopsctl)),
+        ));
+    }
+    let files = manifest.database.iter().map(|d| &d.file).chain(&manifest.volumes);
+    for entry in files {
+        if entry.file.contains('/') || entry.file.starts_with('.') {
+            return Err(damaged(format!("{MANIFEST} names a file outside the backup: {}", entry.file)));
+        }
+        let path = dir.join(&entry.file);
+        let (bytes, sha256) = file_sums(&path).map_err(|e| damaged(format!("{} cannot be read: {e}", entry.file)))?;
+        if bytes != entry.file_bytes || sha256 != entry.file_sha256 {
+            return Err(damaged(format!(
+                "{} is damaged: {bytes} bytes with sha256 {sha256}, the manifest says {} with {}",
+                entry.file, entry.file_bytes, entry.file_sha256
+            )));
+        }
+    }
+    let secrets =
+        std::fs::read(dir.join(SECRETS)).map_err(|e| damaged(format!("{SECRETS} cannot be read: {e}"))).and_then(
+            |t| serde_json::from_slice(&t).map_err(|e| damaged(format!("{SECRETS} is not the stack's secrets: {e}"))),
+        )?;
+    Ok((manifest, secrets))
+}
+
+fn file_sums(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let (mut hasher, mut bytes, mut buf) = (Sha256::new(), 0u64, vec![0u8; 1 << 20]);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((bytes, hex::encode(hasher.finalize())));
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// Restores a backup onto the one selected host (see the module docs).
+pub async fn restore(
+    setup: &Setup,
+    opts: &RestoreOptions,
+    report: Arc<dyn Report>,
+) -> Result<RestoreReport, ControllerError> {
+    let host = one_host(setup, "restore")?;
+    let project = opts.stack.project(&setup.state)?;
+    let (manifest, secrets) = check_backup(&opts.from)?;
+    if manifest.project != project {
+        return Err(ControllerError::usage(
+            format!("backup {} is of stack `{}`, not `{project}`", opts.from.display(), manifest.project),
+            Some(&format!("name the stack it was taken of (--project {})", manifest.project)),
+        ));
+    }
+    let mut out =
+        RestoreReport { project: project.clone(), host: host.name.clone(), from: opts.from.clone(), steps: Vec::new() };
+    let mut clock = Instant::now();
+    let model = opts.stack.load_model_with(&setup.state, &crate::progress::Quiet, &secrets)?;
+    let migrate_opts = MigrateOptions {
+        stop_timeout: opts.stop_timeout,
+        health_timeout: opts.health_timeout,
+        install_docker: opts.install_docker,
+        expose: opts.expose,
+        local_images: opts.local_images,
+        ..plan_options(&opts.stack, true)
+    };
+    let plan = Plan::new(&model.stack, &migrate_opts, &secrets.clone().into_iter().collect())?;
+    match (&manifest.database, &plan.database) {
+        (Some(have), Some(want)) if have.file.name == want.service && have.database == want.database => {}
+        (None, None) => {}
+        (have, want) => {
+            return Err(ControllerError::usage(
+                format!(
+                    "backup {} holds {} but the stack's database is {}",
+                    opts.from.display(),
+                    have.as_ref().map_or("no database".into(), |d| format!("the dump of `{}`", d.file.name)),
+                    want.as_ref().map_or("none".into(), |d| format!("`{}`", d.service))
+                ),
+                Some("restore it with the stack (--stack, --profile, --skip) it was taken of"),
+            ));
+        }
+    }
+    if let Some(v) = manifest.volumes.iter().find(|v| !plan.volumes.contains(&v.name)) {
+        return Err(ControllerError::usage(
+            format!("backup {} holds volume {}, which the stack does not have", opts.from.display(), v.name),
+            Some("restore it with the stack (--stack, --profile, --skip) it was taken of"),
+        ));
+    }
+    let detail = format!(
+        "{} file(s) of the backup taken on {} at {}: lengths and sha256 as its manifest says",
+        manifest.volumes.len() + usize::from(manifest.database.is_some()),
+        manifest.host,
+        manifest.created
+    );
+    lap(&mut out, &mut clock, "check", detail);
+
+    // The host: its agent, the backup's secrets, the stack but its held services.
+    let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
+    let progress = Progress::new(Some(report.clone()), &host.name);
+    let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
+    let held = migrate::hold_secrets(&mut prepared.conn, &host.name, &project, &secrets, "the backup").await;
+    prepared.close().await;
+    held?;
+    let only = setup.only(vec![host.clone()]);
+    migrate::deployed(super::deploy::deploy(&only, &plan.deploy_unheld, report.clone()).await?, &host.name)?;
+    lap(&mut out, &mut clock, "deploy", format!("stack `{project}` healthy on {} but its held services", host.name));
+
+    let mut conn = migrate::connect(&host, setup).await?;
+    let result = restore_data(&mut conn, &host.name, &project, &plan, &manifest, opts, report.as_ref(), &mut out).await;
+    conn.close().await;
+    result?;
+    clock = Instant::now();
+
+    // Everything, healthy; then Airflow's admin and newest run through its API.
+    migrate::deployed(super::deploy::deploy(&only, &plan.deploy, report.clone()).await?, &host.name)?;
+    let mut checked = vec![format!("stack `{project}` healthy on {}", host.name)];
+    if let (Some((af, password)), Some(d)) = (&plan.airflow, &plan.database) {
+        let mut conn = migrate::connect(&host, setup).await?;
+        let seen = async {
+            let last = migrate::sql(&mut conn, &host.name, &project, d, migrate::LAST_RUN).await?;
+            migrate::api_check(&mut conn, &host.name, &project, af, password, last.trim()).await
+        }
+        .await;
+        conn.close().await;
+        checked.push(format!("{} logs in{}", af.admin_user, seen?));
+    }
+    lap(&mut out, &mut clock, "start", checked.join("; "));
+    Ok(out)
+}
+
+/// Ends a step of a restore: its time since `clock`, which starts again.
+fn lap(out: &mut RestoreReport, clock: &mut Instant, step: &str, detail: String) {
+    out.steps.push(StepTime { step: step.into(), ms: clock.elapsed().as_millis() as u64, detail });
+    *clock = Instant::now();
+}
+
+/// The stack stopped but its database, its volumes replaced, the dump
+/// restored and its row counts checked.
+#[allow(clippy::too_many_arguments)]
+async fn restore_data(
+    conn: &mut AgentConn,
+    host: &str,
+    project: &str,
+    plan: &Plan,
+    manifest: &Manifest,
+    opts: &RestoreOptions,
+    report: &dyn Report,
+    out: &mut RestoreReport,
+) -> Result<(), ControllerError> {
+    let mut clock = Instant::now();
+    let mut all: Vec<String> = plan.hold.iter().chain(&plan.rest).cloned().collect();
+    let running = migrate::status(conn, project).await?;
+    all.retain(|s| running.iter().any(|r| &r.service == s));
+    let waves = plan.waves(&all);
+    let stopped = migrate::stop(conn, host, project, Some((&all, waves)), opts.stop_timeout).await?;
+    let what = if stopped.is_empty() { "nothing".into() } else { stopped.join(", ") };
+    lap(out, &mut clock, "quiesce", format!("stopped on {host}: {what}"));
+
+    let mut total = 0;
+    for v in &manifest.volumes {
+        report.info(&format!("{host}: restoring volume {} ({})", v.name, bytes_human(v.bytes)));
+        let target = DataSource { project: project.to_string(), volume: v.name.clone(), ..Default::default() };
+        send_file(conn, host, &opts.from.join(&v.file), v, target).await?;
+        total += v.bytes;
+    }
+    let mut verified = vec![format!("{} volume(s): sha256 and length checked by the agent", manifest.volumes.len())];
+    if let (Some(entry), Some(d)) = (&manifest.database, &plan.database) {
+        report.info(&format!("{host}: restoring database `{}` ({})", d.service, bytes_human(entry.file.bytes)));
+        let (target, marker) = migrate::restore_target(project, d);
+        let mut attempt = 1;
+        loop {
+            let reply = send_file(conn, host, &opts.from.join(&entry.file.file), &entry.file, target.clone()).await?;
+            if migrate::restored(report, host, d, &marker, reply, &mut attempt)?.is_some() {
+                break;
+            }
+        }
+        total += entry.file.bytes;
+        let detail = format!("{} volume(s) and the database, {} restored", manifest.volumes.len(), bytes_human(total));
+        lap(out, &mut clock, "transfer", detail);
+        let listed = migrate::sql(conn, host, project, d, migrate::ROW_COUNTS).await?;
+        let mut here: BTreeMap<String, u64> = BTreeMap::new();
+        for line in listed.lines().filter(|l| !l.trim().is_empty()) {
+            let (table, n) = line.rsplit_once(' ').unwrap_or((line, ""));
+            here.insert(table.to_string(), n.trim().parse().unwrap_or(u64::MAX));
+        }
+        let want = entry.tables.get(&entry.database).cloned().unwrap_or_default();
+        let differ: Vec<String> = want
+            .keys()
+            .chain(here.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|t| want.get(*t) != here.get(*t))
+            .take(10)
+            .map(|t| {
+                let show = |n: Option<&u64>| n.map_or("(none)".to_string(), u64::to_string);
+                format!("{t}: {} in the dump, {} on {host}", show(want.get(t)), show(here.get(t)))
+            })
+            .collect();
+        if !differ.is_empty() {
+            return Err(ControllerError::Local(format!(
+                "verification failed: the row counts of database `{}` on {host} differ from the backup's: {}",
+                entry.database,
+                differ.join("; ")
+            )));
+        }
+        verified.push(format!("the row counts of {} table(s) equal the dump's", want.len()));
+    } else {
+        let detail = format!("{} volume(s), {} restored", manifest.volumes.len(), bytes_human(total));
+        lap(out, &mut clock, "transfer", detail);
+    }
+    lap(out, &mut clock, "verify", verified.join("; "));
+    Ok(())
+}
+
+/// Streams the data of `entry`'s file (decompressed on a thread of its own)
+/// into `target` on the host; the end chunk carries the manifest's sha256
+/// and length, which the agent checks, and is sent only when what was read
+/// matches them too.
+async fn send_file(
+    conn: &mut AgentConn,
+    host: &str,
+    path: &Path,
+    entry: &FileEntry,
+    target: DataSource,
+) -> Result<ImportDataReply, ControllerError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DataChunk { target: Some(target), ..Default::default() }).await.expect("the receiver is here");
+    let (path_owned, want) = (path.to_path_buf(), entry.clone());
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let file =
+            std::fs::File::open(&path_owned).map_err(|e| format!("cannot read {}: {e}", path_owned.display()))?;
+        let mut decoder = zstd::Decoder::new(file).map_err(|e| format!("cannot read {}: {e}", path_owned.display()))?;
+        let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
+        loop {
+            let mut buf = vec![0u8; mlops_proto::IMAGE_CHUNK];
+            let n =
+                read_full(&mut decoder, &mut buf).map_err(|e| format!("{} is damaged: {e}", path_owned.display()))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            hasher.update(&buf);
+            bytes += n as u64;
+            if tx.blocking_send(DataChunk { data: buf.into(), ..Default::default() }).is_err() {
+                return Ok(());
+            }
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != want.sha256 || bytes != want.bytes {
+            // No end chunk: the import counts for nothing.
+            return Err(format!(
+                "{} holds {bytes} bytes with sha256 {sha256}, the manifest says {} with {}",
+                path_owned.display(),
+                want.bytes,
+                want.sha256
+            ));
+        }
+        let end = DataChunk { end: true, sha256, bytes, ..Default::default() };
+        let _ = tx.blocking_send(end);
+        Ok(())
+    });
+    let reply = conn
+        .raw()
+        .import_data(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| ControllerError::from_status(host, "ImportData", &s));
+    let read = reader.await.map_err(|e| ControllerError::Local(format!("the reading thread failed: {e}")))?;
+    // What the file held explains a failed import better than the import.
+    read.map_err(|e| ControllerError::Local(format!("restoring onto {host}: {e}")))?;
+    reply
+}
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_s_rows_are_counted_per_database_and_table_across_chunks() {
+        let dump = "--\n\\connect template1\n\\connect -reuse-previous=on \"dbname='airflow'\"\n\
+            CREATE TABLE public.dag_run (id integer);\n\
+            COPY public.dag_run (id, dag_id) FROM stdin;\n1\tetl\n2\tetl\\nwith a newline\n\\.\n\
+            COPY public.\"Odd\" (x) FROM stdin;\n\\.\n\
+            \\connect postgres\nCOPY public.t (x) FROM stdin;\n7\n\\.\nSELECT 1;\n";
+        for cut in [1, 3, 7, 64, dump.len()] {
+            let mut t = DumpTables::default();
+            for piece in dump.as_bytes().chunks(cut) {
+                t.feed(piece);
+            }
+            let airflow = &t.counts["airflow"];
+            assert_eq!(airflow["public.dag_run"], 2, "cut {cut}");
+            assert_eq!(airflow["public.Odd"], 0);
+            assert_eq!(t.counts["postgres"]["public.t"], 1);
+            assert!(!t.counts.contains_key("template1"));
+        }
+    }
+
+    #[test]
+    fn connect_lines_name_their_database() {
+        assert_eq!(connect_target("-reuse-previous=on \"dbname='air''flow'\""), "air'flow");
+        assert_eq!(connect_target("airflow"), "airflow");
+        assert_eq!(connect_target("\"my db\""), "my db");
+    }
+
+    #[test]
+    fn only_whole_backups_of_the_host_are_pruned_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str, whole: bool| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            if whole {
+                std::fs::write(d.join(MANIFEST), "{}").unwrap();
+            }
+        };
+        for name in ["20261201T000000Z-h1", "20261202T000000Z-h1", "20261203T000000Z-h1", "20261204T000000Z-h1"] {
+            make(name, true);
+        }
+        make("20261130T000000Z-h1", false);
+        make("20261101T000000Z-h2", true);
+        make("notes-h1", true);
+        make(".20261205T000000Z-h1.partial", true);
+        let removed = prune(dir.path(), "h1", 2, &crate::progress::Quiet);
+        let names: Vec<_> = removed.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
+        assert_eq!(names, ["20261201T000000Z-h1", "20261202T000000Z-h1"]);
+        for kept in
+            ["20261203T000000Z-h1", "20261204T000000Z-h1", "20261130T000000Z-h1", "20261101T000000Z-h2", "notes-h1"]
+        {
+            assert!(dir.path().join(kept).exists(), "{kept}");
+        }
+        assert!(prune(dir.path(), "h1", 0, &crate::progress::Quiet).is_empty());
+    }
+}
