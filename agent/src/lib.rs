@@ -1,6 +1,7 @@
 //! `mlops-agent`: the process the controller drives on each host.
 //!
 //! Layout of this crate:
+//! - [`backups`]: backups taken on the agent's own schedule.
 //! - [`config`]: what the agent reads at start (`/etc/mlops-agent/agent.json`, TLS files).
 //! - [`tls`]: the rustls server configuration that admits only clients
 //!   whose certificate chains to the controller's CA.
@@ -20,6 +21,7 @@
 //! - [`secrets`]: each project's credentials, kept on the host (root only).
 //! - [`history`]: what each operator did to each project on this host.
 
+pub mod backups;
 pub mod config;
 pub mod daemon;
 pub mod engine;

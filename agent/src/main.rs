@@ -178,6 +178,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                     .with_docker_socket(docker_socket)
                     .with_crl(crl.0, crl.1)
                     .with_cert_not_after(cert_not_after)
+                    .start_backups()
             },
             shutdown_signal(),
         )

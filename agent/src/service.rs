@@ -16,14 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::{Stream, StreamExt};
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    BuildImagesRequest, DataChunk, DataSource, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest,
-    ExportDataRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent,
-    HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply,
-    ImagePlanRequest, ImageState, ImportDataReply, LoadImageReply, LogChunk, LogsRequest, PlanStackReply,
-    PlanStackRequest, PlannedService, Progress, PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest,
-    RollbackRequest, SaveImageRequest, Secrets, ServiceState, StackAction, StackEvent, StackStatusReply,
-    StackStatusRequest, StopServicesReply, StopServicesRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan,
-    SyncReport, SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
+    BackupPlan, BackupScheduleReply, BackupScheduleRequest, BuildImagesRequest, DataChunk, DataSource, DockerStatus,
+    DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, ExportDataRequest, Failure, FailureKind, GetFactsRequest,
+    GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply,
+    HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, ImportDataReply,
+    LoadImageReply, LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress,
+    PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest, SaveImageRequest, Secrets,
+    ServiceState, StackAction, StackEvent, StackStatusReply, StackStatusRequest, StopServicesReply,
+    StopServicesRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport, SyncUploadReply,
+    TagImageReply, TagImageRequest, WatchHealthRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -246,6 +247,8 @@ pub struct AgentService {
     cert_not_after: i64,
     locks: Locks,
     shutdown: watch::Receiver<bool>,
+    /// Scheduled backups; their task is started by [`Self::start_backups`].
+    backups: crate::backups::Schedules,
 }
 
 impl std::fmt::Debug for SyncStore {
@@ -267,6 +270,14 @@ impl AgentService {
     ) -> Self {
         let sync = SyncStore::new(&state_dir, engine::sync::Limits::default());
         sync.collect_garbage();
+        let secrets = std::sync::Arc::new(SecretStore::new(&state_dir));
+        let locks = Locks::default();
+        let backups = crate::backups::Schedules::new(
+            &state_dir,
+            PathBuf::from(docker::DEFAULT_SOCKET),
+            locks.clone(),
+            secrets.clone(),
+        );
         AgentService {
             started: Instant::now(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -274,7 +285,7 @@ impl AgentService {
             config_sha256,
             service_manager: service_manager.to_string(),
             sync,
-            secrets: std::sync::Arc::new(SecretStore::new(&state_dir)),
+            secrets,
             history: std::sync::Arc::new(History::new(&state_dir)),
             revisions: std::sync::Arc::new(revisions::Revisions::new(&state_dir)),
             crl: (0, String::new()),
@@ -282,13 +293,23 @@ impl AgentService {
             state_dir,
             docker_socket: PathBuf::from(docker::DEFAULT_SOCKET),
             log_dir: PathBuf::from(mlops_proto::layout::LOG_DIR),
-            locks: Locks::default(),
+            locks,
             shutdown,
+            backups,
         }
     }
 
     pub fn with_docker_socket(mut self, socket: PathBuf) -> Self {
+        self.backups =
+            crate::backups::Schedules::new(&self.state_dir, socket.clone(), self.locks.clone(), self.secrets.clone());
         self.docker_socket = socket;
+        self
+    }
+
+    /// Starts the task that takes scheduled backups; it ends with the
+    /// server's shutdown signal.
+    pub fn start_backups(self) -> Self {
+        tokio::spawn(self.backups.clone().run(self.shutdown.clone()));
         self
     }
 
@@ -988,6 +1009,41 @@ impl Agent for AgentService {
 
     type ExportDataStream = BoxStream<DataChunk>;
 
+    async fn backup_schedule(
+        &self,
+        request: Request<BackupScheduleRequest>,
+    ) -> Result<Response<BackupScheduleReply>, Status> {
+        let peer = peer(&request);
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let (backups, project) = (self.backups.clone(), req.project.clone());
+        let (reply, what) = match (req.schedule, req.remove) {
+            (Some(_), true) => {
+                return Err(AgentError::InvalidArgument {
+                    field: "remove",
+                    message: "set a schedule or remove it, not both".into(),
+                }
+                .into());
+            }
+            (Some(plan), false) => {
+                check_backup_plan(&req.project, &plan)?;
+                let what = format!("every {} s, {} kept", plan.every_seconds, plan.keep);
+                (blocking(move || backups.set(&project, plan)).await?, Some(what))
+            }
+            (None, true) => (blocking(move || backups.remove(&project)).await?, Some("removed".to_string())),
+            (None, false) => (blocking(move || backups.get(&project)).await?, None),
+        };
+        if let Some(detail) = what {
+            let (history, p) = (self.history.clone(), req.project.clone());
+            blocking(move || {
+                history.record(&p, &peer, "backup schedule", "ok", &detail);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn export_data(
         &self,
         request: Request<ExportDataRequest>,
@@ -1194,6 +1250,34 @@ fn check_source(source: &DataSource) -> Result<(), AgentError> {
             message: "name a volume, or a service and a command (not both)".into(),
         }),
     }
+}
+
+/// A backup schedule names what an export could: the database's dump
+/// command in a service, volumes by name; at least every
+/// [`crate::backups::MIN_EVERY_SECONDS`], at least one kept.
+fn check_backup_plan(project: &str, plan: &BackupPlan) -> Result<(), AgentError> {
+    if let Some(db) = &plan.database {
+        check_source(&DataSource { project: project.to_string(), ..db.clone() })?;
+        if db.service.is_empty() || !db.volume.is_empty() || db.live || !db.input_trailer.is_empty() {
+            return Err(AgentError::InvalidArgument {
+                field: "schedule.database",
+                message: "the database's dump is a service and a command".into(),
+            });
+        }
+    }
+    for volume in &plan.volumes {
+        check_source(&DataSource { project: project.to_string(), volume: volume.clone(), ..Default::default() })?;
+    }
+    if plan.every_seconds < crate::backups::MIN_EVERY_SECONDS {
+        return Err(AgentError::InvalidArgument {
+            field: "schedule.every_seconds",
+            message: format!("{} s: at least {} s", plan.every_seconds, crate::backups::MIN_EVERY_SECONDS),
+        });
+    }
+    if plan.keep == 0 {
+        return Err(AgentError::InvalidArgument { field: "schedule.keep", message: "keep at least one backup".into() });
+    }
+    Ok(())
 }
 
 /// The largest `DataSource.input_trailer`: a line or two a command echoes.

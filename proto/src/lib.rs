@@ -6,6 +6,7 @@
 
 #![allow(clippy::all, clippy::pedantic, unreachable_pub)]
 
+pub mod backup;
 pub mod der;
 pub mod ignore;
 pub mod net;
@@ -33,7 +34,7 @@ pub mod v1 {
 /// Level 8: `DataSource.input_trailer` (an import into a command proves it
 /// read its input to the end), `StopServicesRequest.waves`.
 /// Level 9: `DataSource.live` (a running stack's volumes exported for a
-/// backup).
+/// backup), `BackupSchedule` (backups the agent takes on its own schedule).
 pub const API_LEVEL: u32 = 9;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and

@@ -187,6 +187,59 @@ fn backups_beyond_keep_are_pruned_oldest_first() {
     assert_eq!(left.len(), 2, "no partial directory left behind: {left:?}");
 }
 
+/// The host's agent takes backups on its own, keeps the newest `--keep`,
+/// and one of them restores onto another host.
+#[test]
+fn a_scheduled_backup_runs_on_the_host_and_prunes_to_its_count() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("bak-s").unwrap(), env.docker_host("bak-t").unwrap());
+    let stack = stack();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    fill(&a, &project, 200, "scheduled");
+    let run = ctl(&env, &stack, &a, &["backup", "--schedule", "10s"]).expect_code(2);
+    assert!(run.stderr.contains("--schedule needs --keep N"), "{}", run.stderr);
+    let run = ctl(&env, &stack, &a, &["backup", "--schedule", "10s", "--keep", "2"]).expect_code(0);
+    assert!(run.stdout.contains("every 10 s, the newest 2 kept"), "{}", run.stdout);
+
+    // Three taken (the first 10 s after the schedule was set), two kept.
+    let show = || {
+        let run = ctl(&env, &stack, &a, &["backup", "--schedule", "show", "--output", "json"]).expect_code(0);
+        serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()["result"].clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let seen = loop {
+        let seen = show();
+        if seen["taken"].as_u64().unwrap_or(0) >= 3 {
+            break seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "three backups never came: {seen:#}");
+        assert_eq!(seen["failed"], 0, "{seen:#}");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    };
+    assert_eq!(seen["kept"].as_array().unwrap().len(), 2, "{seen:#}");
+    let run = ctl(&env, &stack, &a, &["backup", "--schedule", "off"]).expect_code(0);
+    assert!(run.stdout.contains("no backup schedule"), "{}", run.stdout);
+    let on_host = a.path(seen["dir"].as_str().unwrap());
+    let mut whole: Vec<_> = std::fs::read_dir(&on_host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    whole.sort();
+    assert_eq!(whole.len(), 2, "pruned to two: {whole:?}");
+    assert_eq!(mode(&on_host.join(&whole[1]).join("secrets.json")), 0o600);
+
+    // The newest, copied here, restores onto another host.
+    let here = tempfile::tempdir().unwrap();
+    let copy = here.path().join(&whole[1]);
+    copy_dir(&on_host.join(&whole[1]), &copy);
+    let run = ctl(&env, &stack, &b, &["restore", &copy.display().to_string(), "--health-timeout", "60"]).expect_code(0);
+    assert!(run.stdout.contains("row counts of 1 table(s) equal the dump's"), "{}", run.stdout);
+    let rows = b.docker(&["exec", &container(&b, &project, "db"), "sh", "-c", "grep -c '^row ' /data/db.sql"]);
+    assert_eq!(rows.trim(), "200");
+}
+
 fn state(host: &TestHost, id: &str) -> String {
     host.docker(&["inspect", "-f", "{{.State.Status}}", id])
 }

@@ -291,9 +291,12 @@ pub enum Command {
         /// Also copy the metrics' volumes (Prometheus's and Grafana's data: `x-mlops.migrate.optional`).
         #[arg(long)]
         with_metrics: bool,
-        /// Then remove the oldest backups of the stack from this host beyond N (0: keep all).
+        /// Then remove the oldest backups of the stack from this host beyond N (0: keep all); with --schedule, how many the host keeps.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep: usize,
+        /// Instead of a backup now: the host's agent takes one every EVERY (30s, 15m, 6h, 1d) into its own /var/lib/mlops-agent/backups/PROJECT/, keeping --keep N; `off` removes the schedule (the backups stay), `show` prints it.
+        #[arg(long, value_name = "EVERY|off|show")]
+        schedule: Option<String>,
     },
     /// Bring a backup back onto one host (--host, or -i … --limit), the one it was taken from or another: every file checked first, the data replaced, row counts compared with the dump's, the stack started healthy.
     Restore {

@@ -351,8 +351,12 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 Err(e) => printer.failed("migrate", &e),
             }
         }
-        Command::Backup { stack, to, with_metrics, keep } => {
-            let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep };
+        Command::Backup { stack, to, with_metrics, keep, schedule } => {
+            let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep, schedule };
+            if opts.schedule.is_some() {
+                let r = commands::backup::schedule(&setup, &opts, report).await?;
+                return Ok(printer.backup_schedule(&r));
+            }
             match Box::pin(commands::backup::backup(&setup, &opts, report)).await {
                 Ok(r) => printer.backup(&r),
                 Err(e) if nothing_done(&e) => return Err(e),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use mlops_controller::ControllerError;
 use mlops_controller::bootstrap::{DeployOutcome, UninstallOutcome};
-use mlops_controller::commands::backup::{BackupReport, RestoreReport};
+use mlops_controller::commands::backup::{BackupReport, RestoreReport, ScheduleReport};
 use mlops_controller::commands::deploy::DeployReport;
 use mlops_controller::commands::history::HostHistory;
 use mlops_controller::commands::migrate::MigrateReport;
@@ -829,6 +829,35 @@ impl Printer {
                     r.host,
                     r.ms as f64 / 1000.0
                 ));
+            }
+        }
+        0
+    }
+
+    pub fn backup_schedule(&self, r: &ScheduleReport) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"command": "backup", "ok": true, "result": r})),
+            Output::Text => {
+                let dir = neutralise(&r.dir);
+                match r.every_seconds {
+                    Some(every) => self.stdout(&format!(
+                        "{}: a backup of stack `{}` every {every} s, the newest {} kept in {dir}; next at unix time {}",
+                        r.host, r.project, r.keep, r.next_unix
+                    )),
+                    None => self.stdout(&format!("{}: no backup schedule for stack `{}`", r.host, r.project)),
+                }
+                if r.taken + r.failed > 0 {
+                    self.stdout(&format!(
+                        "  taken {}, failed {}, last at unix time {}",
+                        r.taken, r.failed, r.last_unix
+                    ));
+                }
+                if !r.last_error.is_empty() {
+                    self.stdout(&format!("  last error: {}", neutralise(&r.last_error)));
+                }
+                for k in &r.kept {
+                    self.stdout(&format!("  {dir}/{}", neutralise(k)));
+                }
             }
         }
         0

@@ -32,13 +32,14 @@
 //! newest DAG run read through its API.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mlops_proto::v1::{DataChunk, DataSource, ExportDataRequest, ImportDataReply};
-use serde::{Deserialize, Serialize};
+use mlops_proto::backup::{self, DATABASE_FILE, DatabaseEntry, FORMAT, FileEntry, MANIFEST, Manifest, SECRETS};
+use mlops_proto::v1::{BackupPlan, BackupScheduleRequest, DataChunk, DataSource, ExportDataRequest, ImportDataReply};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
@@ -49,14 +50,6 @@ use crate::bootstrap::{self, Bundle};
 use crate::client::AgentConn;
 use crate::progress::{Progress, Report, bytes_human};
 
-/// The manifest's format; a restore refuses others.
-const FORMAT: u32 = 1;
-const MANIFEST: &str = "manifest.json";
-const SECRETS: &str = "secrets.json";
-const DATABASE_FILE: &str = "database.sql.zst";
-/// zstd's level: about as fast as the network a dump crosses.
-const LEVEL: i32 = 3;
-
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub stack: StackOptions,
@@ -66,6 +59,28 @@ pub struct BackupOptions {
     pub with_metrics: bool,
     /// Whole backups of the stack from this host kept (0: all).
     pub keep: usize,
+    /// `EVERY` (`30s`, `15m`, `6h`, `1d`), `off` or `show`: the host's own
+    /// schedule instead of a backup now (see [`schedule`]).
+    pub schedule: Option<String>,
+}
+
+/// A host's backup schedule, as `mlopsctl backup --schedule` set or read it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleReport {
+    pub project: String,
+    pub host: String,
+    /// Seconds between backups and backups kept; `None`: no schedule.
+    pub every_seconds: Option<u64>,
+    pub keep: u32,
+    /// Where the host keeps them.
+    pub dir: String,
+    pub next_unix: u64,
+    pub last_unix: u64,
+    pub taken: u64,
+    pub failed: u64,
+    pub last_error: String,
+    /// The whole backups on the host, oldest first.
+    pub kept: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,47 +93,6 @@ pub struct RestoreOptions {
     pub install_docker: bool,
     pub expose: bool,
     pub local_images: bool,
-}
-
-/// What a backup's `manifest.json` says.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    pub project: String,
-    /// The inventory name of the host it was taken from.
-    pub host: String,
-    /// RFC 3339, UTC.
-    pub created: String,
-    pub mlopsctl: String,
-    pub database: Option<DatabaseEntry>,
-    pub volumes: Vec<FileEntry>,
-    /// Volumes the stack declares that did not exist on the host (never
-    /// used): nothing to copy.
-    #[serde(default)]
-    pub absent: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// A volume's Docker name (the database: its service).
-    pub name: String,
-    pub file: String,
-    /// The data: what the agent sent, and a restore sends back.
-    pub bytes: u64,
-    pub sha256: String,
-    /// The compressed file.
-    pub file_bytes: u64,
-    pub file_sha256: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DatabaseEntry {
-    #[serde(flatten)]
-    pub file: FileEntry,
-    /// The database the checks run in (`x-mlops.migrate.database.database`).
-    pub database: String,
-    /// Per database, per `schema.table`: the rows the dump holds.
-    pub tables: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// What a backup did.
@@ -153,9 +127,92 @@ fn one_host(setup: &Setup, command: &str) -> Result<mlops_inventory::Target, Con
     }
 }
 
-/// A name for a path: the characters a file name keeps, others as `_`.
-fn file_safe(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+/// Seconds in `30s`, `15m`, `6h`, `1d` (or a plain number of seconds).
+fn parse_every(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: u64 = number.parse().ok()?;
+    let unit = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
+
+/// `mlopsctl backup --schedule`: sets (`EVERY`, with `--keep`), removes
+/// (`off`) or shows (`show`) the selected host's own schedule of backups of
+/// the stack, which its agent takes into its state directory
+/// (`/var/lib/mlops-agent/backups/PROJECT/`, in this module's format: copy
+/// one here to restore it) and prunes to `--keep`.
+pub async fn schedule(
+    setup: &Setup,
+    opts: &BackupOptions,
+    report: Arc<dyn Report>,
+) -> Result<ScheduleReport, ControllerError> {
+    let project = opts.stack.project(&setup.state)?;
+    let host = one_host(setup, "backup")?;
+    let what = opts.schedule.clone().unwrap_or_default();
+    let mut request = BackupScheduleRequest { project: project.clone(), ..Default::default() };
+    match what.as_str() {
+        "show" => {}
+        "off" => request.remove = true,
+        every => {
+            let Some(every_seconds) = parse_every(every).filter(|s| *s >= 10) else {
+                return Err(ControllerError::usage(
+                    format!("--schedule {every}: not a time between backups of at least 10 s, nor `off` or `show`"),
+                    Some("write it as 30s, 15m, 6h or 1d"),
+                ));
+            };
+            if opts.keep == 0 {
+                return Err(ControllerError::usage(
+                    "--schedule needs --keep N: how many backups the host keeps",
+                    Some("e.g. --schedule 1d --keep 7"),
+                ));
+            }
+            if opts.to.is_some() {
+                return Err(ControllerError::usage(
+                    "--to names a directory on this machine; scheduled backups stay on the host",
+                    Some(
+                        "drop --to; copy a backup from the host's /var/lib/mlops-agent/backups/PROJECT/ to restore it",
+                    ),
+                ));
+            }
+            let model = opts.stack.load_model(&setup.state, &crate::progress::Quiet)?;
+            let plan = Plan::new(&model.stack, &plan_options(&opts.stack, opts.with_metrics), &Default::default())?;
+            request.schedule = Some(BackupPlan {
+                database: plan.database.as_ref().map(|d| migrate::dump_source(&project, d)),
+                database_name: plan.database.as_ref().map(|d| d.database.clone()).unwrap_or_default(),
+                volumes: plan.volumes,
+                every_seconds,
+                keep: u32::try_from(opts.keep).unwrap_or(u32::MAX),
+            });
+        }
+    }
+    let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
+    let progress = Progress::new(Some(report.clone()), &host.name);
+    let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
+    let reply = prepared.conn.raw().backup_schedule(request).await;
+    prepared.close().await;
+    let reply = reply.map_err(|s| ControllerError::from_status(&host.name, "BackupSchedule", &s))?.into_inner();
+    Ok(ScheduleReport {
+        project,
+        host: host.name.clone(),
+        every_seconds: reply.schedule.as_ref().map(|s| s.every_seconds),
+        keep: reply.schedule.as_ref().map_or(0, |s| s.keep),
+        dir: reply.dir,
+        next_unix: reply.next_unix,
+        last_unix: reply.last_unix,
+        taken: reply.taken,
+        failed: reply.failed,
+        last_error: reply.last_error,
+        kept: reply.kept,
+    })
 }
 
 /// Backs up the stack from the one selected host (see the module docs).
@@ -169,18 +226,14 @@ pub async fn backup(
     let host = one_host(setup, "backup")?;
     let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
     let parent = root.join(&project);
-    make_private_dir(&parent)?;
+    backup::private_dir(&parent)
+        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", parent.display())))?;
 
     let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
     let progress = Progress::new(Some(report.clone()), &host.name);
     let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
-    let now = time::OffsetDateTime::now_utc();
-    let (date, time) = (
-        format!("{:04}{:02}{:02}", now.year(), u8::from(now.month()), now.day()),
-        format!("{:02}{:02}{:02}", now.hour(), now.minute(), now.second()),
-    );
-    let stamp = format!("{date}T{time}Z");
-    let name = format!("{stamp}-{}", file_safe(&host.name));
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (name, created) = backup::name(unix as i64, &host.name);
     let partial = parent.join(format!(".{name}.partial"));
     let result = take(&mut prepared.conn, &host.name, &project, opts, setup, &partial, report.as_ref()).await;
     prepared.close().await;
@@ -191,24 +244,18 @@ pub async fn backup(
             return Err(e);
         }
     };
-    manifest.created =
-        format!("{}-{}-{}T{}:{}:{}Z", &date[..4], &date[4..6], &date[6..], &time[..2], &time[2..4], &time[4..]);
-    let finished = (|| {
-        write_file(&partial.join(MANIFEST), &serde_json::to_vec_pretty(&manifest).expect("serializable"))?;
-        sync_dir(&partial)?;
-        let dir = parent.join(&name);
-        std::fs::rename(&partial, &dir)?;
-        sync_dir(&parent)?;
-        Ok::<_, std::io::Error>(dir)
-    })();
-    let dir = match finished {
+    manifest.created = created;
+    let dir = match backup::complete(&parent, &partial, &name, &manifest) {
         Ok(dir) => dir,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(ControllerError::Local(format!("cannot write the backup in {}: {e}", parent.display())));
         }
     };
-    let removed = prune(&parent, &host.name, opts.keep, report.as_ref());
+    let (removed, failed) = backup::prune(&parent, &host.name, opts.keep);
+    for why in failed {
+        report.warn(&why);
+    }
     Ok(BackupReport {
         project,
         host: host.name.clone(),
@@ -249,9 +296,9 @@ async fn take(
         ));
     }
     std::fs::create_dir(dir)
-        .and_then(|()| set_mode(dir, 0o700))
+        .and_then(|()| backup::set_mode(dir, 0o700))
         .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))?;
-    write_file(&dir.join(SECRETS), &serde_json::to_vec_pretty(&secrets).expect("serializable"))
+    backup::write_file(&dir.join(SECRETS), &serde_json::to_vec_pretty(&secrets).expect("serializable"))
         .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", dir.join(SECRETS).display())))?;
 
     let mut manifest = Manifest {
@@ -267,27 +314,27 @@ async fn take(
     if let Some(d) = &plan.database {
         let clock = Instant::now();
         report.info(&format!("{host}: dumping database `{}` (roles included)", d.service));
-        let mut tables = DumpTables::default();
-        let file = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, Some(&mut tables)).await?;
+        let saved = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, true).await?;
+        let (file, tables) = (saved.entry, saved.tables);
         report.info(&format!(
             "{host}: database dumped: {} ({} compressed) in {:.1} s, {} table(s)",
             bytes_human(file.bytes),
             bytes_human(file.file_bytes),
             clock.elapsed().as_secs_f64(),
-            tables.counts.get(&d.database).map_or(0, BTreeMap::len)
+            tables.get(&d.database).map_or(0, BTreeMap::len)
         ));
         manifest.database = Some(DatabaseEntry {
             file: FileEntry { name: d.service.clone(), ..file },
             database: d.database.clone(),
-            tables: tables.counts,
+            tables,
         });
     }
     for volume in &plan.volumes {
         let clock = Instant::now();
         let source =
             DataSource { project: project.to_string(), volume: volume.clone(), live: true, ..Default::default() };
-        let file_name = format!("volume-{}.tar.zst", file_safe(volume));
-        match save(conn, host, source, dir, &file_name, None).await {
+        let file_name = format!("volume-{}.tar.zst", backup::file_safe(volume));
+        match save(conn, host, source, dir, &file_name, false).await.map(|s| s.entry) {
             Ok(file) => {
                 report.info(&format!(
                     "{host}: volume {volume}: {} ({} compressed) in {:.1} s",
@@ -330,247 +377,44 @@ fn plan_options(stack: &StackOptions, with_metrics: bool) -> MigrateOptions {
 
 /// Streams `source` from `host` into `dir/file`, zstd-compressed on a
 /// thread of its own (a few chunks in flight: the host sends at the pace
-/// the disk takes it). The entry's sums are checked against the agent's.
+/// the disk takes it); `dump`: its tables' rows counted. The data's sums
+/// are checked against the agent's.
 async fn save(
     conn: &mut AgentConn,
     host: &str,
     source: DataSource,
     dir: &Path,
     file: &str,
-    mut tables: Option<&mut DumpTables>,
-) -> Result<FileEntry, ControllerError> {
-    let path = dir.join(file);
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .and_then(|f| set_mode(&path, 0o600).map(|()| f))
-        .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", path.display())))?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<prost::bytes::Bytes>(8);
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
-        let mut encoder = zstd::Encoder::new(Summed::new(std::io::BufWriter::new(output)), LEVEL)?;
-        while let Some(chunk) = rx.blocking_recv() {
-            encoder.write_all(&chunk)?;
-        }
-        let summed = encoder.finish()?;
-        let (inner, bytes, sha256) = summed.done();
-        inner.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
-        Ok((bytes, sha256))
-    });
+    dump: bool,
+) -> Result<backup::Saved, ControllerError> {
+    let cannot = |e: std::io::Error| ControllerError::Local(format!("cannot write {}: {e}", dir.join(file).display()));
+    let mut saver = backup::Saver::create(dir, file, dump).map_err(cannot)?;
     let mut stream = conn
         .raw()
         .export_data(ExportDataRequest { source: Some(source) })
         .await
         .map_err(|s| ControllerError::from_status(host, "ExportData", &s))?
         .into_inner();
-    let (mut hasher, mut bytes, mut end) = (Sha256::new(), 0u64, None);
+    let mut end = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?;
-        if !chunk.data.is_empty() {
-            hasher.update(&chunk.data);
-            bytes += chunk.data.len() as u64;
-            if let Some(t) = tables.as_deref_mut() {
-                t.feed(&chunk.data);
-            }
-            if tx.send(chunk.data).await.is_err() {
-                break;
-            }
+        if !chunk.data.is_empty() && !saver.add(&chunk.data).await {
+            break;
         }
         if chunk.end {
             end = Some((chunk.sha256, chunk.bytes));
             break;
         }
     }
-    drop(tx);
-    let written = writer.await.map_err(|e| ControllerError::Local(format!("the compressing thread failed: {e}")))?;
-    let (file_bytes, file_sha256) =
-        written.map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", path.display())))?;
-    let sha256 = hex::encode(hasher.finalize());
+    let (bytes, sha256) = saver.sums();
+    let saved = saver.finish(file).await.map_err(cannot)?;
     match end {
-        Some((sent, length)) if sent == sha256 && length == bytes => {}
-        Some((sent, length)) => {
-            return Err(ControllerError::Local(format!(
-                "{host}: {file} arrived damaged: {bytes} bytes with sha256 {sha256}, sent {length} with {sent}"
-            )));
-        }
-        None => return Err(ControllerError::Local(format!("{host}: the stream of {file} ended before its end"))),
+        Some((sent, length)) if sent == sha256 && length == bytes => Ok(saved),
+        Some((sent, length)) => Err(ControllerError::Local(format!(
+            "{host}: {file} arrived damaged: {bytes} bytes with sha256 {sha256}, sent {length} with {sent}"
+        ))),
+        None => Err(ControllerError::Local(format!("{host}: the stream of {file} ended before its end"))),
     }
-    Ok(FileEntry { name: String::new(), file: file.to_string(), bytes, sha256, file_bytes, file_sha256 })
-}
-
-/// A writer that counts and hashes what passes through it.
-struct Summed<W> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<W: Write> Summed<W> {
-    fn new(inner: W) -> Self {
-        Summed { inner, hasher: Sha256::new(), bytes: 0 }
-    }
-
-    fn done(mut self) -> (W, u64, String) {
-        let _ = self.inner.flush();
-        (self.inner, self.bytes, hex::encode(self.hasher.finalize()))
-    }
-}
-
-impl<W: Write> Write for Summed<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// The rows of each table a plain `pg_dumpall` script holds, counted as it
-/// streams by: in the text format of `COPY … FROM stdin;` each row is one
-/// line (newlines inside values are escaped) until a line `\.`. Only a
-/// line's beginning is kept, so a long row costs no memory.
-#[derive(Debug, Default)]
-struct DumpTables {
-    counts: BTreeMap<String, BTreeMap<String, u64>>,
-    database: String,
-    /// The table whose rows are being read.
-    copying: Option<String>,
-    /// The current line's first bytes.
-    line: Vec<u8>,
-}
-
-/// A line's bytes kept by [`DumpTables`]: enough for any `COPY` or
-/// `\connect` line it reads.
-const LINE_KEPT: usize = 4096;
-
-impl DumpTables {
-    fn feed(&mut self, mut data: &[u8]) {
-        while let Some(i) = data.iter().position(|&b| b == b'\n') {
-            self.keep(&data[..i]);
-            let line = std::mem::take(&mut self.line);
-            self.line_done(&line);
-            data = &data[i + 1..];
-        }
-        self.keep(data);
-    }
-
-    fn keep(&mut self, part: &[u8]) {
-        let room = LINE_KEPT.saturating_sub(self.line.len());
-        self.line.extend_from_slice(&part[..part.len().min(room)]);
-    }
-
-    fn line_done(&mut self, line: &[u8]) {
-        if let Some(table) = &self.copying {
-            if line == b"\\." {
-                self.copying = None;
-            } else {
-                *self.counts.entry(self.database.clone()).or_default().entry(table.clone()).or_default() += 1;
-            }
-            return;
-        }
-        let line = String::from_utf8_lossy(line);
-        if let Some(rest) = line.strip_prefix("\\connect ") {
-            self.database = connect_target(rest);
-        } else if let Some(rest) = line.strip_prefix("COPY ")
-            && line.ends_with(" FROM stdin;")
-        {
-            let table: String = rest.split([' ', '(']).next().unwrap_or_default().replace('"', "");
-            self.counts.entry(self.database.clone()).or_default().entry(table.clone()).or_default();
-            self.copying = Some(table);
-        }
-    }
-}
-
-/// The database a dump's `\connect` line names: `-reuse-previous=on
-/// "dbname='airflow'"` (pg_dumpall 12 and later) or `airflow`.
-fn connect_target(rest: &str) -> String {
-    if let Some((_, after)) = rest.split_once("dbname='") {
-        let mut name = String::new();
-        let mut chars = after.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => name.extend(chars.next()),
-                '\'' if chars.peek() == Some(&'\'') => {
-                    chars.next();
-                    name.push('\'');
-                }
-                '\'' => break,
-                c => name.push(c),
-            }
-        }
-        return name;
-    }
-    match rest.trim().strip_prefix('"') {
-        Some(quoted) => quoted.split('"').next().unwrap_or_default().to_string(),
-        None => rest.split_whitespace().last().unwrap_or_default().to_string(),
-    }
-}
-
-fn make_private_dir(dir: &Path) -> Result<(), ControllerError> {
-    std::fs::create_dir_all(dir)
-        .and_then(|()| set_mode(dir, 0o700))
-        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))
-}
-
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
-/// A new file (0600), flushed to disk.
-fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes the oldest whole backups of `parent`'s stack taken from `host`
-/// beyond `keep` (0: none removed); the directories removed. Only
-/// directories named as [`backup`] names them and holding a manifest count.
-fn prune(parent: &Path, host: &str, keep: usize, report: &dyn Report) -> Vec<PathBuf> {
-    if keep == 0 {
-        return Vec::new();
-    }
-    let suffix = format!("-{}", file_safe(host));
-    let mut ours: Vec<PathBuf> = std::fs::read_dir(parent)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.strip_suffix(&suffix).is_some_and(is_stamp) && p.join(MANIFEST).is_file()
-        })
-        .collect();
-    // The names start with the time: their order is the backups'.
-    ours.sort();
-    let excess = ours.len().saturating_sub(keep);
-    let mut removed = Vec::new();
-    for old in ours.into_iter().take(excess) {
-        match std::fs::remove_dir_all(&old) {
-            Ok(()) => removed.push(old),
-            Err(e) => report.warn(&format!("cannot remove the old backup {}: {e}", old.display())),
-        }
-    }
-    removed
-}
-
-/// `YYYYMMDDTHHMMSSZ`.
-fn is_stamp(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
-        && b.iter().enumerate().all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
 }
 
 /// Reads a backup's manifest and checks every file it names: present, of
@@ -602,7 +446,8 @@ fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), Cont
             return Err(damaged(format!("{MANIFEST} names a file outside the backup: {}", entry.file)));
         }
         let path = dir.join(&entry.file);
-        let (bytes, sha256) = file_sums(&path).map_err(|e| damaged(format!("{} cannot be read: {e}", entry.file)))?;
+        let (bytes, sha256) =
+            backup::file_sums(&path).map_err(|e| damaged(format!("{} cannot be read: {e}", entry.file)))?;
         if bytes != entry.file_bytes || sha256 != entry.file_sha256 {
             return Err(damaged(format!(
                 "{} is damaged: {bytes} bytes with sha256 {sha256}, the manifest says {} with {}",
@@ -615,19 +460,6 @@ fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), Cont
             |t| serde_json::from_slice(&t).map_err(|e| damaged(format!("{SECRETS} is not the stack's secrets: {e}"))),
         )?;
     Ok((manifest, secrets))
-}
-
-fn file_sums(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut f = std::fs::File::open(path)?;
-    let (mut hasher, mut bytes, mut buf) = (Sha256::new(), 0u64, vec![0u8; 1 << 20]);
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((bytes, hex::encode(hasher.finalize())));
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
 }
 
 /// Restores a backup onto the one selected host (see the module docs).
@@ -820,9 +652,8 @@ async fn send_file(
     tx.send(DataChunk { target: Some(target), ..Default::default() }).await.expect("the receiver is here");
     let (path_owned, want) = (path.to_path_buf(), entry.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let file =
-            std::fs::File::open(&path_owned).map_err(|e| format!("cannot read {}: {e}", path_owned.display()))?;
-        let mut decoder = zstd::Decoder::new(file).map_err(|e| format!("cannot read {}: {e}", path_owned.display()))?;
+        let mut decoder =
+            backup::open(&path_owned).map_err(|e| format!("cannot read {}: {e}", path_owned.display()))?;
         let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
         loop {
             let mut buf = vec![0u8; mlops_proto::IMAGE_CHUNK];
@@ -880,60 +711,17 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::parse_every;
 
     #[test]
-    fn a_dump_s_rows_are_counted_per_database_and_table_across_chunks() {
-        let dump = "--\n\\connect template1\n\\connect -reuse-previous=on \"dbname='airflow'\"\n\
-            CREATE TABLE public.dag_run (id integer);\n\
-            COPY public.dag_run (id, dag_id) FROM stdin;\n1\tetl\n2\tetl\\nwith a newline\n\\.\n\
-            COPY public.\"Odd\" (x) FROM stdin;\n\\.\n\
-            \\connect postgres\nCOPY public.t (x) FROM stdin;\n7\n\\.\nSELECT 1;\n";
-        for cut in [1, 3, 7, 64, dump.len()] {
-            let mut t = DumpTables::default();
-            for piece in dump.as_bytes().chunks(cut) {
-                t.feed(piece);
-            }
-            let airflow = &t.counts["airflow"];
-            assert_eq!(airflow["public.dag_run"], 2, "cut {cut}");
-            assert_eq!(airflow["public.Odd"], 0);
-            assert_eq!(t.counts["postgres"]["public.t"], 1);
-            assert!(!t.counts.contains_key("template1"));
+    fn times_between_backups_read_with_their_unit() {
+        assert_eq!(parse_every("30s"), Some(30));
+        assert_eq!(parse_every("15m"), Some(900));
+        assert_eq!(parse_every("6h"), Some(21_600));
+        assert_eq!(parse_every("1d"), Some(86_400));
+        assert_eq!(parse_every("45"), Some(45));
+        for bad in ["", "d", "1w", "-1h", "1.5h", "99999999999999999999d"] {
+            assert_eq!(parse_every(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn connect_lines_name_their_database() {
-        assert_eq!(connect_target("-reuse-previous=on \"dbname='air''flow'\""), "air'flow");
-        assert_eq!(connect_target("airflow"), "airflow");
-        assert_eq!(connect_target("\"my db\""), "my db");
-    }
-
-    #[test]
-    fn only_whole_backups_of_the_host_are_pruned_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let make = |name: &str, whole: bool| {
-            let d = dir.path().join(name);
-            std::fs::create_dir(&d).unwrap();
-            if whole {
-                std::fs::write(d.join(MANIFEST), "{}").unwrap();
-            }
-        };
-        for name in ["20261201T000000Z-h1", "20261202T000000Z-h1", "20261203T000000Z-h1", "20261204T000000Z-h1"] {
-            make(name, true);
-        }
-        make("20261130T000000Z-h1", false);
-        make("20261101T000000Z-h2", true);
-        make("notes-h1", true);
-        make(".20261205T000000Z-h1.partial", true);
-        let removed = prune(dir.path(), "h1", 2, &crate::progress::Quiet);
-        let names: Vec<_> = removed.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
-        assert_eq!(names, ["20261201T000000Z-h1", "20261202T000000Z-h1"]);
-        for kept in
-            ["20261203T000000Z-h1", "20261204T000000Z-h1", "20261130T000000Z-h1", "20261101T000000Z-h2", "notes-h1"]
-        {
-            assert!(dir.path().join(kept).exists(), "{kept}");
-        }
-        assert!(prune(dir.path(), "h1", 0, &crate::progress::Quiet).is_empty());
     }
 }
