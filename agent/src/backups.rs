@@ -78,6 +78,9 @@ pub struct Schedules {
     host: String,
     /// Told when a schedule changes, so the task looks again.
     changed: Arc<tokio::sync::Notify>,
+    /// Held by every read-change-write of a schedule file (RPCs and the
+    /// task), so none undoes another's.
+    edits: Arc<std::sync::Mutex<()>>,
 }
 
 fn now() -> u64 {
@@ -99,6 +102,7 @@ impl Schedules {
             secrets,
             host,
             changed: Arc::new(tokio::sync::Notify::new()),
+            edits: Arc::default(),
         }
     }
 
@@ -119,7 +123,10 @@ impl Schedules {
 
     fn save(&self, project: &str, record: &Record) -> Result<(), EngineError> {
         let path = self.path(project);
-        let tmp = path.with_extension("json.tmp");
+        // Named per process and call: two writers never share one.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("json.{}.{n}.tmp", std::process::id()));
         let written = (|| {
             backup::private_dir(&self.dir)?;
             let _ = std::fs::remove_file(&tmp);
@@ -133,6 +140,7 @@ impl Schedules {
     /// `plan` was checked by the caller.
     pub fn set(&self, project: &str, plan: BackupPlan) -> Result<BackupScheduleReply, EngineError> {
         let db = plan.database.unwrap_or_default();
+        let edit = self.edits.lock().expect("not poisoned");
         let kept = self.load(project)?.unwrap_or_default();
         let record = Record {
             database_service: db.service,
@@ -142,21 +150,24 @@ impl Schedules {
             volumes: plan.volumes,
             every_seconds: plan.every_seconds,
             keep: plan.keep,
-            next_unix: now() + plan.every_seconds,
+            next_unix: now().saturating_add(plan.every_seconds),
             ..kept
         };
         self.save(project, &record)?;
+        drop(edit);
         self.changed.notify_one();
         self.get(project)
     }
 
     /// Removes `project`'s schedule; its backups stay.
     pub fn remove(&self, project: &str) -> Result<BackupScheduleReply, EngineError> {
+        let edit = self.edits.lock().expect("not poisoned");
         match std::fs::remove_file(self.path(project)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(EngineError::io_at("cannot remove the schedule", &self.path(project))(e)),
         }
+        drop(edit);
         self.changed.notify_one();
         self.get(project)
     }
@@ -201,19 +212,22 @@ impl Schedules {
     }
 
     /// Takes the backups that are due until `stop` turns true; a backup
-    /// under way when it does is abandoned (its `.partial` directory
-    /// removed).
+    /// under way when it does is abandoned (its `.partial` directory is
+    /// removed by the project's next backup).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         loop {
             let mut next = now() + 300;
             for project in self.projects() {
                 let Ok(Some(mut record)) = self.load(&project) else { continue };
+                // A clock set back does not postpone backups beyond one interval.
+                record.next_unix = record.next_unix.min(now().saturating_add(record.every_seconds));
                 if record.next_unix <= now() {
                     let taken = tokio::select! {
                         r = self.take(&project, &record) => r,
                         _ = stop.changed() => return,
                     };
                     // A schedule changed or removed meanwhile wins.
+                    let edit = self.edits.lock().expect("not poisoned");
                     let Ok(Some(current)) = self.load(&project) else { continue };
                     if current.every_seconds != record.every_seconds || current.next_unix != record.next_unix {
                         next = next.min(current.next_unix);
@@ -226,24 +240,25 @@ impl Schedules {
                             record.taken += 1;
                             record.last_unix = ended;
                             record.last_error = String::new();
-                            record.next_unix = ended + record.every_seconds;
+                            record.next_unix = ended.saturating_add(record.every_seconds);
                             tracing::info!(project, backup = name, "scheduled backup taken");
                         }
                         Err(Postponed(why)) => {
                             record.last_error = why;
-                            record.next_unix = ended + RETRY_LOCKED.min(record.every_seconds);
+                            record.next_unix = ended.saturating_add(RETRY_LOCKED.min(record.every_seconds));
                         }
                         Err(Failed(why)) => {
                             record.failed += 1;
                             record.last_unix = ended;
                             tracing::warn!(project, error = why, "scheduled backup failed");
                             record.last_error = why;
-                            record.next_unix = ended + record.every_seconds;
+                            record.next_unix = ended.saturating_add(record.every_seconds);
                         }
                     }
                     if let Err(e) = self.save(&project, &record) {
                         tracing::warn!(project, error = %e, "cannot record the scheduled backup");
                     }
+                    drop(edit);
                 }
                 next = next.min(record.next_unix);
             }
@@ -261,6 +276,14 @@ impl Schedules {
         let _guard =
             self.locks.acquire(project, "a scheduled backup").map_err(|e| Postponed(format!("postponed: {e}")))?;
         let parent = self.backups.join(project);
+        // What an agent stopped or killed mid-backup left (the lock says
+        // no other backup of the project runs).
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let (name, created) = backup::name(now() as i64, &self.host);
         let partial = parent.join(format!(".{name}.partial"));
         let result = self.write(project, record, &parent, &partial).await;
@@ -272,15 +295,20 @@ impl Schedules {
             }
         };
         manifest.created = created;
-        backup::complete(&parent, &partial, &name, &manifest).map_err(|e| {
-            let _ = std::fs::remove_dir_all(&partial);
-            Failed(format!("cannot write the backup in {}: {e}", parent.display()))
-        })?;
-        let (_, failed) = backup::prune(&parent, &self.host, record.keep as usize);
-        for why in failed {
-            tracing::warn!(project, error = why, "cannot prune");
-        }
-        Ok(name)
+        // Flushes and removals of whole trees: off the agent's one thread.
+        let (host, keep, p) = (self.host.clone(), record.keep as usize, project.to_string());
+        let finished = tokio::task::spawn_blocking(move || {
+            if let Err(e) = backup::complete(&parent, &partial, &name, &manifest) {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(Failed(format!("cannot write the backup in {}: {e}", parent.display())));
+            }
+            let (_, failed) = backup::prune(&parent, &p, &host, keep, &name);
+            for why in failed {
+                tracing::warn!(project = p, error = why, "cannot prune");
+            }
+            Ok(name)
+        });
+        finished.await.map_err(|e| Failed(format!("the backup's last step failed: {e}")))?
     }
 
     /// The backup's files in `partial` (made here); its manifest but the time.
@@ -290,7 +318,8 @@ impl Schedules {
             .and_then(|()| backup::set_mode(partial, 0o700))
             .map_err(|e| format!("cannot make {}: {e}", partial.display()))?;
         let secrets = self.secrets.get(project).map_err(|e| e.to_string())?;
-        backup::write_file(&partial.join(SECRETS), &serde_json::to_vec_pretty(&secrets).expect("serializable"))
+        let secrets_json = serde_json::to_vec_pretty(&secrets).expect("serializable");
+        backup::write_file(&partial.join(SECRETS), &secrets_json)
             .map_err(|e| format!("cannot write {SECRETS}: {e}"))?;
         let docker = docker::connect(&self.docker_socket).await.map_err(|e| e.to_string())?;
         let mut manifest = Manifest {
@@ -302,6 +331,7 @@ impl Schedules {
             database: None,
             volumes: Vec::new(),
             absent: Vec::new(),
+            secrets_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&secrets_json)),
         };
         if !record.database_service.is_empty() {
             let dump = crate::engine::volumes::exec_out(
@@ -313,7 +343,7 @@ impl Schedules {
             )
             .await
             .map_err(|e| format!("the dump in `{}`: {e}", record.database_service))?;
-            let saved = save(dump, partial, DATABASE_FILE, true).await?;
+            let saved = save(dump, partial, DATABASE_FILE, backup::Kind::Dump).await?;
             manifest.database = Some(DatabaseEntry {
                 file: FileEntry { name: record.database_service.clone(), ..saved.entry },
                 database: record.database_name.clone(),
@@ -330,7 +360,7 @@ impl Schedules {
                 }
                 Err(e) => return Err(format!("volume {volume}: {e}")),
             };
-            let saved = save(data, partial, &file, false).await?;
+            let saved = save(data, partial, &file, backup::Kind::Tar).await?;
             manifest.volumes.push(FileEntry { name: volume.clone(), ..saved.entry });
         }
         Ok(manifest)
@@ -346,13 +376,13 @@ enum Outcome {
 use Outcome::{Failed, Postponed};
 
 /// Saves a stream into `dir/file` (see [`backup::Saver`]).
-async fn save<S>(data: S, dir: &Path, file: &str, dump: bool) -> Result<backup::Saved, String>
+async fn save<S>(data: S, dir: &Path, file: &str, kind: backup::Kind) -> Result<backup::Saved, String>
 where
     S: tokio_stream::Stream<Item = Result<bytes::Bytes, EngineError>>,
 {
     let mut data = std::pin::pin!(data);
     let cannot = |e: std::io::Error| format!("cannot write {file}: {e}");
-    let mut saver = backup::Saver::create(dir, file, dump).map_err(cannot)?;
+    let mut saver = backup::Saver::create(dir, file, kind).map_err(cannot)?;
     while let Some(piece) = data.next().await {
         let piece = piece.map_err(|e| format!("{file}: {e}"))?;
         if !saver.add(&piece).await {

@@ -1268,10 +1268,11 @@ fn check_backup_plan(project: &str, plan: &BackupPlan) -> Result<(), AgentError>
     for volume in &plan.volumes {
         check_source(&DataSource { project: project.to_string(), volume: volume.clone(), ..Default::default() })?;
     }
-    if plan.every_seconds < crate::backups::MIN_EVERY_SECONDS {
+    let (min, max) = (crate::backups::MIN_EVERY_SECONDS, mlops_proto::backup::MAX_EVERY_SECONDS);
+    if !(min..=max).contains(&plan.every_seconds) {
         return Err(AgentError::InvalidArgument {
             field: "schedule.every_seconds",
-            message: format!("{} s: at least {} s", plan.every_seconds, crate::backups::MIN_EVERY_SECONDS),
+            message: format!("{} s: between {min} s and {max} s", plan.every_seconds),
         });
     }
     if plan.keep == 0 {

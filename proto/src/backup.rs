@@ -21,6 +21,9 @@ pub const FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const SECRETS: &str = "secrets.json";
 pub const DATABASE_FILE: &str = "database.sql.zst";
+/// The longest time between two scheduled backups: a year (and no sum
+/// with the time of day can overflow).
+pub const MAX_EVERY_SECONDS: u64 = 366 * 86_400;
 /// zstd's level: about as fast as the network a dump crosses.
 const LEVEL: i32 = 3;
 
@@ -40,6 +43,9 @@ pub struct Manifest {
     /// used): nothing to copy.
     #[serde(default)]
     pub absent: Vec<String>,
+    /// The sha256 of `secrets.json`.
+    #[serde(default)]
+    pub secrets_sha256: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +148,18 @@ pub struct Saver {
     hasher: Sha256,
     bytes: u64,
     tables: Option<DumpTables>,
+    tar: Option<TarCheck>,
+}
+
+/// What a backup's file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A `pg_dumpall` script: its tables' rows are counted.
+    Dump,
+    /// A volume's tar: it must be whole (every entry's bytes, then the
+    /// end-of-archive blocks), as a live copy can end early when a file
+    /// shrinks while it is read.
+    Tar,
 }
 
 /// What a [`Saver`] saved.
@@ -152,10 +170,16 @@ pub struct Saved {
 }
 
 impl Saver {
-    /// Makes `dir/file` (new, 0600); `dump`: count a `pg_dumpall` script's rows.
-    pub fn create(dir: &Path, file: &str, dump: bool) -> std::io::Result<Saver> {
+    /// Makes `dir/file` (new, 0600) for data of `kind`.
+    pub fn create(dir: &Path, file: &str, kind: Kind) -> std::io::Result<Saver> {
         let sink = Sink::create(&dir.join(file))?;
-        Ok(Saver { sink, hasher: Sha256::new(), bytes: 0, tables: dump.then(DumpTables::default) })
+        Ok(Saver {
+            sink,
+            hasher: Sha256::new(),
+            bytes: 0,
+            tables: (kind == Kind::Dump).then(DumpTables::default),
+            tar: (kind == Kind::Tar).then(TarCheck::default),
+        })
     }
 
     /// Adds the stream's next piece; `false` when the file's writer stopped
@@ -166,6 +190,9 @@ impl Saver {
         if let Some(t) = &mut self.tables {
             t.feed(piece);
         }
+        if let Some(t) = &mut self.tar {
+            t.feed(piece);
+        }
         self.sink.write(piece.to_vec()).await
     }
 
@@ -174,14 +201,103 @@ impl Saver {
         (self.bytes, hex::encode(self.hasher.clone().finalize()))
     }
 
-    /// The file complete and flushed; `file` is its name in the entry.
+    /// The file complete and flushed; `file` is its name in the entry. An
+    /// error too when a tar is not whole.
     pub async fn finish(self, file: &str) -> std::io::Result<Saved> {
         let (bytes, sha256) = self.sums();
+        let whole = self.tar.as_ref().map_or(Ok(()), TarCheck::whole);
         let (file_bytes, file_sha256) = self.sink.finish().await?;
+        whole.map_err(|e| std::io::Error::other(format!("{file} is not a whole archive: {e}")))?;
         Ok(Saved {
             entry: FileEntry { name: String::new(), file: file.to_string(), bytes, sha256, file_bytes, file_sha256 },
             tables: self.tables.map(|t| t.counts).unwrap_or_default(),
         })
+    }
+}
+
+/// Follows a tar stream's headers as it passes: where each entry's data
+/// ends, and whether the two zero blocks that end an archive came.
+#[derive(Debug, Default)]
+struct TarCheck {
+    /// Bytes of the current block seen so far (a header is read whole).
+    block: Vec<u8>,
+    /// Bytes of entry data (and its padding) still to come.
+    skip: u64,
+    /// Zero blocks in a row where a header was expected.
+    zeros: u32,
+    /// An error in a header, kept for [`TarCheck::whole`].
+    broken: Option<String>,
+}
+
+impl TarCheck {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && self.broken.is_none() {
+            if self.skip > 0 {
+                let n = (self.skip.min(data.len() as u64)) as usize;
+                self.skip -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (512 - self.block.len()).min(data.len());
+            self.block.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.block.len() == 512 {
+                let block = std::mem::take(&mut self.block);
+                self.header(&block);
+            }
+        }
+    }
+
+    fn header(&mut self, block: &[u8]) {
+        if block.iter().all(|&b| b == 0) {
+            self.zeros += 1;
+            return;
+        }
+        if self.zeros >= 2 {
+            return; // Past the end: what follows is not read by tar.
+        }
+        if self.zeros == 1 {
+            self.broken = Some("a lone zero block inside the archive".into());
+            return;
+        }
+        let stored: u64 = block[148..156]
+            .iter()
+            .skip_while(|&&b| b == b' ')
+            .take_while(|&&b| b != 0 && b != b' ')
+            .try_fold(0u64, |n, &b| (b'0'..=b'7').contains(&b).then(|| n * 8 + u64::from(b - b'0')))
+            .unwrap_or(u64::MAX);
+        let sum: u64 =
+            block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+        if stored != sum {
+            self.broken = Some("a header's checksum does not match".into());
+            return;
+        }
+        let size = &block[124..136];
+        let size = if size[0] & 0x80 != 0 {
+            // GNU base-256.
+            size[1..].iter().fold(0u64, |n, &b| n.saturating_mul(256).saturating_add(u64::from(b)))
+        } else {
+            size.iter()
+                .skip_while(|&&b| b == b' ')
+                .take_while(|&&b| (b'0'..=b'7').contains(&b))
+                .fold(0u64, |n, &b| n.saturating_mul(8).saturating_add(u64::from(b - b'0')))
+        };
+        // Links, directories and devices have no data whatever the field says.
+        let has_data = matches!(block[156], b'0' | 0 | b'7' | b'x' | b'g' | b'L' | b'K');
+        self.skip = if has_data { size.div_ceil(512).saturating_mul(512) } else { 0 };
+    }
+
+    fn whole(&self) -> Result<(), String> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.skip > 0 || !self.block.is_empty() && self.zeros < 2 {
+            return Err("it ends inside an entry".into());
+        }
+        if self.zeros < 2 {
+            return Err("it ends without the end-of-archive blocks".into());
+        }
+        Ok(())
     }
 }
 
@@ -270,11 +386,29 @@ impl DumpTables {
         } else if let Some(rest) = line.strip_prefix("COPY ")
             && line.ends_with(" FROM stdin;")
         {
-            let table: String = rest.split([' ', '(']).next().unwrap_or_default().replace('"', "");
+            let table = qualified_name(rest);
             self.counts.entry(self.database.clone()).or_default().entry(table.clone()).or_default();
             self.copying = Some(table);
         }
     }
+}
+
+/// The `schema.table` a dump's `COPY` line begins with, identifiers
+/// unquoted as PostgreSQL reads them (`"my ""odd"" table"`).
+fn qualified_name(text: &str) -> String {
+    let (mut name, mut quoted, mut chars) = (String::new(), false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                name.push('"');
+            }
+            '"' => quoted = !quoted,
+            ' ' | '(' if !quoted => break,
+            c => name.push(c),
+        }
+    }
+    name
 }
 
 /// The database a dump's `\connect` line names: `-reuse-previous=on
@@ -336,28 +470,36 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     set_mode(dir, 0o700)
 }
 
-/// Removes the oldest whole backups of `parent`'s stack taken from `host`
-/// beyond `keep` (0: none removed); the directories removed, and why
-/// others could not be. Only
-/// directories named as [`backup`] names them and holding a manifest count.
-pub fn prune(parent: &Path, host: &str, keep: usize) -> (Vec<PathBuf>, Vec<String>) {
+/// Removes the oldest whole backups of `project` in `parent` taken from
+/// `host` beyond `keep` (0: none removed), never `newest` (the one just
+/// taken, whatever the clock said); the directories removed, and why
+/// others could not be. Only directories named as [`name`] names them,
+/// whose manifest says they are this project's, count.
+pub fn prune(parent: &Path, project: &str, host: &str, keep: usize, newest: &str) -> (Vec<PathBuf>, Vec<String>) {
     if keep == 0 {
         return (Vec::new(), Vec::new());
     }
     let suffix = format!("-{}", file_safe(host));
+    let ours_by_manifest = |p: &Path| {
+        std::fs::read(p.join(MANIFEST))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
+            .is_some_and(|m| m.format == FORMAT && m.project == project)
+    };
     let mut ours: Vec<PathBuf> = std::fs::read_dir(parent)
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.strip_suffix(&suffix).is_some_and(is_stamp) && p.join(MANIFEST).is_file()
+            name != newest && name.strip_suffix(&suffix).is_some_and(is_stamp) && ours_by_manifest(p)
         })
         .collect();
     // The names start with the time: their order is the backups'.
     ours.sort();
-    let excess = ours.len().saturating_sub(keep);
+    let excess = (ours.len() + 1).saturating_sub(keep);
     let (mut removed, mut failed) = (Vec::new(), Vec::new());
     for old in ours.into_iter().take(excess) {
         match std::fs::remove_dir_all(&old) {
@@ -400,7 +542,7 @@ mod tests {
         let dump = "--\n\\connect template1\n\\connect -reuse-previous=on \"dbname='airflow'\"\n\
             CREATE TABLE public.dag_run (id integer);\n\
             COPY public.dag_run (id, dag_id) FROM stdin;\n1\tetl\n2\tetl\\nwith a newline\n\\.\n\
-            COPY public.\"Odd\" (x) FROM stdin;\n\\.\n\
+            COPY public.\"Odd \"\"one\"\"\" (x) FROM stdin;\n\\.\n\
             \\connect postgres\nCOPY public.t (x) FROM stdin;\n7\n\\.\nSELECT 1;\n";
         for cut in [1, 3, 7, 64, dump.len()] {
             let mut t = DumpTables::default();
@@ -409,7 +551,7 @@ mod tests {
             }
             let airflow = &t.counts["airflow"];
             assert_eq!(airflow["public.dag_run"], 2, "cut {cut}");
-            assert_eq!(airflow["public.Odd"], 0);
+            assert_eq!(airflow["public.Odd \"one\""], 0);
             assert_eq!(t.counts["postgres"]["public.t"], 1);
             assert!(!t.counts.contains_key("template1"));
         }
@@ -423,31 +565,97 @@ mod tests {
     }
 
     #[test]
-    fn only_whole_backups_of_the_host_are_pruned_oldest_first() {
+    fn only_whole_backups_of_the_project_and_host_are_pruned_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let make = |name: &str, whole: bool| {
+        let make = |name: &str, project: Option<&str>| {
             let d = dir.path().join(name);
             std::fs::create_dir(&d).unwrap();
-            if whole {
-                std::fs::write(d.join(MANIFEST), "{}").unwrap();
+            if let Some(project) = project {
+                let m = Manifest {
+                    format: FORMAT,
+                    project: project.into(),
+                    host: String::new(),
+                    created: String::new(),
+                    mlopsctl: String::new(),
+                    database: None,
+                    volumes: Vec::new(),
+                    absent: Vec::new(),
+                    secrets_sha256: String::new(),
+                };
+                std::fs::write(d.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
             }
         };
         for name in ["20261201T000000Z-h1", "20261202T000000Z-h1", "20261203T000000Z-h1", "20261204T000000Z-h1"] {
-            make(name, true);
+            make(name, Some("p"));
         }
-        make("20261130T000000Z-h1", false);
-        make("20261101T000000Z-h2", true);
-        make("notes-h1", true);
-        make(".20261205T000000Z-h1.partial", true);
-        let removed = prune(dir.path(), "h1", 2).0;
+        // The one just taken, after the clock went back: never removed.
+        make("20201231T000000Z-h1", Some("p"));
+        make("20261130T000000Z-h1", None);
+        make("20261129T000000Z-h1", Some("other"));
+        std::fs::create_dir(dir.path().join("20261128T000000Z-h1")).unwrap();
+        std::fs::write(dir.path().join("20261128T000000Z-h1").join(MANIFEST), "{}").unwrap();
+        make("20261101T000000Z-h2", Some("p"));
+        make("notes-h1", Some("p"));
+        make(".20261205T000000Z-h1.partial", Some("p"));
+        let removed = prune(dir.path(), "p", "h1", 3, "20201231T000000Z-h1").0;
         let names: Vec<_> = removed.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
         assert_eq!(names, ["20261201T000000Z-h1", "20261202T000000Z-h1"]);
-        for kept in
-            ["20261203T000000Z-h1", "20261204T000000Z-h1", "20261130T000000Z-h1", "20261101T000000Z-h2", "notes-h1"]
-        {
+        for kept in [
+            "20201231T000000Z-h1",
+            "20261203T000000Z-h1",
+            "20261204T000000Z-h1",
+            "20261130T000000Z-h1",
+            "20261129T000000Z-h1",
+            "20261128T000000Z-h1",
+            "20261101T000000Z-h2",
+            "notes-h1",
+        ] {
             assert!(dir.path().join(kept).exists(), "{kept}");
         }
-        assert!(prune(dir.path(), "h1", 0).0.is_empty());
+        assert!(prune(dir.path(), "p", "h1", 0, "").0.is_empty());
+    }
+
+    /// A tar made by the `tar` crate's rules (ustar headers), whole and cut.
+    fn tar_of(files: &[(&str, usize)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, size) in files {
+            let mut h = [0u8; 512];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[100..107].copy_from_slice(b"0000644");
+            h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+            h[156] = b'0';
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[148..156].copy_from_slice(b"        ");
+            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+            h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+            out.extend_from_slice(&h);
+            out.extend(std::iter::repeat_n(b'x', *size));
+            out.extend(std::iter::repeat_n(0, size.div_ceil(512) * 512 - size));
+        }
+        out.extend([0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn a_tar_is_whole_only_with_every_entry_and_its_end() {
+        let whole = tar_of(&[("a", 3), ("b", 1024), ("c", 0), ("d", 700)]);
+        for cut in [1, 100, 512, 4096, whole.len()] {
+            let mut t = TarCheck::default();
+            for piece in whole.chunks(cut) {
+                t.feed(piece);
+            }
+            assert_eq!(t.whole(), Ok(()), "cut {cut}");
+        }
+        for end in [whole.len() - 512, whole.len() - 1024, 512 + 100, 600, 0] {
+            let mut t = TarCheck::default();
+            t.feed(&whole[..end]);
+            assert!(t.whole().is_err(), "ended at {end}");
+        }
+        let mut damaged = whole;
+        damaged[513 + 512] ^= 1; // b's name
+        let mut t = TarCheck::default();
+        t.feed(&damaged);
+        assert!(t.whole().is_err());
     }
 
     #[test]

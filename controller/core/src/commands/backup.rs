@@ -127,6 +127,9 @@ fn one_host(setup: &Setup, command: &str) -> Result<mlops_inventory::Target, Con
     }
 }
 
+/// The longest time between scheduled backups (as the agent takes it).
+const MAX_EVERY_SECONDS: u64 = mlops_proto::backup::MAX_EVERY_SECONDS;
+
 /// Seconds in `30s`, `15m`, `6h`, `1d` (or a plain number of seconds).
 fn parse_every(text: &str) -> Option<u64> {
     let text = text.trim();
@@ -183,23 +186,38 @@ pub async fn schedule(
                     ),
                 ));
             }
-            let model = opts.stack.load_model(&setup.state, &crate::progress::Quiet)?;
-            let plan = Plan::new(&model.stack, &plan_options(&opts.stack, opts.with_metrics), &Default::default())?;
+            if every_seconds > MAX_EVERY_SECONDS {
+                return Err(ControllerError::usage(
+                    format!("--schedule {every}: more than a year between backups"),
+                    Some("write it as 30s, 15m, 6h or 1d"),
+                ));
+            }
             request.schedule = Some(BackupPlan {
-                database: plan.database.as_ref().map(|d| migrate::dump_source(&project, d)),
-                database_name: plan.database.as_ref().map(|d| d.database.clone()).unwrap_or_default(),
-                volumes: plan.volumes,
                 every_seconds,
                 keep: u32::try_from(opts.keep).unwrap_or(u32::MAX),
+                ..Default::default()
             });
         }
     }
     let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
     let progress = Progress::new(Some(report.clone()), &host.name);
     let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
-    let reply = prepared.conn.raw().backup_schedule(request).await;
+    let reply = async {
+        if let Some(schedule) = &mut request.schedule {
+            // What to copy, from the stack as the host runs it (its secrets).
+            let secrets = crate::secrets::held_by(&mut prepared.conn, &project).await?;
+            let model = opts.stack.load_model_with(&setup.state, &crate::progress::Quiet, &secrets)?;
+            let plan = Plan::new(&model.stack, &plan_options(&opts.stack, opts.with_metrics), &Default::default())?;
+            schedule.database = plan.database.as_ref().map(|d| migrate::dump_source(&project, d));
+            schedule.database_name = plan.database.as_ref().map(|d| d.database.clone()).unwrap_or_default();
+            schedule.volumes = plan.volumes;
+        }
+        let reply = prepared.conn.raw().backup_schedule(request).await;
+        reply.map_err(|s| ControllerError::from_status(&host.name, "BackupSchedule", &s))
+    }
+    .await;
     prepared.close().await;
-    let reply = reply.map_err(|s| ControllerError::from_status(&host.name, "BackupSchedule", &s))?.into_inner();
+    let reply = reply?.into_inner();
     Ok(ScheduleReport {
         project,
         host: host.name.clone(),
@@ -226,8 +244,7 @@ pub async fn backup(
     let host = one_host(setup, "backup")?;
     let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
     let parent = root.join(&project);
-    backup::private_dir(&parent)
-        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", parent.display())))?;
+    own_private_dir(&parent)?;
 
     let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
     let progress = Progress::new(Some(report.clone()), &host.name);
@@ -252,7 +269,7 @@ pub async fn backup(
             return Err(ControllerError::Local(format!("cannot write the backup in {}: {e}", parent.display())));
         }
     };
-    let (removed, failed) = backup::prune(&parent, &host.name, opts.keep);
+    let (removed, failed) = backup::prune(&parent, &project, &host.name, opts.keep, &name);
     for why in failed {
         report.warn(&why);
     }
@@ -264,6 +281,26 @@ pub async fn backup(
         ms: started.elapsed().as_millis() as u64,
         removed,
     })
+}
+
+/// Makes `dir` (0700) where backups go, refused unless it is a directory
+/// of this user's (not a link): backups hold the stack's secrets and are
+/// restored as the database's superuser, so nobody else may place or
+/// change what is in it.
+fn own_private_dir(dir: &Path) -> Result<(), ControllerError> {
+    use std::os::unix::fs::MetadataExt;
+    let cannot = |e: std::io::Error| ControllerError::Local(format!("cannot make {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(cannot)?;
+    let meta = std::fs::symlink_metadata(dir).map_err(cannot)?;
+    // Who runs this (the kernel gives /proc/self to the process's user).
+    let me = std::fs::metadata("/proc/self").map_err(cannot)?.uid();
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(ControllerError::usage(
+            format!("{} is not a directory of this user's (uid {me}): backups are not written there", dir.display()),
+            Some("name with --to a directory you own, not a link (the default is the state directory's backups/)"),
+        ));
+    }
+    backup::set_mode(dir, 0o700).map_err(cannot)
 }
 
 /// Writes the backup's files into `dir` (made here); the manifest, but its
@@ -298,7 +335,8 @@ async fn take(
     std::fs::create_dir(dir)
         .and_then(|()| backup::set_mode(dir, 0o700))
         .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))?;
-    backup::write_file(&dir.join(SECRETS), &serde_json::to_vec_pretty(&secrets).expect("serializable"))
+    let secrets_json = serde_json::to_vec_pretty(&secrets).expect("serializable");
+    backup::write_file(&dir.join(SECRETS), &secrets_json)
         .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", dir.join(SECRETS).display())))?;
 
     let mut manifest = Manifest {
@@ -310,6 +348,7 @@ async fn take(
         database: None,
         volumes: Vec::new(),
         absent: Vec::new(),
+        secrets_sha256: hex::encode(Sha256::digest(&secrets_json)),
     };
     if let Some(d) = &plan.database {
         let clock = Instant::now();
@@ -388,7 +427,8 @@ async fn save(
     dump: bool,
 ) -> Result<backup::Saved, ControllerError> {
     let cannot = |e: std::io::Error| ControllerError::Local(format!("cannot write {}: {e}", dir.join(file).display()));
-    let mut saver = backup::Saver::create(dir, file, dump).map_err(cannot)?;
+    let kind = if dump { backup::Kind::Dump } else { backup::Kind::Tar };
+    let mut saver = backup::Saver::create(dir, file, kind).map_err(cannot)?;
     let mut stream = conn
         .raw()
         .export_data(ExportDataRequest { source: Some(source) })
@@ -455,12 +495,25 @@ fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), Cont
             )));
         }
     }
+    let text = std::fs::read(dir.join(SECRETS)).map_err(|e| damaged(format!("{SECRETS} cannot be read: {e}")))?;
+    if hex::encode(Sha256::digest(&text)) != manifest.secrets_sha256 {
+        return Err(damaged(format!("{SECRETS} is not the one the manifest names (its sha256 differs)")));
+    }
     let secrets =
-        std::fs::read(dir.join(SECRETS)).map_err(|e| damaged(format!("{SECRETS} cannot be read: {e}"))).and_then(
-            |t| serde_json::from_slice(&t).map_err(|e| damaged(format!("{SECRETS} is not the stack's secrets: {e}"))),
-        )?;
+        serde_json::from_slice(&text).map_err(|e| damaged(format!("{SECRETS} is not the stack's secrets: {e}")))?;
     Ok((manifest, secrets))
 }
+
+/// Every table whose rows a dump holds, with its count, one per line:
+/// ordinary tables (a partitioned table's rows are its partitions'), each
+/// counted alone (`ONLY`: an inheritance parent's own rows), not those of
+/// extensions (their `CREATE EXTENSION` fills them).
+const DUMPED_ROW_COUNTS: &str = "SELECT n.nspname || '.' || c.relname || ' ' || \
+    (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM ONLY %I.%I', n.nspname, c.relname), false, true, '')))[1]::text \
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e WHERE e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+    AND e.objid = c.oid AND e.deptype = 'e') ORDER BY 1";
 
 /// Restores a backup onto the one selected host (see the module docs).
 pub async fn restore(
@@ -533,7 +586,17 @@ pub async fn restore(
     let mut conn = migrate::connect(&host, setup).await?;
     let result = restore_data(&mut conn, &host.name, &project, &plan, &manifest, opts, report.as_ref(), &mut out).await;
     conn.close().await;
-    result?;
+    if let Err(e) = result {
+        // Services were stopped and data may be half replaced: nothing
+        // starts on data that did not pass.
+        if out.steps.iter().any(|s| s.step == "quiesce") {
+            report.warn(&format!(
+                "{}: stack `{project}` is left stopped but its database, its data partly restored; run this restore again (or another), or `mlopsctl deploy` to start it as it is",
+                host.name
+            ));
+        }
+        return Err(e);
+    }
     clock = Instant::now();
 
     // Everything, healthy; then Airflow's admin and newest run through its API.
@@ -602,33 +665,41 @@ async fn restore_data(
         total += entry.file.bytes;
         let detail = format!("{} volume(s) and the database, {} restored", manifest.volumes.len(), bytes_human(total));
         lap(out, &mut clock, "transfer", detail);
-        let listed = migrate::sql(conn, host, project, d, migrate::ROW_COUNTS).await?;
-        let mut here: BTreeMap<String, u64> = BTreeMap::new();
-        for line in listed.lines().filter(|l| !l.trim().is_empty()) {
-            let (table, n) = line.rsplit_once(' ').unwrap_or((line, ""));
-            here.insert(table.to_string(), n.trim().parse().unwrap_or(u64::MAX));
+        // Every database the dump holds rows of (the platform's MLflow too).
+        let mut tables = 0;
+        for (database, want) in entry.tables.iter().filter(|(db, _)| !db.is_empty()) {
+            let in_db = mlops_proto::stack::Database { database: database.clone(), ..d.clone() };
+            let listed = migrate::sql(conn, host, project, &in_db, DUMPED_ROW_COUNTS).await?;
+            let mut here: BTreeMap<String, u64> = BTreeMap::new();
+            for line in listed.lines().filter(|l| !l.trim().is_empty()) {
+                let (table, n) = line.rsplit_once(' ').unwrap_or((line, ""));
+                here.insert(table.to_string(), n.trim().parse().unwrap_or(u64::MAX));
+            }
+            let differ: Vec<String> = want
+                .keys()
+                .chain(here.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .filter(|t| want.get(*t) != here.get(*t))
+                .take(10)
+                .map(|t| {
+                    let show = |n: Option<&u64>| n.map_or("(none)".to_string(), u64::to_string);
+                    format!("{t}: {} in the dump, {} on {host}", show(want.get(t)), show(here.get(t)))
+                })
+                .collect();
+            if !differ.is_empty() {
+                return Err(ControllerError::Local(format!(
+                    "verification failed: the row counts of database `{database}` on {host} differ from the backup's: {}",
+                    differ.join("; ")
+                )));
+            }
+            tables += want.len();
         }
-        let want = entry.tables.get(&entry.database).cloned().unwrap_or_default();
-        let differ: Vec<String> = want
-            .keys()
-            .chain(here.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter(|t| want.get(*t) != here.get(*t))
-            .take(10)
-            .map(|t| {
-                let show = |n: Option<&u64>| n.map_or("(none)".to_string(), u64::to_string);
-                format!("{t}: {} in the dump, {} on {host}", show(want.get(t)), show(here.get(t)))
-            })
-            .collect();
-        if !differ.is_empty() {
-            return Err(ControllerError::Local(format!(
-                "verification failed: the row counts of database `{}` on {host} differ from the backup's: {}",
-                entry.database,
-                differ.join("; ")
-            )));
-        }
-        verified.push(format!("the row counts of {} table(s) equal the dump's", want.len()));
+        let databases: Vec<&str> = entry.tables.keys().map(String::as_str).filter(|d| !d.is_empty()).collect();
+        verified.push(format!(
+            "the row counts of {tables} table(s) equal the dump's (database(s) {})",
+            databases.join(", ")
+        ));
     } else {
         let detail = format!("{} volume(s), {} restored", manifest.volumes.len(), bytes_human(total));
         lap(out, &mut clock, "transfer", detail);

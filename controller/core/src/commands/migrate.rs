@@ -689,7 +689,9 @@ impl Run<'_> {
                 let reply = loop {
                     let reply =
                         pipe(&mut self.host_a.conn, &a.name, conn_b, &b.name, dump.clone(), restore.clone()).await?;
-                    if let Some(reply) = restored(self.report.as_ref(), &b.name, d, &marker, reply, &mut attempt)? {
+                    let done = restored(self.report.as_ref(), &b.name, d, &marker, reply, &mut attempt)
+                        .map_err(|e| ControllerError::Local(format!("{e}; nothing was switched")))?;
+                    if let Some(reply) = done {
                         break reply;
                     }
                 };
@@ -1220,7 +1222,8 @@ pub(super) fn restore_target(project: &str, d: &mlops_proto::stack::Database) ->
 /// Judges restore number `attempt` of a dump into [`restore_target`]:
 /// `Some` when psql read it to its end without errors, `None` when it must
 /// be restored again (`attempt` counted up), an error when it failed or
-/// was cut short [`RESTORE_ATTEMPTS`] times.
+/// was cut short [`RESTORE_ATTEMPTS`] times (the caller says what that
+/// leaves).
 pub(super) fn restored(
     report: &dyn Report,
     host: &str,
@@ -1241,7 +1244,7 @@ pub(super) fn restored(
         errors.err().map(|m| format!("; it said: {m}")).unwrap_or_default()
     );
     if *attempt >= RESTORE_ATTEMPTS {
-        return Err(ControllerError::Local(format!("{why}, {RESTORE_ATTEMPTS} times; nothing was switched")));
+        return Err(ControllerError::Local(format!("{why}, {RESTORE_ATTEMPTS} times")));
     }
     *attempt += 1;
     // The dump drops and makes again what it restores: a second run
