@@ -220,8 +220,8 @@ impl Schedules {
             for project in self.projects() {
                 let Ok(Some(mut record)) = self.load(&project) else { continue };
                 // A clock set back does not postpone backups beyond one interval.
-                record.next_unix = record.next_unix.min(now().saturating_add(record.every_seconds));
-                if record.next_unix <= now() {
+                let due = record.next_unix.min(now().saturating_add(record.every_seconds));
+                if due <= now() {
                     let taken = tokio::select! {
                         r = self.take(&project, &record) => r,
                         _ = stop.changed() => return,
@@ -259,8 +259,10 @@ impl Schedules {
                         tracing::warn!(project, error = %e, "cannot record the scheduled backup");
                     }
                     drop(edit);
+                    next = next.min(record.next_unix);
+                } else {
+                    next = next.min(due);
                 }
-                next = next.min(record.next_unix);
             }
             let wait = Duration::from_secs(next.saturating_sub(now()).max(1));
             tokio::select! {
