@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mlops_proto::backup::{self, DATABASE_FILE, DatabaseEntry, FORMAT, FileEntry, Manifest, SECRETS};
+use mlops_proto::backup::{self, DATABASE_FILE, DatabaseEntry, FileEntry, Manifest};
 use mlops_proto::v1::{BackupPlan, BackupScheduleReply, DataSource};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -27,8 +27,6 @@ use crate::engine::lock::Locks;
 use crate::engine::{EngineError, docker};
 use crate::secrets::SecretStore;
 
-/// The shortest time between two backups.
-pub const MIN_EVERY_SECONDS: u64 = 10;
 /// How long a backup that found the project locked waits to try again.
 const RETRY_LOCKED: u64 = 60;
 
@@ -316,25 +314,10 @@ impl Schedules {
     /// The backup's files in `partial` (made here); its manifest but the time.
     async fn write(&self, project: &str, record: &Record, parent: &Path, partial: &Path) -> Result<Manifest, String> {
         backup::private_dir(parent).map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
-        std::fs::create_dir(partial)
-            .and_then(|()| backup::set_mode(partial, 0o700))
-            .map_err(|e| format!("cannot make {}: {e}", partial.display()))?;
         let secrets = self.secrets.get(project).map_err(|e| e.to_string())?;
-        let secrets_json = serde_json::to_vec_pretty(&secrets).expect("serializable");
-        backup::write_file(&partial.join(SECRETS), &secrets_json)
-            .map_err(|e| format!("cannot write {SECRETS}: {e}"))?;
+        let mut manifest = backup::begin(partial, project, &self.host, crate::VERSION, &secrets)
+            .map_err(|e| format!("cannot write the backup in {}: {e}", partial.display()))?;
         let docker = docker::connect(&self.docker_socket).await.map_err(|e| e.to_string())?;
-        let mut manifest = Manifest {
-            format: FORMAT,
-            project: project.to_string(),
-            host: self.host.clone(),
-            created: String::new(),
-            mlopsctl: crate::VERSION.to_string(),
-            database: None,
-            volumes: Vec::new(),
-            absent: Vec::new(),
-            secrets_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&secrets_json)),
-        };
         if !record.database_service.is_empty() {
             let dump = crate::engine::volumes::exec_out(
                 &docker,

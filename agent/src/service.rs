@@ -1254,7 +1254,7 @@ fn check_source(source: &DataSource) -> Result<(), AgentError> {
 
 /// A backup schedule names what an export could: the database's dump
 /// command in a service, volumes by name; at least every
-/// [`crate::backups::MIN_EVERY_SECONDS`], at least one kept.
+/// [`mlops_proto::backup::MIN_EVERY_SECONDS`], at least one kept.
 fn check_backup_plan(project: &str, plan: &BackupPlan) -> Result<(), AgentError> {
     if let Some(db) = &plan.database {
         check_source(&DataSource { project: project.to_string(), ..db.clone() })?;
@@ -1268,7 +1268,7 @@ fn check_backup_plan(project: &str, plan: &BackupPlan) -> Result<(), AgentError>
     for volume in &plan.volumes {
         check_source(&DataSource { project: project.to_string(), volume: volume.clone(), ..Default::default() })?;
     }
-    let (min, max) = (crate::backups::MIN_EVERY_SECONDS, mlops_proto::backup::MAX_EVERY_SECONDS);
+    let (min, max) = (mlops_proto::backup::MIN_EVERY_SECONDS, mlops_proto::backup::MAX_EVERY_SECONDS);
     if !(min..=max).contains(&plan.every_seconds) {
         return Err(AgentError::InvalidArgument {
             field: "schedule.every_seconds",

@@ -24,6 +24,8 @@ pub const DATABASE_FILE: &str = "database.sql.zst";
 /// The longest time between two scheduled backups: a year (and no sum
 /// with the time of day can overflow).
 pub const MAX_EVERY_SECONDS: u64 = 366 * 86_400;
+/// The shortest time between two scheduled backups.
+pub const MIN_EVERY_SECONDS: u64 = 10;
 /// zstd's level: about as fast as the network a dump crosses.
 const LEVEL: i32 = 3;
 
@@ -451,6 +453,32 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Starts a backup in `partial` (made here, 0700): `secrets.json` (0600)
+/// written; the manifest to fill in, its secrets' sha256 set.
+pub fn begin(
+    partial: &Path,
+    project: &str,
+    host: &str,
+    version: &str,
+    secrets: &BTreeMap<String, String>,
+) -> std::io::Result<Manifest> {
+    std::fs::create_dir(partial)?;
+    set_mode(partial, 0o700)?;
+    let json = serde_json::to_vec_pretty(secrets).expect("serializable");
+    write_file(&partial.join(SECRETS), &json)?;
+    Ok(Manifest {
+        format: FORMAT,
+        project: project.to_string(),
+        host: host.to_string(),
+        created: String::new(),
+        mlopsctl: version.to_string(),
+        database: None,
+        volumes: Vec::new(),
+        absent: Vec::new(),
+        secrets_sha256: hex::encode(Sha256::digest(&json)),
+    })
 }
 
 /// Makes the whole backup `partial` (its files written) the backup `name`

@@ -127,9 +127,6 @@ fn one_host(setup: &Setup, command: &str) -> Result<mlops_inventory::Target, Con
     }
 }
 
-/// The longest time between scheduled backups (as the agent takes it).
-const MAX_EVERY_SECONDS: u64 = mlops_proto::backup::MAX_EVERY_SECONDS;
-
 /// Seconds in `30s`, `15m`, `6h`, `1d` (or a plain number of seconds).
 fn parse_every(text: &str) -> Option<u64> {
     let text = text.trim();
@@ -166,9 +163,12 @@ pub async fn schedule(
         "show" => {}
         "off" => request.remove = true,
         every => {
-            let Some(every_seconds) = parse_every(every).filter(|s| *s >= 10) else {
+            let (min, max) = (backup::MIN_EVERY_SECONDS, backup::MAX_EVERY_SECONDS);
+            let Some(every_seconds) = parse_every(every).filter(|s| (min..=max).contains(s)) else {
                 return Err(ControllerError::usage(
-                    format!("--schedule {every}: not a time between backups of at least 10 s, nor `off` or `show`"),
+                    format!(
+                        "--schedule {every}: not a time between backups from {min} s to a year, nor `off` or `show`"
+                    ),
                     Some("write it as 30s, 15m, 6h or 1d"),
                 ));
             };
@@ -184,12 +184,6 @@ pub async fn schedule(
                     Some(
                         "drop --to; copy a backup from the host's /var/lib/mlops-agent/backups/PROJECT/ to restore it",
                     ),
-                ));
-            }
-            if every_seconds > MAX_EVERY_SECONDS {
-                return Err(ControllerError::usage(
-                    format!("--schedule {every}: more than a year between backups"),
-                    Some("write it as 30s, 15m, 6h or 1d"),
                 ));
             }
             request.schedule = Some(BackupPlan {
@@ -332,28 +326,12 @@ async fn take(
             Some("a backup dumps the database through it: start the stack (`mlopsctl deploy`) and back up again"),
         ));
     }
-    std::fs::create_dir(dir)
-        .and_then(|()| backup::set_mode(dir, 0o700))
-        .map_err(|e| ControllerError::Local(format!("cannot make {}: {e}", dir.display())))?;
-    let secrets_json = serde_json::to_vec_pretty(&secrets).expect("serializable");
-    backup::write_file(&dir.join(SECRETS), &secrets_json)
-        .map_err(|e| ControllerError::Local(format!("cannot write {}: {e}", dir.join(SECRETS).display())))?;
-
-    let mut manifest = Manifest {
-        format: FORMAT,
-        project: project.to_string(),
-        host: host.to_string(),
-        created: String::new(),
-        mlopsctl: crate::VERSION.to_string(),
-        database: None,
-        volumes: Vec::new(),
-        absent: Vec::new(),
-        secrets_sha256: hex::encode(Sha256::digest(&secrets_json)),
-    };
+    let mut manifest = backup::begin(dir, project, host, crate::VERSION, &secrets)
+        .map_err(|e| ControllerError::Local(format!("cannot write the backup in {}: {e}", dir.display())))?;
     if let Some(d) = &plan.database {
         let clock = Instant::now();
         report.info(&format!("{host}: dumping database `{}` (roles included)", d.service));
-        let saved = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, true).await?;
+        let saved = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, backup::Kind::Dump).await?;
         let (file, tables) = (saved.entry, saved.tables);
         report.info(&format!(
             "{host}: database dumped: {} ({} compressed) in {:.1} s, {} table(s)",
@@ -373,7 +351,7 @@ async fn take(
         let source =
             DataSource { project: project.to_string(), volume: volume.clone(), live: true, ..Default::default() };
         let file_name = format!("volume-{}.tar.zst", backup::file_safe(volume));
-        match save(conn, host, source, dir, &file_name, false).await.map(|s| s.entry) {
+        match save(conn, host, source, dir, &file_name, backup::Kind::Tar).await.map(|s| s.entry) {
             Ok(file) => {
                 report.info(&format!(
                     "{host}: volume {volume}: {} ({} compressed) in {:.1} s",
@@ -416,18 +394,16 @@ fn plan_options(stack: &StackOptions, with_metrics: bool) -> MigrateOptions {
 
 /// Streams `source` from `host` into `dir/file`, zstd-compressed on a
 /// thread of its own (a few chunks in flight: the host sends at the pace
-/// the disk takes it); `dump`: its tables' rows counted. The data's sums
-/// are checked against the agent's.
+/// the disk takes it). The data's sums are checked against the agent's.
 async fn save(
     conn: &mut AgentConn,
     host: &str,
     source: DataSource,
     dir: &Path,
     file: &str,
-    dump: bool,
+    kind: backup::Kind,
 ) -> Result<backup::Saved, ControllerError> {
     let cannot = |e: std::io::Error| ControllerError::Local(format!("cannot write {}: {e}", dir.join(file).display()));
-    let kind = if dump { backup::Kind::Dump } else { backup::Kind::Tar };
     let mut saver = backup::Saver::create(dir, file, kind).map_err(cannot)?;
     let mut stream = conn
         .raw()
