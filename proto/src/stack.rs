@@ -82,6 +82,10 @@ pub struct StackOptions {
     /// every named volume.
     #[serde(default, skip_serializing_if = "Migration::is_empty")]
     pub migrate: Migration,
+    /// `x-mlops.users`: the Airflow whose accounts `mlopsctl users`
+    /// manages (its FAB auth manager's API), as its admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<AirflowAccess>,
 }
 
 /// `x-mlops.migrate`: the steps a stack's move to another host needs
@@ -104,7 +108,7 @@ pub struct Migration {
     /// Airflow's steps: the paused set kept, the admin's login and a DAG
     /// run checked on the new host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub airflow: Option<AirflowMigration>,
+    pub airflow: Option<AirflowAccess>,
 }
 
 impl Migration {
@@ -130,11 +134,12 @@ pub struct Database {
     pub verify: BTreeMap<String, String>,
 }
 
-/// [`Migration::airflow`].
+/// An Airflow API server and its admin: [`Migration::airflow`] and
+/// [`StackOptions::users`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AirflowMigration {
-    /// The API server's service: the Airflow CLI runs in it, and the login
-    /// and a DAG run are checked through its API (`127.0.0.1:8080`).
+pub struct AirflowAccess {
+    /// The API server's service: commands run in it and call its API
+    /// (`127.0.0.1:8080`), such as the login and DAG run a migration checks.
     pub service: String,
     /// The admin's user name, and the secret (of `x-mlops.secrets`) with
     /// its password.

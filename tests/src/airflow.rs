@@ -12,10 +12,15 @@ const AIRFLOW: &str = "http://127.0.0.1:28080";
 
 /// A JWT for `admin` with `password`, or `None` when refused.
 pub fn token(host: &TestHost, password: &str) -> Option<String> {
+    login(host, "admin", password)
+}
+
+/// [`token`] for account `user`.
+pub fn login(host: &TestHost, user: &str, password: &str) -> Option<String> {
     // The body goes through a file: this test samples every command line
     // for secrets, its own curl included.
     let body = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(body.path(), json!({"username": "admin", "password": password}).to_string()).unwrap();
+    std::fs::write(body.path(), json!({"username": user, "password": password}).to_string()).unwrap();
     let data = format!("@{}", body.path().display());
     let (code, text) = host.curl(&[
         "-X",

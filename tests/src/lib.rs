@@ -972,6 +972,21 @@ impl TestEnv {
         }
     }
 
+    /// Runs `mlopsctl` as [`Self::ctl`] does with `input` on its standard
+    /// input (a file: what a person pipes in, e.g. a password).
+    pub fn ctl_input(&self, args: &[&str], input: &str) -> CtlRun {
+        let mut cmd = self.ctl_command(args);
+        let file = tempfile::NamedTempFile::new().expect("a temporary file");
+        fs::write(file.path(), input).expect("the input is written");
+        cmd.stdin(fs::File::open(file.path()).expect("the input opens"));
+        let out = output_within(&mut cmd, self.ctl_deadline);
+        CtlRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Runs `mlopsctl` as [`Self::ctl`] does, but on a terminal, as a
     /// person would (a pseudo-terminal from util-linux's `script`): what the
     /// terminal showed, stderr and stdout together, is in `stdout`.
@@ -1051,6 +1066,9 @@ impl TestEnv {
     /// Writes a file in the environment's directory and returns its path.
     pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
         let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
         fs::write(&path, text)?;
         Ok(path)
     }

@@ -180,3 +180,44 @@ fn completions_and_man_pages_come_from_the_command_line() {
     assert!(page("mlopsctl-deploy").contains("health"), "{}", page("mlopsctl-deploy"));
     assert!(page("mlopsctl-operator-add").contains(".TH mlopsctl-operator-add 1"), "{}", page("mlopsctl-operator-add"));
 }
+
+/// `mlopsctl users` refuses what it can before reaching a host: a name that
+/// is no account name, a password on stdin that is empty or short, the
+/// stack's own admin, a stack that names no Airflow for accounts.
+#[test]
+fn users_refuses_bad_input_before_any_host() {
+    let env = TestEnv::new().unwrap();
+    let out = env.ctl(&["users", "add", "a b", "--role", "Viewer", "--host", NO_HOST]).expect_code(2);
+    assert!(
+        out.stderr.starts_with("error: `a b` is not a usable account name\n  hint: use up to 64 letters, digits, `.`, `_`, `-` or `@`, not starting with `-`\n"),
+        "{}",
+        out.stderr
+    );
+    let args = ["users", "add", "vic", "--role", "Viewer", "--password-stdin", "--host", NO_HOST];
+    let out = env.ctl_input(&args, "short\n").expect_code(2);
+    assert!(
+        out.stderr.starts_with("error: the password on standard input is shorter than 8 characters\n"),
+        "{}",
+        out.stderr
+    );
+    let out = env.ctl_input(&args, "").expect_code(2);
+    assert!(
+        out.stderr.starts_with("error: the password on standard input must be one non-empty line\n"),
+        "{}",
+        out.stderr
+    );
+    let out = env.ctl(&["users", "set-role", "admin", "Viewer", "--host", NO_HOST]).expect_code(2);
+    assert!(
+        out.stderr.starts_with("error: `admin` is the stack's admin, kept by the deployment: `users set-role` leaves it as it is\n  hint: its password is the secret AIRFLOW_ADMIN_PASSWORD: `mlopsctl secrets rotate AIRFLOW_ADMIN_PASSWORD`\n"),
+        "{}",
+        out.stderr
+    );
+    let stack = env.write("plain/compose.yaml", "services:\n  web:\n    image: busybox\n").unwrap();
+    let dir = stack.parent().unwrap().to_str().unwrap();
+    let out = env.ctl(&["users", "list", "--stack", dir, "--host", NO_HOST]).expect_code(2);
+    assert!(
+        out.stderr.starts_with("error: stack `plain` names no Airflow whose accounts mlopsctl manages\n"),
+        "{}",
+        out.stderr
+    );
+}

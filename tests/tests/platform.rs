@@ -2,7 +2,9 @@
 //! with its own Docker engine, and then used: DAGs run
 //! through the REST API, Spark jobs run on the cluster (one reads and
 //! writes PostgreSQL over JDBC), Prometheus scrapes
-//! everything, every dashboard query returns data, a synced DAG appears
+//! everything, every dashboard query returns data, accounts with roles are
+//! managed (`mlopsctl users`: a viewer cannot trigger a DAG, an admin can;
+//! they move with the platform), a synced DAG appears
 //! without a restart, so does a jar synced to `spark/jars/` (the next job's
 //! driver and executors see it), the run history survives `down` +
 //! `deploy`, the
@@ -13,7 +15,9 @@
 //! back through MLflow's REST API; Prometheus scrapes the server),
 //! the platform moves to a second test host with its data (`mlopsctl
 //! migrate`: run history, task logs, variables, paused set, password,
-//! MLflow's runs and artifacts),
+//! MLflow's runs and artifacts), is backed up while it runs and restored
+//! in place (`mlopsctl backup`, `restore`: the backup's runs back, a later
+//! one gone, row counts checked against the dump's),
 //! and there another controller takes the platform over keeping its
 //! passwords.
 //!
@@ -30,7 +34,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlops_e2e::airflow::{api, failed_task_logs, token, wait_for};
+use mlops_e2e::airflow::{api, failed_task_logs, login, token, wait_for};
 use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 use serde_json::{Value, json};
 
@@ -232,6 +236,77 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let pg = format!("{PROJECT}-postgres-1");
     let sql = "select rolname || '=' || rolsuper from pg_roles where rolname in ('airflow', 'postgres') order by 1";
     assert_eq!(host.docker(&["exec", &pg, "psql", "-U", "postgres", "-tAc", sql]), "airflow=false\npostgres=true");
+
+    // Accounts with roles (FAB): a viewer added with a password from stdin
+    // sees the DAGs and cannot trigger one; as Op it can; a generated
+    // password replaces the old one; the stack's admin is not mlopsctl
+    // users' to remove; an existing name, an unknown role and a missing
+    // account are refused with exit 2. The viewer stays, for the migration.
+    let ctl_in = |args: &[&str], input: &str| {
+        let mut all = vec!["--identity", key.as_str(), "--host", spec.as_str()];
+        all.extend_from_slice(args);
+        env.ctl_input(&all, input)
+    };
+    let users = ["--project", PROJECT, "--skip", "grafana"];
+    let viewer_pw = "viewer's own passphrase";
+    let added = ctl_in(
+        &[&["users", "add", "vic", "--role", "Viewer", "--password-stdin"], &users[..]].concat(),
+        &format!("{viewer_pw}\n"),
+    );
+    let added = added.expect_code(0);
+    assert!(!added.stdout.contains(viewer_pw) && !added.stderr.contains(viewer_pw), "a given password is not printed");
+    let listed = ctl(&[&["users", "list", "--output", "json"], &users[..]].concat()).expect_code(0).json();
+    let roles: Vec<(String, String)> = listed["result"]["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap().to_string(), a["roles"][0].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(roles, [("admin".to_string(), "Admin".to_string()), ("vic".to_string(), "Viewer".to_string())]);
+    let vic = login(&host, "vic", viewer_pw).expect("the viewer logs in");
+    assert!(api(&host, &vic, "GET", "/api/v2/dags", None)["dags"].as_array().is_some_and(|d| !d.is_empty()));
+    let trigger = |tok: &str| {
+        let auth = format!("Authorization: Bearer {tok}");
+        host.curl(&[
+            "-X",
+            "POST",
+            "http://127.0.0.1:28080/api/v2/dags/example_etl/dagRuns",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"logical_date": null}"#,
+        ])
+    };
+    let (code, text) = trigger(&vic);
+    assert_eq!(code, 403, "a viewer cannot trigger a DAG: {text}");
+    run_dag(&host, &tok, "example_etl");
+    ctl(&[&["users", "set-role", "vic", "Op"], &users[..]].concat()).expect_code(0);
+    // FAB caches an account's roles for up to 30 s.
+    wait_for("the viewer made Op to trigger a DAG", Duration::from_secs(90), || {
+        let vic = login(&host, "vic", viewer_pw)?;
+        let (code, _) = trigger(&vic);
+        (code == 200).then_some(())
+    });
+    let reset = ctl(&[&["users", "set-password", "vic"], &users[..]].concat()).expect_code(0);
+    let generated = reset.stdout.trim().to_string();
+    assert!(generated.len() >= 32, "a generated password on stdout: {}", reset.stdout);
+    assert!(login(&host, "vic", viewer_pw).is_none(), "the old password no longer works");
+    assert!(login(&host, "vic", &generated).is_some(), "the generated one does");
+    ctl(&[&["users", "set-role", "vic", "Viewer"], &users[..]].concat()).expect_code(0);
+    let refused = ctl(&[&["users", "add", "vic", "--role", "Viewer"], &users[..]].concat()).expect_code(2);
+    assert!(refused.stderr.contains("Airflow refused"), "{}", refused.stderr);
+    let refused = ctl(&[&["users", "add", "eve", "--role", "Boss"], &users[..]].concat()).expect_code(2);
+    assert!(refused.stderr.contains("no role `Boss`") && refused.stderr.contains("Viewer"), "{}", refused.stderr);
+    let refused = ctl(&[&["users", "remove", "admin"], &users[..]].concat()).expect_code(2);
+    assert!(refused.stderr.contains("secrets rotate AIRFLOW_ADMIN_PASSWORD"), "{}", refused.stderr);
+    let refused = ctl(&[&["users", "remove", "nobody"], &users[..]].concat()).expect_code(2);
+    assert!(refused.stderr.contains("no account `nobody`"), "{}", refused.stderr);
+    ctl(&[&["users", "add", "gone", "--role", "User"], &users[..]].concat()).expect_code(0);
+    ctl(&[&["users", "remove", "gone"], &users[..]].concat()).expect_code(0);
+    let listed = ctl(&[&["users", "list", "--output", "json"], &users[..]].concat()).expect_code(0).json();
+    assert_eq!(listed["result"]["accounts"].as_array().unwrap().len(), 2, "{listed}");
 
     let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
@@ -469,6 +544,55 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         all.extend_from_slice(args);
         env.ctl(&all)
     };
+    // The accounts moved with the database: the viewer logs in there.
+    let listed = ctl(&[&["users", "list", "--output", "json"], &users[..]].concat()).expect_code(0).json();
+    assert!(listed["result"]["accounts"].as_array().unwrap().iter().any(|a| a["name"] == "vic"), "{listed}");
+    assert!(login(&host, "vic", &generated).is_some(), "the viewer's password moved too");
+
+    // A backup of the running platform (nothing stops), then a DAG run it
+    // does not hold; restored in place, the platform has the backup's
+    // history again: its runs, not the later one, row counts checked
+    // against the dump's.
+    let backups = tempfile::tempdir().unwrap();
+    let before = platform_state(&host, &password);
+    let started = Instant::now();
+    // The stack's flags (backup has no health timeout: it starts nothing).
+    let stack_flags: Vec<&str> = as_deployed
+        .iter()
+        .enumerate()
+        .filter(|&(i, a)| *a != "--health-timeout" && (i == 0 || as_deployed[i - 1] != "--health-timeout"))
+        .map(|(_, a)| *a)
+        .collect();
+    let run = ctl(&[&["backup", "--to", &backups.path().display().to_string()], &stack_flags[..]].concat());
+    let run = run.expect_code(0);
+    eprintln!("platform backed up in {:.0} s:\n{}", started.elapsed().as_secs_f64(), run.stdout);
+    let saved = run.stdout.lines().last().unwrap().to_string();
+    for file in ["database.sql.zst", "manifest.json", "secrets.json", &format!("volume-{PROJECT}_airflow-logs.tar.zst")]
+    {
+        assert!(Path::new(&saved).join(file).is_file(), "{file} in {saved}");
+    }
+    let tok = token(&host, &password).unwrap();
+    let later = run_dag(&host, &tok, "example_etl");
+    let started = Instant::now();
+    let restored = ctl(&[&["restore", &saved], &as_deployed[..], &["--output", "json"]].concat());
+    if restored.code != 0 {
+        eprintln!("{}\nagent log:\n{}", restored.stderr, host.agent_log());
+    }
+    let restored = restored.expect_code(0).json();
+    eprintln!("platform restored in {:.0} s: {:#}", started.elapsed().as_secs_f64(), restored["result"]["steps"]);
+    let steps = restored["result"]["steps"].as_array().unwrap();
+    let verify = steps.iter().find(|s| s["step"] == "verify").unwrap()["detail"].as_str().unwrap();
+    assert!(verify.contains("table(s) equal the dump's"), "{verify}");
+    let start = steps.iter().find(|s| s["step"] == "start").unwrap()["detail"].as_str().unwrap();
+    assert!(start.contains("admin logs in") && start.contains("listed there"), "{start}");
+    let after = platform_state(&host, &password);
+    for r in &before.0 {
+        assert!(after.0.contains(r), "run {r:?} of the backup is back");
+    }
+    assert!(!after.0.iter().any(|(id, _)| *id == later), "the run after the backup is not: {later}");
+    assert_eq!(after.3, before.3, "the encrypted variable reads back");
+    let tok = token(&host, &password).unwrap();
+    run_dag(&host, &tok, "example_etl");
 
     // Operator B joins with a bundle from A and deploys from its own
     // machine: nothing is re-keyed or recreated, its second deploy changes
@@ -523,8 +647,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let deploy =
         format!("deploy --skip grafana --profile mlflow --project {PROJECT} --stack {dir} --health-timeout 900");
     let refused = host.command_inside("sh").args(["-c", &readme(&deploy)]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("installed by another controller") && stderr.contains("--take-over"), "{stderr}");
     assert_eq!(host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]), ids);
     let taken = host.exec(&readme(&format!("{deploy} --take-over --output json"))).unwrap();

@@ -321,6 +321,11 @@ pub enum Command {
         #[arg(long)]
         no_local_images: bool,
     },
+    /// The stack's Airflow accounts (FAB auth manager): list, add, remove, set-role, set-password; through Airflow's API on the host that runs it, as the stack's admin.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Return each host to a revision its agent keeps: the one before the newest, or --to N, or --to-deploy ID.
     Rollback {
         #[command(flatten)]
@@ -444,6 +449,52 @@ pub enum SecretsCommand {
         /// As the stack was deployed: its ports published on every address.
         #[arg(long)]
         expose: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UsersCommand {
+    /// Every account with its roles, email, and last login.
+    List {
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// A new account with one role (Admin, Op, User, Viewer, or a role made in Airflow). Its password comes from stdin with --password-stdin; else one is generated and printed once.
+    Add {
+        name: String,
+        /// The account's role, e.g. Viewer (sees everything, changes nothing), User, Op, Admin.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// Its email [default: NAME@localhost]; Airflow takes each email once.
+        #[arg(long, value_name = "EMAIL")]
+        email: Option<String>,
+        /// Read the password from standard input (one line), never from the command line.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Remove an account (its tokens stop working within Airflow's user cache time, 30 s by default).
+    Remove {
+        name: String,
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Give an account this one role instead of the ones it has.
+    SetRole {
+        name: String,
+        role: String,
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// A new password for an account: from stdin with --password-stdin, else generated and printed once.
+    SetPassword {
+        name: String,
+        /// Read the password from standard input (one line), never from the command line.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        stack: StackArgs,
     },
 }
 

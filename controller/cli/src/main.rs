@@ -24,7 +24,7 @@ use mlops_controller::commands::{self, Setup, deploy::DeployOptions, logs::LogsO
 use mlops_controller::progress::Report;
 use mlops_controller::state::StateDir;
 
-use crate::cli::{AgentCommand, Cli, Command, OperatorCommand, PkiCommand, SecretsCommand, StateCommand};
+use crate::cli::{AgentCommand, Cli, Command, OperatorCommand, PkiCommand, SecretsCommand, StateCommand, UsersCommand};
 use crate::printer::{EXIT_USAGE, Printer};
 
 fn main() {
@@ -350,6 +350,32 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 Err(e) if nothing_done(&e) => return Err(e),
                 Err(e) => printer.failed("migrate", &e),
             }
+        }
+        Command::Users { command } => {
+            use commands::users::{UsersAction, password_from};
+            let stdin_password = |given: bool| -> Result<Option<String>, ControllerError> {
+                if !given {
+                    return Ok(None);
+                }
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| ControllerError::usage(format!("cannot read the password from stdin: {e}"), None))?;
+                password_from(&text).map(Some)
+            };
+            let (stack, action) = match command {
+                UsersCommand::List { stack } => (stack, UsersAction::List),
+                UsersCommand::Add { name, role, email, password_stdin, stack } => {
+                    let password = stdin_password(password_stdin)?;
+                    (stack, UsersAction::Add { name, role, email, password })
+                }
+                UsersCommand::Remove { name, stack } => (stack, UsersAction::Remove { name }),
+                UsersCommand::SetRole { name, role, stack } => (stack, UsersAction::SetRole { name, role }),
+                UsersCommand::SetPassword { name, password_stdin, stack } => {
+                    let password = stdin_password(password_stdin)?;
+                    (stack, UsersAction::SetPassword { name, password })
+                }
+            };
+            printer.users(&commands::users::users(&setup, &stack.into(), action, report.as_ref()).await?)
         }
         Command::Backup { stack, to, with_metrics, keep, schedule } => {
             let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep, schedule };

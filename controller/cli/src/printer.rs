@@ -31,6 +31,7 @@ use mlops_controller::commands::secrets::SecretsReport;
 use mlops_controller::commands::state::Moved;
 use mlops_controller::commands::status::HostStatus;
 use mlops_controller::commands::ui::UiOpened;
+use mlops_controller::commands::users::UsersReport;
 use mlops_controller::fanout::HostResults;
 use mlops_controller::progress::{Event, Report, Step, bytes_human};
 use mlops_controller::stack::{ServiceOutcome, StackOutcome, SyncOutcome};
@@ -857,6 +858,57 @@ impl Printer {
                 }
                 for k in &r.kept {
                     self.stdout(&format!("  {dir}/{}", neutralise(k)));
+                }
+            }
+        }
+        0
+    }
+
+    /// `users`: a table for `list`; else the account as it now is, and a
+    /// generated password once, on stdout (the one thing to keep).
+    pub fn users(&self, r: &UsersReport) -> i32 {
+        match self.output {
+            Output::Json => self.json(&json!({"command": "users", "ok": true, "result": r})),
+            Output::Text => {
+                let row = |a: &mlops_controller::commands::users::Account| {
+                    vec![
+                        neutralise(&a.name).into_owned(),
+                        neutralise(&a.roles.join(",")).into_owned(),
+                        neutralise(&a.email).into_owned(),
+                        if a.active { "yes" } else { "no" }.to_string(),
+                        if a.last_login.is_empty() {
+                            "never".to_string()
+                        } else {
+                            neutralise(&a.last_login).into_owned()
+                        },
+                    ]
+                };
+                let header = ["NAME", "ROLES", "EMAIL", "ACTIVE", "LAST LOGIN"];
+                if r.action == "list" {
+                    self.stdout(&table(&header, &r.accounts.iter().map(row).collect::<Vec<_>>()));
+                    self.stderr_line(&format!("stack `{}` on {}: {} account(s)", r.project, r.host, r.accounts.len()));
+                    return 0;
+                }
+                if let Some(a) = &r.account {
+                    let done = match r.action {
+                        "add" => "added".to_string(),
+                        "remove" => "removed".to_string(),
+                        "set-role" => format!("now has role {}", neutralise(&a.roles.join(","))),
+                        _ => "has a new password".to_string(),
+                    };
+                    self.stderr_line(&format!(
+                        "users: `{}` {done} (stack `{}` on {})",
+                        neutralise(&a.name),
+                        r.project,
+                        r.host
+                    ));
+                    if r.action != "remove" {
+                        self.stdout(&table(&header, &[row(a)]));
+                    }
+                }
+                if let Some(pw) = &r.generated_password {
+                    self.stderr_line("the generated password (shown once, kept nowhere):");
+                    self.stdout(pw);
                 }
             }
         }

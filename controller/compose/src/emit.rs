@@ -346,14 +346,15 @@ fn options(o: &StackOptions) -> Map<String, Value> {
         }
         migrate.insert("database".into(), Value::Object(e));
     }
+    let access = |a: &mlops_proto::stack::AirflowAccess| json!({ "service": s(&a.service), "admin_user": s(&a.admin_user), "admin_password": s(&a.admin_password) });
     if let Some(a) = &g.airflow {
-        migrate.insert(
-            "airflow".into(),
-            json!({ "service": s(&a.service), "admin_user": s(&a.admin_user), "admin_password": s(&a.admin_password) }),
-        );
+        migrate.insert("airflow".into(), access(a));
     }
     if !migrate.is_empty() {
         m.insert("migrate".into(), Value::Object(migrate));
+    }
+    if let Some(a) = &o.users {
+        m.insert("users".into(), access(a));
     }
     m
 }

@@ -160,6 +160,7 @@ pub fn parse(
         placement_at: BTreeMap::new(),
         ui_at: BTreeMap::new(),
         migrate_at: None,
+        users_at: None,
         all_services: std::collections::BTreeSet::new(),
     };
     let root = p.interpolate_tree(root)?;
@@ -200,6 +201,7 @@ struct Parser<'a> {
     /// Where `x-mlops.migrate` is, for errors found once the services and
     /// volumes are known.
     migrate_at: Option<Node>,
+    users_at: Option<Node>,
     /// Every service of the file, in an enabled profile or not.
     all_services: std::collections::BTreeSet<String>,
 }
@@ -547,6 +549,16 @@ impl Parser<'_> {
                 ));
             }
         }
+        if let (Some(at), Some(u)) = (&self.users_at, &stack.options.users) {
+            if !stack.services.contains_key(&u.service) && !self.all_services.contains(&u.service) {
+                return Err(self.err(at, format!("x-mlops.users: no service `{}` in the stack", u.service)));
+            }
+            if !stack.options.secrets.contains(&u.admin_password) {
+                return Err(
+                    self.err(at, format!("x-mlops.users: `{}` is not one of x-mlops.secrets", u.admin_password))
+                );
+            }
+        }
         for (secret, rotation) in &stack.options.rotate {
             for hook in rotation.before.iter().chain(&rotation.after) {
                 if !stack.services.contains_key(&hook.service) {
@@ -676,6 +688,10 @@ impl Parser<'_> {
                 "migrate" => {
                     o.migrate = self.migration(v)?;
                     self.migrate_at = Some(v.clone());
+                }
+                "users" => {
+                    o.users = Some(self.airflow_access(v, "x-mlops.users")?);
+                    self.users_at = Some(v.clone());
                 }
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops is ignored")),
             }
@@ -815,29 +831,29 @@ impl Parser<'_> {
                     }
                     m.database = Some(d);
                 }
-                "airflow" => {
-                    let mut a = mlops_proto::stack::AirflowMigration::default();
-                    for (fk, fv) in self.map(v, "x-mlops.migrate.airflow")? {
-                        match fk.as_key().unwrap_or_default().as_str() {
-                            "service" => a.service = self.string(fv, "service")?,
-                            "admin_user" => a.admin_user = self.string(fv, "admin_user")?,
-                            "admin_password" => a.admin_password = self.string(fv, "admin_password")?,
-                            other => {
-                                self.warn(fk, format!("unknown key `{other}` in x-mlops.migrate.airflow is ignored"));
-                            }
-                        }
-                    }
-                    if a.service.is_empty() || a.admin_user.is_empty() || a.admin_password.is_empty() {
-                        return Err(
-                            self.err(v, "x-mlops.migrate.airflow needs `service`, `admin_user` and `admin_password`")
-                        );
-                    }
-                    m.airflow = Some(a);
-                }
+                "airflow" => m.airflow = Some(self.airflow_access(v, "x-mlops.migrate.airflow")?),
                 other => self.warn(k, format!("unknown key `{other}` in x-mlops.migrate is ignored")),
             }
         }
         Ok(m)
+    }
+
+    /// An Airflow API server and its admin: `service`, `admin_user`,
+    /// `admin_password` (the secret holding it), all three needed.
+    fn airflow_access(&mut self, node: &Node, what: &str) -> R<mlops_proto::stack::AirflowAccess> {
+        let mut a = mlops_proto::stack::AirflowAccess::default();
+        for (fk, fv) in self.map(node, what)? {
+            match fk.as_key().unwrap_or_default().as_str() {
+                "service" => a.service = self.string(fv, "service")?,
+                "admin_user" => a.admin_user = self.string(fv, "admin_user")?,
+                "admin_password" => a.admin_password = self.string(fv, "admin_password")?,
+                other => self.warn(fk, format!("unknown key `{other}` in {what} is ignored")),
+            }
+        }
+        if a.service.is_empty() || a.admin_user.is_empty() || a.admin_password.is_empty() {
+            return Err(self.err(node, format!("{what} needs `service`, `admin_user` and `admin_password`")));
+        }
+        Ok(a)
     }
 
     fn hook(&mut self, node: &Node, what: &str) -> R<mlops_proto::stack::Hook> {

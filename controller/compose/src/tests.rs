@@ -595,3 +595,26 @@ networks:
     assert_eq!(with.services["cli"].healthcheck.as_ref().unwrap().test, ["NONE"]);
     assert_eq!(with.services["init"].command.as_ref().unwrap()[1].lines().next(), Some("export AIRFLOW_UID=$(id -u)"));
 }
+
+/// `x-mlops.users` names a service of the stack and a secret of it; both
+/// are checked, with the place in the file.
+#[test]
+fn users_names_a_service_and_a_secret() {
+    let base = "services:\n  api:\n    image: a\n";
+    let good = format!(
+        "x-mlops:\n  secrets: [ADMIN_PW]\n  users: {{service: api, admin_user: admin, admin_password: ADMIN_PW}}\n{base}"
+    );
+    let users = ok(&good).stack.options.users.unwrap();
+    assert_eq!((users.service.as_str(), users.admin_user.as_str()), ("api", "admin"));
+    let cases = [
+        ("users: {service: web, admin_user: admin, admin_password: ADMIN_PW}", "x-mlops.users: no service `web`"),
+        ("users: {service: api, admin_user: admin, admin_password: OTHER}", "`OTHER` is not one of x-mlops.secrets"),
+        ("users: {service: api}", "x-mlops.users needs `service`, `admin_user` and `admin_password`"),
+    ];
+    for (users, message) in cases {
+        let text = format!("x-mlops:\n  secrets: [ADMIN_PW]\n  {users}\n{base}");
+        let e = parse_with(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains(message), "{users}: {e}");
+        assert!(e.contains("compose.yaml:"), "positioned: {e}");
+    }
+}

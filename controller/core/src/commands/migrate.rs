@@ -168,7 +168,7 @@ pub(super) struct Plan {
     /// Every other service, dependents first, without the database's.
     pub(super) rest: Vec<String>,
     pub(super) database: Option<mlops_proto::stack::Database>,
-    pub(super) airflow: Option<(mlops_proto::stack::AirflowMigration, String)>,
+    pub(super) airflow: Option<(mlops_proto::stack::AirflowAccess, String)>,
     /// The Docker names of the volumes streamed.
     pub(super) volumes: Vec<String>,
     pub(super) deploy: DeployOptions,
@@ -436,7 +436,7 @@ struct Run<'a> {
     /// When A's stack stopped serving.
     quiesced: Option<Instant>,
     /// A's DAGs this migration paused, to unpause when A starts again.
-    paused: Option<(mlops_proto::stack::AirflowMigration, Vec<String>)>,
+    paused: Option<(mlops_proto::stack::AirflowAccess, Vec<String>)>,
     /// B under A's inventory name, once the inventory points it there.
     rekey: Option<Target>,
 }
@@ -1157,7 +1157,7 @@ async fn restart(
     host: &str,
     project: &str,
     opts: &MigrateOptions,
-    paused: Option<(mlops_proto::stack::AirflowMigration, Vec<String>)>,
+    paused: Option<(mlops_proto::stack::AirflowAccess, Vec<String>)>,
     progress: &Progress,
 ) -> Result<(), ControllerError> {
     let reply = conn.raw().revisions(RevisionsRequest { project: project.to_string() }).await;
@@ -1348,7 +1348,7 @@ async fn airflow(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
-    af: &mlops_proto::stack::AirflowMigration,
+    af: &mlops_proto::stack::AirflowAccess,
     args: &[&str],
     dags: &[String],
 ) -> Result<(), ControllerError> {
@@ -1401,7 +1401,7 @@ pub(super) async fn api_check(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
-    af: &mlops_proto::stack::AirflowMigration,
+    af: &mlops_proto::stack::AirflowAccess,
     password: &str,
     run: &str,
 ) -> Result<String, ControllerError> {

@@ -29,6 +29,7 @@ pub mod status;
 pub mod sync;
 pub mod ui;
 pub mod uninstall;
+pub mod users;
 pub mod watch;
 
 use std::collections::BTreeMap;
