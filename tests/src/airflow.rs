@@ -107,3 +107,19 @@ pub fn failed_task_logs(host: &TestHost, token: &str, dag: &str, run: &str) -> S
     }
     out
 }
+
+/// Triggers a run of `dag` and waits for it to succeed; its run id.
+pub fn run_dag(host: &TestHost, tok: &str, dag: &str) -> String {
+    let created = api(host, tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
+    let id = created["dag_run_id"].as_str().expect("a run id").to_string();
+    let started = Instant::now();
+    wait_for(&format!("{dag} run {id} to succeed"), Duration::from_secs(600), || {
+        let run = api(host, tok, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{id}"), None);
+        if run["state"] == "failed" {
+            panic!("{dag} run failed: {run}\n{}", failed_task_logs(host, tok, dag, &id));
+        }
+        (run["state"] == "success").then_some(())
+    });
+    eprintln!("{dag} run succeeded in {:.0} s", started.elapsed().as_secs_f64());
+    id
+}

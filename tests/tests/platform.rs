@@ -34,7 +34,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlops_e2e::airflow::{api, failed_task_logs, login, token, wait_for};
+use mlops_e2e::airflow::{api, failed_task_logs, login, run_dag, token, wait_for};
 use mlops_e2e::{NO_HOST, TestEnv, TestHost};
 use serde_json::{Value, json};
 
@@ -291,7 +291,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     });
     let reset = ctl(&[&["users", "set-password", "vic"], &users[..]].concat()).expect_code(0);
     let generated = reset.stdout.trim().to_string();
-    assert!(generated.len() >= 32, "a generated password on stdout: {}", reset.stdout);
+    assert!(generated.len() >= 32 && !generated.contains(char::is_whitespace), "the password alone: {}", reset.stdout);
     assert!(login(&host, "vic", viewer_pw).is_none(), "the old password no longer works");
     assert!(login(&host, "vic", &generated).is_some(), "the generated one does");
     ctl(&[&["users", "set-role", "vic", "Viewer"], &users[..]].concat()).expect_code(0);
@@ -800,20 +800,4 @@ fn mlflow_model_files(host: &TestHost, run: &Value) -> Vec<String> {
         listed["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().to_string()).collect();
     files.sort();
     files
-}
-
-/// Triggers a run of `dag` and waits for it to succeed; its run id.
-fn run_dag(host: &TestHost, tok: &str, dag: &str) -> String {
-    let created = api(host, tok, "POST", &format!("/api/v2/dags/{dag}/dagRuns"), Some(json!({"logical_date": null})));
-    let id = created["dag_run_id"].as_str().expect("a run id").to_string();
-    let started = Instant::now();
-    wait_for(&format!("{dag} run {id} to succeed"), Duration::from_secs(600), || {
-        let run = api(host, tok, "GET", &format!("/api/v2/dags/{dag}/dagRuns/{id}"), None);
-        if run["state"] == "failed" {
-            panic!("{dag} run failed: {run}\n{}", failed_task_logs(host, tok, dag, &id));
-        }
-        (run["state"] == "success").then_some(())
-    });
-    eprintln!("{dag} run succeeded in {:.0} s", started.elapsed().as_secs_f64());
-    id
 }

@@ -864,8 +864,8 @@ impl Printer {
         0
     }
 
-    /// `users`: a table for `list`; else the account as it now is, and a
-    /// generated password once, on stdout (the one thing to keep).
+    /// `users`: a table for `list`; else the account as it now is, or a
+    /// generated password alone on stdout (shown once).
     pub fn users(&self, r: &UsersReport) -> i32 {
         match self.output {
             Output::Json => self.json(&json!({"command": "users", "ok": true, "result": r})),
@@ -902,12 +902,14 @@ impl Printer {
                         r.project,
                         r.host
                     ));
-                    if r.action != "remove" {
+                    // A generated password is then stdout's only line
+                    // (`PW=$(mlopsctl users add ...)`).
+                    if r.action != "remove" && r.generated_password.is_none() {
                         self.stdout(&table(&header, &[row(a)]));
                     }
                 }
                 if let Some(pw) = &r.generated_password {
-                    self.stderr_line("the generated password (shown once, kept nowhere):");
+                    self.stderr_line("the generated password follows on stdout (shown once, kept nowhere)");
                     self.stdout(pw);
                 }
             }

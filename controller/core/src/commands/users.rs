@@ -238,7 +238,6 @@ pub async fn users(
     let (name, mut request) = match &action {
         UsersAction::List => (String::new(), json!({"action": "list"})),
         UsersAction::Add { name, role, email, password: given } => {
-            check_name(name)?;
             let email = email.clone().unwrap_or_else(|| format!("{name}@localhost"));
             let request =
                 json!({"action": "add", "name": name, "role": role, "email": email, "password": password(given)});
