@@ -539,6 +539,48 @@ pub fn prune(parent: &Path, project: &str, host: &str, keep: usize, newest: &str
 }
 
 /// `YYYYMMDDTHHMMSSZ`.
+/// How long a `.<name>.partial` directory may have been under way before
+/// a later backup takes it for one a killed run left (no backup streams
+/// that long; one of a run still going is younger).
+pub const STALE_PARTIAL_SECS: i64 = 24 * 3600;
+
+/// The `.<name>.partial` directories in `parent` whose name's time is more
+/// than `older_than` seconds before `now_unix`: what runs killed midway
+/// left. Names that are not a backup's are never listed.
+pub fn stale_partials(parent: &Path, now_unix: i64, older_than: i64) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")) else { return false };
+            inner.get(..16).filter(|s| is_stamp(s)).and_then(stamp_unix).is_some_and(|t| t < now_unix - older_than)
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+/// `YYYYMMDDTHHMMSSZ` as Unix seconds.
+fn stamp_unix(s: &str) -> Option<i64> {
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(4..6)?, n(6..8)?);
+    let (hh, mm, ss) = (n(9..11)?, n(11..13)?, n(13..15)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil, the inverse of civil_from_days.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
 fn is_stamp(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 16
@@ -691,5 +733,25 @@ mod tests {
         assert_eq!(name(0, "h"), ("19700101T000000Z-h".into(), "1970-01-01T00:00:00Z".into()));
         assert_eq!(name(1_796_644_800, "root@10.0.0.5:22").0, "20261207T120000Z-root_10.0.0.5_22");
         assert_eq!(name(951_782_400, "x").1, "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn stale_partials_are_old_backup_names_only() {
+        for t in [0, 951_782_400, 1_796_644_800, 4_102_444_799] {
+            assert_eq!(stamp_unix(&name(t, "h").0[..16]), Some(t), "{t}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_796_644_800; // 2026-12-07T12:00:00Z
+        for n in [
+            ".20261205T000000Z-h.partial", // two and a half days old
+            ".20261207T110000Z-h.partial", // an hour old: perhaps still running
+            ".20261205T000000Z-h",         // not a partial
+            ".notes.partial",              // not a backup's name
+            "20261205T000000Z-h",          // a whole backup
+        ] {
+            std::fs::create_dir(dir.path().join(n)).unwrap();
+        }
+        let stale = stale_partials(dir.path(), now, STALE_PARTIAL_SECS);
+        assert_eq!(stale, vec![dir.path().join(".20261205T000000Z-h.partial")]);
     }
 }

@@ -212,6 +212,12 @@ fn users_refuses_bad_input_before_any_host() {
         "{}",
         out.stderr
     );
+    // FAB's names ignore case: `ADMIN` is the admin too.
+    let out = env.ctl(&["users", "remove", "ADMIN", "--host", NO_HOST]).expect_code(2);
+    assert!(out.stderr.contains("is the stack's admin"), "{}", out.stderr);
+    let out =
+        env.ctl(&["users", "add", "vic", "--role", "Viewer", "--email", "nope", "--host", NO_HOST]).expect_code(2);
+    assert!(out.stderr.starts_with("error: --email `nope` is not an email address\n"), "{}", out.stderr);
     let stack = env.write("plain/compose.yaml", "services:\n  web:\n    image: busybox\n").unwrap();
     let dir = stack.parent().unwrap().to_str().unwrap();
     let out = env.ctl(&["users", "list", "--stack", dir, "--host", NO_HOST]).expect_code(2);

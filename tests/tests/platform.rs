@@ -249,6 +249,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     };
     let users = ["--project", PROJECT, "--skip", "grafana"];
     let viewer_pw = "viewer's own passphrase";
+    let command_lines = CommandLines::sample();
     let added = ctl_in(
         &[&["users", "add", "vic", "--role", "Viewer", "--password-stdin"], &users[..]].concat(),
         &format!("{viewer_pw}\n"),
@@ -284,10 +285,17 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     run_dag(&host, &tok, "example_etl");
     ctl(&[&["users", "set-role", "vic", "Op"], &users[..]].concat()).expect_code(0);
     // FAB caches an account's roles for up to 30 s.
-    wait_for("the viewer made Op to trigger a DAG", Duration::from_secs(90), || {
+    let (vic_tok, text) = wait_for("the viewer made Op to trigger a DAG", Duration::from_secs(90), || {
         let vic = login(&host, "vic", viewer_pw)?;
-        let (code, _) = trigger(&vic);
-        (code == 200).then_some(())
+        let (code, text) = trigger(&vic);
+        (code == 200).then_some((vic, text))
+    });
+    let op_run: Value = serde_json::from_str(&text).unwrap();
+    let op_run = op_run["dag_run_id"].as_str().unwrap().to_string();
+    wait_for("the Op's run to succeed", Duration::from_secs(600), || {
+        let run = api(&host, &vic_tok, "GET", &format!("/api/v2/dags/example_etl/dagRuns/{op_run}"), None);
+        assert_ne!(run["state"], "failed", "{run}");
+        (run["state"] == "success").then_some(())
     });
     let reset = ctl(&[&["users", "set-password", "vic"], &users[..]].concat()).expect_code(0);
     let generated = reset.stdout.trim().to_string();
@@ -307,6 +315,11 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     ctl(&[&["users", "remove", "gone"], &users[..]].concat()).expect_code(0);
     let listed = ctl(&[&["users", "list", "--output", "json"], &users[..]].concat()).expect_code(0).json();
     assert_eq!(listed["result"]["accounts"].as_array().unwrap().len(), 2, "{listed}");
+    let (lines, _) = command_lines.finish();
+    for (what, value) in [("the viewer's password", viewer_pw), ("the generated password", generated.as_str())] {
+        assert!(!lines.iter().any(|l| l.contains(value)), "{what} was on a command line");
+    }
+    assert!(!lines.iter().any(|l| l.contains(&password)), "the admin's password was on a command line");
 
     let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
@@ -430,6 +443,21 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert_eq!(variable["value"], "kept through rotations", "after rotating {name}");
         run_dag(&host, &tok, "example_etl");
     }
+    // The admin's password: airflow-init (recreated with it) sets it; the
+    // old one is refused, the new one logs in and triggers a DAG.
+    let old = password;
+    let rotated =
+        ctl(&[&["secrets", "rotate", "AIRFLOW_ADMIN_PASSWORD"], &as_deployed[..], &["--output", "json"]].concat());
+    assert_eq!(rotated.expect_code(0).json()["done"], true);
+    let password =
+        ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json()["secrets"]["AIRFLOW_ADMIN_PASSWORD"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert_ne!(password, old);
+    assert!(token(&host, &old).is_none(), "the old admin password is refused");
+    let tok = token(&host, &password).expect("the rotated admin password works");
+    run_dag(&host, &tok, "example_etl");
 
     // Retention: the maintenance DAG deletes what is older than .env's
     // ages (30 days of logs, 90 of history) and keeps what is newer. A log
@@ -647,8 +675,8 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let deploy =
         format!("deploy --skip grafana --profile mlflow --project {PROJECT} --stack {dir} --health-timeout 900");
     let refused = host.command_inside("sh").args(["-c", &readme(&deploy)]).output().unwrap();
-    assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("installed by another controller") && stderr.contains("--take-over"), "{stderr}");
     assert_eq!(host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]), ids);
     let taken = host.exec(&readme(&format!("{deploy} --take-over --output json"))).unwrap();

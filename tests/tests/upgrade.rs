@@ -129,6 +129,9 @@ fn the_platform_upgrades_from_the_previous_bundle_keeping_its_history() {
         let container = format!("{PROJECT}-{service}-1");
         let started = instant(&host, &container, "StartedAt");
         assert!(started > migrated, "{service} started at {started:?}, before the migration ended at {migrated:?}");
+        // A component that started early and crashed would show only its
+        // restart's time.
+        assert_eq!(host.docker(&["inspect", "-f", "{{.RestartCount}}", &container]).trim(), "0", "{service} restarted");
     }
 
     // Kept: the admin's password, the run history, the encrypted variable.

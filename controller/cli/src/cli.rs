@@ -487,7 +487,7 @@ pub enum UsersCommand {
         #[command(flatten)]
         stack: StackArgs,
     },
-    /// A new password for an account: from stdin with --password-stdin, else generated and printed once.
+    /// A new password for an account: from stdin with --password-stdin, else generated and printed once. API tokens it already holds stay valid until they expire (Airflow's jwt_expiration_time, a day by default); `remove` or `set-role` cut access within 30 s.
     SetPassword {
         name: String,
         /// Read the password from standard input (one line), never from the command line.

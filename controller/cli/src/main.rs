@@ -357,6 +357,14 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 if !given {
                     return Ok(None);
                 }
+                if std::io::stdin().is_terminal() {
+                    return Err(ControllerError::usage(
+                        "--password-stdin reads the password from a pipe, and stdin is a terminal",
+                        Some(
+                            "pipe it in (`printf '%s\\n' \"$PW\" | mlopsctl users ...`), or leave the flag out for a generated one",
+                        ),
+                    ));
+                }
                 let mut text = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
                     .map_err(|e| ControllerError::usage(format!("cannot read the password from stdin: {e}"), None))?;
@@ -375,7 +383,11 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                     (stack, UsersAction::SetPassword { name, password })
                 }
             };
-            printer.users(&commands::users::users(&setup, &stack.into(), action, report.as_ref()).await?)
+            match commands::users::users(&setup, &stack.into(), action, report.as_ref()).await {
+                Ok(r) => printer.users(&r),
+                Err(e) if nothing_done(&e) => return Err(e),
+                Err(e) => printer.failed("users", &e),
+            }
         }
         Command::Backup { stack, to, with_metrics, keep, schedule } => {
             let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep, schedule };

@@ -239,6 +239,16 @@ pub async fn backup(
     let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
     let parent = root.join(&project);
     own_private_dir(&parent)?;
+    // What runs killed midway left (a day old: no run of now's).
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    for stale in backup::stale_partials(&parent, unix as i64, backup::STALE_PARTIAL_SECS) {
+        match std::fs::remove_dir_all(&stale) {
+            Ok(()) => report.info(&format!("removed {}, left by a backup that did not finish", stale.display())),
+            Err(e) => {
+                report.warn(&format!("cannot remove {}, left by a backup that did not finish: {e}", stale.display()));
+            }
+        }
+    }
 
     let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
     let progress = Progress::new(Some(report.clone()), &host.name);

@@ -89,68 +89,82 @@ const SCRIPT: &str = r#"
 import json, sys, urllib.error as e, urllib.parse as p, urllib.request as u
 req = json.load(sys.stdin)
 base = "http://127.0.0.1:8080"
-def call(method, path, body=None, token=None):
+# No proxy, whatever the container's environment says: the admin's
+# password goes to this container's own loopback only.
+opener = u.build_opener(u.ProxyHandler({}))
+def out(**kw):
+    print("MLOPS-RESULT " + json.dumps(kw))
+    sys.exit(0)
+def call(step, method, path, body=None, token=None):
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = "Bearer " + token
     data = None if body is None else json.dumps(body).encode()
     try:
-        with u.urlopen(u.Request(base + path, data=data, headers=headers, method=method), timeout=60) as r:
+        with opener.open(u.Request(base + path, data=data, headers=headers, method=method), timeout=30) as r:
             raw = r.read()
             return r.status, json.loads(raw) if raw else {}
     except e.HTTPError as err:
         raw = err.read().decode(errors="replace")
         try:
-            detail = json.loads(raw).get("detail", raw)
+            detail = json.loads(raw)
+            detail = detail.get("detail", raw) if isinstance(detail, dict) else raw
         except ValueError:
             detail = raw
         return err.code, {"detail": detail if isinstance(detail, str) else json.dumps(detail)}
-def out(**kw):
-    print("MLOPS-RESULT " + json.dumps(kw))
-    sys.exit(0)
+    except (OSError, ValueError) as err:
+        out(ok=False, status=0, step=step, error="%s %s: %s" % (method, path.split("?")[0], err))
 def account(x):
     return {"name": x["username"], "roles": sorted(r["name"] for r in x.get("roles") or []),
             "email": x.get("email") or "", "active": bool(x.get("active")), "last_login": x.get("last_login") or ""}
-def fail(status, body, **kw):
-    out(ok=False, status=status, error=str(body.get("detail", body)), **kw)
-status, body = call("POST", "/auth/token", {"username": req["admin"], "password": req["admin_password"]})
+def fail(step, status, body, **kw):
+    out(ok=False, step=step, status=status, error=str(body.get("detail", body)), **kw)
+status, body = call("login", "POST", "/auth/token", {"username": req["admin"], "password": req["admin_password"]})
 if status not in (200, 201):
-    fail(status, body, step="login")
+    fail("login", status, body)
 token = body["access_token"]
 action = req["action"]
 if action in ("add", "set-role"):
-    status, body = call("GET", "/auth/fab/v1/roles?limit=100", token=token)
+    status, body = call("api", "GET", "/auth/fab/v1/roles?limit=100", token=token)
     if status != 200:
-        fail(status, body, step="roles")
+        fail("api", status, body)
     roles = sorted(r["name"] for r in body.get("roles", []))
     if req["role"] not in roles:
-        out(ok=False, status=400, error="no role `%s`" % req["role"], roles=roles)
+        out(ok=False, step="role", status=400, error="no role `%s`" % req["role"], roles=roles)
 user = "/auth/fab/v1/users/" + p.quote(req.get("name", ""), safe="")
 if action == "list":
-    status, body = call("GET", "/auth/fab/v1/users?order_by=username&limit=%d&offset=%d" % (req["limit"], req["offset"]), token=token)
+    query = "?order_by=username&limit=%d&offset=%d" % (req["limit"], req["offset"])
+    status, body = call("api", "GET", "/auth/fab/v1/users" + query, token=token)
     if status != 200:
-        fail(status, body)
+        fail("api", status, body)
     out(ok=True, accounts=[account(x) for x in body["users"]], total=body["total_entries"])
 if action == "add":
     body = {"username": req["name"], "email": req["email"], "first_name": req["name"], "last_name": "-",
             "roles": [{"name": req["role"]}], "password": req["password"]}
-    status, body = call("POST", "/auth/fab/v1/users", body, token=token)
-elif action == "set-role":
-    status, body = call("PATCH", user + "?update_mask=roles", {"roles": [{"name": req["role"]}]}, token=token)
+    status, body = call("api", "POST", "/auth/fab/v1/users", body, token=token)
+    if status not in (200, 201):
+        fail("api", status, body)
+    out(ok=True, account=account(body))
+# The account as it is (FAB finds names without regard to case): never
+# the stack's admin, whatever the spelling.
+status, body = call("user", "GET", user, token=token)
+if status != 200:
+    fail("user", status, body)
+if body["username"].lower() == req["admin"].lower():
+    out(ok=False, step="admin", status=403, error="the stack's admin")
+was = account(body)
+if action == "set-role":
+    status, body = call("user", "PATCH", user + "?update_mask=roles", {"roles": [{"name": req["role"]}]}, token=token)
 elif action == "set-password":
-    status, body = call("PATCH", user + "?update_mask=password", {"password": req["password"]}, token=token)
+    status, body = call("user", "PATCH", user + "?update_mask=password", {"password": req["password"]}, token=token)
 elif action == "remove":
-    status, body = call("GET", user, token=token)
-    if status != 200:
-        fail(status, body)
-    was = account(body)
-    status, body = call("DELETE", user, token=token)
+    status, body = call("user", "DELETE", user, token=token)
     if status == 204:
         out(ok=True, account=was)
 else:
-    out(ok=False, status=400, error="unknown action " + action)
+    out(ok=False, step="api", status=400, error="unknown action " + action)
 if status not in (200, 201):
-    fail(status, body)
+    fail("user", status, body)
 out(ok=True, account=account(body))
 "#;
 
@@ -159,6 +173,8 @@ out(ok=True, account=account(body))
 /// terminal's text.
 fn check_name(name: &str) -> Result<(), ControllerError> {
     let fine = !name.is_empty()
+        && name != "."
+        && name != ".."
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
         && !name.starts_with('-');
@@ -238,7 +254,18 @@ pub async fn users(
     let (name, mut request) = match &action {
         UsersAction::List => (String::new(), json!({"action": "list"})),
         UsersAction::Add { name, role, email, password: given } => {
-            let email = email.clone().unwrap_or_else(|| format!("{name}@localhost"));
+            // A name that is an address is its own email.
+            let email = match email {
+                Some(e) if !e.contains('@') || e.trim() != e || e.len() > 254 => {
+                    return Err(ControllerError::usage(
+                        format!("--email `{e}` is not an email address"),
+                        Some("write it as NAME@DOMAIN, or leave it out (NAME@localhost)"),
+                    ));
+                }
+                Some(e) => e.clone(),
+                None if name.contains('@') => name.clone(),
+                None => format!("{name}@localhost"),
+            };
             let request =
                 json!({"action": "add", "name": name, "role": role, "email": email, "password": password(given)});
             (name.clone(), request)
@@ -255,7 +282,8 @@ pub async fn users(
     if !name.is_empty() {
         check_name(&name)?;
     }
-    if name == access.admin_user && !matches!(action, UsersAction::Add { .. }) {
+    // FAB finds names without regard to case: `ADMIN` is the admin too.
+    if name.eq_ignore_ascii_case(&access.admin_user) && !matches!(action, UsersAction::Add { .. }) {
         return Err(ControllerError::usage(
             format!("`{name}` is the stack's admin, kept by the deployment: `users {verb}` leaves it as it is"),
             Some(&format!(
@@ -364,11 +392,32 @@ fn refusal(host: &str, access: &AirflowAccess, request: &Value, result: &Value) 
     let status = result["status"].as_u64().unwrap_or(0);
     let error = result["error"].as_str().unwrap_or("no detail").to_string();
     let name = request["name"].as_str().unwrap_or_default();
-    if result["step"] == "login" {
-        return ControllerError::Local(format!(
-            "{host}: the stack's admin `{}` could not log in to Airflow (HTTP {status}: {error})",
-            access.admin_user
-        ));
+    match result["step"].as_str().unwrap_or_default() {
+        "login" => {
+            return ControllerError::Local(format!(
+                "{host}: the stack's admin `{}` could not log in to Airflow (HTTP {status}: {error})",
+                access.admin_user
+            ));
+        }
+        "admin" => {
+            return ControllerError::usage(
+                format!("{host}: `{name}` is the stack's admin account (names are the same whatever their case)"),
+                Some(&format!("its password is the secret {0}: `mlopsctl secrets rotate {0}`", access.admin_password)),
+            );
+        }
+        "api" if status == 404 => {
+            return ControllerError::Local(format!(
+                "{host}: Airflow in `{}` has no FAB account API (/auth/fab/v1): it does not run the FAB auth manager",
+                access.service
+            ));
+        }
+        _ if status == 0 => {
+            return ControllerError::Local(format!(
+                "{host}: Airflow's API in `{}` did not answer: {error}",
+                access.service
+            ));
+        }
+        _ => {}
     }
     match status {
         404 => ControllerError::usage(
@@ -408,7 +457,7 @@ mod tests {
         for good in ["vic", "ana.lopez", "ops-team_2", "a@example.org"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-rf", "a b", "x/../y", "über", &"x".repeat(65)] {
+        for bad in ["", ".", "..", "-rf", "a b", "x/../y", "über", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -435,8 +484,13 @@ mod tests {
         );
         assert_eq!(e.to_string(), "h: Airflow has no role `Boss`");
         assert_eq!(e.hint().as_deref(), Some("roles there: Admin, Viewer"));
-        let e = refusal("h", &access, &req, &json!({"ok": false, "status": 404, "error": "not found"}));
+        let e = refusal("h", &access, &req, &json!({"ok": false, "step": "user", "status": 404, "error": "not found"}));
         assert_eq!(e.to_string(), "h: there is no account `vic`");
+        let e = refusal("h", &access, &req, &json!({"ok": false, "step": "api", "status": 404, "error": "Not Found"}));
+        assert!(e.to_string().contains("no FAB account API"), "{e}");
+        assert!(matches!(e, ControllerError::Local(_)), "{e}");
+        let e = refusal("h", &access, &req, &json!({"ok": false, "step": "admin", "status": 403, "error": "admin"}));
+        assert!(matches!(e, ControllerError::Usage { .. }), "{e}");
         let e = refusal("h", &access, &req, &json!({"ok": false, "status": 401, "error": "bad", "step": "login"}));
         assert!(matches!(e, ControllerError::Local(_)), "{e}");
         let e = refusal("h", &access, &req, &json!({"ok": false, "status": 500, "error": "boom"}));
