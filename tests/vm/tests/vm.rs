@@ -10,8 +10,9 @@
 //! test nothing new), first interrupted by
 //! killing the controller during the transfer, then re-run to success; the
 //! rows are served on `vm2` and `vm1` is left stopped with its volume. The
-//! stack moves back with `--decommission`, which removes it, its volume and
-//! the agent from `vm2`; the agent is then uninstalled from `vm1`.
+//! agent is then uninstalled from both (the stack runs on). The move back
+//! with `--decommission` is left to the namespace tier (tests/migrate.rs):
+//! under emulation it took 19 minutes of a CI run that must stay short.
 //!
 //! The stack's one image (PostgreSQL 15 and busybox, from debootstrap) is
 //! made on a namespace test host's engine and shipped to the VMs over the
@@ -369,25 +370,21 @@ fn a_stack_moves_between_real_vms_with_its_rows() {
     assert_eq!(std::fs::read_to_string(&inventory).unwrap(), inventory_text);
     assert!(run.stdout.contains("stack now served by vm2"), "{}", run.stdout);
 
-    // 7. Back to vm1, with --decommission: vm2 ends with nothing of ours.
+    // 7. Uninstalled from both: the units and the binaries go; the stack
+    // runs on on vm2, vm1 keeps its stopped copy. (The move back with
+    // --decommission, 19 minutes under emulation, is the namespace tier's:
+    // tests/tests/migrate.rs; its agent removal is this uninstall.)
     let t = Instant::now();
-    let run = tier.ctl(
-        &["migrate", "--from", "vm2", "--to", "vm1", "--expose", "--health-timeout", "600", "--decommission"],
-        &agent,
-    );
-    let run = run.expect_code(0);
-    step("migrate vm2 → vm1 --decommission", t);
-    assert_eq!(tier.http("vm1", "/cgi-bin/rows"), rows, "{}", run.stderr);
-    assert_eq!(tier.containers("vm2", &project), "");
-    assert_eq!(tier.on("vm2", &format!("sudo docker volume ls -q | grep -c '^{project}_' || true")), "0");
-    assert_eq!(tier.on("vm2", "test -e /usr/local/lib/mlops-agent/mlops-agent && echo yes || echo no"), "no");
-    assert_eq!(tier.on("vm2", "sudo systemctl cat mlops-agent.service >/dev/null 2>&1 && echo yes || echo no"), "no");
-
-    // 8. Uninstalled from vm1: the unit and the binary go, the stack runs on.
-    let run = tier.ctl_hosts(&["agent", "uninstall", "--limit", "vm1"], &agent);
+    let run = tier.ctl_hosts(&["agent", "uninstall"], &agent);
     run.expect_code(0);
-    assert_eq!(tier.on("vm1", "sudo systemctl cat mlops-agent.service >/dev/null 2>&1 && echo yes || echo no"), "no");
-    assert_eq!(tier.on("vm1", "pgrep -x mlops-agent >/dev/null && echo yes || echo no"), "no");
-    assert_eq!(tier.containers("vm1", &project), "app running\ndb running");
+    step("agent uninstalled from both", t);
+    for vm in ["vm1", "vm2"] {
+        assert_eq!(tier.on(vm, "sudo systemctl cat mlops-agent.service >/dev/null 2>&1 && echo yes || echo no"), "no");
+        assert_eq!(tier.on(vm, "pgrep -x mlops-agent >/dev/null && echo yes || echo no"), "no");
+        assert_eq!(tier.on(vm, "test -e /usr/local/lib/mlops-agent/mlops-agent && echo yes || echo no"), "no");
+    }
+    assert_eq!(tier.containers("vm2", &project), "app running\ndb running");
+    assert_eq!(tier.http("vm2", "/cgi-bin/rows"), rows);
+    assert_eq!(tier.containers("vm1", &project), "app exited\ndb exited");
     step("the whole VM tier", started);
 }
