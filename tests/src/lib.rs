@@ -874,6 +874,16 @@ pub struct CtlRun {
     pub stderr: String,
 }
 
+impl From<Output> for CtlRun {
+    fn from(out: Output) -> Self {
+        CtlRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl CtlRun {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)
@@ -964,12 +974,7 @@ impl TestEnv {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = output_within(&mut cmd, self.ctl_deadline);
-        CtlRun {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        CtlRun::from(output_within(&mut cmd, self.ctl_deadline))
     }
 
     /// Runs `mlopsctl` as [`Self::ctl`] does with `input` on its standard
@@ -979,12 +984,7 @@ impl TestEnv {
         let file = tempfile::NamedTempFile::new().expect("a temporary file");
         fs::write(file.path(), input).expect("the input is written");
         cmd.stdin(fs::File::open(file.path()).expect("the input opens"));
-        let out = output_within(&mut cmd, self.ctl_deadline);
-        CtlRun {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        CtlRun::from(output_within(&mut cmd, self.ctl_deadline))
     }
 
     /// Runs `mlopsctl` as [`Self::ctl`] does, but on a terminal, as a
@@ -1004,12 +1004,7 @@ impl TestEnv {
             }
         }
         cmd.env("TERM", "xterm-256color");
-        let out = output_within(&mut cmd, self.ctl_deadline);
-        CtlRun {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        CtlRun::from(output_within(&mut cmd, self.ctl_deadline))
     }
 
     /// The `mlopsctl` command [`Self::ctl`] runs, to spawn it (a test that

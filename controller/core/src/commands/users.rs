@@ -50,6 +50,19 @@ pub enum UsersAction {
     },
 }
 
+impl UsersAction {
+    /// The subcommand's name: `list`, `add`, `remove`, `set-role`, `set-password`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            UsersAction::List => "list",
+            UsersAction::Add { .. } => "add",
+            UsersAction::Remove { .. } => "remove",
+            UsersAction::SetRole { .. } => "set-role",
+            UsersAction::SetPassword { .. } => "set-password",
+        }
+    }
+}
+
 /// One Airflow account, as the API lists it (never its password).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Account {
@@ -251,8 +264,9 @@ pub async fn users(
             made
         })
     };
+    let verb = action.verb();
     let (name, mut request) = match &action {
-        UsersAction::List => (String::new(), json!({"action": "list"})),
+        UsersAction::List => (String::new(), json!({})),
         UsersAction::Add { name, role, email, password: given } => {
             // A name that is an address is its own email.
             let email = match email {
@@ -266,19 +280,15 @@ pub async fn users(
                 None if name.contains('@') => name.clone(),
                 None => format!("{name}@localhost"),
             };
-            let request =
-                json!({"action": "add", "name": name, "role": role, "email": email, "password": password(given)});
-            (name.clone(), request)
+            (name.clone(), json!({"name": name, "role": role, "email": email, "password": password(given)}))
         }
-        UsersAction::Remove { name } => (name.clone(), json!({"action": "remove", "name": name})),
-        UsersAction::SetRole { name, role } => {
-            (name.clone(), json!({"action": "set-role", "name": name, "role": role}))
-        }
+        UsersAction::Remove { name } => (name.clone(), json!({"name": name})),
+        UsersAction::SetRole { name, role } => (name.clone(), json!({"name": name, "role": role})),
         UsersAction::SetPassword { name, password: given } => {
-            (name.clone(), json!({"action": "set-password", "name": name, "password": password(given)}))
+            (name.clone(), json!({"name": name, "password": password(given)}))
         }
     };
-    let verb = request["action"].as_str().unwrap_or_default().to_string();
+    request["action"] = json!(verb);
     if !name.is_empty() {
         check_name(&name)?;
     }
@@ -330,17 +340,10 @@ pub async fn users(
     .await;
     transport.close().await;
     let (accounts, account) = result?;
-    let action = match action {
-        UsersAction::List => "list",
-        UsersAction::Add { .. } => "add",
-        UsersAction::Remove { .. } => "remove",
-        UsersAction::SetRole { .. } => "set-role",
-        UsersAction::SetPassword { .. } => "set-password",
-    };
     Ok(UsersReport {
         project: stack.project.clone(),
         host: target.name.clone(),
-        action,
+        action: verb,
         accounts,
         account,
         generated_password: generated,
