@@ -141,9 +141,9 @@ fn engine_failure(engine: &EngineError, f: &mut Failure) -> FailureKind {
             f.service.clone_from(service);
             FailureKind::Timeout
         }
-        EngineError::Io { path, .. } => {
+        EngineError::Io { path, source, .. } => {
             f.path.clone_from(path);
-            FailureKind::Io
+            if crate::engine::confine::is_contended(source) { FailureKind::Contended } else { FailureKind::Io }
         }
         EngineError::DiskFull { service, path, free, floor } => {
             (f.service, f.path, f.output) = (service.clone(), path.clone(), format!("{free} {floor}"));

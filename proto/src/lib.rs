@@ -148,6 +148,7 @@ pub mod failure {
             FailureKind::StackLocked | FailureKind::CredentialChanged => Code::FailedPrecondition,
             FailureKind::DiskFull => Code::ResourceExhausted,
             FailureKind::EngineUnreachable | FailureKind::ShuttingDown => Code::Unavailable,
+            FailureKind::Contended => Code::Aborted,
             FailureKind::Timeout => Code::DeadlineExceeded,
             FailureKind::DockerInstallFailed
             | FailureKind::BuildFailed

@@ -66,6 +66,19 @@ fn escape(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, format!("{what} leads outside the tree"))
 }
 
+/// Something (a container with a writable bind of this part of the tree)
+/// replaces a directory as fast as the agent makes or opens it: the write
+/// gives up rather than race on. `ResourceBusy` is how the caller tells this
+/// from a failing disk (see [`is_contended`]).
+pub fn contended(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::ResourceBusy, format!("{what} (a container with a writable bind of it?)"))
+}
+
+/// Whether `e` is a write that lost to something changing the tree under it.
+pub fn is_contended(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::ResourceBusy
+}
+
 /// An open tree root.
 #[derive(Debug)]
 pub struct Tree {
@@ -110,7 +123,7 @@ impl Tree {
                 Err(e) => return Err(errno(e)),
             }
         }
-        Err(io::Error::other(format!("`{}` keeps changing while it is being opened", rel.display())))
+        Err(contended(&format!("`{}` keeps changing while it is being opened", rel.display())))
     }
 
     /// The host path `rel` resolves to, with every symlink followed and the
@@ -274,7 +287,7 @@ pub fn ensure_dir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
         }
     }
     // Something keeps replacing the directory as fast as it is made.
-    Err(io::Error::other(format!("`{}` keeps changing while it is being created", name.to_string_lossy())))
+    Err(contended(&format!("`{}` keeps changing while it is being created", name.to_string_lossy())))
 }
 
 /// Mode `mode`, owner root (when the agent is root), on an open handle.

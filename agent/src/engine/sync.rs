@@ -826,15 +826,17 @@ fn remove_unlisted(
     Ok(removed)
 }
 
-/// A file of `tree` that could not be written, and why.
+/// A file of `tree` that could not be written, and why. Its directory gone
+/// between being opened and the file being made means something removes it
+/// as fast as the agent makes it: that is the contention
+/// [`confine::contended`] names, not a disk fault.
 fn write_error(tree: &Path, path: &Path, err: std::io::Error) -> EngineError {
-    let what = if err.kind() == std::io::ErrorKind::NotFound {
-        "writing (its directory keeps being removed, by a container with a writable bind of it?; \
-         nothing was written outside the tree)"
+    let err = if err.kind() == std::io::ErrorKind::NotFound {
+        confine::contended("its directory keeps being removed while it is being written")
     } else {
-        "writing"
+        err
     };
-    EngineError::io_at(what, &tree.join(path))(err)
+    EngineError::io_at("writing", &tree.join(path))(err)
 }
 
 fn hash_file(path: &Path) -> Result<String, EngineError> {

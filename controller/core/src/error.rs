@@ -296,6 +296,10 @@ fn kind_hint(f: &Failure) -> Option<String> {
         }
         FailureKind::ShuttingDown => "the agent was stopping (a restart or upgrade); run the command again".into(),
         FailureKind::Io => format!("check `{}` on the host (space, permissions)", f.path),
+        FailureKind::Contended => format!(
+            "nothing was written outside the stack's tree; a container with a writable bind of `{}` keeps replacing it: stop it or mount it read-only (`:ro`), then sync again",
+            f.path
+        ),
         FailureKind::DiskFull => format!(
             "free space in {} on the host (`mlopsctl status` shows what Docker's data takes; `docker image prune`, `docker builder prune`, or old volumes), or lower the floor with --min-free-space",
             f.path
@@ -352,6 +356,7 @@ mod tests {
             FailureKind::DockerInstallFailed,
             FailureKind::EngineError,
             FailureKind::DiskFull,
+            FailureKind::Contended,
         ] {
             let e = ControllerError::Agent { host: "h".into(), call: "Converge", failure: Box::new(failure(kind)) };
             assert!(e.hint().is_some(), "{kind:?}");
