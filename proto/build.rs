@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .bytes(".mlops.agent.v1.ImageChunk.data")
         .bytes(".mlops.agent.v1.DataChunk.data")
+        .bytes(".mlops.agent.v1.BackupPiece.data")
+        .bytes(".mlops.agent.v1.BackupFileChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -20,6 +20,7 @@
 //!   `sd_notify` readiness where it is.
 //! - [`secrets`]: each project's credentials, kept on the host (root only).
 //! - [`history`]: what each operator did to each project on this host.
+//! - [`stored`]: backups a controller keeps on this host, and reads back.
 
 pub mod backups;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod install;
 pub mod secrets;
 pub mod server;
 pub mod service;
+pub mod stored;
 pub mod tls;
 
 /// The agent's version, reported to the controller.

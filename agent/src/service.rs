@@ -16,15 +16,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::{Stream, StreamExt};
 use mlops_proto::v1::agent_server::Agent;
 use mlops_proto::v1::{
-    BackupPlan, BackupScheduleReply, BackupScheduleRequest, BuildImagesRequest, DataChunk, DataSource, DockerStatus,
-    DownRequest, EnsureDockerRequest, ExecReply, ExecRequest, ExportDataRequest, Failure, FailureKind, GetFactsRequest,
-    GetSecretsRequest, HealthEvent, HeartbeatEvent, HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply,
-    HistoryRequest, HostFacts, ImageChunk, ImagePlanReply, ImagePlanRequest, ImageState, ImportDataReply,
-    LoadImageReply, LogChunk, LogsRequest, PlanStackReply, PlanStackRequest, PlannedService, Progress,
-    PutSecretsRequest, Revision, RevisionsReply, RevisionsRequest, RollbackRequest, SaveImageRequest, Secrets,
-    ServiceState, StackAction, StackEvent, StackStatusReply, StackStatusRequest, StopServicesReply,
-    StopServicesRequest, SyncChunk, SyncCommitRequest, SyncManifest, SyncPlan, SyncReport, SyncUploadReply,
-    TagImageReply, TagImageRequest, WatchHealthRequest,
+    BackupFileChunk, BackupPiece, BackupPlan, BackupScheduleReply, BackupScheduleRequest, BackupStored,
+    BuildImagesRequest, DataChunk, DataSource, DockerStatus, DownRequest, EnsureDockerRequest, ExecReply, ExecRequest,
+    ExportDataRequest, Failure, FailureKind, GetFactsRequest, GetSecretsRequest, HealthEvent, HeartbeatEvent,
+    HeartbeatRequest, HelloRequest, HelloResponse, HistoryReply, HistoryRequest, HostFacts, ImageChunk, ImagePlanReply,
+    ImagePlanRequest, ImageState, ImportDataReply, LoadImageReply, LogChunk, LogsRequest, PlanStackReply,
+    PlanStackRequest, PlannedService, Progress, PutSecretsRequest, ReadBackupRequest, Revision, RevisionsReply,
+    RevisionsRequest, RollbackRequest, SaveImageRequest, Secrets, ServiceState, StackAction, StackEvent,
+    StackStatusReply, StackStatusRequest, StopServicesReply, StopServicesRequest, SyncChunk, SyncCommitRequest,
+    SyncManifest, SyncPlan, SyncReport, SyncUploadReply, TagImageReply, TagImageRequest, WatchHealthRequest,
+    backup_piece, backup_stored,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -1206,6 +1207,102 @@ impl Agent for AgentService {
         })
         .await?;
         Ok(Response::new(ImportDataReply { bytes, sha256, exit_code, output: tail(&output, 16 * 1024) }))
+    }
+
+    type StoreBackupStream = BoxStream<BackupStored>;
+
+    async fn store_backup(
+        &self,
+        request: Request<tonic::Streaming<BackupPiece>>,
+    ) -> Result<Response<Self::StoreBackupStream>, Status> {
+        let peer = peer(&request);
+        let mut pieces = request.into_inner();
+        let begin = match pieces.message().await? {
+            Some(BackupPiece { piece: Some(backup_piece::Piece::Begin(begin)) }) => begin,
+            _ => {
+                return Err(AgentError::InvalidArgument {
+                    field: "begin",
+                    message: "a stored backup's first piece begins it".into(),
+                }
+                .into());
+            }
+        };
+        check_project(&begin.project)?;
+        let project = begin.project.clone();
+        let (state_dir, source) = (self.state_dir.clone(), begin.source_host.clone());
+        let mut store = blocking(move || crate::stored::Store::begin(&state_dir, begin)).await?;
+        let (tx, rx) = mpsc::channel(2);
+        let (mut stop, history) = (self.shutdown.clone(), self.history.clone());
+        tokio::spawn(async move {
+            let result = async {
+                loop {
+                    let piece = tokio::select! {
+                        piece = pieces.message() => piece?,
+                        _ = stop.changed() => return Err(Status::from(AgentError::ShuttingDown)),
+                    };
+                    let Some(piece) = piece else {
+                        return Err(Status::from(EngineError::bad_request(
+                            "manifest",
+                            "the stream ended before the backup's manifest: nothing was kept",
+                        )));
+                    };
+                    let stored = match store.piece(piece).await.map_err(|e| stack_status(e, &project))? {
+                        None => continue,
+                        Some(crate::stored::Step::File(file)) => backup_stored::Stored::File(file),
+                        Some(crate::stored::Step::Done(done)) => return Ok(done),
+                    };
+                    if tx.send(Ok(BackupStored { stored: Some(stored) })).await.is_err() {
+                        return Err(Status::cancelled("the controller went away"));
+                    }
+                }
+            }
+            .await;
+            let (outcome, detail) = match &result {
+                Ok(done) => ("ok", format!("stored a backup from {source}: {}", done.dir)),
+                Err(status) => {
+                    let partial = store.partial().to_path_buf();
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(partial)).await;
+                    ("failed", format!("storing a backup from {source}: {}", status.message()))
+                }
+            };
+            let p = project.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || history.record(&p, &peer, "backup stored", outcome, &detail)).await;
+            let _ = tx.send(result.map(|done| BackupStored { stored: Some(backup_stored::Stored::Done(done)) })).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReadBackupStream = BoxStream<BackupFileChunk>;
+
+    async fn read_backup(
+        &self,
+        request: Request<ReadBackupRequest>,
+    ) -> Result<Response<Self::ReadBackupStream>, Status> {
+        let peer = peer(&request);
+        let req = request.into_inner();
+        check_project(&req.project)?;
+        let state_dir = self.state_dir.clone();
+        let (project, dir, name) = (req.project.clone(), req.dir.clone(), req.name.clone());
+        let (dir, files) = blocking(move || crate::stored::find(&state_dir, &dir, &project, &name)).await?;
+        // Few chunks in flight: the file is read at the pace the
+        // controller writes it.
+        let (tx, rx) = mpsc::channel(4);
+        let (stop, history, project) = (self.shutdown.clone(), self.history.clone(), req.project.clone());
+        tokio::task::spawn_blocking(move || {
+            let (outcome, detail) = match crate::stored::send(&dir, &files, &tx, &stop) {
+                Ok(bytes) => ("ok", format!("read backup {} ({bytes} bytes)", dir.display())),
+                Err(e) => {
+                    let detail = format!("reading backup {}: {e}", dir.display());
+                    let _ = tx.blocking_send(Err(e));
+                    ("failed", detail)
+                }
+            };
+            history.record(&project, &peer, "backup read", outcome, &detail);
+        });
+        let project = req.project;
+        let chunks = ReceiverStream::new(rx).map(move |r| r.map_err(|e| stack_status(e, &project)));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {

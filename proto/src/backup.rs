@@ -466,9 +466,21 @@ pub fn begin(
 ) -> std::io::Result<Manifest> {
     std::fs::create_dir(partial)?;
     set_mode(partial, 0o700)?;
-    let json = serde_json::to_vec_pretty(secrets).expect("serializable");
+    let (json, manifest) = new_manifest(project, host, version, secrets);
     write_file(&partial.join(SECRETS), &json)?;
-    Ok(Manifest {
+    Ok(manifest)
+}
+
+/// A backup's `secrets.json` for `secrets`, and its manifest to fill in
+/// (the secrets' sha256 set).
+pub fn new_manifest(
+    project: &str,
+    host: &str,
+    version: &str,
+    secrets: &BTreeMap<String, String>,
+) -> (Vec<u8>, Manifest) {
+    let json = serde_json::to_vec_pretty(secrets).expect("serializable");
+    let manifest = Manifest {
         format: FORMAT,
         project: project.to_string(),
         host: host.to_string(),
@@ -478,7 +490,50 @@ pub fn begin(
         volumes: Vec::new(),
         absent: Vec::new(),
         secrets_sha256: hex::encode(Sha256::digest(&json)),
-    })
+    };
+    (json, manifest)
+}
+
+/// Whether `name` is a backup directory's name as [`name`] makes it.
+pub fn is_name(name: &str) -> bool {
+    let host = name.get(17..).unwrap_or_default();
+    name.get(..16).is_some_and(is_stamp)
+        && name.as_bytes().get(16) == Some(&b'-')
+        && !host.is_empty()
+        && host == file_safe(host)
+}
+
+/// Whether `file` is the name of a data file a backup holds: the dump, or
+/// a volume's archive (never the manifest, the secrets, or a hidden file).
+pub fn is_data_file(file: &str) -> bool {
+    file == DATABASE_FILE
+        || file
+            .strip_prefix("volume-")
+            .and_then(|v| v.strip_suffix(".tar.zst"))
+            .is_some_and(|v| !v.is_empty() && !v.starts_with('.') && v == file_safe(v))
+}
+
+/// The whole backups of `project` in `parent` (named as [`name`] names
+/// them, with a manifest of this format saying they are the project's),
+/// oldest first.
+pub fn whole_backups(parent: &Path, project: &str) -> Vec<String> {
+    let ours_by_manifest = |p: &Path| {
+        std::fs::read(p.join(MANIFEST))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
+            .is_some_and(|m| m.format == FORMAT && m.project == project)
+    };
+    let mut ours: Vec<String> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_name(n) && ours_by_manifest(&parent.join(n)))
+        .collect();
+    // The names start with the time: their order is the backups'.
+    ours.sort();
+    ours
 }
 
 /// Makes the whole backup `partial` (its files written) the backup `name`
@@ -507,26 +562,12 @@ pub fn prune(parent: &Path, project: &str, host: &str, keep: usize, newest: &str
     if keep == 0 {
         return (Vec::new(), Vec::new());
     }
-    let suffix = format!("-{}", file_safe(host));
-    let ours_by_manifest = |p: &Path| {
-        std::fs::read(p.join(MANIFEST))
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
-            .is_some_and(|m| m.format == FORMAT && m.project == project)
-    };
-    let mut ours: Vec<PathBuf> = std::fs::read_dir(parent)
+    let host = file_safe(host);
+    let ours: Vec<PathBuf> = whole_backups(parent, project)
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name != newest && name.strip_suffix(&suffix).is_some_and(is_stamp) && ours_by_manifest(p)
-        })
+        .filter(|n| n != newest && n.get(17..) == Some(host.as_str()))
+        .map(|n| parent.join(n))
         .collect();
-    // The names start with the time: their order is the backups'.
-    ours.sort();
     let excess = (ours.len() + 1).saturating_sub(keep);
     let (mut removed, mut failed) = (Vec::new(), Vec::new());
     for old in ours.into_iter().take(excess) {
@@ -538,7 +579,6 @@ pub fn prune(parent: &Path, project: &str, host: &str, keep: usize, newest: &str
     (removed, failed)
 }
 
-/// `YYYYMMDDTHHMMSSZ`.
 /// How long a `.<name>.partial` directory may have been under way before
 /// a later backup takes it for one a killed run left (no backup streams
 /// that long; one of a run still going is younger).
@@ -624,6 +664,18 @@ mod tests {
             assert_eq!(airflow["public.Odd \"one\""], 0);
             assert_eq!(t.counts["postgres"]["public.t"], 1);
             assert!(!t.counts.contains_key("template1"));
+        }
+    }
+
+    #[test]
+    fn names_and_data_files_are_only_what_a_backup_writes() {
+        assert!(is_name(&name(1_700_000_000, "web-1.example").0));
+        for bad in ["20260101T000000Z-", "20260101T000000Z", "20260101T000000Z-a/b", "x0260101T000000Z-a", "..", ""] {
+            assert!(!is_name(bad), "{bad}");
+        }
+        assert!(is_data_file(DATABASE_FILE) && is_data_file("volume-shop_files.tar.zst"));
+        for bad in [MANIFEST, SECRETS, "volume-.tar.zst", "volume-..tar.zst", "volume-a/b.tar.zst", ".x", "x.tar.zst"] {
+            assert!(!is_data_file(bad), "{bad}");
         }
     }
 

@@ -35,7 +35,9 @@ pub mod v1 {
 /// read its input to the end), `StopServicesRequest.waves`.
 /// Level 9: `DataSource.live` (a running stack's volumes exported for a
 /// backup), `BackupSchedule` (backups the agent takes on its own schedule).
-pub const API_LEVEL: u32 = 9;
+/// Level 10: `StoreBackup`, `ReadBackup` (backups kept on another host),
+/// `FailureKind::Contended`.
+pub const API_LEVEL: u32 = 10;
 
 /// The largest piece of an image tarball in one `ImageChunk` (agents and
 /// the controller both cut to it).

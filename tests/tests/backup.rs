@@ -2,7 +2,9 @@
 //! own sshd and Docker engine, the real agent and CLI): a running stack's
 //! database dump and live volume go to a directory on this machine, come
 //! back onto another host checked, and a damaged backup or a restore that
-//! lost rows is refused; `--keep` prunes.
+//! lost rows is refused; `--keep` prunes; a backup kept by another host's
+//! agent (`--to-host`, and the scheduled ones) restores from there
+//! (`--from-host`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -230,14 +232,80 @@ fn a_scheduled_backup_runs_on_the_host_and_prunes_to_its_count() {
     assert_eq!(whole.len(), 2, "pruned to two: {whole:?}");
     assert_eq!(mode(&on_host.join(&whole[1]).join("secrets.json")), 0o600);
 
-    // The newest, copied here, restores onto another host.
-    let here = tempfile::tempdir().unwrap();
-    let copy = here.path().join(&whole[1]);
-    copy_dir(&on_host.join(&whole[1]), &copy);
-    let run = ctl(&env, &stack, &b, &["restore", &copy.display().to_string(), "--health-timeout", "60"]).expect_code(0);
+    // The newest, fetched from the host that took it, restores onto another.
+    let from = a.spec("root");
+    let run = ctl(&env, &stack, &b, &["restore", "latest", "--from-host", &from, "--health-timeout", "60"]);
+    let run = run.expect_code(0);
     assert!(run.stdout.contains("row counts of 1 table(s) equal the dump's"), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("fetch: backup {}", seen["dir"].as_str().unwrap())), "{}", run.stdout);
+    assert!(run.stderr.contains(&whole[1]), "the newest is the one restored: {}", run.stderr);
     let rows = b.docker(&["exec", &container(&b, &project, "db"), "sh", "-c", "grep -c '^row ' /data/db.sql"]);
     assert_eq!(rows.trim(), "200");
+}
+
+/// A backup kept by another host's agent, in a directory of that host's:
+/// written there whole (compressed and checked there), pruned there, and
+/// restored from there; a directory others could write is refused.
+#[test]
+fn a_backup_kept_on_another_host_restores_from_there() {
+    let env = TestEnv::new().unwrap();
+    let (a, b) = (env.docker_host("bak-h").unwrap(), env.docker_host("bak-i").unwrap());
+    let stack = stack();
+    let project = stack.project.clone();
+    env.deploy_stack(&[&a], &stack, &[]).expect_code(0);
+    let keeper = b.spec("root");
+
+    // Refused before anything is written: a relative directory (here), one
+    // a local user of the keeping host could write (there).
+    let run = ctl(&env, &stack, &a, &["backup", "--to-host", &keeper, "--to", "rel/dir"]).expect_code(2);
+    assert!(run.stderr.contains("absolute path") && run.stderr.contains("hint:"), "{}", run.stderr);
+    // (/var/lib: the test host's own, an overlay of this machine's.)
+    let on_b = |script: &str| String::from_utf8(b.exec(script).unwrap().stdout).unwrap();
+    on_b("mkdir -p /var/lib/open && chmod 777 /var/lib/open");
+    let run = ctl(&env, &stack, &a, &["backup", "--to-host", &keeper, "--to", "/var/lib/open/backups"]);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("/var/lib/open is not a directory only the agent's user"), "{}", run.stderr);
+    assert_eq!(on_b("ls -A /var/lib/open"), "", "nothing made under a directory others write");
+
+    let mut made = Vec::new();
+    for (round, rows) in [(1, 700), (2, 800)] {
+        fill(&a, &project, rows, &format!("round {round}"));
+        // Names are to the second.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let to = ["backup", "--to-host", &keeper, "--to", "/var/lib/mlops-test-backups", "--keep", "1"];
+        let run = ctl(&env, &stack, &a, &to);
+        let run = run.expect_code(0);
+        assert!(run.stderr.contains(&format!("kept on {keeper}")), "{}", run.stderr);
+        made.push(printed_dir(&run));
+    }
+    let dir = &made[1];
+    assert!(dir.starts_with(format!("/var/lib/mlops-test-backups/{project}/")), "{}", dir.display());
+    let there = dir.display().to_string();
+    assert_eq!(on_b(&format!("stat -c %a {there} {there}/secrets.json")), "700\n600\n");
+    let manifest: serde_json::Value = serde_json::from_str(&on_b(&format!("cat {there}/manifest.json"))).unwrap();
+    assert_eq!(manifest["database"]["tables"]["postgres"]["public.t"], 800, "{manifest:#}");
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let left = on_b(&format!("ls -A /var/lib/mlops-test-backups/{project}"));
+    assert_eq!(left, format!("{name}\n"), "pruned to one there, no partial directory left");
+
+    // Restored from there onto the keeping host itself, checked as any.
+    let run = ctl(&env, &stack, &b, &["restore", &there, "--from-host", &keeper, "--health-timeout", "60"]);
+    let run = run.expect_code(0);
+    assert!(run.stdout.contains("row counts of 1 table(s) equal the dump's"), "{}", run.stdout);
+    let rows = b.docker(&["exec", &container(&b, &project, "db"), "sh", "-c", "grep -c '^row ' /data/db.sql"]);
+    assert_eq!(rows.trim(), "800");
+    // What was fetched here is gone with the restore.
+    let fetched: Vec<_> = std::fs::read_dir(&env.state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".restore-"))
+        .collect();
+    assert!(fetched.is_empty(), "{fetched:?}");
+    // A name the host does not keep: the ones it keeps are named.
+    let missing = format!("/var/lib/mlops-test-backups/{project}/20200101T000000Z-x");
+    let run = ctl(&env, &stack, &b, &["restore", &missing, "--from-host", &keeper]);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains(&format!("there are: {name}")), "{}", run.stderr);
 }
 
 fn state(host: &TestHost, id: &str) -> String {

@@ -285,9 +285,12 @@ pub enum Command {
     Backup {
         #[command(flatten)]
         stack: StackArgs,
-        /// Where backups go, as DIR/PROJECT/TIME-HOST/ [default: the state directory's backups/].
+        /// Where backups go, as DIR/PROJECT/TIME-HOST/ [default: the state directory's backups/]; with --to-host, an absolute directory on that host, root's alone [default: its agent's /var/lib/mlops-agent/backups/].
         #[arg(long, value_name = "DIR")]
         to: Option<PathBuf>,
+        /// Keep the backup on this host (an inventory name, or USER@HOST) instead of this machine: the data streams from one agent to the other through mlopsctl, compressed and checked there.
+        #[arg(long, value_name = "HOST")]
+        to_host: Option<String>,
         /// Also copy the metrics' volumes (Prometheus's and Grafana's data: `x-mlops.migrate.optional`).
         #[arg(long)]
         with_metrics: bool,
@@ -302,9 +305,12 @@ pub enum Command {
     Restore {
         #[command(flatten)]
         stack: StackArgs,
-        /// The backup's directory, as `mlopsctl backup` printed it.
+        /// The backup's directory, as `mlopsctl backup` printed it; with --from-host, its directory on that host, its name in that host's backups/ (where scheduled backups go), or `latest`.
         #[arg(value_name = "BACKUP")]
         backup: PathBuf,
+        /// The host (an inventory name, or USER@HOST) that keeps the backup (`backup --to-host`, or its own scheduled backups): it is fetched to this machine first.
+        #[arg(long, value_name = "HOST")]
+        from_host: Option<String>,
         /// Seconds each service gets to stop (SIGTERM) before it is killed.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         stop_timeout: u32,

@@ -389,8 +389,9 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
                 Err(e) => printer.failed("users", &e),
             }
         }
-        Command::Backup { stack, to, with_metrics, keep, schedule } => {
-            let opts = commands::backup::BackupOptions { stack: stack.into(), to, with_metrics, keep, schedule };
+        Command::Backup { stack, to, to_host, with_metrics, keep, schedule } => {
+            let opts =
+                commands::backup::BackupOptions { stack: stack.into(), to, to_host, with_metrics, keep, schedule };
             if opts.schedule.is_some() {
                 let r = commands::backup::schedule(&setup, &opts, report).await?;
                 return Ok(printer.backup_schedule(&r));
@@ -404,6 +405,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
         Command::Restore {
             stack,
             backup,
+            from_host,
             stop_timeout,
             health_timeout,
             no_docker_install,
@@ -413,6 +415,7 @@ async fn run(cli: Cli, command: &str, printer: Arc<Printer>) -> Result<i32, mlop
             let opts = commands::backup::RestoreOptions {
                 stack: stack.into(),
                 from: backup,
+                from_host,
                 stop_timeout,
                 health_timeout,
                 install_docker: !no_docker_install,

@@ -824,8 +824,9 @@ impl Printer {
                     self.stdout(&format!("  removed the older backup {}", old.display()));
                 }
                 self.stdout(&r.dir.display().to_string());
+                let kept = r.kept_on.as_ref().map_or(String::new(), |k| format!(", kept on {k}"));
                 self.stderr_line(&format!(
-                    "backup: stack `{}` on {} copied in {:.1} s",
+                    "backup: stack `{}` on {} copied in {:.1} s{kept}",
                     r.project,
                     r.host,
                     r.ms as f64 / 1000.0
@@ -924,8 +925,9 @@ impl Printer {
                 for s in &r.steps {
                     self.stdout(&format!("{}: {} ({:.1} s)", s.step, neutralise(&s.detail), s.ms as f64 / 1000.0));
                 }
+                let on = r.from_host.as_ref().map_or(String::new(), |h| format!(" on {h}"));
                 self.stderr_line(&format!(
-                    "restore: stack `{}` restored on {} from {}",
+                    "restore: stack `{}` restored on {} from {}{on}",
                     r.project,
                     r.host,
                     r.from.display()

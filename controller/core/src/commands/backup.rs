@@ -2,7 +2,9 @@
 //! to a directory on this machine, and brought back onto the same host or
 //! another one, checked.
 //!
-//! A backup is a directory `<DIR>/<project>/<UTC time>-<host>/` (0700):
+//! A backup is a directory `<DIR>/<project>/<UTC time>-<host>/` (0700),
+//! on this machine or kept by another host's agent (`--to-host`: the
+//! export relayed into its `StoreBackup`, which writes as below):
 //! - `database.sql.zst`: `pg_dumpall --clean` of `x-mlops.migrate.database`
 //!   (the dump `migrate` streams; each database consistent in itself),
 //!   taken while the stack runs.
@@ -29,7 +31,9 @@
 //! when psql did not read it to its end), each checked by the agent against
 //! the manifest's sha256 and length; the tables' row counts compared with
 //! the dump's; the whole stack deployed healthy; Airflow's admin login and
-//! newest DAG run read through its API.
+//! newest DAG run read through its API. A backup another host keeps
+//! (`--from-host`) is first fetched whole (`ReadBackup`) into a private
+//! temporary directory of the state directory's.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -38,7 +42,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mlops_proto::backup::{self, DATABASE_FILE, DatabaseEntry, FORMAT, FileEntry, MANIFEST, Manifest, SECRETS};
-use mlops_proto::v1::{BackupPlan, BackupScheduleRequest, DataChunk, DataSource, ExportDataRequest, ImportDataReply};
+use mlops_proto::v1::agent_client::AgentClient;
+use mlops_proto::v1::{
+    BackupBegin, BackupFileChunk, BackupPiece, BackupPlan, BackupScheduleRequest, BackupStored, DataChunk, DataSource,
+    ExportDataRequest, ImportDataReply, ReadBackupRequest, backup_piece, backup_stored,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -53,8 +61,12 @@ use crate::progress::{Progress, Report, bytes_human};
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub stack: StackOptions,
-    /// Default `<state>/backups`.
+    /// Default `<state>/backups`; with `to_host`, a directory on that host
+    /// (default its agent's `backups/`).
     pub to: Option<PathBuf>,
+    /// The inventory host (or `USER@HOST`) that keeps the backup, instead
+    /// of this machine.
+    pub to_host: Option<String>,
     /// Also the volumes `x-mlops.migrate.optional` names (metrics).
     pub with_metrics: bool,
     /// Whole backups of the stack from this host kept (0: all).
@@ -86,8 +98,11 @@ pub struct ScheduleReport {
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub stack: StackOptions,
-    /// A backup's directory.
+    /// A backup's directory; with `from_host`, on that host: its path, its
+    /// name in the agent's `backups/`, or `latest`.
     pub from: PathBuf,
+    /// The host that keeps the backup.
+    pub from_host: Option<String>,
     pub stop_timeout: u32,
     pub health_timeout: u32,
     pub install_docker: bool,
@@ -101,6 +116,8 @@ pub struct BackupReport {
     pub project: String,
     pub host: String,
     pub dir: PathBuf,
+    /// The host whose `dir` it is (`None`: this machine's).
+    pub kept_on: Option<String>,
     pub manifest: Manifest,
     pub ms: u64,
     /// Older backups removed by `--keep`.
@@ -113,6 +130,8 @@ pub struct RestoreReport {
     pub project: String,
     pub host: String,
     pub from: PathBuf,
+    /// The host `from` is on (`None`: this machine).
+    pub from_host: Option<String>,
     pub steps: Vec<StepTime>,
 }
 
@@ -148,8 +167,8 @@ fn parse_every(text: &str) -> Option<u64> {
 /// `mlopsctl backup --schedule`: sets (`EVERY`, with `--keep`), removes
 /// (`off`) or shows (`show`) the selected host's own schedule of backups of
 /// the stack, which its agent takes into its state directory
-/// (`/var/lib/mlops-agent/backups/PROJECT/`, in this module's format: copy
-/// one here to restore it) and prunes to `--keep`.
+/// (`/var/lib/mlops-agent/backups/PROJECT/`, in this module's format:
+/// `restore --from-host` fetches one) and prunes to `--keep`.
 pub async fn schedule(
     setup: &Setup,
     opts: &BackupOptions,
@@ -178,12 +197,10 @@ pub async fn schedule(
                     Some("e.g. --schedule 1d --keep 7"),
                 ));
             }
-            if opts.to.is_some() {
+            if opts.to.is_some() || opts.to_host.is_some() {
                 return Err(ControllerError::usage(
-                    "--to names a directory on this machine; scheduled backups stay on the host",
-                    Some(
-                        "drop --to; copy a backup from the host's /var/lib/mlops-agent/backups/PROJECT/ to restore it",
-                    ),
+                    "--to and --to-host say where a backup taken now goes; scheduled backups stay on the host",
+                    Some("drop them; `mlopsctl restore --from-host HOST latest` restores the newest the host took"),
                 ));
             }
             request.schedule = Some(BackupPlan {
@@ -236,44 +253,82 @@ pub async fn backup(
     let started = Instant::now();
     let project = opts.stack.project(&setup.state)?;
     let host = one_host(setup, "backup")?;
-    let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
-    let parent = root.join(&project);
-    own_private_dir(&parent)?;
-    // What runs killed midway left (a day old: no run of now's).
-    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    for stale in backup::stale_partials(&parent, unix as i64, backup::STALE_PARTIAL_SECS) {
-        match std::fs::remove_dir_all(&stale) {
-            Ok(()) => report.info(&format!("removed {}, left by a backup that did not finish", stale.display())),
-            Err(e) => {
-                report.warn(&format!("cannot remove {}, left by a backup that did not finish: {e}", stale.display()));
-            }
-        }
-    }
-
-    let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&host))?;
-    let progress = Progress::new(Some(report.clone()), &host.name);
-    let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
+    let keeper = opts.to_host.as_deref().map(|spec| setup.host(spec)).transpose()?;
     let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (name, created) = backup::name(unix as i64, &host.name);
-    let partial = parent.join(format!(".{name}.partial"));
-    let result = take(&mut prepared.conn, &host.name, &project, opts, setup, &partial, report.as_ref()).await;
+    let mut dest = match &keeper {
+        None => {
+            let root = opts.to.clone().unwrap_or_else(|| setup.state.path.join("backups"));
+            let parent = root.join(&project);
+            own_private_dir(&parent)?;
+            // What runs killed midway left (a day old: no run of now's).
+            for stale in backup::stale_partials(&parent, unix as i64, backup::STALE_PARTIAL_SECS) {
+                match std::fs::remove_dir_all(&stale) {
+                    Ok(()) => {
+                        report.info(&format!("removed {}, left by a backup that did not finish", stale.display()));
+                    }
+                    Err(e) => report
+                        .warn(&format!("cannot remove {}, left by a backup that did not finish: {e}", stale.display())),
+                }
+            }
+            let partial = parent.join(format!(".{name}.partial"));
+            Dest::Local { parent, partial, name: name.clone(), keep: opts.keep }
+        }
+        Some(keeper) => {
+            let dir = match &opts.to {
+                Some(dir) if !dir.is_absolute() => {
+                    return Err(ControllerError::usage(
+                        format!(
+                            "--to {}: with --to-host it names a directory on that host, by its absolute path",
+                            dir.display()
+                        ),
+                        Some("write it from `/`, or drop --to for the agent's own backups/ directory there"),
+                    ));
+                }
+                Some(dir) => dir.display().to_string(),
+                None => String::new(),
+            };
+            Dest::Host(Box::new(Remote {
+                host: keeper.name.clone(),
+                client: None,
+                begin: BackupBegin {
+                    project: project.clone(),
+                    name: name.clone(),
+                    dir,
+                    secrets: Default::default(),
+                    keep: u32::try_from(opts.keep).unwrap_or(u32::MAX),
+                    source_host: host.name.clone(),
+                },
+                tx: None,
+                replies: None,
+            }))
+        }
+    };
+
+    let targets: Vec<_> = std::iter::once(host.clone()).chain(keeper.clone()).collect();
+    let bundles = Bundle::for_targets(&setup.state, &targets)?;
+    let progress = Progress::new(Some(report.clone()), &host.name);
+    let mut prepared = bootstrap::prepare_host(&host, &setup.ctx, &bundles[&host.name], &progress).await?;
+    let mut kept = None;
+    let result = async {
+        if let (Some(keeper), Dest::Host(remote)) = (&keeper, &mut dest) {
+            let progress = Progress::new(Some(report.clone()), &keeper.name);
+            let mut p = bootstrap::prepare_host(keeper, &setup.ctx, &bundles[&keeper.name], &progress).await?;
+            remote.client = Some(p.conn.raw().clone());
+            kept = Some(p);
+        }
+        let mut manifest =
+            take(&mut prepared.conn, &host.name, &project, opts, setup, &mut dest, report.as_ref()).await?;
+        manifest.created = created;
+        dest.complete(&manifest).await.map(|done| (manifest, done))
+    }
+    .await;
+    dest.discard();
     prepared.close().await;
-    let mut manifest = match result {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(e);
-        }
-    };
-    manifest.created = created;
-    let dir = match backup::complete(&parent, &partial, &name, &manifest) {
-        Ok(dir) => dir,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(ControllerError::Local(format!("cannot write the backup in {}: {e}", parent.display())));
-        }
-    };
-    let (removed, failed) = backup::prune(&parent, &project, &host.name, opts.keep, &name);
+    if let Some(p) = kept {
+        p.close().await;
+    }
+    let (manifest, (dir, removed, failed)) = result?;
     for why in failed {
         report.warn(&why);
     }
@@ -281,10 +336,144 @@ pub async fn backup(
         project,
         host: host.name.clone(),
         dir,
+        kept_on: keeper.map(|k| k.name),
         manifest,
         ms: started.elapsed().as_millis() as u64,
         removed,
     })
+}
+
+/// Where a backup's files go: a directory on this machine, or another
+/// host's agent, which writes them as it would its own (`StoreBackup`).
+enum Dest {
+    Local { parent: PathBuf, partial: PathBuf, name: String, keep: usize },
+    Host(Box<Remote>),
+}
+
+/// A backup streaming into another host's agent.
+struct Remote {
+    host: String,
+    client: Option<AgentClient<tonic::transport::Channel>>,
+    /// Sent once the secrets are known.
+    begin: BackupBegin,
+    tx: Option<tokio::sync::mpsc::Sender<BackupPiece>>,
+    replies: Option<tonic::Streaming<BackupStored>>,
+}
+
+impl Remote {
+    /// Sends `piece`; when the agent has ended the stream, its reason.
+    async fn send(&mut self, piece: backup_piece::Piece) -> Result<(), ControllerError> {
+        let tx = self.tx.as_ref().expect("the backup was begun");
+        if tx.send(BackupPiece { piece: Some(piece) }).await.is_ok() {
+            return Ok(());
+        }
+        Err(match self.reply().await {
+            Err(e) => e,
+            Ok(_) => ControllerError::Local(format!("{}: the agent ended the backup's stream early", self.host)),
+        })
+    }
+
+    /// The agent's next answer.
+    async fn reply(&mut self) -> Result<backup_stored::Stored, ControllerError> {
+        let replies = self.replies.as_mut().expect("the backup was begun");
+        match replies.message().await {
+            Ok(Some(BackupStored { stored: Some(stored) })) => Ok(stored),
+            Ok(_) => Err(ControllerError::Local(format!("{}: the agent ended the backup's stream early", self.host))),
+            Err(s) => Err(ControllerError::from_status(&self.host, "StoreBackup", &s)),
+        }
+    }
+}
+
+impl Dest {
+    /// Starts the backup with the stack's secrets: its manifest to fill in.
+    async fn begin(
+        &mut self,
+        project: &str,
+        host: &str,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<Manifest, ControllerError> {
+        match self {
+            Dest::Local { partial, .. } => backup::begin(partial, project, host, crate::VERSION, secrets)
+                .map_err(|e| ControllerError::Local(format!("cannot write the backup in {}: {e}", partial.display()))),
+            Dest::Host(remote) => {
+                remote.begin.secrets = secrets.clone().into_iter().collect();
+                // A few pieces in flight: the source sends at the pace the
+                // keeping host writes.
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                let begin = BackupPiece { piece: Some(backup_piece::Piece::Begin(remote.begin.clone())) };
+                tx.send(begin).await.expect("the receiver is here");
+                let client = remote.client.as_mut().expect("connected");
+                let replies = client
+                    .store_backup(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map_err(|s| ControllerError::from_status(&remote.host, "StoreBackup", &s))?
+                    .into_inner();
+                (remote.tx, remote.replies) = (Some(tx), Some(replies));
+                Ok(backup::new_manifest(project, host, crate::VERSION, secrets).1)
+            }
+        }
+    }
+
+    /// Streams `source` from `host` into the backup's `file`.
+    async fn save(
+        &mut self,
+        conn: &mut AgentConn,
+        host: &str,
+        source: DataSource,
+        file: &str,
+        kind: backup::Kind,
+    ) -> Result<backup::Saved, ControllerError> {
+        match self {
+            Dest::Local { partial, .. } => {
+                let saved = save(conn, host, source, partial, file, kind).await;
+                if saved.is_err() {
+                    let _ = std::fs::remove_file(partial.join(file));
+                }
+                saved
+            }
+            Dest::Host(remote) => save_remote(conn, host, source, remote, file, kind).await,
+        }
+    }
+
+    /// The backup made whole with `manifest`: its directory, the older
+    /// ones `--keep` removed, and why others could not be.
+    async fn complete(&mut self, manifest: &Manifest) -> Result<(PathBuf, Vec<PathBuf>, Vec<String>), ControllerError> {
+        match self {
+            Dest::Local { parent, partial, name, keep } => {
+                let dir = backup::complete(parent, partial, name, manifest).map_err(|e| {
+                    ControllerError::Local(format!("cannot write the backup in {}: {e}", parent.display()))
+                })?;
+                let (removed, failed) = backup::prune(parent, &manifest.project, &manifest.host, *keep, name);
+                Ok((dir, removed, failed))
+            }
+            Dest::Host(remote) => {
+                let json = serde_json::to_vec_pretty(manifest).expect("serializable");
+                remote.send(backup_piece::Piece::Manifest(json)).await?;
+                match remote.reply().await? {
+                    backup_stored::Stored::Done(done) => {
+                        Ok((PathBuf::from(done.dir), done.removed.into_iter().map(PathBuf::from).collect(), Vec::new()))
+                    }
+                    backup_stored::Stored::File(f) => Err(ControllerError::Local(format!(
+                        "{}: the agent answered the manifest with a file ({})",
+                        remote.host, f.file
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// What an unfinished backup left: a local partial directory removed;
+    /// a stream to another host closed (its agent removes what it wrote).
+    fn discard(&mut self) {
+        match self {
+            Dest::Local { partial, .. } => {
+                let _ = std::fs::remove_dir_all(partial);
+            }
+            Dest::Host(remote) => {
+                remote.tx = None;
+            }
+        }
+    }
 }
 
 /// Makes `dir` (0700) where backups go, refused unless it is a directory
@@ -307,15 +496,15 @@ fn own_private_dir(dir: &Path) -> Result<(), ControllerError> {
     backup::set_mode(dir, 0o700).map_err(cannot)
 }
 
-/// Writes the backup's files into `dir` (made here); the manifest, but its
-/// creation time.
+/// Writes the backup's files into `dest`; the manifest, but its creation
+/// time.
 async fn take(
     conn: &mut AgentConn,
     host: &str,
     project: &str,
     opts: &BackupOptions,
     setup: &Setup,
-    dir: &Path,
+    dest: &mut Dest,
     report: &dyn Report,
 ) -> Result<Manifest, ControllerError> {
     let services = migrate::status(conn, project).await?;
@@ -336,12 +525,11 @@ async fn take(
             Some("a backup dumps the database through it: start the stack (`mlopsctl deploy`) and back up again"),
         ));
     }
-    let mut manifest = backup::begin(dir, project, host, crate::VERSION, &secrets)
-        .map_err(|e| ControllerError::Local(format!("cannot write the backup in {}: {e}", dir.display())))?;
+    let mut manifest = dest.begin(project, host, &secrets).await?;
     if let Some(d) = &plan.database {
         let clock = Instant::now();
         report.info(&format!("{host}: dumping database `{}` (roles included)", d.service));
-        let saved = save(conn, host, migrate::dump_source(project, d), dir, DATABASE_FILE, backup::Kind::Dump).await?;
+        let saved = dest.save(conn, host, migrate::dump_source(project, d), DATABASE_FILE, backup::Kind::Dump).await?;
         let (file, tables) = (saved.entry, saved.tables);
         report.info(&format!(
             "{host}: database dumped: {} ({} compressed) in {:.1} s, {} table(s)",
@@ -361,7 +549,7 @@ async fn take(
         let source =
             DataSource { project: project.to_string(), volume: volume.clone(), live: true, ..Default::default() };
         let file_name = format!("volume-{}.tar.zst", backup::file_safe(volume));
-        match save(conn, host, source, dir, &file_name, backup::Kind::Tar).await.map(|s| s.entry) {
+        match dest.save(conn, host, source, &file_name, backup::Kind::Tar).await.map(|s| s.entry) {
             Ok(file) => {
                 report.info(&format!(
                     "{host}: volume {volume}: {} ({} compressed) in {:.1} s",
@@ -374,7 +562,6 @@ async fn take(
             Err(e @ ControllerError::Agent { call: "ExportData", .. })
                 if e.failure_kind() == Some(mlops_proto::v1::FailureKind::NotFound) =>
             {
-                let _ = std::fs::remove_file(dir.join(&file_name));
                 report.info(&format!("{host}: volume {volume} does not exist there (never used): nothing to copy"));
                 manifest.absent.push(volume.clone());
             }
@@ -443,12 +630,87 @@ async fn save(
     }
 }
 
+/// Streams `source` from `host` into the backup's `file` on the keeping
+/// host: its agent compresses and counts what arrives, checks it against
+/// the sums the source sent, and answers with the file as written.
+async fn save_remote(
+    conn: &mut AgentConn,
+    host: &str,
+    source: DataSource,
+    remote: &mut Remote,
+    file: &str,
+    kind: backup::Kind,
+) -> Result<backup::Saved, ControllerError> {
+    use backup_piece::Piece;
+    let mut stream = conn
+        .raw()
+        .export_data(ExportDataRequest { source: Some(source) })
+        .await
+        .map_err(|s| ControllerError::from_status(host, "ExportData", &s))?
+        .into_inner();
+    let (mut started, mut end) = (false, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?;
+        // The file is named with its first data: a volume that does not
+        // exist fails before it, and leaves nothing on the keeping host.
+        if !started {
+            let start = mlops_proto::v1::BackupFileStart { file: file.to_string(), dump: kind == backup::Kind::Dump };
+            remote.send(Piece::File(start)).await?;
+            started = true;
+        }
+        if chunk.end {
+            end = Some(chunk);
+            break;
+        }
+        if !chunk.data.is_empty() {
+            remote.send(Piece::Data(chunk.data)).await?;
+        }
+    }
+    let Some(end) = end else {
+        return Err(ControllerError::Local(format!("{host}: the stream of {file} ended before its end")));
+    };
+    let (sha256, bytes) = (end.sha256.clone(), end.bytes);
+    remote
+        .send(Piece::FileEnd(DataChunk { end: true, sha256: end.sha256, bytes: end.bytes, ..Default::default() }))
+        .await?;
+    let stored = match remote.reply().await? {
+        backup_stored::Stored::File(f) if f.file == file => f,
+        _ => {
+            return Err(ControllerError::Local(format!(
+                "{}: the agent did not answer {file} with the file it wrote",
+                remote.host
+            )));
+        }
+    };
+    if stored.sha256 != sha256 || stored.bytes != bytes {
+        return Err(ControllerError::Local(format!(
+            "{}: {file} arrived damaged: {} bytes with sha256 {}, {host} sent {bytes} with {sha256}",
+            remote.host, stored.bytes, stored.sha256
+        )));
+    }
+    let mut tables: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for t in stored.tables {
+        tables.entry(t.database).or_default().insert(t.table, t.rows);
+    }
+    Ok(backup::Saved {
+        entry: FileEntry {
+            name: String::new(),
+            file: stored.file,
+            bytes: stored.bytes,
+            sha256: stored.sha256,
+            file_bytes: stored.file_bytes,
+            file_sha256: stored.file_sha256,
+        },
+        tables,
+    })
+}
+
 /// Reads a backup's manifest and checks every file it names: present, of
-/// its length and sha256.
-fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), ControllerError> {
+/// its length and sha256. `shown` is the backup as errors name it.
+fn check_backup(dir: &Path, shown: &Path) -> Result<(Manifest, BTreeMap<String, String>), ControllerError> {
     let damaged = |what: String| {
         ControllerError::usage(
-            format!("backup {}: {what}", dir.display()),
+            format!("backup {}: {what}", shown.display()),
             Some("restore from another backup (`ls` the stack's backup directory); this one cannot be trusted"),
         )
     };
@@ -462,7 +724,7 @@ fn check_backup(dir: &Path) -> Result<(Manifest, BTreeMap<String, String>), Cont
         serde_json::from_slice(&text).map_err(|e| damaged(format!("{MANIFEST} is not a backup's manifest: {e}")))?;
     if manifest.format != FORMAT {
         return Err(ControllerError::usage(
-            format!("backup {} has format {}; this mlopsctl reads format {FORMAT}", dir.display(), manifest.format),
+            format!("backup {} has format {}; this mlopsctl reads format {FORMAT}", shown.display(), manifest.format),
             Some(&format!("restore it with the mlopsctl that wrote it ({})", manifest.mlopsctl)),
         ));
     }
@@ -509,16 +771,35 @@ pub async fn restore(
 ) -> Result<RestoreReport, ControllerError> {
     let host = one_host(setup, "restore")?;
     let project = opts.stack.project(&setup.state)?;
-    let (manifest, secrets) = check_backup(&opts.from)?;
+    let mut clock = Instant::now();
+    // A backup another host keeps is fetched first, whole, into a private
+    // directory of this machine's (removed when the restore ends): each of
+    // its files is then checked and read as a local backup's are.
+    let fetched = match &opts.from_host {
+        None => None,
+        Some(spec) => Some(fetch(setup, spec, &project, &opts.from, report.clone()).await?),
+    };
+    let from = fetched.as_ref().map_or(opts.from.clone(), |f| f.tmp.path().to_path_buf());
+    let opts = &RestoreOptions { from, ..opts.clone() };
+    // The backup as the operator knows it.
+    let shown = fetched.as_ref().map_or(opts.from.clone(), |f| f.dir.clone());
+    let (manifest, secrets) = check_backup(&opts.from, &shown)?;
     if manifest.project != project {
         return Err(ControllerError::usage(
-            format!("backup {} is of stack `{}`, not `{project}`", opts.from.display(), manifest.project),
+            format!("backup {} is of stack `{}`, not `{project}`", shown.display(), manifest.project),
             Some(&format!("name the stack it was taken of (--project {})", manifest.project)),
         ));
     }
-    let mut out =
-        RestoreReport { project: project.clone(), host: host.name.clone(), from: opts.from.clone(), steps: Vec::new() };
-    let mut clock = Instant::now();
+    let mut out = RestoreReport {
+        project: project.clone(),
+        host: host.name.clone(),
+        from: shown.clone(),
+        from_host: fetched.as_ref().map(|f| f.host.clone()),
+        steps: Vec::new(),
+    };
+    if let Some(f) = &fetched {
+        lap(&mut out, &mut clock, "fetch", f.detail.clone());
+    }
     let model = opts.stack.load_model_with(&setup.state, &crate::progress::Quiet, &secrets)?;
     let migrate_opts = MigrateOptions {
         stop_timeout: opts.stop_timeout,
@@ -536,7 +817,7 @@ pub async fn restore(
             return Err(ControllerError::usage(
                 format!(
                     "backup {} holds {} but the stack's database is {}",
-                    opts.from.display(),
+                    shown.display(),
                     have.as_ref().map_or("no database".into(), |d| format!("the dump of `{}`", d.file.name)),
                     want.as_ref().map_or("none".into(), |d| format!("`{}`", d.service))
                 ),
@@ -546,7 +827,7 @@ pub async fn restore(
     }
     if let Some(v) = manifest.volumes.iter().find(|v| !plan.volumes.contains(&v.name)) {
         return Err(ControllerError::usage(
-            format!("backup {} holds volume {}, which the stack does not have", opts.from.display(), v.name),
+            format!("backup {} holds volume {}, which the stack does not have", shown.display(), v.name),
             Some("restore it with the stack (--stack, --profile, --skip) it was taken of"),
         ));
     }
@@ -600,6 +881,121 @@ pub async fn restore(
     }
     lap(&mut out, &mut clock, "start", checked.join("; "));
     Ok(out)
+}
+
+/// A backup fetched from the host that keeps it.
+struct Fetched {
+    /// Where it is on this machine (0700, removed with this).
+    tmp: tempfile::TempDir,
+    /// The keeping host's name, and the backup's directory there.
+    host: String,
+    dir: PathBuf,
+    detail: String,
+}
+
+/// Which backup `--from-host` names with `backup`: the agent's directory
+/// (`""`) or another, and a name (or `latest`). An absolute path is a
+/// backup's directory as `backup --to-host` printed it: `DIR/PROJECT/NAME`.
+fn backup_on_host(backup: &Path, project: &str) -> Result<(String, String), ControllerError> {
+    let shown = backup.display().to_string();
+    let name = backup.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let usage = |what: String| {
+        ControllerError::usage(
+            what,
+            Some(
+                "with --from-host, name the backup as `mlopsctl backup --to-host` printed it, by its name in the host's backups/, or `latest`",
+            ),
+        )
+    };
+    if backup.is_absolute() {
+        let parent = backup.parent().filter(|p| p.file_name().and_then(|n| n.to_str()) == Some(project));
+        let (Some(parent), true) = (parent, backup::is_name(name)) else {
+            return Err(usage(format!(
+                "{shown} is not the directory of a backup of stack `{project}` (DIR/{project}/NAME)"
+            )));
+        };
+        let root = parent.parent().unwrap_or(Path::new("/"));
+        return Ok((root.display().to_string(), name.to_string()));
+    }
+    if shown == "latest" || (backup::is_name(&shown) && !shown.contains('/')) {
+        return Ok((String::new(), shown));
+    }
+    Err(usage(format!("`{shown}` is neither a backup's name (YYYYMMDDTHHMMSSZ-HOST), `latest`, nor an absolute path")))
+}
+
+/// Fetches the backup `backup` of `project` that host `spec` keeps (see
+/// [`backup_on_host`]) into a new private directory of the state's.
+async fn fetch(
+    setup: &Setup,
+    spec: &str,
+    project: &str,
+    backup: &Path,
+    report: Arc<dyn Report>,
+) -> Result<Fetched, ControllerError> {
+    let (dir, name) = backup_on_host(backup, project)?;
+    let keeper = setup.host(spec)?;
+    let local = |e: std::io::Error| {
+        ControllerError::Local(format!("cannot make a directory in {} for the backup: {e}", setup.state.path.display()))
+    };
+    std::fs::create_dir_all(&setup.state.path).map_err(local)?;
+    // tempfile makes it 0700: the backup holds the stack's secrets.
+    let tmp = tempfile::Builder::new().prefix(".restore-").tempdir_in(&setup.state.path).map_err(local)?;
+    let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&keeper))?;
+    let progress = Progress::new(Some(report.clone()), &keeper.name);
+    let mut prepared = bootstrap::prepare_host(&keeper, &setup.ctx, &bundles[&keeper.name], &progress).await?;
+    let request = ReadBackupRequest { project: project.to_string(), dir, name };
+    let result = async {
+        let mut stream = prepared
+            .conn
+            .raw()
+            .read_backup(request)
+            .await
+            .map_err(|s| ControllerError::from_status(&keeper.name, "ReadBackup", &s))?
+            .into_inner();
+        let (mut there, mut file, mut total, mut files) = (String::new(), None::<tokio::fs::File>, 0u64, Vec::new());
+        while let Some(chunk) = stream.next().await {
+            let BackupFileChunk { file: name, data, dir } =
+                chunk.map_err(|s| ControllerError::from_status(&keeper.name, "ReadBackup", &s))?;
+            if !dir.is_empty() {
+                there = dir;
+            }
+            if !name.is_empty() {
+                // Only a backup's own files, each once, by name alone.
+                if !(name == MANIFEST || name == SECRETS || backup::is_data_file(&name)) || files.contains(&name) {
+                    return Err(ControllerError::Local(format!(
+                        "{}: the backup's stream names `{name}`, not a file of a backup (or twice)",
+                        keeper.name
+                    )));
+                }
+                if let Some(f) = file.take() {
+                    f.sync_all().await.map_err(local)?;
+                }
+                let path = tmp.path().join(&name);
+                let f = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).await;
+                file = Some(f.map_err(local)?);
+                files.push(name);
+            }
+            let Some(f) = file.as_mut() else {
+                return Err(ControllerError::Local(format!(
+                    "{}: the backup's stream sent data before a file",
+                    keeper.name
+                )));
+            };
+            tokio::io::AsyncWriteExt::write_all(f, &data).await.map_err(local)?;
+            total += data.len() as u64;
+        }
+        if let Some(f) = file.take() {
+            f.sync_all().await.map_err(local)?;
+        }
+        Ok((there, total, files.len()))
+    }
+    .await;
+    prepared.close().await;
+    let (there, total, count) = result?;
+    report.info(&format!("{}: fetched backup {there} ({})", keeper.name, bytes_human(total)));
+    let detail =
+        format!("backup {there} of {} fetched from {}: {count} file(s), {}", project, keeper.name, bytes_human(total));
+    Ok(Fetched { tmp, host: keeper.name, dir: PathBuf::from(there), detail })
 }
 
 /// Ends a step of a restore: its time since `clock`, which starts again.
