@@ -276,13 +276,20 @@ impl Schedules {
         let _guard =
             self.locks.acquire(project, "a scheduled backup").map_err(|e| Postponed(format!("postponed: {e}")))?;
         let parent = self.backups.join(project);
-        // What an agent stopped or killed mid-backup left (the lock says
-        // no other backup of the project runs).
+        // What an agent stopped or killed mid-backup left: its own at once
+        // (the lock says no other scheduled backup of the project runs),
+        // others once a day old (a backup another host's controller is
+        // storing here, `stored.rs`, holds no lock and may be under way).
+        let own = backup::file_safe(&self.host);
         for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".partial") {
+            let inner = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")).unwrap_or_default();
+            if backup::is_name(inner) && inner.get(17..) == Some(own.as_str()) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
+        }
+        for stale in backup::stale_partials(&parent, now() as i64, backup::STALE_PARTIAL_SECS) {
+            let _ = std::fs::remove_dir_all(stale);
         }
         let (name, created) = backup::name(now() as i64, &self.host);
         let partial = parent.join(format!(".{name}.partial"));

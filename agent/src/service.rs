@@ -328,6 +328,15 @@ impl AgentService {
         self.started.elapsed().as_secs()
     }
 
+    /// Docker's data directory (its default when no engine answers).
+    async fn docker_root(&self) -> PathBuf {
+        let info = match docker::connect(&self.docker_socket).await {
+            Ok(docker) => docker.info().await.ok(),
+            Err(_) => None,
+        };
+        PathBuf::from(info.and_then(|i| i.docker_root_dir).unwrap_or_else(|| "/var/lib/docker".to_string()))
+    }
+
     /// Docker's data directory's file system and what Docker's data takes;
     /// `None` when no engine answers.
     async fn docker_disk(&self) -> Option<mlops_proto::v1::DockerDisk> {
@@ -1230,7 +1239,8 @@ impl Agent for AgentService {
         check_project(&begin.project)?;
         let project = begin.project.clone();
         let (state_dir, source) = (self.state_dir.clone(), begin.source_host.clone());
-        let mut store = blocking(move || crate::stored::Store::begin(&state_dir, begin)).await?;
+        let docker_root = self.docker_root().await;
+        let mut store = blocking(move || crate::stored::Store::begin(&state_dir, &docker_root, begin)).await?;
         let (tx, rx) = mpsc::channel(2);
         let (mut stop, history) = (self.shutdown.clone(), self.history.clone());
         tokio::spawn(async move {
@@ -1282,27 +1292,36 @@ impl Agent for AgentService {
         let peer = peer(&request);
         let req = request.into_inner();
         check_project(&req.project)?;
-        let state_dir = self.state_dir.clone();
+        let (state_dir, docker_root) = (self.state_dir.clone(), self.docker_root().await);
         let (project, dir, name) = (req.project.clone(), req.dir.clone(), req.name.clone());
-        let (dir, files) = blocking(move || crate::stored::find(&state_dir, &dir, &project, &name)).await?;
+        let (dir, files) =
+            blocking(move || crate::stored::find(&state_dir, &docker_root, &dir, &project, &name)).await?;
         // Few chunks in flight: the file is read at the pace the
         // controller writes it.
         let (tx, rx) = mpsc::channel(4);
         let (stop, history, project) = (self.shutdown.clone(), self.history.clone(), req.project.clone());
         tokio::task::spawn_blocking(move || {
-            let (outcome, detail) = match crate::stored::send(&dir, &files, &tx, &stop) {
-                Ok(bytes) => ("ok", format!("read backup {} ({bytes} bytes)", dir.display())),
+            use crate::stored::Sent;
+            let emit = |chunk| tx.blocking_send(Ok(chunk)).is_ok();
+            let (outcome, detail) = match crate::stored::send(&dir, &files, emit, &stop) {
+                Ok(Sent::Whole(bytes)) => ("ok", format!("read backup {} ({bytes} bytes)", dir.display())),
+                Ok(Sent::Abandoned(bytes)) => (
+                    "failed",
+                    format!("reading backup {}: the controller went away after {bytes} bytes", dir.display()),
+                ),
+                Ok(Sent::Stopped) => {
+                    let _ = tx.blocking_send(Err(AgentError::ShuttingDown.into()));
+                    ("failed", format!("reading backup {}: the agent stopped", dir.display()))
+                }
                 Err(e) => {
                     let detail = format!("reading backup {}: {e}", dir.display());
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = tx.blocking_send(Err(stack_status(e, &project)));
                     ("failed", detail)
                 }
             };
             history.record(&project, &peer, "backup read", outcome, &detail);
         });
-        let project = req.project;
-        let chunks = ReceiverStream::new(rx).map(move |r| r.map_err(|e| stack_status(e, &project)));
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {

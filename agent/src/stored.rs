@@ -30,11 +30,14 @@ use crate::engine::EngineError;
 
 /// The directory backups of every project go into: `dir` (absolute, root's
 /// alone; made when `create` and missing) or, empty, `<state>/backups`.
-pub fn root(state_dir: &Path, dir: &str, create: bool) -> Result<PathBuf, EngineError> {
-    if dir.is_empty() {
-        let root = state_dir.join("backups");
-        backup::private_dir(&root).map_err(EngineError::io_at("creating", &root))?;
-        return Ok(root);
+/// Never inside the agent's state (but that) or Docker's data directory
+/// (`docker_root`), where containers write volumes as root: the ownership
+/// checks cannot tell a container's root from the host's.
+pub fn root(state_dir: &Path, docker_root: &Path, dir: &str, create: bool) -> Result<PathBuf, EngineError> {
+    let default = state_dir.join("backups");
+    if dir.is_empty() || Path::new(dir) == default {
+        backup::private_dir(&default).map_err(EngineError::io_at("creating", &default))?;
+        return Ok(default);
     }
     let path = Path::new(dir);
     if !path.is_absolute() || path.components().any(|c| !matches!(c, Component::RootDir | Component::Normal(_))) {
@@ -42,6 +45,14 @@ pub fn root(state_dir: &Path, dir: &str, create: bool) -> Result<PathBuf, Engine
             "dir",
             format!("`{dir}` is not an absolute path without `.` or `..` (a directory on this host)"),
         ));
+    }
+    for (inside, what) in [(state_dir, "the agent's state directory"), (docker_root, "Docker's data directory")] {
+        if path.starts_with(inside) || inside.starts_with(path) {
+            return Err(EngineError::bad_request(
+                "dir",
+                format!("{dir} is in or above {what} ({}): backups are not kept there", inside.display()),
+            ));
+        }
     }
     let mut here = PathBuf::new();
     for part in path.components() {
@@ -103,7 +114,7 @@ impl Store {
     /// Starts the backup `begin` names (blocking file work): its directory
     /// checked or made, a day-old partial one of a killed run removed, the
     /// secrets written.
-    pub fn begin(state_dir: &Path, begin: BackupBegin) -> Result<Store, EngineError> {
+    pub fn begin(state_dir: &Path, docker_root: &Path, begin: BackupBegin) -> Result<Store, EngineError> {
         if !backup::is_name(&begin.name) {
             return Err(EngineError::bad_request(
                 "name",
@@ -113,7 +124,7 @@ impl Store {
         if begin.source_host.is_empty() {
             return Err(EngineError::bad_request("source_host", "the host the backup was taken from is missing"));
         }
-        let parent = root(state_dir, &begin.dir, true)?.join(&begin.project);
+        let parent = root(state_dir, docker_root, &begin.dir, true)?.join(&begin.project);
         only_roots(&parent, true)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         for stale in backup::stale_partials(&parent, now as i64, backup::STALE_PARTIAL_SECS) {
@@ -125,10 +136,20 @@ impl Store {
                 format!("{} exists already on this host", parent.join(&begin.name).display()),
             ));
         }
-        let partial = parent.join(format!(".{}.partial", begin.name));
+        // `.stored` in its name: the scheduled backups' clean-up removes
+        // only its own partial directories at once (see `backups.rs`).
+        let partial = parent.join(format!(".{}.stored.partial", begin.name));
         let secrets = begin.secrets.into_iter().collect();
-        let manifest = backup::begin(&partial, &begin.project, &begin.source_host, "", &secrets)
-            .map_err(EngineError::io_at("writing the backup in", &partial))?;
+        let manifest = match backup::begin(&partial, &begin.project, &begin.source_host, "", &secrets) {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                // Made by this run (another's would have made it exist).
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    let _ = std::fs::remove_dir_all(&partial);
+                }
+                return Err(EngineError::io_at("writing the backup in", &partial)(e));
+            }
+        };
         Ok(Store {
             parent,
             partial,
@@ -244,10 +265,11 @@ impl Store {
                 let done = tokio::task::spawn_blocking(move || {
                     let dir = backup::complete(&parent, &partial, &name, &manifest)
                         .map_err(EngineError::io_at("completing the backup in", &parent))?;
-                    let (removed, _) = backup::prune(&parent, &project, &host, keep as usize, &name);
+                    let (removed, failed) = backup::prune(&parent, &project, &host, keep as usize, &name);
                     Ok::<_, EngineError>(StoredBackup {
                         dir: dir.display().to_string(),
                         removed: removed.iter().map(|p| p.display().to_string()).collect(),
+                        failed,
                     })
                 })
                 .await
@@ -310,8 +332,14 @@ pub enum Step {
 /// A whole backup of `project` in `dir` (as [`root`] takes it): `name`, or
 /// the newest for `latest`. Its directory and the files to send: the
 /// manifest, the secrets, the files the manifest names.
-pub fn find(state_dir: &Path, dir: &str, project: &str, name: &str) -> Result<(PathBuf, Vec<String>), EngineError> {
-    let root = root(state_dir, dir, false)?;
+pub fn find(
+    state_dir: &Path,
+    docker_root: &Path,
+    dir: &str,
+    project: &str,
+    name: &str,
+) -> Result<(PathBuf, Vec<String>), EngineError> {
+    let root = root(state_dir, docker_root, dir, false)?;
     let parent = root.join(project);
     if !parent.exists() {
         return Err(EngineError::NotFound(format!(
@@ -350,15 +378,25 @@ pub fn find(state_dir: &Path, dir: &str, project: &str, name: &str) -> Result<(P
     Ok((dir, files))
 }
 
-/// Sends `files` of backup `dir` as chunks into `tx` (blocking; a file
-/// opened without following a link), until done, or `stop` says the agent
-/// stops, or the receiver is gone.
+/// How sending a backup ended.
+pub enum Sent {
+    /// Every file, this many bytes.
+    Whole(u64),
+    /// The receiver went away after this many bytes.
+    Abandoned(u64),
+    /// The agent is stopping.
+    Stopped,
+}
+
+/// Sends `files` of backup `dir` as chunks to `emit` (blocking; `false`:
+/// the receiver is gone), each file opened without following a link, until
+/// done, or `stop` says the agent stops.
 pub fn send(
     dir: &Path,
     files: &[String],
-    tx: &tokio::sync::mpsc::Sender<Result<BackupFileChunk, EngineError>>,
+    mut emit: impl FnMut(BackupFileChunk) -> bool,
     stop: &tokio::sync::watch::Receiver<bool>,
-) -> Result<u64, EngineError> {
+) -> Result<Sent, EngineError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut total = 0u64;
     for (i, file) in files.iter().enumerate() {
@@ -380,20 +418,20 @@ pub fn send(
                 break;
             }
             if *stop.borrow() {
-                return Err(EngineError::io("sending the backup")(std::io::Error::other("the agent is stopping")));
+                return Ok(Sent::Stopped);
             }
             let mut chunk = first.take().unwrap_or_default();
             chunk.data = buf[..n].to_vec().into();
             total += n as u64;
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                return Ok(total);
+            if !emit(chunk) {
+                return Ok(Sent::Abandoned(total));
             }
             if n == 0 {
                 break;
             }
         }
     }
-    Ok(total)
+    Ok(Sent::Whole(total))
 }
 
 #[cfg(test)]
@@ -404,8 +442,18 @@ mod tests {
     fn a_backup_directory_must_be_absolute_and_plain() {
         let state = tempfile::tempdir().unwrap();
         for bad in ["relative/dir", "/a/../b", "../b"] {
-            let e = root(state.path(), bad, true).unwrap_err();
+            let e = root(state.path(), Path::new("/var/lib/docker"), bad, true).unwrap_err();
             assert!(matches!(e, EngineError::BadRequest { ref field, .. } if field == "dir"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn never_inside_the_agent_s_state_or_docker_s_data() {
+        let state = Path::new("/var/lib/mlops-agent");
+        let docker = Path::new("/var/lib/docker");
+        for bad in ["/var/lib/docker/volumes/x_data/_data", "/var/lib/mlops-agent/trees", "/var/lib", "/"] {
+            let e = root(state, docker, bad, true).unwrap_err();
+            assert!(e.to_string().contains("backups are not kept there"), "{bad}: {e}");
         }
     }
 
@@ -450,7 +498,9 @@ mod tests {
             ..Default::default()
         };
         let state_dir = state.to_path_buf();
-        let mut store = tokio::task::spawn_blocking(move || Store::begin(&state_dir, begin)).await.unwrap().unwrap();
+        let docker = Path::new("/var/lib/docker");
+        let mut store =
+            tokio::task::spawn_blocking(move || Store::begin(&state_dir, docker, begin)).await.unwrap().unwrap();
         let dump = b"\\connect postgres\nCOPY public.t (x) FROM stdin;\n1\n2\n\\.\n".to_vec();
         let start = mlops_proto::v1::BackupFileStart { file: DATABASE_FILE.into(), dump: true };
         assert!(store.piece(piece(Piece::File(start))).await.unwrap().is_none());
@@ -529,13 +579,14 @@ mod tests {
             source_host: "a".into(),
             ..Default::default()
         };
-        assert!(Store::begin(state.path(), again).is_err());
+        assert!(Store::begin(state.path(), Path::new("/var/lib/docker"), again).is_err());
 
         // Read back: the newest, its manifest and secrets first.
-        let (dir, files) = find(state.path(), "", "shop", "latest").unwrap();
+        let docker = Path::new("/var/lib/docker");
+        let (dir, files) = find(state.path(), docker, "", "shop", "latest").unwrap();
         assert_eq!(dir, parent.join("20260102T000000Z-a"));
         assert_eq!(files, [MANIFEST, SECRETS, DATABASE_FILE]);
-        let e = find(state.path(), "", "shop", "20260101T000000Z-a").unwrap_err();
+        let e = find(state.path(), docker, "", "shop", "20260101T000000Z-a").unwrap_err();
         assert!(e.to_string().contains("there are: 20260102T000000Z-a"), "{e}");
     }
 
@@ -548,7 +599,7 @@ mod tests {
             source_host: "a".into(),
             ..Default::default()
         };
-        let mut store = Store::begin(state.path(), begin).unwrap();
+        let mut store = Store::begin(state.path(), Path::new("/var/lib/docker"), begin).unwrap();
         for bad in ["../x", ".hidden.tar.zst", "manifest.json", "volume-.tar.zst"] {
             let start = mlops_proto::v1::BackupFileStart { file: bad.into(), dump: false };
             assert!(store.piece(piece(Piece::File(start))).await.is_err(), "{bad}");

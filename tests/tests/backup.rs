@@ -265,6 +265,7 @@ fn a_backup_kept_on_another_host_restores_from_there() {
     let run = ctl(&env, &stack, &a, &["backup", "--to-host", &keeper, "--to", "/var/lib/open/backups"]);
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("/var/lib/open is not a directory only the agent's user"), "{}", run.stderr);
+    assert!(run.stderr.contains("hint:") && run.stderr.contains("chmod go-w"), "{}", run.stderr);
     assert_eq!(on_b("ls -A /var/lib/open"), "", "nothing made under a directory others write");
 
     let mut made = Vec::new();

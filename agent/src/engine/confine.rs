@@ -68,16 +68,28 @@ fn escape(what: &str) -> io::Error {
 
 /// Something (a container with a writable bind of this part of the tree)
 /// replaces a directory as fast as the agent makes or opens it: the write
-/// gives up rather than race on. `ResourceBusy` is how the caller tells this
-/// from a failing disk (see [`is_contended`]).
+/// gives up rather than race on. Its own error type, not an error kind (the
+/// kernel's EBUSY is another matter), is how the caller tells it from a
+/// failing disk (see [`is_contended`]).
 pub fn contended(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::ResourceBusy, format!("{what} (a container with a writable bind of it?)"))
+    io::Error::other(Contended(format!("{what} (a container with a writable bind of it?)")))
 }
 
 /// Whether `e` is a write that lost to something changing the tree under it.
 pub fn is_contended(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::ResourceBusy
+    e.get_ref().is_some_and(|inner| inner.is::<Contended>())
 }
+
+#[derive(Debug)]
+struct Contended(String);
+
+impl std::fmt::Display for Contended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Contended {}
 
 /// An open tree root.
 #[derive(Debug)]
@@ -481,6 +493,13 @@ pub fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(OsString, FileType)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contention_is_told_from_the_kernel_s_busy() {
+        assert!(is_contended(&contended("`x` keeps changing")));
+        assert!(!is_contended(&io::Error::from(io::ErrorKind::ResourceBusy)));
+        assert!(!is_contended(&io::Error::other("keeps changing")));
+    }
     use std::os::unix::fs::symlink;
 
     fn setup() -> (tempfile::TempDir, Tree) {

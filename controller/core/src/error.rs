@@ -275,6 +275,12 @@ fn kind_hint(f: &Failure) -> Option<String> {
         FailureKind::EngineError => {
             "the host's Docker engine refused; its log says more (`journalctl -u docker`, or /var/log/mlops-agent/dockerd.log)".into()
         }
+        FailureKind::BadRequest if f.field == "dir" => {
+            "name a directory that root owns and group and others cannot write, from `/` down (`chown root D; chmod go-w D` for each), outside the agent's state and Docker's data; or drop --to for the agent's own backups/".into()
+        }
+        FailureKind::BadRequest if f.field == "name" => {
+            "a backup of that name (the same second, from the same host) is there already: run the backup again".into()
+        }
         FailureKind::BadRequest if f.field.starts_with("services.") => {
             format!("fix `{}` in the stack's Compose file and deploy again", f.field)
         }

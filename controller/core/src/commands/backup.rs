@@ -451,7 +451,8 @@ impl Dest {
                 remote.send(backup_piece::Piece::Manifest(json)).await?;
                 match remote.reply().await? {
                     backup_stored::Stored::Done(done) => {
-                        Ok((PathBuf::from(done.dir), done.removed.into_iter().map(PathBuf::from).collect(), Vec::new()))
+                        let failed = done.failed.into_iter().map(|why| format!("{}: {why}", remote.host)).collect();
+                        Ok((PathBuf::from(done.dir), done.removed.into_iter().map(PathBuf::from).collect(), failed))
                     }
                     backup_stored::Stored::File(f) => Err(ControllerError::Local(format!(
                         "{}: the agent answered the manifest with a file ({})",
@@ -938,6 +939,14 @@ async fn fetch(
         ControllerError::Local(format!("cannot make a directory in {} for the backup: {e}", setup.state.path.display()))
     };
     std::fs::create_dir_all(&setup.state.path).map_err(local)?;
+    // What a restore killed midway left (a day old: no restore of now's).
+    for entry in std::fs::read_dir(&setup.state.path).into_iter().flatten().flatten() {
+        let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        let day = std::time::Duration::from_secs(backup::STALE_PARTIAL_SECS as u64);
+        if entry.file_name().to_string_lossy().starts_with(".restore-") && old.is_some_and(|age| age > day) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     // tempfile makes it 0700: the backup holds the stack's secrets.
     let tmp = tempfile::Builder::new().prefix(".restore-").tempdir_in(&setup.state.path).map_err(local)?;
     let bundles = Bundle::for_targets(&setup.state, std::slice::from_ref(&keeper))?;
