@@ -45,7 +45,7 @@ use mlops_proto::backup::{self, DATABASE_FILE, DatabaseEntry, FORMAT, FileEntry,
 use mlops_proto::v1::agent_client::AgentClient;
 use mlops_proto::v1::{
     BackupBegin, BackupFileChunk, BackupPiece, BackupPlan, BackupScheduleRequest, BackupStored, DataChunk, DataSource,
-    ExportDataRequest, ImportDataReply, ReadBackupRequest, backup_piece, backup_stored,
+    ImportDataReply, ReadBackupRequest, backup_piece, backup_stored,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -603,12 +603,7 @@ async fn save(
 ) -> Result<backup::Saved, ControllerError> {
     let cannot = |e: std::io::Error| ControllerError::Local(format!("cannot write {}: {e}", dir.join(file).display()));
     let mut saver = backup::Saver::create(dir, file, kind).map_err(cannot)?;
-    let mut stream = conn
-        .raw()
-        .export_data(ExportDataRequest { source: Some(source) })
-        .await
-        .map_err(|s| ControllerError::from_status(host, "ExportData", &s))?
-        .into_inner();
+    let mut stream = migrate::export(conn, host, source).await?;
     let mut end = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?;
@@ -643,12 +638,7 @@ async fn save_remote(
     kind: backup::Kind,
 ) -> Result<backup::Saved, ControllerError> {
     use backup_piece::Piece;
-    let mut stream = conn
-        .raw()
-        .export_data(ExportDataRequest { source: Some(source) })
-        .await
-        .map_err(|s| ControllerError::from_status(host, "ExportData", &s))?
-        .into_inner();
+    let mut stream = migrate::export(conn, host, source).await?;
     let (mut started, mut end) = (false, None);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?;

@@ -1108,6 +1108,17 @@ async fn image_sources(
     Ok(ImageSources::new(found))
 }
 
+/// The stream of `source` on `host` (its chunks' errors are the caller's
+/// to name: `ExportData`).
+pub(super) async fn export(
+    conn: &mut AgentConn,
+    host: &str,
+    source: DataSource,
+) -> Result<tonic::Streaming<DataChunk>, ControllerError> {
+    let reply = conn.raw().export_data(ExportDataRequest { source: Some(source) }).await;
+    Ok(reply.map_err(|s| ControllerError::from_status(host, "ExportData", &s))?.into_inner())
+}
+
 /// Streams `source` on one host into `target` on another; the bytes and
 /// the sha256 the receiver checked.
 async fn pipe(
@@ -1118,12 +1129,7 @@ async fn pipe(
     source: DataSource,
     target: DataSource,
 ) -> Result<mlops_proto::v1::ImportDataReply, ControllerError> {
-    let mut stream = from
-        .raw()
-        .export_data(ExportDataRequest { source: Some(source) })
-        .await
-        .map_err(|s| ControllerError::from_status(from_host, "ExportData", &s))?
-        .into_inner();
+    let mut stream = export(from, from_host, source).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(DataChunk { target: Some(target), ..Default::default() }).await.expect("the receiver is here");
     // A failed export must fail the import, not end it early: the import
