@@ -193,7 +193,7 @@ impl Store {
                 Ok(None)
             }
             Some(Piece::Data(data)) => {
-                let Some((file, saver)) = &mut self.current else {
+                let Some((_, saver)) = &mut self.current else {
                     return Err(EngineError::bad_request("data", "data came before its file was named"));
                 };
                 if !saver.add(&data).await {
@@ -209,7 +209,6 @@ impl Store {
                         },
                     });
                 }
-                let _ = file;
                 Ok(None)
             }
             Some(Piece::FileEnd(end)) => {
