@@ -328,20 +328,22 @@ impl AgentService {
         self.started.elapsed().as_secs()
     }
 
+    /// Docker's data directory as the engine says; `None` when no engine
+    /// answers.
+    async fn engine_root(&self) -> Option<String> {
+        let docker = docker::connect(&self.docker_socket).await.ok()?;
+        Some(docker.info().await.ok()?.docker_root_dir.unwrap_or_else(|| DEFAULT_DOCKER_ROOT.to_string()))
+    }
+
     /// Docker's data directory (its default when no engine answers).
     async fn docker_root(&self) -> PathBuf {
-        let info = match docker::connect(&self.docker_socket).await {
-            Ok(docker) => docker.info().await.ok(),
-            Err(_) => None,
-        };
-        PathBuf::from(info.and_then(|i| i.docker_root_dir).unwrap_or_else(|| "/var/lib/docker".to_string()))
+        PathBuf::from(self.engine_root().await.unwrap_or_else(|| DEFAULT_DOCKER_ROOT.to_string()))
     }
 
     /// Docker's data directory's file system and what Docker's data takes;
     /// `None` when no engine answers.
     async fn docker_disk(&self) -> Option<mlops_proto::v1::DockerDisk> {
-        let docker = docker::connect(&self.docker_socket).await.ok()?;
-        let root = docker.info().await.ok()?.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".to_string());
+        let root = self.engine_root().await?;
         let (total_bytes, available_bytes) = facts::disk(std::path::Path::new(&root));
         let mut disk =
             mlops_proto::v1::DockerDisk { root_dir: root, total_bytes, available_bytes, ..Default::default() };
@@ -1332,6 +1334,9 @@ impl Agent for AgentService {
         Ok(Response::new(HistoryReply { entries }))
     }
 }
+
+/// Where Docker keeps its data unless configured otherwise.
+const DEFAULT_DOCKER_ROOT: &str = "/var/lib/docker";
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

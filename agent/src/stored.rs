@@ -14,9 +14,11 @@
 //! and counts it as it writes (the [`backup::Saver`] the scheduled backups
 //! use, so no file is ever held whole in memory), checks each file's sums
 //! against the source's, answers each file as written, and renames the
-//! `.<name>.partial` directory whole only once the controller's manifest
-//! says exactly what was written. Anything else (an error, a stream that
-//! ends early, the agent stopping) removes the partial directory.
+//! partial directory whole only once the controller's manifest
+//! says exactly what was written (it is written as
+//! `.<name>.stored.partial`: the scheduled backups' clean-up leaves it to
+//! age). Anything else (an error, a stream that ends early, the agent
+//! stopping) removes the partial directory.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -117,7 +119,7 @@ impl Store {
     pub fn begin(state_dir: &Path, docker_root: &Path, begin: BackupBegin) -> Result<Store, EngineError> {
         if !backup::is_name(&begin.name) {
             return Err(EngineError::bad_request(
-                "name",
+                "begin.name",
                 format!("`{}` is not a backup's name (YYYYMMDDTHHMMSSZ-HOST)", begin.name),
             ));
         }
@@ -363,12 +365,12 @@ pub fn find(
     let dir = parent.join(&name);
     let text = std::fs::read(dir.join(MANIFEST)).map_err(EngineError::io_at("reading", &dir.join(MANIFEST)))?;
     let manifest: Manifest = serde_json::from_slice(&text)
-        .map_err(|e| EngineError::bad_request("name", format!("{}: not a backup's manifest: {e}", dir.display())))?;
+        .map_err(|e| EngineError::bad_request("backup", format!("{}: not a backup's manifest: {e}", dir.display())))?;
     let mut files = vec![MANIFEST.to_string(), SECRETS.to_string()];
     for entry in manifest.database.iter().map(|d| &d.file).chain(&manifest.volumes) {
         if !backup::is_data_file(&entry.file) {
             return Err(EngineError::bad_request(
-                "name",
+                "backup",
                 format!("{}: its manifest names `{}`, not a data file's name", dir.display(), entry.file),
             ));
         }

@@ -281,6 +281,9 @@ fn kind_hint(f: &Failure) -> Option<String> {
         FailureKind::BadRequest if f.field == "name" => {
             "a backup of that name (the same second, from the same host) is there already: run the backup again".into()
         }
+        FailureKind::BadRequest if f.field == "backup" => {
+            "that backup on the host cannot be trusted: restore another (`latest`, or a name `backup --schedule show` lists)".into()
+        }
         FailureKind::BadRequest if f.field.starts_with("services.") => {
             format!("fix `{}` in the stack's Compose file and deploy again", f.field)
         }
