@@ -113,10 +113,12 @@ sentinel="mlops-guard-$$"
 started_libvirt=
 started_virtlogd=
 vm_job=
+platform_job=
 cleanup() {
-  # Interrupted while the VM tier runs in the background: stop it (its VMs
-  # are then left for the guard to name).
+  # Interrupted while the VM tier or the platform test runs in the
+  # background: stop them (what they made is then left for the guard to name).
   if [ -n "$vm_job" ]; then kill -- "-$vm_job" 2>/dev/null || true; fi
+  if [ -n "$platform_job" ]; then kill -- "-$platform_job" 2>/dev/null || true; fi
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work" "$depot"
   if [ -n "$started_libvirt" ] && [ -f /run/libvirtd.pid ]; then
@@ -165,26 +167,42 @@ if [ $# -gt 0 ]; then
   phase "build and tests"
 else
   # The whole suite. Everything is built first (every test binary, and the
-  # release agent the VM tier ships), so that the two runs below only run.
-  # The VM tier (its own package) runs in the background beside the
-  # namespace tiers: one after the other they would take over an hour.
-  # Its output is printed when both have ended.
+  # release agent the VM tier ships), so that the runs below only run.
+  # Three at once, each a process of its own: the VM tier (its own
+  # package), the platform test (tests/platform.rs, the longest: about
+  # half of it waits on Airflow, a core left idle) and the other namespace
+  # tests. One after the other they would take well over an hour; the
+  # machine's two cores are busy instead. The background runs' output is
+  # printed when all have ended.
   { cargo test --workspace --locked --no-run && cargo agent-static --locked; } 2>&1 | tee "$work/log"
   status=${PIPESTATUS[0]}
   phase "build"
   if [ "$status" = 0 ]; then
+    platform_test=the_platform_comes_up_works_and_keeps_its_history
     setsid cargo test -p mlops-vm-tier --locked --no-fail-fast >"$work/vm-log" 2>&1 < /dev/null &
     vm_job=$!
-    cargo test --workspace --exclude mlops-vm-tier --locked --no-fail-fast 2>&1 | tee -a "$work/log"
+    setsid cargo test -p mlops-e2e --test platform --locked --no-fail-fast -- --exact "$platform_test" \
+      >"$work/platform-log" 2>&1 < /dev/null &
+    platform_job=$!
+    # Every other test, whatever binary it is in (a new one included).
+    cargo test --workspace --exclude mlops-vm-tier --locked --no-fail-fast -- --skip "$platform_test" 2>&1 | tee -a "$work/log"
     status=${PIPESTATUS[0]}
-    phase "namespace tiers (the VM tier running beside them)"
+    phase "namespace tiers but the platform test (it and the VM tier running beside them)"
+    wait "$platform_job"
+    platform_status=$?
+    platform_job=
+    echo "== the platform test (tests/platform.rs), run beside them:"
+    cat "$work/platform-log"
+    cat "$work/platform-log" >> "$work/log"
+    phase "the platform test's remainder"
     wait "$vm_job"
     vm_status=$?
     vm_job=
     echo "== the VM tier (tests/vm), run beside the namespace tiers:"
     cat "$work/vm-log"
     cat "$work/vm-log" >> "$work/log"
-    phase "the VM tier's remainder, after the namespace tiers ended"
+    phase "the VM tier's remainder"
+    [ "$status" != 0 ] || status=$platform_status
     [ "$status" != 0 ] || status=$vm_status
   fi
 fi
@@ -208,6 +226,12 @@ vm_times=${CARGO_TARGET_DIR:-target}/tmp/vm-tier-times.txt
 if [ -f "$vm_times" ] && [ "$(stat -c %Y "$vm_times")" -ge "${suite_started%.*}" ]; then
   sed 's/^vm-time: /time: vm tier: /' "$vm_times"
 fi
+# The long namespace tests' steps (StepTimes in tests/src/lib.rs).
+for steps in "${CARGO_TARGET_DIR:-target}"/tmp/steps-*.txt; do
+  if [ -f "$steps" ] && [ "$(stat -c %Y "$steps")" -ge "${suite_started%.*}" ]; then
+    cat "$steps"
+  fi
+done
 echo "time: whole run: $(( $(date +%s) - started )) s"
 # Each failing test's last lines, last: a log read from its end (or cut
 # in its middle) still shows why each failed, not only that it did.

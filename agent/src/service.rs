@@ -588,7 +588,7 @@ impl Agent for AgentService {
         let (sync, revisions) = (self.sync.clone(), self.revisions.clone());
         tokio::spawn(async move {
             let project = stack.project.clone();
-            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            let Some(guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
             let operator = peer.operator.clone();
             let work = |events: Events| async move {
                 let run = revisions::Run {
@@ -603,8 +603,11 @@ impl Agent for AgentService {
                     (!req.staged_root.is_empty()).then_some((req.staged_root.as_str(), req.staged_digest.as_str()));
                 run.converge(&req.stack_json, &stack, &req.files_root, staged, &options, rollback, &events).await
             };
-            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "converge", Some(&locks))).await;
-            end.record(&history, &project, &peer, "deploy");
+            let done = |end: End| {
+                end.record(&history, &project, &peer, "deploy");
+                drop(guard);
+            };
+            Box::pin(stream_stack_work(work, tx, stop, &project, "converge", Some(&locks), done)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -629,7 +632,7 @@ impl Agent for AgentService {
         let (sync, revisions) = (self.sync.clone(), self.revisions.clone());
         tokio::spawn(async move {
             let project = req.project.clone();
-            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            let Some(guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
             // Picked under the lock: a converge its controller left may
             // have recorded a revision while this waited.
             let listed = revisions.list(&project);
@@ -665,8 +668,11 @@ impl Agent for AgentService {
                 run.record(&target.stack_json, &req.project, &target.files_root, &action, &outcome).await;
                 Ok(outcome)
             };
-            let end = Box::pin(stream_stack_work(work, tx, stop, &project, "rollback", Some(&locks))).await;
-            end.record(&history, &project, &peer, &format!("rollback to {number}"));
+            let done = |end: End| {
+                end.record(&history, &project, &peer, &format!("rollback to {number}"));
+                drop(guard);
+            };
+            Box::pin(stream_stack_work(work, tx, stop, &project, "rollback", Some(&locks), done)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -705,7 +711,7 @@ impl Agent for AgentService {
         let stop = self.shutdown.clone();
         let (history, revisions, locks) = (self.history.clone(), self.revisions.clone(), self.locks.clone());
         tokio::spawn(async move {
-            let Some(_guard) = lock_after_orphan(pending, &locks, &req.project, &req.holder, &tx).await else { return };
+            let Some(guard) = lock_after_orphan(pending, &locks, &req.project, &req.holder, &tx).await else { return };
             let (project, volumes) = (req.project.clone(), req.volumes);
             // A stack taken down has no revision to return to: a deploy
             // that fails later leaves nothing running, as before it.
@@ -715,8 +721,11 @@ impl Agent for AgentService {
                 revisions::keep_images(&docker, &req.project, &[]).await;
                 Ok(outcome)
             };
-            let end = stream_stack_work(work, tx, stop, &project, "down", None).await;
-            end.record(&history, &project, &peer, if volumes { "down --volumes" } else { "down" });
+            let done = |end: End| {
+                end.record(&history, &project, &peer, if volumes { "down --volumes" } else { "down" });
+                drop(guard);
+            };
+            stream_stack_work(work, tx, stop, &project, "down", None, done).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -913,13 +922,14 @@ impl Agent for AgentService {
         let (stop, locks) = (self.shutdown.clone(), self.locks.clone());
         tokio::spawn(async move {
             let project = stack.project.clone();
-            let Some(_guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
+            let Some(guard) = lock_after_orphan(pending, &locks, &project, &req.holder, &tx).await else { return };
             let (tags, floor) = (req.tags, req.min_free_bytes);
             let work = |events: Events| async move {
                 converge::images::build_tags(&docker, &stack, &tags, &dirs, floor, &events).await
             };
             // Not in the history: the deploy it belongs to is.
-            let _ = Box::pin(stream_stack_work(work, tx, stop, &project, "image build", None)).await;
+            let done = |_: End| drop(guard);
+            Box::pin(stream_stack_work(work, tx, stop, &project, "image build", None, done)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -1100,7 +1110,10 @@ impl Agent for AgentService {
         let mut stop = self.shutdown.clone();
         let history = self.history.clone();
         tokio::spawn(async move {
-            let _guard = guard;
+            // Released before the last message: the controller's next call
+            // (a backup's next volume after its dump) must find the stack
+            // free. Dropped with the task otherwise.
+            let guard = guard;
             use sha2::Digest;
             let (mut hash, mut total) = (sha2::Sha256::new(), 0u64);
             let mut data = data;
@@ -1124,17 +1137,20 @@ impl Agent for AgentService {
                         }
                     }
                     Some(Err(e)) => {
+                        drop((data, guard));
                         let _ = tx.send(Err(stack_status(e, &project))).await;
                         return;
                     }
                     None => {
+                        drop(data);
                         let sha256 = hex::encode(hash.finalize());
                         let detail = format!("exported {total} bytes: {what} (sha256 {})", &sha256[..12]);
-                        let end = DataChunk { end: true, sha256, bytes: total, ..Default::default() };
-                        let _ = tx.send(Ok(end)).await;
                         let p = project.clone();
                         let _ = tokio::task::spawn_blocking(move || history.record(&p, &peer, "export", "ok", &detail))
                             .await;
+                        drop(guard);
+                        let end = DataChunk { end: true, sha256, bytes: total, ..Default::default() };
+                        let _ = tx.send(Ok(end)).await;
                         return;
                     }
                 }
@@ -1472,7 +1488,8 @@ where
 /// caller's lock guard with it). When the controller goes away, the work
 /// is dropped too, unless `finish_alone` is given: a converge is not
 /// stopped half-way (see `engine::lock`); its lock is marked orphaned and
-/// it runs to its end.
+/// it runs to its end. However it ends, `done` is given how (to record it
+/// and release the caller's lock), before the last message is sent.
 async fn stream_stack_work<W, F>(
     work: W,
     tx: mpsc::Sender<Result<StackEvent, Status>>,
@@ -1480,8 +1497,8 @@ async fn stream_stack_work<W, F>(
     project: &str,
     what: &str,
     finish_alone: Option<&Locks>,
-) -> End
-where
+    done: impl FnOnce(End),
+) where
     W: FnOnce(Events) -> F,
     F: std::future::Future<Output = Result<Outcome, EngineError>>,
 {
@@ -1517,11 +1534,15 @@ where
         let _ = tx.try_send(Err(AgentError::ShuttingDown.into()));
         End::Interrupted("the agent stopped".into())
     };
-    tokio::select! {
+    let end = tokio::select! {
         (result, ()) = &mut both => {
             let (last, end) = finish(result);
+            // Recorded, and the lock released, before the controller hears
+            // the end: its next call (a deploy after the build, a second
+            // backup) must find the stack free.
+            done(end);
             let _ = tx.send(last).await;
-            end
+            return;
         }
         () = tx.closed() => match finish_alone {
             None => {
@@ -1542,7 +1563,8 @@ where
             }
         },
         _ = stop.changed() => shutting_down(&tx),
-    }
+    };
+    done(end);
 }
 
 /// How a stack call ended, for the history.

@@ -127,6 +127,44 @@ pub fn image_depot() -> Option<PathBuf> {
     std::env::var_os("MLOPS_TEST_IMAGE_DEPOT").filter(|d| !d.is_empty()).map(PathBuf::from)
 }
 
+/// The times of a long test's steps: each printed, and appended to
+/// `steps-NAME.txt` in the test's target tmp directory, which
+/// `tests/run.sh` prints after the suite (a passing test's output is
+/// captured, and CI's time budget needs to know where the minutes went).
+pub struct StepTimes {
+    file: PathBuf,
+    name: String,
+    started: Instant,
+    last: Instant,
+}
+
+impl StepTimes {
+    /// Starts the clock; `tmp` is the test's `env!("CARGO_TARGET_TMPDIR")`.
+    /// A previous run's file is replaced.
+    pub fn new(tmp: &str, name: &str) -> Self {
+        let file = Path::new(tmp).join(format!("steps-{name}.txt"));
+        let _ = std::fs::remove_file(&file);
+        let now = Instant::now();
+        StepTimes { file, name: name.to_string(), started: now, last: now }
+    }
+
+    /// Records the time since the previous step (or the start) as `step`'s.
+    pub fn step(&mut self, step: &str) {
+        let now = Instant::now();
+        let line = format!(
+            "time: {}: {step}: {:.0} s (at {:.0} s)",
+            self.name,
+            (now - self.last).as_secs_f64(),
+            (now - self.started).as_secs_f64()
+        );
+        self.last = now;
+        eprintln!("{line}");
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.file) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// The agent users ship: `cargo agent-static` (release, static, LTO'd).
 /// For the VM tier, whose guests run under software emulation, where the
 /// debug build moves an image at under 1 MB/s; and whose Debian 11 guest

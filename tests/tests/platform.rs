@@ -35,7 +35,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mlops_e2e::airflow::{api, failed_task_logs, login, run_dag, token, wait_for};
-use mlops_e2e::{NO_HOST, TestEnv, TestHost};
+use mlops_e2e::{NO_HOST, StepTimes, TestEnv, TestHost};
 use serde_json::{Value, json};
 
 const PROMETHEUS: &str = "http://127.0.0.1:19001";
@@ -152,6 +152,7 @@ impl CommandLines {
 
 #[test]
 fn the_platform_comes_up_works_and_keeps_its_history() {
+    let mut steps = StepTimes::new(env!("CARGO_TARGET_TMPDIR"), "platform");
     let mut env = TestEnv::new().unwrap();
     // Deploying the platform builds its images: more than the default deadline.
     env.ctl_deadline = std::time::Duration::from_secs(40 * 60);
@@ -188,7 +189,9 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let built = host.docker(&["images", "--filter", &label, "--format", "{{.Repository}}:{{.Tag}}"]);
     let built: Vec<&str> = built.lines().filter(|t| !t.starts_with("mlops-kept:") && !t.contains("<none>")).collect();
     assert!(built.contains(&"mlops-python:latest"), "the images were built here: {built:?}");
+    steps.step("deploy (images built)");
     host.deposit_images("platform", &built).unwrap();
+    steps.step("images saved to the run's depot");
 
     // Generated credentials: they work, admin/admin does not.
     let secrets = ctl(&["secrets", "--project", PROJECT, "--output", "json"]).expect_code(0).json();
@@ -231,6 +234,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         }
     }
     eprintln!("{} distinct command lines in {rounds} samples; no secret among them", lines.len());
+    steps.step("example DAGs");
     // PostgreSQL's superuser has its own password; Airflow's user is not a superuser.
     assert_ne!(secrets["secrets"]["POSTGRES_SUPERUSER_PASSWORD"], secrets["secrets"]["POSTGRES_PASSWORD"]);
     let pg = format!("{PROJECT}-postgres-1");
@@ -320,6 +324,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         assert!(!lines.iter().any(|l| l.contains(value)), "{what} was on a command line");
     }
     assert!(!lines.iter().any(|l| l.contains(&password)), "the admin's password was on a command line");
+    steps.step("users");
 
     let (_, spark) = host.curl(&[&format!("{SPARK}/json/")]);
     let spark: Value = serde_json::from_str(&spark).unwrap();
@@ -357,6 +362,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         });
     }
 
+    steps.step("spark and prometheus checks");
     // A new DAG, synced, is listed by Airflow within 60 s; nothing restarts.
     let before = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
     let bundle = tempfile::tempdir().unwrap();
@@ -404,6 +410,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let after = host.docker(&["ps", "-q", "--filter", &format!("label=mlops.project={PROJECT}"), "--no-trunc"]);
     assert_eq!(before, after, "no container was restarted or replaced");
 
+    steps.step("syncs (a DAG, a jar)");
     // down keeps the volumes: after a new deploy the run history is there.
     ctl(&["down", "--project", PROJECT]).expect_code(0);
     ctl(&["deploy", "--stack", &dir, "--project", PROJECT, "--skip", "grafana", "--health-timeout", "900"])
@@ -412,6 +419,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let runs = api(&host, &tok, "GET", "/api/v2/dags/~/dagRuns", None);
     let done: Vec<&Value> = runs["dag_runs"].as_array().unwrap().iter().filter(|r| r["state"] == "success").collect();
     assert!(done.len() >= 2, "the DAG run history survived: {runs}");
+    steps.step("down, deploy");
 
     // Credentials change only on purpose: the database's and the broker's
     // passwords are rotated (PostgreSQL's `ALTER ROLE` first, then every
@@ -442,6 +450,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         let variable = api(&host, &tok, "GET", "/api/v2/variables/mlops_e2e_probe", None);
         assert_eq!(variable["value"], "kept through rotations", "after rotating {name}");
         run_dag(&host, &tok, "example_etl");
+        steps.step(&format!("rotate {name}"));
     }
     // The admin's password: airflow-init (recreated with it) sets it; the
     // old one is refused, the new one logs in and triggers a DAG.
@@ -458,6 +467,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert!(token(&host, &old).is_none(), "the old admin password is refused");
     let tok = token(&host, &password).expect("the rotated admin password works");
     run_dag(&host, &tok, "example_etl");
+    steps.step("rotate AIRFLOW_ADMIN_PASSWORD");
 
     // Retention: the maintenance DAG deletes what is older than .env's
     // ages (30 days of logs, 90 of history) and keeps what is newer. A log
@@ -505,6 +515,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert!(exported.contains(old_run.as_str()), "the removed run, exported: {exported}");
     let archives = "select count(*) from pg_tables where tablename like '\\_airflow\\_deleted\\_\\_%'";
     assert_eq!(host.docker(&["exec", &pg, "psql", "-U", "postgres", "-d", "airflow", "-tAc", archives]), "0");
+    steps.step("retention");
 
     // The mlflow profile joins the running platform: its three services
     // start, nothing that ran is recreated. A DAG trains a model on the ML
@@ -560,12 +571,14 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
         }
     }
 
+    steps.step("mlflow profile");
     // The platform moves to another host with its data: DAG run history,
     // task logs, variables, the paused set and the admin's password
     // arrive; a new DAG run succeeds there; the old host is kept stopped
     // and intact. What follows runs on the new host.
     let old_host = host;
     let host = migrate_there(&env, &old_host, &password, &as_deployed);
+    steps.step("migrate");
     let spec = host.spec("root");
     let ctl = |args: &[&str]| {
         let mut all = vec!["--identity", key.as_str(), "--host", spec.as_str()];
@@ -608,10 +621,10 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     }
     let restored = restored.expect_code(0).json();
     eprintln!("platform restored in {:.0} s: {:#}", started.elapsed().as_secs_f64(), restored["result"]["steps"]);
-    let steps = restored["result"]["steps"].as_array().unwrap();
-    let verify = steps.iter().find(|s| s["step"] == "verify").unwrap()["detail"].as_str().unwrap();
+    let restore_steps = restored["result"]["steps"].as_array().unwrap();
+    let verify = restore_steps.iter().find(|s| s["step"] == "verify").unwrap()["detail"].as_str().unwrap();
     assert!(verify.contains("table(s) equal the dump's"), "{verify}");
-    let start = steps.iter().find(|s| s["step"] == "start").unwrap()["detail"].as_str().unwrap();
+    let start = restore_steps.iter().find(|s| s["step"] == "start").unwrap()["detail"].as_str().unwrap();
     assert!(start.contains("admin logs in") && start.contains("listed there"), "{start}");
     let after = platform_state(&host, &password);
     for r in &before.0 {
@@ -621,6 +634,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     assert_eq!(after.3, before.3, "the encrypted variable reads back");
     let tok = token(&host, &password).unwrap();
     run_dag(&host, &tok, "example_etl");
+    steps.step("backup, restore in place");
 
     // Operator B joins with a bundle from A and deploys from its own
     // machine: nothing is re-keyed or recreated, its second deploy changes
@@ -653,6 +667,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     ctl(&["operator", "remove", "bob"]).expect_code(0);
     bob_ctl(&["status"]).expect_code(1);
     ctl(&["status"]).expect_code(0);
+    steps.step("a second operator");
 
     // Another controller (a fresh state directory) running the README's
     // first command on this host (no SSH: inside the host, as on the
@@ -689,6 +704,7 @@ fn the_platform_comes_up_works_and_keeps_its_history() {
     let tok = token(&host, &password).expect("the same admin password");
     run_dag(&host, &tok, "example_etl");
     ctl(&["status"]).expect_code(1);
+    steps.step("taken over by another controller");
 }
 
 /// What a platform holds that a migration must carry: every DAG run (id

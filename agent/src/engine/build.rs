@@ -524,6 +524,10 @@ async fn debootstrap_image(
         let why = why[why.len().saturating_sub(3)..].join(" | ");
         return Err(failed(image, format!("debootstrap {suite} from {mirror} failed"), why));
     }
+    if let Err(e) = trim_tree(&dir) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(EngineError::io_at("trimming the debootstrap tree", &dir)(e));
+    }
     say(format!("importing {image}"));
     let tar_dir = dir.clone();
     let tar = tokio::task::spawn_blocking(move || {
@@ -552,6 +556,40 @@ async fn debootstrap_image(
         .inspect_image(image)
         .await
         .map_err(|e| failed(image, format!("imported, but it cannot be inspected: {e}"), ""))?;
+    Ok(())
+}
+
+/// Removes what debootstrap leaves in `root` that no image needs: the
+/// packages it downloaded (`var/cache/apt/archives/*.deb`, about 110 MB of
+/// a 200 MB tree) and apt's caches and lists (`apt-get update` makes them
+/// again). Every image built on the base carries it, and every image is
+/// shipped whole to the hosts that run it: each megabyte here is paid once
+/// per image per host. The tree is the agent's own (a fresh directory in its
+/// 0700 work directory); links are removed as links, never followed.
+fn trim_tree(root: &Path) -> std::io::Result<()> {
+    let dirs = [
+        ("var/cache/apt/archives", ".deb"),
+        ("var/cache/apt/archives/partial", ""),
+        ("var/cache/apt", ".bin"),
+        ("var/lib/apt/lists", ""),
+    ];
+    for (dir, suffix) in dirs {
+        let entries = match std::fs::read_dir(root.join(dir)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // apt's lock files stay, as a fresh install has them.
+            if entry.file_type()?.is_dir() || name == "lock" || !name.ends_with(suffix) {
+                continue;
+            }
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     Ok(())
 }
 
@@ -637,6 +675,49 @@ mod tests {
         let df = "ARG BASE=debian:bookworm-slim\nARG TAG\nFROM ${BASE} AS builder\nRUN x\nFROM --platform=linux/amd64 builder\nFROM scratch\nFROM python:$TAG\n";
         let args = [("TAG".to_string(), "3.11".to_string())].into();
         assert_eq!(base_images(df, &args), ["debian:bookworm-slim", "python:3.11"]);
+    }
+
+    #[test]
+    fn a_debootstrap_tree_loses_its_packages_and_caches_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        let kept = outside.path().join("kept.deb");
+        std::fs::write(&kept, "not the tree's").unwrap();
+        for d in ["var/cache/apt/archives/partial", "var/lib/apt/lists/partial", "etc/apt"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let file = |p: &str| std::fs::write(root.join(p), "x").unwrap();
+        for p in [
+            "var/cache/apt/archives/apt_2.6.1_amd64.deb",
+            "var/cache/apt/archives/partial/half.deb",
+            "var/cache/apt/archives/lock",
+            "var/cache/apt/pkgcache.bin",
+            "var/cache/apt/srcpkgcache.bin",
+            "var/lib/apt/lists/deb.debian.org_dists_bookworm_InRelease",
+            "var/lib/apt/lists/lock",
+            "etc/apt/sources.list",
+        ] {
+            file(p);
+        }
+        std::os::unix::fs::symlink(&kept, root.join("var/cache/apt/archives/link.deb")).unwrap();
+        trim_tree(root).unwrap();
+        let left = |d: &str| {
+            let mut names: Vec<String> = std::fs::read_dir(root.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left("var/cache/apt/archives"), ["lock", "partial"]);
+        assert!(left("var/cache/apt/archives/partial").is_empty());
+        assert_eq!(left("var/cache/apt"), ["archives"]);
+        assert_eq!(left("var/lib/apt/lists"), ["lock", "partial"]);
+        assert_eq!(left("etc/apt"), ["sources.list"]);
+        assert!(kept.exists(), "a link is removed, never followed");
+        // A tree without apt's directories is left as it is.
+        trim_tree(outside.path()).unwrap();
     }
 
     #[test]
