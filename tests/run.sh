@@ -117,8 +117,23 @@ platform_job=
 cleanup() {
   # Interrupted while the VM tier or the platform test runs in the
   # background: stop them (what they made is then left for the guard to name).
-  if [ -n "$vm_job" ]; then kill -- "-$vm_job" 2>/dev/null || true; fi
-  if [ -n "$platform_job" ]; then kill -- "-$platform_job" 2>/dev/null || true; fi
+  # Their logs' ends are printed first: a run cut short (CI's time limit)
+  # still shows where each was.
+  if [ -n "$vm_job" ]; then
+    kill -- "-$vm_job" 2>/dev/null || true
+    echo "== the VM tier, stopped; its log's last lines:"
+    tail -n 60 "$work/vm-log" 2>/dev/null || true
+  fi
+  if [ -n "$platform_job" ]; then
+    kill -- "-$platform_job" 2>/dev/null || true
+    echo "== the platform test, stopped; its log's last lines:"
+    tail -n 60 "$work/platform-log" 2>/dev/null || true
+    for steps in "${CARGO_TARGET_DIR:-target}"/tmp/steps-*.txt; do
+      if [ -f "$steps" ] && [ "$(stat -c %Y "$steps")" -ge "${suite_started%.*}" ]; then
+        cat "$steps"
+      fi
+    done
+  fi
   tests/guard.sh sentinel-down "$sentinel"
   rm -rf "$work" "$depot"
   if [ -n "$started_libvirt" ] && [ -f /run/libvirtd.pid ]; then
@@ -184,8 +199,9 @@ else
     setsid cargo test -p mlops-e2e --test platform --locked --no-fail-fast -- --exact "$platform_test" \
       >"$work/platform-log" 2>&1 < /dev/null &
     platform_job=$!
-    # Every other test, whatever binary it is in (a new one included).
-    cargo test --workspace --exclude mlops-vm-tier --locked --no-fail-fast -- --skip "$platform_test" 2>&1 | tee -a "$work/log"
+    # Every other test, whatever binary it is in (a new one included);
+    # --exact: only that test's own name is skipped.
+    cargo test --workspace --exclude mlops-vm-tier --locked --no-fail-fast -- --exact --skip "$platform_test" 2>&1 | tee -a "$work/log"
     status=${PIPESTATUS[0]}
     phase "namespace tiers but the platform test (it and the VM tier running beside them)"
     wait "$platform_job"
@@ -194,6 +210,12 @@ else
     echo "== the platform test (tests/platform.rs), run beside them:"
     cat "$work/platform-log"
     cat "$work/platform-log" >> "$work/log"
+    # Renamed or moved, it would match nothing and pass: it must have run.
+    if [ "$platform_status" = 0 ] && ! grep -q "^test result: ok\. 1 passed" "$work/platform-log"; then
+      echo "error: the platform test ($platform_test in tests/tests/platform.rs) did not run" >&2
+      echo "  hint: tests/run.sh names it; keep the two in step" >&2
+      platform_status=1
+    fi
     phase "the platform test's remainder"
     wait "$vm_job"
     vm_status=$?

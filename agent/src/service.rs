@@ -1511,7 +1511,6 @@ async fn stream_stack_work<W, F>(
             let _ = tx.send(Ok(stack_event(e))).await;
         }
     };
-    let mut both = std::pin::pin!(async { tokio::join!(work, forward) });
     let finish = |result: Result<Outcome, EngineError>| {
         let last = result.map(|outcome| {
             let mut ev = StackEvent {
@@ -1534,37 +1533,43 @@ async fn stream_stack_work<W, F>(
         let _ = tx.try_send(Err(AgentError::ShuttingDown.into()));
         End::Interrupted("the agent stopped".into())
     };
-    let end = tokio::select! {
-        (result, ()) = &mut both => {
-            let (last, end) = finish(result);
-            // Recorded, and the lock released, before the controller hears
-            // the end: its next call (a deploy after the build, a second
-            // backup) must find the stack free.
-            done(end);
-            let _ = tx.send(last).await;
-            return;
-        }
-        () = tx.closed() => match finish_alone {
-            None => {
-                tracing::warn!("{what} of {project}: the controller went away; stopped");
-                End::Interrupted("the controller went away".into())
+    // The work lives in this block only: stopped early, it is dropped (and
+    // what it holds let go) before `done` releases the lock.
+    let (last, end) = {
+        let mut both = std::pin::pin!(async { tokio::join!(work, forward) });
+        tokio::select! {
+            (result, ()) = &mut both => {
+                let (last, end) = finish(result);
+                (Some(last), end)
             }
-            Some(locks) => {
-                tracing::warn!("{what} of {project}: the controller went away; finishing alone");
-                locks.orphan(project);
-                tokio::select! {
-                    (result, ()) = &mut both => match finish(result).1 {
-                        End::Ok(d) => End::Ok(format!("{d} (finished after the controller went away)")),
-                        End::Failed(d) => End::Failed(format!("{d} (after the controller went away)")),
-                        other => other,
-                    },
-                    _ = stop.changed() => shutting_down(&tx),
+            () = tx.closed() => (None, match finish_alone {
+                None => {
+                    tracing::warn!("{what} of {project}: the controller went away; stopped");
+                    End::Interrupted("the controller went away".into())
                 }
-            }
-        },
-        _ = stop.changed() => shutting_down(&tx),
+                Some(locks) => {
+                    tracing::warn!("{what} of {project}: the controller went away; finishing alone");
+                    locks.orphan(project);
+                    tokio::select! {
+                        (result, ()) = &mut both => match finish(result).1 {
+                            End::Ok(d) => End::Ok(format!("{d} (finished after the controller went away)")),
+                            End::Failed(d) => End::Failed(format!("{d} (after the controller went away)")),
+                            other => other,
+                        },
+                        _ = stop.changed() => shutting_down(&tx),
+                    }
+                }
+            }),
+            _ = stop.changed() => (None, shutting_down(&tx)),
+        }
     };
+    // Recorded, and the lock released, before the controller hears the
+    // end: its next call (a deploy after the build, the next volume of a
+    // backup) must find the stack free.
     done(end);
+    if let Some(last) = last {
+        let _ = tx.send(last).await;
+    }
 }
 
 /// How a stack call ended, for the history.

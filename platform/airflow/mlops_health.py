@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 # Airflow's settings for each job type's threshold (`[section] key`, as
 # airflow.jobs.job.health_check_threshold reads them), with their defaults.
@@ -40,21 +41,39 @@ THRESHOLDS = {
 }
 
 
+def connection_args(url: str) -> dict[str, str | int]:
+    """libpq's keywords for a SQLAlchemy URL (`postgresql+psycopg2://USER:
+    PASSWORD@HOST:PORT/DB?libpq options`): parsed here, so that no part of
+    it, the password included, is ever in an error message."""
+    parts = urlsplit(url)
+    args: dict[str, str | int] = dict(parse_qsl(parts.query))
+    args.update(
+        host=parts.hostname or "localhost",
+        port=parts.port or 5432,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        dbname=unquote(parts.path.lstrip("/")),
+    )
+    return args
+
+
 def job(job_type: str) -> str | None:
     import psycopg2
 
     setting, default = THRESHOLDS[job_type]
     threshold = float(os.environ.get(setting) or default)
-    url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    # SQLAlchemy's `postgresql+psycopg2://` is libpq's `postgresql://`.
-    dsn = "postgresql://" + url.split("://", 1)[1]
-    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        args = connection_args(os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    except ValueError:
+        return "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN is not a URL this check reads"
+    # Bounded: a check that hangs is Docker's timeout, with no reason given.
+    conn = psycopg2.connect(**args, connect_timeout=5, options="-c statement_timeout=5000")
     try:
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT extract(epoch FROM now() - latest_heartbeat) FROM job"
                 " WHERE state = 'running' AND job_type = %s AND hostname = %s"
-                " ORDER BY latest_heartbeat DESC LIMIT 1",
+                " ORDER BY latest_heartbeat DESC NULLS LAST LIMIT 1",
                 (job_type, socket.gethostname()),
             )
             row = cur.fetchone()
@@ -62,6 +81,8 @@ def job(job_type: str) -> str | None:
         conn.close()
     if row is None:
         return f"no running {job_type} on {socket.gethostname()}"
+    if row[0] is None:
+        return f"the running {job_type} on {socket.gethostname()} has no heartbeat yet"
     age = float(row[0])
     if age >= threshold:
         return f"{job_type}'s last heartbeat is {age:.0f} s old (threshold {threshold:.0f} s)"

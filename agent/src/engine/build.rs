@@ -524,13 +524,10 @@ async fn debootstrap_image(
         let why = why[why.len().saturating_sub(3)..].join(" | ");
         return Err(failed(image, format!("debootstrap {suite} from {mirror} failed"), why));
     }
-    if let Err(e) = trim_tree(&dir) {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(EngineError::io_at("trimming the debootstrap tree", &dir)(e));
-    }
     say(format!("importing {image}"));
     let tar_dir = dir.clone();
     let tar = tokio::task::spawn_blocking(move || {
+        trim_tree(&tar_dir)?;
         let mut b = tar::Builder::new(Vec::new());
         b.follow_symlinks(false);
         b.append_dir_all(".", &tar_dir)?;
@@ -539,7 +536,7 @@ async fn debootstrap_image(
     .await
     .map_err(std::io::Error::other)
     .and_then(|r| r)
-    .map_err(EngineError::io("packing the debootstrap tree"));
+    .map_err(EngineError::io("trimming and packing the debootstrap tree"));
     let _ = std::fs::remove_dir_all(&dir);
     let tar = tar?;
     let (name, tag) = split_tag(image);
@@ -565,7 +562,8 @@ async fn debootstrap_image(
 /// again). Every image built on the base carries it, and every image is
 /// shipped whole to the hosts that run it: each megabyte here is paid once
 /// per image per host. The tree is the agent's own (a fresh directory in its
-/// 0700 work directory); links are removed as links, never followed.
+/// 0700 work directory); a directory reached through a link is left alone,
+/// and links in them are removed as links, never followed.
 fn trim_tree(root: &Path) -> std::io::Result<()> {
     let dirs = [
         ("var/cache/apt/archives", ".deb"),
@@ -573,8 +571,18 @@ fn trim_tree(root: &Path) -> std::io::Result<()> {
         ("var/cache/apt", ".bin"),
         ("var/lib/apt/lists", ""),
     ];
-    for (dir, suffix) in dirs {
-        let entries = match std::fs::read_dir(root.join(dir)) {
+    'dirs: for (dir, suffix) in dirs {
+        let mut path = root.to_path_buf();
+        for part in Path::new(dir) {
+            path.push(part);
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_dir() => {}
+                Ok(_) => continue 'dirs,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'dirs,
+                Err(e) => return Err(e),
+            }
+        }
+        let entries = match std::fs::read_dir(&path) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
@@ -716,8 +724,16 @@ mod tests {
         assert_eq!(left("var/lib/apt/lists"), ["lock", "partial"]);
         assert_eq!(left("etc/apt"), ["sources.list"]);
         assert!(kept.exists(), "a link is removed, never followed");
-        // A tree without apt's directories is left as it is.
+        // A tree without apt's directories is left as it is; one whose
+        // `var/lib/apt` is a link is not trimmed through it.
         trim_tree(outside.path()).unwrap();
+        let linked = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(linked.path().join("var/lib")).unwrap();
+        std::fs::create_dir_all(outside.path().join("lists")).unwrap();
+        std::fs::write(outside.path().join("lists/InRelease"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), linked.path().join("var/lib/apt")).unwrap();
+        trim_tree(linked.path()).unwrap();
+        assert!(outside.path().join("lists/InRelease").exists(), "nothing is removed through a link");
     }
 
     #[test]
