@@ -1484,9 +1484,9 @@ where
 
 /// Drives stack work: its events become `StackEvent`s as they come, then
 /// its outcome a last `DONE` event, or its failure the stream's final
-/// status. When the agent shuts down, the work is dropped (and the
-/// caller's lock guard with it). When the controller goes away, the work
-/// is dropped too, unless `finish_alone` is given: a converge is not
+/// status. When the agent shuts down, the work is dropped. When the
+/// controller goes away, the work is dropped too, unless `finish_alone` is
+/// given: a converge is not
 /// stopped half-way (see `engine::lock`); its lock is marked orphaned and
 /// it runs to its end. However it ends, `done` is given how (to record it
 /// and release the caller's lock), before the last message is sent.

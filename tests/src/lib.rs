@@ -158,10 +158,16 @@ impl StepTimes {
             (now - self.started).as_secs_f64()
         );
         self.last = now;
-        eprintln!("{line}");
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.file) {
-            let _ = writeln!(f, "{line}");
-        }
+        record_line(&self.file, &line);
+    }
+}
+
+/// Prints `line` and appends it to `file`, a times file `tests/run.sh`
+/// prints after the suite ([`StepTimes`]; the VM tier's own).
+pub fn record_line(file: &Path, line: &str) {
+    eprintln!("{line}");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(file) {
+        let _ = writeln!(f, "{line}");
     }
 }
 

@@ -96,12 +96,7 @@ fn step(name: &str, since: Instant) {
 }
 
 fn record(line: &str) {
-    use std::io::Write;
-    println!("{line}");
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-tier-times.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    mlops_e2e::record_line(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-tier-times.txt"), line);
 }
 
 /// The stack's image, made on `build`'s engine: a debootstrap tree with
